@@ -1,0 +1,63 @@
+"""Input checks shared by every layer: each error names the argument, what was expected
+and what came, so a user can fix the call without reading our code."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
+    """Return ``value`` if it is an int >= ``minimum``, else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return value
+
+
+def check_hidden(hidden: object, name: str = "hidden") -> tuple[int, ...]:
+    """Return hidden layer sizes as a tuple of positive ints."""
+    if isinstance(hidden, int) and not isinstance(hidden, bool):
+        hidden = (hidden,)
+    if not isinstance(hidden, Iterable):
+        raise TypeError(f"{name} must be a sequence of positive ints, got {hidden!r}")
+    sizes = tuple(hidden)
+    for size in sizes:
+        check_positive_int(size, f"every entry of {name}")
+    return sizes
+
+
+def check_choice(value: object, name: str, choices: Iterable[object]) -> object:
+    """Return ``value`` if it is one of ``choices``, else raise naming ``name``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_event(x: object, name: str, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """Check that ``x`` is a floating tensor of shape ``(*batch, dim)`` with ``like``'s dtype.
+
+    ``like`` is a parameter or buffer of the layer, so a float64 input to a float32 layer
+    (or one on another device) is refused instead of silently cast.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (*batch, {dim}), got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != dim:
+        raise ValueError(f"{name} must have shape (*batch, {dim}), got {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor ({like.dtype}), got dtype {x.dtype}")
+    if x.dtype != like.dtype:
+        method = {torch.float64: "double", torch.float32: "float"}.get(x.dtype, "to(dtype)")
+        raise TypeError(
+            f"{name} has dtype {x.dtype} but the flow's parameters are {like.dtype}; no silent "
+            f"cast is made: call flow.{method}() or pass {name}.to({like.dtype})"
+        )
+    if x.device != like.device:
+        raise ValueError(
+            f"{name} is on device {x.device} but the flow's parameters are on {like.device}; "
+            f"move one of them with .to()"
+        )
+    return x

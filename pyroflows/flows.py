@@ -1,0 +1,336 @@
+r"""Flows: an ``nn.Module`` that yields a Pyro distribution, and one-line builders.
+
+A flow is the push-forward of a standard normal base through transforms
+:math:`T = T_K \circ \dots \circ T_1` (base ``u`` to data ``x``):
+
+.. math::
+    x = T(u),\quad u \sim \mathcal N(0, I_D), \qquad
+    \log p(x) = \log \mathcal N\big(T^{-1}(x); 0, I\big)
+                - \sum_k \log\left|\det J_{T_k}(u_{k-1})\right|
+
+Calling a :class:`Flow` (with a context if it is conditional) returns a
+``pyro.distributions.TransformedDistribution`` with ``event_shape == (D,)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pyro.distributions as dist
+import torch
+from pyro.distributions.conditional import ConditionalTransformModule
+from torch import nn
+
+from pyroflows._checks import check_choice, check_event, check_positive_int
+from pyroflows.transforms import (
+    ActNorm,
+    AdditiveCoupling,
+    AffineAutoregressive,
+    AffineCoupling,
+    ConditionalAdditiveCoupling,
+    ConditionalAffineAutoregressive,
+    ConditionalAffineCoupling,
+    Permutation,
+)
+
+PERMUTATIONS = ("reverse", "random", None)
+
+
+class Flow(nn.Module):
+    r"""A normalizing flow: a standard normal base and a list of transforms, as a module.
+
+    ``flow()`` (unconditional) or ``flow(context)`` (conditional) returns a
+    ``pyro.distributions.TransformedDistribution``. With a context of shape ``(*B, c)``
+    its ``batch_shape`` is ``B``, so ``.sample()`` gives ``(*B, D)`` without arguments and
+    ``.sample((n,))`` gives ``(n, *B, D)``.
+
+    Cost: sampling runs every transform forward (``t(u)``), scoring runs every inverse
+    (``t.inv(x)``); see each transform for the passes that takes. A distribution caches
+    the last sample per layer, so ``d.log_prob(d.rsample())`` costs no inverse.
+
+    Args:
+        dim: event size ``D``.
+        transforms: the layers, applied first to last from base to data. Conditional
+            layers (``ConditionalTransformModule``) are conditioned on the context.
+        context: context size ``c``, 0 for an unconditional flow.
+
+    Raises:
+        ValueError: a layer whose size is not ``dim``, conditional layers in a flow with
+            ``context=0``, or a missing, unexpected or mis-shaped context at call time.
+
+    Example:
+        >>> flow = realnvp(2, transforms=2, hidden=(16,))
+        >>> d = flow()
+        >>> d.sample((5,)).shape, d.batch_shape, d.event_shape
+        (torch.Size([5, 2]), torch.Size([]), torch.Size([2]))
+    """
+
+    def __init__(self, dim: int, transforms: Sequence[nn.Module], context: int = 0) -> None:
+        super().__init__()
+        self.dim = check_positive_int(dim, "dim")
+        self.context_features = check_positive_int(context, "context", minimum=0)
+        for i, t in enumerate(transforms):
+            t_dim = getattr(t, "dim", dim)
+            if t_dim != dim:
+                raise ValueError(f"transforms[{i}] acts on dim {t_dim}, expected dim {dim}")
+            if isinstance(t, ConditionalTransformModule):
+                t_context = getattr(t, "context_features", context)
+                if not context or t_context != context:
+                    raise ValueError(
+                        f"transforms[{i}] is conditional on a context of size {t_context}, "
+                        f"but the flow was given context={context}"
+                    )
+        self.transforms = nn.ModuleList(transforms)
+        self.register_buffer("base_loc", torch.zeros(self.dim))
+        self.register_buffer("base_scale", torch.ones(self.dim))
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the flow needs a context."""
+        return self.context_features > 0
+
+    def base(self, batch_shape: torch.Size | tuple[int, ...] = ()) -> dist.TorchDistribution:
+        """The base distribution :math:`\\mathcal N(0, I_D)` with the given batch shape."""
+        normal = dist.Normal(self.base_loc, self.base_scale, validate_args=False).to_event(1)
+        return normal.expand(torch.Size(batch_shape)) if batch_shape else normal
+
+    def forward(self, context: torch.Tensor | None = None) -> dist.TransformedDistribution:
+        """Return the distribution, conditioned on ``context`` (shape ``(*B, c)``) if given."""
+        if not self.conditional:
+            if context is not None:
+                raise ValueError(
+                    "context was given to an unconditional flow (built with context=0); "
+                    "call flow() without arguments, or build the flow with context=c"
+                )
+            return dist.TransformedDistribution(self.base(), list(self.transforms))
+        if context is None:
+            raise ValueError(
+                f"this flow is conditional: call flow(context) with a context tensor of "
+                f"shape (*batch, {self.context_features})"
+            )
+        check_event(context, "context", self.context_features, self.base_loc)
+        transforms = [
+            t.condition(context) if isinstance(t, ConditionalTransformModule) else t
+            for t in self.transforms
+        ]
+        return dist.TransformedDistribution(self.base(context.shape[:-1]), transforms)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, context={self.context_features}"
+
+
+def _context(context: int | None) -> int:
+    return 0 if context is None else check_positive_int(context, "context", minimum=0)
+
+
+def _orders(dim: int, count: int, permutation: str | None) -> list[list[int] | None]:
+    if permutation == "random":
+        return [torch.randperm(dim).tolist() for _ in range(count)]
+    if permutation == "reverse":
+        return [list(range(dim))[:: -1 if k % 2 else 1] for k in range(count)]
+    return [None] * count
+
+
+def _coupling_flow(dim, transforms, context, permutation, make, make_conditional, tail=()):
+    check_positive_int(dim, "dim")
+    if dim < 2:
+        raise ValueError(
+            f"dim must be >= 2 for a coupling flow (it splits the vector in two), got {dim}; "
+            "for dim 1 use maf or iaf"
+        )
+    check_positive_int(transforms, "transforms")
+    check_choice(permutation, "permutation", PERMUTATIONS)
+    c = _context(context)
+    layers: list[nn.Module] = []
+    for k in range(transforms):
+        if k and permutation is not None:
+            layers.append(Permutation(dim, permutation))
+        layers.append(make_conditional(c) if c else make())
+    layers.extend(tail)
+    return Flow(dim, layers, c)
+
+
+def realnvp(
+    dim: int,
+    transforms: int = 5,
+    hidden: Sequence[int] = (64, 64),
+    context: int | None = None,
+    permutation: str | None = "reverse",
+    activation: Callable[[], nn.Module] = nn.ReLU,
+    clamp: float | None = 3.0,
+) -> Flow:
+    r"""RealNVP: affine coupling layers with permutations between them.
+
+    .. math::
+        x_b = u_b \odot e^{s(u_a, c)} + t(u_a, c), \qquad x_a = u_a
+
+    One MLP pass per layer in both directions, so sampling and scoring are both fast.
+
+    Args:
+        dim: event size ``D`` (>= 2).
+        transforms: number of coupling layers.
+        hidden: hidden sizes of each coupling MLP.
+        context: context size, or ``None`` for an unconditional flow.
+        permutation: ``"reverse"``, ``"random"`` (fixed at build time) or ``None``.
+        activation: non-linearity class.
+        clamp: bound on each layer's log-scale.
+
+    Example:
+        >>> d = realnvp(2)()
+        >>> d.log_prob(torch.zeros(2)).shape
+        torch.Size([])
+
+    References:
+        Dinh, Sohl-Dickstein, Bengio (2016). Density estimation using Real NVP.
+        arXiv:1605.08803.
+    """
+    return _coupling_flow(
+        dim,
+        transforms,
+        context,
+        permutation,
+        lambda: AffineCoupling(dim, hidden=hidden, activation=activation, clamp=clamp),
+        lambda c: ConditionalAffineCoupling(
+            dim, c, hidden=hidden, activation=activation, clamp=clamp
+        ),
+    )
+
+
+def nice(
+    dim: int,
+    transforms: int = 4,
+    hidden: Sequence[int] = (64, 64),
+    context: int | None = None,
+    permutation: str | None = "reverse",
+    activation: Callable[[], nn.Module] = nn.ReLU,
+    scale: bool = True,
+) -> Flow:
+    r"""NICE: additive coupling layers, then (by default) a learnable diagonal scaling.
+
+    .. math::
+        x_b = u_b + t(u_a, c), \qquad \text{then}\ x \leftarrow x \odot e^{s} + m
+
+    The couplings preserve volume; the final :class:`~pyroflows.transforms.ActNorm`
+    (identity at start, no data initialisation) is the only place the density's scale
+    can change, as in the paper. One MLP pass per layer in both directions.
+
+    Args:
+        dim: event size ``D`` (>= 2).
+        transforms: number of coupling layers.
+        hidden: hidden sizes of each coupling MLP.
+        context: context size, or ``None``.
+        permutation: ``"reverse"``, ``"random"`` or ``None``.
+        activation: non-linearity class.
+        scale: append the diagonal scaling layer.
+
+    References:
+        Dinh, Krueger, Bengio (2014). NICE: Non-linear Independent Components
+        Estimation. arXiv:1410.8516.
+    """
+    return _coupling_flow(
+        dim,
+        transforms,
+        context,
+        permutation,
+        lambda: AdditiveCoupling(dim, hidden=hidden, activation=activation),
+        lambda c: ConditionalAdditiveCoupling(dim, c, hidden=hidden, activation=activation),
+        tail=[ActNorm(dim, data_init=False)] if scale else (),
+    )
+
+
+def _autoregressive_flow(
+    form, dim, transforms, hidden, context, permutation, activation, clamp
+) -> Flow:
+    check_positive_int(dim, "dim")
+    check_positive_int(transforms, "transforms")
+    check_choice(permutation, "permutation", PERMUTATIONS)
+    c = _context(context)
+    layers: list[nn.Module] = []
+    for order in _orders(dim, transforms, permutation):
+        if c:
+            layers.append(
+                ConditionalAffineAutoregressive(
+                    dim, c, form, hidden, order, activation=activation, clamp=clamp
+                )
+            )
+        else:
+            layers.append(
+                AffineAutoregressive(dim, form, hidden, order, activation=activation, clamp=clamp)
+            )
+    return Flow(dim, layers, c)
+
+
+def maf(
+    dim: int,
+    transforms: int = 5,
+    hidden: Sequence[int] = (64, 64),
+    context: int | None = None,
+    permutation: str | None = "reverse",
+    activation: Callable[[], nn.Module] = nn.ReLU,
+    clamp: float | None = 3.0,
+) -> Flow:
+    r"""Masked autoregressive flow: the conditioner reads the data side (fast scoring).
+
+    .. math::
+        x_i = u_i\, e^{s_i(x_{<i}, c)} + t_i(x_{<i}, c)
+
+    Scoring data costs one MADE pass per layer; sampling costs ``D`` passes per layer.
+    The choice for density estimation. Successive layers use alternating (``"reverse"``)
+    or random variable orders, which costs nothing (no permutation layer is added).
+
+    Args:
+        dim: event size ``D``.
+        transforms: number of layers.
+        hidden: hidden sizes of each MADE.
+        context: context size, or ``None``.
+        permutation: variable order between layers: ``"reverse"``, ``"random"`` or ``None``.
+        activation: non-linearity class.
+        clamp: bound on each layer's log-scale.
+
+    References:
+        Papamakarios, Pavlakou, Murray (2017). Masked Autoregressive Flow for Density
+        Estimation. arXiv:1705.07057.
+    """
+    return _autoregressive_flow("maf", dim, transforms, hidden, context, permutation, activation, clamp)
+
+
+def iaf(
+    dim: int,
+    transforms: int = 5,
+    hidden: Sequence[int] = (64, 64),
+    context: int | None = None,
+    permutation: str | None = "reverse",
+    activation: Callable[[], nn.Module] = nn.ReLU,
+    clamp: float | None = 3.0,
+) -> Flow:
+    r"""Inverse autoregressive flow: the conditioner reads the base side (fast sampling).
+
+    .. math::
+        x_i = u_i\, e^{s_i(u_{<i}, c)} + t_i(u_{<i}, c)
+
+    Sampling costs one MADE pass per layer, and scoring the flow's own samples costs
+    nothing more (cached); scoring *other* points costs ``D`` passes per layer. The
+    choice for variational guides.
+
+    Args:
+        dim: event size ``D``.
+        transforms: number of layers.
+        hidden: hidden sizes of each MADE.
+        context: context size, or ``None``.
+        permutation: variable order between layers: ``"reverse"``, ``"random"`` or ``None``.
+        activation: non-linearity class.
+        clamp: bound on each layer's log-scale.
+
+    References:
+        Kingma, Salimans, Jozefowicz, Chen, Sutskever, Welling (2016). Improved
+        Variational Inference with Inverse Autoregressive Flow. arXiv:1606.04934.
+    """
+    return _autoregressive_flow("iaf", dim, transforms, hidden, context, permutation, activation, clamp)
+
+
+BUILDERS: dict[str, Callable[..., Flow]] = {
+    "realnvp": realnvp,
+    "nice": nice,
+    "maf": maf,
+    "iaf": iaf,
+}

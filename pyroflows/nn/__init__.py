@@ -1,0 +1,6 @@
+"""Conditioners: networks that output the parameters of a flow layer."""
+
+from pyroflows.nn.made import MADE, MaskedLinear
+from pyroflows.nn.mlp import MLP
+
+__all__ = ["MADE", "MLP", "MaskedLinear"]

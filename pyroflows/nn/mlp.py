@@ -1,0 +1,122 @@
+"""Dense conditioner: a multilayer perceptron with an optional context in every layer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from pyroflows._checks import check_hidden, check_positive_int
+
+
+class ContextTrunk(nn.Module):
+    """Shared body of the conditioners: hidden layers with an additive context term each.
+
+    ``hidden_layers`` and ``output_layer`` are built by the subclass (dense or masked);
+    this class adds the context projections, the zero initialisation of the output and
+    the forward pass, so the MLP and MADE differ only in their masks.
+    """
+
+    def __init__(
+        self,
+        hidden_layers: Sequence[nn.Linear],
+        output_layer: nn.Linear,
+        out_shape: tuple[int, int],
+        context: int,
+        activation: Callable[[], nn.Module],
+        zero_init: bool,
+    ) -> None:
+        super().__init__()
+        self.out_shape = out_shape
+        self.context_features = context
+        self.hidden_layers = nn.ModuleList(hidden_layers)
+        self.output_layer = output_layer
+        self.context_layers = nn.ModuleList(
+            nn.Linear(context, layer.out_features, bias=False)
+            for layer in (hidden_layers if context else ())
+        )
+        self.context_output = (
+            nn.Linear(context, output_layer.out_features, bias=False)
+            if context and not hidden_layers
+            else None
+        )
+        self.activation = activation()
+        if zero_init:
+            nn.init.zeros_(self.output_layer.weight)
+            nn.init.zeros_(self.output_layer.bias)
+            if self.context_output is not None:
+                nn.init.zeros_(self.context_output.weight)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the parameters, shape ``(*batch, *out_shape)``."""
+        h = x
+        for i, layer in enumerate(self.hidden_layers):
+            h = layer(h)
+            if context is not None:
+                h = h + self.context_layers[i](context)
+            h = self.activation(h)
+        out = self.output_layer(h)
+        if self.context_output is not None and context is not None:
+            out = out + self.context_output(context)
+        return out.unflatten(-1, self.out_shape)
+
+
+class MLP(ContextTrunk):
+    r"""Multilayer perceptron that outputs ``params`` numbers for each of ``out_features``.
+
+    .. math::
+        h_0 = x, \quad h_{l} = \sigma(W_l h_{l-1} + V_l c + b_l), \quad
+        \theta = W_{L+1} h_L + b_{L+1}
+
+    The context :math:`c` (optional) enters *every* hidden layer through its own linear map
+    :math:`V_l`, so it can modulate all depths of the network. It is projected once per
+    call and broadcast against the input's batch shape, so a context of shape ``(*B, c)``
+    serves inputs of shape ``(n, *B, in_features)`` without being copied.
+
+    The output layer starts at zero (``zero_init=True``), so a coupling layer built on an
+    untrained MLP is exactly the identity.
+
+    Args:
+        in_features: size of the input's last dimension.
+        out_features: number of output dimensions.
+        params: numbers produced per output dimension (2 for an affine map).
+        hidden: sizes of the hidden layers.
+        context: size of the context vector, 0 for none.
+        activation: a module class or callable returning a module, e.g. ``nn.ReLU``.
+        zero_init: start the output layer at zero.
+
+    Shapes:
+        ``x``: ``(*batch, in_features)``; ``context``: ``(*batch, context)``;
+        output: ``(*batch, out_features, params)``.
+
+    Example:
+        >>> net = MLP(3, 2, params=2, hidden=(16,), context=4)
+        >>> net(torch.randn(10, 3), torch.randn(10, 4)).shape
+        torch.Size([10, 2, 2])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        params: int = 1,
+        hidden: Sequence[int] = (64, 64),
+        context: int = 0,
+        activation: Callable[[], nn.Module] = nn.ReLU,
+        zero_init: bool = True,
+    ) -> None:
+        in_features = check_positive_int(in_features, "in_features")
+        out_features = check_positive_int(out_features, "out_features")
+        params = check_positive_int(params, "params")
+        context = check_positive_int(context, "context", minimum=0)
+        sizes = (in_features, *check_hidden(hidden))
+        super().__init__(
+            [nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:])],
+            nn.Linear(sizes[-1], out_features * params),
+            (out_features, params),
+            context,
+            activation,
+            zero_init,
+        )
+        self.in_features = in_features

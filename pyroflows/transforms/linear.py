@@ -1,0 +1,172 @@
+r"""Linear layers: fixed permutations, a learnable LU-parametrized matrix, and ActNorm.
+
+All map base ``u`` to data ``x`` and cost one pass in each direction. They hold no
+context: a conditional flow uses them as they are, between its conditional layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pyroflows.transforms.base import FlowTransform
+
+
+class Permutation(FlowTransform):
+    r"""Fixed permutation of the coordinates: :math:`x = u_{\pi}`, :math:`\log|\det J| = 0`.
+
+    Used between coupling layers so that every coordinate gets transformed. The
+    permutation is a buffer: it is saved in ``state_dict`` and moves with ``.to()``.
+
+    Args:
+        dim: size of the vector ``D``.
+        permutation: ``"random"`` (drawn once from torch's global generator),
+            ``"reverse"``, or a sequence giving :math:`\pi`.
+
+    Example:
+        >>> t = Permutation(3, "reverse")
+        >>> t(torch.tensor([1.0, 2.0, 3.0]))
+        tensor([3., 2., 1.])
+    """
+
+    def __init__(self, dim: int, permutation: str | Sequence[int] = "random") -> None:
+        super().__init__(dim, cache=False)
+        if isinstance(permutation, str):
+            if permutation == "random":
+                perm = torch.randperm(self.dim)
+            elif permutation == "reverse":
+                perm = torch.arange(self.dim - 1, -1, -1)
+            else:
+                raise ValueError(
+                    f"permutation must be 'random', 'reverse' or a sequence, got {permutation!r}"
+                )
+        else:
+            perm = torch.as_tensor(list(permutation), dtype=torch.long)
+            if perm.shape != (self.dim,) or not torch.equal(perm.sort().values, torch.arange(self.dim)):
+                raise ValueError(
+                    f"permutation must be a permutation of range({self.dim}), got {perm.tolist()}"
+                )
+        self.register_buffer("permutation", perm)
+        self.register_buffer("inverse_permutation", torch.argsort(perm))
+        # A floating buffer that carries the flow's dtype for input checks.
+        self.register_buffer("_dtype_ref", torch.zeros(()), persistent=False)
+
+    def _forward(self, u, context):
+        return u[..., self.permutation], u.new_zeros(u.shape[:-1])
+
+    def _backward(self, x, context):
+        return x[..., self.inverse_permutation], x.new_zeros(x.shape[:-1])
+
+    def _log_abs_det(self, u, x, context):
+        return u.new_zeros(u.shape[:-1])
+
+
+class LULinear(FlowTransform):
+    r"""Learnable invertible linear map in LU form, base ``u`` to data ``x``.
+
+    .. math::
+        x = L U u + b, \qquad L = I + \text{strict lower}, \quad
+        U = \text{strict upper} + \operatorname{diag}(e^{d}), \qquad
+        \log|\det J| = \textstyle\sum_i d_i
+
+    Cost: a matrix product (:math:`O(D^2)`) to sample; two triangular solves
+    (:math:`O(D^2)`) to score. Starts at the identity.
+
+    Args:
+        dim: size of the vector ``D``.
+
+    References:
+        Kingma, Dhariwal (2018). Glow: Generative Flow with Invertible 1x1 Convolutions.
+        arXiv:1807.03039.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.lower = nn.Parameter(torch.zeros(self.dim, self.dim))
+        self.upper = nn.Parameter(torch.zeros(self.dim, self.dim))
+        self.log_diag = nn.Parameter(torch.zeros(self.dim))
+        self.bias = nn.Parameter(torch.zeros(self.dim))
+        self.register_buffer("_strict_lower", torch.tril(torch.ones(self.dim, self.dim), -1))
+        self.register_buffer("_eye", torch.eye(self.dim))
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lower = self.lower * self._strict_lower + self._eye
+        upper = self.upper * self._strict_lower.T + torch.diag(self.log_diag.exp())
+        return lower, upper
+
+    def weight(self) -> torch.Tensor:
+        """The matrix :math:`W = L U`."""
+        lower, upper = self._factors()
+        return lower @ upper
+
+    def _log_abs_det(self, u, x, context):
+        return self.log_diag.sum().expand(u.shape[:-1])
+
+    def _forward(self, u, context):
+        return F.linear(u, self.weight(), self.bias), self.log_diag.sum().expand(u.shape[:-1])
+
+    def _backward(self, x, context):
+        lower, upper = self._factors()
+        rhs = (x - self.bias).reshape(-1, self.dim).T
+        y = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)
+        u = torch.linalg.solve_triangular(upper, y, upper=True).T.reshape(x.shape)
+        return u, self.log_diag.sum().expand(x.shape[:-1])
+
+
+class ActNorm(FlowTransform):
+    r"""Per-coordinate affine map with data-dependent initialisation (Glow's ActNorm).
+
+    .. math::
+        x = u \odot e^{s} + m, \qquad \log|\det J| = \textstyle\sum_i s_i
+
+    With ``data_init=True``, the first batch of at least two points that the layer sees
+    sets :math:`(s, m)` so that the *output* of that call is standardized per
+    coordinate: scoring data ``x`` first gives :math:`m = \bar x`, :math:`e^{s} = \mathrm{sd}(x)`;
+    sampling ``u`` first gives :math:`e^{s} = 1/\mathrm{sd}(u)`, :math:`m = -\bar u e^{s}`.
+    Whether it has been initialised is a buffer, so a loaded ``state_dict`` is not
+    re-initialised. With ``data_init=False`` it starts at the identity (NICE's scaling).
+
+    Cost: elementwise, one pass each way.
+
+    Args:
+        dim: size of the vector ``D``.
+        data_init: initialise from the first batch.
+
+    References:
+        Kingma, Dhariwal (2018). Glow. arXiv:1807.03039.
+    """
+
+    def __init__(self, dim: int, data_init: bool = True) -> None:
+        super().__init__(dim)
+        self.log_scale = nn.Parameter(torch.zeros(self.dim))
+        self.shift = nn.Parameter(torch.zeros(self.dim))
+        self.register_buffer("initialized", torch.tensor(not data_init))
+
+    @torch.no_grad()
+    def _initialize(self, value: torch.Tensor, inverse: bool) -> None:
+        flat = value.reshape(-1, self.dim)
+        if bool(self.initialized) or flat.shape[0] < 2:
+            return
+        mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
+        if inverse:  # value is data: u = (x - m) e^{-s} should be standard
+            self.log_scale.copy_(std.log())
+            self.shift.copy_(mean)
+        else:  # value is base: x = u e^{s} + m should be standard
+            self.log_scale.copy_(-std.log())
+            self.shift.copy_(-mean / std)
+        self.initialized.fill_(True)
+
+    def _forward(self, u, context):
+        self._initialize(u, inverse=False)
+        return u * self.log_scale.exp() + self.shift, self.log_scale.sum().expand(u.shape[:-1])
+
+    def _backward(self, x, context):
+        self._initialize(x, inverse=True)
+        u = (x - self.shift) * torch.exp(-self.log_scale)
+        return u, self.log_scale.sum().expand(x.shape[:-1])
+
+    def _log_abs_det(self, u, x, context):
+        return self.log_scale.sum().expand(u.shape[:-1])

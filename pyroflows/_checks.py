@@ -1,5 +1,8 @@
-"""Input checks shared by every layer: each error names the argument, what was expected
-and what came, so a user can fix the call without reading our code."""
+"""Input checks shared by every layer.
+
+Each error names the argument, what was expected and what came, so a user can fix the
+call without reading our code.
+"""
 
 from __future__ import annotations
 
@@ -44,7 +47,9 @@ def check_event(x: object, name: str, dim: int, like: torch.Tensor) -> torch.Ten
     (or one on another device) is refused instead of silently cast.
     """
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (*batch, {dim}), got {type(x).__name__}")
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape (*batch, {dim}), got {type(x).__name__}"
+        )
     if x.dim() == 0 or x.shape[-1] != dim:
         raise ValueError(f"{name} must have shape (*batch, {dim}), got {tuple(x.shape)}")
     if not x.dtype.is_floating_point:

@@ -36,6 +36,33 @@ from pyroflows.transforms import (
 PERMUTATIONS = ("reverse", "random", None)
 
 
+class FlowDistribution(dist.TransformedDistribution):
+    """The distribution a :class:`Flow` yields: Pyro's ``TransformedDistribution``, checked.
+
+    It behaves exactly as ``pyro.distributions.TransformedDistribution`` (it is one), and
+    checks the value given to :meth:`log_prob` first, so a wrong last dimension is named
+    in the error rather than surfacing from deep inside a transform.
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        r""":math:`\log p(x)` of ``value`` (shape ``(*sample, *batch, D)``)."""
+        dim = self.event_shape[0]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"value must be a torch.Tensor of shape (*batch, {dim}), got {type(value).__name__}"
+            )
+        if value.dim() == 0 or value.shape[-1] != dim:
+            raise ValueError(f"value must have shape (*batch, {dim}), got {tuple(value.shape)}")
+        try:
+            torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        except RuntimeError:
+            raise ValueError(
+                f"value has batch shape {tuple(value.shape[:-1])}, which does not broadcast with "
+                f"the context's batch shape {tuple(self.batch_shape)}"
+            ) from None
+        return super().log_prob(value)
+
+
 class Flow(nn.Module):
     r"""A normalizing flow: a standard normal base and a list of transforms, as a module.
 
@@ -90,11 +117,11 @@ class Flow(nn.Module):
         return self.context_features > 0
 
     def base(self, batch_shape: torch.Size | tuple[int, ...] = ()) -> dist.TorchDistribution:
-        """The base distribution :math:`\\mathcal N(0, I_D)` with the given batch shape."""
+        r"""The base distribution :math:`\mathcal N(0, I_D)` with the given batch shape."""
         normal = dist.Normal(self.base_loc, self.base_scale, validate_args=False).to_event(1)
         return normal.expand(torch.Size(batch_shape)) if batch_shape else normal
 
-    def forward(self, context: torch.Tensor | None = None) -> dist.TransformedDistribution:
+    def forward(self, context: torch.Tensor | None = None) -> FlowDistribution:
         """Return the distribution, conditioned on ``context`` (shape ``(*B, c)``) if given."""
         if not self.conditional:
             if context is not None:
@@ -102,7 +129,7 @@ class Flow(nn.Module):
                     "context was given to an unconditional flow (built with context=0); "
                     "call flow() without arguments, or build the flow with context=c"
                 )
-            return dist.TransformedDistribution(self.base(), list(self.transforms))
+            return FlowDistribution(self.base(), list(self.transforms))
         if context is None:
             raise ValueError(
                 f"this flow is conditional: call flow(context) with a context tensor of "
@@ -113,9 +140,10 @@ class Flow(nn.Module):
             t.condition(context) if isinstance(t, ConditionalTransformModule) else t
             for t in self.transforms
         ]
-        return dist.TransformedDistribution(self.base(context.shape[:-1]), transforms)
+        return FlowDistribution(self.base(context.shape[:-1]), transforms)
 
     def extra_repr(self) -> str:
+        """Sizes, shown by ``repr``."""
         return f"dim={self.dim}, context={self.context_features}"
 
 
@@ -291,7 +319,9 @@ def maf(
         Papamakarios, Pavlakou, Murray (2017). Masked Autoregressive Flow for Density
         Estimation. arXiv:1705.07057.
     """
-    return _autoregressive_flow("maf", dim, transforms, hidden, context, permutation, activation, clamp)
+    return _autoregressive_flow(
+        "maf", dim, transforms, hidden, context, permutation, activation, clamp
+    )
 
 
 def iaf(
@@ -325,7 +355,9 @@ def iaf(
         Kingma, Salimans, Jozefowicz, Chen, Sutskever, Welling (2016). Improved
         Variational Inference with Inverse Autoregressive Flow. arXiv:1606.04934.
     """
-    return _autoregressive_flow("iaf", dim, transforms, hidden, context, permutation, activation, clamp)
+    return _autoregressive_flow(
+        "iaf", dim, transforms, hidden, context, permutation, activation, clamp
+    )
 
 
 BUILDERS: dict[str, Callable[..., Flow]] = {

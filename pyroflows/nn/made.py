@@ -29,7 +29,9 @@ def _order(order: Sequence[int] | None, features: int) -> torch.Tensor:
     if order is None:
         return torch.arange(features)
     order_t = torch.as_tensor(list(order), dtype=torch.long)
-    if order_t.shape != (features,) or not torch.equal(order_t.sort().values, torch.arange(features)):
+    if order_t.shape != (features,) or not torch.equal(
+        order_t.sort().values, torch.arange(features)
+    ):
         raise ValueError(
             f"order must be a permutation of range({features}), got {list(order_t.tolist())}"
         )
@@ -59,8 +61,9 @@ class MADE(ContextTrunk):
     Args:
         features: number of variables ``D``.
         params: numbers produced per variable.
-        hidden: hidden layer sizes; each should be at least ``D - 1`` so that every
-            degree is represented.
+        hidden: hidden layer sizes; each should be at least ``D - 1`` (``D`` with a
+            context) so that every degree is represented and output ``i`` can depend on
+            all the inputs before it.
         context: size of the context vector, 0 for none.
         order: the autoregressive order as a permutation of ``range(D)``: ``order[0]`` is
             the variable whose parameters depend on no input. Default: natural order.
@@ -106,7 +109,7 @@ class MADE(ContextTrunk):
         super().__init__(
             [
                 MaskedLinear((d_out[:, None] >= d_in[None, :]).float())
-                for d_in, d_out in zip(degrees[:-1], degrees[1:])
+                for d_in, d_out in zip(degrees[:-1], degrees[1:], strict=True)
             ],
             MaskedLinear((degree_out[:, None] > degrees[-1][None, :]).float()),
             (features, params),

@@ -112,7 +112,7 @@ class MLP(ContextTrunk):
         context = check_positive_int(context, "context", minimum=0)
         sizes = (in_features, *check_hidden(hidden))
         super().__init__(
-            [nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:])],
+            [nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)],
             nn.Linear(sizes[-1], out_features * params),
             (out_features, params),
             context,

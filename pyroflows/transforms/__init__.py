@@ -1,4 +1,4 @@
-"""Flow layers: Pyro ``TransformModule``\\ s mapping base ``u`` to data ``x``.
+r"""Flow layers: Pyro ``TransformModule``\ s mapping base ``u`` to data ``x``.
 
 Each family module holds the transform, its conditional twin and the maths they share.
 """

@@ -1,4 +1,4 @@
-"""Base classes: the cache every flow layer shares, and the conditional plumbing.
+r"""Base classes: the cache every flow layer shares, and the conditional plumbing.
 
 Direction (see DESIGN.md): a transform maps the base side ``u`` to the data side ``x``.
 ``t(u)`` samples, ``t.inv(x)`` scores, ``t.log_abs_det_jacobian(u, x)`` is
@@ -103,7 +103,7 @@ class _CachedBijection:
         return u
 
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """:math:`\\log|\\det \\partial y / \\partial x|` for ``y = t(x)``, shape ``batch``.
+        r""":math:`\log|\det \partial y / \partial x|` for ``y = t(x)``, shape ``batch``.
 
         (Pyro names the arguments ``x`` (input) and ``y`` (output); here the input is the
         base side ``u`` and the output the data side.)
@@ -158,6 +158,7 @@ class FlowTransform(_CachedBijection, TransformModule):
         return self._forward(u, context)[1]
 
     def extra_repr(self) -> str:
+        """Sizes, shown by ``repr``."""
         return f"dim={self.dim}"
 
 
@@ -189,6 +190,7 @@ class ConditionalFlowTransform(ConditionalTransformModule):
         return self._forward(u, context)[1]
 
     def extra_repr(self) -> str:
+        """Sizes, shown by ``repr``."""
         return f"dim={self.dim}, context={self.context_features}"
 
 
@@ -228,7 +230,10 @@ class ConditionedTransform(_CachedBijection, Transform):
         return self.owner._backward(self._broadcast(x, "x"), self.context)
 
     def _ladj(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.owner._log_abs_det(self._broadcast(u, "u"), self._broadcast(x, "x"), self.context)
+        return self.owner._log_abs_det(
+            self._broadcast(u, "u"), self._broadcast(x, "x"), self.context
+        )
 
     def __repr__(self) -> str:
-        return f"ConditionedTransform({type(self.owner).__name__}, context={tuple(self.context.shape)})"
+        owner, shape = type(self.owner).__name__, tuple(self.context.shape)
+        return f"ConditionedTransform({owner}, context={shape})"

@@ -91,7 +91,6 @@ class AffineCoupling(_Coupling, FlowTransform):
         True
     """
 
-
     def __init__(
         self,
         dim: int,
@@ -125,7 +124,6 @@ class ConditionalAffineCoupling(_Coupling, ConditionalFlowTransform):
         ``log_abs_det_jacobian``: ``batch``.
     """
 
-
     def __init__(
         self,
         dim: int,
@@ -158,7 +156,6 @@ class AdditiveCoupling(_Coupling, FlowTransform):
         ``log_abs_det_jacobian``: ``batch``.
     """
 
-
     def __init__(
         self,
         dim: int,
@@ -187,7 +184,6 @@ class ConditionalAdditiveCoupling(_Coupling, ConditionalFlowTransform):
         ``u``, ``x``: ``(*batch, D)``; context: ``(*batch, context)``;
         ``log_abs_det_jacobian``: ``batch``.
     """
-
 
     def __init__(
         self,

@@ -1,5 +1,7 @@
-r"""Elementwise monotone maps :math:`x_i = \tau(u_i; \theta_i)` used inside coupling and
-autoregressive layers. A conditioner supplies :math:`\theta` of shape ``(*batch, D, P)``.
+r"""Elementwise monotone maps :math:`x_i = \tau(u_i; \theta_i)` inside flow layers.
+
+Coupling and autoregressive layers use them; a conditioner supplies :math:`\theta` of
+shape ``(*batch, D, P)``.
 
 Each map gives ``forward(u, params) -> (x, ladj)`` and ``inverse(x, params) -> (u, ladj)``
 where ``ladj`` is :math:`\sum_i \log|\partial x_i / \partial u_i|` (of the forward map,

@@ -33,7 +33,7 @@ class Permutation(FlowTransform):
     """
 
     def __init__(self, dim: int, permutation: str | Sequence[int] = "random") -> None:
-        super().__init__(dim, cache=False)
+        super().__init__(dim)
         if isinstance(permutation, str):
             if permutation == "random":
                 perm = torch.randperm(self.dim)
@@ -45,7 +45,9 @@ class Permutation(FlowTransform):
                 )
         else:
             perm = torch.as_tensor(list(permutation), dtype=torch.long)
-            if perm.shape != (self.dim,) or not torch.equal(perm.sort().values, torch.arange(self.dim)):
+            if perm.shape != (self.dim,) or not torch.equal(
+                perm.sort().values, torch.arange(self.dim)
+            ):
                 raise ValueError(
                     f"permutation must be a permutation of range({self.dim}), got {perm.tolist()}"
                 )

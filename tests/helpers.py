@@ -1,0 +1,42 @@
+"""Helpers shared by the tests: perturbing parameters off the identity, Jacobians."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def perturb(module: nn.Module, scale: float = 0.3, seed: int = 0) -> nn.Module:
+    """Add seeded noise to every parameter so the module is far from its identity init."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            noise = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+            p.add_(scale * noise.to(p.dtype))
+    return module
+
+
+def batched_jacobian(fn, u: torch.Tensor) -> torch.Tensor:
+    """Jacobian of ``fn`` at each row of ``u`` (shape ``(*batch, D)``) -> ``(*batch, D, D)``.
+
+    Computes the full Jacobian of the flattened map and checks that rows do not interact
+    (the off-diagonal blocks are zero), then returns the diagonal blocks.
+    """
+    dim = u.shape[-1]
+    batch = u.shape[:-1]
+    flat = u.reshape(-1, dim)
+    n = flat.shape[0]
+
+    def flat_fn(v):
+        return fn(v.reshape(*batch, dim)).reshape(n, dim)
+
+    jac = torch.autograd.functional.jacobian(flat_fn, flat)  # (n, D, n, D)
+    blocks = jac[torch.arange(n), :, torch.arange(n), :]  # (n, D, D)
+    off = jac.clone()
+    off[torch.arange(n), :, torch.arange(n), :] = 0
+    assert off.abs().max() == 0, "rows of the batch interact"
+    return blocks.reshape(*batch, dim, dim)
+
+
+def tolerance(dtype: torch.dtype) -> dict:
+    return {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 1e-8, "rtol": 1e-8}

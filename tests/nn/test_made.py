@@ -1,0 +1,80 @@
+"""MADE: the autoregressive property, checked through the autograd Jacobian of the network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pyroflows.nn import MADE
+
+
+def jacobian_support(made: MADE, dim: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where d(output)/d(input) and d(output)/d(context) are non-zero, over several points."""
+    params = made.out_shape[1]
+    dep_x = torch.zeros(dim, params, dim, dtype=torch.bool)
+    dep_c = torch.zeros(dim, params, max(context, 1), dtype=torch.bool)
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(dim, generator=gen, dtype=torch.float64)
+        c = torch.randn(max(context, 1), generator=gen, dtype=torch.float64)
+        if context:
+            jx, jc = torch.autograd.functional.jacobian(made, (x, c))
+            dep_c |= jc != 0
+        else:
+            jx = torch.autograd.functional.jacobian(made, x)
+        dep_x |= jx != 0
+    return dep_x, dep_c
+
+
+@pytest.mark.parametrize("dim", [1, 2, 5, 9])
+@pytest.mark.parametrize("context", [0, 3])
+@pytest.mark.parametrize("hidden", [(16,), (20, 20), (8, 12, 10)])
+@pytest.mark.parametrize("params", [1, 3])
+def test_outputs_depend_exactly_on_earlier_inputs(dim, context, hidden, params):
+    order = torch.randperm(dim, generator=torch.Generator().manual_seed(dim)).tolist()
+    # tanh, not ReLU: a dead ReLU unit at the probe points would hide a real connection
+    made = MADE(dim, params, hidden, context, order, nn.Tanh, zero_init=False).double()
+    dep_x, dep_c = jacobian_support(made, dim, context)
+    rank = torch.empty(dim, dtype=torch.long)
+    rank[torch.tensor(order)] = torch.arange(dim)
+    allowed = rank[None, :] < rank[:, None]  # (output i, input j): rank(j) < rank(i)
+    # Never depends on a later (or the same) input: the property a flow relies on.
+    assert not (dep_x & ~allowed[:, None, :]).any()
+    # With hidden layers wide enough for every degree (1..D-1, and 0 for context-only
+    # units when there is a context), it depends on all earlier inputs.
+    if min(hidden) >= dim - 1 + bool(context):
+        assert (dep_x == allowed[:, None, :]).all()
+    if context:  # every output, the first in the order included, sees the context
+        assert dep_c.any(-1).all()
+
+
+def test_output_shape_and_zero_init():
+    made = MADE(4, params=2, hidden=(8,), context=2)
+    out = made(torch.randn(3, 5, 4), torch.randn(5, 2))  # context broadcasts over batch
+    assert out.shape == (3, 5, 4, 2)
+    assert (out == 0).all()
+
+
+def test_masks_are_buffers_that_move_with_the_module():
+    made = MADE(3, hidden=(8,)).double()
+    names = dict(made.named_buffers())
+    assert {"hidden_layers.0.mask", "output_layer.mask", "order"} <= set(names)
+    assert names["hidden_layers.0.mask"].dtype == torch.float64
+    assert "hidden_layers.0.mask" in made.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"features": 0}, ValueError, "features must be an int >= 1"),
+        ({"features": 2.5}, TypeError, "features must be an int"),
+        ({"features": 3, "order": [0, 1, 1]}, ValueError, "order must be a permutation"),
+        ({"features": 3, "order": [0, 1]}, ValueError, "order must be a permutation"),
+        ({"features": 3, "hidden": (8, 0)}, ValueError, "every entry of hidden"),
+        ({"features": 3, "context": -1}, ValueError, "context must be an int >= 0"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        MADE(**kwargs)

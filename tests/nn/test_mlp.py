@@ -1,0 +1,50 @@
+"""MLP conditioner: shapes, context in every hidden layer, zero-initialised output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyroflows.nn import MLP
+
+
+def test_shapes_and_context_broadcast():
+    net = MLP(3, 2, params=2, hidden=(16, 16), context=4, zero_init=False)
+    x, c = torch.randn(6, 5, 3), torch.randn(5, 4)
+    assert net(x, c).shape == (6, 5, 2, 2)
+    torch.testing.assert_close(net(x, c), net(x, c.expand(6, 5, 4)))
+
+
+def test_context_reaches_every_hidden_layer():
+    net = MLP(3, 2, params=1, hidden=(8, 8, 8), context=4, zero_init=False)
+    assert len(net.context_layers) == 3
+    out = net(torch.randn(5, 3), torch.randn(5, 4)).sum()
+    out.backward()
+    for layer in net.context_layers:
+        assert layer.weight.grad.abs().sum() > 0
+
+
+def test_context_without_hidden_layers_still_counts():
+    net = MLP(3, 2, params=1, hidden=(), context=4, zero_init=False)
+    c = torch.randn(4)
+    jac = torch.autograd.functional.jacobian(lambda c: net(torch.zeros(3), c), c)
+    assert (jac != 0).any()
+
+
+def test_output_starts_at_zero():
+    net = MLP(3, 2, params=2, hidden=(8,))
+    assert (net(torch.randn(4, 3)) == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"in_features": 0, "out_features": 2}, ValueError, "in_features must be an int >= 1"),
+        ({"in_features": 2, "out_features": "3"}, TypeError, "out_features must be an int"),
+        ({"in_features": 2, "out_features": 2, "hidden": "64"}, TypeError, "every entry of"),
+        ({"in_features": 2, "out_features": 2, "params": 0}, ValueError, "params must be"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        MLP(**kwargs)

@@ -1,0 +1,278 @@
+"""Flow and the builders: shapes, normalisation, caching, persistence, devices, bad input."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import pytest
+import torch
+
+import pyroflows
+from pyroflows import Flow
+from pyroflows.transforms import AffineCoupling, ConditionalAffineCoupling
+from tests.helpers import perturb
+
+BUILDERS = sorted(pyroflows.BUILDERS)
+
+
+def small(name: str, dim: int = 2, context: int | None = None, **kwargs) -> Flow:
+    kwargs.setdefault("transforms", 3)
+    kwargs.setdefault("hidden", (32, 32))
+    return pyroflows.BUILDERS[name](dim, context=context, **kwargs)
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_unconditional_shapes(name):
+    d = small(name, dim=3)()
+    assert d.event_shape == (3,)
+    assert d.batch_shape == ()
+    assert d.sample().shape == (3,)
+    x = d.sample((4, 5))
+    assert x.shape == (4, 5, 3)
+    assert d.log_prob(x).shape == (4, 5)
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_conditional_batch_of_contexts(name):
+    flow = perturb(small(name, dim=3, context=2))
+    context = torch.randn(4, 5, 2)
+    d = flow(context)
+    assert d.batch_shape == (4, 5)
+    assert d.event_shape == (3,)
+    assert d.sample().shape == (4, 5, 3)  # no sample shape needed
+    x = d.sample((6,))
+    assert x.shape == (6, 4, 5, 3)
+    lp = d.log_prob(x)
+    assert lp.shape == (6, 4, 5)
+    # each entry is the density under its own context
+    single = flow(context[1, 2]).log_prob(x[:, 1, 2].clone())
+    torch.testing.assert_close(lp[:, 1, 2], single, atol=1e-5, rtol=1e-5)
+    # one point scored under every context broadcasts
+    assert d.log_prob(torch.zeros(3)).shape == (4, 5)
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_log_prob_integrates_to_one(name):
+    flow = perturb(small(name), scale=0.2, seed=3).double()
+    grid = torch.linspace(-10, 10, 501, dtype=torch.float64)
+    step = grid[1] - grid[0]
+    points = torch.cartesian_prod(grid, grid)
+    with torch.no_grad():
+        log_p = flow().log_prob(points)
+        base = torch.distributions.Normal(0.0, 1.0).log_prob(points).sum(-1)
+    assert (log_p - base).abs().max() > 0.5, "the perturbed flow should not be the base"
+    mass = log_p.exp().sum() * step**2
+    assert abs(mass.item() - 1) < 0.01
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_samples_follow_log_prob(name):
+    """The sampler and the density describe the same distribution: E_q[log q] = -H."""
+    flow = perturb(small(name), scale=0.2, seed=3).double()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        d = flow()
+        x = d.sample((20000,))
+        lp = d.log_prob(x.clone())  # a fresh copy: scored without the cache
+    assert torch.isfinite(lp).all()
+    # Monte-Carlo mean of log q(x) under x ~ q must match the grid entropy estimate
+    grid = torch.linspace(-10, 10, 401, dtype=torch.float64)
+    step = grid[1] - grid[0]
+    pts = torch.cartesian_prod(grid, grid)
+    with torch.no_grad():
+        lq = flow().log_prob(pts)
+    expected = (lq.exp() * lq).sum() * step**2
+    assert abs(lp.mean() - expected) < 4 * lp.std() / 20000**0.5 + 0.01
+
+
+def count_conditioner_calls(flow: Flow) -> list[int]:
+    counts = [0] * len(flow.transforms)
+    for i, layer in enumerate(flow.transforms):
+        if hasattr(layer, "conditioner"):
+
+            def hook(module, args, output, i=i):
+                counts[i] += 1
+
+            layer.conditioner.register_forward_hook(hook)
+    return counts
+
+
+@pytest.mark.parametrize("context", [None, 3])
+def test_iaf_scores_its_own_samples_without_another_pass(context):
+    flow = perturb(pyroflows.iaf(6, transforms=4, hidden=(16,), context=context))
+    counts = count_conditioner_calls(flow)
+    d = flow(torch.randn(5, 3)) if context else flow()
+    x = d.rsample((10,))
+    lp = d.log_prob(x)
+    assert counts == [1] * 4
+    lp.sum().backward()  # the cached log-det carries the graph
+    # a fresh copy of the same points needs the D-pass inverse: 6 passes per layer
+    d.log_prob(x.detach().clone())
+    assert counts == [1 + 6] * 4
+
+
+@pytest.mark.parametrize("name", ["realnvp", "nice"])
+def test_coupling_flows_score_own_samples_from_the_cache(name):
+    flow = perturb(small(name, dim=4))
+    counts = count_conditioner_calls(flow)
+    d = flow()
+    d.log_prob(d.rsample((8,)))
+    assert [c for c in counts if c] == [1] * 3
+
+
+def test_maf_scores_data_in_one_pass_per_layer():
+    flow = perturb(pyroflows.maf(5, transforms=3, hidden=(16,)))
+    counts = count_conditioner_calls(flow)
+    flow().log_prob(torch.randn(10, 5))
+    assert counts == [1] * 3
+
+
+def test_cache_is_not_stale_after_an_optimizer_step():
+    flow = perturb(pyroflows.iaf(3, transforms=2, hidden=(16,)))
+    optim = torch.optim.SGD(flow.parameters(), lr=0.1)
+    d = flow()
+    x = d.rsample((7,))
+    (-d.log_prob(x).mean()).backward()
+    before = d.log_prob(x).detach()
+    optim.step()
+    after = d.log_prob(x).detach()
+    expected = flow().log_prob(x.detach().clone()).detach()
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("context", [None, 2])
+def test_state_dict_and_pickle_round_trips(name, context):
+    torch.manual_seed(0)
+    flow = perturb(small(name, dim=3, context=context))
+    c = torch.randn(4, 2) if context else None
+    x = torch.randn(4, 3)
+
+    def score(f):
+        return f(c).log_prob(x.clone()) if context else f().log_prob(x.clone())
+
+    expected = score(flow).detach()
+    buffer = io.BytesIO()
+    torch.save(flow.state_dict(), buffer)
+    buffer.seek(0)
+    torch.manual_seed(123)  # a different random permutation, replaced by the loaded one
+    fresh = small(name, dim=3, context=context)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(score(fresh).detach(), expected)
+    torch.testing.assert_close(score(pickle.loads(pickle.dumps(flow))).detach(), expected)
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_double_moves_every_tensor_and_mixed_dtypes_are_refused(name):
+    flow = small(name, dim=3, context=2).double()
+    for tensor in list(flow.parameters()) + list(flow.buffers()):
+        if tensor.is_floating_point():
+            assert tensor.dtype == torch.float64
+    d = flow(torch.randn(5, 2, dtype=torch.float64))
+    assert d.sample().dtype == torch.float64
+    with pytest.raises(TypeError, match="dtype torch.float32 but the flow's parameters"):
+        d.log_prob(torch.randn(5, 3))
+    with pytest.raises(TypeError, match="context has dtype torch.float32"):
+        flow(torch.randn(5, 2))
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_gradients_reach_every_parameter(name):
+    flow = perturb(small(name, dim=4, context=2))
+    flow(torch.randn(8, 2)).log_prob(torch.randn(8, 4)).sum().backward()
+    for pname, p in flow.named_parameters():
+        assert p.grad is not None, pname
+        assert torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_eval_equals_train(name):
+    flow = perturb(small(name, dim=3))
+    x = torch.randn(5, 3)
+    train = flow().log_prob(x.clone())
+    flow.eval()
+    torch.testing.assert_close(flow().log_prob(x.clone()), train)
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_defaults_work(name):
+    flow = pyroflows.BUILDERS[name](4)
+    d = flow()
+    assert torch.isfinite(d.log_prob(d.sample((3,)))).all()
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_wrong_last_dimension(name):
+    d = small(name, dim=3)()
+    with pytest.raises(ValueError, match=r"value must have shape \(\*batch, 3\), got \(4, 2\)"):
+        d.log_prob(torch.randn(4, 2))
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_missing_context(name):
+    with pytest.raises(ValueError, match="this flow is conditional"):
+        small(name, context=2)()
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_unexpected_context(name):
+    with pytest.raises(ValueError, match="context was given to an unconditional flow"):
+        small(name)(torch.randn(2))
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_wrong_context_size(name):
+    with pytest.raises(ValueError, match=r"context must have shape \(\*batch, 2\), got \(5, 3\)"):
+        small(name, context=2)(torch.randn(5, 3))
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_context_batch_that_does_not_broadcast(name):
+    d = small(name, context=2)(torch.randn(5, 2))
+    with pytest.raises(ValueError, match="does not broadcast with the context"):
+        d.log_prob(torch.randn(4, 2))
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"dim": 0}, ValueError, "dim must be an int >= 1, got 0"),
+        ({"dim": 2.0}, TypeError, "dim must be an int >= 1, got float"),
+        ({"dim": 2, "transforms": 0}, ValueError, "transforms must be an int >= 1"),
+        ({"dim": 2, "permutation": "shuffle"}, ValueError, "permutation must be one of"),
+        ({"dim": 2, "hidden": (8, -1)}, ValueError, "every entry of hidden"),
+        ({"dim": 2, "context": -2}, ValueError, "context must be an int >= 0"),
+        ({"dim": 2, "context": "3"}, TypeError, "context must be an int"),
+    ],
+)
+def test_bad_builder_arguments(name, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        pyroflows.BUILDERS[name](**kwargs)
+
+
+@pytest.mark.parametrize("name", ["realnvp", "nice"])
+def test_coupling_flows_need_two_dimensions(name):
+    with pytest.raises(ValueError, match="dim must be >= 2 for a coupling flow"):
+        pyroflows.BUILDERS[name](1)
+
+
+@pytest.mark.parametrize("name", ["realnvp", "maf", "iaf"])
+def test_bad_clamp(name):
+    with pytest.raises(ValueError, match="clamp must be a positive number or None"):
+        pyroflows.BUILDERS[name](2, clamp=-1.0)
+
+
+def test_flow_checks_its_layers():
+    with pytest.raises(ValueError, match=r"transforms\[0\] acts on dim 3, expected dim 2"):
+        Flow(2, [AffineCoupling(3)])
+    with pytest.raises(ValueError, match="conditional on a context of size 4"):
+        Flow(2, [ConditionalAffineCoupling(2, 4)])
+    with pytest.raises(ValueError, match="conditional on a context of size 4"):
+        Flow(2, [ConditionalAffineCoupling(2, 4)], context=3)

@@ -1,0 +1,176 @@
+"""Properties every transform must have, run over the registry in ``registry.py``.
+
+For each layer, in float32 and float64, batch shapes (), (7,), (3, 5), dims 1, 2, 5, 16
+(coupling layers from 2), with a context for conditional twins:
+shapes; log|det J| against the autograd Jacobian; inverse round trips on fresh tensors
+(so the cache cannot hide a broken inverse); the cache itself; finite gradients reaching
+every parameter; identity at initialisation; pickling.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from pyro.distributions.conditional import ConditionalTransformModule
+from pyro.distributions.torch_transform import TransformModule
+
+from tests.helpers import batched_jacobian, perturb
+from tests.transforms.registry import CONTEXT, TRANSFORMS
+
+DTYPES = [torch.float32, torch.float64]
+BATCHES = [(), (7,), (3, 5)]
+DIMS = [1, 2, 5, 16]
+
+CASES = [
+    pytest.param(name, dim, id=f"{name}-d{dim}")
+    for name, entry in TRANSFORMS.items()
+    for dim in DIMS
+    if dim >= entry.min_dim
+]
+
+
+def round_trip_tol(dtype):
+    return 1e-4 if dtype == torch.float32 else 1e-10
+
+
+class Case:
+    """A perturbed layer, a context and a base-side input of the requested shape."""
+
+    def __init__(self, name, dim, dtype, batch, seed=0):
+        self.entry = TRANSFORMS[name]
+        self.dim, self.dtype, self.batch = dim, dtype, batch
+        torch.manual_seed(seed)
+        self.layer = perturb(self.entry.build(dim), seed=seed).to(dtype)
+        gen = torch.Generator().manual_seed(seed + 1)
+        self.u = torch.randn(*batch, dim, generator=gen, dtype=torch.float64).to(dtype)
+        self.context = (
+            torch.randn(*batch, CONTEXT, generator=gen, dtype=torch.float64).to(dtype)
+            if self.entry.conditional
+            else None
+        )
+
+    def bound(self):
+        """A plain transform: the layer itself, or the layer conditioned on the context."""
+        if self.entry.conditional:
+            return self.layer.condition(self.context)
+        return self.layer
+
+
+@pytest.fixture(params=DTYPES, ids=["f32", "f64"])
+def dtype(request):
+    return request.param
+
+
+@pytest.fixture(params=BATCHES, ids=["unbatched", "b7", "b3x5"])
+def batch(request):
+    return request.param
+
+
+@pytest.mark.parametrize(("name", "dim"), CASES)
+def test_is_a_pyro_transform_module(name, dim):
+    layer = TRANSFORMS[name].build(dim)
+    expected = ConditionalTransformModule if TRANSFORMS[name].conditional else TransformModule
+    assert isinstance(layer, expected)
+
+
+@pytest.mark.parametrize(("name", "dim"), CASES)
+def test_shapes_and_dtype(name, dim, dtype, batch):
+    case = Case(name, dim, dtype, batch)
+    t = case.bound()
+    x = t(case.u)
+    assert x.shape == case.u.shape
+    assert x.dtype == dtype
+    assert t.log_abs_det_jacobian(case.u, x).shape == batch
+    u = t.inv(x.clone())
+    assert u.shape == x.shape
+    assert t.forward_shape(case.u.shape) == case.u.shape
+
+
+@pytest.mark.parametrize(("name", "dim"), CASES)
+def test_log_abs_det_matches_autograd(name, dim, dtype, batch):
+    case = Case(name, dim, dtype, batch)
+    t = case.bound()
+    x = t(case.u)
+    cached = t.log_abs_det_jacobian(case.u, x)
+    fresh = case.bound().log_abs_det_jacobian(case.u.clone(), x.detach().clone())
+    inverse = case.bound().inv.log_abs_det_jacobian(x.detach().clone(), case.u.clone())
+    jac = batched_jacobian(lambda v: case.bound()(v), case.u.clone())
+    sign, expected = torch.linalg.slogdet(jac)
+    assert (sign != 0).all()
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 1e-9, "rtol": 1e-9}
+    torch.testing.assert_close(cached.detach(), expected, **tol)
+    torch.testing.assert_close(fresh.detach(), expected, **tol)
+    torch.testing.assert_close(inverse.detach(), -expected, **tol)
+
+
+@pytest.mark.parametrize(("name", "dim"), CASES)
+def test_round_trip_on_fresh_tensors(name, dim, dtype, batch):
+    case = Case(name, dim, dtype, batch)
+    x = case.bound()(case.u)
+    u_back = case.bound().inv(x.detach().clone())  # a new tensor: no cache hit possible
+    assert (u_back - case.u).abs().max() < round_trip_tol(dtype)
+    # and the other way: data side first
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.randn(*batch, dim, generator=gen, dtype=torch.float64).to(dtype)
+    u0 = case.bound().inv(x0)
+    x_back = case.bound()(u0.detach().clone())
+    assert (x_back - x0).abs().max() < round_trip_tol(dtype)
+
+
+@pytest.mark.parametrize(("name", "dim"), CASES)
+def test_cache_returns_the_pair_it_computed(name, dim):
+    case = Case(name, dim, torch.float32, (4,))
+    t = case.bound()
+    x = t(case.u)
+    if getattr(t, "_use_cache", False):
+        assert t.inv(x) is case.u
+        assert t(case.u) is x
+    else:  # a layer without cache still inverts correctly
+        torch.testing.assert_close(t.inv(x), case.u)
+
+
+@pytest.mark.parametrize(("name", "dim"), CASES)
+def test_gradients_are_finite_and_reach_every_parameter(name, dim, dtype):
+    case = Case(name, dim, dtype, (6,))
+    if not list(case.layer.parameters()):
+        pytest.skip("no parameters")
+    t = case.bound()
+    x = t(case.u)
+    loss = (x**2).sum() + t.log_abs_det_jacobian(case.u, x).sum()
+    x_data = torch.randn_like(case.u)
+    loss = loss + (case.bound().inv(x_data) ** 2).sum()
+    loss.backward()
+    # At D = 1 a MADE's input weights and an LU's off-diagonal factors have nothing to do.
+    dead_by_design = dim == 1 and name in ("iaf", "maf", "cond_iaf", "cond_maf", "lu_linear")
+    for pname, p in case.layer.named_parameters():
+        assert p.grad is not None, pname
+        assert torch.isfinite(p.grad).all(), pname
+        if not dead_by_design:
+            assert p.grad.abs().sum() > 0, f"no gradient reaches {pname}"
+
+
+@pytest.mark.parametrize(("name", "dim"), CASES)
+def test_starts_at_identity(name, dim):
+    if name.startswith(("permutation", "actnorm")):
+        pytest.skip("a permutation is not the identity; ActNorm starts from its data")
+    entry = TRANSFORMS[name]
+    layer = entry.build(dim)
+    u = torch.randn(7, dim)
+    context = torch.randn(7, CONTEXT)
+    t = layer.condition(context) if entry.conditional else layer
+    x = t(u)
+    torch.testing.assert_close(x, u)
+    torch.testing.assert_close(t.log_abs_det_jacobian(u, x), torch.zeros(7))
+
+
+@pytest.mark.parametrize(("name", "dim"), CASES)
+def test_pickle_round_trip(name, dim):
+    case = Case(name, dim, torch.float64, (5,))
+    t = case.bound()
+    x = t(case.u)  # fill the cache: pickling must drop it, not fail on it
+    clone = pickle.loads(pickle.dumps(case.layer))
+    bound = clone.condition(case.context) if case.entry.conditional else clone
+    torch.testing.assert_close(bound(case.u.clone()), x.detach())
+    torch.testing.assert_close(bound.inv(x.detach().clone()), case.u, atol=1e-10, rtol=0)

@@ -1,0 +1,63 @@
+"""Autoregressive specifics: triangular Jacobian in the chosen order, pass counts, forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyroflows.transforms import AffineAutoregressive, ConditionalAffineAutoregressive
+from tests.helpers import perturb
+
+
+@pytest.mark.parametrize("form", ["iaf", "maf"])
+def test_jacobian_is_triangular_in_the_order(form):
+    order = [3, 0, 4, 1, 2]
+    t = perturb(AffineAutoregressive(5, form, hidden=(16, 16), order=order)).double()
+    jac = torch.autograd.functional.jacobian(t, torch.randn(5, dtype=torch.float64))
+    rank = torch.empty(5, dtype=torch.long)
+    rank[torch.tensor(order)] = torch.arange(5)
+    later = rank[None, :] > rank[:, None]  # x_i may not depend on u_j later in the order
+    assert (jac[later] == 0).all()
+    assert (jac[rank[None, :] < rank[:, None]] != 0).any()
+
+
+def count_calls(t) -> list[int]:
+    calls = [0]
+    t.conditioner.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize(("form", "sample_passes", "score_passes"), [("iaf", 1, 7), ("maf", 7, 1)])
+def test_passes_per_direction(form, sample_passes, score_passes):
+    t = perturb(AffineAutoregressive(7, form, hidden=(16,)))
+    calls = count_calls(t)
+    t(torch.randn(3, 7))
+    assert calls[0] == sample_passes
+    calls[0] = 0
+    t.inv(torch.randn(3, 7))
+    assert calls[0] == score_passes
+    calls[0] = 0
+    u, x = torch.randn(3, 7), torch.randn(3, 7)
+    t.log_abs_det_jacobian(u, x)  # computed from the side the conditioner reads
+    assert calls[0] == 1
+
+
+def test_conditional_first_variable_depends_on_context():
+    t = perturb(ConditionalAffineAutoregressive(3, 2, "iaf", hidden=(16,)))
+    u = torch.randn(3)
+    a = t.condition(torch.zeros(2))(u)
+    b = t.condition(torch.ones(2))(u)
+    assert a[0] != b[0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"form": "flow"}, "form must be one of 'iaf', 'maf'; got 'flow'"),
+        ({"order": [0, 0, 1]}, r"order must be a permutation of range\(3\)"),
+        ({"clamp": 0.0}, "clamp must be a positive number or None"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AffineAutoregressive(3, **kwargs)

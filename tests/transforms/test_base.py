@@ -1,0 +1,67 @@
+"""The cache and the conditional plumbing that every layer shares."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyroflows.transforms import AffineAutoregressive, ConditionalAffineCoupling
+from tests.helpers import perturb
+
+
+def test_cache_hit_needs_the_same_tensor():
+    t = perturb(AffineAutoregressive(4, "iaf", hidden=(8,)))
+    u = torch.randn(3, 4)
+    x = t(u)
+    assert t.inv(x) is u
+    assert t.inv(x.clone()) is not u
+
+
+def test_cache_entry_without_graph_is_not_used_under_grad():
+    t = perturb(AffineAutoregressive(4, "iaf", hidden=(8,)))
+    u = torch.randn(3, 4)
+    with torch.no_grad():
+        x = t(u)
+    ladj = t.log_abs_det_jacobian(u, x)  # grad mode on now: recomputed, with a graph
+    assert ladj.requires_grad
+
+
+def test_cache_is_dropped_when_parameters_change():
+    t = perturb(AffineAutoregressive(4, "iaf", hidden=(8,)))
+    u = torch.randn(3, 4)
+    x = t(u)
+    with torch.no_grad():
+        next(t.parameters()).add_(0.5)
+    assert t(u) is not x
+
+
+def test_clear_cache_and_disabled_cache():
+    t = perturb(AffineAutoregressive(4, "iaf", hidden=(8,)))
+    u = torch.randn(2, 4)
+    x = t(u)
+    t.clear_cache()
+    assert t.inv(x) is not u
+    t._use_cache = False
+    x = t(u)
+    assert t.inv(x) is not u
+
+
+def test_conditioned_transform_broadcasts_and_refuses_mismatches():
+    layer = perturb(ConditionalAffineCoupling(3, 2, hidden=(8,)))
+    t = layer.condition(torch.randn(5, 2))
+    assert t(torch.randn(3)).shape == (5, 3)  # one point under every context
+    assert t(torch.randn(4, 5, 3)).shape == (4, 5, 3)  # sample dims on the left
+    with pytest.raises(ValueError, match="does not broadcast with the context"):
+        t(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"u must have shape \(\*batch, 3\), got \(5, 2\)"):
+        t(torch.randn(5, 2))
+    with pytest.raises(TypeError, match="context must be a torch.Tensor"):
+        layer.condition([0.0, 1.0])
+
+
+def test_inputs_of_another_dtype_are_refused_not_cast():
+    t = AffineAutoregressive(3, "maf", hidden=(8,))
+    with pytest.raises(TypeError, match="x has dtype torch.float64 but the flow's parameters"):
+        t.inv(torch.randn(2, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="x must be a floating tensor"):
+        t.inv(torch.ones(2, 3, dtype=torch.long))

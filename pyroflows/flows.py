@@ -30,7 +30,11 @@ from pyroflows.transforms import (
     ConditionalAdditiveCoupling,
     ConditionalAffineAutoregressive,
     ConditionalAffineCoupling,
+    ConditionalSplineAutoregressive,
+    ConditionalSplineCoupling,
     Permutation,
+    SplineAutoregressive,
+    SplineCoupling,
 )
 
 PERMUTATIONS = ("reverse", "random", None)
@@ -141,6 +145,40 @@ class Flow(nn.Module):
             for t in self.transforms
         ]
         return FlowDistribution(self.base(context.shape[:-1]), transforms)
+
+    @torch.no_grad()
+    def intermediates(
+        self,
+        num_samples: int = 1000,
+        context: torch.Tensor | None = None,
+        base: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        r"""The flow at work, layer by layer: ``[u, T_1(u), T_2(T_1(u)), ..., x]``.
+
+        Draws ``num_samples`` base points (or takes ``base``, shape ``(*batch, D)``) and
+        returns them after each transform, ``len(transforms) + 1`` tensors in all, the
+        last being samples of the flow. Useful to plot how the base is bent into the data.
+
+        Args:
+            num_samples: how many base draws, when ``base`` is not given.
+            context: the context, shape ``(*B, c)``, for a conditional flow.
+            base: base-side points to push through instead of fresh draws.
+
+        Example:
+            >>> flow = realnvp(2, transforms=2, hidden=(8,))
+            >>> [tuple(t.shape) for t in flow.intermediates(100)][:2]
+            [(100, 2), (100, 2)]
+        """
+        d = self(context)
+        if base is None:
+            check_positive_int(num_samples, "num_samples")
+            u = d.base_dist.sample((num_samples,))
+        else:
+            u = check_event(base, "base", self.dim, self.base_loc)
+        stages = [u]
+        for t in d.transforms:
+            stages.append(t(stages[-1]))
+        return stages
 
     def extra_repr(self) -> str:
         """Sizes, shown by ``repr``."""
@@ -266,26 +304,27 @@ def nice(
     )
 
 
-def _autoregressive_flow(
-    form, dim, transforms, hidden, context, permutation, activation, clamp
-) -> Flow:
+def _autoregressive_flow(dim, transforms, context, permutation, make) -> Flow:
+    """Stack ``transforms`` autoregressive layers ``make(order, c)``, varying the order."""
     check_positive_int(dim, "dim")
     check_positive_int(transforms, "transforms")
     check_choice(permutation, "permutation", PERMUTATIONS)
     c = _context(context)
-    layers: list[nn.Module] = []
-    for order in _orders(dim, transforms, permutation):
-        if c:
-            layers.append(
-                ConditionalAffineAutoregressive(
-                    dim, c, form, hidden, order, activation=activation, clamp=clamp
-                )
-            )
-        else:
-            layers.append(
-                AffineAutoregressive(dim, form, hidden, order, activation=activation, clamp=clamp)
-            )
+    layers = [make(order, c) for order in _orders(dim, transforms, permutation)]
     return Flow(dim, layers, c)
+
+
+def _affine_autoregressive_flow(
+    form, dim, transforms, hidden, context, permutation, activation, clamp
+) -> Flow:
+    def make(order, c):
+        if c:
+            return ConditionalAffineAutoregressive(
+                dim, c, form, hidden, order, activation=activation, clamp=clamp
+            )
+        return AffineAutoregressive(dim, form, hidden, order, activation=activation, clamp=clamp)
+
+    return _autoregressive_flow(dim, transforms, context, permutation, make)
 
 
 def maf(
@@ -319,7 +358,7 @@ def maf(
         Papamakarios, Pavlakou, Murray (2017). Masked Autoregressive Flow for Density
         Estimation. arXiv:1705.07057.
     """
-    return _autoregressive_flow(
+    return _affine_autoregressive_flow(
         "maf", dim, transforms, hidden, context, permutation, activation, clamp
     )
 
@@ -355,8 +394,82 @@ def iaf(
         Kingma, Salimans, Jozefowicz, Chen, Sutskever, Welling (2016). Improved
         Variational Inference with Inverse Autoregressive Flow. arXiv:1606.04934.
     """
-    return _autoregressive_flow(
+    return _affine_autoregressive_flow(
         "iaf", dim, transforms, hidden, context, permutation, activation, clamp
+    )
+
+
+def nsf(
+    dim: int,
+    transforms: int = 5,
+    bins: int = 8,
+    bound: float = 5.0,
+    hidden: Sequence[int] = (64, 64),
+    context: int | None = None,
+    autoregressive: bool | str = False,
+    permutation: str | None = "reverse",
+    activation: Callable[[], nn.Module] = nn.ReLU,
+) -> Flow:
+    r"""Neural spline flow: rational-quadratic spline layers, coupling or autoregressive.
+
+    .. math::
+        \text{coupling:}\quad x_{k+1:D} = \mathrm{RQS}\big(u_{k+1:D};\
+        \mathrm{MLP}(u_{1:k}, c)\big) \qquad
+        \text{autoregressive:}\quad x_i = \mathrm{RQS}\big(u_i;\ \mathrm{MADE}(v, c)_i\big)
+
+    Each coordinate goes through a monotone spline with ``bins`` bins on
+    ``[-bound, bound]`` and the identity outside (see
+    :func:`~pyroflows.transforms.rational_quadratic_spline`).
+
+    ==================  =================  =======================================
+    ``autoregressive``  sample ``t(u)``    score ``t.inv(x)``
+    ==================  =================  =======================================
+    ``False``           1 pass per layer   1 pass per layer (coupling, default)
+    ``"maf"``/``True``  ``D`` passes       1 pass: density estimation
+    ``"iaf"``           1 pass             ``D`` passes (own samples: cached)
+    ==================  =================  =======================================
+
+    Args:
+        dim: event size ``D`` (>= 2 for coupling).
+        transforms: number of spline layers.
+        bins: spline bins per coordinate ``K``.
+        bound: half-width of the spline's interval; keep data (standardized) inside it.
+        hidden: hidden sizes of each conditioner.
+        context: context size, or ``None``.
+        autoregressive: ``False`` (coupling), ``"maf"`` (or ``True``) or ``"iaf"``.
+        permutation: between layers: ``"reverse"``, ``"random"`` or ``None`` (coupling:
+            a permutation layer; autoregressive: the MADE's variable order).
+        activation: non-linearity class.
+
+    Example:
+        >>> d = nsf(3, transforms=2, hidden=(16,))()
+        >>> d.log_prob(d.sample((4,))).shape
+        torch.Size([4])
+
+    References:
+        Durkan, Bekasov, Murray, Papamakarios (2019). Neural Spline Flows.
+        arXiv:1906.04032.
+    """
+    if autoregressive is True:
+        autoregressive = "maf"
+    check_choice(autoregressive, "autoregressive", (False, "maf", "iaf"))
+    if autoregressive:
+
+        def make(order, c):
+            if c:
+                return ConditionalSplineAutoregressive(
+                    dim, c, autoregressive, bins, bound, hidden, order, activation
+                )
+            return SplineAutoregressive(dim, autoregressive, bins, bound, hidden, order, activation)
+
+        return _autoregressive_flow(dim, transforms, context, permutation, make)
+    return _coupling_flow(
+        dim,
+        transforms,
+        context,
+        permutation,
+        lambda: SplineCoupling(dim, None, bins, bound, hidden, activation),
+        lambda c: ConditionalSplineCoupling(dim, c, None, bins, bound, hidden, activation),
     )
 
 
@@ -365,4 +478,5 @@ BUILDERS: dict[str, Callable[..., Flow]] = {
     "nice": nice,
     "maf": maf,
     "iaf": iaf,
+    "nsf": nsf,
 }

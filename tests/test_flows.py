@@ -13,16 +13,27 @@ from pyroflows import Flow
 from pyroflows.transforms import AffineCoupling, ConditionalAffineCoupling
 from tests.helpers import perturb
 
+# Every builder, and the autoregressive forms of nsf.
+VARIANTS = {name: (name, {}) for name in pyroflows.BUILDERS}
+VARIANTS["nsf_maf"] = ("nsf", {"autoregressive": "maf"})
+VARIANTS["nsf_iaf"] = ("nsf", {"autoregressive": "iaf"})
+FLOWS = sorted(VARIANTS)
 BUILDERS = sorted(pyroflows.BUILDERS)
 
 
 def small(name: str, dim: int = 2, context: int | None = None, **kwargs) -> Flow:
-    kwargs.setdefault("transforms", 3)
-    kwargs.setdefault("hidden", (32, 32))
-    return pyroflows.BUILDERS[name](dim, context=context, **kwargs)
+    builder, fixed = VARIANTS[name]
+    kwargs = {"transforms": 3, "hidden": (32, 32), **fixed, **kwargs}
+    return pyroflows.BUILDERS[builder](dim, context=context, **kwargs)
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+def rough(name: str, dim: int = 2, context=None, scale: float = 0.3, seed: int = 0) -> Flow:
+    """A small flow pushed well off the identity (splines: less, or they turn needle-sharp)."""
+    scale = min(scale, 0.1) if name.startswith("nsf") else scale
+    return perturb(small(name, dim, context), scale=scale, seed=seed)
+
+
+@pytest.mark.parametrize("name", FLOWS)
 def test_unconditional_shapes(name):
     d = small(name, dim=3)()
     assert d.event_shape == (3,)
@@ -33,10 +44,12 @@ def test_unconditional_shapes(name):
     assert d.log_prob(x).shape == (4, 5)
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", FLOWS)
 def test_conditional_batch_of_contexts(name):
-    flow = perturb(small(name, dim=3, context=2))
-    context = torch.randn(4, 5, 2)
+    # float64: a perturbed spline flow is sharp enough that float32 rounding differences
+    # between batched and single evaluations would blur what this test is about
+    flow = rough(name, dim=3, context=2).double()
+    context = torch.randn(4, 5, 2, dtype=torch.float64)
     d = flow(context)
     assert d.batch_shape == (4, 5)
     assert d.event_shape == (3,)
@@ -47,14 +60,14 @@ def test_conditional_batch_of_contexts(name):
     assert lp.shape == (6, 4, 5)
     # each entry is the density under its own context
     single = flow(context[1, 2]).log_prob(x[:, 1, 2].clone())
-    torch.testing.assert_close(lp[:, 1, 2], single, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp[:, 1, 2], single, atol=1e-9, rtol=1e-9)
     # one point scored under every context broadcasts
-    assert d.log_prob(torch.zeros(3)).shape == (4, 5)
+    assert d.log_prob(torch.zeros(3, dtype=torch.float64)).shape == (4, 5)
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", FLOWS)
 def test_log_prob_integrates_to_one(name):
-    flow = perturb(small(name), scale=0.2, seed=3).double()
+    flow = rough(name, scale=0.2, seed=3).double()
     grid = torch.linspace(-10, 10, 501, dtype=torch.float64)
     step = grid[1] - grid[0]
     points = torch.cartesian_prod(grid, grid)
@@ -66,10 +79,10 @@ def test_log_prob_integrates_to_one(name):
     assert abs(mass.item() - 1) < 0.01
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", FLOWS)
 def test_samples_follow_log_prob(name):
     """The sampler and the density describe the same distribution: E_q[log q] = -H."""
-    flow = perturb(small(name), scale=0.2, seed=3).double()
+    flow = rough(name, scale=0.2, seed=3).double()
     torch.manual_seed(1)
     with torch.no_grad():
         d = flow()
@@ -114,7 +127,7 @@ def test_iaf_scores_its_own_samples_without_another_pass(context):
 
 @pytest.mark.parametrize("name", ["realnvp", "nice"])
 def test_coupling_flows_score_own_samples_from_the_cache(name):
-    flow = perturb(small(name, dim=4))
+    flow = rough(name, dim=4)
     counts = count_conditioner_calls(flow)
     d = flow()
     d.log_prob(d.rsample((8,)))
@@ -142,11 +155,11 @@ def test_cache_is_not_stale_after_an_optimizer_step():
     assert not torch.allclose(before, after)
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", FLOWS)
 @pytest.mark.parametrize("context", [None, 2])
 def test_state_dict_and_pickle_round_trips(name, context):
     torch.manual_seed(0)
-    flow = perturb(small(name, dim=3, context=context))
+    flow = rough(name, dim=3, context=context)
     c = torch.randn(4, 2) if context else None
     x = torch.randn(4, 3)
 
@@ -164,7 +177,7 @@ def test_state_dict_and_pickle_round_trips(name, context):
     torch.testing.assert_close(score(pickle.loads(pickle.dumps(flow))).detach(), expected)
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", FLOWS)
 def test_double_moves_every_tensor_and_mixed_dtypes_are_refused(name):
     flow = small(name, dim=3, context=2).double()
     for tensor in list(flow.parameters()) + list(flow.buffers()):
@@ -178,9 +191,9 @@ def test_double_moves_every_tensor_and_mixed_dtypes_are_refused(name):
         flow(torch.randn(5, 2))
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", FLOWS)
 def test_gradients_reach_every_parameter(name):
-    flow = perturb(small(name, dim=4, context=2))
+    flow = rough(name, dim=4, context=2)
     flow(torch.randn(8, 2)).log_prob(torch.randn(8, 4)).sum().backward()
     for pname, p in flow.named_parameters():
         assert p.grad is not None, pname
@@ -188,9 +201,9 @@ def test_gradients_reach_every_parameter(name):
         assert p.grad.abs().sum() > 0, pname
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", FLOWS)
 def test_eval_equals_train(name):
-    flow = perturb(small(name, dim=3))
+    flow = rough(name, dim=3)
     x = torch.randn(5, 3)
     train = flow().log_prob(x.clone())
     flow.eval()
@@ -207,39 +220,39 @@ def test_defaults_work(name):
 # ---------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", FLOWS)
 def test_wrong_last_dimension(name):
     d = small(name, dim=3)()
     with pytest.raises(ValueError, match=r"value must have shape \(\*batch, 3\), got \(4, 2\)"):
         d.log_prob(torch.randn(4, 2))
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", FLOWS)
 def test_missing_context(name):
     with pytest.raises(ValueError, match="this flow is conditional"):
         small(name, context=2)()
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", FLOWS)
 def test_unexpected_context(name):
     with pytest.raises(ValueError, match="context was given to an unconditional flow"):
         small(name)(torch.randn(2))
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", FLOWS)
 def test_wrong_context_size(name):
     with pytest.raises(ValueError, match=r"context must have shape \(\*batch, 2\), got \(5, 3\)"):
         small(name, context=2)(torch.randn(5, 3))
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", FLOWS)
 def test_context_batch_that_does_not_broadcast(name):
     d = small(name, context=2)(torch.randn(5, 2))
     with pytest.raises(ValueError, match="does not broadcast with the context"):
         d.log_prob(torch.randn(4, 2))
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", FLOWS)
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -253,11 +266,18 @@ def test_context_batch_that_does_not_broadcast(name):
     ],
 )
 def test_bad_builder_arguments(name, kwargs, error, match):
+    builder, fixed = VARIANTS[name]
     with pytest.raises(error, match=match):
-        pyroflows.BUILDERS[name](**kwargs)
+        pyroflows.BUILDERS[builder](**fixed, **kwargs)
 
 
-@pytest.mark.parametrize("name", ["realnvp", "nice"])
+def test_autoregressive_flows_take_one_dimension():
+    for flow in (pyroflows.maf(1), pyroflows.iaf(1), pyroflows.nsf(1, autoregressive="maf")):
+        d = flow()
+        assert d.log_prob(d.sample((3,))).shape == (3,)
+
+
+@pytest.mark.parametrize("name", ["realnvp", "nice", "nsf"])
 def test_coupling_flows_need_two_dimensions(name):
     with pytest.raises(ValueError, match="dim must be >= 2 for a coupling flow"):
         pyroflows.BUILDERS[name](1)
@@ -276,3 +296,21 @@ def test_flow_checks_its_layers():
         Flow(2, [ConditionalAffineCoupling(2, 4)])
     with pytest.raises(ValueError, match="conditional on a context of size 4"):
         Flow(2, [ConditionalAffineCoupling(2, 4)], context=3)
+
+
+@pytest.mark.parametrize("name", FLOWS)
+def test_intermediates_end_at_the_flow_samples(name):
+    flow = rough(name, dim=3)
+    stages = flow.intermediates(50)
+    assert len(stages) == len(flow.transforms) + 1
+    assert all(s.shape == (50, 3) for s in stages)
+    u = torch.randn(7, 3)
+    last = flow.intermediates(base=u)[-1]
+    torch.testing.assert_close(flow().log_prob(last), flow().log_prob(last.clone()))
+    expected = u
+    for t in flow.transforms:
+        expected = t(expected)
+    torch.testing.assert_close(last, expected)
+    c = torch.randn(4, 2)
+    cstages = rough(name, dim=3, context=2).intermediates(5, context=c)
+    assert cstages[-1].shape == (5, 4, 3)

@@ -20,6 +20,14 @@ from pyroflows.transforms.coupling import (
 )
 from pyroflows.transforms.elementwise import Additive, Affine
 from pyroflows.transforms.linear import ActNorm, LULinear, Permutation
+from pyroflows.transforms.spline import (
+    ConditionalSplineAutoregressive,
+    ConditionalSplineCoupling,
+    RationalQuadratic,
+    SplineAutoregressive,
+    SplineCoupling,
+    rational_quadratic_spline,
+)
 
 __all__ = [
     "ActNorm",
@@ -32,8 +40,14 @@ __all__ = [
     "ConditionalAffineAutoregressive",
     "ConditionalAffineCoupling",
     "ConditionalFlowTransform",
+    "ConditionalSplineAutoregressive",
+    "ConditionalSplineCoupling",
     "ConditionedTransform",
     "FlowTransform",
     "LULinear",
     "Permutation",
+    "RationalQuadratic",
+    "SplineAutoregressive",
+    "SplineCoupling",
+    "rational_quadratic_spline",
 ]

@@ -20,12 +20,17 @@ from pyroflows.transforms import (
     ConditionalAdditiveCoupling,
     ConditionalAffineAutoregressive,
     ConditionalAffineCoupling,
+    ConditionalSplineAutoregressive,
+    ConditionalSplineCoupling,
     LULinear,
     Permutation,
+    SplineAutoregressive,
+    SplineCoupling,
 )
 
 CONTEXT = 3
 HIDDEN = (16, 16)
+SPLINE = {"bins": 5, "bound": 2.0}  # a small bound, so standard normal inputs reach the tails
 
 
 @dataclass(frozen=True)
@@ -73,4 +78,21 @@ TRANSFORMS: dict[str, Entry] = {
         inverse_passes="D",
     ),
     "cond_maf": Entry(lambda d: ConditionalAffineAutoregressive(d, CONTEXT, "maf", HIDDEN), True),
+    "spline_coupling": Entry(lambda d: SplineCoupling(d, hidden=HIDDEN, **SPLINE), min_dim=2),
+    "spline_iaf": Entry(
+        lambda d: SplineAutoregressive(d, "iaf", hidden=HIDDEN, order=_reversed(d), **SPLINE),
+        inverse_passes="D",
+    ),
+    "spline_maf": Entry(lambda d: SplineAutoregressive(d, "maf", hidden=HIDDEN, **SPLINE)),
+    "cond_spline_coupling": Entry(
+        lambda d: ConditionalSplineCoupling(d, CONTEXT, hidden=HIDDEN, **SPLINE), True, min_dim=2
+    ),
+    "cond_spline_iaf": Entry(
+        lambda d: ConditionalSplineAutoregressive(d, CONTEXT, "iaf", hidden=HIDDEN, **SPLINE),
+        True,
+        inverse_passes="D",
+    ),
+    "cond_spline_maf": Entry(
+        lambda d: ConditionalSplineAutoregressive(d, CONTEXT, "maf", hidden=HIDDEN, **SPLINE), True
+    ),
 }

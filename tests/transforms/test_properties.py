@@ -91,18 +91,28 @@ def test_shapes_and_dtype(name, dim, dtype, batch):
 @pytest.mark.parametrize(("name", "dim"), CASES)
 def test_log_abs_det_matches_autograd(name, dim, dtype, batch):
     case = Case(name, dim, dtype, batch)
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 1e-9, "rtol": 1e-9}
+
+    def autograd_log_det(u):
+        sign, log_det = torch.linalg.slogdet(batched_jacobian(lambda v: case.bound()(v), u))
+        assert (sign != 0).all()
+        return log_det
+
+    # Sampling direction: log|det| returned with t(u) (the cached value).
     t = case.bound()
     x = t(case.u)
-    cached = t.log_abs_det_jacobian(case.u, x)
-    fresh = case.bound().log_abs_det_jacobian(case.u.clone(), x.detach().clone())
-    inverse = case.bound().inv.log_abs_det_jacobian(x.detach().clone(), case.u.clone())
-    jac = batched_jacobian(lambda v: case.bound()(v), case.u.clone())
-    sign, expected = torch.linalg.slogdet(jac)
-    assert (sign != 0).all()
-    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 1e-9, "rtol": 1e-9}
-    torch.testing.assert_close(cached.detach(), expected, **tol)
-    torch.testing.assert_close(fresh.detach(), expected, **tol)
-    torch.testing.assert_close(inverse.detach(), -expected, **tol)
+    expected = autograd_log_det(case.u.clone())
+    torch.testing.assert_close(t.log_abs_det_jacobian(case.u, x).detach(), expected, **tol)
+    # Scoring direction, on fresh tensors: a MAF-form layer computes it from x alone.
+    # Compared with autograd at the point the inverse returned, so that float32 rounding
+    # of an ill-conditioned inverse (a nearly flat spline bin) is not counted as an error.
+    x_data = x.detach().clone()
+    u_back = case.bound().inv(x_data.clone()).detach()
+    expected_back = autograd_log_det(u_back.clone())
+    fresh = case.bound().log_abs_det_jacobian(u_back.clone(), x_data.clone())
+    torch.testing.assert_close(fresh.detach(), expected_back, **tol)
+    inverse = case.bound().inv.log_abs_det_jacobian(x_data.clone(), u_back.clone())
+    torch.testing.assert_close(inverse.detach(), -expected_back, **tol)
 
 
 @pytest.mark.parametrize(("name", "dim"), CASES)
@@ -143,7 +153,8 @@ def test_gradients_are_finite_and_reach_every_parameter(name, dim, dtype):
     loss = loss + (case.bound().inv(x_data) ** 2).sum()
     loss.backward()
     # At D = 1 a MADE's input weights and an LU's off-diagonal factors have nothing to do.
-    dead_by_design = dim == 1 and name in ("iaf", "maf", "cond_iaf", "cond_maf", "lu_linear")
+    autoregressive = ("iaf", "maf", "spline_iaf", "spline_maf", "lu_linear")
+    dead_by_design = dim == 1 and name.removeprefix("cond_") in autoregressive
     for pname, p in case.layer.named_parameters():
         assert p.grad is not None, pname
         assert torch.isfinite(p.grad).all(), pname

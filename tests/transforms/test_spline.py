@@ -1,0 +1,234 @@
+"""The rational-quadratic spline as a function, and the spline layers' specifics.
+
+The shared layer properties (autograd log-det, round trips, caching...) run over the
+spline layers in test_properties.py. Here: monotonicity, the derivative, round trips at
+the awkward places (bin edges, the bound, tails, adversarial parameters), no NaN/inf
+anywhere, and property-based checks with hypothesis.
+"""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+import pyroflows
+from pyroflows.transforms import SplineAutoregressive, SplineCoupling, rational_quadratic_spline
+from pyroflows.transforms.spline import _knots
+
+B, K = 5.0, 8
+
+
+def params(n, scale=1.0, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    w, h, d = (scale * torch.randn(n, k, generator=gen, dtype=dtype) for k in (K, K, K - 1))
+    return w, h, d
+
+
+def spline(value, w, h, d, inverse=False):
+    n = value.numel()
+    shape = (n, 1)  # n independent one-dimensional splines sharing parameters
+    return rational_quadratic_spline(
+        value.reshape(shape),
+        w.expand(n, 1, K),
+        h.expand(n, 1, K),
+        d.expand(n, 1, K - 1),
+        B,
+        inverse,
+    )
+
+
+def awkward_points(knots: torch.Tensor) -> torch.Tensor:
+    """Knots and points just beside them, the bound, the tails and a dense grid."""
+    offsets = torch.tensor([0.0, 1e-7, -1e-7, 1e-5, -1e-5, 1e-3, -1e-3], dtype=knots.dtype)
+    return torch.cat(
+        [
+            (knots[None, :] + offsets[:, None]).flatten(),
+            torch.linspace(-B, B, 4001, dtype=knots.dtype),
+            torch.tensor([-B, B, -B - 1e-3, B + 1e-3, -7.0, 7.0, -1e30, 1e30], dtype=knots.dtype),
+        ]
+    )
+
+
+ADVERSARIAL = {
+    "one_bin_takes_the_width": (torch.eye(K)[3] * 30, torch.zeros(K), torch.zeros(K - 1)),
+    "one_bin_takes_the_height": (torch.zeros(K), torch.eye(K)[3] * 30, torch.zeros(K - 1)),
+    "skewed": (torch.eye(K)[3] * 30, torch.eye(K)[5] * 30, torch.zeros(K - 1)),
+    "tiny_derivatives": (torch.zeros(K), torch.zeros(K), torch.full((K - 1,), -30.0)),
+    "huge_derivatives": (torch.zeros(K), torch.zeros(K), torch.full((K - 1,), 30.0)),
+    "all_at_once": (torch.eye(K)[3] * 30, torch.eye(K)[5] * 30, torch.full((K - 1,), -30.0)),
+}
+
+
+def test_zero_parameters_give_the_identity():
+    u = torch.linspace(-8, 8, 101)
+    w, h, d = (torch.zeros(1, k) for k in (K, K, K - 1))
+    x, logd = spline(u, w, h, d)
+    torch.testing.assert_close(x.flatten(), u)
+    torch.testing.assert_close(logd, torch.zeros_like(logd), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_strictly_monotone_and_onto_the_interval(seed):
+    w, h, d = params(1, scale=2.0, seed=seed)
+    u = torch.linspace(-2 * B, 2 * B, 20001, dtype=torch.float64)
+    x = spline(u, w, h, d)[0].flatten()
+    assert (x[1:] > x[:-1]).all()
+    ends = spline(torch.tensor([-B, B], dtype=torch.float64), w, h, d)[0].flatten()
+    torch.testing.assert_close(ends, torch.tensor([-B, B], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_derivative_matches_finite_differences(seed):
+    w, h, d = params(1, scale=1.5, seed=seed)
+    knots = _knots(w, B, 1e-3)[0].flatten()
+    u = torch.linspace(-B - 1, B + 1, 997, dtype=torch.float64)
+    u = u[(u[:, None] - knots[None, :]).abs().min(1).values > 1e-4]  # not across a knot
+    step = 1e-6
+    fd = (spline(u + step, w, h, d)[0] - spline(u - step, w, h, d)[0]) / (2 * step)
+    logd = spline(u, w, h, d)[1]
+    torch.testing.assert_close(logd, fd.log(), atol=1e-6, rtol=1e-6)
+    # and the inverse reports the log-derivative of the forward map at its output
+    x = spline(u, w, h, d)[0]
+    torch.testing.assert_close(spline(x, w, h, d, inverse=True)[1], logd)
+
+
+def round_trip_errors(w, h, d, dtype):
+    """Round-trip errors both ways at the awkward points, and what rounding alone allows.
+
+    Inverting a spline where it is nearly flat is ill-conditioned: ``x`` is rounded to
+    the dtype before it is inverted, which moves ``u`` by up to eps * |x| / (dx/du). So the
+    allowance is an absolute tolerance plus four such roundings (slopes from float64).
+    """
+    eps = torch.finfo(dtype).eps
+    w64, h64, d64 = (p.double() for p in (w, h, d))
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    u = awkward_points(_knots(w64, B, 1e-3)[0].flatten()).to(dtype).double()  # representable
+    slope = spline(u, w64, h64, d64)[1].exp().flatten()
+    x = spline(u.to(dtype), w, h, d)[0]
+    u_err = (spline(x, w, h, d, inverse=True)[0].flatten().double() - u).abs()
+    u_allowed = tol + 4 * eps * (x.abs().flatten().double() + B) / slope
+    xs = awkward_points(_knots(h64, B, 1e-3)[0].flatten()).to(dtype).double()
+    u_of_xs = spline(xs, w64, h64, d64, inverse=True)[0]
+    slope_xs = spline(u_of_xs, w64, h64, d64)[1].exp().flatten()
+    u_back = spline(xs.to(dtype), w, h, d, inverse=True)[0]
+    x_err = (spline(u_back, w, h, d)[0].flatten().double() - xs).abs()
+    x_allowed = tol + 4 * eps * (u_of_xs.abs().flatten() + B) * slope_xs
+    return (u_err, u_allowed), (x_err, x_allowed)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_round_trip_float32_absolute_for_moderate_parameters(seed):
+    """Slopes within about [0.1, 10]: the plain 1e-5 bound holds at every awkward point."""
+    w, h, d = params(1, scale=0.5, seed=seed, dtype=torch.float32)
+    (u_err, _), (x_err, _) = round_trip_errors(w, h, d, torch.float32)
+    assert u_err.max() < 1e-5
+    assert x_err.max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", range(5))
+def test_round_trip_at_edges_bound_and_tails(seed, dtype):
+    w, h, d = params(1, scale=1.5, seed=seed, dtype=dtype)
+    (u_err, u_allowed), (x_err, x_allowed) = round_trip_errors(w, h, d, dtype)
+    assert (u_err <= u_allowed).all()
+    assert (x_err <= x_allowed).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", sorted(ADVERSARIAL))
+def test_round_trip_adversarial_parameters(case, dtype):
+    w, h, d = (p[None].to(dtype) for p in ADVERSARIAL[case])
+    (u_err, u_allowed), (x_err, x_allowed) = round_trip_errors(w, h, d, dtype)
+    assert (u_err <= u_allowed).all()
+    assert (x_err <= x_allowed).all()
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_no_nan_or_inf_in_values_or_gradients_over_a_million_inputs(inverse):
+    gen = torch.Generator().manual_seed(0)
+    n = 1_000_000
+    value = torch.cat(
+        [
+            3 * torch.randn(n - 6, generator=gen),
+            torch.tensor([1e30, -1e30, B, -B, 1e-30, 0.0]),
+        ]
+    ).reshape(-1, 4)
+    rows = value.shape[0]
+    w, h, d = ((3 * torch.randn(rows, 4, k, generator=gen)).requires_grad_() for k in (K, K, K - 1))
+    value.requires_grad_()
+    out, logd = rational_quadratic_spline(value, w, h, d, B, inverse)
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(logd).all()
+    (out.clamp(-1e3, 1e3).sum() + logd.sum()).backward()
+    for tensor in (value, w, h, d):
+        assert torch.isfinite(tensor.grad).all()
+    # the tails are the identity with slope 1
+    tails = value.detach().abs() > B
+    assert torch.equal(out.detach()[tails], value.detach()[tails])
+    assert (logd.detach()[tails] == 0).all()
+
+
+raw = st.floats(-6.0, 6.0, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    w=st.lists(raw, min_size=K, max_size=K),
+    h=st.lists(raw, min_size=K, max_size=K),
+    d=st.lists(raw, min_size=K - 1, max_size=K - 1),
+    a=st.floats(-12.0, 12.0),
+    b=st.floats(-12.0, 12.0),
+)
+def test_hypothesis_monotone_and_round_trip(w, h, d, a, b):
+    w, h, d = (torch.tensor([p], dtype=torch.float64) for p in (w, h, d))
+    u = torch.tensor([a, b], dtype=torch.float64)
+    x = spline(u, w, h, d)[0].flatten()
+    if b - a > 1e-6:  # apart by more than the float64 resolution of a flat bin
+        assert x[0] < x[1]
+    elif a - b > 1e-6:
+        assert x[0] > x[1]
+    back = spline(x, w, h, d, inverse=True)[0].flatten()
+    torch.testing.assert_close(back, u, atol=1e-9, rtol=1e-9)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    w=st.lists(raw, min_size=K, max_size=K),
+    h=st.lists(raw, min_size=K, max_size=K),
+    d=st.lists(raw, min_size=K - 1, max_size=K - 1),
+    y=st.floats(-12.0, 12.0),
+)
+def test_hypothesis_inverse_then_forward(w, h, d, y):
+    w, h, d = (torch.tensor([p], dtype=torch.float64) for p in (w, h, d))
+    x = torch.tensor([y], dtype=torch.float64)
+    u = spline(x, w, h, d, inverse=True)[0]
+    torch.testing.assert_close(spline(u, w, h, d)[0].flatten(), x, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"bins": 0}, ValueError, "bins must be an int >= 1"),
+        ({"bins": 2.5}, TypeError, "bins must be an int"),
+        ({"bound": 0.0}, ValueError, "bound must be a positive number"),
+        ({"bound": "5"}, ValueError, "bound must be a positive number"),
+    ],
+)
+@pytest.mark.parametrize("cls", [SplineCoupling, SplineAutoregressive])
+def test_bad_layer_arguments(cls, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cls(4, **kwargs)
+
+
+def test_nsf_builder_forms():
+    for autoregressive, expected in [(False, SplineCoupling), ("maf", SplineAutoregressive)]:
+        flow = pyroflows.nsf(3, transforms=2, hidden=(16,), autoregressive=autoregressive)
+        assert any(isinstance(t, expected) for t in flow.transforms)
+    flow = pyroflows.nsf(3, transforms=2, hidden=(16,), autoregressive=True)
+    assert all(t.form == "maf" for t in flow.transforms)
+    flow = pyroflows.nsf(3, transforms=2, hidden=(16,), autoregressive="iaf")
+    assert all(t.form == "iaf" for t in flow.transforms)
+    with pytest.raises(ValueError, match="autoregressive must be one of"):
+        pyroflows.nsf(3, autoregressive="yes")

@@ -69,10 +69,12 @@ class MADE(ContextTrunk):
             the variable whose parameters depend on no input. Default: natural order.
         activation: module class for the hidden non-linearity.
         zero_init: start the output layer at zero (an identity flow layer).
+        params_first: lay the output out as ``(params, D)`` instead of ``(D, params)``, so
+            that each parameter is a contiguous ``(*batch, D)`` slice (affine layers).
 
     Shapes:
         ``x``: ``(*batch, D)``; ``context``: ``(*batch, context)``;
-        output: ``(*batch, D, params)``.
+        output: ``(*batch, D, params)`` (``(*batch, params, D)`` with ``params_first``).
 
     Example:
         >>> made = MADE(3, params=2, hidden=(16, 16), order=[2, 0, 1])
@@ -93,6 +95,7 @@ class MADE(ContextTrunk):
         order: Sequence[int] | None = None,
         activation: Callable[[], nn.Module] = nn.ReLU,
         zero_init: bool = True,
+        params_first: bool = False,
     ) -> None:
         features = check_positive_int(features, "features")
         params = check_positive_int(params, "params")
@@ -105,17 +108,21 @@ class MADE(ContextTrunk):
         low = 0 if context else 1
         span = max(features - low, 1)
         degrees = [degree_in] + [low + torch.arange(size) % span for size in hidden]
-        degree_out = degree_in.repeat_interleave(params)  # output (i, p) -> index i * params + p
+        if params_first:  # output (p, i) at index p * D + i
+            degree_out, out_shape = degree_in.repeat(params), (params, features)
+        else:  # output (i, p) at index i * params + p
+            degree_out, out_shape = degree_in.repeat_interleave(params), (features, params)
         super().__init__(
             [
                 MaskedLinear((d_out[:, None] >= d_in[None, :]).float())
                 for d_in, d_out in zip(degrees[:-1], degrees[1:], strict=True)
             ],
             MaskedLinear((degree_out[:, None] > degrees[-1][None, :]).float()),
-            (features, params),
+            out_shape,
             context,
             activation,
             zero_init,
         )
         self.features = features
+        self.params_first = params_first
         self.register_buffer("order", order_t)

@@ -85,6 +85,8 @@ class MLP(ContextTrunk):
         context: size of the context vector, 0 for none.
         activation: a module class or callable returning a module, e.g. ``nn.ReLU``.
         zero_init: start the output layer at zero.
+        params_first: output shape ``(*batch, params, out_features)`` instead of
+            ``(*batch, out_features, params)``: each parameter a contiguous slice.
 
     Shapes:
         ``x``: ``(*batch, in_features)``; ``context``: ``(*batch, context)``;
@@ -105,6 +107,7 @@ class MLP(ContextTrunk):
         context: int = 0,
         activation: Callable[[], nn.Module] = nn.ReLU,
         zero_init: bool = True,
+        params_first: bool = False,
     ) -> None:
         in_features = check_positive_int(in_features, "in_features")
         out_features = check_positive_int(out_features, "out_features")
@@ -114,7 +117,7 @@ class MLP(ContextTrunk):
         super().__init__(
             [nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)],
             nn.Linear(sizes[-1], out_features * params),
-            (out_features, params),
+            (params, out_features) if params_first else (out_features, params),
             context,
             activation,
             zero_init,

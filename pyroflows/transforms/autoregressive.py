@@ -57,16 +57,31 @@ class _Autoregressive:
         self.form = check_choice(form, "form", FORMS)
         self.transformer = transformer
         self.conditioner = MADE(
-            self.dim, transformer.num_params, hidden, context, order, activation
+            self.dim,
+            transformer.num_params,
+            hidden,
+            context,
+            order,
+            activation,
+            params_first=transformer.params_first,
         )
+        self._order = self.conditioner.order.tolist()
 
     def _iterate(self, step, y: torch.Tensor, context: torch.Tensor | None):
-        """Solve ``v = step(y, theta(v))`` for ``v`` in ``D`` passes (triangular system)."""
+        """Solve ``v = step(y, theta(v))`` for ``v`` in ``D`` passes (triangular system).
+
+        Pass ``k`` makes the ``k``-th coordinate in the order exact, so passes before the
+        last map only that coordinate; the last maps all of them (and gives the log-det).
+        """
         v = torch.zeros_like(y)
-        ladj = None
-        for _ in range(self.dim):
-            v, ladj = step(y, self.conditioner(v, context))
-        return v, ladj
+        params_first = self.transformer.params_first
+        order = self.conditioner.order
+        for k, i in enumerate(self._order[:-1]):
+            params = self.conditioner(v, context)
+            params_i = params[..., i : i + 1] if params_first else params[..., i : i + 1, :]
+            v_i = step(y[..., i : i + 1], params_i)[0]
+            v = v.index_copy(-1, order[k : k + 1], v_i)
+        return step(y, self.conditioner(v, context))
 
     def _forward(self, u: torch.Tensor, context: torch.Tensor | None):
         if self.form == "iaf":

@@ -28,10 +28,25 @@ from torch.distributions import Transform, constraints
 from pyroflows._checks import check_event, check_positive_int
 
 
+def _parameters(module: nn.Module) -> tuple[nn.Parameter, ...]:
+    """The module's parameters, listed once and kept.
+
+    Walking the module tree on every call of a flow layer would cost more than the layer's
+    own arithmetic on small batches. The list holds the ``Parameter`` objects, which
+    ``.to()``, ``.double()`` and ``load_state_dict`` update in place, so it stays right.
+    """
+    found = module.__dict__.get("_parameter_list")
+    if found is None:
+        found = tuple(module.parameters())
+        module.__dict__["_parameter_list"] = found
+    return found
+
+
 def _reference(module: nn.Module) -> torch.Tensor:
     """A tensor whose dtype and device stand for the module's."""
-    for tensor in module.parameters():
-        return tensor
+    params = _parameters(module)
+    if params:
+        return params[0]
     for tensor in module.buffers():
         if tensor.is_floating_point():
             return tensor
@@ -68,7 +83,7 @@ class _CachedBijection:
         raise NotImplementedError
 
     def _key(self) -> tuple[Any, ...]:
-        return tuple(p._version for p in self._owner().parameters())
+        return tuple(p._version for p in _parameters(self._owner()))
 
     def _lookup(self, u: torch.Tensor | None, x: torch.Tensor | None):
         entry = self._cache
@@ -83,7 +98,8 @@ class _CachedBijection:
 
     def _store(self, u: torch.Tensor, x: torch.Tensor, ladj: torch.Tensor) -> None:
         if self._use_cache:
-            self._cache = (u, x, ladj, (self._key(), torch.is_grad_enabled()))
+            # straight into __dict__: nn.Module.__setattr__ costs more than the rest of this
+            self.__dict__["_cache"] = (u, x, ladj, (self._key(), torch.is_grad_enabled()))
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         """Map base-side ``u`` to data-side ``x``."""

@@ -57,10 +57,10 @@ class Permutation(FlowTransform):
         self.register_buffer("_dtype_ref", torch.zeros(()), persistent=False)
 
     def _forward(self, u, context):
-        return u[..., self.permutation], u.new_zeros(u.shape[:-1])
+        return u.index_select(-1, self.permutation), u.new_zeros(u.shape[:-1])
 
     def _backward(self, x, context):
-        return x[..., self.inverse_permutation], x.new_zeros(x.shape[:-1])
+        return x.index_select(-1, self.inverse_permutation), x.new_zeros(x.shape[:-1])
 
     def _log_abs_det(self, u, x, context):
         return u.new_zeros(u.shape[:-1])

@@ -169,6 +169,7 @@ class RationalQuadratic:
             raise ValueError(f"bound must be a positive number, got {bound!r}")
         self.bound = float(bound)
         self.num_params = 3 * self.bins - 1
+        self.params_first = False  # each coordinate's 3K - 1 numbers contiguous
 
     def _apply(self, value, params, inverse):
         k = self.bins

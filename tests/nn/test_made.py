@@ -10,8 +10,18 @@ from pyroflows.nn import MADE
 
 
 def jacobian_support(made: MADE, dim: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where d(output)/d(input) and d(output)/d(context) are non-zero, over several points."""
-    params = made.out_shape[1]
+    """Where d(output)/d(input) and d(output)/d(context) are non-zero, over several points.
+
+    Returned as (output i, param p, input j), whatever the MADE's output layout.
+    """
+    transpose = made.params_first
+    params = made.out_shape[0] if transpose else made.out_shape[1]
+    net = made
+
+    def made(*args):
+        out = net(*args)
+        return out.transpose(-1, -2) if transpose else out
+
     dep_x = torch.zeros(dim, params, dim, dtype=torch.bool)
     dep_c = torch.zeros(dim, params, max(context, 1), dtype=torch.bool)
     for seed in range(3):
@@ -31,10 +41,12 @@ def jacobian_support(made: MADE, dim: int, context: int) -> tuple[torch.Tensor, 
 @pytest.mark.parametrize("context", [0, 3])
 @pytest.mark.parametrize("hidden", [(16,), (20, 20), (8, 12, 10)])
 @pytest.mark.parametrize("params", [1, 3])
-def test_outputs_depend_exactly_on_earlier_inputs(dim, context, hidden, params):
+@pytest.mark.parametrize("params_first", [False, True])
+def test_outputs_depend_exactly_on_earlier_inputs(dim, context, hidden, params, params_first):
     order = torch.randperm(dim, generator=torch.Generator().manual_seed(dim)).tolist()
     # tanh, not ReLU: a dead ReLU unit at the probe points would hide a real connection
-    made = MADE(dim, params, hidden, context, order, nn.Tanh, zero_init=False).double()
+    made = MADE(dim, params, hidden, context, order, nn.Tanh, False, params_first).double()
+    assert made.out_shape == ((params, dim) if params_first else (dim, params))
     dep_x, dep_c = jacobian_support(made, dim, context)
     rank = torch.empty(dim, dtype=torch.long)
     rank[torch.tensor(order)] = torch.arange(dim)

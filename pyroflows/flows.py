@@ -122,7 +122,13 @@ class Flow(nn.Module):
 
     def base(self, batch_shape: torch.Size | tuple[int, ...] = ()) -> dist.TorchDistribution:
         r"""The base distribution :math:`\mathcal N(0, I_D)` with the given batch shape."""
-        normal = dist.Normal(self.base_loc, self.base_scale, validate_args=False).to_event(1)
+        cached = self.__dict__.get("_base_cache")
+        if cached is None or cached[0] is not self.base_loc or cached[1] is not self.base_scale:
+            # built once per set of buffers (.to() replaces them): a Normal is immutable
+            normal = dist.Normal(self.base_loc, self.base_scale, validate_args=False).to_event(1)
+            cached = (self.base_loc, self.base_scale, normal)
+            self.__dict__["_base_cache"] = cached
+        normal = cached[2]
         return normal.expand(torch.Size(batch_shape)) if batch_shape else normal
 
     def forward(self, context: torch.Tensor | None = None) -> FlowDistribution:

@@ -48,10 +48,21 @@ MIN_BIN_HEIGHT = 1e-3
 MIN_DERIVATIVE = 1e-3
 
 
+def _softmax(raw: torch.Tensor) -> torch.Tensor:
+    """Softmax over a short last dimension.
+
+    Written out because torch's CPU kernel is slow for a last dimension of a few bins
+    (1.7 ms against 0.3 ms for 512 x 32 x 8); the shift by the maximum is detached, as
+    softmax does not depend on it.
+    """
+    e = torch.exp(raw - raw.amax(-1, keepdim=True).detach())
+    return e / e.sum(-1, keepdim=True)
+
+
 def _knots(raw: torch.Tensor, bound: float, minimum: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Knot positions on ``[-B, B]`` and bin sizes, each bin at least ``minimum`` of the span."""
     bins = raw.shape[-1]
-    sizes = minimum + (1 - minimum * bins) * torch.softmax(raw, dim=-1)
+    sizes = minimum + (1 - minimum * bins) * _softmax(raw)
     inner = 2 * bound * torch.cumsum(sizes[..., :-1], dim=-1) - bound
     edge = inner.new_full((*inner.shape[:-1], 1), bound)
     knots = torch.cat([-edge, inner, edge], dim=-1)  # the ends are exactly -B and B
@@ -143,7 +154,9 @@ def rational_quadratic_spline(
     one_minus = 1 - xi
     numerator = d_k1 * xi * xi + 2 * s_k * xi * one_minus + d_k * one_minus * one_minus
     denominator = s_k + curvature * xi * one_minus
-    log_derivative = 2 * torch.log(s_k) + torch.log(numerator) - 2 * torch.log(denominator)
+    # one log of the derivative (s, numerator and denominator are all positive and bounded
+    # away from 0 and inf by the minimum bin sizes and derivatives)
+    log_derivative = torch.log(s_k * s_k * numerator / (denominator * denominator))
 
     out = torch.where(inside, out, value)
     log_derivative = torch.where(inside, log_derivative, torch.zeros_like(log_derivative))
@@ -173,13 +186,9 @@ class RationalQuadratic:
 
     def _apply(self, value, params, inverse):
         k = self.bins
+        widths, heights, derivatives = params.split((k, k, k - 1), dim=-1)  # one cat backward
         out, logd = rational_quadratic_spline(
-            value,
-            params[..., :k],
-            params[..., k : 2 * k],
-            params[..., 2 * k :],
-            self.bound,
-            inverse,
+            value, widths, heights, derivatives, self.bound, inverse
         )
         return out, logd.sum(-1)
 

@@ -115,18 +115,52 @@ def test_log_abs_det_matches_autograd(name, dim, dtype, batch):
     torch.testing.assert_close(inverse.detach(), -expected_back, **tol)
 
 
+def conditioning_allowance(case: Case, point: torch.Tensor, of_inverse: bool) -> torch.Tensor:
+    """Per batch element: what float rounding alone can cost a round trip through ``point``.
+
+    A map that is nearly flat somewhere (a sharp spline) has an ill-conditioned inverse: x
+    is rounded to the dtype before it is inverted, which moves u by up to
+    eps * |x| * ||du/dx||. The norm comes from the float64 twin of the layer.
+    """
+    twin = Case(case_name(case), case.dim, torch.float64, case.batch)
+    twin_point = point.detach().double()
+    jac = batched_jacobian(lambda v: twin.bound()(v), twin_point)
+    if not of_inverse:
+        jac = torch.linalg.inv(jac)
+    eps = torch.finfo(case.dtype).eps
+    x = twin.bound()(twin_point).detach()
+    return 4 * eps * jac.abs().sum(-1).amax(-1) * (x.abs().amax(-1) + 1)
+
+
+def case_name(case: Case) -> str:
+    return next(name for name, entry in TRANSFORMS.items() if entry is case.entry)
+
+
 @pytest.mark.parametrize(("name", "dim"), CASES)
 def test_round_trip_on_fresh_tensors(name, dim, dtype, batch):
+    """inv(t(u)) == u within 1e-4 (float32) / 1e-10 (float64) on fresh tensors.
+
+    Where the layer is so sharp that rounding x alone costs more (condition numbers over
+    about 10^3 in float32: seen only for perturbed spline layers), the allowance is that
+    rounding bound instead, computed from the float64 Jacobian.
+    """
     case = Case(name, dim, dtype, batch)
+    tol = round_trip_tol(dtype)
     x = case.bound()(case.u)
     u_back = case.bound().inv(x.detach().clone())  # a new tensor: no cache hit possible
-    assert (u_back - case.u).abs().max() < round_trip_tol(dtype)
+    err = (u_back - case.u).abs().amax(-1)
+    if (err > tol).any():
+        allowed = conditioning_allowance(case, case.u, of_inverse=False).clamp_min(tol)
+        assert (err.double() <= allowed).all(), (err, allowed)
     # and the other way: data side first
     gen = torch.Generator().manual_seed(5)
     x0 = torch.randn(*batch, dim, generator=gen, dtype=torch.float64).to(dtype)
     u0 = case.bound().inv(x0)
     x_back = case.bound()(u0.detach().clone())
-    assert (x_back - x0).abs().max() < round_trip_tol(dtype)
+    err = (x_back - x0).abs().amax(-1)
+    if (err > tol).any():
+        allowed = conditioning_allowance(case, u0, of_inverse=True).clamp_min(tol)
+        assert (err.double() <= allowed).all(), (err, allowed)
 
 
 @pytest.mark.parametrize(("name", "dim"), CASES)

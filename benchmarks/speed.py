@@ -443,13 +443,21 @@ def _passes(c: Contender, batch: torch.Tensor, n: int) -> tuple[float, float] | 
     return score / len(linears), sample / len(linears)
 
 
-def _round_robin(contenders, repeats: int, warmup: int, run, record, sync, label: str):
-    """Run ``run(c, i)`` for every live contender, repeat by repeat, rotating the start."""
+def _round_robin(
+    contenders, repeats: int, warmup: int, run, record, sync, label: str, budget: float
+):
+    """Run ``run(c, i)`` for every live contender, repeat by repeat, rotating the start.
+
+    A contender whose warm-up call took ``t`` seconds gets ``budget / t`` timed repeats
+    (at least 5, at most ``repeats``), so a D-pass sampler does not hold the run up for
+    an hour; the paired ratios use the rounds that both sides ran.
+    """
     live = [c for c in contenders if c.error is None]
+    cap = {id(c): repeats for c in live}
     for i in range(warmup + repeats):
         shift = i % max(len(live), 1)
         for c in live[shift:] + live[:shift]:
-            if c.error is not None:
+            if c.error is not None or i - warmup >= cap[id(c)]:
                 continue
             try:
                 sync()
@@ -464,6 +472,8 @@ def _round_robin(contenders, repeats: int, warmup: int, run, record, sync, label
                 continue
             if i >= warmup:
                 record(c)[i - warmup] = elapsed
+            elif i == warmup - 1:
+                cap[id(c)] = int(min(repeats, max(5, budget / max(elapsed, 1e-9))))
 
 
 def _build(flow, library, dim, args, device, dtype) -> Contender:
@@ -520,6 +530,7 @@ def run_dim(dim: int, args, device, dtype, peers) -> list[dict[str, Any]]:
         lambda c: c.train_s,
         sync,
         "train",
+        args.budget,
     )
     t_train = time.perf_counter() - start
     start = time.perf_counter()
@@ -531,6 +542,7 @@ def run_dim(dim: int, args, device, dtype, peers) -> list[dict[str, Any]]:
         lambda c: c.sample_s,
         sync,
         "sample",
+        args.budget,
     )
     t_sample = time.perf_counter() - start
     print(
@@ -660,6 +672,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=int, default=None, help="untimed training steps first")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=20.0,
+        help="seconds of timed calls per contender and phase (caps the repeats of slow ones)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--clamp", type=float, default=3.0, help="log-scale bound (ours, Pyro)")
@@ -728,6 +746,7 @@ def main(argv: list[str] | None = None) -> int:
         "sample_repeats": args.sample_repeats,
         "warmup": args.warmup,
         "clamp": args.clamp,
+        "budget_s": args.budget,
         "quick": args.quick,
     }
     print(
@@ -749,9 +768,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"torch {meta['torch']}, pyro {meta['pyro']}, pyroflows {meta['pyroflows']}, "
         f"zuko {peers['zuko'] or 'not installed'}, nflows {peers['nflows'] or 'not installed'}; "
-        f"device {device}, {args.dtype}, {meta['threads']} thread(s); medians of "
+        f"device {device}, {args.dtype}, {meta['threads']} thread(s); medians of up to "
         f"{args.repeats} training steps and {args.sample_repeats} sample calls "
-        f"(round-robin, after warm-up); {meta['date']}\n"
+        f"(round-robin, after warm-up; slow contenders capped at --budget {args.budget:g} s "
+        f"per phase); {meta['date']}\n"
     )
     print(table(rows))
     print(

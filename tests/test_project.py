@@ -43,3 +43,10 @@ def test_ci_runs_the_readme_test_command():
 def test_constraints_pin_the_cpu_torch():
     pins = (ROOT / "constraints.txt").read_text()
     assert re.search(r"^torch==2\.13\.0$", pins, re.M)
+
+
+def test_readme_python_runs():
+    blocks = re.findall(r"```python\n(.+?)\n```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})

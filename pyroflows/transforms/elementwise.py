@@ -46,20 +46,23 @@ class Affine:
         raw, shift = params.unbind(-2)  # one stack in backward, not two zero-fills
         if self.clamp is None:
             return torch.addcmul(shift, u, raw.exp()), raw.sum(-1)
-        if torch.is_grad_enabled() and u.shape == raw.shape:
-            return _SoftClampedAffine.apply(u, raw, shift, self._inverse_clamp, False)
-        log_scale = raw / raw.abs().mul_(self._inverse_clamp).add_(1.0)
-        return torch.addcmul(shift, u, log_scale.exp()), log_scale.sum(-1)
+        return self._clamped(u, raw, shift, inverse=False)
 
     def inverse(self, x: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(u, ladj)``."""
         raw, shift = params.unbind(-2)
         if self.clamp is None:
             return (x - shift) * torch.exp(-raw), raw.sum(-1)
-        if torch.is_grad_enabled() and x.shape == raw.shape:
-            return _SoftClampedAffine.apply(x, raw, shift, self._inverse_clamp, True)
-        neg_log_scale = raw / raw.abs().mul_(-self._inverse_clamp).sub_(1.0)  # -s, sign folded
-        return (x - shift) * neg_log_scale.exp(), -neg_log_scale.sum(-1)
+        return self._clamped(x, raw, shift, inverse=True)
+
+    def _clamped(self, value, raw, shift, inverse):
+        if torch.is_grad_enabled() and value.shape == raw.shape:  # fused backward
+            return _SoftClampedAffine.apply(value, raw, shift, self._inverse_clamp, inverse)
+        out, _, _, signed_log_scale = _SoftClampedAffine.intermediates(
+            value, raw, shift, self._inverse_clamp, inverse
+        )
+        ladj = signed_log_scale.sum(-1)
+        return out, (-ladj if inverse else ladj)
 
     def __repr__(self) -> str:
         return f"Affine(clamp={self.clamp})"
@@ -81,7 +84,7 @@ class _SoftClampedAffine(torch.autograd.Function):
     """
 
     @staticmethod
-    def _intermediates(value, raw, shift, inverse_clamp, inverse):
+    def intermediates(value, raw, shift, inverse_clamp, inverse):
         """``(out, scale, a_signed, log_scale_signed)`` from the inputs."""
         if inverse:  # -a = -(1 + |r| / b) folds the sign of exp(-s) into one division
             minus_a = raw.abs().mul_(-inverse_clamp).sub_(1.0)
@@ -95,7 +98,7 @@ class _SoftClampedAffine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, value, raw, shift, inverse_clamp, inverse):  # noqa: D102
-        out, scale, a, signed_log_scale = _SoftClampedAffine._intermediates(
+        out, scale, a, signed_log_scale = _SoftClampedAffine.intermediates(
             value, raw, shift, inverse_clamp, inverse
         )
         ladj = signed_log_scale.sum(-1)
@@ -109,7 +112,7 @@ class _SoftClampedAffine(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: rebuild the intermediates from the inputs, so that the
             # gradients computed here are themselves differentiable (Hessians etc.)
-            out, scale, a, _ = _SoftClampedAffine._intermediates(
+            out, scale, a, _ = _SoftClampedAffine.intermediates(
                 value, raw, shift, ctx.inverse_clamp, ctx.inverse
             )
         if grad_out is None:

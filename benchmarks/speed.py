@@ -318,35 +318,31 @@ def _nflows(flow: str, dim: int, transforms: int, hidden: tuple[int, ...]) -> Co
     if len(set(hidden)) != 1:
         raise ValueError(f"nflows' MADE needs equal hidden sizes, got {hidden}")
     layers: list[nn.Module] = []
-    if flow == "nsf_maf":
+    if flow in ("maf", "nsf_maf"):
+        made = {"features": dim, "hidden_features": hidden[0], "num_blocks": len(hidden) - 1}
         for k in range(transforms):
             if k:
                 layers.append(ReversePermutation(dim))
-            layers.append(
-                MaskedPiecewiseRationalQuadraticAutoregressiveTransform(
-                    features=dim,
-                    hidden_features=hidden[0],
-                    num_blocks=len(hidden) - 1,
-                    num_bins=BINS,
-                    tails="linear",
-                    tail_bound=BOUND,
-                    use_residual_blocks=False,
+            if flow == "nsf_maf":
+                layers.append(
+                    MaskedPiecewiseRationalQuadraticAutoregressiveTransform(
+                        **made,
+                        num_bins=BINS,
+                        tails="linear",
+                        tail_bound=BOUND,
+                        use_residual_blocks=False,
+                    )
                 )
-            )
-        note = f"nflows MaskedPiecewiseRationalQuadraticAutoregressiveTransform (bins={BINS})"
-    elif flow == "maf":
-        for k in range(transforms):
-            if k:
-                layers.append(ReversePermutation(dim))
-            layers.append(
-                MaskedAffineAutoregressiveTransform(
-                    features=dim,
-                    hidden_features=hidden[0],
-                    num_blocks=len(hidden) - 1,
-                    use_residual_blocks=False,
+            else:
+                layers.append(
+                    MaskedAffineAutoregressiveTransform(**made, use_residual_blocks=False)
                 )
-            )
-        note = "nflows MaskedAffineAutoregressiveTransform (plain MADE) + ReversePermutation"
+        kind = (
+            f"MaskedPiecewiseRationalQuadraticAutoregressiveTransform (bins={BINS})"
+            if flow == "nsf_maf"
+            else "MaskedAffineAutoregressiveTransform (plain MADE)"
+        )
+        note = f"nflows {kind} + ReversePermutation"
     elif flow in ("realnvp", "nsf"):
 
         class _Net(MLP):

@@ -16,10 +16,9 @@ def jacobian_support(made: MADE, dim: int, context: int) -> tuple[torch.Tensor, 
     """
     transpose = made.params_first
     params = made.out_shape[0] if transpose else made.out_shape[1]
-    net = made
 
-    def made(*args):
-        out = net(*args)
+    def by_output(*args):
+        out = made(*args)
         return out.transpose(-1, -2) if transpose else out
 
     dep_x = torch.zeros(dim, params, dim, dtype=torch.bool)
@@ -29,10 +28,10 @@ def jacobian_support(made: MADE, dim: int, context: int) -> tuple[torch.Tensor, 
         x = torch.randn(dim, generator=gen, dtype=torch.float64)
         c = torch.randn(max(context, 1), generator=gen, dtype=torch.float64)
         if context:
-            jx, jc = torch.autograd.functional.jacobian(made, (x, c))
+            jx, jc = torch.autograd.functional.jacobian(by_output, (x, c))
             dep_c |= jc != 0
         else:
-            jx = torch.autograd.functional.jacobian(made, x)
+            jx = torch.autograd.functional.jacobian(by_output, x)
         dep_x |= jx != 0
     return dep_x, dep_c
 

@@ -5,11 +5,13 @@ Direction convention: every transform maps the base side ``u ~ N(0, I)`` to the 
 """
 
 from pyroflows.flows import BUILDERS, Flow, FlowDistribution, iaf, maf, nice, nsf, realnvp
+from pyroflows.infer import AutoFlow
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BUILDERS",
+    "AutoFlow",
     "Flow",
     "FlowDistribution",
     "__version__",

@@ -1,0 +1,387 @@
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.infer.autoguide import AutoNormal, init_to_value
+
+import pyroflows
+from pyroflows.infer import AutoFlow
+from pyroflows.nn import MADE
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    import arviz as az
+
+D = 5
+
+
+def correlated_gaussian():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(D, D, generator=g, dtype=torch.float64)
+    cov = a @ a.T / D + 0.2 * torch.eye(D, dtype=torch.float64)
+    mean = torch.linspace(-2.0, 2.0, D, dtype=torch.float64)
+    return mean, cov
+
+
+MEAN, COV = correlated_gaussian()
+
+
+def gaussian_model():
+    pyro.sample("x", dist.MultivariateNormal(MEAN, COV))
+
+
+def constrained_model():
+    # posterior = prior: LogNormal and Dirichlet moments are known in closed form
+    pyro.sample("scale", dist.LogNormal(torch.tensor(0.5), torch.tensor(0.4)))
+    pyro.sample("probs", dist.Dirichlet(torch.tensor([2.0, 3.0, 5.0])))
+
+
+def funnel_model():
+    v = pyro.sample("v", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 3.0))
+    pyro.sample("x", dist.Normal(0.0, torch.exp(v / 2)).expand([9]).to_event(1))
+
+
+def train(model, guide, steps, lr=1e-2, final_lr=1e-3, *args):
+    optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": (final_lr / lr) ** (1 / steps)})
+    svi = SVI(model, guide, optim, Trace_ELBO())
+    for _ in range(steps):
+        svi.step(*args)
+    return guide
+
+
+def draws(guide, n=20000):
+    with torch.no_grad():
+        return guide.get_posterior().sample((n,))
+
+
+# ----------------------------------------------------------------- recovery
+
+
+@pytest.mark.parametrize(("flow", "estimator"), [("iaf", "reparam"), ("nsf", "stl")])
+def test_recovers_a_correlated_gaussian(flow, estimator):
+    guide = AutoFlow(gaussian_model, flow=flow, estimator=estimator)
+    train(gaussian_model, guide, 1000)
+    z = draws(guide)
+    cov = torch.cov(z.T)
+    assert (torch.linalg.norm(cov - COV) / torch.linalg.norm(COV)).item() < 0.1
+    sd = COV.diagonal().sqrt()
+    assert ((z.mean(0) - MEAN).abs() / sd).max().item() < 0.1
+    report = guide.diagnose(num_samples=2000)
+    assert report.ess > 1800
+    if flow == "iaf":
+        # (a near-exact spline guide's weights vary by ~1e-3 nats, and PSIS fits a
+        # Pareto tail to that noise: k-hat is not informative there)
+        assert report.khat < 0.5
+
+
+def test_recovers_a_correlated_gaussian_from_the_plain_start():
+    guide = AutoFlow(gaussian_model, flow="iaf", warm_start=None, estimator="stl")
+    train(gaussian_model, guide, 2500)
+    z = draws(guide)
+    cov = torch.cov(z.T)
+    assert (torch.linalg.norm(cov - COV) / torch.linalg.norm(COV)).item() < 0.1
+    assert ((z.mean(0) - MEAN).abs() / COV.diagonal().sqrt()).max().item() < 0.1
+
+
+def test_recovers_positive_and_simplex_sites():
+    guide = AutoFlow(constrained_model, estimator="stl")
+    train(constrained_model, guide, 2000)
+    samples = Predictive(constrained_model, guide=guide, num_samples=20000)()
+    scale, probs = samples["scale"], samples["probs"]
+    assert scale.shape == (20000,)
+    assert probs.shape == (20000, 3)
+    assert (scale > 0).all()
+    assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
+    mu, s = 0.5, 0.4
+    true_mean = torch.exp(torch.tensor(mu + s**2 / 2))
+    true_sd = true_mean * torch.sqrt(torch.exp(torch.tensor(s**2)) - 1)
+    assert scale.mean().item() == pytest.approx(true_mean.item(), rel=0.03)
+    assert scale.std().item() == pytest.approx(true_sd.item(), rel=0.1)
+    alpha = torch.tensor([2.0, 3.0, 5.0])
+    mean = alpha / alpha.sum()
+    sd = (mean * (1 - mean) / (alpha.sum() + 1)).sqrt()
+    assert torch.allclose(probs.mean(0), mean, atol=0.1 * sd.min().item())
+    assert torch.allclose(probs.std(0), sd, rtol=0.1)
+
+
+@pytest.mark.slow
+def test_funnel_log_scale_sd_where_autonormal_fails():
+    pyro.set_rng_seed(0)
+    normal = train(funnel_model, AutoNormal(funnel_model), 2000)
+    v_normal = Predictive(funnel_model, guide=normal, num_samples=10000)()["v"]
+    assert v_normal.std().item() < 2.0  # mean-field is far off the true 3.0
+    guide = AutoFlow(funnel_model, flow="iaf", transforms=3, clamp=None, estimator="stl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the funnel has no finite mode
+        flow = train(funnel_model, guide, 8000)
+    v_flow = Predictive(funnel_model, guide=flow, num_samples=10000)()["v"]
+    assert v_flow.std().item() == pytest.approx(3.0, rel=0.2)
+
+
+# ----------------------------------------------------------------- initialisation
+
+
+def test_untrained_plain_start_is_autonormal():
+    guide = AutoFlow(constrained_model, warm_start=None, init_scale=0.05)
+    guide()
+    loc = guide._init_loc()
+    q = guide.get_posterior()
+    z = q.sample((100,))
+    expected = dist.Normal(loc, 0.05).to_event(1).log_prob(z)
+    assert torch.allclose(q.log_prob(z), expected, atol=1e-4)
+    assert guide.anchor == "init"
+
+
+def test_laplace_warm_start_is_exact_for_a_gaussian():
+    guide = AutoFlow(gaussian_model)
+    guide()
+    assert guide.anchor == "laplace"
+    cov = guide.anchor_scale_tril @ guide.anchor_scale_tril.T
+    assert torch.allclose(guide.anchor_loc, MEAN, atol=1e-6)
+    assert torch.allclose(cov, COV, atol=1e-6)
+    report = guide.diagnose(num_samples=500)
+    assert report.khat < 0.5
+    assert abs(report.elbo) < 1e-6  # log p(x) = 0: the weights are all 1
+    assert report.ess > 499
+
+
+def test_laplace_warm_start_keeps_the_plain_start_on_a_funnel():
+    guide = AutoFlow(funnel_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        guide()
+    assert guide.anchor == "init"
+
+
+def test_warm_start_skipped_with_subsampling():
+    data = torch.randn(100)
+
+    def model(data):
+        loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(data), subsample_size=10) as i:
+            pyro.sample("obs", dist.Normal(loc, 1.0), obs=data[i])
+
+    guide = AutoFlow(model)
+    with pytest.warns(UserWarning, match="subsamples"):
+        guide(data)
+    assert guide.anchor == "init"
+
+
+def test_float64_model_gives_a_float64_guide():
+    guide = AutoFlow(gaussian_model, flow="nsf")
+    guide()
+    assert all(p.dtype == torch.float64 for p in guide.parameters())
+
+
+# ----------------------------------------------------------------- estimators
+
+
+def gradient(guide, estimator_model, n):
+    """Single-particle ELBO gradients, ``n`` of them, flattened: shape (n, P)."""
+    elbo = Trace_ELBO()
+    params = [p for p in guide.parameters() if p.requires_grad]
+    rows = []
+    for _ in range(n):
+        loss = elbo.differentiable_loss(estimator_model, guide)
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("flow", ["iaf", "nsf"])
+def test_stl_gradient_variance_vanishes_at_the_optimum(flow):
+    # the Laplace start is the exact posterior of a Gaussian target: the optimum
+    reparam = AutoFlow(gaussian_model, flow=flow)
+    reparam()
+    stl = AutoFlow(gaussian_model, flow=flow, estimator="stl")
+    stl()
+    stl.load_state_dict(reparam.state_dict())
+    var_reparam = gradient(reparam, gaussian_model, 200).var(0).sum()
+    var_stl = gradient(stl, gaussian_model, 200).var(0).sum()
+    assert var_reparam > 1.0
+    assert var_stl < var_reparam / 10
+
+
+def test_stl_is_unbiased_away_from_the_optimum():
+    def model():
+        pyro.sample("x", dist.MultivariateNormal(MEAN[:3].float(), COV[:3, :3].float()))
+
+    guides = {}
+    for estimator in ("reparam", "stl"):
+        pyro.set_rng_seed(1)
+        guide = AutoFlow(model, warm_start=None, estimator=estimator)
+        guide()
+        pyro.set_rng_seed(2)
+        with torch.no_grad():
+            for p in guide.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        guides[estimator] = guide
+    elbo = Trace_ELBO(num_particles=20000, vectorize_particles=True, max_plate_nesting=0)
+    grads = {}
+    for name, guide in guides.items():
+        loss = elbo.differentiable_loss(model, guide)
+        params = list(guide.parameters())
+        grads[name] = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+    assert torch.allclose(grads["stl"], grads["reparam"], atol=0.1)
+    assert torch.corrcoef(torch.stack([grads["stl"], grads["reparam"]]))[0, 1] > 0.99
+
+
+def test_iaf_guide_never_inverts_during_svi():
+    guide = AutoFlow(gaussian_model, flow="iaf", warm_start=None)
+    guide()
+    calls = []
+    handles = [
+        m.register_forward_hook(lambda *_: calls.append(1))
+        for m in guide.modules()
+        if isinstance(m, MADE)
+    ]
+    svi = SVI(gaussian_model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    svi.step()
+    for h in handles:
+        h.remove()
+    assert len(handles) == 2
+    assert len(calls) == 2  # one pass per layer: sample, then score from the cache
+
+
+# ----------------------------------------------------------------- the autoguide API
+
+
+def test_median_quantiles_and_predictive():
+    guide = train(constrained_model, AutoFlow(constrained_model), 300)
+    median = guide.median()
+    assert set(median) == {"scale", "probs"}
+    assert median["scale"].shape == ()
+    assert median["probs"].shape == (3,)
+    q = guide.quantiles([0.05, 0.5, 0.95])
+    assert q["scale"].shape == (3,)
+    assert q["probs"].shape == (3, 3)
+    assert (q["scale"].diff() > 0).all()
+    predictive = Predictive(constrained_model, guide=guide, num_samples=7)()
+    assert predictive["probs"].shape == (7, 3)
+    with pytest.raises(ValueError, match="quantiles"):
+        guide.quantiles([0.5, 1.5])
+
+
+def test_quantiles_match_the_lognormal():
+    guide = train(constrained_model, AutoFlow(constrained_model), 1500)
+    q = guide.quantiles([0.1, 0.5, 0.9])["scale"]
+    true = torch.exp(0.5 + 0.4 * torch.tensor([-1.2816, 0.0, 1.2816]))
+    assert torch.allclose(q, true, rtol=0.05)
+
+
+def test_to_arviz_names_and_shapes():
+    guide = AutoFlow(constrained_model)
+    guide()
+    idata = guide.to_arviz(num_samples=300)
+    assert set(idata.posterior.data_vars) == {"scale", "probs"}
+    assert idata.posterior["scale"].shape == (1, 300)
+    assert idata.posterior["probs"].shape == (1, 300, 3)
+    assert idata.sample_stats["log_importance_weight"].shape == (1, 300)
+    summary = az.summary(idata, kind="stats")
+    assert {"probs[0]", "probs[2]", "scale"} <= set(summary.index)
+
+
+def test_diagnose_with_model_arguments_and_plates():
+    data = torch.randn(50) * 2.0 + 1.0
+
+    def model(data):
+        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+        scale = pyro.sample("scale", dist.HalfNormal(5.0))
+        with pyro.plate("data", len(data)):
+            pyro.sample("obs", dist.Normal(loc, scale), obs=data)
+
+    guide = train(model, AutoFlow(model), 1000, 1e-2, 1e-3, data)
+    report = guide.diagnose(data, num_samples=1000)
+    assert report.khat < 0.7
+    resampled = guide.importance_resample(data, num_samples=500)
+    assert resampled["loc"].shape == (500,)
+    assert resampled["loc"].mean().item() == pytest.approx(data.mean().item(), abs=0.3)
+
+
+def test_a_deliberately_bad_guide_is_flagged():
+    guide = AutoFlow(gaussian_model, warm_start=None, init_scale=0.01)
+    guide()
+    assert guide.diagnose(num_samples=2000).khat > 0.7
+
+
+def test_flow_as_instance_and_callable():
+    flow = pyroflows.realnvp(D, transforms=2, hidden=(8,)).double()
+    guide = AutoFlow(gaussian_model, flow=flow)
+    guide()
+    assert guide.flow is flow
+    guide = AutoFlow(gaussian_model, flow=lambda dim: pyroflows.iaf(dim, transforms=1).double())
+    guide()
+    assert len(guide.flow.transforms) == 1
+
+
+def test_builder_options_reach_the_builder():
+    guide = AutoFlow(gaussian_model, flow="iaf", transforms=3, hidden=(7,))
+    guide()
+    assert len([m for m in guide.flow.modules() if isinstance(m, MADE)]) == 3
+
+
+# ----------------------------------------------------------------- errors
+
+
+def test_discrete_latent_is_refused_by_name():
+    def model():
+        pyro.sample("coin", dist.Bernoulli(0.5))
+        pyro.sample("loc", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="'coin'"):
+        AutoFlow(model)()
+
+
+def test_enumerated_latent_is_refused_by_name():
+    def model():
+        pyro.sample("k", dist.Categorical(torch.ones(3) / 3), infer={"enumerate": "parallel"})
+
+    with pytest.raises(ValueError, match="'k'.*enumerated|enumerated.*'k'"):
+        AutoFlow(model)()
+
+
+def test_no_latent_site_is_refused():
+    def model():
+        pyro.sample("obs", dist.Normal(0.0, 1.0), obs=torch.tensor(0.0))
+
+    with pytest.raises(ValueError, match="no latent sample site.*'obs'"):
+        AutoFlow(model)()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"flow": "glow"}, ValueError, "flow must be one of"),
+        ({"flow": 3}, TypeError, "flow must be a name"),
+        ({"flow": "iaf", "estimator": "dreg"}, ValueError, "estimator"),
+        ({"warm_start": "map"}, ValueError, "warm_start"),
+        ({"init_scale": 0.0}, ValueError, "init_scale"),
+        ({"flow": lambda d: None, "transforms": 2}, TypeError, "only apply when flow is a name"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        AutoFlow(gaussian_model, **kwargs)
+
+
+def test_bad_flows_at_setup():
+    with pytest.raises(ValueError, match="dim 3.*dim 5"):
+        AutoFlow(gaussian_model, flow=pyroflows.iaf(3).double())()
+    with pytest.raises(TypeError, match="float32.*float64"):
+        AutoFlow(gaussian_model, flow=pyroflows.iaf(D))()
+    with pytest.raises(TypeError, match="must return a pyroflows.Flow"):
+        AutoFlow(gaussian_model, flow=lambda dim: torch.nn.Linear(dim, dim))()
+    with pytest.raises(ValueError, match="unconditional"):
+        AutoFlow(gaussian_model, flow=pyroflows.iaf(D, context=2).double())()
+
+
+def test_init_to_value_is_honoured():
+    guide = AutoFlow(
+        constrained_model,
+        warm_start=None,
+        init_loc_fn=init_to_value(values={"scale": torch.tensor(2.0)}),
+    )
+    guide()
+    assert guide.median()["scale"].item() == pytest.approx(2.0, rel=0.05)

@@ -1,0 +1,150 @@
+import math
+import warnings
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer.autoguide import AutoNormal
+
+from pyroflows.infer import (
+    Diagnosis,
+    diagnose,
+    importance_draws,
+    importance_resample,
+    summarize,
+    to_arviz,
+)
+from pyroflows.infer.diagnostics import psis, verdict
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    import arviz as az
+
+
+def normal_model(data):
+    loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+    with pyro.plate("data", len(data)):
+        pyro.sample("obs", dist.Normal(loc, scale), obs=data)
+
+
+def exact_guide_model():
+    pyro.sample("z", dist.Normal(1.0, 2.0))
+
+
+def exact_guide():
+    pyro.sample("z", dist.Normal(1.0, 2.0))
+
+
+def narrow_guide():
+    # far too narrow and off-centre: the weights p/q have a very heavy tail
+    pyro.sample("z", dist.Normal(0.0, 0.3))
+
+
+def test_exact_guide_has_equal_weights_and_full_ess():
+    report = diagnose(exact_guide_model, exact_guide, num_samples=500)
+    assert isinstance(report, Diagnosis)
+    assert report.elbo == pytest.approx(0.0, abs=1e-5)  # log p(x) = 0 for a normalized p
+    assert report.log_evidence == pytest.approx(0.0, abs=1e-5)
+    assert report.ess == pytest.approx(500, rel=1e-3)
+    assert report.khat < 0.5
+    assert report.trustworthy
+    assert report.verdict.startswith("good")
+    assert "k-hat" in str(report)
+
+
+def test_bad_guide_is_flagged():
+    report = diagnose(exact_guide_model, narrow_guide, num_samples=2000)
+    assert report.khat > 0.7
+    assert not report.trustworthy
+    assert report.verdict.startswith("do not trust")
+    assert report.ess < 200
+
+
+def test_log_weights_match_the_densities():
+    log_w, draws = importance_draws(exact_guide_model, narrow_guide, num_samples=300)
+    z = draws["z"]
+    expected = dist.Normal(1.0, 2.0).log_prob(z) - dist.Normal(0.0, 0.3).log_prob(z)
+    assert log_w.shape == (300,)
+    assert torch.allclose(log_w, expected, atol=1e-5)
+
+
+def test_model_that_does_not_broadcast_falls_back_to_one_draw_at_a_time():
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        # float() breaks vectorization over a particle plate
+        pyro.sample("obs", dist.Normal(float(z), 1.0), obs=torch.tensor(0.5))
+
+    def guide():
+        pyro.sample("z", dist.Normal(0.2, 0.8))
+
+    log_w, draws = importance_draws(model, guide, num_samples=50)
+    z = draws["z"]
+    expected = (
+        dist.Normal(0.0, 1.0).log_prob(z)
+        + dist.Normal(z, 1.0).log_prob(torch.tensor(0.5))
+        - dist.Normal(0.2, 0.8).log_prob(z)
+    )
+    assert torch.allclose(log_w, expected, atol=1e-5)
+
+
+def test_verdict_thresholds():
+    assert verdict(0.3).startswith("good")
+    assert verdict(0.5).startswith("usable")
+    assert verdict(0.7).startswith("usable")
+    assert verdict(0.71).startswith("do not trust")
+    assert verdict(math.nan).startswith("do not trust")
+
+
+def test_summarize_non_finite_weights_is_untrustworthy():
+    report = summarize(torch.tensor([0.0, 1.0, -math.inf, math.nan, 0.5]))
+    assert report.khat == math.inf
+    assert not report.trustworthy
+
+
+def test_psis_needs_two_draws():
+    with pytest.raises(ValueError, match="at least 2"):
+        psis(np.array([0.0]))
+
+
+def test_psis_normalizes():
+    smoothed, khat = psis(0.3 * torch.randn(1000))
+    assert np.logaddexp.reduce(smoothed) == pytest.approx(0.0, abs=1e-9)
+    assert khat < 0.5
+
+
+def test_importance_resample_corrects_a_biased_guide():
+    def biased_guide():
+        pyro.sample("z", dist.Normal(2.0, 2.5))
+
+    draws = importance_resample(exact_guide_model, biased_guide, num_samples=4000)
+    z = draws["z"]
+    assert z.shape == (4000,)
+    assert z.mean().item() == pytest.approx(1.0, abs=0.15)  # the guide's mean is 2.0
+    assert z.std().item() == pytest.approx(2.0, abs=0.15)
+
+
+def test_num_samples_is_checked():
+    with pytest.raises(ValueError, match="num_samples"):
+        diagnose(exact_guide_model, exact_guide, num_samples=0)
+    with pytest.raises(ValueError, match="num_proposals"):
+        importance_resample(exact_guide_model, exact_guide, num_samples=5, num_proposals=1)
+
+
+def test_to_arviz_on_a_pyro_autoguide():
+    data = torch.randn(20) + 3.0
+    guide = AutoNormal(normal_model)
+    guide(data)
+    idata = to_arviz(normal_model, guide, data, num_samples=200)
+    assert set(idata.posterior.data_vars) == {"loc", "scale"}
+    assert idata.posterior["loc"].shape == (1, 200)
+    assert (idata.posterior["scale"].values > 0).all()  # constrained space
+    assert idata.sample_stats["log_importance_weight"].shape == (1, 200)
+    assert np.logaddexp.reduce(idata.sample_stats["psis_log_weight"].values[0]) == pytest.approx(
+        0.0, abs=1e-9
+    )
+    assert "khat" in idata.posterior.attrs
+    summary = az.summary(idata, kind="stats")
+    assert list(summary.index) == ["loc", "scale"]

@@ -40,3 +40,18 @@ def test_quickstart_smoke(flow, tmp_path):
 @pytest.mark.parametrize(("flow", "target"), [("maf", 0.05), ("nsf", 0.03), ("realnvp", 0.05)])
 def test_quickstart_reaches_the_true_density(flow, target):
     assert gap(quickstart("--flow", flow, "--no-plot")) < target
+
+
+@pytest.mark.parametrize("script", ["eight_schools.py", "funnel.py"])
+def test_guide_examples_run(script):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), "--steps", "30"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("ESS") == 2  # both guides diagnosed
+    assert "AutoNormal" in result.stdout
+    assert "AutoFlow" in result.stdout

@@ -1,0 +1,66 @@
+"""Eight schools: a mean-field guide against AutoFlow, and whether to trust each.
+
+Rubin's (1981) coaching experiment, in the non-centred form: eight schools report an
+effect ``y[j]`` with a known standard error ``sigma[j]``; the effects are
+``theta[j] = mu + tau * theta_trans[j]`` with ``mu ~ N(0, 5)``, ``tau ~ HalfCauchy(5)``,
+``theta_trans[j] ~ N(0, 1)``. The posterior of ``log tau`` has a long left tail that a
+Gaussian guide cannot follow. We fit ``AutoNormal`` and ``AutoFlow`` with the same
+optimiser and steps, then print each guide's posterior of ``tau`` and its PSIS
+diagnostics (k-hat < 0.5 good, 0.5-0.7 usable with care, > 0.7 do not trust).
+
+Run it from the repository root (about half a minute)::
+
+    python examples/eight_schools.py
+    python examples/eight_schools.py --steps 500    # a rough, fast run
+"""
+
+import argparse
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
+
+from pyroflows.infer import AutoFlow, diagnose
+
+y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+sigma = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+
+
+def model(y, sigma):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    with pyro.plate("schools", len(y)):
+        theta_trans = pyro.sample("theta_trans", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(mu + tau * theta_trans, sigma), obs=y)
+
+
+def fit(guide, steps: int):
+    pyro.clear_param_store()
+    optim = pyro.optim.ClippedAdam({"lr": 1e-2, "lrd": 0.1 ** (1 / steps)})  # 1e-2 -> 1e-3
+    svi = SVI(model, guide, optim, Trace_ELBO())
+    for _ in range(steps):
+        svi.step(y, sigma)
+    return guide
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    for name, make in [("AutoNormal", AutoNormal), ("AutoFlow", AutoFlow)]:
+        pyro.set_rng_seed(args.seed)
+        guide = fit(make(model), args.steps)
+        tau = Predictive(model, guide=guide, num_samples=10000)(y, sigma)["tau"]
+        q05, q50, q95 = torch.quantile(tau, torch.tensor([0.05, 0.5, 0.95])).tolist()
+        print(f"{name:10s} tau: 5% {q05:5.2f}  median {q50:5.2f}  95% {q95:5.2f}")
+        print(f"{'':10s} {diagnose(model, guide, y, sigma, num_samples=4000)}")
+    print("reference (long NUTS run, posteriordb): tau 5% 0.26  median 2.75  95% 9.7")
+
+
+if __name__ == "__main__":
+    main()

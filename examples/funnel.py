@@ -1,0 +1,63 @@
+"""Neal's funnel in 10 dimensions: where a mean-field guide fails and a flow does not.
+
+``v ~ N(0, 3^2)`` and, given ``v``, nine coordinates ``x_i ~ N(0, e^v)``: the scale of
+``x`` spans orders of magnitude as ``v`` moves, so the posterior is a funnel with a
+narrow neck. A Gaussian guide cannot bend with it and reports ``sd(v)`` far below the
+true 3. An inverse autoregressive flow can: with ``v`` first in its variable order each
+``x_i``'s scale is a learned function of ``v``. We print ``sd(v)`` for both guides and
+each one's PSIS diagnostics, which say which to trust.
+
+Run it from the repository root (under a minute)::
+
+    python examples/funnel.py
+"""
+
+import argparse
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
+
+from pyroflows.infer import AutoFlow, diagnose
+
+
+def model():
+    v = pyro.sample("v", dist.Normal(0.0, 3.0))
+    pyro.sample("x", dist.Normal(0.0, torch.exp(v / 2)).expand([9]).to_event(1))
+
+
+def fit(guide, steps: int):
+    pyro.clear_param_store()
+    optim = pyro.optim.ClippedAdam({"lr": 1e-2, "lrd": 0.1 ** (1 / steps)})  # 1e-2 -> 1e-3
+    svi = SVI(model, guide, optim, Trace_ELBO())
+    for _ in range(steps):
+        svi.step()
+    return guide
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    guides = {
+        "AutoNormal": lambda: AutoNormal(model),
+        # three IAF layers, unclamped scales, the "sticking the landing" gradient
+        "AutoFlow": lambda: AutoFlow(
+            model, flow="iaf", transforms=3, clamp=None, estimator="stl", warm_start=None
+        ),
+    }
+    for name, make in guides.items():
+        pyro.set_rng_seed(args.seed)
+        guide = fit(make(), args.steps)
+        v = Predictive(model, guide=guide, num_samples=10000)()["v"]
+        print(f"{name:10s} sd(v) = {v.std().item():.2f} (true 3.00)")
+        print(f"{'':10s} {diagnose(model, guide, num_samples=4000)}")
+
+
+if __name__ == "__main__":
+    main()

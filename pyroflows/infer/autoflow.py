@@ -410,12 +410,11 @@ class AutoFlow(AutoContinuous):
             twin = copy.deepcopy(live).requires_grad_(False)
             self.__dict__["_frozen"] = twin
         with torch.no_grad():
-            for mine, theirs in zip(twin.parameters(), live.parameters(), strict=True):
-                if mine.device != theirs.device or mine.dtype != theirs.dtype:
-                    mine.data = theirs.detach().clone()
-                else:
-                    mine.copy_(theirs)
-            for mine, theirs in zip(twin.buffers(), live.buffers(), strict=True):
+            for mine, theirs in zip(
+                [*twin.parameters(), *twin.buffers()],
+                [*live.parameters(), *live.buffers()],
+                strict=True,
+            ):
                 if mine.device != theirs.device or mine.dtype != theirs.dtype:
                     mine.data = theirs.detach().clone()
                 else:

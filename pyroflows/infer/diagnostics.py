@@ -138,6 +138,11 @@ def psis(log_weights: torch.Tensor | np.ndarray) -> tuple[np.ndarray, float]:
 
 def summarize(log_weights: torch.Tensor | np.ndarray) -> Diagnosis:
     """Turn raw log importance weights (shape ``(S,)``) into a :class:`Diagnosis`."""
+    return _summarize(log_weights)[0]
+
+
+def _summarize(log_weights: torch.Tensor | np.ndarray) -> tuple[Diagnosis, np.ndarray]:
+    """The :class:`Diagnosis` and the smoothed log weights, from one PSIS fit."""
     lw = torch.as_tensor(log_weights).detach().double().cpu().numpy().reshape(-1)
     smoothed, khat = psis(lw)
     finite = np.isfinite(smoothed)
@@ -146,7 +151,7 @@ def summarize(log_weights: torch.Tensor | np.ndarray) -> Diagnosis:
     with np.errstate(invalid="ignore", over="ignore"):
         elbo = float(np.mean(lw))
         log_evidence = float(np.logaddexp.reduce(lw) - math.log(num))
-    return Diagnosis(khat, ess, num, elbo, log_evidence, verdict(khat))
+    return Diagnosis(khat, ess, num, elbo, log_evidence, verdict(khat)), smoothed
 
 
 def max_plate_nesting(model: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
@@ -308,8 +313,7 @@ def to_arviz(
     ``az.summary(idata)`` and ``az.plot_posterior(idata)`` work on it as on MCMC output.
     """
     log_w, draws = importance_draws(model, guide, *args, num_samples=num_samples, **kwargs)
-    report = summarize(log_w)
-    smoothed, _ = psis(log_w)
+    report, smoothed = _summarize(log_w)
     posterior = {name: value.cpu().double().numpy()[None] for name, value in draws.items()}
     stats = {
         "log_importance_weight": log_w.cpu().double().numpy()[None],

@@ -4,6 +4,8 @@ Direction convention: every transform maps the base side ``u ~ N(0, I)`` to the 
 ``x``; ``t(u)`` samples, ``t.inv(x)`` scores (see DESIGN.md).
 """
 
+from typing import Any
+
 from pyroflows.flows import BUILDERS, Flow, FlowDistribution, iaf, maf, nice, nsf, realnvp
 from pyroflows.infer import AutoFlow
 
@@ -13,6 +15,7 @@ __all__ = [
     "BUILDERS",
     "AutoFlow",
     "Flow",
+    "FlowDensity",
     "FlowDistribution",
     "__version__",
     "iaf",
@@ -21,3 +24,12 @@ __all__ = [
     "nsf",
     "realnvp",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # pyroflows.FlowDensity needs scikit-learn, so it is imported on first use.
+    if name == "FlowDensity":
+        from pyroflows.density.estimator import FlowDensity
+
+        return FlowDensity
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

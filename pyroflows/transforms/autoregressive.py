@@ -65,7 +65,20 @@ class _Autoregressive:
             activation,
             params_first=transformer.params_first,
         )
-        self._order = self.conditioner.order.tolist()
+        self._order_cache: tuple[tuple[int, int], list[int]] | None = None
+
+    def _order_list(self) -> list[int]:
+        """The order buffer as a list, re-read whenever the buffer changes.
+
+        ``load_state_dict`` copies another order into the buffer in place (bumping its
+        version counter) and ``.to()`` replaces it, so a list kept from construction
+        would go stale and the ``D``-pass inverse would solve in the wrong order.
+        """
+        order = self.conditioner.order
+        key = (id(order), order._version)
+        if self._order_cache is None or self._order_cache[0] != key:
+            self._order_cache = (key, order.tolist())
+        return self._order_cache[1]
 
     def _iterate(self, step, y: torch.Tensor, context: torch.Tensor | None):
         """Solve ``v = step(y, theta(v))`` for ``v`` in ``D`` passes (triangular system).
@@ -76,7 +89,7 @@ class _Autoregressive:
         v = torch.zeros_like(y)
         params_first = self.transformer.params_first
         order = self.conditioner.order
-        for k, i in enumerate(self._order[:-1]):
+        for k, i in enumerate(self._order_list()[:-1]):
             params = self.conditioner(v, context)
             params_i = params[..., i : i + 1] if params_first else params[..., i : i + 1, :]
             v_i = step(y[..., i : i + 1], params_i)[0]

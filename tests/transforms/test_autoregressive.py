@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyroflows.transforms import AffineAutoregressive, ConditionalAffineAutoregressive
+from pyroflows.transforms import (
+    AffineAutoregressive,
+    ConditionalAffineAutoregressive,
+    SplineAutoregressive,
+)
 from tests.helpers import perturb
 
 
@@ -61,3 +65,21 @@ def test_conditional_first_variable_depends_on_context():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AffineAutoregressive(3, **kwargs)
+
+
+@pytest.mark.parametrize("form", ["maf", "iaf"])
+@pytest.mark.parametrize("family", ["affine", "spline"])
+def test_loaded_order_is_the_one_the_d_pass_direction_uses(form, family):
+    # load_state_dict copies another order into the buffer: both directions must follow it
+    def make(order):
+        if family == "affine":
+            return AffineAutoregressive(4, form, (8,), order)
+        return SplineAutoregressive(4, form, 4, 3.0, (8,), order)
+
+    torch.manual_seed(0)
+    source, target = perturb(make([2, 0, 3, 1])), make(None)
+    u = torch.randn(3, 4)
+    target(u), target.inv(u)  # use it once with its own order first
+    target.load_state_dict(source.state_dict())
+    assert torch.allclose(target(u), source(u), atol=1e-5)
+    assert torch.allclose(target.inv(u), source.inv(u), atol=1e-5)

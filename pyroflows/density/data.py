@@ -1,0 +1,155 @@
+"""Data in: arrays and tensors checked for a fit, and tables read from CSV or ``.npy``.
+
+Every problem is a :class:`DataError` (a ``ValueError``) whose message names the file or
+argument, the row and column where it can, what was expected and what came, so the command
+line can print it as one line.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """Data that cannot be used as it is: missing, empty, ragged, non-numeric, non-finite."""
+
+
+def as_rows(data: object, name: str, like: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Return ``data`` as a finite ``(N, D)`` tensor with ``like``'s dtype and device.
+
+    NumPy arrays (and nested lists) are converted to ``like``'s dtype; a torch tensor must
+    already have it (no silent cast of a tensor, as everywhere in pyroflows).
+
+    Args:
+        data: rows of observations, shape ``(N, D)``.
+        name: the argument's name, for messages.
+        like: a tensor of the flow (dtype and device).
+        dim: the required number of columns, if known.
+    """
+    if isinstance(data, torch.Tensor):
+        if not data.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating tensor ({like.dtype}), got {data.dtype}")
+        if data.dtype != like.dtype:
+            raise TypeError(
+                f"{name} has dtype {data.dtype} but the flow's parameters are {like.dtype}; no "
+                f"silent cast is made: pass {name}.to({like.dtype}) or convert the flow"
+            )
+        tensor = data.detach().to(like.device)
+    else:
+        try:
+            array = np.asarray(data, dtype=np.float64)
+        except (TypeError, ValueError) as error:
+            raise DataError(f"{name} must be numeric rows of shape (N, D): {error}") from None
+        if not array.flags.writeable:  # a read-only memmap: torch wants writable memory
+            array = array.copy()
+        tensor = torch.as_tensor(array, dtype=like.dtype, device=like.device)
+    if tensor.dim() != 2:
+        raise DataError(f"{name} must have shape (N, D), got {tuple(tensor.shape)}")
+    if tensor.shape[0] == 0:
+        raise DataError(f"{name} is empty: it has no rows")
+    if dim is not None and tensor.shape[1] != dim:
+        raise DataError(f"{name} must have {dim} columns (the flow's dim), got {tensor.shape[1]}")
+    bad = ~torch.isfinite(tensor)
+    if bad.any():
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise DataError(
+            f"{name} holds {int(bad.sum())} NaN or inf value(s); the first is "
+            f"{tensor[row, col].item()} at row {row}, column {col}"
+        )
+    return tensor
+
+
+def read_table(path: str | os.PathLike) -> tuple[np.ndarray, list[str] | None]:
+    """Read a numeric table from a CSV file (with or without a header) or a ``.npy`` file.
+
+    A CSV header is recognised when no cell of the first row parses as a number. Rows and
+    columns in messages count from 1, as in a spreadsheet (the header, if any, is row 1).
+
+    Returns:
+        The values as a float64 ``(N, D)`` array, and the column names (``None`` when the
+        file has no header).
+
+    Raises:
+        DataError: missing or empty file, ragged rows, a non-numeric cell (row and column
+            named), NaN or inf, or a ``.npy`` array that is not 2-D numeric.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a CSV or .npy file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    if path.suffix.lower() == ".npy":
+        return _read_npy(path), None
+    return _read_csv(path)
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as error:
+        raise DataError(f"{path}: not a numeric .npy array ({error})") from None
+    if array.dtype.kind not in "biuf":
+        raise DataError(f"{path}: expected a numeric array, got dtype {array.dtype}")
+    if array.ndim == 1:
+        array = array[:, None]
+    if array.ndim != 2:
+        raise DataError(f"{path}: expected a 2-D array (rows, columns), got shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise DataError(f"{path}: the array is empty (shape {array.shape})")
+    values = np.asarray(array, dtype=np.float64)
+    _check_finite(values, path, header=False)
+    return values
+
+
+def _number(cell: str) -> float | None:
+    try:
+        return float(cell)
+    except ValueError:
+        return None
+
+
+def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
+    with open(path, newline="") as handle:
+        rows = [row for row in csv.reader(handle) if any(cell.strip() for cell in row)]
+    if not rows:
+        raise DataError(f"{path}: the file holds no data rows")
+    header = None
+    if all(_number(cell) is None for cell in rows[0]):
+        header = [cell.strip() for cell in rows[0]]
+        rows = rows[1:]
+        if not rows:
+            raise DataError(f"{path}: the file has a header but no data rows")
+    width = len(header) if header is not None else len(rows[0])
+    offset = 2 if header is not None else 1  # file line of rows[0], counting from 1
+    values = np.empty((len(rows), width))
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            raise DataError(
+                f"{path}: row {i + offset} has {len(row)} column(s), expected {width} (ragged rows)"
+            )
+        for j, cell in enumerate(row):
+            number = _number(cell)
+            if number is None:
+                raise DataError(
+                    f"{path}: row {i + offset}, column {j + 1}: {cell.strip()!r} is not a number"
+                )
+            values[i, j] = number
+    _check_finite(values, path, header=header is not None)
+    return values, header
+
+
+def _check_finite(values: np.ndarray, path: Path, header: bool) -> None:
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        kind = "NaN" if math.isnan(values[row, col]) else "inf"
+        where = f"row {row + 1 + int(header)}, column {col + 1}"
+        raise DataError(f"{path}: {kind} at {where}; every value must be finite")

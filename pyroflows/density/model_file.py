@@ -1,0 +1,170 @@
+"""Model files: a flow's configuration, weights and standardisation, safe to open.
+
+A model file is what ``torch.save`` writes for a dict of plain values and tensors:
+
+=================  ====================================================================
+key                value
+=================  ====================================================================
+``format``         ``"pyroflows-density"``
+``version``        file format version (1)
+``flow``           builder name (``"maf"``, ``"nsf"``, ...)
+``dim``            number of columns ``D``
+``options``        the builder's keyword arguments, as plain values (activation by name)
+``dtype``          ``"float32"`` or ``"float64"``
+``standardize``    whether the flow ends with a :class:`Standardization` layer
+``dequantize``     whether it was fitted to dequantized integer data
+``columns``        column names, or ``None``
+``state_dict``     the flow's weights and buffers (masks, orders, loc and scale)
+``history``        the fit's :class:`~pyroflows.density.History` as a dict
+=================  ====================================================================
+
+:func:`load` reads it with ``torch.load(weights_only=True)``, which unpickles only
+tensors and plain containers, so opening a model file from elsewhere cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pyroflows.density.standardize import add_standardization
+from pyroflows.flows import BUILDERS, Flow
+
+FORMAT = "pyroflows-density"
+VERSION = 1
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class ModelFileError(ValueError):
+    """A file that is not a pyroflows model, or cannot be read safely."""
+
+
+def build(
+    flow: str, dim: int, options: dict[str, Any] | None = None, *, standardize: bool = True
+) -> Flow:
+    """Build the flow that a model file (or an estimator) describes, with fresh weights.
+
+    Args:
+        flow: a name in :data:`pyroflows.BUILDERS`.
+        dim: number of columns ``D``.
+        options: the builder's keyword arguments as plain values: ``activation`` by name
+            (one of :data:`ACTIVATIONS`), ``dtype`` as ``"float32"``/``"float64"``.
+        standardize: end the flow with an (identity) :class:`Standardization` layer.
+
+    A coupling flow needs ``D >= 2``; for ``D = 1`` ``nsf`` falls back to its
+    autoregressive (MAF) form, the same spline on the one coordinate.
+    """
+    if flow not in BUILDERS:
+        raise ValueError(f"flow must be one of {', '.join(sorted(BUILDERS))}; got {flow!r}")
+    kwargs = dict(options or {})
+    dtype = kwargs.pop("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    activation = kwargs.pop("activation", "relu")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
+    kwargs["activation"] = ACTIVATIONS[activation]
+    if "hidden" in kwargs:
+        kwargs["hidden"] = tuple(kwargs["hidden"])
+    if flow == "nsf" and dim == 1 and not kwargs.get("autoregressive"):
+        kwargs["autoregressive"] = "maf"
+    try:
+        model = BUILDERS[flow](dim, **kwargs)
+    except TypeError as error:
+        raise ValueError(f"bad options for flow {flow!r}: {error}") from None
+    model = model.to(DTYPES[dtype])
+    if standardize:
+        add_standardization(model)
+    return model
+
+
+def save(
+    path: str | os.PathLike,
+    flow: Flow,
+    *,
+    name: str,
+    options: dict[str, Any],
+    standardize: bool,
+    dequantize: bool = False,
+    columns: list[str] | None = None,
+    history: dict[str, Any] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write a model file (atomically); refuse to overwrite one unless ``force``.
+
+    ``name``, ``options`` and ``standardize`` must be those that :func:`build` was given
+    for ``flow``.
+    """
+    from pyroflows.density.fit import _save_atomic
+
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite it")
+    dtype = {v: k for k, v in DTYPES.items()}[flow.base_loc.dtype]
+    state = {
+        "format": FORMAT,
+        "version": VERSION,
+        "flow": name,
+        "dim": int(flow.dim),
+        "options": {**options, "dtype": dtype},
+        "dtype": dtype,
+        "standardize": bool(standardize),
+        "dequantize": bool(dequantize),
+        "columns": list(columns) if columns is not None else None,
+        "state_dict": {k: v.detach().cpu() for k, v in flow.state_dict().items()},
+        "history": history,
+    }
+    _save_atomic(state, path)
+    return path
+
+
+def load(path: str | os.PathLike) -> tuple[Flow, dict[str, Any]]:
+    """Read a model file: the fitted flow (in eval mode) and the file's other entries.
+
+    Raises:
+        ModelFileError: a missing file, one that is not a pyroflows model, or one that
+            holds anything but tensors and plain values (refused unread).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as error:  # pickle errors come in many types
+        if isinstance(error, pickle.UnpicklingError):
+            reason = "it holds Python objects other than tensors and plain values"
+        else:
+            text = str(error).strip()
+            reason = f"{type(error).__name__} {text.splitlines()[0] if text else ''}".strip()
+        raise ModelFileError(
+            f"{path}: not a readable pyroflows model file; torch.load(weights_only=True) "
+            f"refused it unread ({reason})"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: not a pyroflows model file (no '{FORMAT}' format tag)")
+    if state.get("version") != VERSION:
+        raise ModelFileError(
+            f"{path}: model file version {state.get('version')}, this pyroflows reads {VERSION}"
+        )
+    flow = build(state["flow"], state["dim"], state["options"], standardize=state["standardize"])
+    try:
+        flow.load_state_dict(state["state_dict"])
+    except RuntimeError as error:
+        raise ModelFileError(
+            f"{path}: weights do not match the flow it describes: {error}"
+        ) from None
+    flow.eval()
+    info = {k: v for k, v in state.items() if k != "state_dict"}
+    return flow, info

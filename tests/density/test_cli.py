@@ -1,0 +1,179 @@
+"""The command line, run for real: ``python -m pyroflows`` in a subprocess."""
+
+import signal
+import subprocess
+import sys
+import time
+from importlib.metadata import entry_points
+
+import numpy as np
+import pytest
+
+from pyroflows.density.cli import main
+
+FAST = ["--flow", "maf", "--transforms", "1", "--hidden", "8", "--epochs", "3", "--quiet"]
+
+
+def run(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "pyroflows", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 2)) * [1.0, 10.0] + [0.0, 100.0]
+    np.savetxt(path / "data.csv", x, delimiter=",", header="a,b", comments="")
+    np.savetxt(path / "plain.csv", x, delimiter=",")
+    np.save(path / "data.npy", x)
+    result = run("fit", "data.csv", "--out", "model.pt", *FAST, cwd=path)
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+def test_entry_point_is_installed():
+    (script,) = entry_points(group="console_scripts", name="pyroflows")
+    assert script.load() is main
+
+
+def test_fit_info_sample_score(workdir):
+    result = run("fit", "data.npy", "--out", "npy.pt", *FAST, cwd=workdir)
+    assert result.returncode == 0
+    assert "wrote npy.pt" in result.stdout
+    info = run("info", "model.pt", cwd=workdir)
+    assert info.returncode == 0
+    assert "maf, 2 columns" in info.stdout
+    assert "a, b" in info.stdout
+    sample = run("sample", "model.pt", "-n", "500", "--seed", "1", cwd=workdir)
+    lines = sample.stdout.splitlines()
+    assert sample.returncode == 0
+    assert lines[0] == "a,b"
+    assert len(lines) == 501
+    draws = np.loadtxt(lines[1:], delimiter=",")
+    assert abs(draws[:, 1].mean() - 100) < 3  # data units: the standardisation is in the model
+    again = run("sample", "model.pt", "-n", "500", "--seed", "1", cwd=workdir)
+    assert again.stdout == sample.stdout
+    score = run("score", "model.pt", "plain.csv", cwd=workdir)
+    logp = np.loadtxt(score.stdout.splitlines())
+    assert score.returncode == 0
+    assert logp.shape == (400,)
+    assert np.isfinite(logp).all()
+    assert "mean log p(x)" in score.stderr
+    # N(0,1) x N(100, 10^2): about -1.42 - 3.22 nats per row
+    assert abs(logp.mean() - (-0.5 * np.log(2 * np.pi * np.e) * 2 - np.log(10))) < 0.3
+    run("sample", "model.pt", "-n", "7", "--out", "s.npy", cwd=workdir)
+    assert np.load(workdir / "s.npy").shape == (7, 2)
+
+
+def one_line_error(result, *fragments):
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("pyroflows: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "fragments"),
+    [
+        ("missing.csv", None, ["missing.csv: no such file"]),
+        ("empty.csv", "", ["the file is empty"]),
+        ("words.csv", "a,b\n1,2\n3,x\n", ["row 3, column 2", "'x' is not a number"]),
+        ("nan.csv", "1,2\nnan,4\n", ["NaN at row 2, column 1"]),
+        ("inf.csv", "1,2\n3,-inf\n", ["inf at row 2, column 2"]),
+        ("ragged.csv", "1,2\n3,4,5\n", ["row 2 has 3 column(s), expected 2"]),
+    ],
+)
+def test_bad_data_for_fit(workdir, name, content, fragments):
+    if content is not None:
+        (workdir / name).write_text(content)
+    one_line_error(run("fit", name, "--out", "never.pt", *FAST, cwd=workdir), *fragments)
+    assert not (workdir / "never.pt").exists()
+
+
+def test_bad_data_for_score(workdir):
+    (workdir / "three.csv").write_text("1,2,3\n4,5,6\n")
+    one_line_error(run("score", "model.pt", "three.csv", cwd=workdir), "3 columns", "fitted to 2")
+    (workdir / "nan2.csv").write_text("1,2\nnan,4\n")
+    one_line_error(run("score", "model.pt", "nan2.csv", cwd=workdir), "NaN at row 2, column 1")
+    one_line_error(run("score", "nothere.pt", "plain.csv", cwd=workdir), "no such model file")
+    (workdir / "fake.pt").write_text("not a model")
+    one_line_error(run("info", "fake.pt", cwd=workdir), "not a readable pyroflows model file")
+
+
+def test_never_overwrites_a_model_without_force(workdir):
+    before = (workdir / "model.pt").read_bytes()
+    one_line_error(run("fit", "data.csv", "--out", "model.pt", *FAST, cwd=workdir), "--force")
+    assert (workdir / "model.pt").read_bytes() == before
+    run("fit", "data.csv", "--out", "copy.pt", *FAST, cwd=workdir)
+    forced = run(
+        "fit", "data.csv", "--out", "copy.pt", "--force", *FAST, "--seed", "3", cwd=workdir
+    )
+    assert forced.returncode == 0
+
+
+def test_bad_options(workdir):
+    one_line_error(
+        run("fit", "data.csv", "--out", "x.pt", "--activation", "swish", cwd=workdir), "activation"
+    )
+    bad = run("fit", "data.csv", "--out", "x.pt", "--hidden", "a,b", cwd=workdir)
+    assert bad.returncode == 2
+    assert "layer sizes" in bad.stderr
+    one_line_error(run("sample", "model.pt", "-n", "0", cwd=workdir), "-n must be")
+
+
+def test_ctrl_c_leaves_a_resumable_checkpoint(workdir):
+    rng = np.random.default_rng(1)
+    np.savetxt(workdir / "big.csv", rng.normal(size=(3000, 3)), delimiter=",")
+    args = [
+        "fit",
+        "big.csv",
+        "--flow",
+        "maf",
+        "--transforms",
+        "2",
+        "--hidden",
+        "16",
+        "--epochs",
+        "25",
+        "--patience",
+        "100",
+        "--batch-size",
+        "32",
+        "--checkpoint-every",
+        "1",
+        "--quiet",
+    ]
+    whole = run(*args, "--out", "whole.pt", cwd=workdir)
+    assert whole.returncode == 0, whole.stderr
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pyroflows", *args, "--out", "parted.pt"],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    checkpoint = workdir / "parted.pt.ckpt" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "--resume" in err
+    assert checkpoint.exists()
+    assert not (workdir / "parted.pt").exists()
+
+    resumed = run(*args, "--out", "parted.pt", "--resume", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    a = run("score", "whole.pt", "big.csv", cwd=workdir).stdout
+    b = run("score", "parted.pt", "big.csv", cwd=workdir).stdout
+    assert a == b

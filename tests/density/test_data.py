@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+import torch
+
+from pyroflows.density.data import DataError, as_rows, read_table
+
+LIKE = torch.zeros(())
+
+
+def test_as_rows_converts_arrays_and_refuses_tensor_casts():
+    rows = as_rows(np.arange(6.0).reshape(3, 2), "data", LIKE, dim=2)
+    assert rows.dtype == torch.float32
+    assert rows.shape == (3, 2)
+    with pytest.raises(TypeError, match="float64.*no silent cast"):
+        as_rows(torch.zeros(3, 2, dtype=torch.float64), "data", LIKE)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (np.zeros(3), r"shape \(N, D\)"),
+        (np.zeros((0, 2)), "no rows"),
+        (np.zeros((2, 3)), "2 columns"),
+        (np.array([[0.0, np.nan], [1.0, 1.0]]), "row 0, column 1"),
+        (np.array([[0.0, 1.0], [np.inf, 1.0]]), "NaN or inf"),
+        ([["a", "b"]], "numeric"),
+    ],
+)
+def test_as_rows_errors(data, message):
+    with pytest.raises(DataError, match=message):
+        as_rows(data, "data", LIKE, dim=2)
+
+
+def test_read_csv_with_and_without_header(tmp_path):
+    (tmp_path / "h.csv").write_text("x,y\n1,2\n3,4.5\n\n")
+    values, columns = read_table(tmp_path / "h.csv")
+    assert columns == ["x", "y"]
+    assert np.array_equal(values, [[1, 2], [3, 4.5]])
+    (tmp_path / "n.csv").write_text("1,2\n-3e2,4\n")
+    values, columns = read_table(tmp_path / "n.csv")
+    assert columns is None
+    assert np.array_equal(values, [[1, 2], [-300, 4]])
+
+
+def test_read_npy_one_and_two_d(tmp_path):
+    np.save(tmp_path / "a.npy", np.arange(4.0))
+    assert read_table(tmp_path / "a.npy")[0].shape == (4, 1)
+    np.save(tmp_path / "b.npy", np.ones((3, 2), dtype=np.int32))
+    assert read_table(tmp_path / "b.npy")[0].dtype == np.float64
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("e.csv", "", "empty"),
+        ("h.csv", "a,b\n", "header but no data rows"),
+        ("r.csv", "1,2\n3\n", "row 2 has 1 column"),
+        ("c.csv", "a,b\n1,2\n3,oops\n", r"row 3, column 2: 'oops' is not a number"),
+        ("n.csv", "1,2\n3,nan\n", "NaN at row 2, column 2"),
+        ("i.csv", "1,inf\n", "inf at row 1, column 2"),
+    ],
+)
+def test_read_csv_errors(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_table(tmp_path / name)
+
+
+def test_read_missing_and_bad_npy(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        read_table(tmp_path / "missing.csv")
+    np.save(tmp_path / "s.npy", np.array(["a", "b"]))
+    with pytest.raises(DataError, match="numeric"):
+        read_table(tmp_path / "s.npy")
+    np.save(tmp_path / "t.npy", np.zeros((2, 2, 2)))
+    with pytest.raises(DataError, match="2-D"):
+        read_table(tmp_path / "t.npy")

@@ -1,0 +1,283 @@
+import math
+import signal
+
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+import pyroflows
+from pyroflows.density import History, fit
+from pyroflows.density.standardize import standardization_of
+
+
+def mixture() -> dist.MixtureSameFamily:
+    means = torch.tensor([[1.5, 1.5], [-1.5, -1.5]])
+    components = dist.Normal(means, 0.5).to_event(1)
+    return dist.MixtureSameFamily(dist.Categorical(torch.ones(2)), components)
+
+
+def small_flow(seed: int = 0, dim: int = 2, **options) -> pyroflows.Flow:
+    torch.manual_seed(seed)
+    options = {"transforms": 2, "hidden": (16,), **options}
+    return pyroflows.maf(dim, **options)
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_recovers_quickstart_mixture():
+    torch.manual_seed(0)
+    truth = mixture()
+    x_train, x_test = truth.sample((4000,)), truth.sample((5000,))
+    flow = pyroflows.maf(2, transforms=3, hidden=(32, 32), activation=nn.ELU)
+    history = fit(flow, x_train, validation=0.2, lr=5e-3, seed=0, progress=False)
+    with torch.no_grad():
+        gap = (truth.log_prob(x_test) - flow().log_prob(x_test)).mean().item()
+    assert 0 <= history.best_epoch <= history.epochs <= 200
+    assert abs(gap) < 0.05, f"held-out NLL is {gap:.4f} nats above the truth"
+
+
+def test_scores_are_in_data_units():
+    # data far from the origin and on a large scale: the standardisation layer takes it
+    torch.manual_seed(1)
+    x = 1000.0 + 50.0 * torch.randn(2000, 2)
+    flow = small_flow()
+    fit(flow, x, epochs=30, lr=1e-2, seed=0, progress=False)
+    layer = standardization_of(flow)
+    assert torch.allclose(layer.loc, x[: layer.loc.numel()].new_tensor([1000.0, 1000.0]), atol=5)
+    truth = dist.Normal(1000.0, 50.0).expand([2]).to_event(1)
+    x_test = 1000.0 + 50.0 * torch.randn(2000, 2)
+    with torch.no_grad():
+        gap = (truth.log_prob(x_test) - flow().log_prob(x_test)).mean().item()
+        draws = flow().sample((4000,))
+    assert abs(gap) < 0.05
+    assert torch.allclose(draws.mean(0), torch.tensor([1000.0, 1000.0]), atol=5)
+    assert torch.allclose(draws.std(0), torch.tensor([50.0, 50.0]), rtol=0.1)
+
+
+def test_early_stopping_stops_and_restores_best_weights():
+    torch.manual_seed(2)
+    truth = mixture()
+    x_train, x_val = truth.sample((60,)), truth.sample((500,))
+    flow = pyroflows.maf(2, transforms=4, hidden=(128, 128))  # over-fits 60 points
+    history = fit(
+        flow,
+        x_train,
+        validation=x_val,
+        lr=1e-2,
+        patience=5,
+        schedule=None,
+        seed=0,
+        progress=False,
+    )
+    assert history.stopped_early
+    assert history.epochs < 200
+    assert history.epochs == history.best_epoch + 5
+    assert history.best_val_nll == min(history.val_nll)
+    assert history.val_nll[-1] > history.best_val_nll
+    with torch.no_grad():
+        now = -flow().log_prob(x_val).mean().item()
+    assert now == pytest.approx(history.best_val_nll, rel=1e-5)
+
+
+def test_history_and_cosine_schedule():
+    torch.manual_seed(3)
+    x = torch.randn(300, 2)
+    history = fit(small_flow(), x, epochs=6, schedule="cosine", patience=None, progress=False)
+    assert isinstance(history, History)
+    assert history.epochs == 6
+    assert len(history.train_nll) == len(history.val_nll) == 6
+    assert all(a > b for a, b in zip(history.lr, history.lr[1:], strict=False))
+    assert not history.stopped_early
+    assert history.seconds > 0
+    assert set(history.as_dict()) >= {"train_nll", "val_nll", "best_epoch"}
+
+
+def test_without_validation_the_training_nll_decides():
+    torch.manual_seed(4)
+    history = fit(small_flow(), torch.randn(200, 2), validation=None, epochs=4, progress=False)
+    assert history.val_nll == []
+    assert history.best_val_nll == min(history.train_nll)
+
+
+def test_dequantize_fits_the_noisy_data():
+    torch.manual_seed(5)
+    counts = torch.poisson(torch.full((3000, 2), 6.0))
+    flow = small_flow()
+    fit(flow, counts, validation=None, dequantize=True, epochs=40, lr=1e-2, seed=0, progress=False)
+    assert torch.allclose(standardization_of(flow).loc, counts.mean(0) + 0.5)
+    with torch.no_grad():
+        draws = flow().sample((20000,))
+    # x + U[0, 1): mean + 1/2, variance + 1/12
+    assert torch.allclose(draws.mean(0), counts.mean(0) + 0.5, atol=0.1)
+    assert torch.allclose(draws.var(0), counts.var(0) + 1 / 12, rtol=0.1)
+
+
+def test_same_seed_same_result():
+    x = torch.randn(400, 2)
+    a, b = small_flow(seed=7), small_flow(seed=7)
+    fit(a, x, epochs=3, seed=11, progress=False)
+    fit(b, x, epochs=3, seed=11, progress=False)
+    assert same_weights(a, b)
+
+
+def test_checkpoint_is_atomic_and_safe_to_load(tmp_path):
+    flow = small_flow()
+    fit(
+        flow,
+        torch.randn(300, 2),
+        epochs=4,
+        checkpoint_every=1,
+        checkpoint_dir=tmp_path,
+        progress=False,
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["done"]
+    assert state["epoch"] == 4
+
+
+def _interrupt_after_epoch(n):
+    def callback(epoch, history):
+        if epoch == n:
+            raise KeyboardInterrupt
+
+    return callback
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+    torch.manual_seed(8)
+    x = torch.randn(700, 3) @ torch.randn(3, 3)
+    options = {"epochs": 7, "batch_size": 64, "seed": 3, "progress": False, "lr": 3e-3}
+    whole = small_flow(seed=1, dim=3)
+    expected = fit(whole, x, **options)
+
+    parted = small_flow(seed=1, dim=3)
+    with pytest.raises(KeyboardInterrupt):
+        fit(parted, x, checkpoint_dir=tmp_path, callback=_interrupt_after_epoch(3), **options)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["batch"], state["done"]) == (3, 0, False)
+
+    resumed = small_flow(seed=99, dim=3)  # other initial weights: the checkpoint replaces them
+    history = fit(resumed, x, checkpoint_dir=tmp_path, resume=True, **options)
+    assert same_weights(resumed, whole)
+    assert history.val_nll == expected.val_nll
+    assert history.train_nll == expected.train_nll
+    assert history.best_epoch == expected.best_epoch
+
+    again = small_flow(seed=5, dim=3)  # a finished checkpoint just gives its result back
+    assert fit(again, x, checkpoint_dir=tmp_path, resume=True, **options).epochs == 7
+    assert same_weights(again, whole)
+
+
+def test_ctrl_c_mid_epoch_checkpoints_at_the_batch_boundary(tmp_path):
+    torch.manual_seed(9)
+    x = torch.randn(640, 2)
+    options = {"epochs": 3, "batch_size": 64, "seed": 2, "progress": False}
+    whole = small_flow(seed=1)
+    fit(whole, x, **options)
+
+    parted = small_flow(seed=1)
+    calls = {"n": 0}
+
+    def send_sigint(module, inputs):
+        calls["n"] += 1
+        if calls["n"] == 14:  # inside the second epoch's fourth batch
+            signal.raise_signal(signal.SIGINT)
+
+    hook = parted.transforms[0].conditioner.register_forward_pre_hook(send_sigint)
+    with pytest.raises(KeyboardInterrupt):
+        fit(parted, x, checkpoint_dir=tmp_path, **options)
+    hook.remove()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert 0 < state["batch"] < 10
+
+    resumed = small_flow(seed=4)
+    fit(resumed, x, checkpoint_dir=tmp_path, resume=True, **options)
+    assert same_weights(resumed, whole)
+
+
+def test_resume_refuses_other_data(tmp_path):
+    fit(small_flow(), torch.randn(100, 2), epochs=2, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="other data"):
+        fit(
+            small_flow(),
+            torch.randn(120, 2),
+            epochs=2,
+            checkpoint_dir=tmp_path,
+            resume=True,
+            progress=False,
+        )
+
+
+def test_progress_bar_goes_to_stderr(capsys):
+    fit(small_flow(), torch.randn(100, 2), epochs=2, progress=True)
+    assert "epoch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"epochs": 0}, ValueError, "epochs"),
+        ({"batch_size": 1.5}, TypeError, "batch_size"),
+        ({"lr": -1}, ValueError, "lr"),
+        ({"validation": 1.5}, ValueError, "validation"),
+        ({"schedule": "linear"}, ValueError, "schedule"),
+        ({"resume": True}, ValueError, "checkpoint_dir"),
+        ({"clip_grad": 0}, ValueError, "clip_grad"),
+    ],
+)
+def test_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        fit(small_flow(), torch.randn(50, 2), progress=False, **kwargs)
+
+
+def test_bad_flow_and_data():
+    with pytest.raises(TypeError, match="pyroflows.Flow"):
+        fit(nn.Linear(2, 2), torch.randn(5, 2))
+    with pytest.raises(ValueError, match="unconditional"):
+        fit(pyroflows.maf(2, context=3), torch.randn(5, 2))
+    with pytest.raises(TypeError, match="no silent cast"):
+        fit(small_flow(), torch.randn(5, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="2 columns.*got 3"):
+        fit(small_flow(), torch.randn(5, 3))
+    flow = small_flow()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fit(flow, torch.tensor([[0.0, math.nan], [1.0, 2.0]]))
+
+
+def test_non_finite_loss_restores_best_weights():
+    x = torch.randn(256, 2)
+    flow = small_flow(clamp=None)
+    epochs = {"n": 0}
+
+    def schedule(optimizer):
+        class Explode:
+            def step(self):  # after epoch 2, a learning rate no flow survives
+                epochs["n"] += 1
+                if epochs["n"] == 2:
+                    for group in optimizer.param_groups:
+                        group["lr"] = 1e12
+
+            def state_dict(self):
+                return {}
+
+        return Explode()
+
+    with pytest.raises(FloatingPointError, match="epoch 3"):
+        fit(
+            flow,
+            x,
+            validation=None,
+            epochs=10,
+            batch_size=32,
+            schedule=schedule,
+            standardize=False,
+            progress=False,
+        )
+    assert all(torch.isfinite(p).all() for p in flow.parameters())
+    assert torch.isfinite(flow().log_prob(x)).all()

@@ -1,0 +1,94 @@
+import os
+import pickle
+
+import pytest
+import torch
+
+from pyroflows.density import ModelFileError, build, fit, load, save
+from pyroflows.density.standardize import standardization_of
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("maf", {"transforms": 2, "hidden": [8], "permutation": "random"}),
+        ("nsf", {"transforms": 2, "hidden": [8], "bins": 4, "permutation": "random"}),
+        ("nsf", {"transforms": 2, "hidden": [8], "autoregressive": "maf"}),
+        ("realnvp", {"transforms": 2, "hidden": [8], "activation": "elu", "dtype": "float64"}),
+        ("nice", {"transforms": 2, "hidden": [8]}),
+    ],
+)
+def test_round_trip_gives_the_same_density(tmp_path, name, options):
+    torch.manual_seed(0)
+    flow = build(name, 3, options)
+    like = flow.base_loc
+    x = torch.randn(400, 3, dtype=like.dtype) * 3 + 1
+    fit(flow, x, epochs=2, seed=0, progress=False)
+    path = save(
+        tmp_path / "m.pt",
+        flow,
+        name=name,
+        options=options,
+        standardize=True,
+        columns=["a", "b", "c"],
+    )
+    loaded, info = load(path)
+    assert info["flow"] == name
+    assert info["dim"] == 3
+    assert info["columns"] == ["a", "b", "c"]
+    assert loaded.base_loc.dtype == like.dtype
+    assert standardization_of(loaded) is not None
+    with torch.no_grad():
+        assert torch.allclose(loaded().log_prob(x), flow().log_prob(x), atol=1e-5)
+        torch.manual_seed(1)
+        a = flow().sample((5,))
+        torch.manual_seed(1)
+        b = loaded().sample((5,))  # sampling runs the (D-pass) inverse: orders must match
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_never_overwrites_without_force(tmp_path):
+    flow = build("maf", 2, {"transforms": 1, "hidden": [4]})
+    path = save(tmp_path / "m.pt", flow, name="maf", options={}, standardize=True)
+    with pytest.raises(FileExistsError, match="force"):
+        save(path, flow, name="maf", options={}, standardize=True)
+    save(path, flow, name="maf", options={}, standardize=True, force=True)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_refuses_files_that_could_run_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open("evil.pt", "wb") as stream:
+        pickle.dump({"format": "pyroflows-density", "payload": _RunsCode()}, stream)
+    torch.save({"format": "pyroflows-density", "payload": _RunsCode()}, "evil2.pt")
+    for name in ("evil.pt", "evil2.pt"):
+        with pytest.raises(ModelFileError, match="refused it unread"):
+            load(name)
+    assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_other_bad_files(tmp_path):
+    with pytest.raises(ModelFileError, match="no such model file"):
+        load(tmp_path / "missing.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ModelFileError, match="not a pyroflows model file"):
+        load(tmp_path / "other.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(ModelFileError, match="not a readable"):
+        load(tmp_path / "text.pt")
+
+
+def test_build_errors():
+    with pytest.raises(ValueError, match="flow must be one of"):
+        build("glow", 2)
+    with pytest.raises(ValueError, match="activation"):
+        build("maf", 2, {"activation": "swish"})
+    with pytest.raises(ValueError, match="dtype"):
+        build("maf", 2, {"dtype": "float16"})
+    with pytest.raises(ValueError, match="bad options"):
+        build("maf", 2, {"bins": 4})
+    assert build("nsf", 1).dim == 1  # falls back to the autoregressive spline

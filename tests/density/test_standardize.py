@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+import pyroflows
+from pyroflows.density.standardize import (
+    Standardization,
+    add_standardization,
+    moments,
+    standardization_of,
+)
+
+
+def test_log_det_matches_autograd_and_round_trip():
+    t = Standardization(3).double()
+    t.set(torch.tensor([1.0, -2.0, 0.5]), torch.tensor([2.0, 0.1, 7.0]))
+    u = torch.randn(3, dtype=torch.float64)
+    x = t(u)
+    jac = torch.autograd.functional.jacobian(lambda v: t.loc + t.scale * v, u)
+    assert torch.allclose(jac, torch.autograd.functional.jacobian(t, u))
+    assert torch.allclose(t.log_abs_det_jacobian(u, x), torch.linalg.slogdet(jac)[1])
+    assert torch.allclose(t.inv(x), u)
+
+
+def test_appended_layer_scores_in_data_units():
+    torch.manual_seed(0)
+    flow = pyroflows.maf(2, transforms=1, hidden=(8,))
+    x = torch.randn(5, 2)
+    before = flow().log_prob(x)
+    layer = add_standardization(flow)
+    assert standardization_of(flow) is layer
+    assert add_standardization(flow) is layer
+    loc, scale = torch.tensor([3.0, -1.0]), torch.tensor([2.0, 0.5])
+    layer.set(loc, scale)
+    # p_X(m + s z) = p_Z(z) / prod(s)
+    after = flow().log_prob(loc + scale * x)
+    assert torch.allclose(after, before - scale.log().sum(), atol=1e-5)
+
+
+def test_moments_dequantize_and_constant_columns():
+    data = torch.tensor([[0.0, 5.0], [2.0, 5.0], [4.0, 5.0]])
+    mean, sd = moments(data)
+    assert torch.allclose(mean, torch.tensor([2.0, 5.0]))
+    assert torch.allclose(sd, torch.tensor([(8 / 3) ** 0.5, 1.0]))  # constant column: sd 1
+    mean_q, sd_q = moments(data, dequantize=True)
+    assert torch.allclose(mean_q, mean + 0.5)
+    assert torch.allclose(sd_q[0], torch.tensor(8 / 3 + 1 / 12).sqrt())
+
+
+def test_set_rejects_bad_scale():
+    t = Standardization(2)
+    with pytest.raises(ValueError, match="shape"):
+        t.set(torch.zeros(3), torch.ones(3))
+    with pytest.raises(ValueError, match="positive"):
+        t.set(torch.zeros(2), torch.tensor([1.0, 0.0]))

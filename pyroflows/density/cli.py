@@ -126,8 +126,14 @@ def _fit(args: argparse.Namespace) -> None:
     except (TypeError, ValueError) as error:
         raise _Failure(str(error)) from None
     checkpoints = out.with_name(out.name + ".ckpt")
-    if not args.resume and (checkpoints / "checkpoint.pt").exists():
-        (checkpoints / "checkpoint.pt").unlink()  # a fresh fit starts a fresh series
+    previous = checkpoints / "checkpoint.pt"
+    if not args.resume and previous.exists():
+        if not args.force and not _finished(previous):
+            raise _Failure(
+                f"{previous} holds an unfinished fit; pass --resume to continue it, or "
+                f"--force to start afresh (and discard it)"
+            )
+        previous.unlink()  # a fresh fit starts a fresh series
     try:
         history = fit(
             flow,
@@ -144,7 +150,7 @@ def _fit(args: argparse.Namespace) -> None:
             checkpoint_every=args.checkpoint_every,
             resume=args.resume,
         )
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, FloatingPointError) as error:
         raise _Failure(str(error)) from None
     except KeyboardInterrupt:
         print(
@@ -165,12 +171,23 @@ def _fit(args: argparse.Namespace) -> None:
         force=True,
     )
     dim = values.shape[1]
-    score = history.val_nll[history.best_epoch - 1] if history.val_nll else history.best_val_nll
+    score = history.best_val_nll  # the best epoch's validation (or, without, training) NLL
+    kind = "validation" if history.val_nll else "training"
     print(
         f"fitted {args.flow} to {values.shape[0]} rows x {dim} columns in {history.epochs} "
-        f"epochs ({history.seconds:.1f} s); best epoch {history.best_epoch}, validation NLL "
+        f"epochs ({history.seconds:.1f} s); best epoch {history.best_epoch}, {kind} NLL "
         f"{score:.4f} nats/row ({score / dim:.4f} per dim); wrote {out}"
     )
+
+
+def _finished(checkpoint: Path) -> bool:
+    """Whether a checkpoint file records a completed fit (unreadable: treated as not)."""
+    import torch
+
+    try:
+        return bool(torch.load(checkpoint, weights_only=True, map_location="cpu")["done"])
+    except Exception:
+        return False
 
 
 def _load(path: str):
@@ -251,8 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     except (_Failure, DataError, ModelFileError, FileExistsError) as error:
         print(f"pyroflows: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except BrokenPipeError:  # e.g. `pyroflows sample ... | head`
-        sys.stderr.close()
+    except OSError as error:  # an --out path in a missing folder, no permission, disk full
+        if isinstance(error, BrokenPipeError):
+            sys.stderr.close()
+            return 0
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"pyroflows: error: {where}{error.strerror or error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
 
 

@@ -105,7 +105,7 @@ def _read_npy(path: Path) -> np.ndarray:
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise DataError(f"{path}: the array is empty (shape {array.shape})")
     values = np.asarray(array, dtype=np.float64)
-    _check_finite(values, path, header=False)
+    _check_finite(values, path, None)
     return values
 
 
@@ -117,39 +117,50 @@ def _number(cell: str) -> float | None:
 
 
 def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
-    with open(path, newline="") as handle:
-        rows = [row for row in csv.reader(handle) if any(cell.strip() for cell in row)]
+    # rows are numbered by their line in the file (blank lines count, as in an editor);
+    # utf-8-sig drops the byte-order mark that spreadsheet exports put first
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            rows, lines = [], []
+            for row in reader:
+                if any(cell.strip() for cell in row):
+                    rows.append(row)
+                    lines.append(reader.line_num)
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a text CSV file (not UTF-8); expected CSV or .npy") from None
+    except csv.Error as error:
+        raise DataError(f"{path}: not a readable CSV file ({error})") from None
     if not rows:
         raise DataError(f"{path}: the file holds no data rows")
     header = None
     if all(_number(cell) is None for cell in rows[0]):
         header = [cell.strip() for cell in rows[0]]
-        rows = rows[1:]
+        rows, lines = rows[1:], lines[1:]
         if not rows:
             raise DataError(f"{path}: the file has a header but no data rows")
     width = len(header) if header is not None else len(rows[0])
-    offset = 2 if header is not None else 1  # file line of rows[0], counting from 1
     values = np.empty((len(rows), width))
     for i, row in enumerate(rows):
         if len(row) != width:
             raise DataError(
-                f"{path}: row {i + offset} has {len(row)} column(s), expected {width} (ragged rows)"
+                f"{path}: row {lines[i]} has {len(row)} column(s), expected {width} (ragged rows)"
             )
         for j, cell in enumerate(row):
             number = _number(cell)
             if number is None:
                 raise DataError(
-                    f"{path}: row {i + offset}, column {j + 1}: {cell.strip()!r} is not a number"
+                    f"{path}: row {lines[i]}, column {j + 1}: {cell.strip()!r} is not a number"
                 )
             values[i, j] = number
-    _check_finite(values, path, header=header is not None)
+    _check_finite(values, path, lines)
     return values, header
 
 
-def _check_finite(values: np.ndarray, path: Path, header: bool) -> None:
+def _check_finite(values: np.ndarray, path: Path, lines: list[int] | None) -> None:
     bad = ~np.isfinite(values)
     if bad.any():
         row, col = (int(i) for i in np.argwhere(bad)[0])
         kind = "NaN" if math.isnan(values[row, col]) else "inf"
-        where = f"row {row + 1 + int(header)}, column {col + 1}"
+        where = f"row {lines[row] if lines is not None else row + 1}, column {col + 1}"
         raise DataError(f"{path}: {kind} at {where}; every value must be finite")

@@ -81,6 +81,7 @@ class _Interrupt:
 
     def __init__(self) -> None:
         self.raised = False
+        self.forced = False  # a second Ctrl-C: state may be mid-update, write no checkpoint
         self._previous: Any = None
 
     def __enter__(self) -> _Interrupt:
@@ -90,6 +91,7 @@ class _Interrupt:
 
     def _handle(self, signum, frame) -> None:
         if self.raised:  # a second Ctrl-C: stop now, whatever the state
+            self.forced = True
             raise KeyboardInterrupt
         self.raised = True
 
@@ -103,6 +105,9 @@ def _save_atomic(state: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # as open() would make it, not mkstemp's 0600
         with os.fdopen(handle, "wb") as stream:
             torch.save(state, stream)
             stream.flush()
@@ -265,6 +270,15 @@ def fit(
 
     like = flow.base_loc
     data = as_rows(data, "data", like, flow.dim)
+    path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
+    state = None
+    if resume and path.exists():
+        # on the CPU: the generator state must stay there; load_state_dict moves the rest
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        if state.get("format") != "pyroflows-checkpoint":
+            raise ValueError(f"{path} is not a pyroflows checkpoint")
+        if seed is None:
+            seed = state["seed"]  # the same split and batches as the interrupted fit
     if seed is None:
         seed = int(torch.randint(2**62, ()).item())
     generator = torch.Generator().manual_seed(seed)
@@ -281,9 +295,7 @@ def fit(
     bad_epochs, start_epoch, start_batch, order, partial = 0, 0, 0, None, [0.0, 0]
     fingerprint = [int(train.shape[0]), int(flow.dim), int(batch_size), float(train.sum())]
 
-    path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
-    if resume and path.exists():
-        state = torch.load(path, weights_only=True, map_location=like.device)
+    if state is not None:
         if state["fingerprint"][:3] != fingerprint[:3] or not math.isclose(
             state["fingerprint"][3], fingerprint[3], rel_tol=1e-6, abs_tol=1e-6
         ):
@@ -292,7 +304,13 @@ def fit(
                 f"(rows, dim, batch size: {state['fingerprint'][:3]}, now {fingerprint[:3]}); "
                 f"pass resume=False to start afresh"
             )
-        flow.load_state_dict(state["flow"])
+        try:
+            flow.load_state_dict(state["flow"])
+        except RuntimeError:
+            raise ValueError(
+                f"the checkpoint in {checkpoint_dir} was written for a flow of another "
+                f"architecture; build the flow as it was, or pass resume=False to start afresh"
+            ) from None
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])
@@ -325,6 +343,7 @@ def fit(
             "partial": partial,
             "done": done,
             "fingerprint": fingerprint,
+            "seed": seed,
         }
         _save_atomic(state, path)
 
@@ -346,8 +365,9 @@ def fit(
     def tick() -> None:
         history.seconds = seconds_before + time.perf_counter() - clock
 
+    interrupt = _Interrupt()
     try:
-        with _Interrupt() as interrupt:
+        with interrupt:
             flow.train()
             for epoch in range(start_epoch, epochs):
                 if order is None:
@@ -416,7 +436,8 @@ def fit(
             checkpoint(history.epochs, 0, done=True)
     except KeyboardInterrupt:
         tick()
-        checkpoint(*position)
+        if not interrupt.forced:  # a forced stop keeps the last checkpoint, which is exact
+            checkpoint(*position)
         restore_best()
         raise
     finally:

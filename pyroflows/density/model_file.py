@@ -158,12 +158,19 @@ def load(path: str | os.PathLike) -> tuple[Flow, dict[str, Any]]:
         raise ModelFileError(
             f"{path}: model file version {state.get('version')}, this pyroflows reads {VERSION}"
         )
-    flow = build(state["flow"], state["dim"], state["options"], standardize=state["standardize"])
     try:
+        flow = build(
+            state["flow"], state["dim"], state["options"], standardize=state["standardize"]
+        )
         flow.load_state_dict(state["state_dict"])
+    except KeyError as error:
+        raise ModelFileError(f"{path}: the model file lacks the entry {error}") from None
+    except (TypeError, ValueError) as error:
+        raise ModelFileError(f"{path}: the flow it describes cannot be built: {error}") from None
     except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
         raise ModelFileError(
-            f"{path}: weights do not match the flow it describes: {error}"
+            f"{path}: weights do not match the flow it describes: {first}"
         ) from None
     flow.eval()
     info = {k: v for k, v in state.items() if k != "state_dict"}

@@ -99,5 +99,6 @@ def moments(data: torch.Tensor, dequantize: bool = False) -> tuple[torch.Tensor,
         mean = mean + 0.5
         var = var + 1.0 / 12.0
     sd = var.sqrt()
-    tiny = torch.finfo(data.dtype).eps * (1.0 + mean.abs())
+    # constant columns (sd at rounding level relative to the mean) keep sd 1
+    tiny = (torch.finfo(data.dtype).eps * mean.abs()).clamp_min(torch.finfo(data.dtype).tiny)
     return mean, torch.where(sd > tiny, sd, torch.ones_like(sd))

@@ -98,6 +98,39 @@ def test_bad_data_for_fit(workdir, name, content, fragments):
     assert not (workdir / "never.pt").exists()
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "fragments"),
+    [
+        ("s_missing.csv", None, ["s_missing.csv: no such file"]),
+        ("s_empty.csv", "", ["the file is empty"]),
+        ("s_words.csv", "1,2\n3,y\n", ["row 2, column 2", "'y' is not a number"]),
+        ("s_inf.csv", "1,2\ninf,4\n", ["inf at row 2, column 1"]),
+        ("s_ragged.csv", "1,2\n3\n", ["row 2 has 1 column(s), expected 2"]),
+        ("s_binary.csv", b"\x80\x81\xfe", ["not a text CSV file"]),
+    ],
+)
+def test_bad_data_for_score_each_case(workdir, name, content, fragments):
+    if isinstance(content, bytes):
+        (workdir / name).write_bytes(content)
+    elif content is not None:
+        (workdir / name).write_text(content)
+    one_line_error(run("score", "model.pt", name, cwd=workdir), *fragments)
+
+
+def test_score_reads_npy_and_bad_paths_get_one_line(workdir):
+    npy = run("score", "model.pt", "data.npy", cwd=workdir)
+    csv = run("score", "model.pt", "plain.csv", cwd=workdir)
+    assert npy.returncode == 0
+    assert npy.stdout == csv.stdout
+    one_line_error(
+        run("sample", "model.pt", "-n", "3", "--out", "nodir/s.csv", cwd=workdir), "nodir/s.csv"
+    )
+    one_line_error(
+        run("fit", "data.csv", "--out", "boom.pt", *FAST, "--lr", "1e30", "--force", cwd=workdir),
+        "training loss",
+    )
+
+
 def test_bad_data_for_score(workdir):
     (workdir / "three.csv").write_text("1,2,3\n4,5,6\n")
     one_line_error(run("score", "model.pt", "three.csv", cwd=workdir), "3 columns", "fitted to 2")
@@ -171,6 +204,9 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(workdir):
     assert "--resume" in err
     assert checkpoint.exists()
     assert not (workdir / "parted.pt").exists()
+    # the same command without --resume refuses to throw the unfinished fit away
+    one_line_error(run(*args, "--out", "parted.pt", cwd=workdir), "--resume", "--force")
+    assert checkpoint.exists()
 
     resumed = run(*args, "--out", "parted.pt", "--resume", cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr

@@ -75,3 +75,19 @@ def test_read_missing_and_bad_npy(tmp_path):
     np.save(tmp_path / "t.npy", np.zeros((2, 2, 2)))
     with pytest.raises(DataError, match="2-D"):
         read_table(tmp_path / "t.npy")
+
+
+def test_csv_rows_are_numbered_by_file_line_and_odd_files_are_refused(tmp_path):
+    (tmp_path / "gap.csv").write_text("1,2\n\n3,x\n")
+    with pytest.raises(DataError, match="row 3, column 2"):
+        read_table(tmp_path / "gap.csv")
+    (tmp_path / "gapnan.csv").write_text("a,b\n1,2\n\n3,nan\n")
+    with pytest.raises(DataError, match="NaN at row 4, column 2"):
+        read_table(tmp_path / "gapnan.csv")
+    (tmp_path / "bom.csv").write_bytes("\ufeff1,2\n3,4\n".encode())
+    values, columns = read_table(tmp_path / "bom.csv")
+    assert columns is None
+    assert np.array_equal(values, [[1, 2], [3, 4]])
+    (tmp_path / "binary.csv").write_bytes(bytes(range(128, 256)))
+    with pytest.raises(DataError, match="not a text CSV file"):
+        read_table(tmp_path / "binary.csv")

@@ -281,3 +281,73 @@ def test_non_finite_loss_restores_best_weights():
         )
     assert all(torch.isfinite(p).all() for p in flow.parameters())
     assert torch.isfinite(flow().log_prob(x)).all()
+
+
+def test_resume_without_a_seed_reuses_the_checkpoints_seed(tmp_path):
+    torch.manual_seed(11)
+    x = torch.randn(400, 2)
+    options = {"epochs": 5, "batch_size": 64, "progress": False}
+    parted = small_flow(seed=1)
+    with pytest.raises(KeyboardInterrupt):
+        fit(parted, x, checkpoint_dir=tmp_path, callback=_interrupt_after_epoch(2), **options)
+    seed = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["seed"]
+    resumed = small_flow(seed=7)
+    history = fit(resumed, x, checkpoint_dir=tmp_path, resume=True, **options)
+    whole = small_flow(seed=1)
+    expected = fit(whole, x, seed=seed, **options)
+    assert history.val_nll == expected.val_nll
+    assert same_weights(resumed, whole)
+
+
+def test_resume_refuses_another_architecture(tmp_path):
+    x = torch.randn(100, 2)
+    fit(small_flow(), x, epochs=2, seed=0, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="another architecture"):
+        fit(
+            small_flow(hidden=(8,)),
+            x,
+            epochs=2,
+            seed=0,
+            checkpoint_dir=tmp_path,
+            resume=True,
+            progress=False,
+        )
+
+
+def test_checkpoints_are_written_every_n_epochs_and_readable_by_others(tmp_path):
+    seen = []
+
+    def look(epoch, history):
+        path = tmp_path / "checkpoint.pt"
+        seen.append(torch.load(path, weights_only=True)["epoch"] if path.exists() else None)
+
+    fit(small_flow(), torch.randn(200, 2), epochs=7, checkpoint_every=3, seed=0,
+        checkpoint_dir=tmp_path, callback=look, progress=False)  # fmt: skip
+    # the callback runs before the epoch's checkpoint: epochs 3 and 6 write one
+    assert seen == [None, None, None, 3, 3, 3, 6]
+    assert (tmp_path / "checkpoint.pt").stat().st_mode & 0o044 == 0o044  # umask 022
+
+
+def test_clipping_and_the_plateau_schedule_take_effect():
+    x = torch.randn(300, 2)
+    norms = []
+    flow = small_flow()
+    original = torch.nn.utils.clip_grad_norm_
+
+    def spy(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        original(parameters, max_norm, *args, **kwargs)
+        norms.append(torch.cat([p.grad.flatten() for p in parameters if p.grad is not None]).norm())
+        return norms[-1]
+
+    torch.nn.utils.clip_grad_norm_ = spy
+    try:
+        fit(flow, x, epochs=2, clip_grad=1e-3, seed=0, progress=False)
+    finally:
+        torch.nn.utils.clip_grad_norm_ = original
+    assert norms
+    assert max(norms) <= 1e-3 * 1.0001
+    # a constant validation score: the plateau schedule halves the rate after 5 epochs
+    history = fit(small_flow(), x, epochs=9, lr=1e-6, patience=None, seed=0, progress=False)
+    assert history.lr[0] == pytest.approx(1e-6)
+    assert history.lr[-1] < history.lr[0]

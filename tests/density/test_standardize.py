@@ -52,3 +52,10 @@ def test_set_rejects_bad_scale():
         t.set(torch.zeros(3), torch.ones(3))
     with pytest.raises(ValueError, match="positive"):
         t.set(torch.zeros(2), torch.tensor([1.0, 0.0]))
+
+
+def test_small_scale_columns_are_standardized_and_constant_ones_left_alone():
+    x = torch.tensor([[5e-7, 3.0], [5e-7 + 2e-8, 3.0], [5e-7 - 2e-8, 3.0]], dtype=torch.float64)
+    mean, sd = moments(x, False)
+    assert sd[0].item() == pytest.approx(x[:, 0].std(unbiased=False).item())
+    assert sd[1].item() == 1.0

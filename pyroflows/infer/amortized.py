@@ -1,0 +1,469 @@
+r"""Amortized flow posteriors for VAEs: an encoder drives a conditional flow q(z | x).
+
+The posterior of every data point is the push-forward of a diagonal Gaussian whose
+location and scale the encoder computes, through a flow conditioned on a context the
+encoder also computes (Rezende & Mohamed 2015; Kingma et al. 2016):
+
+.. math::
+    (\mu, \sigma, h) = \mathrm{enc}(x), \qquad
+    z_0 = \mu + \sigma \odot u,\ u \sim \mathcal N(0, I_d), \qquad
+    z = T_h(z_0),
+
+    \log q(z \mid x) = \log \mathcal N\big(z_0; \mu, \mathrm{diag}\,\sigma^2\big)
+                       - \log\left|\det \partial T_h / \partial z_0\right|,
+
+base to data, as every flow here. With ``flow=None`` it is the diagonal Gaussian
+:math:`\mathcal N(\mu, \mathrm{diag}\,\sigma^2)` of a plain VAE, with the same encoder.
+
+Use a flow that samples in one pass and scores its own samples from the layer caches:
+``"iaf"`` (affine) or ``"nsf"`` (spline, IAF form by default here). Each SVI step then
+costs one encoder pass and one conditioner pass per layer, and no inverse.
+
+* :class:`Encoder`: :math:`x \mapsto (\mu, \sigma, h)`.
+* :class:`AmortizedPosterior`: the encoder and the conditional flow; ``posterior(x)`` is a
+  Pyro distribution with ``batch_shape == x.shape[:-1]`` and ``event_shape == (d,)``.
+* :class:`AmortizedGuide`: the Pyro guide that samples ``z ~ q(z | x)`` inside the data
+  plate (mini-batches and subsampling work).
+* :func:`iwae_log_likelihood`: the importance-weighted estimate of :math:`\log p(x)`
+  per data point (Burda et al. 2016), batched over particles and rows.
+
+References:
+    Rezende, Mohamed (2015). Variational Inference with Normalizing Flows. ICML.
+    Kingma, Salimans, Jozefowicz, Chen, Sutskever, Welling (2016). Improved Variational
+    Inference with Inverse Autoregressive Flow. NeurIPS.
+    Burda, Grosse, Salakhutdinov (2016). Importance Weighted Autoencoders. ICLR.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.subsample_messenger import _Subsample
+from torch import nn
+from torch.nn import functional as F
+
+from pyroflows._checks import check_choice, check_hidden, check_positive_int
+from pyroflows.flows import Flow, FlowDistribution, iaf, nsf
+
+POSTERIOR_FLOWS = ("iaf", "nsf", None)
+_SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(_SOFTPLUS_ONE) == 1
+
+
+class Encoder(nn.Module):
+    r"""The amortized part of q(z | x): :math:`x \mapsto (\mu(x), \sigma(x), h(x))`.
+
+    A multilayer perceptron (or a ``body`` of your own, e.g. a convolutional net) whose
+    last hidden features feed three linear heads: the location :math:`\mu`, the scale
+    :math:`\sigma = \mathrm{softplus}(\cdot) + \sigma_{\min}` and the context :math:`h`.
+    The location head starts at 0 and the scale head at 1, so an untrained encoder gives
+    :math:`\mathcal N(0, I)`, the prior of a standard VAE.
+
+    Shapes: ``x`` is ``(*B, input_dim)`` (or whatever ``body`` takes, with ``B`` its
+    leading dims); ``loc`` and ``scale`` are ``(*B, latent_dim)``, ``context`` is
+    ``(*B, context)`` or ``None`` when ``context == 0``.
+
+    Args:
+        input_dim: features of a data point (ignored when ``body`` is given).
+        latent_dim: size ``d`` of ``z``.
+        hidden: hidden sizes of the default MLP body.
+        context: size of the flow's context ``h`` (0: none, for a Gaussian posterior).
+        activation: non-linearity class of the default body.
+        body: a module mapping ``x`` to features ``(*B, body_features)``, used instead of
+            the MLP.
+        body_features: the size of ``body``'s output (required with ``body``).
+        min_scale: the floor :math:`\sigma_{\min}` added to every scale.
+
+    Example:
+        >>> enc = Encoder(64, latent_dim=8, hidden=(32,), context=4)
+        >>> [tuple(t.shape) for t in enc(torch.zeros(5, 64))]
+        [(5, 8), (5, 8), (5, 4)]
+    """
+
+    def __init__(
+        self,
+        input_dim: int | None,
+        latent_dim: int,
+        hidden: Sequence[int] = (256,),
+        context: int = 16,
+        activation: Callable[[], nn.Module] = nn.ReLU,
+        body: nn.Module | None = None,
+        body_features: int | None = None,
+        min_scale: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        self.latent_dim = check_positive_int(latent_dim, "latent_dim")
+        self.context_features = check_positive_int(context, "context", minimum=0)
+        if not (isinstance(min_scale, (int, float)) and min_scale >= 0):
+            raise ValueError(f"min_scale must be a number >= 0, got {min_scale!r}")
+        self.min_scale = float(min_scale)
+        own_body = body is None
+        if body is None:
+            if body_features is not None:
+                raise ValueError("body_features is only for a body of your own; pass body too")
+            self.input_dim = check_positive_int(input_dim, "input_dim")
+            layers: list[nn.Module] = []
+            width = self.input_dim
+            for size in check_hidden(hidden):
+                layers += [nn.Linear(width, size), activation()]
+                width = size
+            body = nn.Sequential(*layers)
+        else:
+            if not isinstance(body, nn.Module):
+                raise TypeError(f"body must be an nn.Module, got {type(body).__name__}")
+            self.input_dim = input_dim
+            width = check_positive_int(body_features, "body_features")
+        self._own_body = own_body
+        self.body = body
+        self.loc = nn.Linear(width, self.latent_dim)
+        self.scale = nn.Linear(width, self.latent_dim)
+        self.context = nn.Linear(width, self.context_features) if self.context_features else None
+        for head in (self.loc, self.scale):
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+        nn.init.constant_(self.scale.bias, _SOFTPLUS_ONE)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Return ``(loc, scale, context)`` for the data points ``x``."""
+        if self._own_body:
+            _check_rows(x, "x", self.input_dim, self.loc.weight)
+        features = self.body(x)
+        loc = self.loc(features)
+        scale = F.softplus(self.scale(features)) + self.min_scale
+        context = self.context(features) if self.context is not None else None
+        return loc, scale, context
+
+
+def _check_rows(x: object, name: str, dim: int, like: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape (*batch, {dim}), got {type(x).__name__}"
+        )
+    if x.dim() == 0 or x.shape[-1] != dim:
+        raise ValueError(f"{name} must have shape (*batch, {dim}), got {tuple(x.shape)}")
+    if x.dtype != like.dtype:
+        raise TypeError(
+            f"{name} has dtype {x.dtype} but the encoder's parameters are {like.dtype}; no "
+            f"silent cast is made: pass {name}.to({like.dtype}) or convert the module"
+        )
+
+
+class AmortizedPosterior(nn.Module):
+    r"""q(z | x): an :class:`Encoder` and a conditional :class:`~pyroflows.Flow` (or none).
+
+    ``posterior(x)`` returns the distribution of ``z`` for every row of ``x``: a
+    :class:`~pyroflows.FlowDistribution` over the base
+    :math:`\mathcal N(\mu(x), \mathrm{diag}\,\sigma(x)^2)` through the flow conditioned on
+    :math:`h(x)` (see the module's formula), or that Gaussian itself without a flow.
+
+    Cost: one encoder pass, then the flow's sampling direction (``iaf``: one MADE pass a
+    layer); scoring the flow's own draws is free (cached), scoring other points runs the
+    flow's inverse.
+
+    Args:
+        encoder: the :class:`Encoder`; its ``context`` must equal the flow's.
+        flow: a conditional flow of size ``encoder.latent_dim``, or ``None``.
+
+    Example:
+        >>> q = amortized_posterior(64, latent_dim=8, flow="iaf", hidden=(32,))
+        >>> d = q(torch.zeros(5, 64))
+        >>> d.batch_shape, d.event_shape, d.rsample().shape
+        (torch.Size([5]), torch.Size([8]), torch.Size([5, 8]))
+    """
+
+    def __init__(self, encoder: Encoder, flow: Flow | None = None) -> None:
+        super().__init__()
+        if not isinstance(encoder, Encoder):
+            raise TypeError(f"encoder must be a pyroflows Encoder, got {type(encoder).__name__}")
+        if flow is not None:
+            if not isinstance(flow, Flow):
+                raise TypeError(f"flow must be a pyroflows.Flow or None, got {type(flow).__name__}")
+            if flow.dim != encoder.latent_dim:
+                raise ValueError(
+                    f"flow acts on dim {flow.dim} but the encoder's latent_dim is "
+                    f"{encoder.latent_dim}"
+                )
+            if flow.context_features != encoder.context_features:
+                raise ValueError(
+                    f"flow takes a context of size {flow.context_features} but the encoder "
+                    f"makes one of size {encoder.context_features}"
+                )
+        self.encoder = encoder
+        self.flow = flow
+
+    @property
+    def latent_dim(self) -> int:
+        """Size ``d`` of ``z``."""
+        return self.encoder.latent_dim
+
+    def forward(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """The distribution q(z | x), ``batch_shape == x``'s leading dims."""
+        loc, scale, context = self.encoder(x)
+        base = dist.Normal(loc, scale).to_event(1)
+        if self.flow is None:
+            return base
+        transforms = (
+            self.flow(context).transforms if self.flow.conditional else list(self.flow.transforms)
+        )
+        return FlowDistribution(base, transforms)
+
+
+def amortized_posterior(
+    input_dim: int,
+    latent_dim: int,
+    flow: str | None = "iaf",
+    hidden: Sequence[int] = (256,),
+    context: int = 16,
+    transforms: int = 2,
+    flow_hidden: Sequence[int] | None = None,
+    activation: Callable[[], nn.Module] = nn.ReLU,
+    **flow_options: Any,
+) -> AmortizedPosterior:
+    r"""Build q(z | x) in one line: an MLP :class:`Encoder` and a conditional flow.
+
+    Args:
+        input_dim: features of a data point.
+        latent_dim: size ``d`` of ``z``.
+        flow: ``"iaf"`` (affine IAF), ``"nsf"`` (spline; IAF form unless
+            ``autoregressive=`` says otherwise) or ``None`` (diagonal Gaussian).
+        hidden: the encoder's hidden sizes.
+        context: size of the context the encoder hands the flow (ignored without a flow).
+        transforms: flow layers.
+        flow_hidden: hidden sizes of each flow conditioner (default ``(4d, 4d)``, at
+            least 16 wide).
+        activation: non-linearity class of the encoder and the flow.
+        **flow_options: passed to the builder (``clamp``, ``bins``, ``bound``,
+            ``autoregressive``, ``permutation``).
+    """
+    check_choice(flow, "flow", POSTERIOR_FLOWS)
+    if flow is None:
+        if flow_options:
+            raise ValueError(f"flow options {sorted(flow_options)} given without a flow")
+        encoder = Encoder(input_dim, latent_dim, hidden, 0, activation)
+        return AmortizedPosterior(encoder)
+    check_positive_int(context, "context")
+    width = max(16, 4 * check_positive_int(latent_dim, "latent_dim"))
+    options = {
+        "transforms": transforms,
+        "hidden": tuple(flow_hidden) if flow_hidden is not None else (width, width),
+        "context": context,
+        "activation": activation,
+        **flow_options,
+    }
+    if flow == "nsf":
+        options.setdefault("autoregressive", "iaf")
+    built = (iaf if flow == "iaf" else nsf)(latent_dim, **options)
+    return AmortizedPosterior(Encoder(input_dim, latent_dim, hidden, context, activation), built)
+
+
+class AmortizedGuide(nn.Module):
+    r"""A Pyro guide that samples ``z ~ q(z | x)`` for every row of ``x`` in a plate.
+
+    ``guide(x, *args, **kwargs)`` registers the posterior's parameters with
+    ``pyro.module`` and samples site ``site`` inside ``pyro.plate(plate, ...)``, so the
+    model must sample the same site inside a plate of the same name and dim. Extra
+    arguments (the model's) are ignored. Three ways to batch:
+
+    * ``size=None`` (default): ``x`` is the batch, the plate has ``len(x)`` rows, and the
+      ELBO is that of the batch.
+    * ``size=N`` and ``len(x) < N``: ``x`` is a mini-batch of an ``N``-row data set; the
+      plate is ``pyro.plate(plate, N, subsample_size=len(x))``, so the ELBO is scaled by
+      ``N / len(x)`` (an unbiased estimate of the full data set's). The model uses the
+      same plate (its indices are replayed from the guide).
+    * ``size=N``, ``len(x) == N`` and ``subsample_size=B``: the guide draws ``B`` row
+      indices, ``with pyro.plate(plate, N, subsample_size=B) as idx``, and encodes
+      ``x[idx]``; the model's plate of the same name gets the same ``idx``.
+
+    Args:
+        posterior: the :class:`AmortizedPosterior`.
+        site: name of the latent site.
+        plate: name of the data plate.
+        dim: the plate's dim (``-1`` unless the model nests plates inside it).
+        size: the data set's number of rows, for scaling.
+        subsample_size: rows to draw per step when the guide gets the whole data set.
+        name: the prefix under which ``pyro.module`` registers the parameters.
+
+    Example:
+        >>> q = amortized_posterior(3, latent_dim=2, flow="iaf", hidden=(8,))
+        >>> guide = AmortizedGuide(q)
+        >>> trace = pyro.poutine.trace(guide).get_trace(torch.zeros(4, 3))
+        >>> trace.nodes["z"]["value"].shape
+        torch.Size([4, 2])
+    """
+
+    def __init__(
+        self,
+        posterior: AmortizedPosterior,
+        site: str = "z",
+        plate: str = "data",
+        dim: int = -1,
+        size: int | None = None,
+        subsample_size: int | None = None,
+        name: str = "guide",
+    ) -> None:
+        super().__init__()
+        if not isinstance(posterior, AmortizedPosterior):
+            raise TypeError(
+                f"posterior must be an AmortizedPosterior, got {type(posterior).__name__}"
+            )
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim >= 0:
+            raise ValueError(f"dim must be a negative int (a plate dim), got {dim!r}")
+        if size is not None:
+            check_positive_int(size, "size")
+        if subsample_size is not None:
+            check_positive_int(subsample_size, "subsample_size")
+            if size is None:
+                raise ValueError("subsample_size needs size, the number of rows of the data set")
+        self.posterior = posterior
+        self.site, self.plate, self.dim = site, plate, dim
+        self.size, self.subsample_size, self.name = size, subsample_size, name
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Sample ``z`` for the rows of ``x`` (or for a subsample of them); return it."""
+        pyro.module(self.name, self.posterior)
+        rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else None
+        if rows is None:
+            raise ValueError("x must be a tensor with the data points along its first dim")
+        if self.size is None:
+            with pyro.plate(self.plate, rows, dim=self.dim):
+                return pyro.sample(self.site, self.posterior(x))
+        if rows > self.size:
+            raise ValueError(f"x has {rows} rows but the guide was told size={self.size}")
+        if rows < self.size:
+            with pyro.plate(self.plate, self.size, subsample_size=rows, dim=self.dim):
+                return pyro.sample(self.site, self.posterior(x))
+        with pyro.plate(
+            self.plate, self.size, subsample_size=self.subsample_size, dim=self.dim
+        ) as index:
+            return pyro.sample(self.site, self.posterior(x[index]))
+
+
+def _plate_nesting(model, guide, x, kwargs) -> int:
+    """The most plate dims any site of ``model`` or ``guide`` uses (one row of ``x``)."""
+    with poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(x, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, **kwargs)
+    deepest = 0
+    for trace in (guide_trace, model_trace):
+        for site in trace.nodes.values():
+            if site["type"] == "sample":
+                for frame in site["cond_indep_stack"]:
+                    if frame.vectorized:
+                        deepest = max(deepest, -frame.dim)
+    return deepest
+
+
+def _row_log_prob(site: dict, plate: str, particle_dim: int, rows: int) -> torch.Tensor:
+    """``log p`` of one site, summed to shape ``(particles, rows)`` (mask applied)."""
+    frame = next((f for f in site["cond_indep_stack"] if f.name == plate), None)
+    if frame is None:
+        raise ValueError(
+            f"site {site['name']!r} is not inside plate {plate!r}: the importance-weighted "
+            f"likelihood per data point needs every sample site of the model and guide in "
+            f"the data plate (pass plate= the name of your data plate)"
+        )
+    log_p = scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"])
+    width = -particle_dim
+    log_p = log_p.reshape((1,) * (width - log_p.dim()) + log_p.shape)
+    data_axis = width + frame.dim
+    if log_p.shape[data_axis] not in (1, rows):
+        raise ValueError(
+            f"plate {plate!r} has {log_p.shape[data_axis]} rows at site {site['name']!r} but "
+            f"x has {rows}: evaluate without subsampling (size=None)"
+        )
+    keep = (0, data_axis)
+    other = tuple(i for i in range(width) if i not in keep)
+    if other:
+        log_p = log_p.sum(other)
+    return log_p
+
+
+def iwae_log_likelihood(
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    x: torch.Tensor,
+    num_samples: int = 1000,
+    *,
+    plate: str = "data",
+    max_batch: int = 2**15,
+    **kwargs: Any,
+) -> torch.Tensor:
+    r"""Importance-weighted estimate of :math:`\log p(x_n)` for every row of ``x``.
+
+    .. math::
+        \hat{\mathcal L}_k(x_n) = \log \frac1k \sum_{i=1}^k
+        \frac{p(x_n, z_i)}{q(z_i \mid x_n)}, \qquad z_i \sim q(\cdot \mid x_n),
+
+    a lower bound on :math:`\log p(x_n)` in expectation that tightens as ``k`` grows and
+    equals the ELBO in expectation at ``k = 1`` (Burda et al. 2016). The guide is drawn
+    from and the model replayed under a vectorized particle plate (outside every plate
+    of the model), in passes of at most ``max_batch`` (particle, row) pairs, so
+    ``k = 1000`` on thousands of rows fits in memory; the passes are combined with a
+    running log-sum-exp. Everything runs under ``torch.no_grad()``.
+
+    ``model(x, **kwargs)`` and ``guide(x, **kwargs)`` must put every sample site (the
+    latents and the observations) in the plate named ``plate`` over the rows of ``x``,
+    without subsampling. Site scales (``poutine.scale``, a subsampled plate) are ignored:
+    each row counts once.
+
+    Args:
+        model: the Pyro model.
+        guide: its guide, e.g. an :class:`AmortizedGuide`.
+        x: the data points, rows along the first dim.
+        num_samples: importance samples ``k`` per row.
+        plate: the name of the data plate.
+        max_batch: most (particle, row) pairs per pass.
+        **kwargs: passed to ``model`` and ``guide``.
+
+    Returns:
+        A tensor of shape ``(len(x),)``; take ``.mean()`` for the mean per data point.
+    """
+    check_positive_int(num_samples, "num_samples")
+    check_positive_int(max_batch, "max_batch")
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        raise ValueError("x must be a tensor with the data points along its first dim")
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("x has no rows")
+    with torch.no_grad():
+        nesting = _plate_nesting(model, guide, x[:1], kwargs)
+        particle_dim = -(nesting + 1)
+        rows_per_pass = max(1, min(n, max_batch))
+        out = []
+        for start in range(0, n, rows_per_pass):
+            chunk = x[start : start + rows_per_pass]
+            rows = chunk.shape[0]
+            per_pass = max(1, min(num_samples, max_batch // rows))
+            total: torch.Tensor | None = None
+            done = 0
+            while done < num_samples:
+                m = min(per_pass, num_samples - done)
+                log_w = _log_weights(model, guide, chunk, m, plate, particle_dim, kwargs)
+                part = torch.logsumexp(log_w, 0)
+                total = part if total is None else torch.logaddexp(total, part)
+                done += m
+            out.append(total - math.log(num_samples))
+        return torch.cat(out)
+
+
+def _log_weights(model, guide, x, particles, plate, particle_dim, kwargs) -> torch.Tensor:
+    """``log p(x_n, z) - log q(z | x_n)``, shape ``(particles, rows)``."""
+    rows = x.shape[0]
+    with pyro.plate("_iwae_particles", particles, dim=particle_dim):
+        guide_trace = poutine.trace(guide).get_trace(x, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, **kwargs)
+    log_w = x.new_zeros(particles, rows)
+    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+        for site in trace.nodes.values():
+            if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
+                continue
+            if sign < 0 and site["is_observed"]:
+                continue
+            log_w = log_w + sign * _row_log_prob(site, plate, particle_dim, rows)
+    return log_w

@@ -55,3 +55,19 @@ def test_guide_examples_run(script):
     assert result.stdout.count("ESS") == 2  # both guides diagnosed
     assert "AutoNormal" in result.stdout
     assert "AutoFlow" in result.stdout
+
+
+def test_vae_example_runs():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "vae_digits.py"), "--epochs", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:]}
+    assert set(rows) == {"diagonal", "iaf"}
+    for elbo, iwae, gap, _ in rows.values():
+        assert float(iwae) >= float(elbo)  # the IWAE bound at k = 1000 is above the ELBO
+        assert float(gap) >= 0

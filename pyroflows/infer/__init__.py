@@ -1,6 +1,18 @@
-"""Inference with flows: the AutoFlow guide and diagnostics that say whether to trust it."""
+"""Inference with flows: AutoFlow, its diagnostics, and amortized VAE posteriors.
+
+AutoFlow is a flow autoguide for any Pyro model; the diagnostics say whether to trust a
+guide; the amortized pieces give VAEs a flow posterior q(z | x) and score them by the
+importance-weighted log-likelihood.
+"""
 
 from pyroflows.infer.autoflow import GUIDE_FLOWS, AutoFlow  # noqa: I001  (after diagnostics)
+from pyroflows.infer.amortized import (
+    AmortizedGuide,
+    AmortizedPosterior,
+    Encoder,
+    amortized_posterior,
+    iwae_log_likelihood,
+)
 from pyroflows.infer.diagnostics import (
     Diagnosis,
     diagnose,
@@ -11,6 +23,11 @@ from pyroflows.infer.diagnostics import (
 )
 
 __all__ = [
+    "AmortizedGuide",
+    "AmortizedPosterior",
+    "Encoder",
+    "amortized_posterior",
+    "iwae_log_likelihood",
     "GUIDE_FLOWS",
     "AutoFlow",
     "Diagnosis",

@@ -288,6 +288,9 @@ class AmortizedGuide(nn.Module):
         size: the data set's number of rows, for scaling.
         subsample_size: rows to draw per step when the guide gets the whole data set.
         name: the prefix under which ``pyro.module`` registers the parameters.
+        register: register the parameters with ``pyro.module`` at every call (needed by
+            ``SVI`` with a ``pyro.optim`` optimizer); ``False`` when a torch optimizer
+            steps ``guide.parameters()`` itself, which saves that cost per step.
 
     Example:
         >>> q = amortized_posterior(3, latent_dim=2, flow="iaf", hidden=(8,))
@@ -306,6 +309,7 @@ class AmortizedGuide(nn.Module):
         size: int | None = None,
         subsample_size: int | None = None,
         name: str = "guide",
+        register: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(posterior, AmortizedPosterior):
@@ -323,10 +327,12 @@ class AmortizedGuide(nn.Module):
         self.posterior = posterior
         self.site, self.plate, self.dim = site, plate, dim
         self.size, self.subsample_size, self.name = size, subsample_size, name
+        self.register = bool(register)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Sample ``z`` for the rows of ``x`` (or for a subsample of them); return it."""
-        pyro.module(self.name, self.posterior)
+        if self.register:
+            pyro.module(self.name, self.posterior)
         rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else None
         if rows is None:
             raise ValueError("x must be a tensor with the data points along its first dim")

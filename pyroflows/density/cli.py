@@ -70,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--resume", action="store_true", help="continue from MODEL.ckpt/")
     fit.add_argument("--checkpoint-every", type=int, default=10, metavar="EPOCHS")
     fit.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    fit.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
 
     sample = commands.add_parser("sample", help="draw rows from a model, CSV on stdout")
     sample.add_argument("model", metavar="MODEL")
@@ -104,8 +105,10 @@ def _write(values: np.ndarray, out: str | None, header: list[str] | None) -> Non
 def _fit(args: argparse.Namespace) -> None:
     import torch
 
-    from pyroflows.density import build, fit, read_table, save
+    from pyroflows.density import build, distributed, fit, read_table, save
 
+    device = torch.device(args.device)
+    rank, _ = distributed.setup(device)  # under torchrun: join the process group
     out = Path(args.out)
     if out.exists() and not args.force:
         raise _Failure(f"{out} exists; pass --force to overwrite it")
@@ -122,12 +125,12 @@ def _fit(args: argparse.Namespace) -> None:
         options["bins"] = args.bins
     torch.manual_seed(args.seed)
     try:
-        flow = build(args.flow, values.shape[1], options)
+        flow = build(args.flow, values.shape[1], options).to(device)
     except (TypeError, ValueError) as error:
         raise _Failure(str(error)) from None
     checkpoints = out.with_name(out.name + ".ckpt")
     previous = checkpoints / "checkpoint.pt"
-    if not args.resume and previous.exists():
+    if rank == 0 and not args.resume and previous.exists():
         if not args.force and not _finished(previous):
             raise _Failure(
                 f"{previous} holds an unfinished fit; pass --resume to continue it, or "
@@ -159,6 +162,8 @@ def _fit(args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
         raise SystemExit(EXIT_INTERRUPTED) from None
+    if rank != 0:  # one model file: rank 0 writes it and reports
+        return
     save(
         out,
         flow,
@@ -213,6 +218,7 @@ def _score(args: argparse.Namespace) -> None:
     import torch
 
     from pyroflows.density import read_table
+    from pyroflows.density.rows import as_source
 
     flow, info = _load(args.model)
     values, columns = read_table(args.data)
@@ -224,14 +230,14 @@ def _score(args: argparse.Namespace) -> None:
         raise _Failure(
             f"{args.data} has columns {columns} but the model was fitted to {info['columns']}"
         )
-    x = torch.as_tensor(values, dtype=flow.base_loc.dtype)
+    rows = as_source(values, args.data, flow.base_loc, info["dim"])  # .npy: streamed
     with torch.no_grad():
         d = flow()
-        logp = torch.cat([d.log_prob(x[i : i + 8192]) for i in range(0, x.shape[0], 8192)])
+        logp = torch.cat([d.log_prob(x) for x in rows.chunks()])
     _write(logp.double().numpy()[:, None], args.out, ["log_prob"] if columns else None)
     mean = logp.double().mean().item()
     print(
-        f"{x.shape[0]} rows: mean log p(x) {mean:.4f} nats ({mean / info['dim']:.4f} per dim)",
+        f"{len(rows)} rows: mean log p(x) {mean:.4f} nats ({mean / info['dim']:.4f} per dim)",
         file=sys.stderr,
     )
 
@@ -257,6 +263,13 @@ def _info(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (0, 2 for bad input, 130 on Ctrl-C)."""
     args = _parser().parse_args(argv)
@@ -264,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
 
     command = {"fit": _fit, "sample": _sample, "score": _score, "info": _info}[args.command]
     try:
-        command(args)
+        try:
+            command(args)
+        finally:
+            _leave_process_group()
     except (_Failure, DataError, ModelFileError, FileExistsError) as error:
         print(f"pyroflows: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -72,8 +72,9 @@ def read_table(path: str | os.PathLike) -> tuple[np.ndarray, list[str] | None]:
     columns in messages count from 1, as in a spreadsheet (the header, if any, is row 1).
 
     Returns:
-        The values as a float64 ``(N, D)`` array, and the column names (``None`` when the
-        file has no header).
+        The values as an ``(N, D)`` array (float64 from a CSV; from a ``.npy`` file, the
+        file memory-mapped read-only, its values checked when a fit or score streams
+        them), and the column names (``None`` when the file has no header).
 
     Raises:
         DataError: missing or empty file, ragged rows, a non-numeric cell (row and column
@@ -104,9 +105,7 @@ def _read_npy(path: Path) -> np.ndarray:
         raise DataError(f"{path}: expected a 2-D array (rows, columns), got shape {array.shape}")
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise DataError(f"{path}: the array is empty (shape {array.shape})")
-    values = np.asarray(array, dtype=np.float64)
-    _check_finite(values, path, None)
-    return values
+    return array  # memory-mapped: fit and score stream it, checking values as they come
 
 
 def _number(cell: str) -> float | None:

@@ -32,10 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from pyroflows._checks import check_positive_int
-from pyroflows.density.data import as_rows
-from pyroflows.density.standardize import add_standardization, moments
+from pyroflows.density import distributed
+from pyroflows.density.rows import CHUNK, Rows, as_source
+from pyroflows.density.standardize import add_standardization, settle
 from pyroflows.flows import Flow
 
 CHECKPOINT = "checkpoint.pt"
@@ -118,19 +120,46 @@ def _save_atomic(state: dict[str, Any], path: Path) -> None:
         raise
 
 
-def _mean_nll(flow: Flow, data: torch.Tensor, chunk: int = 8192) -> float:
+class _NegativeLogLikelihood(nn.Module):
+    """The mean NLL of a batch as a module's forward, so DDP can hook its backward."""
+
+    def __init__(self, flow: Flow) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -self.flow().log_prob(x).mean()
+
+
+def _mean_nll(
+    flow: Flow, data: Rows, noise_seed: int | None, rank: int, world: int, chunk: int = CHUNK
+) -> float:
+    """Mean NLL of the rows of ``data``; ranks share the chunks and sum their totals.
+
+    With ``noise_seed`` (dequantisation) chunk ``c`` gets :math:`U[0,1)` noise from a
+    generator seeded by ``(noise_seed, c)``: the same noise at every epoch and for any
+    number of ranks, without holding it in memory.
+    """
+    like = flow.base_loc
     total = 0.0
     with torch.no_grad():
         d = flow()
-        for start in range(0, data.shape[0], chunk):
-            total -= d.log_prob(data[start : start + chunk]).sum().item()
-    return total / data.shape[0]
+        for c, start in enumerate(range(0, len(data), chunk)):
+            if c % world != rank:
+                continue
+            x = data.take(torch.arange(start, min(start + chunk, len(data))))
+            if noise_seed is not None:
+                g = torch.Generator().manual_seed(noise_seed * 1_000_003 + c)
+                x = x + torch.rand(x.shape, generator=g, dtype=like.dtype).to(like.device)
+            total -= d.log_prob(x).sum().item()
+    (total,) = distributed.sum_all([total], like.device)
+    return total / len(data)
 
 
 def _split(
-    data: torch.Tensor, validation: object, generator: torch.Generator, like: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Training rows, validation rows and the permutation that split them (if drawn)."""
+    data: Rows, validation: object, generator: torch.Generator, like: torch.Tensor
+) -> tuple[Rows, Rows | None]:
+    """Training rows and validation rows (drawn with ``generator`` from a fraction)."""
     if (
         validation is None
         or isinstance(validation, (int, float))
@@ -139,15 +168,13 @@ def _split(
         fraction = 0.0 if validation is None else float(validation)
         if not 0.0 <= fraction < 1.0:
             raise ValueError(f"validation must be a fraction in [0, 1) or rows, got {validation}")
-        n = data.shape[0]
+        n = len(data)
         n_val = min(max(round(fraction * n), 1), n - 1) if fraction > 0 and n > 1 else 0
         if n_val == 0:
-            return data, None, None
+            return data, None
         order = torch.randperm(n, generator=generator)
-        index = order.to(data.device)
-        return data[index[n_val:]], data[index[:n_val]], order
-    rows = as_rows(validation, "validation", like, data.shape[1])
-    return data, rows, None
+        return data.subset(order[n_val:]), data.subset(order[:n_val])
+    return data, as_source(validation, "validation", like, data.dim)
 
 
 def _make_schedule(schedule, optimizer, epochs):
@@ -269,7 +296,8 @@ def fit(
         raise ValueError("resume=True needs checkpoint_dir, where the checkpoint is")
 
     like = flow.base_loc
-    data = as_rows(data, "data", like, flow.dim)
+    rank, world = distributed.setup(like.device)
+    source = as_source(data, "data", like, flow.dim)
     path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     state = None
     if resume and path.exists():
@@ -282,18 +310,18 @@ def fit(
     if seed is None:
         seed = int(torch.randint(2**62, ()).item())
     generator = torch.Generator().manual_seed(seed)
-    train, valid, _ = _split(data, validation, generator, like)
-    if dequantize and valid is not None:
-        valid = valid + torch.rand(valid.shape, generator=generator, dtype=like.dtype).to(like)
+    train, valid = _split(source, validation, generator, like)
+    noise_seed = seed % 2**31 + 1 if dequantize else None
+    mean, var, total = train.moments()  # one streaming pass; checks every value
     if standardize:
-        add_standardization(flow).set(*moments(train, dequantize))
+        add_standardization(flow).set(*settle(mean, var, dequantize, like.dtype))
 
     optimizer = torch.optim.Adam(flow.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = _make_schedule(schedule, optimizer, epochs)
     history = History()
     best_state: dict[str, torch.Tensor] | None = None
     bad_epochs, start_epoch, start_batch, order, partial = 0, 0, 0, None, [0.0, 0]
-    fingerprint = [int(train.shape[0]), int(flow.dim), int(batch_size), float(train.sum())]
+    fingerprint = [len(train), int(flow.dim), int(batch_size), total]
 
     if state is not None:
         if state["fingerprint"][:3] != fingerprint[:3] or not math.isclose(
@@ -326,7 +354,7 @@ def fit(
             return history
 
     def checkpoint(epoch: int, batch: int, done: bool = False) -> None:
-        if path is None:
+        if path is None or rank != 0:  # one writer: rank 0
             return
         state = {
             "format": "pyroflows-checkpoint",
@@ -357,8 +385,21 @@ def fit(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=epochs, initial=start_epoch, desc="fit", unit="epoch", leave=False)
-    n_train = train.shape[0]
-    n_batches = math.ceil(n_train / batch_size)
+    # each rank takes every world-th row of the epoch's order (the last n_train % world
+    # rows of an epoch wait for the next) in batches of batch_size / world rows, so the
+    # averaged gradient is that of one batch of batch_size rows
+    n_train = len(train)
+    if n_train < world:
+        raise ValueError(f"{n_train} training rows cannot be shared by {world} processes")
+    n_used = n_train - n_train % world
+    per_rank = math.ceil(batch_size / world)
+    n_batches = math.ceil(n_used // world / per_rank)
+    objective: nn.Module = _NegativeLogLikelihood(flow)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [like.device] if like.device.type == "cuda" else None
+        objective = DistributedDataParallel(objective, device_ids=ids)
     position = (start_epoch, start_batch)  # (epochs done, batches of the next one done)
     seconds_before, clock = history.seconds, time.perf_counter()
 
@@ -370,16 +411,20 @@ def fit(
         with interrupt:
             flow.train()
             for epoch in range(start_epoch, epochs):
-                if order is None:
+                if order is None:  # the same order on every rank (same generator)
                     order = torch.randperm(n_train, generator=generator)
+                mine = order if world == 1 else order[:n_used].view(-1, world)[:, rank]
                 for batch in range(start_batch, n_batches):
-                    index = order[batch * batch_size : (batch + 1) * batch_size].to(like.device)
-                    x = train[index]
+                    x = train.take(mine[batch * per_rank : (batch + 1) * per_rank])
                     if dequantize:
                         noise = torch.rand(x.shape, generator=generator, dtype=like.dtype)
                         x = x + noise.to(like.device)
-                    loss = -flow().log_prob(x).mean()
-                    if not torch.isfinite(loss):
+                    loss = objective(x)
+                    finite, stopping = bool(torch.isfinite(loss)), interrupt.raised
+                    if world > 1:  # every rank takes the same decision, or none would return
+                        bad, stopping = distributed.any_all([not finite, stopping], like.device)
+                        finite = not bad
+                    if not finite:
                         restore_best()
                         raise FloatingPointError(
                             f"the training loss is {loss.item()} at epoch {epoch + 1}, batch "
@@ -392,15 +437,16 @@ def fit(
                     optimizer.step()
                     partial = [partial[0] + loss.item() * x.shape[0], partial[1] + x.shape[0]]
                     position = (epoch, batch + 1)
-                    if interrupt.raised:
+                    if stopping or (world == 1 and interrupt.raised):
                         raise KeyboardInterrupt
                 start_batch = 0
+                partial = distributed.sum_all(partial, like.device) if world > 1 else partial
                 history.train_nll.append(partial[0] / partial[1])
                 history.lr.append(optimizer.param_groups[0]["lr"])
                 score = history.train_nll[-1]
                 if valid is not None:
                     flow.eval()
-                    score = _mean_nll(flow, valid)
+                    score = _mean_nll(flow, valid, noise_seed, rank, world)
                     flow.train()
                     history.val_nll.append(score)
                 if not math.isfinite(score):
@@ -426,6 +472,8 @@ def fit(
                     bar.update(1)
                 if callback is not None and callback(epoch + 1, history):
                     stop = True
+                if world > 1:
+                    (stop,) = distributed.any_all([stop], like.device)
                 if stop or epoch + 1 == epochs:
                     break
                 if (epoch + 1) % checkpoint_every == 0:

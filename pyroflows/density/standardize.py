@@ -95,10 +95,18 @@ def moments(data: torch.Tensor, dequantize: bool = False) -> tuple[torch.Tensor,
     """
     mean = data.mean(0)
     var = data.var(0, unbiased=False) if data.shape[0] > 1 else torch.zeros_like(mean)
+    return settle(mean, var, dequantize, data.dtype)
+
+
+def settle(
+    mean: torch.Tensor, var: torch.Tensor, dequantize: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Location and scale of the layer from column moments (see :func:`moments`)."""
+    mean, var = mean.to(dtype), var.to(dtype)
     if dequantize:
         mean = mean + 0.5
         var = var + 1.0 / 12.0
     sd = var.sqrt()
     # constant columns (sd at rounding level relative to the mean) keep sd 1
-    tiny = (torch.finfo(data.dtype).eps * mean.abs()).clamp_min(torch.finfo(data.dtype).tiny)
+    tiny = (torch.finfo(dtype).eps * mean.abs()).clamp_min(torch.finfo(dtype).tiny)
     return mean, torch.where(sd > tiny, sd, torch.ones_like(sd))

@@ -46,7 +46,29 @@ def test_read_npy_one_and_two_d(tmp_path):
     np.save(tmp_path / "a.npy", np.arange(4.0))
     assert read_table(tmp_path / "a.npy")[0].shape == (4, 1)
     np.save(tmp_path / "b.npy", np.ones((3, 2), dtype=np.int32))
-    assert read_table(tmp_path / "b.npy")[0].dtype == np.float64
+    values, columns = read_table(tmp_path / "b.npy")
+    assert isinstance(values, np.memmap)  # not read into memory: fit and score stream it
+    assert columns is None
+    assert np.array_equal(values, np.ones((3, 2)))
+
+
+def test_streamed_rows_check_values_and_give_the_moments(tmp_path):
+    from pyroflows.density.rows import as_source
+
+    x = np.random.default_rng(0).normal(size=(20_000, 3)) * [1.0, 1e3, 1e-3] + [5.0, -7.0, 1e4]
+    np.save(tmp_path / "x.npy", x)
+    rows = as_source(read_table(tmp_path / "x.npy")[0], "data", LIKE.double(), 3)
+    mean, var, total = rows.moments()
+    assert np.allclose(mean.numpy(), x.mean(0), rtol=1e-12)
+    assert np.allclose(var.numpy(), x.var(0), rtol=1e-9)
+    assert total == pytest.approx(x.sum(), rel=1e-12)
+    index = torch.tensor([19_999, 3, 7])
+    assert np.array_equal(rows.take(index).numpy(), x[[19_999, 3, 7]])
+    x[12_345, 1] = np.nan
+    np.save(tmp_path / "bad.npy", x)
+    bad = as_source(read_table(tmp_path / "bad.npy")[0], "data", LIKE.double(), 3)
+    with pytest.raises(DataError, match=r"bad.npy: NaN at row 12346, column 2"):
+        bad.moments()
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,54 @@
+"""Data-parallel fitting on ``torch.distributed``: the process group and its reductions.
+
+A fit launched by ``torchrun --nproc_per_node=N`` (which sets ``RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR`` and ``MASTER_PORT``) joins the process group on its first call to
+:func:`setup`: gloo for a flow on the CPU, nccl for one on CUDA (each rank on the GPU
+``LOCAL_RANK``). Without those variables everything runs in one process, unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup(device: torch.device) -> tuple[int, int]:
+    """Join (or find) the process group; return ``(rank, world_size)``, ``(0, 1)`` alone."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1 or not dist.is_available():
+        return 0, 1
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main() -> bool:
+    """Whether this process is rank 0 (or alone): the one that writes files and prints."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def sum_all(values: list[float], device: torch.device) -> list[float]:
+    """Sum ``values`` over every rank (float64); the values themselves when alone."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def any_all(flags: list[bool], device: torch.device) -> list[bool]:
+    """Logical or of each flag over every rank."""
+    return [value > 0 for value in sum_all([float(f) for f in flags], device)]
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing when alone)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,165 @@
+r"""Where a fit's rows come from: a tensor in memory, or a memory-mapped ``.npy`` file.
+
+:func:`fit <pyroflows.density.fit>` reads its data only through :class:`Rows`: gather the
+rows of a mini-batch by index, and stream all rows in chunks (standardisation moments,
+validation scores). A :class:`TensorRows` holds a tensor; a :class:`MappedRows` holds a
+NumPy memmap (``np.load(path, mmap_mode="r")``) and copies into memory only the rows it is
+asked for, so a data set larger than memory is fitted in shuffled mini-batches: the
+operating system pages in what each batch touches.
+
+The moments come in one streaming pass, merged chunk by chunk in float64 (Chan, Golub &
+LeVeque 1983):
+
+.. math::
+    n = n_a + n_b,\quad \delta = \bar x_b - \bar x_a,\quad
+    \bar x = \bar x_a + \delta\, n_b / n,\quad
+    M_2 = M_{2,a} + M_{2,b} + \delta^2 n_a n_b / n,
+
+with the variance :math:`M_2 / n`; each chunk is also checked for NaN and inf.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pyroflows.density.data import DataError
+
+CHUNK = 8192
+
+
+class Rows:
+    """Rows ``(N, D)`` a fit reads by index; subclasses say where they live.
+
+    Attributes:
+        index: the rows of the source this view holds (``None``: all of them, in order).
+    """
+
+    def __init__(self, like: torch.Tensor, name: str, index: torch.Tensor | None) -> None:
+        self.like = like
+        self.name = name
+        self.index = index
+
+    def __len__(self) -> int:
+        return self._size() if self.index is None else int(self.index.numel())
+
+    @property
+    def dim(self) -> int:
+        """Columns ``D``."""
+        raise NotImplementedError
+
+    def _size(self) -> int:
+        raise NotImplementedError
+
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def subset(self, positions: torch.Tensor) -> Rows:
+        """The view of this view's rows at ``positions`` (CPU int64)."""
+        index = positions if self.index is None else self.index[positions]
+        view = type(self).__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view.index = index
+        return view
+
+    def take(self, positions: torch.Tensor) -> torch.Tensor:
+        """The rows at ``positions`` of this view, as a tensor of the flow's dtype/device."""
+        rows = positions if self.index is None else self.index[positions]
+        return self._gather(rows)
+
+    def chunks(self, size: int = CHUNK):
+        """Every row of the view, in order, in tensors of at most ``size`` rows."""
+        for start in range(0, len(self), size):
+            yield self.take(torch.arange(start, min(start + size, len(self))))
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Column mean and (population) variance in float64, and the sum of every value."""
+        count, mean, m2 = 0, None, None
+        for chunk in self.chunks():
+            c = chunk.double()
+            n_b = c.shape[0]
+            mean_b = c.mean(0)
+            m2_b = ((c - mean_b) ** 2).sum(0)
+            if mean is None:
+                count, mean, m2 = n_b, mean_b, m2_b
+                continue
+            n = count + n_b
+            delta = mean_b - mean
+            mean = mean + delta * (n_b / n)
+            m2 = m2 + m2_b + delta**2 * (count * n_b / n)
+            count = n
+        return mean, m2 / count, float((mean * count).sum())
+
+
+class TensorRows(Rows):
+    """Rows held in a tensor already on the flow's device, with its dtype."""
+
+    def __init__(self, data: torch.Tensor, name: str = "data") -> None:
+        super().__init__(data, name, None)
+        self.data = data
+
+    @property
+    def dim(self) -> int:  # noqa: D102
+        return int(self.data.shape[1])
+
+    def _size(self) -> int:
+        return int(self.data.shape[0])
+
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.data[rows.to(self.data.device)]
+
+
+class MappedRows(Rows):
+    """Rows of a memory-mapped array, copied in (and checked) a mini-batch at a time.
+
+    Args:
+        array: a 2-D numeric ``np.memmap`` (e.g. ``np.load(path, mmap_mode="r")``).
+        like: a tensor of the flow (dtype and device of the batches).
+        name: the argument's name or file, for messages.
+    """
+
+    def __init__(self, array: np.ndarray, like: torch.Tensor, name: str = "data") -> None:
+        if array.ndim != 2:
+            raise DataError(f"{name} must have shape (N, D), got {array.shape}")
+        if array.shape[0] == 0:
+            raise DataError(f"{name} is empty: it has no rows")
+        if array.dtype.kind not in "biuf":
+            raise DataError(f"{name} must be numeric, got dtype {array.dtype}")
+        super().__init__(like, name, None)
+        self.array = array
+
+    @property
+    def dim(self) -> int:  # noqa: D102
+        return int(self.array.shape[1])
+
+    def _size(self) -> int:
+        return int(self.array.shape[0])
+
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+        wanted = rows.numpy()
+        order = np.argsort(wanted, kind="stable")  # read the file front to back
+        block = np.empty((len(wanted), self.dim), dtype=np.float64)
+        block[order] = self.array[wanted[order]]
+        bad = ~np.isfinite(block)
+        if bad.any():
+            i, j = (int(v) for v in np.argwhere(bad)[0])
+            kind = "NaN" if np.isnan(block[i, j]) else "inf"
+            raise DataError(
+                f"{self.name}: {kind} at row {int(wanted[i]) + 1}, column {j + 1}; every value "
+                f"must be finite"
+            )
+        return torch.as_tensor(block, dtype=self.like.dtype).to(self.like.device)
+
+
+def as_source(data: object, name: str, like: torch.Tensor, dim: int | None) -> Rows:
+    """Wrap ``data`` for a fit: a memmap stays on disk, anything else is checked in memory."""
+    from pyroflows.density.data import as_rows
+
+    if isinstance(data, np.memmap):
+        if name == "data" and getattr(data, "filename", None):
+            name = str(data.filename)
+        source = MappedRows(data, like, name)
+        if dim is not None and source.dim != dim:
+            raise DataError(f"{name} must have {dim} columns (the flow's dim), got {source.dim}")
+        return source
+    return TensorRows(as_rows(data, name, like, dim), name)

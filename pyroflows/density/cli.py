@@ -163,6 +163,7 @@ def _fit(args: argparse.Namespace) -> None:
         )
         raise SystemExit(EXIT_INTERRUPTED) from None
     if rank != 0:  # one model file: rank 0 writes it and reports
+        distributed.barrier()
         return
     save(
         out,
@@ -183,6 +184,7 @@ def _fit(args: argparse.Namespace) -> None:
         f"epochs ({history.seconds:.1f} s); best epoch {history.best_epoch}, {kind} NLL "
         f"{score:.4f} nats/row ({score / dim:.4f} per dim); wrote {out}"
     )
+    distributed.barrier()  # the others wait for the model file before leaving the group
 
 
 def _finished(checkpoint: Path) -> bool:

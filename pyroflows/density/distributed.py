@@ -48,6 +48,22 @@ def any_all(flags: list[bool], device: torch.device) -> list[bool]:
     return [value > 0 for value in sum_all([float(f) for f in flags], device)]
 
 
+class PendingFlags:
+    """Flags being or-ed over every rank in the background; :meth:`wait` gives them."""
+
+    def __init__(self, flags: list[bool], device: torch.device) -> None:
+        self._tensor = torch.tensor([float(f) for f in flags], device=device)
+        self._work = None
+        if dist.is_available() and dist.is_initialized():
+            self._work = dist.all_reduce(self._tensor, async_op=True)
+
+    def wait(self) -> list[bool]:
+        """Block until every rank has contributed; the or of each flag."""
+        if self._work is not None:
+            self._work.wait()
+        return [value > 0 for value in self._tensor.tolist()]
+
+
 def barrier() -> None:
     """Wait for every rank (nothing when alone)."""
     if dist.is_available() and dist.is_initialized():

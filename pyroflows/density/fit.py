@@ -421,24 +421,25 @@ def fit(
                         x = x + noise.to(like.device)
                     loss = objective(x)
                     finite, stopping = bool(torch.isfinite(loss)), interrupt.raised
-                    if world > 1:  # every rank takes the same decision, or none would return
-                        bad, stopping = distributed.any_all([not finite, stopping], like.device)
-                        finite = not bad
-                    if not finite:
+                    # every rank must take the same decision, or the others would wait
+                    # for it forever: the flags are or-ed while the backward pass runs
+                    flags = distributed.PendingFlags([not finite, stopping], like.device)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    bad, stopping = flags.wait()
+                    if bad:
                         restore_best()
                         raise FloatingPointError(
                             f"the training loss is {loss.item()} at epoch {epoch + 1}, batch "
                             f"{batch + 1}; try a smaller lr, clip_grad, or standardize=True"
                         )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
                     if clip_grad is not None:
                         torch.nn.utils.clip_grad_norm_(flow.parameters(), clip_grad)
                     optimizer.step()
                     partial = [partial[0] + loss.item() * x.shape[0], partial[1] + x.shape[0]]
                     position = (epoch, batch + 1)
                     if stopping or (world == 1 and interrupt.raised):
-                        raise KeyboardInterrupt
+                        raise KeyboardInterrupt  # after a whole step: the checkpoint is exact
                 start_batch = 0
                 partial = distributed.sum_all(partial, like.device) if world > 1 else partial
                 history.train_nll.append(partial[0] / partial[1])

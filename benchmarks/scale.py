@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"{args.flow} (hidden {args.hidden}), D = {args.dim}, {args.rows} rows (memory-mapped "
         f".npy), {args.epochs} epochs, global batch {args.batch_size}, device {args.device}, "
-        f"one torch thread per process; this machine has {os.cpu_count()} cores, so more processes than cores "
-        f"cannot go faster.",
+        f"one torch thread per process; {os.cpu_count()} cores here, so more processes "
+        "than cores cannot go faster.",
         "",
         "| processes | fit s | rows/s | speed-up | held-out NLL/dim |",
         "|---|---|---|---|---|",

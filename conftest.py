@@ -1,4 +1,10 @@
-"""Shared pytest set-up: seeded, validated, with a clean Pyro parameter store per test."""
+"""Shared pytest set-up: seeded, validated, with a clean Pyro parameter store per test.
+
+``--device cuda`` (or ``PYROFLOWS_TEST_DEVICE=cuda``) runs the tests that take the
+``device`` fixture on that device (``tests/test_device.py``); they skip when it is absent.
+"""
+
+import os
 
 import pyro
 import pytest
@@ -17,3 +23,20 @@ def _seed_and_clear():
 @pytest.fixture(autouse=True)
 def _doctest_namespace(doctest_namespace):
     doctest_namespace["torch"] = torch
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        default=os.environ.get("PYROFLOWS_TEST_DEVICE", "cpu"),
+        help="device for the tests that take the `device` fixture: cpu, cuda, cuda:1, ...",
+    )
+
+
+@pytest.fixture
+def device(request) -> torch.device:
+    """The device chosen with --device; the test skips when it is not there."""
+    chosen = torch.device(request.config.getoption("--device"))
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"--device {chosen} but torch sees no CUDA device")
+    return chosen

@@ -130,13 +130,15 @@ def _fit(args: argparse.Namespace) -> None:
         raise _Failure(str(error)) from None
     checkpoints = out.with_name(out.name + ".ckpt")
     previous = checkpoints / "checkpoint.pt"
-    if rank == 0 and not args.resume and previous.exists():
+    if not args.resume and previous.exists():  # every rank looks, so all refuse together
         if not args.force and not _finished(previous):
             raise _Failure(
                 f"{previous} holds an unfinished fit; pass --resume to continue it, or "
                 f"--force to start afresh (and discard it)"
             )
-        previous.unlink()  # a fresh fit starts a fresh series
+        distributed.barrier()  # every rank has looked before rank 0 removes it
+        if rank == 0:
+            previous.unlink()  # a fresh fit starts a fresh series
     try:
         history = fit(
             flow,

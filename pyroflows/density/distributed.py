@@ -64,6 +64,15 @@ class PendingFlags:
         return [value > 0 for value in self._tensor.tolist()]
 
 
+def broadcast_int(value: int, device: torch.device) -> int:
+    """Rank 0's ``value`` on every rank (``value`` itself when alone)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
+
+
 def barrier() -> None:
     """Wait for every rank (nothing when alone)."""
     if dist.is_available() and dist.is_initialized():

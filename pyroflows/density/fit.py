@@ -173,7 +173,9 @@ def _split(
         if n_val == 0:
             return data, None
         order = torch.randperm(n, generator=generator)
-        return data.subset(order[n_val:]), data.subset(order[:n_val])
+        # sorted: streaming passes read a memory-mapped file front to back (batches are
+        # shuffled by their own order each epoch)
+        return data.subset(order[n_val:].sort().values), data.subset(order[:n_val].sort().values)
     return data, as_source(validation, "validation", like, data.dim)
 
 
@@ -307,12 +309,14 @@ def fit(
             raise ValueError(f"{path} is not a pyroflows checkpoint")
         if seed is None:
             seed = state["seed"]  # the same split and batches as the interrupted fit
-    if seed is None:
-        seed = int(torch.randint(2**62, ()).item())
+    if seed is None:  # one seed for every rank: rank 0's
+        seed = distributed.broadcast_int(int(torch.randint(2**62, ()).item()), like.device)
     generator = torch.Generator().manual_seed(seed)
     train, valid = _split(source, validation, generator, like)
     noise_seed = seed % 2**31 + 1 if dequantize else None
     mean, var, total = train.moments()  # one streaming pass; checks every value
+    if valid is not None:
+        valid.moments()  # the validation rows too, before any epoch (and on every rank)
     if standardize:
         add_standardization(flow).set(*settle(mean, var, dequantize, like.dtype))
 
@@ -347,7 +351,14 @@ def fit(
         best_state = state["best"]
         bad_epochs = state["bad_epochs"]
         start_epoch, start_batch = state["epoch"], state["batch"]
+        if state["batch"] and state.get("world", 1) != world:
+            raise ValueError(
+                f"the checkpoint in {checkpoint_dir} stopped mid-epoch in a fit over "
+                f"{state.get('world', 1)} process(es); resume it with as many (now {world})"
+            )
         order, partial = state["order"], state["partial"]
+        if rank != 0:  # rank 0's checkpoint holds the sums of every rank
+            partial = [0.0, 0]
         if state["done"]:
             if best_state is not None:
                 flow.load_state_dict(best_state)
@@ -372,6 +383,7 @@ def fit(
             "done": done,
             "fingerprint": fingerprint,
             "seed": seed,
+            "world": world,
         }
         _save_atomic(state, path)
 
@@ -485,6 +497,8 @@ def fit(
             checkpoint(history.epochs, 0, done=True)
     except KeyboardInterrupt:
         tick()
+        if world > 1 and not interrupt.forced:  # every rank stopped at the same batch
+            partial = distributed.sum_all(partial, like.device)
         if not interrupt.forced:  # a forced stop keeps the last checkpoint, which is exact
             checkpoint(*position)
         restore_best()

@@ -273,9 +273,10 @@ class AmortizedGuide(nn.Module):
     * ``size=None`` (default): ``x`` is the batch, the plate has ``len(x)`` rows, and the
       ELBO is that of the batch.
     * ``size=N`` and ``len(x) < N``: ``x`` is a mini-batch of an ``N``-row data set; the
-      plate is ``pyro.plate(plate, N, subsample_size=len(x))``, so the ELBO is scaled by
-      ``N / len(x)`` (an unbiased estimate of the full data set's). The model uses the
-      same plate (its indices are replayed from the guide).
+      plate is ``pyro.plate(plate, N, subsample=torch.arange(len(x)))``, so the ELBO is
+      scaled by ``N / len(x)`` (an unbiased estimate of the full data set's when the
+      batch is drawn at random). The model's plate must scale the same way, e.g.
+      ``pyro.plate(plate, N, subsample=torch.arange(len(x)))``.
     * ``size=N``, ``len(x) == N`` and ``subsample_size=B``: the guide draws ``B`` row
       indices, ``with pyro.plate(plate, N, subsample_size=B) as idx``, and encodes
       ``x[idx]``; the model's plate of the same name gets the same ``idx``.
@@ -338,16 +339,28 @@ class AmortizedGuide(nn.Module):
             raise ValueError("x must be a tensor with the data points along its first dim")
         if self.size is None:
             with pyro.plate(self.plate, rows, dim=self.dim):
-                return pyro.sample(self.site, self.posterior(x))
+                return pyro.sample(self.site, self.posterior(self._rows(x)))
         if rows > self.size:
             raise ValueError(f"x has {rows} rows but the guide was told size={self.size}")
-        if rows < self.size:
-            with pyro.plate(self.plate, self.size, subsample_size=rows, dim=self.dim):
-                return pyro.sample(self.site, self.posterior(x))
+        if rows < self.size:  # a mini-batch: scaled by size / rows, no indices drawn
+            index = torch.arange(rows, device=x.device)
+            with pyro.plate(self.plate, self.size, subsample=index, dim=self.dim):
+                return pyro.sample(self.site, self.posterior(self._rows(x)))
         with pyro.plate(
             self.plate, self.size, subsample_size=self.subsample_size, dim=self.dim
         ) as index:
-            return pyro.sample(self.site, self.posterior(x[index]))
+            return pyro.sample(self.site, self.posterior(self._rows(x[index])))
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with the data rows at the plate's dim (``(rows, 1, ..., features)``)."""
+        if self.dim == -1:
+            return x
+        if x.dim() != 2:
+            raise ValueError(
+                f"a guide with dim={self.dim} takes x of shape (rows, features), got "
+                f"{tuple(x.shape)}"
+            )
+        return x.reshape(x.shape[0], *([1] * (-self.dim - 1)), x.shape[1])
 
 
 def _plate_nesting(model, guide, x, kwargs) -> int:
@@ -464,6 +477,23 @@ def _log_weights(model, guide, x, particles, plate, particle_dim, kwargs) -> tor
     with pyro.plate("_iwae_particles", particles, dim=particle_dim):
         guide_trace = poutine.trace(guide).get_trace(x, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, **kwargs)
+    latent = {
+        name
+        for name, site in model_trace.nodes.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and not isinstance(site["fn"], _Subsample)
+    }
+    drawn = {
+        name
+        for name, site in guide_trace.nodes.items()
+        if site["type"] == "sample" and not isinstance(site["fn"], _Subsample)
+    }
+    if latent != drawn:
+        raise ValueError(
+            f"the model's latent sites {sorted(latent)} and the guide's sites {sorted(drawn)} "
+            f"differ: importance weights need the guide to draw every latent of the model"
+        )
     log_w = x.new_zeros(particles, rows)
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
         for site in trace.nodes.values():

@@ -1,6 +1,7 @@
 import math
 import signal
 
+import numpy as np
 import pyro.distributions as dist
 import pytest
 import torch
@@ -351,3 +352,15 @@ def test_clipping_and_the_plateau_schedule_take_effect():
     history = fit(small_flow(), x, epochs=9, lr=1e-6, patience=None, seed=0, progress=False)
     assert history.lr[0] == pytest.approx(1e-6)
     assert history.lr[-1] < history.lr[0]
+
+
+def test_bad_validation_rows_are_found_before_training(tmp_path):
+    x = np.random.default_rng(0).normal(size=(1000, 2))
+    x[3, 1] = np.inf
+    np.save(tmp_path / "x.npy", x)
+    data = np.load(tmp_path / "x.npy", mmap_mode="r")
+    epochs = []
+    with pytest.raises(ValueError, match="inf at row 4, column 2"):
+        fit(small_flow(), data, validation=0.5, seed=0, progress=False,
+            callback=lambda epoch, history: epochs.append(epoch))  # fmt: skip
+    assert epochs == []

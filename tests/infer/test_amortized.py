@@ -239,3 +239,35 @@ def test_bad_arguments():
         AmortizedGuide(q, subsample_size=3)
     with pytest.raises(ValueError, match="num_samples must be"):
         iwae_log_likelihood(lambda x: None, lambda x: None, torch.zeros(2, 4), num_samples=0)
+
+
+def test_a_data_plate_with_a_plate_nested_inside():
+    def model(x):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            with pyro.plate("pixels", 3, dim=-1):
+                pyro.sample("x", dist.Normal(z.sum(-1), 1.0), obs=x)
+
+    guide = AmortizedGuide(amortized_posterior(3, 2, flow="iaf", hidden=(8,), context=2), dim=-2)
+    x = torch.randn(4, 3)
+    trace = poutine.trace(guide).get_trace(x)
+    assert trace.nodes["z"]["value"].shape == (4, 1, 2)
+    assert torch.isfinite(torch.tensor(Trace_ELBO().loss(model, guide, x)))
+    estimate = iwae_log_likelihood(model, guide, x, num_samples=8)
+    assert estimate.shape == (4,)
+    assert torch.isfinite(estimate).all()
+
+
+def test_iwae_refuses_a_latent_the_guide_does_not_draw():
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            w = pyro.sample("w", dist.Normal(0.0, 1.0))
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z + w, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match=r"latent sites \['w', 'z'\].*guide's sites \['z'\]"):
+        iwae_log_likelihood(model, guide, torch.zeros(4), num_samples=2)

@@ -149,8 +149,8 @@ def _mean_nll(
                 continue
             x = data.take(torch.arange(start, min(start + chunk, len(data))))
             if noise_seed is not None:
-                g = torch.Generator().manual_seed(noise_seed * 1_000_003 + c)
-                x = x + torch.rand(x.shape, generator=g, dtype=like.dtype).to(like.device)
+                g = torch.Generator(like.device).manual_seed(noise_seed * 1_000_003 + c)
+                x = x + torch.rand(x.shape, generator=g, dtype=like.dtype, device=like.device)
             total -= d.log_prob(x).sum().item()
     (total,) = distributed.sum_all([total], like.device)
     return total / len(data)
@@ -244,7 +244,7 @@ def fit(
         standardize: append (or update) a fixed affine layer holding the training data's
             mean and sd, so the flow sees standardized data and scores in data units.
         dequantize: add fresh :math:`U[0, 1)` noise to every training batch (and fixed
-            noise, drawn once, to the validation rows): for integer-valued data.
+            noise, the same every epoch, to the validation rows): for integer data.
         seed: seeds the split, the batch order and the noise (``None``: drawn from
             torch's global generator). The flow's initial weights are the caller's.
         progress: show a tqdm bar; ``None`` shows it only when stderr is a terminal.
@@ -314,6 +314,8 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     train, valid = _split(source, validation, generator, like)
     noise_seed = seed % 2**31 + 1 if dequantize else None
+    # the training noise is drawn where the batches are (no CPU tensor per batch on CUDA)
+    noise = torch.Generator(like.device).manual_seed(seed % 2**31 + 2)
     mean, var, total = train.moments()  # one streaming pass; checks every value
     if valid is not None:
         valid.moments()  # the validation rows too, before any epoch (and on every rank)
@@ -347,6 +349,7 @@ def fit(
         if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
+        noise.set_state(state["noise"])
         history = History(**state["history"])
         best_state = state["best"]
         bad_epochs = state["bad_epochs"]
@@ -373,6 +376,7 @@ def fit(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "generator": generator.get_state(),
+            "noise": noise.get_state(),
             "history": history.as_dict(),
             "best": best_state,
             "bad_epochs": bad_epochs,
@@ -426,11 +430,13 @@ def fit(
                 if order is None:  # the same order on every rank (same generator)
                     order = torch.randperm(n_train, generator=generator)
                 mine = order if world == 1 else order[:n_used].view(-1, world)[:, rank]
+                mine = mine.to(train.device)  # once an epoch, not a copy per batch
                 for batch in range(start_batch, n_batches):
                     x = train.take(mine[batch * per_rank : (batch + 1) * per_rank])
                     if dequantize:
-                        noise = torch.rand(x.shape, generator=generator, dtype=like.dtype)
-                        x = x + noise.to(like.device)
+                        x = x + torch.rand(
+                            x.shape, generator=noise, dtype=like.dtype, device=like.device
+                        )
                     loss = objective(x)
                     finite, stopping = bool(torch.isfinite(loss)), interrupt.raised
                     # every rank must take the same decision, or the others would wait

@@ -54,6 +54,11 @@ class Rows:
     def _gather(self, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def device(self) -> torch.device:
+        """Where :meth:`take` wants its positions (indices into a file stay on the CPU)."""
+        return torch.device("cpu")
+
     def subset(self, positions: torch.Tensor) -> Rows:
         """The view of this view's rows at ``positions`` (CPU int64)."""
         index = positions if self.index is None else self.index[positions]
@@ -99,6 +104,14 @@ class TensorRows(Rows):
         self.data = data
 
     @property
+    def device(self) -> torch.device:  # noqa: D102
+        return self.data.device
+
+    def subset(self, positions: torch.Tensor) -> Rows:
+        """The rows at ``positions``, copied together (so batches index them directly)."""
+        return TensorRows(self.take(positions), self.name)
+
+    @property
     def dim(self) -> int:  # noqa: D102
         return int(self.data.shape[1])
 
@@ -136,7 +149,7 @@ class MappedRows(Rows):
         return int(self.array.shape[0])
 
     def _gather(self, rows: torch.Tensor) -> torch.Tensor:
-        wanted = rows.numpy()
+        wanted = rows.cpu().numpy()
         order = np.argsort(wanted, kind="stable")  # read the file front to back
         block = np.empty((len(wanted), self.dim), dtype=np.float64)
         block[order] = self.array[wanted[order]]

@@ -3,6 +3,8 @@
 The same encoder and decoder are trained with each posterior; the script prints the test
 ELBO, the test IWAE log-likelihood (k = 1000) and the gap between them, per digit.
 
+Needs scikit-learn for the data (``pip install -e ".[density]"``)::
+
     python examples/vae_digits.py                 # diagonal, then IAF (about a minute)
     python examples/vae_digits.py --flows nsf --epochs 300
 """

@@ -219,10 +219,9 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _score(args: argparse.Namespace) -> None:
-    import torch
 
     from pyroflows.density import read_table
-    from pyroflows.density.rows import as_source
+    from pyroflows.density.rows import as_source, log_prob
 
     flow, info = _load(args.model)
     values, columns = read_table(args.data)
@@ -235,9 +234,7 @@ def _score(args: argparse.Namespace) -> None:
             f"{args.data} has columns {columns} but the model was fitted to {info['columns']}"
         )
     rows = as_source(values, args.data, flow.base_loc, info["dim"])  # .npy: streamed
-    with torch.no_grad():
-        d = flow()
-        logp = torch.cat([d.log_prob(x) for x in rows.chunks()])
+    logp = log_prob(flow, rows, dequantize=info["dequantize"])  # integer cells: the bound
     _write(logp.double().numpy()[:, None], args.out, ["log_prob"] if columns else None)
     mean = logp.double().mean().item()
     print(

@@ -95,3 +95,18 @@ def test_top_level_name_and_errors():
         est.sample(0)
     with pytest.raises(ValueError, match="flow must be one of"):
         FlowDensity(flow="glow").fit(np.zeros((10, 2)))
+
+
+def test_dequantized_scores_are_the_bound_over_the_cell():
+    X = np.random.default_rng(0).poisson(3.0, size=(400, 2)).astype(float)
+    est = FlowDensity(flow="maf", dequantize=True, **SMALL).fit(X)
+    scores = est.score_samples(X[:50])
+    assert np.array_equal(scores, est.score_samples(X[:50]))  # seeded: the same each time
+    x = torch.as_tensor(X[:50], dtype=torch.float32)
+    with torch.no_grad():
+        d = est.flow_()
+        many = d.log_prob(x + torch.rand(4000, 50, 2)).double().numpy()
+        corner = d.log_prob(x).double().numpy()
+    standard_error = many.std(0) / np.sqrt(16)
+    assert (np.abs(scores - many.mean(0)) < 5 * standard_error + 1e-6).all()
+    assert not np.allclose(scores, corner, atol=1e-3)  # not the density at the corner

@@ -171,14 +171,6 @@ def count_params(module: nn.Module) -> int:
 # --------------------------------------------------------------------------- training
 
 
-def standardization(train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-column mean and sd (population, ``1/N``) of the training rows; sd 1 if constant."""
-    mean = train.mean(0)
-    sd = train.var(0, unbiased=False).sqrt()
-    tiny = torch.finfo(train.dtype).eps * (1.0 + mean.abs())
-    return mean, torch.where(sd > tiny, sd, torch.ones_like(sd))
-
-
 def train_generic(
     module: nn.Module,
     log_prob: Callable[[torch.Tensor], torch.Tensor],
@@ -204,7 +196,9 @@ def train_generic(
         ``best_epoch``, ``best_val_nll``, and the ``train_nll`` and ``val_nll`` curves,
         all NLLs in nats per row in the data's units (as ``fit``'s history).
     """
-    shift, scale = standardization(train)
+    from pyroflows.density.standardize import moments
+
+    shift, scale = moments(train)  # the standardisation fit gives our flows
     log_det = scale.log().sum().item()  # data units = standardized units + sum(log sd)
     z_train = (train - shift) / scale
     z_val = (val - shift) / scale

@@ -27,9 +27,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # pyroflows.FlowDensity needs scikit-learn, so it is imported on first use.
+    # pyroflows.FlowDensity needs scikit-learn: pyroflows.density imports it on first use
     if name == "FlowDensity":
-        from pyroflows.density.estimator import FlowDensity
+        from pyroflows import density
 
-        return FlowDensity
+        return density.FlowDensity
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

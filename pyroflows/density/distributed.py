@@ -43,11 +43,6 @@ def sum_all(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def any_all(flags: list[bool], device: torch.device) -> list[bool]:
-    """Logical or of each flag over every rank."""
-    return [value > 0 for value in sum_all([float(f) for f in flags], device)]
-
-
 class PendingFlags:
     """Flags being or-ed over every rank in the background; :meth:`wait` gives them."""
 

@@ -492,7 +492,7 @@ def fit(
                 if callback is not None and callback(epoch + 1, history):
                     stop = True
                 if world > 1:
-                    (stop,) = distributed.any_all([stop], like.device)
+                    (stop,) = distributed.PendingFlags([stop], like.device).wait()
                 if stop or epoch + 1 == epochs:
                     break
                 if (epoch + 1) % checkpoint_every == 0:

@@ -163,6 +163,53 @@ def test_laplace_warm_start_keeps_the_plain_start_on_a_funnel():
     assert guide.anchor == "init"
 
 
+def test_warm_start_picks_the_plain_scale_with_the_best_elbo():
+    # Laplace(0, 1) latents: the Hessian at the mode is 0, so the Laplace start fails;
+    # the isotropic Gaussian with the best ELBO has sd sqrt(pi / 2) = 1.25, and of the
+    # grid 0.1 * 10^{-1, -1/2, 0, 1/2, 1} the nearest, 1.0, has the best ELBO.
+    def model():
+        pyro.sample("x", dist.Laplace(torch.zeros(3), 1.0).to_event(1))
+
+    guide = AutoFlow(model, init_scale=0.1)
+    with pytest.warns(UserWarning, match="Laplace warm start failed"):
+        guide()
+    assert guide.anchor == "init"
+    assert torch.allclose(guide.anchor_scale_tril, torch.eye(3))
+
+
+@pytest.mark.parametrize("learn_linear", [False, True])
+def test_anchored_linear_log_det_and_inverse(learn_linear):
+    from pyroflows.infer.autoflow import AnchoredLinear
+
+    torch.manual_seed(0)
+    scale_tril = torch.tril(torch.randn(4, 4, dtype=torch.float64), -1) + torch.diag(
+        torch.rand(4, dtype=torch.float64) + 0.5
+    )
+    layer = AnchoredLinear(torch.randn(4, dtype=torch.float64), scale_tril, learn_linear)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.3)  # away from the identity
+    u = torch.randn(4, dtype=torch.float64)
+    x = layer(u)
+    jacobian = torch.autograd.functional.jacobian(lambda v: layer._forward(v, None)[0], u)
+    assert torch.allclose(
+        layer.log_abs_det_jacobian(u, x), torch.linalg.slogdet(jacobian)[1], atol=1e-10
+    )
+    assert torch.allclose(layer._backward(x.clone(), None)[0], u, atol=1e-10)
+    assert len(list(layer.parameters())) == (2 if learn_linear else 1)
+
+
+def test_learn_linear_reaches_the_guide():
+    guide = AutoFlow(gaussian_model, learn_linear=True)
+    guide()
+    assert guide.linear.learn_linear
+    assert guide.linear.lu.shape == (D, D)
+    plain = AutoFlow(gaussian_model)
+    plain()
+    assert not plain.linear.learn_linear
+    assert not hasattr(plain.linear, "lu")
+
+
 def test_warm_start_skipped_with_subsampling():
     data = torch.randn(100)
 

@@ -415,6 +415,7 @@ def nsf(
     autoregressive: bool | str = False,
     permutation: str | None = "reverse",
     activation: Callable[[], nn.Module] = nn.ReLU,
+    side: str | None = None,
 ) -> Flow:
     r"""Neural spline flow: rational-quadratic spline layers, coupling or autoregressive.
 
@@ -446,6 +447,10 @@ def nsf(
         permutation: between layers: ``"reverse"``, ``"random"`` or ``None`` (coupling:
             a permutation layer; autoregressive: the MADE's variable order).
         activation: non-linearity class.
+        side: where each spline's argument lives: ``"base"`` (:math:`x = \mathrm{RQS}(u)`)
+            or ``"data"`` (:math:`u = \mathrm{RQS}(x)`); ``None``: ``"base"`` for the IAF
+            form, ``"data"`` otherwise, so the direction the flow is built for evaluates
+            the rational function (see :class:`~pyroflows.transforms.RationalQuadratic`).
 
     Example:
         >>> d = nsf(3, transforms=2, hidden=(16,))()
@@ -459,14 +464,17 @@ def nsf(
     if autoregressive is True:
         autoregressive = "maf"
     check_choice(autoregressive, "autoregressive", (False, "maf", "iaf"))
+    check_choice(side, "side", ("base", "data", None))
     if autoregressive:
 
         def make(order, c):
             if c:
                 return ConditionalSplineAutoregressive(
-                    dim, c, autoregressive, bins, bound, hidden, order, activation
+                    dim, c, autoregressive, bins, bound, hidden, order, activation, side
                 )
-            return SplineAutoregressive(dim, autoregressive, bins, bound, hidden, order, activation)
+            return SplineAutoregressive(
+                dim, autoregressive, bins, bound, hidden, order, activation, side
+            )
 
         return _autoregressive_flow(dim, transforms, context, permutation, make)
     return _coupling_flow(
@@ -474,8 +482,8 @@ def nsf(
         transforms,
         context,
         permutation,
-        lambda: SplineCoupling(dim, None, bins, bound, hidden, activation),
-        lambda c: ConditionalSplineCoupling(dim, c, None, bins, bound, hidden, activation),
+        lambda: SplineCoupling(dim, None, bins, bound, hidden, activation, side),
+        lambda c: ConditionalSplineCoupling(dim, c, None, bins, bound, hidden, activation, side),
     )
 
 

@@ -239,7 +239,7 @@ def amortized_posterior(
             least 16 wide).
         activation: non-linearity class of the encoder and the flow.
         **flow_options: passed to the builder (``clamp``, ``bins``, ``bound``,
-            ``autoregressive``, ``permutation``).
+            ``autoregressive``, ``permutation``, ``side``: ``"base"`` unless given).
     """
     check_choice(flow, "flow", POSTERIOR_FLOWS)
     if flow is None:
@@ -258,6 +258,7 @@ def amortized_posterior(
     }
     if flow == "nsf":
         options.setdefault("autoregressive", "iaf")
+        options.setdefault("side", "base")  # a posterior samples: the closed form samples
     built = (iaf if flow == "iaf" else nsf)(latent_dim, **options)
     return AmortizedPosterior(Encoder(input_dim, latent_dim, hidden, context, activation), built)
 

@@ -84,7 +84,9 @@ def _guide_maf(dim: int, **kwargs: Any) -> Flow:
 def _guide_nsf(dim: int, **kwargs: Any) -> Flow:
     # coupling needs two coordinates; one coordinate gets the IAF-form spline
     form = False if dim > 1 else "iaf"
-    return nsf(dim, **{"transforms": 2, "hidden": _hidden(dim), "autoregressive": form, **kwargs})
+    # a guide samples far more than it scores foreign points: the closed form samples
+    options = {"transforms": 2, "hidden": _hidden(dim), "autoregressive": form, "side": "base"}
+    return nsf(dim, **{**options, **kwargs})
 
 
 def _guide_realnvp(dim: int, **kwargs: Any) -> Flow:

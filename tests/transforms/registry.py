@@ -95,4 +95,20 @@ TRANSFORMS: dict[str, Entry] = {
     "cond_spline_maf": Entry(
         lambda d: ConditionalSplineAutoregressive(d, CONTEXT, "maf", hidden=HIDDEN, **SPLINE), True
     ),
+    # the other side of each default (coupling and MAF: "data"; IAF: "base")
+    "spline_coupling_base": Entry(
+        lambda d: SplineCoupling(d, hidden=HIDDEN, side="base", **SPLINE), min_dim=2
+    ),
+    "spline_iaf_data": Entry(
+        lambda d: SplineAutoregressive(d, "iaf", hidden=HIDDEN, side="data", **SPLINE),
+        inverse_passes="D",
+    ),
+    "spline_maf_base": Entry(
+        lambda d: SplineAutoregressive(d, "maf", hidden=HIDDEN, side="base", **SPLINE)
+    ),
+    "cond_spline_coupling_base": Entry(
+        lambda d: ConditionalSplineCoupling(d, CONTEXT, hidden=HIDDEN, side="base", **SPLINE),
+        True,
+        min_dim=2,
+    ),
 }

@@ -214,6 +214,7 @@ def test_hypothesis_inverse_then_forward(w, h, d, y):
         ({"bins": 2.5}, TypeError, "bins must be an int"),
         ({"bound": 0.0}, ValueError, "bound must be a positive number"),
         ({"bound": "5"}, ValueError, "bound must be a positive number"),
+        ({"side": "up"}, ValueError, "side must be one of 'base', 'data' or None"),
     ],
 )
 @pytest.mark.parametrize("cls", [SplineCoupling, SplineAutoregressive])
@@ -232,3 +233,51 @@ def test_nsf_builder_forms():
     assert all(t.form == "iaf" for t in flow.transforms)
     with pytest.raises(ValueError, match="autoregressive must be one of"):
         pyroflows.nsf(3, autoregressive="yes")
+
+
+def test_data_side_map_is_the_inverse_of_the_base_side_map():
+    from pyroflows.transforms import RationalQuadratic
+
+    torch.manual_seed(0)
+    params = torch.randn(50, 4, 3 * 5 - 1, dtype=torch.float64)
+    u = torch.randn(50, 4, dtype=torch.float64) * 1.5
+    base = RationalQuadratic(5, 2.0, side="base")
+    data = RationalQuadratic(5, 2.0, side="data")
+    x, ladj = data.forward(u, params)
+    x_base, ladj_base = base.inverse(u, params)
+    torch.testing.assert_close(x, x_base)
+    torch.testing.assert_close(ladj, -ladj_base)  # log dx/du = -log du/dx
+    u_back, ladj_back = data.inverse(x, params)
+    torch.testing.assert_close(u_back, u)
+    torch.testing.assert_close(ladj_back, ladj)
+
+
+def test_data_side_coupling_is_the_inverse_of_the_base_side_coupling():
+    # same weights; the conditioner reads the pass-through half, equal on both sides
+    torch.manual_seed(0)
+    base = SplineCoupling(4, bins=5, bound=2.0, hidden=(16,), side="base")
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_(0.0, 0.5)
+    data = SplineCoupling(4, bins=5, bound=2.0, hidden=(16,), side="data")
+    data.load_state_dict(base.state_dict())
+    u = torch.randn(50, 4) * 1.5
+    x = data(u)
+    x_base = base.inv(u.clone())
+    torch.testing.assert_close(x, x_base, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        data.log_abs_det_jacobian(u, x), -base.log_abs_det_jacobian(x_base, u.clone())
+    )
+    assert not torch.allclose(x, u, atol=1e-3)  # the weights made it a real map
+
+
+def test_nsf_side_defaults_and_choice():
+    def sides(flow):
+        return {t.transformer.side for t in flow.transforms if hasattr(t, "transformer")}
+
+    assert sides(pyroflows.nsf(3, transforms=2, hidden=(16,))) == {"data"}
+    assert sides(pyroflows.nsf(3, transforms=2, hidden=(16,), autoregressive="maf")) == {"data"}
+    assert sides(pyroflows.nsf(3, transforms=2, hidden=(16,), autoregressive="iaf")) == {"base"}
+    assert sides(pyroflows.nsf(3, transforms=2, hidden=(16,), side="base")) == {"base"}
+    with pytest.raises(ValueError, match="side must be one of"):
+        pyroflows.nsf(3, side="x")

@@ -64,6 +64,8 @@ def make_guide(name: str, model):
         return autoguide.AutoNormalizingFlow(model, spline_then_iaf)
     if name == "AutoFlow":
         return AutoFlow(model)
+    if name == "AutoFlow-lu":  # the default plus the learnt LU-linear map (an ablation)
+        return AutoFlow(model, learn_linear=True)
     if name.startswith("AutoFlow-"):
         # AutoFlow-<flow>[:<transforms>[:<hidden width>]][+<estimator>]
         spec, _, estimator = name.removeprefix("AutoFlow-").partition("+")

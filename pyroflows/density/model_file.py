@@ -6,10 +6,13 @@ A model file is what ``torch.save`` writes for a dict of plain values and tensor
 key                value
 =================  ====================================================================
 ``format``         ``"pyroflows-density"``
-``version``        file format version (1)
+``version``        file format version (2; version 1 files are read too)
 ``flow``           builder name (``"maf"``, ``"nsf"``, ...)
 ``dim``            number of columns ``D``
-``options``        the builder's keyword arguments, as plain values (activation by name)
+``options``        the builder's keyword arguments, as plain values (activation by name;
+                   for ``nsf`` the splines' ``side`` as resolved, so a later change of
+                   default cannot change what a file means; version 1 files, written
+                   before ``side`` existed, mean ``"base"``)
 ``dtype``          ``"float32"`` or ``"float64"``
 ``standardize``    whether the flow ends with a :class:`Standardization` layer
 ``dequantize``     whether it was fitted to dequantized integer data
@@ -34,9 +37,11 @@ from torch import nn
 
 from pyroflows.density.standardize import add_standardization
 from pyroflows.flows import BUILDERS, Flow
+from pyroflows.transforms import RationalQuadratic
 
 FORMAT = "pyroflows-density"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "elu": nn.ELU,
@@ -113,6 +118,14 @@ def save(
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite it")
     dtype = {v: k for k, v in DTYPES.items()}[flow.base_loc.dtype]
+    if name == "nsf" and "side" not in options:
+        sides = {
+            t.transformer.side
+            for t in flow.transforms
+            if isinstance(getattr(t, "transformer", None), RationalQuadratic)
+        }
+        if len(sides) == 1:
+            options = {**options, "side": sides.pop()}
     state = {
         "format": FORMAT,
         "version": VERSION,
@@ -154,14 +167,16 @@ def load(path: str | os.PathLike) -> tuple[Flow, dict[str, Any]]:
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a pyroflows model file (no '{FORMAT}' format tag)")
-    if state.get("version") != VERSION:
+    if state.get("version") not in READABLE_VERSIONS:
         raise ModelFileError(
-            f"{path}: model file version {state.get('version')}, this pyroflows reads {VERSION}"
+            f"{path}: model file version {state.get('version')}, this pyroflows reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     try:
-        flow = build(
-            state["flow"], state["dim"], state["options"], standardize=state["standardize"]
-        )
+        options = state["options"]
+        if state["version"] == 1 and state["flow"] == "nsf" and isinstance(options, dict):
+            options = {"side": "base", **options}  # the only side version 1 knew
+        flow = build(state["flow"], state["dim"], options, standardize=state["standardize"])
         flow.load_state_dict(state["state_dict"])
     except KeyError as error:
         raise ModelFileError(f"{path}: the model file lacks the entry {error}") from None

@@ -210,6 +210,9 @@ class RationalQuadratic:
         side: ``"base"`` or ``"data"``, as above.
     """
 
+    #: what a spline pickled before ``side`` existed means
+    side: str = "base"
+
     def __init__(self, bins: int = 8, bound: float = 5.0, side: str = "base") -> None:
         self.bins = check_positive_int(bins, "bins")
         if isinstance(bound, bool) or not isinstance(bound, int | float) or not bound > 0:

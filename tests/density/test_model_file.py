@@ -92,3 +92,29 @@ def test_build_errors():
     with pytest.raises(ValueError, match="bad options"):
         build("maf", 2, {"bins": 4})
     assert build("nsf", 1).dim == 1  # falls back to the autoregressive spline
+
+
+def test_nsf_files_record_the_spline_side_and_version_1_files_mean_base(tmp_path):
+    torch.manual_seed(0)
+    options = {"transforms": 2, "hidden": [8], "bins": 4}
+    x = torch.randn(300, 3) * 2 + 1
+    flow = build("nsf", 3, options)  # today's default: the data side
+    fit(flow, x, epochs=2, seed=0, progress=False)
+    path = save(tmp_path / "new.pt", flow, name="nsf", options=options, standardize=True)
+    assert load(path)[1]["options"]["side"] == "data"
+
+    # a version 1 file (written before `side` existed) holds base-side splines
+    old = build("nsf", 3, {**options, "side": "base"})
+    fit(old, x, epochs=2, seed=0, progress=False)
+    path = save(tmp_path / "old.pt", old, name="nsf", options=options, standardize=True)
+    state = torch.load(path, weights_only=True)
+    state["version"] = 1
+    del state["options"]["side"]
+    torch.save(state, path)
+    loaded, _ = load(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded().log_prob(x), old().log_prob(x))
+    state["version"] = 3
+    torch.save(state, path)
+    with pytest.raises(ModelFileError, match="version 3, this pyroflows reads 1, 2"):
+        load(path)

@@ -9,10 +9,10 @@ key                value
 ``version``        file format version (2; version 1 files are read too)
 ``flow``           builder name (``"maf"``, ``"nsf"``, ...)
 ``dim``            number of columns ``D``
-``options``        the builder's keyword arguments, as plain values (activation by name;
-                   for ``nsf`` the splines' ``side`` as resolved, so a later change of
-                   default cannot change what a file means; version 1 files, written
-                   before ``side`` existed, mean ``"base"``)
+``options``        the builder's keyword arguments, as plain values (activation by name)
+``side``           ``nsf`` only: the splines' ``side`` as built, so that a later change
+                   of default cannot change what a file means (version 1 files, written
+                   before ``side`` existed, mean ``"base"``); ``None`` otherwise
 ``dtype``          ``"float32"`` or ``"float64"``
 ``standardize``    whether the flow ends with a :class:`Standardization` layer
 ``dequantize``     whether it was fitted to dequantized integer data
@@ -118,20 +118,18 @@ def save(
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite it")
     dtype = {v: k for k, v in DTYPES.items()}[flow.base_loc.dtype]
-    if name == "nsf" and "side" not in options:
-        sides = {
-            t.transformer.side
-            for t in flow.transforms
-            if isinstance(getattr(t, "transformer", None), RationalQuadratic)
-        }
-        if len(sides) == 1:
-            options = {**options, "side": sides.pop()}
+    sides = {
+        t.transformer.side
+        for t in flow.transforms
+        if isinstance(getattr(t, "transformer", None), RationalQuadratic)
+    }
     state = {
         "format": FORMAT,
         "version": VERSION,
         "flow": name,
         "dim": int(flow.dim),
         "options": {**options, "dtype": dtype},
+        "side": sides.pop() if len(sides) == 1 else None,
         "dtype": dtype,
         "standardize": bool(standardize),
         "dequantize": bool(dequantize),
@@ -174,8 +172,10 @@ def load(path: str | os.PathLike) -> tuple[Flow, dict[str, Any]]:
         )
     try:
         options = state["options"]
-        if state["version"] == 1 and state["flow"] == "nsf" and isinstance(options, dict):
-            options = {"side": "base", **options}  # the only side version 1 knew
+        # version 1 files predate `side`: their splines are all on the base side
+        side = state.get("side") if state["version"] > 1 else "base"
+        if state["flow"] == "nsf" and side is not None and isinstance(options, dict):
+            options = {"side": side, **options}
         flow = build(state["flow"], state["dim"], options, standardize=state["standardize"])
         flow.load_state_dict(state["state_dict"])
     except KeyError as error:

@@ -101,7 +101,9 @@ def test_nsf_files_record_the_spline_side_and_version_1_files_mean_base(tmp_path
     flow = build("nsf", 3, options)  # today's default: the data side
     fit(flow, x, epochs=2, seed=0, progress=False)
     path = save(tmp_path / "new.pt", flow, name="nsf", options=options, standardize=True)
-    assert load(path)[1]["options"]["side"] == "data"
+    info = load(path)[1]
+    assert info["side"] == "data"
+    assert "side" not in info["options"]  # the caller's options are kept as given
 
     # a version 1 file (written before `side` existed) holds base-side splines
     old = build("nsf", 3, {**options, "side": "base"})
@@ -109,7 +111,7 @@ def test_nsf_files_record_the_spline_side_and_version_1_files_mean_base(tmp_path
     path = save(tmp_path / "old.pt", old, name="nsf", options=options, standardize=True)
     state = torch.load(path, weights_only=True)
     state["version"] = 1
-    del state["options"]["side"]
+    del state["side"]
     torch.save(state, path)
     loaded, _ = load(path)
     with torch.no_grad():

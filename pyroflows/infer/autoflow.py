@@ -520,11 +520,20 @@ class AutoFlow(AutoContinuous):
         return mode, scale_tril.to(mode.dtype)
 
     def _gaussian_elbo(self, loc, scale_tril, args, kwargs, num_samples: int = 256) -> float:
+        """The ELBO of the Gaussian start ``N(loc, scale_tril scale_tril^T)``, or ``-inf``.
+
+        A wide candidate can draw latents the model cannot take (a Cholesky factor of a
+        kernel that is no longer positive definite, a rate that overflows): that
+        candidate scores ``-inf`` rather than stopping the guide.
+        """
         self.linear.set_anchor(loc, scale_tril)
-        with torch.no_grad():
-            log_w, _ = diagnostics.importance_draws(
-                self.model, self, *args, num_samples=num_samples, **kwargs
-            )
+        try:
+            with torch.no_grad():
+                log_w, _ = diagnostics.importance_draws(
+                    self.model, self, *args, num_samples=num_samples, **kwargs
+                )
+        except (RuntimeError, ValueError, FloatingPointError):
+            return -math.inf
         elbo = log_w.mean().item()
         return elbo if math.isfinite(elbo) else -math.inf
 

@@ -210,6 +210,17 @@ def test_learn_linear_reaches_the_guide():
     assert not hasattr(plain.linear, "lu")
 
 
+def test_a_start_the_model_cannot_take_is_skipped_not_raised():
+    def model():
+        x = pyro.sample("x", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        if (x.abs() > 8.0).any():  # as a GP kernel that stops being positive definite
+            raise ValueError("latent out of the range this model can handle")
+
+    guide = AutoFlow(model, init_scale=1.0)  # the grid reaches scale 10
+    guide()
+    assert guide.anchor == "laplace"
+
+
 def test_warm_start_skipped_with_subsampling():
     data = torch.randn(100)
 

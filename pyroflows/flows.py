@@ -420,12 +420,12 @@ def nsf(
     r"""Neural spline flow: rational-quadratic spline layers, coupling or autoregressive.
 
     .. math::
-        \text{coupling:}\quad x_{k+1:D} = \mathrm{RQS}\big(u_{k+1:D};\
+        \text{coupling:}\quad x_{k+1:D} = \mathrm{RQS}^{\pm 1}\big(u_{k+1:D};\
         \mathrm{MLP}(u_{1:k}, c)\big) \qquad
-        \text{autoregressive:}\quad x_i = \mathrm{RQS}\big(u_i;\ \mathrm{MADE}(v, c)_i\big)
+        \text{autoregressive:}\quad x_i = \mathrm{RQS}^{\pm 1}\big(u_i;\ \mathrm{MADE}(v, c)_i\big)
 
-    Each coordinate goes through a monotone spline with ``bins`` bins on
-    ``[-bound, bound]`` and the identity outside (see
+    Each coordinate goes through a monotone spline (or its inverse, by ``side``) with
+    ``bins`` bins on ``[-bound, bound]`` and the identity outside (see
     :func:`~pyroflows.transforms.rational_quadratic_spline`).
 
     ==================  =================  =======================================

@@ -175,7 +175,7 @@ def load(path: str | os.PathLike) -> tuple[Flow, dict[str, Any]]:
         # version 1 files predate `side`: their splines are all on the base side
         side = state.get("side") if state["version"] > 1 else "base"
         if state["flow"] == "nsf" and side is not None and isinstance(options, dict):
-            options = {"side": side, **options}
+            options = {**options, "side": side}  # the recorded side is what the file means
         flow = build(state["flow"], state["dim"], options, standardize=state["standardize"])
         flow.load_state_dict(state["state_dict"])
     except KeyError as error:

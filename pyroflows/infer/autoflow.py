@@ -175,6 +175,11 @@ class AnchoredLinear(FlowTransform):
         self.register_buffer("anchor_loc", loc.detach().clone())
         self.register_buffer("anchor_scale_tril", scale_tril.detach().clone())
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "learn_linear" not in self.__dict__:  # pickled before the map became optional
+            self.learn_linear = "lu" in self._parameters
+
     def set_anchor(self, loc: torch.Tensor, scale_tril: torch.Tensor) -> None:
         """Move the anchor (in place, so the buffers keep their identity)."""
         with torch.no_grad():
@@ -240,7 +245,8 @@ class AutoFlow(AutoContinuous):
             a callable ``dim -> Flow``. The IAF and coupling flows sample and score their
             own draws in one pass; ``"maf"`` needs ``D`` passes to sample.
         init_loc_fn: Pyro's per-site initialisation (default ``init_to_median``).
-        init_scale: the scale of the plain Gaussian start, in unconstrained units.
+        init_scale: the scale of the plain Gaussian start, in unconstrained units (with
+            ``warm_start="laplace"``, the centre of the grid of scales searched).
         warm_start: ``"laplace"`` (default) or ``None``; see the module docstring.
         estimator: ``"reparam"`` (default): the ELBO's usual reparametrized gradient.
             ``"stl"``: "sticking the landing" (Roeder et al. 2017): :math:`\log q(z)` is
@@ -532,7 +538,7 @@ class AutoFlow(AutoContinuous):
                 log_w, _ = diagnostics.importance_draws(
                     self.model, self, *args, num_samples=num_samples, **kwargs
                 )
-        except (RuntimeError, ValueError, FloatingPointError):
+        except (torch.linalg.LinAlgError, ValueError, FloatingPointError):
             return -math.inf
         elbo = log_w.mean().item()
         return elbo if math.isfinite(elbo) else -math.inf
@@ -558,6 +564,12 @@ class AutoFlow(AutoContinuous):
             )
         with torch.random.fork_rng(devices=[]):
             elbos = [self._gaussian_elbo(m, c, args, kwargs) for _, m, c in candidates]
+        if not any(math.isfinite(e) for e in elbos):
+            warnings.warn(
+                "AutoFlow: no Gaussian start had a finite ELBO (the model failed or gave "
+                "-inf for every draw); starting at init_loc_fn with init_scale",
+                stacklevel=4,
+            )
         # ties (all -inf, say) go to the candidate nearest the plain init_scale start
         best = max(range(len(candidates)), key=lambda i: (elbos[i], -abs(i - self._GRID_HOME)))
         self.anchor, loc_best, scale_tril_best = candidates[best]

@@ -218,7 +218,9 @@ class RationalQuadratic:
         if isinstance(bound, bool) or not isinstance(bound, int | float) or not bound > 0:
             raise ValueError(f"bound must be a positive number, got {bound!r}")
         self.bound = float(bound)
-        self.side = _side(side, None)
+        if side not in SIDES:
+            raise ValueError(f"side must be 'base' or 'data', got {side!r}")
+        self.side = side
         self.num_params = 3 * self.bins - 1
         self.params_first = False  # each coordinate's 3K - 1 numbers contiguous
 
@@ -253,9 +255,13 @@ class SplineCoupling(_Coupling, FlowTransform):
     r"""Rational-quadratic spline coupling layer, base ``u`` to data ``x``.
 
     .. math::
-        x_{1:k} = u_{1:k}, \qquad x_{k+1:D} = \mathrm{RQS}\big(u_{k+1:D};\
-        \mathrm{MLP}(u_{1:k})\big), \qquad
-        \log|\det J| = \textstyle\sum_{i>k} \log \mathrm{RQS}'(u_i)
+        x_{1:k} = u_{1:k}, \qquad x_{k+1:D} = \mathrm{RQS}^{\pm 1}\big(u_{k+1:D};\
+        \mathrm{MLP}(u_{1:k})\big)
+
+    with :math:`\mathrm{RQS}` on the base side (``side="base"``:
+    :math:`\log|\det J| = \sum_{i>k} \log \mathrm{RQS}'(u_i)`) or its inverse on the data
+    side (``side="data"``, the default: :math:`u_i = \mathrm{RQS}(x_i)`,
+    :math:`\log|\det J| = -\sum_{i>k} \log \mathrm{RQS}'(x_i)`).
 
     Cost: one MLP pass for ``t(u)`` and one for ``t.inv(x)``. Starts at the identity.
 
@@ -303,7 +309,9 @@ class ConditionalSplineCoupling(_Coupling, ConditionalFlowTransform):
     r"""Spline coupling layer whose spline parameters also read a context ``c``.
 
     .. math::
-        x_{k+1:D} = \mathrm{RQS}\big(u_{k+1:D};\ \mathrm{MLP}(u_{1:k}, c)\big)
+        x_{k+1:D} = \mathrm{RQS}^{\pm 1}\big(u_{k+1:D};\ \mathrm{MLP}(u_{1:k}, c)\big)
+
+    (the spline or its inverse by ``side``, as in :class:`SplineCoupling`).
 
     Args:
         dim: size of the vector ``D`` (>= 2).
@@ -341,10 +349,13 @@ class SplineAutoregressive(_Autoregressive, FlowTransform):
     r"""Rational-quadratic spline autoregressive layer in IAF or MAF form.
 
     .. math::
-        x_i = \mathrm{RQS}\big(u_i;\ \mathrm{MADE}(v)_i\big), \qquad
-        \log|\det J| = \textstyle\sum_i \log \mathrm{RQS}'(u_i)
+        x_i = \mathrm{RQS}^{\pm 1}\big(u_i;\ \mathrm{MADE}(v)_i\big)
 
-    with :math:`v = u` (IAF: one pass to sample, ``D`` to invert, own samples scored from
+    with the spline on the base side (``side="base"``, the IAF form's default:
+    :math:`\log|\det J| = \sum_i \log \mathrm{RQS}'(u_i)`) or its inverse on the data side
+    (``side="data"``, the MAF form's default: :math:`u_i = \mathrm{RQS}(x_i)`,
+    :math:`\log|\det J| = -\sum_i \log \mathrm{RQS}'(x_i)`). The MADE reads
+    :math:`v = u` (IAF: one pass to sample, ``D`` to invert, own samples scored from
     the cache) or :math:`v = x` (MAF: one pass to score, ``D`` to sample).
 
     Args:
@@ -384,7 +395,9 @@ class ConditionalSplineAutoregressive(_Autoregressive, ConditionalFlowTransform)
     r"""Spline autoregressive layer whose MADE also reads a context ``c``.
 
     .. math::
-        x_i = \mathrm{RQS}\big(u_i;\ \mathrm{MADE}(v, c)_i\big)
+        x_i = \mathrm{RQS}^{\pm 1}\big(u_i;\ \mathrm{MADE}(v, c)_i\big)
+
+    (the spline or its inverse by ``side``, as in :class:`SplineAutoregressive`).
 
     Args:
         dim: size of the vector ``D``.

@@ -450,3 +450,17 @@ def test_init_to_value_is_honoured():
     )
     guide()
     assert guide.median()["scale"].item() == pytest.approx(2.0, rel=0.05)
+
+
+def test_an_anchored_linear_pickled_before_learn_linear_existed_still_works():
+    import pickle
+
+    from pyroflows.infer.autoflow import AnchoredLinear
+
+    for learnt in (False, True):
+        layer = AnchoredLinear(torch.zeros(3), torch.eye(3), learn_linear=learnt)
+        del layer.__dict__["learn_linear"]  # as an object pickled by the older version
+        loaded = pickle.loads(pickle.dumps(layer))
+        assert loaded.learn_linear is learnt
+        u = torch.randn(2, 3)
+        assert torch.allclose(loaded(u), u)

@@ -281,3 +281,10 @@ def test_nsf_side_defaults_and_choice():
     assert sides(pyroflows.nsf(3, transforms=2, hidden=(16,), side="base")) == {"base"}
     with pytest.raises(ValueError, match="side must be one of"):
         pyroflows.nsf(3, side="x")
+
+
+def test_rational_quadratic_side_must_be_named():
+    from pyroflows.transforms import RationalQuadratic
+
+    with pytest.raises(ValueError, match="side must be 'base' or 'data'"):
+        RationalQuadratic(8, 5.0, side=None)

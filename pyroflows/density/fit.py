@@ -36,7 +36,7 @@ from torch import nn
 
 from pyroflows._checks import check_positive_int
 from pyroflows.density import distributed
-from pyroflows.density.rows import CHUNK, Rows, as_source
+from pyroflows.density.rows import CHUNK, Rows, as_source, chunk_noise
 from pyroflows.density.standardize import add_standardization, settle
 from pyroflows.flows import Flow
 
@@ -149,8 +149,7 @@ def _mean_nll(
                 continue
             x = data.take(torch.arange(start, min(start + chunk, len(data))))
             if noise_seed is not None:
-                g = torch.Generator(like.device).manual_seed(noise_seed * 1_000_003 + c)
-                x = x + torch.rand(x.shape, generator=g, dtype=like.dtype, device=like.device)
+                x = x + chunk_noise(x.shape, noise_seed, c, like)
             total -= d.log_prob(x).sum().item()
     (total,) = distributed.sum_all([total], like.device)
     return total / len(data)

@@ -164,6 +164,16 @@ class MappedRows(Rows):
         return torch.as_tensor(block, dtype=self.like.dtype).to(self.like.device)
 
 
+def chunk_noise(shape: tuple[int, ...], seed: int, chunk: int, like: torch.Tensor) -> torch.Tensor:
+    """:math:`U[0, 1)` noise for chunk ``chunk``, from a generator seeded by ``(seed, chunk)``.
+
+    The same noise for a chunk every time it is drawn, however many ranks share the
+    chunks, without holding it in memory; drawn on ``like``'s device, in its dtype.
+    """
+    g = torch.Generator(like.device).manual_seed(seed * 1_000_003 + chunk)
+    return torch.rand(shape, generator=g, dtype=like.dtype, device=like.device)
+
+
 def log_prob(
     flow: torch.nn.Module, rows: Rows, dequantize: bool = False, draws: int = 16, seed: int = 0
 ) -> torch.Tensor:
@@ -184,8 +194,7 @@ def log_prob(
             if not dequantize:
                 parts.append(d.log_prob(x))
                 continue
-            g = torch.Generator(like.device).manual_seed(seed * 1_000_003 + c)
-            u = torch.rand((draws, *x.shape), generator=g, dtype=like.dtype, device=like.device)
+            u = chunk_noise((draws, *x.shape), seed, c, like)
             parts.append(d.log_prob(x + u).mean(0))
     return torch.cat(parts)
 

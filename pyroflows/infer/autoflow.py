@@ -196,6 +196,10 @@ class AnchoredLinear(FlowTransform):
         upper = torch.triu(self.lu, 1) + torch.diag(self.lu.diagonal().exp())
         return self.anchor_scale_tril @ lower, upper
 
+    def _shift(self) -> torch.Tensor:
+        """:math:`m + C b`: where the layer sends ``y = 0``."""
+        return self.anchor_loc + self.anchor_scale_tril @ self.bias
+
     def _log_abs_det(self, u, x, context):
         log_det = self.anchor_scale_tril.diagonal().log().sum()
         if self.learn_linear:
@@ -205,14 +209,11 @@ class AnchoredLinear(FlowTransform):
     def _forward(self, u, context):
         scaled_lower, upper = self._factors()
         weight = scaled_lower if upper is None else scaled_lower @ upper
-        bias = self.anchor_loc + self.anchor_scale_tril @ self.bias
-        return F.linear(u, weight, bias), self._log_abs_det(u, None, context)
+        return F.linear(u, weight, self._shift()), self._log_abs_det(u, None, context)
 
     def _backward(self, x, context):
         scaled_lower, upper = self._factors()
-        # x - (m + C b) = C L U y
-        shift = self.anchor_loc + self.anchor_scale_tril @ self.bias
-        rhs = (x - shift).reshape(-1, self.dim).T
+        rhs = (x - self._shift()).reshape(-1, self.dim).T  # = C L U y
         y = torch.linalg.solve_triangular(scaled_lower, rhs, upper=False)
         if upper is not None:
             y = torch.linalg.solve_triangular(upper, y, upper=True)

@@ -227,17 +227,14 @@ class RationalQuadratic:
     def _apply(self, value, params, inverse):
         k = self.bins
         widths, heights, derivatives = params.split((k, k, k - 1), dim=-1)  # one cat backward
-        if self.side == "base":
-            out, logd = rational_quadratic_spline(
-                value, widths, heights, derivatives, self.bound, inverse
-            )
-            return out, logd.sum(-1)
-        # x = RQS^{-1}(u): the layer's forward map is the spline's inverse, and its
-        # log-derivative is minus the spline's at the same pair
+        # on the data side x = RQS^{-1}(u): the layer's forward map is the spline's
+        # inverse, and its log-derivative is minus the spline's at the same pair
+        flipped = self.side == "data"
         out, logd = rational_quadratic_spline(
-            value, widths, heights, derivatives, self.bound, not inverse
+            value, widths, heights, derivatives, self.bound, inverse != flipped
         )
-        return out, -logd.sum(-1)
+        ladj = logd.sum(-1)
+        return out, (-ladj if flipped else ladj)
 
     def forward(self, u: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(x, ladj)``."""

@@ -293,6 +293,61 @@ def test_stl_is_unbiased_away_from_the_optimum():
     assert torch.corrcoef(torch.stack([grads["stl"], grads["reparam"]]))[0, 1] > 0.99
 
 
+@pytest.mark.parametrize("flow", ["iaf", "nsf", "realnvp"])
+@pytest.mark.parametrize("particles", [1, 3])
+def test_stl_jacobian_route_equals_the_inverse_route(flow, particles, monkeypatch):
+    # the same draws and parameters, the gradient of log q through J^-T vs through t.inv
+    from pyroflows.infer import autoflow
+
+    pyro.set_rng_seed(0)
+    guide = AutoFlow(gaussian_model, flow=flow, warm_start=None, estimator="stl")
+    guide()
+    with torch.no_grad():
+        for p in guide.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    elbo = Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=0)
+    params = list(guide.parameters())
+    grads = {}
+    taken = []
+    jacobian_route = autoflow._PathDerivative._log_prob_jacobian
+
+    def spy(self, *args):
+        taken.append(1)
+        return jacobian_route(self, *args)
+
+    monkeypatch.setattr(autoflow._PathDerivative, "_log_prob_jacobian", spy)
+    for route, limit in (("jacobian", 64), ("inverse", 0)):
+        monkeypatch.setattr(autoflow, "JACOBIAN_MAX_DIM", limit)
+        pyro.set_rng_seed(7)
+        loss = elbo.differentiable_loss(gaussian_model, guide)
+        grads[route] = (loss.detach(), torch.autograd.grad(loss, params))
+        assert len(taken) == 1  # taken once at limit 64, and not again at limit 0
+    assert torch.allclose(grads["jacobian"][0], grads["inverse"][0], atol=1e-10)
+    for a, b in zip(grads["jacobian"][1], grads["inverse"][1], strict=True):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-7)
+    assert max(g.abs().max().item() for g in grads["inverse"][1]) > 1e-2
+
+
+def test_stl_iaf_guide_never_inverts_during_svi():
+    # the Jacobian route: one pass per layer to sample, one more (over D + 1 copies of the
+    # draw) for the Jacobian; the inverse route would take D = 5 passes per layer
+    guide = AutoFlow(gaussian_model, flow="iaf", warm_start=None, estimator="stl")
+    guide()
+    calls = []
+    handles = [
+        m.register_forward_hook(lambda *_: calls.append(1))
+        for m in guide.modules()
+        if isinstance(m, MADE)
+    ]
+    svi = SVI(gaussian_model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    svi.step()
+    for h in handles:
+        h.remove()
+    assert len(handles) == 2
+    assert len(calls) == 2 + 2
+    assert "_frozen" not in guide.__dict__  # no frozen copy needed, none synced
+
+
 def test_iaf_guide_never_inverts_during_svi():
     guide = AutoFlow(gaussian_model, flow="iaf", warm_start=None)
     guide()

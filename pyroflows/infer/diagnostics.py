@@ -54,8 +54,21 @@ GOOD_KHAT = 0.5
 USABLE_KHAT = 0.7
 
 
-def verdict(khat: float) -> str:
-    r"""A one-line reading of a PSIS :math:`\hat k` (Yao et al. 2018 thresholds)."""
+#: ESS, as a fraction of the draws, above which a large k-hat gets a note (see ``verdict``).
+FLAT_ESS_FRACTION = 0.9
+
+
+def verdict(khat: float, ess_fraction: float | None = None) -> str:
+    r"""A one-line reading of a PSIS :math:`\hat k` (Yao et al. 2018 thresholds).
+
+    Args:
+        khat: the Pareto shape estimate.
+        ess_fraction: ESS / number of draws, if known. :math:`\hat k` is scale-free: when
+            the weights barely vary (a guide very close to the posterior) one outlier among
+            a few thousand draws can still give :math:`\hat k > 0.7`. With
+            ``ess_fraction >=`` :data:`FLAT_ESS_FRACTION` the "do not trust" reading says
+            so and asks for more draws; the reading itself does not change.
+    """
     if khat == -math.inf:
         return "good: the weights are constant, the guide matches the posterior's shape"
     if not math.isfinite(khat):
@@ -66,6 +79,12 @@ def verdict(khat: float) -> str:
         return (
             f"usable with care: k-hat {khat:.2f} in [{GOOD_KHAT}, {USABLE_KHAT}]; "
             "importance-resampled draws are more reliable than the raw guide"
+        )
+    if ess_fraction is not None and ess_fraction >= FLAT_ESS_FRACTION:
+        return (
+            f"do not trust: k-hat {khat:.2f} > {USABLE_KHAT}, though the weights barely vary "
+            f"(ESS {ess_fraction:.1%} of the draws), so the tail is heavy only next to a "
+            "very narrow bulk; score more draws to confirm"
         )
     return (
         f"do not trust: k-hat {khat:.2f} > {USABLE_KHAT}, the guide misses mass the "
@@ -151,7 +170,8 @@ def _summarize(log_weights: torch.Tensor | np.ndarray) -> tuple[Diagnosis, np.nd
     with np.errstate(invalid="ignore", over="ignore"):
         elbo = float(np.mean(lw))
         log_evidence = float(np.logaddexp.reduce(lw) - math.log(num))
-    return Diagnosis(khat, ess, num, elbo, log_evidence, verdict(khat)), smoothed
+    reading = verdict(khat, ess / num)
+    return Diagnosis(khat, ess, num, elbo, log_evidence, reading), smoothed
 
 
 def max_plate_nesting(model: Callable[..., Any], *args: Any, **kwargs: Any) -> int:

@@ -98,6 +98,27 @@ def test_verdict_thresholds():
     assert verdict(math.nan).startswith("do not trust")
 
 
+def test_verdict_notes_a_large_khat_on_nearly_flat_weights():
+    # a guide very close to the posterior: log weights within a few hundredths of a nat,
+    # but their right tail is heavy relative to that bulk (as seen on posteriordb with the
+    # "stl" estimator); the reading stays "do not trust" but says why it may be misleading
+    g = np.random.default_rng(0)
+    flat = 0.02 * g.standard_normal(2000)
+    flat[:100] = 0.04 + np.minimum(0.01 * (g.uniform(size=100) ** -1.5 - 1), 0.6)
+    report = summarize(torch.tensor(flat))
+    assert report.khat > 0.7
+    assert report.ess / report.num_samples > 0.99
+    assert report.verdict.startswith("do not trust")
+    assert "barely vary" in report.verdict
+    assert "more draws" in report.verdict
+    heavy = 3.0 * g.standard_normal(2000)  # lognormal weights: heavy for real
+    report = summarize(torch.tensor(heavy))
+    assert report.khat > 0.7
+    assert report.verdict.startswith("do not trust")
+    assert "barely vary" not in report.verdict
+    assert "barely vary" not in verdict(0.9)  # no ESS given, no note
+
+
 def test_summarize_non_finite_weights_is_untrustworthy():
     report = summarize(torch.tensor([0.0, 1.0, -math.inf, math.nan, 0.5]))
     assert report.khat == math.inf

@@ -67,6 +67,7 @@ from pyroflows._checks import check_choice
 from pyroflows.flows import Flow, iaf, maf, nice, nsf, realnvp
 from pyroflows.infer import diagnostics
 from pyroflows.transforms.base import FlowTransform
+from pyroflows.transforms.linear import ActNorm
 
 
 def _hidden(dim: int) -> tuple[int, int]:
@@ -116,6 +117,23 @@ WARM_STARTS = (None, "laplace")
 JACOBIAN_MAX_DIM = 64
 
 
+def _jacobian_route(layers: Sequence[nn.Module], dim: int) -> bool:
+    """Whether the "stl" estimator should differentiate through the draw's Jacobian.
+
+    Only when it pays and is safe: some layer's inverse costs ``D`` passes (an IAF-form
+    autoregressive layer; a coupling flow's one-pass inverse is cheaper than ``D + 1``
+    copies forward and backward), ``D`` is at most :data:`JACOBIAN_MAX_DIM`, every layer
+    is a pyroflows layer (its uncached ``_fwd`` leaves the draw's cache alone), and no
+    ActNorm still waits for its data-dependent initialisation (``D + 1`` copies of one
+    point would initialise it with zero spread).
+    """
+    if dim > JACOBIAN_MAX_DIM or not all(isinstance(t, FlowTransform) for t in layers):
+        return False
+    if any(isinstance(t, ActNorm) and not bool(t.initialized) for t in layers):
+        return False
+    return any(getattr(t, "form", None) == "iaf" for t in layers)
+
+
 class _PathDerivative(dist.TorchDistribution):
     r"""Sample from ``q``; score with the parameters held fixed (the path derivative).
 
@@ -133,9 +151,10 @@ class _PathDerivative(dist.TorchDistribution):
       gradient, then one :math:`D \times D` solve per draw. An IAF, whose inverse costs
       ``D`` passes, so pays about a third of a step more instead of three times as much;
       the draw's :math:`\log q` itself comes from the layer caches.
-    * **Inverse** (otherwise: a point ``q`` did not just draw, or a large ``D``): a
-      gradient-free copy of ``q``'s layers (``frozen()``, synced when asked for) scores
-      ``z`` through its inverse, and autograd does the rest.
+    * **Inverse** (a point ``q`` did not just draw, or a flow that
+      :func:`_jacobian_route` turns down, such as a coupling flow, whose one-pass inverse
+      is the cheaper route): a gradient-free copy of ``q``'s layers (``frozen()``, synced
+      when called) scores ``z`` through its inverse, and autograd does the rest.
 
     Args:
         q: the guide's distribution (its parameters carry gradients).
@@ -187,30 +206,24 @@ class _PathDerivative(dist.TorchDistribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         r""":math:`\log q(z)` with the parameters held fixed."""
         draw = self._draw
-        if self.jacobian and draw is not None and value is draw[1]:
-            return self._log_prob_jacobian(*draw)
+        if draw is not None and value is draw[1]:
+            if not torch.is_grad_enabled():
+                return self.q.log_prob(value)  # no gradient wanted: the cached value
+            if self.jacobian:
+                return self._log_prob_jacobian(*draw)
         return self.frozen().log_prob(value)
 
     def _log_prob_jacobian(self, u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         dim = u.shape[-1]
         log_q = self.q.log_prob(z).detach()  # the draw's own: from the layer caches
-        layers = list(self.q.transforms)
-        if not all(isinstance(t, FlowTransform) for t in layers):
-            layers = list(self.frozen().transforms)  # foreign layers: a copy, caches and all
         with torch.enable_grad():
             # copy i < D backpropagates z_i (row i of J); copy D, log p(u) - log|det J|
             copies = u.detach().unsqueeze(-2).expand(*u.shape[:-1], dim + 1, dim)
             copies = copies.clone().requires_grad_()
             x, ladj = copies, 0.0
-            for t in layers:
-                if isinstance(t, FlowTransform):
-                    y, term = t._fwd(x)  # uncached: the draw's cache entries stay
-                else:
-                    y = t(x)
-                    term = t.log_abs_det_jacobian(x, y)
-                    term = term.sum(-1) if term.dim() == x.dim() else term
+            for t in self.q.transforms:  # pyroflows layers only (see _jacobian_route)
+                x, term = t._fwd(x)  # uncached: the draw's cache entries stay
                 ladj = ladj + term
-                x = y
             pick = torch.eye(dim + 1, dim, dtype=u.dtype, device=u.device)
             log_base = self.q.base_dist.log_prob(copies[..., dim, :])
             total = (x * pick).sum() + (log_base - ladj[..., dim]).sum()
@@ -331,11 +344,11 @@ class AutoFlow(AutoContinuous):
             ``"stl"``: "sticking the landing" (Roeder et al. 2017): :math:`\log q(z)` is
             scored with the parameters held fixed, which drops the score term
             :math:`\nabla_\theta \log q_\theta(z)` (zero in expectation), so the gradient's
-            variance vanishes as :math:`q \to p`. For ``D <=`` :data:`JACOBIAN_MAX_DIM` it
-            differentiates through the Jacobian of the draw (one more network pass, over
-            ``D + 1`` copies of it, and its backward: about a third more per step for the
-            IAF), above that through the flow's inverse (one pass for coupling flows, ``D``
-            for the IAF forms).
+            variance vanishes as :math:`q \to p`. An IAF-form flow (``D <=``
+            :data:`JACOBIAN_MAX_DIM`) differentiates through the Jacobian of its draw (one
+            more network pass, over ``D + 1`` copies of it, and its backward: about a
+            third more per step); other flows through their inverse (one pass for coupling
+            flows). Not for ``JitTrace_ELBO``, which cannot trace the frozen copy.
         learn_linear: also learn a full-rank linear map after the flow (an LU-factorized
             :math:`D \times D` matrix). Off by default: the anchor already carries the
             Laplace correlations, and on posteriordb the learnt map's Adam noise made fits
@@ -512,20 +525,31 @@ class AutoFlow(AutoContinuous):
         base = flow.base()
         q = dist.TransformedDistribution(base, [*flow.transforms, linear])
         if self.estimator == "stl" and torch.is_grad_enabled():
+            layers = [*flow.transforms, linear]
+            twin = self._frozen_twin(layers)  # made now, before this step's draw
 
             def frozen() -> dist.TransformedDistribution:
-                return dist.TransformedDistribution(base, self._frozen_layers(flow, linear))
+                return dist.TransformedDistribution(base, self._synced(twin, layers))
 
-            return _PathDerivative(q, frozen, jacobian=self.latent_dim <= JACOBIAN_MAX_DIM)
+            return _PathDerivative(q, frozen, jacobian=_jacobian_route(layers, self.latent_dim))
         return q
 
-    def _frozen_layers(self, flow: Flow, linear: AnchoredLinear) -> list[nn.Module]:
-        """A parameter-free copy of the flow and the linear layer, synced to them now."""
-        live = nn.ModuleList([*flow.transforms, linear])
+    def _frozen_twin(self, layers: list[nn.Module]) -> nn.ModuleList:
+        """A parameter-free copy of ``layers``, made once (and again if they change).
+
+        Made before a draw: a Pyro transform's cache may afterwards hold tensors of the
+        autograd graph, which ``deepcopy`` refuses.
+        """
         twin = self.__dict__.get("_frozen")
-        if twin is None or len(twin) != len(live):
-            twin = copy.deepcopy(live).requires_grad_(False)
+        if twin is None or len(twin) != len(layers):
+            twin = copy.deepcopy(nn.ModuleList(layers)).requires_grad_(False)
             self.__dict__["_frozen"] = twin
+        return twin
+
+    @staticmethod
+    def _synced(twin: nn.ModuleList, layers: list[nn.Module]) -> list[nn.Module]:
+        """``twin``'s layers, with every parameter and buffer copied from ``layers`` now."""
+        live = nn.ModuleList(layers)
         with torch.no_grad():
             for mine, theirs in zip(
                 [*twin.parameters(), *twin.buffers()],

@@ -1,3 +1,4 @@
+import copy
 import warnings
 
 import pyro
@@ -293,14 +294,26 @@ def test_stl_is_unbiased_away_from_the_optimum():
     assert torch.corrcoef(torch.stack([grads["stl"], grads["reparam"]]))[0, 1] > 0.99
 
 
-@pytest.mark.parametrize("flow", ["iaf", "nsf", "realnvp"])
+def gaussian_model32():
+    pyro.sample("x", dist.MultivariateNormal(MEAN.float(), COV.float()))
+
+
+@pytest.mark.parametrize(
+    ("flow", "options"),
+    [
+        ("iaf", {"warm_start": None}),
+        ("nsf", {"warm_start": None}),
+        ("realnvp", {"warm_start": None}),
+        ("iaf", {"learn_linear": True}),  # with the Laplace anchor and a learnt LU map
+    ],
+)
 @pytest.mark.parametrize("particles", [1, 3])
-def test_stl_jacobian_route_equals_the_inverse_route(flow, particles, monkeypatch):
-    # the same draws and parameters, the gradient of log q through J^-T vs through t.inv
+def test_stl_jacobian_route_equals_the_inverse_route(flow, options, particles, monkeypatch):
+    # the same draws and parameters: the gradient of log q through J^-T vs through t.inv
     from pyroflows.infer import autoflow
 
     pyro.set_rng_seed(0)
-    guide = AutoFlow(gaussian_model, flow=flow, warm_start=None, estimator="stl")
+    guide = AutoFlow(gaussian_model, flow=flow, estimator="stl", **options)
     guide()
     with torch.no_grad():
         for p in guide.parameters():
@@ -316,16 +329,87 @@ def test_stl_jacobian_route_equals_the_inverse_route(flow, particles, monkeypatc
         return jacobian_route(self, *args)
 
     monkeypatch.setattr(autoflow._PathDerivative, "_log_prob_jacobian", spy)
-    for route, limit in (("jacobian", 64), ("inverse", 0)):
-        monkeypatch.setattr(autoflow, "JACOBIAN_MAX_DIM", limit)
+    for route in (True, False):
+        monkeypatch.setattr(autoflow, "_jacobian_route", lambda *_, route=route: route)
         pyro.set_rng_seed(7)
         loss = elbo.differentiable_loss(gaussian_model, guide)
         grads[route] = (loss.detach(), torch.autograd.grad(loss, params))
-        assert len(taken) == 1  # taken once at limit 64, and not again at limit 0
-    assert torch.allclose(grads["jacobian"][0], grads["inverse"][0], atol=1e-10)
-    for a, b in zip(grads["jacobian"][1], grads["inverse"][1], strict=True):
+        assert len(taken) == 1  # taken once when chosen, and not again when not
+    assert torch.allclose(grads[True][0], grads[False][0], atol=1e-10)
+    for a, b in zip(grads[True][1], grads[False][1], strict=True):
         assert torch.allclose(a, b, atol=1e-9, rtol=1e-7)
-    assert max(g.abs().max().item() for g in grads["inverse"][1]) > 1e-2
+    assert max(g.abs().max().item() for g in grads[False][1]) > 1e-2
+
+
+def test_stl_jacobian_route_in_float32():
+    from pyroflows.infer.autoflow import _PathDerivative
+
+    pyro.set_rng_seed(0)
+    guide = AutoFlow(gaussian_model32, estimator="stl")
+    guide()
+    with torch.no_grad():
+        for p in guide.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    q = guide.get_posterior()
+    assert isinstance(q, _PathDerivative)
+    assert q.jacobian
+    z = q.rsample()
+    via_jacobian = torch.autograd.grad(q.log_prob(z), z)[0]
+    z64 = z.detach().double().requires_grad_()
+    frozen = q.frozen()  # the float32 copy, scored in float64 for the reference
+    layers = [layer.double() for layer in copy.deepcopy(frozen.transforms)]
+    base = dist.Normal(torch.zeros(D, dtype=torch.float64), 1.0).to_event(1)
+    exact = dist.TransformedDistribution(base, layers)
+    reference = torch.autograd.grad(exact.log_prob(z64), z64)[0]
+    assert torch.allclose(via_jacobian.double(), reference, atol=1e-3, rtol=1e-3)
+
+
+def test_stl_takes_the_jacobian_route_only_where_it_pays_and_is_safe():
+    from pyro.distributions import transforms as T
+
+    from pyroflows.transforms import ActNorm
+
+    def route(model, flow="iaf", **options):
+        guide = AutoFlow(model, flow=flow, warm_start=None, estimator="stl", **options)
+        guide()
+        return guide.get_posterior().jacobian
+
+    def wide():
+        pyro.sample("x", dist.Normal(torch.zeros(65), 1.0).to_event(1))
+
+    assert route(gaussian_model)
+    assert route(gaussian_model, "nsf", autoregressive="iaf")
+    assert not route(gaussian_model, "nsf")  # coupling: the one-pass inverse is cheaper
+    assert not route(gaussian_model, "realnvp")
+    assert not route(wide)  # D > JACOBIAN_MAX_DIM
+    pyro_layer = pyroflows.Flow(D, [T.Spline(D, count_bins=4), *pyroflows.iaf(D).transforms])
+    assert not route(gaussian_model, pyro_layer.double())
+    waiting = pyroflows.Flow(D, [ActNorm(D), *pyroflows.iaf(D).transforms])
+    assert not route(gaussian_model, waiting.double())
+
+
+def test_stl_trains_a_flow_holding_a_pyro_transform():
+    # the frozen copy is made before the draw: afterwards the Pyro layer's cache holds
+    # tensors of the graph, which deepcopy refuses
+    from pyro.distributions import transforms as T
+
+    flow = pyroflows.Flow(D, [T.Spline(D, count_bins=4), *pyroflows.iaf(D).transforms])
+    guide = AutoFlow(gaussian_model, flow=flow.double(), warm_start=None, estimator="stl")
+    svi = SVI(gaussian_model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    losses = [svi.step() for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_stl_never_initialises_actnorm_from_copies_of_one_draw():
+    from pyroflows.transforms import ActNorm
+
+    actnorm = ActNorm(D)
+    flow = pyroflows.Flow(D, [actnorm, *pyroflows.iaf(D).transforms]).double()
+    guide = AutoFlow(gaussian_model, flow=flow, warm_start=None, estimator="stl")
+    svi = SVI(gaussian_model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    losses = [svi.step() for _ in range(3)]
+    assert not bool(actnorm.initialized)  # one draw per step: nothing to initialise from
+    assert max(losses) < 100
 
 
 def test_stl_iaf_guide_never_inverts_during_svi():
@@ -341,11 +425,13 @@ def test_stl_iaf_guide_never_inverts_during_svi():
     ]
     svi = SVI(gaussian_model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
     svi.step()
+    frozen = [m for m in guide.__dict__["_frozen"].modules() if isinstance(m, MADE)]
+    handles += [m.register_forward_hook(lambda *_: calls.append("frozen")) for m in frozen]
+    svi.step()
     for h in handles:
         h.remove()
-    assert len(handles) == 2
-    assert len(calls) == 2 + 2
-    assert "_frozen" not in guide.__dict__  # no frozen copy needed, none synced
+    assert len(frozen) == 2
+    assert calls == [1] * (2 + 2) * 2  # two steps, neither touching the frozen copy
 
 
 def test_iaf_guide_never_inverts_during_svi():

@@ -111,6 +111,11 @@ def test_verdict_notes_a_large_khat_on_nearly_flat_weights():
     assert report.verdict.startswith("do not trust")
     assert "barely vary" in report.verdict
     assert "more draws" in report.verdict
+    one_mode_missed = 0.02 * g.standard_normal(2000)
+    one_mode_missed[0] += 20.0  # smoothing hides this draw; the raw weights do not
+    report = summarize(torch.tensor(one_mode_missed))
+    assert report.khat > 0.7
+    assert "barely vary" not in report.verdict
     heavy = 3.0 * g.standard_normal(2000)  # lognormal weights: heavy for real
     report = summarize(torch.tensor(heavy))
     assert report.khat > 0.7

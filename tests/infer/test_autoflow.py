@@ -412,43 +412,28 @@ def test_stl_never_initialises_actnorm_from_copies_of_one_draw():
     assert max(losses) < 100
 
 
-def test_stl_iaf_guide_never_inverts_during_svi():
-    # the Jacobian route: one pass per layer to sample, one more (over D + 1 copies of the
-    # draw) for the Jacobian; the inverse route would take D = 5 passes per layer
-    guide = AutoFlow(gaussian_model, flow="iaf", warm_start=None, estimator="stl")
+@pytest.mark.parametrize(("estimator", "passes"), [("reparam", 2), ("stl", 2 + 2)])
+def test_iaf_guide_never_inverts_during_svi(estimator, passes):
+    # one pass per layer to sample and (from the layer caches) score; "stl" adds one pass
+    # per layer over D + 1 copies of the draw for its Jacobian, and never touches the
+    # frozen copy; an inverse would take D = 5 passes per layer
+    guide = AutoFlow(gaussian_model, flow="iaf", warm_start=None, estimator=estimator)
     guide()
-    calls = []
-    handles = [
-        m.register_forward_hook(lambda *_: calls.append(1))
-        for m in guide.modules()
-        if isinstance(m, MADE)
-    ]
     svi = SVI(gaussian_model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
     svi.step()
-    frozen = [m for m in guide.__dict__["_frozen"].modules() if isinstance(m, MADE)]
+    live = [m for m in guide.modules() if isinstance(m, MADE)]
+    twin = guide.__dict__.get("_frozen")
+    frozen = [m for m in twin.modules() if isinstance(m, MADE)] if twin is not None else []
+    calls = []
+    handles = [m.register_forward_hook(lambda *_: calls.append("live")) for m in live]
     handles += [m.register_forward_hook(lambda *_: calls.append("frozen")) for m in frozen]
-    svi.step()
+    for _ in range(2):
+        svi.step()
     for h in handles:
         h.remove()
-    assert len(frozen) == 2
-    assert calls == [1] * (2 + 2) * 2  # two steps, neither touching the frozen copy
-
-
-def test_iaf_guide_never_inverts_during_svi():
-    guide = AutoFlow(gaussian_model, flow="iaf", warm_start=None)
-    guide()
-    calls = []
-    handles = [
-        m.register_forward_hook(lambda *_: calls.append(1))
-        for m in guide.modules()
-        if isinstance(m, MADE)
-    ]
-    svi = SVI(gaussian_model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
-    svi.step()
-    for h in handles:
-        h.remove()
-    assert len(handles) == 2
-    assert len(calls) == 2  # one pass per layer: sample, then score from the cache
+    assert len(live) == 2
+    assert len(frozen) == (2 if estimator == "stl" else 0)
+    assert calls == ["live"] * passes * 2
 
 
 # ----------------------------------------------------------------- the autoguide API

@@ -523,9 +523,9 @@ class AutoFlow(AutoContinuous):
         # registers all its parameters with Pyro again
         flow, linear = self.flow, self.linear
         base = flow.base()
-        q = dist.TransformedDistribution(base, [*flow.transforms, linear])
+        layers = [*flow.transforms, linear]
+        q = dist.TransformedDistribution(base, layers)
         if self.estimator == "stl" and torch.is_grad_enabled():
-            layers = [*flow.transforms, linear]
             twin = self._frozen_twin(layers)  # made now, before this step's draw
 
             def frozen() -> dist.TransformedDistribution:

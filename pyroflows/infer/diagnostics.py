@@ -64,11 +64,11 @@ def verdict(khat: float, ess_fraction: float | None = None) -> str:
     Args:
         khat: the Pareto shape estimate.
         ess_fraction: the raw (unsmoothed) weights' ESS / number of draws, if known.
-            :math:`\hat k` is scale-free: when
-            the weights barely vary (a guide very close to the posterior) one outlier among
-            a few thousand draws can still give :math:`\hat k > 0.7`. With
-            ``ess_fraction >=`` :data:`FLAT_ESS_FRACTION` the "do not trust" reading says
-            so and asks for more draws; the reading itself does not change.
+            :math:`\hat k` is scale-free: when the weights barely vary (a guide very close
+            to the posterior), a tail that is heavy only next to that narrow bulk can
+            still give :math:`\hat k > 0.7`. With ``ess_fraction >=``
+            :data:`FLAT_ESS_FRACTION` the "do not trust" reading says so and asks for more
+            draws; the reading itself does not change.
     """
     if khat == -math.inf:
         return "good: the weights are constant, the guide matches the posterior's shape"
@@ -170,10 +170,11 @@ def _summarize(log_weights: torch.Tensor | np.ndarray) -> tuple[Diagnosis, np.nd
     num = lw.size
     with np.errstate(invalid="ignore", over="ignore"):
         elbo = float(np.mean(lw))
-        log_evidence = float(np.logaddexp.reduce(lw) - math.log(num))
+        log_total = np.logaddexp.reduce(lw)
+        log_evidence = float(log_total - math.log(num))
         # the raw weights' ESS for the note on flat weights: smoothing would hide one
         # dominant draw (a missed mode), the case the note must never excuse
-        raw = np.exp(2 * (lw - np.logaddexp.reduce(lw)))
+        raw = np.exp(2 * (lw - log_total))
         raw_ess_fraction = float(1.0 / np.sum(raw)) / num if np.isfinite(raw).all() else 0.0
     reading = verdict(khat, raw_ess_fraction)
     return Diagnosis(khat, ess, num, elbo, log_evidence, reading), smoothed

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 
 import pyroflows
 from pyroflows.transforms import SplineAutoregressive, SplineCoupling, rational_quadratic_spline
-from pyroflows.transforms.spline import _knots
+from pyroflows.transforms.spline import _knots, _spline_autograd
 
 B, K = 5.0, 8
 
@@ -168,6 +168,77 @@ def test_no_nan_or_inf_in_values_or_gradients_over_a_million_inputs(inverse):
     tails = value.detach().abs() > B
     assert torch.equal(out.detach()[tails], value.detach()[tails])
     assert (logd.detach()[tails] == 0).all()
+
+
+def fused_and_plain(value, w, h, d):
+    """Values and gradients (of a loss that weighs both outputs non-linearly) both ways."""
+    results = []
+    for fn in (rational_quadratic_spline, _spline_autograd):
+        leaves = [t.detach().clone().requires_grad_() for t in (value, w, h, d)]
+        out, logd = fn(*leaves, B, False)
+        if fn is rational_quadratic_spline:  # the fused Function did the work
+            assert type(out.grad_fn).__name__ == "_RationalSplineBackward"
+        loss = (out.sin() * out).sum() + (logd.cos() * logd).sum()
+        results.append((out, logd, torch.autograd.grad(loss, leaves)))
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["random", *sorted(ADVERSARIAL)])
+def test_fused_forward_matches_the_plain_version(case, dtype):
+    """Values and every gradient of the hand-written backward against autograd's walk."""
+    if case == "random":
+        w, h, d = (2 * p for p in params(1, seed=3, dtype=dtype))
+    else:
+        w, h, d = (p[None].to(dtype) for p in ADVERSARIAL[case])
+    knots = _knots(w.double(), B, 1e-3)[0].flatten()
+    value = awkward_points(knots)
+    value = value[value.abs() < 1e3].to(dtype).reshape(-1, 1)  # keep the loss finite
+    n = value.shape[0]
+    w, h, d = (t.expand(n, 1, t.shape[-1]).contiguous() for t in (w, h, d))
+    (out, logd, grads), (out_ref, logd_ref, grads_ref) = fused_and_plain(value, w, h, d)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-12, "rtol": 1e-10}
+    torch.testing.assert_close(out, out_ref, **tol)
+    torch.testing.assert_close(logd, logd_ref, **tol)
+    # gradients relative to the largest: 1e-5 in float64 too, because the plain version
+    # takes the last bin's width as B - x_{K-1}, which cancels when one bin holds nearly
+    # all the width (off by 1e-6 relative at a knot of the "all_at_once" case)
+    grad_rtol = 1e-4 if dtype == torch.float32 else 1e-5
+    for name, g, g_ref in zip(
+        ("value", "widths", "heights", "derivatives"), grads, grads_ref, strict=True
+    ):
+        scale = g_ref.abs().max().clamp_min(1.0)
+        assert (g - g_ref).abs().max() <= grad_rtol * scale, name
+
+
+def test_fused_forward_passes_gradcheck_and_gradgradcheck():
+    gen = torch.Generator().manual_seed(1)
+    value = torch.cat([3 * torch.randn(10, generator=gen), torch.tensor([4.9, -4.9, 7.0, -6.0])])
+    value = value.double().reshape(7, 2).requires_grad_()
+    w, h, d = (
+        torch.randn(7, 2, k, generator=gen, dtype=torch.float64).requires_grad_()
+        for k in (K, K, K - 1)
+    )
+
+    def f(*args):
+        return rational_quadratic_spline(*args, B, False)
+
+    assert torch.autograd.gradcheck(f, (value, w, h, d))
+    assert torch.autograd.gradgradcheck(f, (value, w, h, d))  # through the plain version
+
+
+@pytest.mark.parametrize("used", ["out", "logd"])
+def test_fused_forward_with_one_output_unused(used):
+    w, h, d = (t.expand(50, 2, t.shape[-1]) for t in params(1, seed=4))
+    value = torch.linspace(-6, 6, 100, dtype=torch.float64).reshape(50, 2)
+    grads = []
+    for fn in (rational_quadratic_spline, _spline_autograd):
+        leaves = [t.detach().clone().requires_grad_() for t in (value, w, h, d)]
+        out, logd = fn(*leaves, B, False)
+        target = out if used == "out" else logd
+        grads.append(torch.autograd.grad(target.exp().sum(), leaves))
+    for g, g_ref in zip(*grads, strict=True):
+        torch.testing.assert_close(g, g_ref)
 
 
 raw = st.floats(-6.0, 6.0, allow_nan=False, allow_infinity=False)

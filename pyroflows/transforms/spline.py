@@ -42,6 +42,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 from torch.nn import functional as F
 
 from pyroflows._checks import check_positive_int
@@ -137,13 +138,20 @@ def rational_quadratic_spline(
     return _RationalSpline.apply(value, widths, heights, derivatives, float(bound))
 
 
-def _fused_applies(*tensors: torch.Tensor) -> bool:
-    """Whether the fused forward can take these: plain tensors of one dtype.
+# torch.func transforms (vmap, jacrev, ...) active? (private; absent means none can be)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
-    That is every call the layers make; a tensor subclass (or mixed dtypes) takes the
-    plain version, which torch handles as it would any other code. (Forward-mode AD and
-    ``torch.func`` transforms are not supported by the fused Function.)
+
+def _fused_applies(*tensors: torch.Tensor) -> bool:
+    """Whether the fused forward can take these: plain tensors of one dtype, reverse mode.
+
+    That is every call the layers make in training. A tensor subclass, mixed dtypes,
+    forward-mode AD (inside ``forward_ad.dual_level``) and ``torch.func`` transforms
+    (``vmap``, ``jacrev``, ``grad``...) take the plain version, which torch differentiates
+    as it would any other code.
     """
+    if forward_ad._current_level >= 0 or _functorch_active():
+        return False
     first = tensors[0]
     return all(type(t) is torch.Tensor and t.dtype == first.dtype for t in tensors)
 
@@ -266,10 +274,12 @@ class _RationalSpline(torch.autograd.Function):
         one_minus = 1 - xi
         p = xi * one_minus
         curvature = d_k1 + d_k - 2 * s
-        inv_den = torch.addcmul(s, curvature, p).reciprocal_()
+        inv_den = (s + curvature * p).reciprocal_()
         xi2 = xi * xi
-        r = torch.addcmul(s * xi2, d_k, p).mul_(inv_den)
-        out = torch.where(inside, torch.addcmul(y_k, h, r), value)
+        # no addcmul: its vectorised body fuses the multiply-add and its scalar tail does
+        # not, so a row's value would depend on its position in the batch
+        r = (s * xi2 + d_k * p).mul_(inv_den)
+        out = torch.where(inside, y_k + h * r, value)
         m = d_k1 * xi2 + 2 * s * p + d_k * one_minus * one_minus
         deriv = s * s * m * inv_den * inv_den
         logd = torch.where(inside, deriv.log(), 0.0)
@@ -341,7 +351,12 @@ class _RationalSpline(torch.autograd.Function):
         value, widths, heights, derivatives = ctx.saved_tensors[:4]
         inputs = (value, widths, heights, derivatives)
         with torch.enable_grad():
-            leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in inputs]
+            # a fresh alias of each input: autograd.grad to the inputs themselves would
+            # return total derivatives, counting twice any path by which one input
+            # depends on another (MAF: the widths are computed from the value)
+            leaves = [
+                t.view_as(t) if t.requires_grad else t.detach().requires_grad_() for t in inputs
+            ]
             out, logd = _spline_autograd(*leaves, ctx.bound, False)
             pairs = [(o, g) for o, g in ((out, grad_out), (logd, grad_logd)) if g is not None]
             grads = torch.autograd.grad(

@@ -21,17 +21,46 @@ def mixture_rows(n, seed):
     return x.double().numpy(), d
 
 
+# torch's CPU kernels (softplus, sigmoid, a fused multiply-add...) may round a value
+# differently in their vectorised body and in their scalar tail, so a row's float32 score
+# can move by an ulp or two with its position in the batch (the plain autograd spline does
+# too: 75 of 1,660 sliced values differ in a scratch check). These two checks ask for
+# rtol 1e-7, below float32's resolution after a few layers; test_score_samples_is_row_
+# invariant checks the same property at 1e-5 (float32) and 1e-12 (float64).
+ROW_POSITION_CHECKS = {
+    name: "a float32 score moves by an ulp with its row's position in the batch"
+    for name in ("check_methods_sample_order_invariance", "check_methods_subset_invariance")
+}
+
+
 def test_passes_scikit_learn_checks():
-    # every check runs; none is skipped (check_array_api_input skips itself without
-    # SCIPY_ARRAY_API: FlowDensity converts to torch, so array-API inputs are moot)
+    # every check runs (check_array_api_input skips itself without SCIPY_ARRAY_API:
+    # FlowDensity converts to torch, so array-API inputs are moot); none fails but the
+    # two row-position checks above, which may
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         results = check_estimator(
-            FlowDensity(transforms=2, hidden=(8,), epochs=3, random_state=0), on_fail=None
+            FlowDensity(transforms=2, hidden=(8,), epochs=3, random_state=0),
+            expected_failed_checks=ROW_POSITION_CHECKS,
+            on_fail=None,
         )
     failed = [(r["check_name"], str(r["exception"])) for r in results if r["status"] == "failed"]
     assert not failed
     assert len(results) > 30
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [("float32", 1e-5), ("float64", 1e-12)])
+def test_score_samples_is_row_invariant(dtype, rtol):
+    x, _ = mixture_rows(400, seed=5)
+    est = FlowDensity(transforms=2, hidden=(8,), epochs=3, random_state=0, dtype=dtype).fit(x)
+    rows = x[:37]
+    full = est.score_samples(rows)
+    order = np.random.default_rng(0).permutation(len(rows))
+    np.testing.assert_allclose(est.score_samples(rows[order]), full[order], rtol=rtol, atol=0)
+    for start, stop in ((0, 1), (3, 10), (5, 37), (11, 20)):
+        np.testing.assert_allclose(
+            est.score_samples(rows[start:stop]), full[start:stop], rtol=rtol, atol=0
+        )
 
 
 def test_fit_score_sample():

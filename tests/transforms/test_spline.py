@@ -15,6 +15,7 @@ from hypothesis import given, settings
 
 import pyroflows
 from pyroflows.transforms import SplineAutoregressive, SplineCoupling, rational_quadratic_spline
+from pyroflows.transforms import spline as spline_module
 from pyroflows.transforms.spline import _knots, _spline_autograd
 
 B, K = 5.0, 8
@@ -239,6 +240,55 @@ def test_fused_forward_with_one_output_unused(used):
         grads.append(torch.autograd.grad(target.exp().sum(), leaves))
     for g, g_ref in zip(*grads, strict=True):
         torch.testing.assert_close(g, g_ref)
+
+
+def test_fused_forward_double_backward_when_the_parameters_depend_on_the_value():
+    """As in a MAF-form layer: the widths are computed from the very value they bend."""
+    x = torch.tensor([[0.3], [-1.2], [2.2]], dtype=torch.float64, requires_grad=True)
+    h = torch.zeros(3, 1, K, dtype=torch.float64)
+    d = torch.full((3, 1, K - 1), 0.5, dtype=torch.float64)
+    grads = {}
+    for fn in (rational_quadratic_spline, _spline_autograd):
+        for create_graph in (False, True):
+            w = x.unsqueeze(-1) * torch.linspace(-1, 1, K, dtype=torch.float64)
+            out, logd = fn(x, w, h, d, B, False)
+            (g,) = torch.autograd.grad((logd + out.sin()).sum(), x, create_graph=create_graph)
+            grads[fn.__name__, create_graph] = g.detach()
+    for g in grads.values():
+        torch.testing.assert_close(g, grads["_spline_autograd", False])
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("autoregressive", ["maf", "iaf", False])
+def test_nsf_hessian_and_function_transforms_match_the_plain_version(autoregressive, monkeypatch):
+    torch.manual_seed(0)
+    flow = pyroflows.nsf(3, transforms=2, hidden=(8,), autoregressive=autoregressive).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(3, dtype=torch.float64)
+
+    def log_prob(v):
+        return flow().log_prob(v)
+
+    def everything():
+        from torch.autograd import forward_ad
+
+        with forward_ad.dual_level():
+            dual = forward_ad.make_dual(x, torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+            tangent = forward_ad.unpack_dual(log_prob(dual)).tangent
+        return (
+            torch.autograd.functional.hessian(log_prob, x),
+            torch.func.jacrev(log_prob)(x).detach(),
+            tangent.detach(),
+        )
+
+    fused = everything()
+    monkeypatch.setattr(spline_module, "_fused_applies", lambda *args: False)
+    plain = everything()
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(fused[2], fused[1] @ torch.tensor([1.0, -2.0, 0.5]).double())
 
 
 raw = st.floats(-6.0, 6.0, allow_nan=False, allow_infinity=False)

@@ -66,3 +66,23 @@ def check_event(x: object, name: str, dim: int, like: torch.Tensor) -> torch.Ten
             f"move one of them with .to()"
         )
     return x
+
+
+def broadcast_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The broadcast of two shapes, or ``None`` if they do not broadcast.
+
+    What ``torch.broadcast_shapes`` gives, in plain Python: that function costs several
+    microseconds a call, which a flow's ``log_prob`` would pay on every training step.
+    """
+    if len(a) < len(b):
+        a, b = b, a
+    out = list(a)
+    offset = len(a) - len(b)
+    for i, y in enumerate(b):
+        x = a[offset + i]
+        if x == y or y == 1:
+            continue
+        if x != 1:
+            return None
+        out[offset + i] = y
+    return tuple(out)

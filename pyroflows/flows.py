@@ -21,7 +21,7 @@ import torch
 from pyro.distributions.conditional import ConditionalTransformModule
 from torch import nn
 
-from pyroflows._checks import check_choice, check_event, check_positive_int
+from pyroflows._checks import broadcast_shape, check_choice, check_event, check_positive_int
 from pyroflows.transforms import (
     ActNorm,
     AdditiveCoupling,
@@ -57,13 +57,11 @@ class FlowDistribution(dist.TransformedDistribution):
             )
         if value.dim() == 0 or value.shape[-1] != dim:
             raise ValueError(f"value must have shape (*batch, {dim}), got {tuple(value.shape)}")
-        try:
-            torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
-        except RuntimeError:
+        if self.batch_shape and broadcast_shape(value.shape[:-1], self.batch_shape) is None:
             raise ValueError(
                 f"value has batch shape {tuple(value.shape[:-1])}, which does not broadcast with "
                 f"the context's batch shape {tuple(self.batch_shape)}"
-            ) from None
+            )
         return super().log_prob(value)
 
 

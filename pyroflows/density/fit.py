@@ -232,7 +232,7 @@ def fit(
             the training NLL stands in, and nothing guards against over-fitting).
         epochs: the most epochs to run.
         batch_size: rows per mini-batch (the last batch of an epoch may be smaller).
-        lr: Adam's learning rate.
+        lr: Adam's learning rate (Adam's multi-tensor ``foreach`` update).
         weight_decay: Adam's (L2) weight decay.
         schedule: ``"plateau"`` (default: halve the rate after 5 epochs without a better
             validation NLL), ``"cosine"`` (to 0 over ``epochs``), ``None`` (constant), or
@@ -321,7 +321,9 @@ def fit(
     if standardize:
         add_standardization(flow).set(*settle(mean, var, dequantize, like.dtype))
 
-    optimizer = torch.optim.Adam(flow.parameters(), lr=lr, weight_decay=weight_decay)
+    # foreach: one multi-tensor update instead of a Python loop over the parameters,
+    # 1-5% of a small flow's training step on a CPU (torch picks it by itself on CUDA)
+    optimizer = torch.optim.Adam(flow.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
     scheduler = _make_schedule(schedule, optimizer, epochs)
     history = History()
     best_state: dict[str, torch.Tensor] | None = None

@@ -182,7 +182,8 @@ def train_generic(
 ) -> dict[str, Any]:
     """The peers' loop, written to do what ``pyroflows.density.fit`` does.
 
-    Standardizes with the training mean and sd (``1/N``), then runs Adam(``lr``) on the
+    Standardizes with the training mean and sd (``1/N``), then runs Adam(``lr``, with
+    ``foreach=True`` as ``fit`` has it) on the
     mean NLL of mini-batches of ``batch`` rows (every row each epoch, the last batch
     possibly smaller, in an order redrawn each epoch by a ``torch.Generator`` seeded with
     ``seed``: the same batches as ``fit`` draws), scores the whole validation set after
@@ -203,7 +204,8 @@ def train_generic(
     z_train = (train - shift) / scale
     z_val = (val - shift) / scale
     n = len(z_train)
-    optimizer = torch.optim.Adam(module.parameters(), lr=cfg.lr)
+    # Adam's multi-tensor update, as fit uses
+    optimizer = torch.optim.Adam(module.parameters(), lr=cfg.lr, foreach=True)
     scheduler = None
     if schedule == "plateau":
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=5)

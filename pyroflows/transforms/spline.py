@@ -68,18 +68,17 @@ def _softmax(raw: torch.Tensor) -> torch.Tensor:
 
 def _knots(raw: torch.Tensor, bound: float, minimum: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Knot positions on ``[-B, B]`` and bin sizes, each bin at least ``minimum`` of the span."""
-    bins = raw.shape[-1]
-    sizes = minimum + (1 - minimum * bins) * _softmax(raw)
-    inner = 2 * bound * torch.cumsum(sizes[..., :-1], dim=-1) - bound
-    edge = inner.new_full((*inner.shape[:-1], 1), bound)
-    knots = torch.cat([-edge, inner, edge], dim=-1)  # the ends are exactly -B and B
+    knots, _ = _knots_and_softmax(raw, bound, minimum)
     return knots, knots[..., 1:] - knots[..., :-1]
 
 
 def _knots_and_softmax(
     raw: torch.Tensor, bound: float, minimum: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Knot positions as :func:`_knots` gives them, and the softmax they came from."""
+    """Knot positions on ``[-B, B]`` and the softmax of ``raw`` they came from.
+
+    Each bin is at least ``minimum`` of the span; the ends are exactly ``-B`` and ``B``.
+    """
     bins = raw.shape[-1]
     soft = _softmax(raw)
     sizes = minimum + (1 - minimum * bins) * soft
@@ -296,7 +295,8 @@ class _RationalSpline(torch.autograd.Function):
         (value, widths, heights, derivatives, inside, k, soft_w, soft_h,
          w, h, s, xi, d_k, d_k1, curvature, inv_den, r, m, deriv) = ctx.saved_tensors  # fmt: skip
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain version
-            return _RationalSpline._autograd_backward(ctx, grad_out, grad_logd)
+            inputs = (value, widths, heights, derivatives)
+            return _RationalSpline._autograd_backward(ctx, inputs, grad_out, grad_logd)
         zero = w.new_zeros(())
         g_out = grad_out if grad_out is not None else torch.zeros_like(w)
         g_in = torch.where(inside, g_out, zero)  # the spline's share of grad_out
@@ -347,9 +347,7 @@ class _RationalSpline(torch.autograd.Function):
         return grad_value, grad_widths, grad_heights, grad_derivatives, None
 
     @staticmethod
-    def _autograd_backward(ctx, grad_out, grad_logd):
-        value, widths, heights, derivatives = ctx.saved_tensors[:4]
-        inputs = (value, widths, heights, derivatives)
+    def _autograd_backward(ctx, inputs, grad_out, grad_logd):
         with torch.enable_grad():
             # a fresh alias of each input: autograd.grad to the inputs themselves would
             # return total derivatives, counting twice any path by which one input

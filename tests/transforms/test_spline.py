@@ -171,16 +171,20 @@ def test_no_nan_or_inf_in_values_or_gradients_over_a_million_inputs(inverse):
     assert (logd.detach()[tails] == 0).all()
 
 
-def fused_and_plain(value, w, h, d):
-    """Values and gradients (of a loss that weighs both outputs non-linearly) both ways."""
+def both_outputs(out, logd):
+    """A loss that weighs both outputs non-linearly."""
+    return (out.sin() * out).sum() + (logd.cos() * logd).sum()
+
+
+def fused_and_plain(value, w, h, d, loss=both_outputs):
+    """Values and gradients of ``loss(out, logd)``, fused and plain."""
     results = []
     for fn in (rational_quadratic_spline, _spline_autograd):
         leaves = [t.detach().clone().requires_grad_() for t in (value, w, h, d)]
         out, logd = fn(*leaves, B, False)
         if fn is rational_quadratic_spline:  # the fused Function did the work
             assert type(out.grad_fn).__name__ == "_RationalSplineBackward"
-        loss = (out.sin() * out).sum() + (logd.cos() * logd).sum()
-        results.append((out, logd, torch.autograd.grad(loss, leaves)))
+        results.append((out, logd, torch.autograd.grad(loss(out, logd), leaves)))
     return results
 
 
@@ -232,13 +236,12 @@ def test_fused_forward_passes_gradcheck_and_gradgradcheck():
 def test_fused_forward_with_one_output_unused(used):
     w, h, d = (t.expand(50, 2, t.shape[-1]) for t in params(1, seed=4))
     value = torch.linspace(-6, 6, 100, dtype=torch.float64).reshape(50, 2)
-    grads = []
-    for fn in (rational_quadratic_spline, _spline_autograd):
-        leaves = [t.detach().clone().requires_grad_() for t in (value, w, h, d)]
-        out, logd = fn(*leaves, B, False)
-        target = out if used == "out" else logd
-        grads.append(torch.autograd.grad(target.exp().sum(), leaves))
-    for g, g_ref in zip(*grads, strict=True):
+
+    def loss(out, logd):
+        return (out if used == "out" else logd).exp().sum()
+
+    (*_, grads), (*_, grads_ref) = fused_and_plain(value, w, h, d, loss)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, g_ref)
 
 

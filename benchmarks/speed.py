@@ -163,7 +163,7 @@ def _ours(flow: str, dim: int, transforms: int, hidden: tuple[int, ...], clamp: 
         model = builder(dim, transforms=transforms, hidden=hidden, clamp=clamp)
         note = (
             f"pyroflows.{flow}(D, transforms, hidden, clamp={clamp}): log-scale "
-            f"s / (1 + |s| / {clamp}); reversed orders / Permutation between layers"
+            f"{clamp} * tanh(s / {clamp}); reversed orders / Permutation between layers"
         )
     return Contender(
         flow, "pyroflows", model, make=model, sample=lambda n: model().sample((n,)), note=note

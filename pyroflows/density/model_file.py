@@ -6,13 +6,17 @@ A model file is what ``torch.save`` writes for a dict of plain values and tensor
 key                value
 =================  ====================================================================
 ``format``         ``"pyroflows-density"``
-``version``        file format version (2; version 1 files are read too)
+``version``        file format version (3; versions 1 and 2 are read too)
 ``flow``           builder name (``"maf"``, ``"nsf"``, ...)
 ``dim``            number of columns ``D``
 ``options``        the builder's keyword arguments, as plain values (activation by name)
 ``side``           ``nsf`` only: the splines' ``side`` as built, so that a later change
                    of default cannot change what a file means (version 1 files, written
                    before ``side`` existed, mean ``"base"``); ``None`` otherwise
+``clamp_kind``     affine flows only: their log-scale clamp as built, ``"tanh"`` (version
+                   1 and 2 files, written before the clamp became a ``tanh``, mean
+                   ``"rational"``: see :class:`~pyroflows.transforms.Affine`); ``None``
+                   otherwise
 ``dtype``          ``"float32"`` or ``"float64"``
 ``standardize``    whether the flow ends with a :class:`Standardization` layer
 ``dequantize``     whether it was fitted to dequantized integer data
@@ -37,11 +41,11 @@ from torch import nn
 
 from pyroflows.density.standardize import add_standardization
 from pyroflows.flows import BUILDERS, Flow
-from pyroflows.transforms import RationalQuadratic
+from pyroflows.transforms import Affine, RationalQuadratic
 
 FORMAT = "pyroflows-density"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "elu": nn.ELU,
@@ -95,6 +99,12 @@ def build(
     return model
 
 
+def _affine_maps(flow: Flow) -> list[Affine]:
+    """The :class:`Affine` maps inside ``flow``'s layers (coupling and autoregressive)."""
+    maps = (getattr(t, "transformer", None) for t in flow.transforms)
+    return [m for m in maps if isinstance(m, Affine)]
+
+
 def save(
     path: str | os.PathLike,
     flow: Flow,
@@ -123,6 +133,7 @@ def save(
         for t in flow.transforms
         if isinstance(getattr(t, "transformer", None), RationalQuadratic)
     }
+    clamp_kinds = {affine.clamp_kind for affine in _affine_maps(flow)}
     state = {
         "format": FORMAT,
         "version": VERSION,
@@ -130,6 +141,7 @@ def save(
         "dim": int(flow.dim),
         "options": {**options, "dtype": dtype},
         "side": sides.pop() if len(sides) == 1 else None,
+        "clamp_kind": clamp_kinds.pop() if len(clamp_kinds) == 1 else None,
         "dtype": dtype,
         "standardize": bool(standardize),
         "dequantize": bool(dequantize),
@@ -178,6 +190,11 @@ def load(path: str | os.PathLike) -> tuple[Flow, dict[str, Any]]:
             options = {**options, "side": side}  # the recorded side is what the file means
         flow = build(state["flow"], state["dim"], options, standardize=state["standardize"])
         flow.load_state_dict(state["state_dict"])
+        # versions 1 and 2 predate the tanh clamp: their affine layers meant the rational one
+        clamp_kind = state.get("clamp_kind") if state["version"] > 2 else "rational"
+        if clamp_kind is not None:
+            for affine in _affine_maps(flow):
+                affine.clamp_kind = clamp_kind
     except KeyError as error:
         raise ModelFileError(f"{path}: the model file lacks the entry {error}") from None
     except (TypeError, ValueError) as error:

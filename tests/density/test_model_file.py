@@ -6,6 +6,7 @@ import torch
 
 from pyroflows.density import ModelFileError, build, fit, load, save
 from pyroflows.density.standardize import standardization_of
+from pyroflows.transforms import Affine
 
 
 @pytest.mark.parametrize(
@@ -116,7 +117,42 @@ def test_nsf_files_record_the_spline_side_and_version_1_files_mean_base(tmp_path
     loaded, _ = load(path)
     with torch.no_grad():
         torch.testing.assert_close(loaded().log_prob(x), old().log_prob(x))
-    state["version"] = 3
+    state["version"] = 4
     torch.save(state, path)
-    with pytest.raises(ModelFileError, match="version 3, this pyroflows reads 1, 2"):
+    with pytest.raises(ModelFileError, match="version 4, this pyroflows reads 1, 2, 3"):
         load(path)
+
+
+@pytest.mark.parametrize("name", ["maf", "iaf", "realnvp"])
+def test_affine_files_record_the_clamp_and_version_2_files_mean_rational(tmp_path, name):
+    torch.manual_seed(0)
+    options = {"transforms": 2, "hidden": [8], "clamp": 1.0}
+    x = torch.randn(300, 3) * 2 + 1
+    flow = build(name, 3, options)
+    with torch.no_grad():  # log-scales well inside and beyond the bound
+        for p in flow.parameters():
+            p.add_(torch.randn_like(p))
+    path = save(tmp_path / "new.pt", flow, name=name, options=options, standardize=True)
+    loaded, info = load(path)
+    assert info["clamp_kind"] == "tanh"
+    assert info["version"] == 3
+    with torch.no_grad():
+        new = flow().log_prob(x)
+        torch.testing.assert_close(loaded().log_prob(x), new)
+
+    # a version 2 file (written before the tanh clamp) means the rational clamp
+    state = torch.load(path, weights_only=True)
+    state["version"] = 2
+    del state["clamp_kind"]
+    torch.save(state, path)
+    loaded, _ = load(path)
+    affines = [t.transformer for t in loaded.transforms if hasattr(t, "transformer")]
+    assert len(affines) == 2
+    assert all(a.clamp_kind == "rational" for a in affines)
+    for t in flow.transforms:
+        if hasattr(t, "transformer"):
+            t.transformer = Affine(1.0, clamp_kind="rational")
+    with torch.no_grad():  # fresh copies of x: the layers cache their last input
+        old = flow().log_prob(x.clone())
+        torch.testing.assert_close(loaded().log_prob(x.clone()), old)
+    assert (old - new).abs().max() > 1e-2  # the two clamps differ: the record matters

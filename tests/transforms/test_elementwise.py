@@ -2,23 +2,73 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
 from pyroflows.transforms import Additive, Affine
 
 
-def test_affine_soft_clamp_bounds_the_log_scale():
-    params = torch.tensor([[[1e6, -1e6, 0.5], [0.0, 0.0, 1.0]]])  # (1, 2, 3): (log-scale, shift)
-    x, ladj = Affine(clamp=2.0).forward(torch.ones(1, 3), params)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_affine_soft_clamp_bounds_the_log_scale(dtype):
+    params = torch.tensor([[[1e6, -1e6, 0.5], [0.0, 0.0, 1.0]]], dtype=dtype)  # (log-scale, shift)
+    x, ladj = Affine(clamp=2.0).forward(torch.ones(1, 3, dtype=dtype), params)
+    assert x.dtype == dtype
     assert torch.isfinite(x).all()
     log_scale = torch.log(x[0, :2])
-    assert (log_scale.abs() <= 2.0 + 1e-6).all()
-    torch.testing.assert_close(x[0, 2], torch.exp(torch.tensor(0.5 / (1 + 0.5 / 2.0))) + 1.0)
-    # the clamp keeps gradients alive at moderate values
+    torch.testing.assert_close(log_scale, torch.tensor([2.0, -2.0], dtype=dtype))
+    torch.testing.assert_close(
+        x[0, 2], torch.exp(2 * torch.tanh(torch.tensor(0.25, dtype=dtype))) + 1
+    )
+    # slope 1 at 0, and the gradient of b tanh(r / b) elsewhere
+    raw = torch.tensor([[[0.0, 1.0, -4.0], [0.0, 0.0, 0.0]]], dtype=dtype, requires_grad=True)
+    Affine(clamp=3.0).forward(torch.ones(1, 3, dtype=dtype), raw)[1].sum().backward()
+    expected = 1 - torch.tanh(raw.detach()[0, 0] / 3) ** 2
+    torch.testing.assert_close(raw.grad[0, 0], expected)
+    assert raw.grad[0, 0, 0] == 1
+
+
+def test_affine_zero_parameters_are_exactly_the_identity():
+    for dtype in (torch.float32, torch.float64):
+        u = torch.randn(4, 3, dtype=dtype)
+        for kind in ("tanh", "rational"):
+            x, ladj = Affine(3.0, kind).forward(u, torch.zeros(4, 2, 3, dtype=dtype))
+            assert torch.equal(x, u)
+            assert (ladj == 0).all()
+            back, ladj_back = Affine(3.0, kind).inverse(u, torch.zeros(4, 2, 3, dtype=dtype))
+            assert torch.equal(back, u)
+            assert (ladj_back == 0).all()
+
+
+def test_affine_rational_clamp_for_old_model_files():
+    params = torch.tensor([[[1e6, 0.5], [0.0, 1.0]]])
+    x, _ = Affine(clamp=2.0, clamp_kind="rational").forward(torch.ones(1, 2), params)
+    torch.testing.assert_close(torch.log(x[0, 0]), torch.tensor(2.0))
+    torch.testing.assert_close(x[0, 1], torch.exp(torch.tensor(0.5 / (1 + 0.5 / 2.0))) + 1.0)
     raw = torch.tensor([[[1.0], [0.0]]], requires_grad=True)
-    Affine(clamp=3.0).forward(torch.ones(1, 1), raw)[1].sum().backward()
+    Affine(3.0, "rational").forward(torch.ones(1, 1), raw)[1].sum().backward()
     torch.testing.assert_close(raw.grad[0, 0, 0], torch.tensor((1 + 1 / 3) ** -2))
+    assert "rational" in repr(Affine(3.0, "rational"))
+    assert repr(Affine()) == "Affine(clamp=3.0)"
+    with pytest.raises(ValueError, match="clamp_kind must be 'tanh' or 'rational', got 'soft'"):
+        Affine(3.0, "soft")
+
+
+def test_affine_pickled_before_clamp_kind_means_rational():
+    old = Affine(2.0)
+    del old.__dict__["clamp_kind"]  # what unpickling an Affine from before the option gives
+    restored = pickle.loads(pickle.dumps(old))
+    assert restored.clamp_kind == "rational"
+    assert pickle.loads(pickle.dumps(Affine(2.0))).clamp_kind == "tanh"
+
+
+def test_affine_clamp_constants_work_after_inference_mode():
+    with torch.inference_mode():  # the constants may first be made here
+        Affine(clamp=1.75).forward(torch.ones(2, 3), torch.ones(2, 2, 3))
+    raw = torch.ones(2, 2, 3, requires_grad=True)
+    Affine(clamp=1.75).forward(torch.ones(2, 3), raw)[1].sum().backward()
+    assert torch.isfinite(raw.grad).all()
 
 
 def test_affine_inverse_and_log_det():
@@ -47,11 +97,11 @@ def test_bad_clamp(clamp):
         Affine(clamp)
 
 
-@pytest.mark.parametrize("clamp", [None, 2.0])
+@pytest.mark.parametrize(("clamp", "kind"), [(None, "tanh"), (2.0, "tanh"), (2.0, "rational")])
 @pytest.mark.parametrize("inverse", [False, True])
-def test_affine_gradients_match_finite_differences(clamp, inverse):
-    """The fused backward (used under grad mode) against torch's numerical gradcheck."""
-    t = Affine(clamp)
+def test_affine_gradients_match_finite_differences(clamp, kind, inverse):
+    """First and second derivatives against torch's numerical gradcheck."""
+    t = Affine(clamp, kind)
     value = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     params = (2 * torch.randn(3, 2, 4, dtype=torch.float64)).requires_grad_()
     fn = t.inverse if inverse else t.forward

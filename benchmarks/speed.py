@@ -44,7 +44,7 @@ made equal: ours is ``3 * tanh(s / 3)``; Pyro is given a hard clip to ``[-3, 3]`
 default is ``[-5, 3]``) with gradients passed through; zuko uses its default soft bound
 ``s / (1 + |s| / log(1e3))``; nflows uses ``softplus(s) + 1e-3`` (MAF) and
 ``sigmoid(s + 2) + 1e-3`` (coupling) and offers no option. These maps are elementwise
-but not free (a ``tanh`` and its backward cost more than a clip), and that difference is
+but not free (a smooth clamp and its backward cost more than a clip), and that difference is
 part of what the ratios measure.
 
 Fairness details:

@@ -134,6 +134,10 @@ def save(
         if isinstance(getattr(t, "transformer", None), RationalQuadratic)
     }
     clamp_kinds = {affine.clamp_kind for affine in _affine_maps(flow)}
+    if len(clamp_kinds) > 1:
+        raise ValueError(
+            f"flow mixes affine clamp kinds {sorted(clamp_kinds)}; a model file records one"
+        )
     state = {
         "format": FORMAT,
         "version": VERSION,
@@ -192,6 +196,8 @@ def load(path: str | os.PathLike) -> tuple[Flow, dict[str, Any]]:
         flow.load_state_dict(state["state_dict"])
         # versions 1 and 2 predate the tanh clamp: their affine layers meant the rational one
         clamp_kind = state.get("clamp_kind") if state["version"] > 2 else "rational"
+        if clamp_kind not in (None, "tanh", "rational"):
+            raise ValueError(f"unknown clamp_kind {clamp_kind!r} (expected 'tanh' or 'rational')")
         if clamp_kind is not None:
             for affine in _affine_maps(flow):
                 affine.clamp_kind = clamp_kind

@@ -75,7 +75,7 @@ class AffineCoupling(_Coupling, FlowTransform):
 
     .. math::
         x_{k+1:D} = u_{k+1:D} \odot e^{s(u_{1:k})} + t(u_{1:k}), \qquad
-        \log|\det J| = \textstyle\sum_i s_i, \qquad s = \tilde s / (1 + |\tilde s| / b)
+        \log|\det J| = \textstyle\sum_i s_i, \qquad s = b \tanh(\tilde s / b)
 
     Cost: one MLP pass for ``t(u)`` and one for ``t.inv(x)``. Starts at the identity.
 

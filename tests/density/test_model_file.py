@@ -156,3 +156,20 @@ def test_affine_files_record_the_clamp_and_version_2_files_mean_rational(tmp_pat
         old = flow().log_prob(x.clone())
         torch.testing.assert_close(loaded().log_prob(x.clone()), old)
     assert (old - new).abs().max() > 1e-2  # the two clamps differ: the record matters
+
+    # saved again, it is a version 3 file that records the rational clamp
+    again = save(tmp_path / "again.pt", loaded, name=name, options=options, standardize=True)
+    reloaded, info = load(again)
+    assert info["version"] == 3
+    assert info["clamp_kind"] == "rational"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded().log_prob(x.clone()), old)
+
+    state = torch.load(again, weights_only=True)
+    state["clamp_kind"] = "soft"
+    torch.save(state, again)
+    with pytest.raises(ModelFileError, match="unknown clamp_kind 'soft'"):
+        load(again)
+    affines[0].clamp_kind = "tanh"  # one layer of each kind cannot be recorded
+    with pytest.raises(ValueError, match="mixes affine clamp kinds"):
+        save(tmp_path / "mixed.pt", loaded, name=name, options=options, standardize=True)

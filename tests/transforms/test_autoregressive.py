@@ -59,7 +59,7 @@ def test_conditional_first_variable_depends_on_context():
     [
         ({"form": "flow"}, "form must be one of 'iaf', 'maf'; got 'flow'"),
         ({"order": [0, 0, 1]}, r"order must be a permutation of range\(3\)"),
-        ({"clamp": 0.0}, "clamp must be a positive number or None"),
+        ({"clamp": 0.0}, "clamp must be a positive finite number"),
     ],
 )
 def test_bad_arguments(kwargs, match):

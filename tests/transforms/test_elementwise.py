@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 
 import pytest
 import torch
 
 from pyroflows.transforms import Additive, Affine
+from pyroflows.transforms.elementwise import _CONSTANTS
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -55,6 +57,22 @@ def test_affine_rational_clamp_for_old_model_files():
         Affine(3.0, "soft")
 
 
+@pytest.mark.parametrize("kind", ["tanh", "rational"])
+def test_affine_matches_its_formula_both_ways(kind):
+    b = 1.5
+    params = 3 * torch.randn(6, 2, 4, dtype=torch.float64)
+    raw, shift = params.unbind(-2)
+    s = b * torch.tanh(raw / b) if kind == "tanh" else raw / (1 + raw.abs() / b)
+    u = torch.randn(6, 4, dtype=torch.float64)
+    x, ladj = Affine(b, kind).forward(u, params)
+    torch.testing.assert_close(x, u * s.exp() + shift)
+    torch.testing.assert_close(ladj, s.sum(-1))
+    back, ladj_back = Affine(b, kind).inverse(x, params)
+    torch.testing.assert_close(back, (x - shift) * torch.exp(-s))
+    torch.testing.assert_close(back, u)
+    torch.testing.assert_close(ladj_back, ladj)
+
+
 def test_affine_pickled_before_clamp_kind_means_rational():
     old = Affine(2.0)
     del old.__dict__["clamp_kind"]  # what unpickling an Affine from before the option gives
@@ -64,11 +82,29 @@ def test_affine_pickled_before_clamp_kind_means_rational():
 
 
 def test_affine_clamp_constants_work_after_inference_mode():
-    with torch.inference_mode():  # the constants may first be made here
+    _CONSTANTS.clear()
+    with torch.inference_mode():  # the constants are first made here
         Affine(clamp=1.75).forward(torch.ones(2, 3), torch.ones(2, 2, 3))
     raw = torch.ones(2, 2, 3, requires_grad=True)
     Affine(clamp=1.75).forward(torch.ones(2, 3), raw)[1].sum().backward()
     assert torch.isfinite(raw.grad).all()
+
+
+def test_affine_clamp_constants_made_under_a_default_device_or_fake_mode_stay_plain():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _CONSTANTS.clear()
+    with torch.device("meta"):  # a default device must not leak into the kept constants
+        assert Affine(1.25).forward(torch.ones(2, 3), torch.ones(2, 2, 3))[0].is_meta
+    with FakeTensorMode():  # as torch.export traces: fake constants serve that call only
+        Affine(1.5).forward(torch.ones(2, 3), torch.ones(2, 2, 3))
+    for b in (1.25, 1.5):
+        x, ladj = Affine(b).forward(torch.ones(2, 3), torch.ones(2, 2, 3))
+        assert type(x) is torch.Tensor
+        torch.testing.assert_close(ladj, torch.full((2,), 3 * b * math.tanh(1 / b)))
+    assert all(
+        type(c) is torch.Tensor and c.device.type == "cpu" for v in _CONSTANTS.values() for c in v
+    )
 
 
 def test_affine_inverse_and_log_det():
@@ -91,9 +127,9 @@ def test_additive_preserves_volume():
     torch.testing.assert_close(t.inverse(x, params)[0], u)
 
 
-@pytest.mark.parametrize("clamp", [0.0, -1.0, float("nan")])
+@pytest.mark.parametrize("clamp", [0.0, -1.0, float("nan"), float("inf"), True, "3"])
 def test_bad_clamp(clamp):
-    with pytest.raises(ValueError, match="clamp must be a positive number or None"):
+    with pytest.raises(ValueError, match="clamp must be a positive finite number"):
         Affine(clamp)
 
 

@@ -42,6 +42,7 @@ from torch import nn
 from pyroflows.density.standardize import add_standardization
 from pyroflows.flows import BUILDERS, Flow
 from pyroflows.transforms import Affine, RationalQuadratic
+from pyroflows.transforms.elementwise import CLAMP_KINDS
 
 FORMAT = "pyroflows-density"
 VERSION = 3
@@ -99,10 +100,10 @@ def build(
     return model
 
 
-def _affine_maps(flow: Flow) -> list[Affine]:
-    """The :class:`Affine` maps inside ``flow``'s layers (coupling and autoregressive)."""
+def _maps_of(flow: Flow, kind: type) -> list[Any]:
+    """The elementwise maps of type ``kind`` inside ``flow``'s coupling/autoregressive layers."""
     maps = (getattr(t, "transformer", None) for t in flow.transforms)
-    return [m for m in maps if isinstance(m, Affine)]
+    return [m for m in maps if isinstance(m, kind)]
 
 
 def save(
@@ -128,12 +129,8 @@ def save(
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite it")
     dtype = {v: k for k, v in DTYPES.items()}[flow.base_loc.dtype]
-    sides = {
-        t.transformer.side
-        for t in flow.transforms
-        if isinstance(getattr(t, "transformer", None), RationalQuadratic)
-    }
-    clamp_kinds = {affine.clamp_kind for affine in _affine_maps(flow)}
+    sides = {spline.side for spline in _maps_of(flow, RationalQuadratic)}
+    clamp_kinds = {affine.clamp_kind for affine in _maps_of(flow, Affine)}
     if len(clamp_kinds) > 1:
         raise ValueError(
             f"flow mixes affine clamp kinds {sorted(clamp_kinds)}; a model file records one"
@@ -196,10 +193,10 @@ def load(path: str | os.PathLike) -> tuple[Flow, dict[str, Any]]:
         flow.load_state_dict(state["state_dict"])
         # versions 1 and 2 predate the tanh clamp: their affine layers meant the rational one
         clamp_kind = state.get("clamp_kind") if state["version"] > 2 else "rational"
-        if clamp_kind not in (None, "tanh", "rational"):
+        if clamp_kind is not None and clamp_kind not in CLAMP_KINDS:
             raise ValueError(f"unknown clamp_kind {clamp_kind!r} (expected 'tanh' or 'rational')")
         if clamp_kind is not None:
-            for affine in _affine_maps(flow):
+            for affine in _maps_of(flow, Affine):
                 affine.clamp_kind = clamp_kind
     except KeyError as error:
         raise ModelFileError(f"{path}: the model file lacks the entry {error}") from None

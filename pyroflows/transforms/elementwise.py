@@ -16,6 +16,9 @@ import numbers
 
 import torch
 
+#: Log-scale clamps of :class:`Affine`: the default, and the one of model files before v3.
+CLAMP_KINDS = ("tanh", "rational")
+
 
 class Affine:
     r"""Affine map with a soft-clamped log-scale.
@@ -56,7 +59,7 @@ class Affine:
             raise ValueError(
                 f"clamp must be a positive finite number (or None for no clamp), got {clamp!r}"
             )
-        if clamp_kind not in ("tanh", "rational"):
+        if clamp_kind not in CLAMP_KINDS:
             raise ValueError(f"clamp_kind must be 'tanh' or 'rational', got {clamp_kind!r}")
         self.clamp = None if clamp is None else float(clamp)
         self.clamp_kind = clamp_kind

@@ -6,30 +6,32 @@ call without reading our code.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 
 import torch
 
 
 def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
-    """Return ``value`` if it is an int >= ``minimum``, else raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """Return ``value`` as an ``int`` if it is an integer >= ``minimum``, else raise.
+
+    Any integral type is taken (NumPy's ``int64`` from ``np.arange`` or a scikit-learn
+    parameter grid included) and returned as a plain ``int``; ``bool`` and floats are not.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return value
+    return int(value)
 
 
 def check_hidden(hidden: object, name: str = "hidden") -> tuple[int, ...]:
     """Return hidden layer sizes as a tuple of positive ints."""
-    if isinstance(hidden, int) and not isinstance(hidden, bool):
+    if isinstance(hidden, numbers.Integral) and not isinstance(hidden, bool):
         hidden = (hidden,)
     if not isinstance(hidden, Iterable):
         raise TypeError(f"{name} must be a sequence of positive ints, got {hidden!r}")
-    sizes = tuple(hidden)
-    for size in sizes:
-        check_positive_int(size, f"every entry of {name}")
-    return sizes
+    return tuple(check_positive_int(size, f"every entry of {name}") for size in hidden)
 
 
 def check_choice(value: object, name: str, choices: Iterable[object]) -> object:

@@ -202,13 +202,13 @@ def _orders(dim: int, count: int, permutation: str | None) -> list[list[int] | N
 
 
 def _coupling_flow(dim, transforms, context, permutation, make, make_conditional, tail=()):
-    check_positive_int(dim, "dim")
+    dim = check_positive_int(dim, "dim")
     if dim < 2:
         raise ValueError(
             f"dim must be >= 2 for a coupling flow (it splits the vector in two), got {dim}; "
             "for dim 1 use maf or iaf"
         )
-    check_positive_int(transforms, "transforms")
+    transforms = check_positive_int(transforms, "transforms")
     check_choice(permutation, "permutation", PERMUTATIONS)
     c = _context(context)
     layers: list[nn.Module] = []
@@ -310,8 +310,8 @@ def nice(
 
 def _autoregressive_flow(dim, transforms, context, permutation, make) -> Flow:
     """Stack ``transforms`` autoregressive layers ``make(order, c)``, varying the order."""
-    check_positive_int(dim, "dim")
-    check_positive_int(transforms, "transforms")
+    dim = check_positive_int(dim, "dim")
+    transforms = check_positive_int(transforms, "transforms")
     check_choice(permutation, "permutation", PERMUTATIONS)
     c = _context(context)
     layers = [make(order, c) for order in _orders(dim, transforms, permutation)]

@@ -19,3 +19,20 @@ def test_broadcast_shape_agrees_with_torch(a, b):
     except RuntimeError:
         expected = None
     assert broadcast_shape(a, b) == expected
+
+
+def test_check_positive_int_takes_any_integral_type_and_returns_an_int():
+    import numpy as np
+
+    from pyroflows._checks import check_hidden, check_positive_int
+
+    value = check_positive_int(np.int64(3), "transforms")
+    assert value == 3
+    assert type(value) is int
+    assert check_hidden(np.array([8, 4])) == (8, 4)
+    assert all(type(size) is int for size in check_hidden((np.int32(8),)))
+    for bad in (True, 2.0, np.float64(2.0), "2"):
+        with pytest.raises(TypeError, match="transforms must be an int"):
+            check_positive_int(bad, "transforms")
+    with pytest.raises(ValueError, match="transforms must be an int >= 1, got 0"):
+        check_positive_int(np.int64(0), "transforms")

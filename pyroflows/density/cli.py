@@ -41,6 +41,29 @@ def _hidden(text: str) -> list[int]:
     return sizes
 
 
+def _seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if not 0 <= seed < 2**63:
+        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**63), got {seed}")
+    return seed
+
+
+def _device(text: str):
+    """``text`` as a ``torch.device`` that this torch can use, or a one-line failure."""
+    import torch
+
+    try:
+        device = torch.device(text)
+        torch.empty(0, device=device)  # e.g. "cuda" on a CPU-only build fails here
+    except (RuntimeError, AssertionError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise _Failure(f"--device {text!r} cannot be used here: {reason}") from None
+    return device
+
+
 def _parser() -> argparse.ArgumentParser:
     from pyroflows import BUILDERS, __version__
 
@@ -65,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--validation", type=float, default=0.1, help="held-out fraction")
     fit.add_argument("--dequantize", action="store_true", help="integer data: add U[0,1) noise")
     fit.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--seed", type=_seed, default=0)
     fit.add_argument("--force", action="store_true", help="overwrite an existing MODEL")
     fit.add_argument("--resume", action="store_true", help="continue from MODEL.ckpt/")
     fit.add_argument("--checkpoint-every", type=int, default=10, metavar="EPOCHS")
@@ -75,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="draw rows from a model, CSV on stdout")
     sample.add_argument("model", metavar="MODEL")
     sample.add_argument("-n", "--num-samples", type=int, default=1000)
-    sample.add_argument("--seed", type=int, default=None)
+    sample.add_argument("--seed", type=_seed, default=None)
     sample.add_argument("--out", "-o", default=None, help=".csv or .npy file (default stdout)")
 
     score = commands.add_parser("score", help="log-density of each row of DATA, on stdout")
@@ -90,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _write(values: np.ndarray, out: str | None, header: list[str] | None) -> None:
     if out is not None and out.lower().endswith(".npy"):
-        np.save(out, values)
+        with open(out, "wb") as stream:  # np.save(name) would add ".npy" to "x.NPY"
+            np.save(stream, values)
         return
     stream = sys.stdout if out is None else open(out, "w")  # noqa: SIM115
     try:
@@ -107,7 +131,7 @@ def _fit(args: argparse.Namespace) -> None:
 
     from pyroflows.density import build, distributed, fit, read_table, save
 
-    device = torch.device(args.device)
+    device = _device(args.device)
     rank, _ = distributed.setup(device)  # under torchrun: join the process group
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -115,6 +139,7 @@ def _fit(args: argparse.Namespace) -> None:
     if out.is_dir():
         raise _Failure(f"{out} is a directory; --out takes a file name")
     values, columns = read_table(args.data)
+    _check_range(values, args.data, columns, getattr(torch, args.dtype))
     options = {
         "transforms": args.transforms,
         "hidden": args.hidden,
@@ -130,8 +155,14 @@ def _fit(args: argparse.Namespace) -> None:
         raise _Failure(str(error)) from None
     checkpoints = out.with_name(out.name + ".ckpt")
     previous = checkpoints / "checkpoint.pt"
+    finished = _finished(previous) if previous.exists() else False
+    if finished is None and (args.resume or not args.force):  # every rank looks
+        raise _Failure(
+            f"{previous} is not a readable pyroflows checkpoint; run without --resume and "
+            f"with --force to start afresh (and discard it)"
+        )
     if not args.resume and previous.exists():  # every rank looks, so all refuse together
-        if not args.force and not _finished(previous):
+        if not args.force and not finished:
             raise _Failure(
                 f"{previous} holds an unfinished fit; pass --resume to continue it, or "
                 f"--force to start afresh (and discard it)"
@@ -189,14 +220,34 @@ def _fit(args: argparse.Namespace) -> None:
     distributed.barrier()  # the others wait for the model file before leaving the group
 
 
-def _finished(checkpoint: Path) -> bool:
-    """Whether a checkpoint file records a completed fit (unreadable: treated as not)."""
-    import torch
+def _finished(checkpoint: Path) -> bool | None:
+    """Whether a checkpoint file records a completed fit; ``None`` if it is unreadable."""
+    from pyroflows.density.fit import read_checkpoint
 
     try:
-        return bool(torch.load(checkpoint, weights_only=True, map_location="cpu")["done"])
-    except Exception:
-        return False
+        return bool(read_checkpoint(checkpoint).get("done", False))
+    except ValueError:
+        return None
+
+
+def _check_range(values: np.ndarray, path: str, columns: list[str] | None, dtype) -> None:
+    """Refuse a CSV value that is finite in float64 but overflows the model's ``dtype``.
+
+    Rows count from 1 with the header as row 1, as :func:`read_table`'s messages do. A
+    ``.npy`` file is checked as it is streamed instead (it may not fit in memory).
+    """
+    import torch
+
+    if isinstance(values, np.memmap) or dtype == torch.float64:
+        return
+    big = np.abs(values) > torch.finfo(dtype).max
+    if big.any():
+        row, col = (int(i) for i in np.argwhere(big)[0])
+        raise _Failure(
+            f"{path}: {float(values[row, col])!r} at row {row + 1 + (columns is not None)}, "
+            f"column {col + 1} is beyond the range of {dtype} (the model's dtype); rescale the "
+            f"data or use float64 (fit --dtype float64)"
+        )
 
 
 def _load(path: str):
@@ -225,6 +276,7 @@ def _score(args: argparse.Namespace) -> None:
 
     flow, info = _load(args.model)
     values, columns = read_table(args.data)
+    _check_range(values, args.data, columns, flow.base_loc.dtype)
     if values.shape[1] != info["dim"]:
         raise _Failure(
             f"{args.data} has {values.shape[1]} columns but the model was fitted to {info['dim']}"
@@ -256,9 +308,10 @@ def _info(args: argparse.Namespace) -> None:
     if info["columns"] is not None:
         lines.append(f"columns   {', '.join(info['columns'])}")
     if history:
+        kind = "validation" if history.get("val_nll") else "training"  # as fit printed it
         lines.append(
             f"fit       {history['epochs']} epochs, best epoch {history['best_epoch']}, "
-            f"best validation NLL {history['best_val_nll']:.4f} nats/row, "
+            f"best {kind} NLL {history['best_val_nll']:.4f} nats/row, "
             f"{history['seconds']:.1f} s"
         )
     print("\n".join(lines))

@@ -41,6 +41,7 @@ def as_rows(data: object, name: str, like: torch.Tensor, dim: int | None = None)
                 f"silent cast is made: pass {name}.to({like.dtype}) or convert the flow"
             )
         tensor = data.detach().to(like.device)
+        array = None
     else:
         try:
             array = np.asarray(data, dtype=np.float64)
@@ -58,11 +59,33 @@ def as_rows(data: object, name: str, like: torch.Tensor, dim: int | None = None)
     bad = ~torch.isfinite(tensor)
     if bad.any():
         row, col = (int(i) for i in bad.nonzero()[0])
-        raise DataError(
-            f"{name} holds {int(bad.sum())} NaN or inf value(s); the first is "
-            f"{tensor[row, col].item()} at row {row}, column {col}"
-        )
+        original = float(array[row, col]) if array is not None else tensor[row, col].item()
+        raise DataError(non_finite_message(name, original, row, col, like.dtype, int(bad.sum())))
     return tensor
+
+
+def non_finite_message(
+    name: str, value: float, row: int, col: int, dtype: torch.dtype, count: int | None = None
+) -> str:
+    """What is wrong with the first bad value of ``name``, at 0-based ``(row, col)``.
+
+    Rows and columns are given from 1, as in a file, with the 0-based index beside. A
+    finite ``value`` is one that overflowed ``dtype`` (``1e39`` in float32). ``count``:
+    how many bad values there are, when known.
+    """
+    where = f"row {row + 1}, column {col + 1} (index [{row}, {col}])"
+    if math.isfinite(value):
+        return (
+            f"{name}: {value!r} at {where} is beyond the range of {dtype} (the flow's dtype); "
+            f"rescale the data or use a float64 flow"
+        )
+    kind = "NaN" if math.isnan(value) else "inf"
+    if count is None:  # a streamed file: how many more there are is not known yet
+        return f"{name}: {kind} at {where}; every value must be finite"
+    return (
+        f"{name} holds {count} NaN or inf value(s); the first is {kind} at {where}; every "
+        f"value must be finite"
+    )
 
 
 def read_table(path: str | os.PathLike) -> tuple[np.ndarray, list[str] | None]:

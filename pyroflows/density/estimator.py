@@ -9,7 +9,10 @@ the data's own units: the standardisation is part of the fitted flow.
 
 from __future__ import annotations
 
+import numbers
 import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +28,8 @@ except ImportError as error:  # pragma: no cover - exercised only without scikit
     ) from error
 
 from pyroflows.density import model_file
+from pyroflows.density.data import as_rows
+from pyroflows.density.fit import CHECKPOINT
 from pyroflows.density.fit import fit as fit_flow
 from pyroflows.density.rows import TensorRows, log_prob
 
@@ -113,15 +118,18 @@ class FlowDensity(BaseEstimator):
         self.resume = resume
 
     def _builder_options(self) -> dict[str, Any]:
+        hidden = self.hidden
+        if isinstance(hidden, numbers.Integral) and not isinstance(hidden, bool):
+            hidden = [hidden]
         options: dict[str, Any] = {
-            "transforms": self.transforms,
-            "hidden": list(self.hidden) if not isinstance(self.hidden, int) else [self.hidden],
+            "transforms": _plain(self.transforms),
+            "hidden": [_plain(size) for size in hidden] if _is_sequence(hidden) else hidden,
             "activation": self.activation,
             "dtype": self.dtype,
         }
         if self.flow == "nsf":
-            options["bins"] = self.bins
-        options.update(self.options or {})
+            options["bins"] = _plain(self.bins)
+        options.update({k: _plain(v) for k, v in (self.options or {}).items()})
         return options
 
     def fit(self, X, y=None) -> FlowDensity:  # noqa: N803 (scikit-learn's names)
@@ -131,26 +139,37 @@ class FlowDensity(BaseEstimator):
             The fitted estimator.
         """
         X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
+        validation = _plain(self.validation_fraction)
+        if validation is not None and not (
+            isinstance(validation, numbers.Real)
+            and not isinstance(validation, bool)
+            and 0 <= validation < 1
+        ):
+            raise ValueError(
+                f"validation_fraction must be a number in [0, 1) (or None), got {validation!r}"
+            )
         seed = int(check_random_state(self.random_state).randint(2**31 - 1))
+        # a fit resumed from its checkpoint takes the checkpoint's seed (its split and
+        # batches): a seed drawn from random_state=None would differ on every call
+        resuming = self.resume and self._checkpoint_exists()
         options = self._builder_options()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             flow = model_file.build(self.flow, X.shape[1], options, standardize=self.standardize)
-        validation = self.validation_fraction
         self.history_ = fit_flow(
             flow,
             X,
             validation=validation,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
+            epochs=_plain(self.epochs),
+            batch_size=_plain(self.batch_size),
+            lr=_plain(self.lr),
+            weight_decay=_plain(self.weight_decay),
             schedule=self.schedule,
             clip_grad=self.clip_grad,
-            patience=self.patience,
+            patience=_plain(self.patience),
             standardize=self.standardize,
             dequantize=self.dequantize,
-            seed=seed,
+            seed=None if resuming else seed,
             progress=self.progress,
             checkpoint_dir=self.checkpoint_dir,
             resume=self.resume,
@@ -159,10 +178,16 @@ class FlowDensity(BaseEstimator):
         self._options = options
         return self
 
+    def _checkpoint_exists(self) -> bool:
+        if self.checkpoint_dir is None:
+            return False
+        return (Path(self.checkpoint_dir) / CHECKPOINT).exists()
+
     def _rows(self, X) -> torch.Tensor:  # noqa: N803
         check_is_fitted(self, "flow_")
         X = validate_data(self, X, dtype=np.float64, reset=False)
-        return torch.as_tensor(X, dtype=self.flow_.base_loc.dtype)
+        # checked again in the flow's dtype: 1e39 is finite, but not in float32
+        return as_rows(X, "X", self.flow_.base_loc, self.n_features_in_)
 
     def score_samples(self, X) -> np.ndarray:  # noqa: N803
         r"""Log-density :math:`\log p(x)` of each row of ``X``, in the data's units.
@@ -239,3 +264,15 @@ class FlowDensity(BaseEstimator):
 
         est.history_ = History(**info["history"]) if info["history"] else History()
         return est
+
+
+def _plain(value: Any) -> Any:
+    """A NumPy scalar (from ``np.arange`` or a search's parameter grid) as a Python one.
+
+    The flow's options go into model files, which hold plain Python values only.
+    """
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _is_sequence(value: Any) -> bool:
+    return isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes))

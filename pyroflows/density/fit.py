@@ -20,6 +20,7 @@ cell :math:`[x, x + 1)` bounds the probability of :math:`x` from below (Theis et
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import signal
 import sys
@@ -120,6 +121,31 @@ def _save_atomic(state: dict[str, Any], path: Path) -> None:
         raise
 
 
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`fit` (``weights_only``: it cannot run code).
+
+    Loaded on the CPU (the generator state must stay there; ``load_state_dict`` moves the
+    rest).
+
+    Raises:
+        ValueError: the file is not a readable pyroflows checkpoint (truncated, corrupt,
+            or some other file), naming it.
+    """
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as error:  # pickle, zip and torch errors alike: say which file
+        raise ValueError(
+            f"{path} is not a readable pyroflows checkpoint (torch.load raised "
+            f"{type(error).__name__}); pass resume=False to start afresh"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != "pyroflows-checkpoint":
+        raise ValueError(
+            f"{path} is not a pyroflows checkpoint (it holds a {type(state).__name__} without "
+            f"the checkpoint format tag); pass resume=False to start afresh"
+        )
+    return state
+
+
 class _NegativeLogLikelihood(nn.Module):
     """The mean NLL of a batch as a module's forward, so DDP can hook its backward."""
 
@@ -161,7 +187,7 @@ def _split(
     """Training rows and validation rows (drawn with ``generator`` from a fraction)."""
     if (
         validation is None
-        or isinstance(validation, (int, float))
+        or isinstance(validation, numbers.Real)
         and not isinstance(validation, bool)
     ):
         fraction = 0.0 if validation is None else float(validation)
@@ -287,7 +313,7 @@ def fit(
     check_positive_int(checkpoint_every, "checkpoint_every")
     if patience is not None:
         check_positive_int(patience, "patience")
-    if not (isinstance(lr, (int, float)) and lr > 0):
+    if not (isinstance(lr, numbers.Real) and not isinstance(lr, bool) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if clip_grad is not None and not clip_grad > 0:
         raise ValueError(f"clip_grad must be positive or None, got {clip_grad!r}")
@@ -302,12 +328,15 @@ def fit(
     path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     state = None
     if resume and path.exists():
-        # on the CPU: the generator state must stay there; load_state_dict moves the rest
-        state = torch.load(path, weights_only=True, map_location="cpu")
-        if state.get("format") != "pyroflows-checkpoint":
-            raise ValueError(f"{path} is not a pyroflows checkpoint")
+        state = read_checkpoint(path)
         if seed is None:
             seed = state["seed"]  # the same split and batches as the interrupted fit
+        elif seed != state["seed"]:
+            raise ValueError(
+                f"seed={seed}, but the checkpoint in {checkpoint_dir} was written with "
+                f"seed={state['seed']} (the seed fixes the split and the batches); pass "
+                f"seed=None or seed={state['seed']} to resume, or resume=False to start afresh"
+            )
     if seed is None:  # one seed for every rank: rank 0's
         seed = distributed.broadcast_int(int(torch.randint(2**62, ()).item()), like.device)
     generator = torch.Generator().manual_seed(seed)
@@ -334,10 +363,12 @@ def fit(
         if state["fingerprint"][:3] != fingerprint[:3] or not math.isclose(
             state["fingerprint"][3], fingerprint[3], rel_tol=1e-6, abs_tol=1e-6
         ):
+            then, now = state["fingerprint"], fingerprint
             raise ValueError(
                 f"the checkpoint in {checkpoint_dir} was written for other data or options "
-                f"(rows, dim, batch size: {state['fingerprint'][:3]}, now {fingerprint[:3]}); "
-                f"pass resume=False to start afresh"
+                f"(training rows, dim, batch size, sum of the training values: {then[0]}, "
+                f"{then[1]}, {then[2]}, {then[3]:.9g}; now {now[0]}, {now[1]}, {now[2]}, "
+                f"{now[3]:.9g}); pass resume=False to start afresh"
             )
         try:
             flow.load_state_dict(state["flow"])

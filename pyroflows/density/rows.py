@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pyroflows.density.data import DataError
+from pyroflows.density.data import DataError, non_finite_message
 
 CHUNK = 8192
 
@@ -153,15 +153,14 @@ class MappedRows(Rows):
         order = np.argsort(wanted, kind="stable")  # read the file front to back
         block = np.empty((len(wanted), self.dim), dtype=np.float64)
         block[order] = self.array[wanted[order]]
-        bad = ~np.isfinite(block)
+        tensor = torch.as_tensor(block, dtype=self.like.dtype)
+        bad = ~torch.isfinite(tensor)  # after the cast: 1e39 is finite, but not in float32
         if bad.any():
-            i, j = (int(v) for v in np.argwhere(bad)[0])
-            kind = "NaN" if np.isnan(block[i, j]) else "inf"
+            i, j = (int(v) for v in bad.nonzero()[0])
             raise DataError(
-                f"{self.name}: {kind} at row {int(wanted[i]) + 1}, column {j + 1}; every value "
-                f"must be finite"
+                non_finite_message(self.name, float(block[i, j]), int(wanted[i]), j, tensor.dtype)
             )
-        return torch.as_tensor(block, dtype=self.like.dtype).to(self.like.device)
+        return tensor.to(self.like.device)
 
 
 def chunk_noise(shape: tuple[int, ...], seed: int, chunk: int, like: torch.Tensor) -> torch.Tensor:

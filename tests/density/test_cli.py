@@ -213,3 +213,63 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(workdir):
     a = run("score", "whole.pt", "big.csv", cwd=workdir).stdout
     b = run("score", "parted.pt", "big.csv", cwd=workdir).stdout
     assert a == b
+
+
+def test_bad_device_and_seed_get_exit_code_2(workdir):
+    one_line_error(
+        run("fit", "data.csv", "--out", "d.pt", *FAST, "--device", "gpu", cwd=workdir),
+        "--device 'gpu' cannot be used here",
+    )
+    for command in (
+        ["fit", "data.csv", "--out", "d.pt", *FAST, "--seed", str(10**24)],
+        ["sample", "model.pt", "-n", "2", "--seed", "-1"],
+    ):
+        bad = run(*command, cwd=workdir)
+        assert bad.returncode == 2
+        assert "argument --seed: a seed must be in [0, 2**63)" in bad.stderr
+        assert "Traceback" not in bad.stderr
+    assert not (workdir / "d.pt").exists()
+
+
+def test_unreadable_checkpoint_gets_one_line_with_and_without_resume(workdir):
+    folder = workdir / "broken.pt.ckpt"
+    folder.mkdir()
+    (folder / "checkpoint.pt").write_text("garbage")
+    for extra in ([], ["--resume"], ["--resume", "--force"]):
+        one_line_error(
+            run("fit", "data.csv", "--out", "broken.pt", *FAST, *extra, cwd=workdir),
+            "not a readable pyroflows checkpoint",
+            "--force",
+        )
+    assert (folder / "checkpoint.pt").read_text() == "garbage"  # nothing discarded unasked
+    forced = run("fit", "data.csv", "--out", "broken.pt", *FAST, "--force", cwd=workdir)
+    assert forced.returncode == 0, forced.stderr
+
+
+def test_info_says_which_nll_and_npy_names_are_kept(workdir):
+    fitted = run("fit", "data.csv", "--out", "noval.pt", *FAST, "--validation", "0", cwd=workdir)
+    assert "training NLL" in fitted.stdout
+    info = run("info", "noval.pt", cwd=workdir)
+    assert "best training NLL" in info.stdout
+    assert "validation" not in info.stdout
+    assert "best validation NLL" in run("info", "model.pt", cwd=workdir).stdout
+    run("sample", "model.pt", "-n", "3", "--out", "S.NPY", cwd=workdir)
+    assert np.load(workdir / "S.NPY").shape == (3, 2)
+    assert not (workdir / "S.NPY.npy").exists()
+
+
+def test_values_beyond_the_models_float32_get_one_line(workdir):
+    (workdir / "huge.csv").write_text("a,b\n1,2\n3,1e39\n")
+    one_line_error(
+        run("score", "model.pt", "huge.csv", cwd=workdir),
+        "huge.csv: 1e+39 at row 3, column 2 is beyond the range of torch.float32",
+    )
+    one_line_error(
+        run("fit", "huge.csv", "--out", "huge.pt", *FAST, cwd=workdir), "--dtype float64"
+    )
+    x = np.ones((20, 2))
+    x[4, 0] = -1e39
+    np.save(workdir / "huge.npy", x)
+    one_line_error(
+        run("score", "model.pt", "huge.npy", cwd=workdir), "huge.npy: -1e+39 at row 5, column 1"
+    )

@@ -21,7 +21,7 @@ def test_as_rows_converts_arrays_and_refuses_tensor_casts():
         (np.zeros(3), r"shape \(N, D\)"),
         (np.zeros((0, 2)), "no rows"),
         (np.zeros((2, 3)), "2 columns"),
-        (np.array([[0.0, np.nan], [1.0, 1.0]]), "row 0, column 1"),
+        (np.array([[0.0, np.nan], [1.0, 1.0]]), r"NaN at row 1, column 2 \(index \[0, 1\]\)"),
         (np.array([[0.0, 1.0], [np.inf, 1.0]]), "NaN or inf"),
         ([["a", "b"]], "numeric"),
     ],

@@ -139,3 +139,44 @@ def test_dequantized_scores_are_the_bound_over_the_cell():
     standard_error = many.std(0) / np.sqrt(16)
     assert (np.abs(scores - many.mean(0)) < 5 * standard_error + 1e-6).all()
     assert not np.allclose(scores, corner, atol=1e-3)  # not the density at the corner
+
+
+def test_numpy_scalars_from_parameter_grids(tmp_path):
+    X, _ = mixture_rows(300, 5)
+    small = {"hidden": (8,), "epochs": 2, "random_state": 0}
+    grid = GridSearchCV(FlowDensity(flow="maf", **small), {"transforms": np.arange(1, 3)}, cv=2)
+    grid.fit(X)
+    grid.best_estimator_.save(tmp_path / "m.pt")  # plain ints in the model file
+    again = FlowDensity.load(tmp_path / "m.pt")
+    assert np.allclose(again.score_samples(X), grid.best_estimator_.score_samples(X), atol=1e-5)
+    est = FlowDensity(
+        flow="maf",
+        transforms=np.int64(1),
+        hidden=np.array([8]),
+        batch_size=np.int64(64),
+        lr=np.float32(1e-3),
+        validation_fraction=np.float32(0.2),
+        epochs=2,
+        random_state=0,
+    ).fit(X)
+    assert len(est.history_.val_nll) == 2
+    with pytest.raises(ValueError, match=r"validation_fraction must be a number in \[0, 1\)"):
+        FlowDensity(validation_fraction=1.0, epochs=1).fit(X)
+
+
+def test_resume_with_a_random_state_that_is_not_an_int(tmp_path):
+    X, _ = mixture_rows(300, 6)
+    small = {"flow": "maf", "transforms": 1, "hidden": (8,), "epochs": 3, "progress": False}
+    first = FlowDensity(checkpoint_dir=tmp_path, random_state=None, **small).fit(X)
+    resumed = FlowDensity(
+        checkpoint_dir=tmp_path, resume=True, random_state=np.random.RandomState(5), **small
+    ).fit(X)  # a different draw of seed: the checkpoint's seed is the one that counts
+    assert resumed.history_.train_nll == first.history_.train_nll
+    assert np.array_equal(resumed.score_samples(X), first.score_samples(X))
+
+
+def test_scores_refuse_values_beyond_float32():
+    est = FlowDensity(flow="maf", transforms=1, hidden=(8,), epochs=1, random_state=0)
+    est.fit(mixture_rows(100, 7)[0])
+    with pytest.raises(ValueError, match=r"X: 1e\+39 at row 2, column 1 .* beyond the range"):
+        est.score_samples(np.array([[0.0, 0.0], [1e39, 0.0]]))

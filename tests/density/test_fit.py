@@ -364,3 +364,34 @@ def test_bad_validation_rows_are_found_before_training(tmp_path):
         fit(small_flow(), data, validation=0.5, seed=0, progress=False,
             callback=lambda epoch, history: epochs.append(epoch))  # fmt: skip
     assert epochs == []
+
+
+def test_resume_refuses_another_seed_and_unreadable_checkpoints(tmp_path):
+    x = np.random.default_rng(0).normal(size=(200, 2))
+    options = {"epochs": 2, "progress": False, "checkpoint_dir": tmp_path}
+    fit(small_flow(), x, seed=3, **options)
+    with pytest.raises(ValueError, match=r"seed=4, but the checkpoint .* seed=3"):
+        fit(small_flow(), x, seed=4, resume=True, **options)
+    fit(small_flow(), x, seed=3, resume=True, **options)  # the same seed: fine
+    with pytest.raises(ValueError, match="sum of the training values"):
+        fit(small_flow(), x + 1.0, resume=True, **options)  # same shape, other values
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_text("garbage")
+    with pytest.raises(ValueError, match="not a readable pyroflows checkpoint"):
+        fit(small_flow(), x, resume=True, **options)
+    torch.save([1, 2], checkpoint)
+    with pytest.raises(ValueError, match="not a pyroflows checkpoint .*list"):
+        fit(small_flow(), x, resume=True, **options)
+
+
+def test_values_beyond_float32_are_refused_with_their_place(tmp_path):
+    x = np.random.default_rng(0).normal(size=(50, 2))
+    x[7, 1] = 1e39  # finite in float64, inf in float32
+    with pytest.raises(ValueError, match=r"1e\+39 at row 8, column 2 \(index \[7, 1\]\) is beyond"):
+        fit(small_flow(), x, epochs=1, progress=False)
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    with pytest.raises(ValueError, match=r"x.npy: 1e\+39 at row 8, column 2 .*float32"):
+        fit(small_flow(), mapped, epochs=1, progress=False)
+    flow = small_flow().double()  # in float64 the same value is fine
+    assert fit(flow, x, epochs=1, progress=False).epochs == 1

@@ -365,7 +365,7 @@ class AmortizedGuide(nn.Module):
 
 
 def _plate_nesting(model, guide, x, kwargs) -> int:
-    """The most plate dims any site of ``model`` or ``guide`` uses (one row of ``x``)."""
+    """The most plate dims any site of ``model`` or ``guide`` uses (on the rows ``x``)."""
     with poutine.block():
         guide_trace = poutine.trace(guide).get_trace(x, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, **kwargs)
@@ -430,7 +430,9 @@ def iwae_log_likelihood(
     ``model(x, **kwargs)`` and ``guide(x, **kwargs)`` must put every sample site (the
     latents and the observations) in the plate named ``plate`` over the rows of ``x``,
     without subsampling. Site scales (``poutine.scale``, a subsampled plate) are ignored:
-    each row counts once.
+    each row counts once. A keyword argument that is a tensor with one entry per row of
+    ``x`` (first dim ``len(x)``: labels, covariates) is sliced with ``x`` when the rows
+    take several passes.
 
     Args:
         model: the Pyro model.
@@ -452,24 +454,42 @@ def iwae_log_likelihood(
     if n == 0:
         raise ValueError("x has no rows")
     with torch.no_grad():
-        nesting = _plate_nesting(model, guide, x[:1], kwargs)
-        particle_dim = -(nesting + 1)
         rows_per_pass = max(1, min(n, max_batch))
+        first = _row_kwargs(kwargs, 0, rows_per_pass, n)
+        nesting = _plate_nesting(model, guide, x[:rows_per_pass], first)
+        particle_dim = -(nesting + 1)
         out = []
         for start in range(0, n, rows_per_pass):
             chunk = x[start : start + rows_per_pass]
             rows = chunk.shape[0]
+            chunk_kwargs = _row_kwargs(kwargs, start, start + rows, n)
             per_pass = max(1, min(num_samples, max_batch // rows))
             total: torch.Tensor | None = None
             done = 0
             while done < num_samples:
                 m = min(per_pass, num_samples - done)
-                log_w = _log_weights(model, guide, chunk, m, plate, particle_dim, kwargs)
+                log_w = _log_weights(model, guide, chunk, m, plate, particle_dim, chunk_kwargs)
                 part = torch.logsumexp(log_w, 0)
                 total = part if total is None else torch.logaddexp(total, part)
                 done += m
             out.append(total - math.log(num_samples))
         return torch.cat(out)
+
+
+def _row_kwargs(kwargs: dict[str, Any], start: int, stop: int, n: int) -> dict[str, Any]:
+    """``kwargs`` for rows ``start:stop`` of ``x``: per-row tensors (first dim ``n``) sliced.
+
+    Nothing is sliced when the pass holds every row, so a tensor that merely happens to
+    have ``n`` entries is passed as it is whenever ``x`` fits in one pass.
+    """
+    if start == 0 and stop >= n:
+        return kwargs
+    return {
+        key: value[start:stop]
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n
+        else value
+        for key, value in kwargs.items()
+    }
 
 
 def _log_weights(model, guide, x, particles, plate, particle_dim, kwargs) -> torch.Tensor:

@@ -63,7 +63,7 @@ from torch import nn
 from torch.distributions import ComposeTransform, biject_to
 from torch.nn import functional as F
 
-from pyroflows._checks import check_choice
+from pyroflows._checks import check_choice, check_positive_int
 from pyroflows.flows import Flow, iaf, maf, nice, nsf, realnvp
 from pyroflows.infer import diagnostics
 from pyroflows.transforms.base import FlowTransform
@@ -330,6 +330,12 @@ class AutoFlow(AutoContinuous):
     :meth:`diagnose` (PSIS :math:`\hat k`, ESS, a verdict), :meth:`importance_resample`,
     :meth:`to_arviz`.
 
+    Saving: ``torch.save(guide)`` / pickle, or ``guide.state_dict()`` into a guide built
+    for the same model and called once, keep everything, the anchor :math:`(m, C)`
+    included. Pyro's param store does not: ``pyro.get_param_store().save`` and ``load``
+    do not reach the flow's weights (as for Pyro's own ``AutoIAFNormal``), and the anchor
+    is a buffer, not a parameter.
+
     Args:
         model: a Pyro model with continuous latent sites (no discrete or enumerated ones).
         flow: a name in :data:`GUIDE_FLOWS` (``"iaf"``, ``"nsf"``, ``"realnvp"``,
@@ -409,7 +415,7 @@ class AutoFlow(AutoContinuous):
         self.warm_start = warm_start
         self.estimator = estimator
         self.learn_linear = bool(learn_linear)
-        self.num_quantile_samples = num_quantile_samples
+        self.num_quantile_samples = check_positive_int(num_quantile_samples, "num_quantile_samples")
         #: what the anchor was chosen from, set on the first call: "laplace" or "init"
         self.anchor: str | None = None
 
@@ -548,18 +554,27 @@ class AutoFlow(AutoContinuous):
 
     @staticmethod
     def _synced(twin: nn.ModuleList, layers: list[nn.Module]) -> list[nn.Module]:
-        """``twin``'s layers, with every parameter and buffer copied from ``layers`` now."""
+        """``twin``'s layers, every parameter and buffer a detached alias of ``layers``'.
+
+        Aliases, not copies: the twin reads the live values (optimizer steps included)
+        without a copy per call, and several particles of one loss can share it, where a
+        copy per particle would overwrite tensors an earlier particle's graph saved for
+        its backward. Re-aliased whenever a live tensor moved to new memory (``.to()``,
+        ``.double()``, a replaced parameter).
+        """
         live = nn.ModuleList(layers)
-        with torch.no_grad():
-            for mine, theirs in zip(
-                [*twin.parameters(), *twin.buffers()],
-                [*live.parameters(), *live.buffers()],
-                strict=True,
+        for mine, theirs in zip(
+            [*twin.parameters(), *twin.buffers()],
+            [*live.parameters(), *live.buffers()],
+            strict=True,
+        ):
+            if (
+                mine.data_ptr() != theirs.data_ptr()
+                or mine.shape != theirs.shape
+                or mine.dtype != theirs.dtype
+                or mine.device != theirs.device
             ):
-                if mine.device != theirs.device or mine.dtype != theirs.dtype:
-                    mine.data = theirs.detach().clone()
-                else:
-                    mine.copy_(theirs)
+                mine.data = theirs.detach()
         return list(twin)
 
     # ------------------------------------------------------------------ warm start
@@ -607,17 +622,47 @@ class AutoFlow(AutoContinuous):
             line_search_fn="strong_wolfe",
         )
 
+        best: list = [None, None]  # the lowest finite loss seen and its point
+
         def closure():
             optimizer.zero_grad()
-            loss = -self._log_joint(z, args, kwargs)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"log p(x, z) is {loss.item()} on the way to the mode")
-            loss.backward()
+            try:
+                loss = -self._log_joint(z, args, kwargs)
+            except ValueError:  # a distribution refused its parameters (validation)
+                loss = None
+            if loss is not None and bool(torch.isfinite(loss)):
+                loss.backward()
+            if best[0] is None:  # the starting point
+                if loss is None or not bool(torch.isfinite(loss)):
+                    raise FloatingPointError("log p(x, z) is not finite at the initial point")
+                best[0], best[1] = loss.item(), z.detach().clone()
+                return loss
+            # A line-search probe far out (a scale of 1e-7, an overflowed rate) can give
+            # inf, or a finite loss so large that the search's cubic fit overflows into
+            # NaN: report such a point as a loss well above the best one, with no slope,
+            # and the strong Wolfe search backs off towards the points it knows.
+            cap = best[0] + 1e3 * (1.0 + abs(best[0]))
+            if (
+                loss is None
+                or not bool(torch.isfinite(loss))
+                or loss.item() > cap
+                or not bool(torch.isfinite(z.grad).all())
+            ):
+                z.grad = torch.zeros_like(z)
+                return torch.tensor(cap, dtype=z.dtype)
+            if loss.item() < best[0]:
+                best[0], best[1] = loss.item(), z.detach().clone()
             return loss
 
         for _ in range(4):
             optimizer.step(closure)
-        mode = z.detach()
+            if best[1] is not None and not torch.equal(z.detach(), best[1]):
+                # it stopped away from its best point (on a probe it backed off from):
+                # restart there, with a fresh curvature history
+                with torch.no_grad():
+                    z.copy_(best[1])
+                optimizer.state.clear()
+        mode = best[1]
         hessian = torch.autograd.functional.hessian(
             lambda v: -self._log_joint(v, args, kwargs), mode
         )
@@ -693,14 +738,6 @@ class AutoFlow(AutoContinuous):
 
     # ------------------------------------------------------------------ summaries
 
-    @torch.no_grad()
-    def _constrained_draws(self, num_samples: int) -> dict[str, torch.Tensor]:
-        latent = self.get_posterior().sample((num_samples,))
-        return {
-            site["name"]: biject_to(site["fn"].support)(unconstrained)
-            for site, unconstrained in self._unpack_latent(latent)
-        }
-
     def _ensure_setup(self, args, kwargs) -> None:
         if self.prototype_trace is None:
             with poutine.block():
@@ -710,20 +747,28 @@ class AutoFlow(AutoContinuous):
     def quantiles(self, quantiles: Sequence[float] | torch.Tensor, *args: Any, **kwargs: Any):
         """Posterior quantiles of each latent site, from ``num_quantile_samples`` draws.
 
+        The quantiles are taken coordinate by coordinate in the unconstrained space and
+        then mapped by each site's ``biject_to``, as Pyro's own autoguides do: for a
+        scalar support (positive, interval) that is the quantile of the constrained
+        value; for a simplex or a Cholesky factor it is a point of the support (the
+        median of a Dirichlet site sums to 1), which ``init_to_value`` or
+        ``poutine.condition`` can take.
+
         Returns:
             A dict of tensors of shape ``(len(quantiles), *site_shape)``, in each site's
-            constrained space (the marginal quantiles of the constrained values).
+            constrained space.
         """
         self._ensure_setup(args, kwargs)
         q = torch.as_tensor(quantiles, dtype=self.anchor_loc.dtype, device=self.anchor_loc.device)
         if q.dim() != 1 or ((q < 0) | (q > 1)).any():
             raise ValueError(f"quantiles must be a list of numbers in [0, 1], got {quantiles!r}")
-        draws = self._constrained_draws(self.num_quantile_samples)
-        n = self.num_quantile_samples
-        return {
-            name: torch.quantile(value.reshape(n, -1), q, dim=0).reshape((len(q), *value.shape[1:]))
-            for name, value in draws.items()
-        }
+        latent = self.get_posterior().sample((self.num_quantile_samples,))
+        result: dict[str, list[torch.Tensor]] = {}
+        for row in torch.quantile(latent, q, dim=0):  # one packed (D,) vector per quantile
+            for site, unconstrained in self._unpack_latent(row):
+                value = biject_to(site["fn"].support)(unconstrained)
+                result.setdefault(site["name"], []).append(value)
+        return {name: torch.stack(values) for name, values in result.items()}
 
     @torch.no_grad()
     def median(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:

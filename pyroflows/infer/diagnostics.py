@@ -37,6 +37,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer.importance import vectorized_importance_weights
+from pyro.poutine.util import site_is_subsample
 
 from pyroflows._checks import check_positive_int
 
@@ -177,6 +178,20 @@ def _summarize(log_weights: torch.Tensor | np.ndarray) -> tuple[Diagnosis, np.nd
         raw = np.exp(2 * (lw - log_total))
         raw_ess_fraction = float(1.0 / np.sum(raw)) / num if np.isfinite(raw).all() else 0.0
     reading = verdict(khat, raw_ess_fraction)
+    if khat == math.inf and np.isfinite(lw).all():
+        # ArviZ gives inf for finite weights when the tail it fits holds 4 draws or
+        # fewer (min(0.2 S, 3 sqrt S): any S <= 20), or when one weight outweighs the
+        # rest by more than exp's range
+        if min(0.2 * num, 3 * math.sqrt(num)) <= 4:
+            reading = (
+                f"do not trust: k-hat cannot be estimated from {num} draws (the Pareto fit "
+                "needs more than 4 draws in the tail); use at least 100 draws"
+            )
+        else:
+            reading = (
+                "do not trust: k-hat is inf, one draw's weight outweighs all the others "
+                "(the guide misses mass the posterior has)"
+            )
     return Diagnosis(khat, ess, num, elbo, log_evidence, reading), smoothed
 
 
@@ -202,6 +217,7 @@ def _latent_names(model_trace, guide_trace) -> list[str]:
         and not site["is_observed"]
         and name in guide_trace.nodes
         and not site["infer"].get("is_auxiliary")
+        and not site_is_subsample(site)  # a plate's index draw, not a latent
     ]
 
 

@@ -271,3 +271,22 @@ def test_iwae_refuses_a_latent_the_guide_does_not_draw():
 
     with pytest.raises(ValueError, match=r"latent sites \['w', 'z'\].*guide's sites \['z'\]"):
         iwae_log_likelihood(model, guide, torch.zeros(4), num_samples=2)
+
+
+def test_iwae_slices_per_row_keyword_arguments_with_the_rows():
+    def model(x, label=None):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z + label, 1.0), obs=x)
+
+    def guide(x, label=None):  # the exact posterior: every weight is p(x)
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal((x - label) / 2, math.sqrt(0.5)))
+
+    x, label = torch.randn(6), torch.arange(6.0)
+    exact = dist.Normal(label, math.sqrt(2.0)).log_prob(x)
+    for max_batch in (2**15, 4, 1):  # one pass; passes of rows; one row per pass
+        estimate = iwae_log_likelihood(
+            model, guide, x, num_samples=10, label=label, max_batch=max_batch
+        )
+        assert torch.allclose(estimate, exact, atol=1e-5)

@@ -590,3 +590,83 @@ def test_an_anchored_linear_pickled_before_learn_linear_existed_still_works():
         assert loaded.learn_linear is learnt
         u = torch.randn(2, 3)
         assert torch.allclose(loaded(u), u)
+
+
+def _structured_model():
+    with pyro.plate("groups", 2):
+        pyro.sample("m", dist.Normal(0.0, 1.0))
+    pyro.sample("p", dist.Dirichlet(torch.ones(4)))
+    pyro.sample("chol", dist.LKJCholesky(3, 1.0))
+    pyro.sample("s", dist.LogNormal(0.0, 1.0))
+
+
+def test_median_and_quantiles_of_plated_simplex_and_cholesky_sites():
+    pyro.clear_param_store()
+    guide = AutoFlow(_structured_model, warm_start=None, num_quantile_samples=500)
+    guide()
+    median = guide.median()
+    assert {k: tuple(v.shape) for k, v in median.items()} == {
+        "m": (2,),
+        "p": (4,),
+        "chol": (3, 3),
+        "s": (),
+    }
+    assert torch.allclose(median["p"].sum(), torch.tensor(1.0), atol=1e-6)
+    assert torch.allclose(median["chol"].norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert median["s"] > 0
+    pyro.poutine.condition(_structured_model, data=median)()  # a point of every support
+    q = guide.quantiles([0.1, 0.5, 0.9])
+    assert tuple(q["m"].shape) == (3, 2)
+    assert (q["m"][0] < q["m"][2]).all()
+    assert (q["s"][0] < q["s"][1]) & (q["s"][1] < q["s"][2])
+    with pytest.raises(ValueError, match="num_quantile_samples must be an int >= 1, got 0"):
+        AutoFlow(_structured_model, num_quantile_samples=0)
+
+
+def _mean_and_sd_model(x):
+    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    sd = pyro.sample("sd", dist.LogNormal(0.0, 1.0))
+    with pyro.plate("n", len(x)):
+        pyro.sample("x", dist.Normal(mu, sd), obs=x)
+
+
+@pytest.mark.parametrize("seed", [101, 108, 111, 129])
+def test_laplace_warm_start_survives_line_search_probes_far_out(seed):
+    # from these starts L-BFGS's line search probes points where a scale is 1e-7 or
+    # overflows (log p is -inf, a distribution refuses its scale, or a finite loss of
+    # 1e18 makes the cubic fit NaN); it used to give up and fall back to a plain start
+    pyro.set_rng_seed(seed)
+    pyro.clear_param_store()
+    x = 0.3 * torch.randn(30) + 5
+    guide = AutoFlow(_mean_and_sd_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "Laplace warm start failed"
+        guide(x)
+    assert guide.anchor == "laplace"
+    mode = guide.anchor_loc
+    assert abs(mode[0] - x.mean()) < 0.01  # the prior on mu is flat at this scale
+    assert abs(mode[1].exp() - x.std()) < 0.1 * x.std()
+
+
+@pytest.mark.parametrize("flow", ["realnvp", "iaf"])
+def test_stl_with_several_particles_in_one_backward(flow):
+    # the frozen copy that scores log q must not be rewritten between the particles
+    # of one loss (it was: "modified by an inplace operation" at backward)
+    pyro.clear_param_store()
+    x = torch.randn(20, 3) + 1.0
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        with pyro.plate("n", len(x)):
+            pyro.sample("x", dist.Normal(mu, 1.0).to_event(1), obs=x)
+
+    guide = AutoFlow(model, flow=flow, estimator="stl")
+    guide(x)
+    loss = Trace_ELBO(num_particles=4).differentiable_loss(model, guide, x)
+    loss.backward()
+    grads = [p.grad for p in guide.parameters() if p.grad is not None]
+    assert grads
+    assert all(torch.isfinite(g).all() for g in grads)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), pyro.infer.RenyiELBO(num_particles=3))
+    for _ in range(5):
+        assert torch.isfinite(torch.tensor(svi.step(x)))

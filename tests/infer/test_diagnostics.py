@@ -174,3 +174,34 @@ def test_to_arviz_on_a_pyro_autoguide():
     assert "khat" in idata.posterior.attrs
     summary = az.summary(idata, kind="stats")
     assert list(summary.index) == ["loc", "scale"]
+
+
+def test_draws_one_at_a_time_leave_out_plate_indices():
+    # a model that cannot broadcast over a particle plate takes the sequential route
+    def model(y):
+        s = pyro.sample("s", dist.HalfNormal(2.0))
+        with pyro.plate("g", 2):
+            m = pyro.sample("m", dist.Normal(0.0, 1.0))
+        mu = m.reshape(2).sum()
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(mu, s), obs=y)
+
+    pyro.clear_param_store()
+    y = torch.randn(20)
+    guide = AutoNormal(model)
+    guide(y)
+    log_w, draws = importance_draws(model, guide, y, num_samples=6)
+    assert set(draws) == {"s", "m"}
+    assert tuple(draws["m"].shape) == (6, 2)
+    assert log_w.shape == (6,)
+
+
+def test_verdict_when_arviz_gives_an_infinite_k_hat_for_finite_weights():
+    few = summarize(torch.randn(20) * 0.1)  # a tail of 4 draws: no Pareto fit
+    assert few.khat == math.inf
+    assert "cannot be estimated from 20 draws" in few.verdict
+    assert "not finite" not in few.verdict
+    dominated = summarize(torch.cat([torch.randn(199) * 0.1, torch.tensor([800.0])]))
+    assert dominated.khat == math.inf
+    assert "outweighs all the others" in dominated.verdict
+    assert summarize(torch.tensor([0.0, math.inf, 1.0])).verdict.endswith("not finite")

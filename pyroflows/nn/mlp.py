@@ -41,7 +41,16 @@ class ContextTrunk(nn.Module):
             if context and not hidden_layers
             else None
         )
+        if isinstance(activation, nn.Module) or not callable(activation):
+            raise TypeError(
+                f"activation must be a module class or a callable returning a module, such "
+                f"as nn.ReLU (not an instance such as nn.ReLU()); got {activation!r}"
+            )
         self.activation = activation()
+        if not isinstance(self.activation, nn.Module):
+            raise TypeError(
+                f"activation() must return an nn.Module, got {type(self.activation).__name__}"
+            )
         if zero_init:
             nn.init.zeros_(self.output_layer.weight)
             nn.init.zeros_(self.output_layer.bias)

@@ -113,7 +113,9 @@ class _Autoregressive:
         return self.transformer.inverse(x, self.conditioner(x, context))[1]
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, form={self.form!r}, transformer={self.transformer}"
+        context = getattr(self, "context_features", 0)
+        sizes = f"dim={self.dim}" + (f", context={context}" if context else "")
+        return f"{sizes}, form={self.form!r}, transformer={self.transformer}"
 
 
 class AffineAutoregressive(_Autoregressive, FlowTransform):

@@ -28,18 +28,44 @@ from torch.distributions import Transform, constraints
 from pyroflows._checks import broadcast_shape, check_event, check_positive_int
 
 
+def _forget_tensor_lists(module: nn.Module, incompatible_keys: Any = None) -> None:
+    """Drop the kept tensor lists (a ``load_state_dict`` post-hook: ``assign=True``)."""
+    for sub in module.modules():
+        sub.__dict__.pop("_parameter_list", None)
+        sub.__dict__.pop("_tensor_list", None)
+        sub.__dict__["_cache"] = None
+
+
 def _parameters(module: nn.Module) -> tuple[nn.Parameter, ...]:
     """The module's parameters, listed once and kept.
 
     Walking the module tree on every call of a flow layer would cost more than the layer's
     own arithmetic on small batches. The list holds the ``Parameter`` objects, which
-    ``.to()``, ``.double()`` and ``load_state_dict`` update in place, so it stays right.
+    ``.to()``, ``.double()`` and ``load_state_dict`` update in place, so it stays right;
+    ``load_state_dict(assign=True)``, which puts new objects in, drops it (a post-hook).
     """
     found = module.__dict__.get("_parameter_list")
     if found is None:
         found = tuple(module.parameters())
         module.__dict__["_parameter_list"] = found
+        _watch_loads(module)
     return found
+
+
+def _tensors(module: nn.Module) -> tuple[torch.Tensor, ...]:
+    """The module's parameters and buffers (masks, orders, permutations), kept likewise."""
+    found = module.__dict__.get("_tensor_list")
+    if found is None:
+        found = (*_parameters(module), *module.buffers())
+        module.__dict__["_tensor_list"] = found
+        _watch_loads(module)
+    return found
+
+
+def _watch_loads(module: nn.Module) -> None:
+    if not module.__dict__.get("_watching_loads"):
+        module.register_load_state_dict_post_hook(_forget_tensor_lists)
+        module.__dict__["_watching_loads"] = True
 
 
 def _reference(module: nn.Module) -> torch.Tensor:
@@ -53,14 +79,28 @@ def _reference(module: nn.Module) -> torch.Tensor:
     raise TypeError(f"{type(module).__name__} holds no parameter or buffer to take a dtype from")
 
 
+#: which side of a cached triple the layer computed itself (the other was given to it)
+_MADE_FORWARD, _MADE_INVERSE = 0, 1
+
+
 class _CachedBijection:
     """Caching for the last ``(u, x, ladj)`` triple, in either direction.
 
-    A hit needs the very same tensor objects (``is``), unchanged parameters (their version
-    counters, which ``optimizer.step()`` bumps, so the cache never goes stale after a
-    step, unlike pyro#2542), and, if grad mode is on now, grad mode on when the entry was
-    made (else its ``ladj`` would carry no graph). So ``d.log_prob(d.rsample())`` runs no
-    inverse and no second network pass: an IAF layer scores its own samples for free.
+    A hit is served only for a tensor the layer computed itself: ``t.inv(x)`` of the
+    ``x`` its last ``t(u)`` returned, ``t(u)`` of the ``u`` its last ``t.inv(x)``
+    returned, and ``log_abs_det_jacobian`` of that pair. So ``d.log_prob(d.rsample())``
+    runs no inverse and no second network pass (an IAF layer scores its own samples for
+    free), while a tensor the caller passes in (a data batch, a reused buffer refilled in
+    place) is always computed afresh. A hit also needs the same tensor objects (``is``),
+    unchanged in place and in ``requires_grad`` since (their version counters), the
+    layer's parameters and buffers unchanged (their version counters, which
+    ``optimizer.step()`` and ``load_state_dict`` bump, so the cache never goes stale
+    after a step, unlike pyro#2542), and, if grad mode is on now, grad mode on when the
+    entry was made (else its ``ladj`` would carry no graph).
+
+    Writes that bypass version counters (through ``.data``, or a fused optimizer,
+    ``Adam(fused=True)``) are not seen: draw anew, or call :meth:`clear_cache`, before
+    scoring an earlier draw after one.
     """
 
     domain = constraints.real_vector
@@ -83,23 +123,32 @@ class _CachedBijection:
         raise NotImplementedError
 
     def _key(self) -> tuple[Any, ...]:
-        return tuple(p._version for p in _parameters(self._owner()))
+        return tuple(t._version for t in _tensors(self._owner()))
 
     def _lookup(self, u: torch.Tensor | None, x: torch.Tensor | None):
         entry = self._cache
         if entry is None or not self._use_cache:
             return None
-        cu, cx, ladj, (key, grad) = entry
-        if (u is not None and u is not cu) or (x is not None and x is not cx):
+        cu, cx, ladj, (made, states, key, grad) = entry
+        if u is None:  # t.inv(x): only of the x that t(u) computed
+            if x is not cx or made != _MADE_FORWARD:
+                return None
+        elif x is None:  # t(u): only of the u that t.inv(x) computed
+            if u is not cu or made != _MADE_INVERSE:
+                return None
+        elif u is not cu or x is not cx:
             return None
-        if (torch.is_grad_enabled() and not grad) or key != self._key():
+        if (torch.is_grad_enabled() and not grad) or states != _states(cu, cx):
+            return None
+        if key != self._key():
             return None
         return entry
 
-    def _store(self, u: torch.Tensor, x: torch.Tensor, ladj: torch.Tensor) -> None:
+    def _store(self, u: torch.Tensor, x: torch.Tensor, ladj: torch.Tensor, made: int) -> None:
         if self._use_cache:
+            meta = (made, _states(u, x), self._key(), torch.is_grad_enabled())
             # straight into __dict__: nn.Module.__setattr__ costs more than the rest of this
-            self.__dict__["_cache"] = (u, x, ladj, (self._key(), torch.is_grad_enabled()))
+            self.__dict__["_cache"] = (u, x, ladj, meta)
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         """Map base-side ``u`` to data-side ``x``."""
@@ -107,7 +156,7 @@ class _CachedBijection:
         if hit is not None:
             return hit[1]
         x, ladj = self._fwd(u)
-        self._store(u, x, ladj)
+        self._store(u, x, ladj, _MADE_FORWARD)
         return x
 
     def _inv_call(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +164,7 @@ class _CachedBijection:
         if hit is not None:
             return hit[0]
         u, ladj = self._bwd(x)
-        self._store(u, x, ladj)
+        self._store(u, x, ladj, _MADE_INVERSE)
         return u
 
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -139,6 +188,11 @@ class _CachedBijection:
         return state
 
 
+def _states(u: torch.Tensor, x: torch.Tensor) -> tuple[int, int, bool, bool]:
+    """What an in-place write or ``requires_grad_`` would change in a cached pair."""
+    return (u._version, x._version, u.requires_grad, x.requires_grad)
+
+
 class FlowTransform(_CachedBijection, TransformModule):
     """A learnable bijection ``u -> x`` on vectors of size ``dim`` (no context).
 
@@ -159,6 +213,11 @@ class FlowTransform(_CachedBijection, TransformModule):
     def _owner(self) -> nn.Module:
         return self
 
+    def _apply(self, fn, recurse: bool = True):  # .to(), .double(), .cuda(), ...
+        # buffers are replaced by new tensors and a cached triple has the old dtype
+        _forget_tensor_lists(self)
+        return super()._apply(fn, recurse)
+
     def _fwd(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_event(u, "u", self.dim, _reference(self))
         return self._forward(u, None)
@@ -176,6 +235,9 @@ class FlowTransform(_CachedBijection, TransformModule):
     def extra_repr(self) -> str:
         """Sizes, shown by ``repr``."""
         return f"dim={self.dim}"
+
+    # torch's Transform.__repr__ comes first in the MRO and shows no sizes or submodules
+    __repr__ = nn.Module.__repr__
 
 
 class ConditionalFlowTransform(ConditionalTransformModule):
@@ -197,6 +259,10 @@ class ConditionalFlowTransform(ConditionalTransformModule):
         self.context_features = check_positive_int(context, "context")
         self._use_cache = bool(cache)
 
+    def _apply(self, fn, recurse: bool = True):  # .to(), .double(), .cuda(), ...
+        _forget_tensor_lists(self)  # buffers are replaced by new tensors
+        return super()._apply(fn, recurse)
+
     def condition(self, context: torch.Tensor) -> ConditionedTransform:
         """Bind ``context`` (shape ``(*batch, context)``) and return a plain transform."""
         check_event(context, "context", self.context_features, _reference(self))
@@ -208,6 +274,8 @@ class ConditionalFlowTransform(ConditionalTransformModule):
     def extra_repr(self) -> str:
         """Sizes, shown by ``repr``."""
         return f"dim={self.dim}, context={self.context_features}"
+
+    __repr__ = nn.Module.__repr__  # sizes and submodules, as for FlowTransform
 
 
 class ConditionedTransform(_CachedBijection, Transform):

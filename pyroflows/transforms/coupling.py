@@ -17,6 +17,7 @@ References:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -39,9 +40,13 @@ class _Coupling:
         if self.dim < 2:
             raise ValueError(f"dim must be >= 2 for a coupling layer, got {self.dim}")
         split = self.dim // 2 if split is None else split
-        if isinstance(split, bool) or not isinstance(split, int) or not 0 < split < self.dim:
+        if (
+            isinstance(split, bool)
+            or not isinstance(split, numbers.Integral)
+            or not 0 < split < self.dim
+        ):
             raise ValueError(f"split must be an int in [1, {self.dim - 1}], got {split!r}")
-        self.split = split
+        self.split = split = int(split)
         self.transformer = transformer
         self.conditioner = MLP(
             split,
@@ -67,7 +72,9 @@ class _Coupling:
         return self._backward(x, context)[1]
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, split={self.split}, transformer={self.transformer}"
+        context = getattr(self, "context_features", 0)
+        sizes = f"dim={self.dim}" + (f", context={context}" if context else "")
+        return f"{sizes}, split={self.split}, transformer={self.transformer}"
 
 
 class AffineCoupling(_Coupling, FlowTransform):

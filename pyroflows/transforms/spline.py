@@ -38,6 +38,7 @@ References:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -413,8 +414,18 @@ class RationalQuadratic:
 
     def __init__(self, bins: int = 8, bound: float = 5.0, side: str = "base") -> None:
         self.bins = check_positive_int(bins, "bins")
-        if isinstance(bound, bool) or not isinstance(bound, int | float) or not bound > 0:
-            raise ValueError(f"bound must be a positive number, got {bound!r}")
+        most = math.ceil(1 / max(MIN_BIN_WIDTH, MIN_BIN_HEIGHT)) - 1
+        if self.bins > most:
+            raise ValueError(
+                f"bins must be at most {most} (each bin keeps a minimum width of "
+                f"{MIN_BIN_WIDTH} of the interval), got {self.bins}"
+            )
+        if (
+            isinstance(bound, bool)
+            or not isinstance(bound, numbers.Real)
+            or not 0 < bound < math.inf
+        ):
+            raise ValueError(f"bound must be a positive finite number, got {bound!r}")
         self.bound = float(bound)
         if side not in SIDES:
             raise ValueError(f"side must be 'base' or 'data', got {side!r}")

@@ -65,3 +65,13 @@ def test_inputs_of_another_dtype_are_refused_not_cast():
         t.inv(torch.randn(2, 3, dtype=torch.float64))
     with pytest.raises(TypeError, match="x must be a floating tensor"):
         t.inv(torch.ones(2, 3, dtype=torch.long))
+
+
+def test_repr_shows_the_layers_sizes_and_conditioner():
+    import pyroflows
+
+    text = repr(pyroflows.maf(3, transforms=2, hidden=(8,)))
+    assert "AffineAutoregressive(\n      dim=3, form='maf'" in text
+    assert "MaskedLinear(in_features=3, out_features=8" in text
+    conditional = repr(pyroflows.realnvp(4, transforms=1, hidden=(8,), context=2))
+    assert "ConditionalAffineCoupling(\n      dim=4, context=2" in conditional

@@ -57,3 +57,16 @@ def test_bad_arguments(cls, kwargs, match):
 def test_conditional_needs_a_context_size(cls):
     with pytest.raises(ValueError, match="context must be an int >= 1, got 0"):
         cls(4, 0)
+
+
+def test_split_takes_numpy_ints_and_activation_must_be_a_class():
+    import numpy as np
+    from torch import nn
+
+    from pyroflows.transforms import AffineCoupling
+
+    layer = AffineCoupling(4, split=np.int64(1))
+    assert layer.split == 1
+    assert type(layer.split) is int
+    with pytest.raises(TypeError, match=r"not an instance such as nn.ReLU\(\)"):
+        AffineCoupling(4, activation=nn.ReLU())

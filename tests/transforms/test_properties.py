@@ -165,8 +165,13 @@ def test_cache_returns_the_pair_it_computed(name, dim):
     t = case.bound()
     x = t(case.u)
     if getattr(t, "_use_cache", False):
-        assert t.inv(x) is case.u
-        assert t(case.u) is x
+        assert t.inv(x) is case.u  # its own output: the cached pair
+        again = t(case.u)  # an input it was given: computed afresh (it may have changed)
+        assert again is not x
+        torch.testing.assert_close(again, x)
+        x_data = torch.randn_like(x)
+        u_data = t.inv(x_data)
+        assert t(u_data) is x_data  # the other way round
     else:  # a layer without cache still inverts correctly
         torch.testing.assert_close(t.inv(x), case.u)
 

@@ -336,8 +336,8 @@ def test_hypothesis_inverse_then_forward(w, h, d, y):
     [
         ({"bins": 0}, ValueError, "bins must be an int >= 1"),
         ({"bins": 2.5}, TypeError, "bins must be an int"),
-        ({"bound": 0.0}, ValueError, "bound must be a positive number"),
-        ({"bound": "5"}, ValueError, "bound must be a positive number"),
+        ({"bound": 0.0}, ValueError, "bound must be a positive finite number"),
+        ({"bound": "5"}, ValueError, "bound must be a positive finite number"),
         ({"side": "up"}, ValueError, "side must be one of 'base', 'data' or None"),
     ],
 )
@@ -412,3 +412,11 @@ def test_rational_quadratic_side_must_be_named():
 
     with pytest.raises(ValueError, match="side must be 'base' or 'data'"):
         RationalQuadratic(8, 5.0, side=None)
+
+
+def test_spline_settings_that_cannot_make_a_monotone_map_are_refused():
+    with pytest.raises(ValueError, match="bound must be a positive finite number, got inf"):
+        pyroflows.nsf(2, bound=float("inf"))
+    with pytest.raises(ValueError, match="bins must be at most 999"):
+        pyroflows.nsf(2, bins=1500)
+    assert pyroflows.nsf(2, bins=999, transforms=1, hidden=(4,)).dim == 2

@@ -1,0 +1,103 @@
+"""The layer cache serves only the pair a layer computed itself, and only while nothing
+it depends on changed (base.py, ``_CachedBijection``)."""
+
+import copy
+
+import pytest
+import torch
+
+from pyroflows import maf, realnvp
+from pyroflows.transforms import AffineAutoregressive, Permutation
+
+
+def fresh_scores(flow, batches):
+    return [flow().log_prob(b.clone()) for b in batches]
+
+
+def test_a_reused_buffer_refilled_in_place_is_scored_afresh():
+    torch.manual_seed(0)
+    flow = maf(3, transforms=2, hidden=(8,))
+    batches = [torch.randn(10, 3) for _ in range(4)]
+    buffer = torch.empty(10, 3)
+    with torch.no_grad():
+        d = flow()
+        scores = []
+        for b in batches:
+            buffer.copy_(b)
+            scores.append(d.log_prob(buffer).clone())
+        expected = fresh_scores(flow, batches)
+    for got, want in zip(scores, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_data_scored_twice_gets_a_graph_each_time():
+    torch.manual_seed(0)
+    flow = realnvp(2, transforms=2, hidden=(8,))
+    x = torch.randn(16, 2)
+    for _ in range(2):  # no optimizer step between: the second call still has a graph
+        (-flow().log_prob(x).mean()).backward()
+    x.requires_grad_()  # and a score function of the same tensor reaches it
+    (grad,) = torch.autograd.grad(flow().log_prob(x).sum(), x)
+    assert torch.isfinite(grad).all()
+
+
+def test_full_batch_training_with_a_fused_optimizer():
+    # fused Adam updates the weights without bumping their version counters
+    torch.manual_seed(0)
+    flow = maf(2, transforms=2, hidden=(8,))
+    x = torch.randn(64, 2) * 2.0 + 1.0
+    optimizer = torch.optim.Adam(flow.parameters(), lr=1e-2, fused=True)
+    losses = []
+    for _ in range(20):
+        loss = -flow().log_prob(x).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_own_output_changed_in_place_is_not_served():
+    torch.manual_seed(0)
+    t = AffineAutoregressive(3, form="iaf", hidden=(8,))
+    with torch.no_grad():
+        for p in t.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        u = torch.randn(5, 3)
+        x = t(u)
+        assert t.inv(x) is u
+        x.add_(1.0)
+        torch.testing.assert_close(t.inv(x), copy.deepcopy(t).inv(x.clone()))
+
+
+def test_load_state_dict_with_assign_and_buffers_invalidate():
+    torch.manual_seed(0)
+    flow = realnvp(2, transforms=2, hidden=(8,))
+    x = torch.randn(8, 2)
+    flow().log_prob(x)
+    other = realnvp(2, transforms=2, hidden=(8,))
+    flow.load_state_dict(other.state_dict(), assign=True)  # new tensor objects go in
+    torch.testing.assert_close(flow().log_prob(x), other().log_prob(x.clone()))
+    optimizer = torch.optim.Adam(flow.parameters(), lr=1e-2)
+    for _ in range(3):  # trains after the new objects went in
+        loss = -flow().log_prob(x).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    a = Permutation(4, "reverse")
+    u = torch.arange(4.0)
+    y = a(u)
+    a.load_state_dict(Permutation(4, [1, 2, 3, 0]).state_dict())  # a buffer, no parameter
+    torch.testing.assert_close(a.inv(y), Permutation(4, [1, 2, 3, 0]).inv(y.clone()))
+    torch.testing.assert_close(a(u), torch.tensor([1.0, 2.0, 3.0, 0.0]))
+
+
+def test_a_dtype_change_drops_the_cached_pair():
+    torch.manual_seed(0)
+    t = AffineAutoregressive(3, form="iaf", hidden=(8,))
+    u = torch.randn(5, 3)
+    x = t(u)
+    t.double()
+    with pytest.raises(TypeError, match="dtype"):
+        t.inv(x)  # float32 data for a float64 layer: refused, not the old float32 pair

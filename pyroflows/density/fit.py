@@ -308,13 +308,20 @@ def fit(
             f"fit takes an unconditional flow; this one needs a context of size "
             f"{flow.context_features}"
         )
-    check_positive_int(epochs, "epochs")
-    check_positive_int(batch_size, "batch_size")
-    check_positive_int(checkpoint_every, "checkpoint_every")
+    # plain Python numbers from here on: they go into the checkpoint (weights_only)
+    epochs = check_positive_int(epochs, "epochs")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
     if patience is not None:
-        check_positive_int(patience, "patience")
+        patience = check_positive_int(patience, "patience")
     if not (isinstance(lr, numbers.Real) and not isinstance(lr, bool) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
+    lr = float(lr)
+    if not (isinstance(weight_decay, numbers.Real) and not isinstance(weight_decay, bool)):
+        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+    weight_decay = float(weight_decay)
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
     if clip_grad is not None and not clip_grad > 0:
         raise ValueError(f"clip_grad must be positive or None, got {clip_grad!r}")
     if schedule not in SCHEDULES and not callable(schedule):

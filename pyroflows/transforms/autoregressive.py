@@ -75,6 +75,8 @@ class _Autoregressive:
         would go stale and the ``D``-pass inverse would solve in the wrong order.
         """
         order = self.conditioner.order
+        if order.is_inference():  # built under inference mode: no version counter
+            return order.tolist()
         key = (id(order), order._version)
         if self._order_cache is None or self._order_cache[0] != key:
             self._order_cache = (key, order.tolist())

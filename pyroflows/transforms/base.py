@@ -48,7 +48,7 @@ def _parameters(module: nn.Module) -> tuple[nn.Parameter, ...]:
     if found is None:
         found = tuple(module.parameters())
         module.__dict__["_parameter_list"] = found
-        _watch_loads(module)
+    _watch_loads(module)  # also for a module unpickled with a list from an older version
     return found
 
 
@@ -122,8 +122,11 @@ class _CachedBijection:
     def _ladj(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _key(self) -> tuple[Any, ...]:
-        return tuple(t._version for t in _tensors(self._owner()))
+    def _key(self) -> tuple[Any, ...] | None:
+        try:
+            return tuple(t._version for t in _tensors(self._owner()))
+        except RuntimeError:  # a layer built under inference mode: nothing to watch
+            return None
 
     def _lookup(self, u: torch.Tensor | None, x: torch.Tensor | None):
         entry = self._cache
@@ -140,12 +143,13 @@ class _CachedBijection:
             return None
         if (torch.is_grad_enabled() and not grad) or states != _states(cu, cx):
             return None
-        if key != self._key():
+        if key is None or key != self._key():
             return None
         return entry
 
     def _store(self, u: torch.Tensor, x: torch.Tensor, ladj: torch.Tensor, made: int) -> None:
-        if self._use_cache:
+        # inference-mode tensors have no version counter to watch: not cached
+        if self._use_cache and not (u.is_inference() or x.is_inference()):
             meta = (made, _states(u, x), self._key(), torch.is_grad_enabled())
             # straight into __dict__: nn.Module.__setattr__ costs more than the rest of this
             self.__dict__["_cache"] = (u, x, ladj, meta)
@@ -185,6 +189,8 @@ class _CachedBijection:
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # type: ignore[misc]
         state["_cache"] = None  # cached tensors may carry a graph and cannot be pickled
+        for kept in ("_parameter_list", "_tensor_list"):  # rebuilt on first use
+            state.pop(kept, None)
         return state
 
 
@@ -289,11 +295,17 @@ class ConditionedTransform(_CachedBijection, Transform):
         super().__init__(cache_size=0)
         self.owner = owner
         self.context = context
-        self._use_cache = owner._use_cache
+        # an inference-mode context has no version counter to watch: no cache
+        self._use_cache = owner._use_cache and not context.is_inference()
         self._cache = None
 
     def _owner(self) -> nn.Module:
         return self.owner
+
+    def _key(self) -> tuple[Any, ...] | None:
+        # the context too: a context refilled in place changes the map
+        key, context = super()._key(), self.context
+        return None if key is None else (*key, context._version, context.requires_grad)
 
     def _broadcast(self, value: torch.Tensor, name: str) -> torch.Tensor:
         check_event(value, name, self.owner.dim, _reference(self.owner))

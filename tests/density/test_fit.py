@@ -395,3 +395,22 @@ def test_values_beyond_float32_are_refused_with_their_place(tmp_path):
         fit(small_flow(), mapped, epochs=1, progress=False)
     flow = small_flow().double()  # in float64 the same value is fine
     assert fit(flow, x, epochs=1, progress=False).epochs == 1
+
+
+def test_numpy_scalar_options_give_a_resumable_checkpoint(tmp_path):
+    x = np.random.default_rng(0).normal(size=(200, 2))
+    options = {
+        "epochs": np.int64(3),
+        "batch_size": np.int64(64),
+        "lr": np.float32(1e-3),
+        "weight_decay": np.float64(0.0),
+        "schedule": "cosine",
+        "progress": False,
+        "checkpoint_dir": tmp_path,
+        "seed": 0,
+    }
+    first = fit(small_flow(), x, **options)
+    again = fit(small_flow(), x, resume=True, **options)  # reads the checkpoint back
+    assert again.epochs == first.epochs == 3
+    with pytest.raises(ValueError, match="weight_decay must be a number >= 0"):
+        fit(small_flow(), x, epochs=1, weight_decay=-1.0, progress=False)

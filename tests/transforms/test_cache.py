@@ -101,3 +101,66 @@ def test_a_dtype_change_drops_the_cached_pair():
     t.double()
     with pytest.raises(TypeError, match="dtype"):
         t.inv(x)  # float32 data for a float64 layer: refused, not the old float32 pair
+
+
+def test_inference_mode_works_without_caching():
+    torch.manual_seed(0)
+    flow = maf(3, transforms=2, hidden=(8,))
+    x = torch.randn(5, 3)
+    expected = flow().log_prob(x.clone()).detach()
+    with torch.inference_mode():
+        torch.testing.assert_close(flow().log_prob(x), expected)
+        made = torch.randn(5, 3)  # an inference tensor
+        z = iaf_sample_and_score(3)
+    with torch.no_grad():
+        torch.testing.assert_close(flow().log_prob(made), flow().log_prob(made.clone()))
+    assert z.shape == (4,)
+
+
+def iaf_sample_and_score(dim):
+    from pyroflows import iaf
+
+    d = iaf(dim, transforms=2, hidden=(8,))()
+    return d.log_prob(d.sample((4,)))
+
+
+def test_a_context_refilled_in_place_is_not_served_from_the_cache():
+    from pyroflows import iaf
+
+    torch.manual_seed(0)
+    flow = iaf(2, transforms=2, hidden=(8,), context=3)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        context = torch.randn(4, 3)
+        d = flow(context)
+        z = d.sample()
+        context.copy_(torch.randn(4, 3))
+        torch.testing.assert_close(d.log_prob(z), flow(context.clone()).log_prob(z.clone()))
+    with torch.inference_mode():  # an inference context: no cache, still right
+        c = torch.randn(4, 3)
+        d = flow(c)
+        z = d.sample()
+        torch.testing.assert_close(d.log_prob(z), flow(c.clone()).log_prob(z.clone()))
+
+
+def test_a_module_kept_from_before_the_load_hook_is_still_watched():
+    # an object unpickled from an older version holds its parameter list and no hook
+    torch.manual_seed(0)
+    flow = maf(2, transforms=1, hidden=(8,))
+    flow().log_prob(torch.randn(3, 2))
+    (layer,) = flow.transforms
+    layer._load_state_dict_post_hooks.clear()
+    del layer.__dict__["_watching_loads"]
+    layer.__dict__.pop("_tensor_list", None)
+    flow.load_state_dict(maf(2, transforms=1, hidden=(8,)).state_dict(), assign=True)
+    flow().log_prob(torch.randn(3, 2))  # first use after: the hook comes back
+    other = maf(2, transforms=1, hidden=(8,))
+    flow.load_state_dict(other.state_dict(), assign=True)
+    x = torch.randn(6, 2)
+    torch.testing.assert_close(flow().log_prob(x), other().log_prob(x.clone()))
+    assert "_parameter_list" not in pickle_state(layer)
+
+
+def pickle_state(module):
+    return module.__getstate__()

@@ -629,6 +629,8 @@ class AutoFlow(AutoContinuous):
             try:
                 loss = -self._log_joint(z, args, kwargs)
             except ValueError:  # a distribution refused its parameters (validation)
+                if best[0] is None:
+                    raise  # at the starting point: the model's own error, as it is
                 loss = None
             if loss is not None and bool(torch.isfinite(loss)):
                 loss.backward()

@@ -34,6 +34,8 @@ def _forget_tensor_lists(module: nn.Module, incompatible_keys: Any = None) -> No
         sub.__dict__.pop("_parameter_list", None)
         sub.__dict__.pop("_tensor_list", None)
         sub.__dict__["_cache"] = None
+        # for the conditioned transforms made before, which hold their own caches
+        sub.__dict__["_generation"] = sub.__dict__.get("_generation", 0) + 1
 
 
 def _parameters(module: nn.Module) -> tuple[nn.Parameter, ...]:
@@ -305,7 +307,10 @@ class ConditionedTransform(_CachedBijection, Transform):
     def _key(self) -> tuple[Any, ...] | None:
         # the context too: a context refilled in place changes the map
         key, context = super()._key(), self.context
-        return None if key is None else (*key, context._version, context.requires_grad)
+        if key is None:
+            return None
+        generation = self.owner.__dict__.get("_generation", 0)  # .to(), .double(), loads
+        return (*key, generation, context._version, context.requires_grad)
 
     def _broadcast(self, value: torch.Tensor, name: str) -> torch.Tensor:
         check_event(value, name, self.owner.dim, _reference(self.owner))

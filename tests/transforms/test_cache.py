@@ -164,3 +164,17 @@ def test_a_module_kept_from_before_the_load_hook_is_still_watched():
 
 def pickle_state(module):
     return module.__getstate__()
+
+
+def test_a_conditioned_layer_made_before_double_drops_its_pair():
+    from pyroflows.transforms import ConditionalAffineAutoregressive
+
+    torch.manual_seed(0)
+    layer = ConditionalAffineAutoregressive(2, 3, form="iaf", hidden=(8,))
+    context = torch.randn(4, 3)
+    t = layer.condition(context)
+    x = t(torch.randn(4, 2))
+    assert t.inv(x) is not None  # a hit before
+    layer.double()
+    with pytest.raises(TypeError, match="dtype"):
+        t.inv(x)  # float32 data for the now float64 layer: checked, not the old pair

@@ -33,9 +33,11 @@ def _forget_tensor_lists(module: nn.Module, incompatible_keys: Any = None) -> No
     for sub in module.modules():
         sub.__dict__.pop("_parameter_list", None)
         sub.__dict__.pop("_tensor_list", None)
-        sub.__dict__["_cache"] = None
-        # for the conditioned transforms made before, which hold their own caches
-        sub.__dict__["_generation"] = sub.__dict__.get("_generation", 0) + 1
+        if "_cache" in sub.__dict__:
+            sub.__dict__["_cache"] = None
+        if isinstance(sub, ConditionalFlowTransform):
+            # for the conditioned transforms made before, which hold their own caches
+            sub.__dict__["_generation"] = sub.__dict__.get("_generation", 0) + 1
 
 
 def _parameters(module: nn.Module) -> tuple[nn.Parameter, ...]:

@@ -317,11 +317,13 @@ def fit(
     if not (isinstance(lr, numbers.Real) and not isinstance(lr, bool) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     lr = float(lr)
-    if not (isinstance(weight_decay, numbers.Real) and not isinstance(weight_decay, bool)):
+    if not (
+        isinstance(weight_decay, numbers.Real)
+        and not isinstance(weight_decay, bool)
+        and weight_decay >= 0
+    ):
         raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
     weight_decay = float(weight_decay)
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
     if clip_grad is not None and not clip_grad > 0:
         raise ValueError(f"clip_grad must be positive or None, got {clip_grad!r}")
     if schedule not in SCHEDULES and not callable(schedule):

@@ -115,9 +115,8 @@ class _Autoregressive:
         return self.transformer.inverse(x, self.conditioner(x, context))[1]
 
     def extra_repr(self) -> str:
-        context = getattr(self, "context_features", 0)
-        sizes = f"dim={self.dim}" + (f", context={context}" if context else "")
-        return f"{sizes}, form={self.form!r}, transformer={self.transformer}"
+        # the base class's sizes: dim, and context for the conditional twin
+        return f"{super().extra_repr()}, form={self.form!r}, transformer={self.transformer}"
 
 
 class AffineAutoregressive(_Autoregressive, FlowTransform):

@@ -60,9 +60,8 @@ def _tensors(module: nn.Module) -> tuple[torch.Tensor, ...]:
     """The module's parameters and buffers (masks, orders, permutations), kept likewise."""
     found = module.__dict__.get("_tensor_list")
     if found is None:
-        found = (*_parameters(module), *module.buffers())
+        found = (*_parameters(module), *module.buffers())  # _parameters watches loads
         module.__dict__["_tensor_list"] = found
-        _watch_loads(module)
     return found
 
 

@@ -72,9 +72,8 @@ class _Coupling:
         return self._backward(x, context)[1]
 
     def extra_repr(self) -> str:
-        context = getattr(self, "context_features", 0)
-        sizes = f"dim={self.dim}" + (f", context={context}" if context else "")
-        return f"{sizes}, split={self.split}, transformer={self.transformer}"
+        # the base class's sizes: dim, and context for the conditional twin
+        return f"{super().extra_repr()}, split={self.split}, transformer={self.transformer}"
 
 
 class AffineCoupling(_Coupling, FlowTransform):

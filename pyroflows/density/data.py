@@ -75,10 +75,7 @@ def non_finite_message(
     """
     where = f"row {row + 1}, column {col + 1} (index [{row}, {col}])"
     if math.isfinite(value):
-        return (
-            f"{name}: {value!r} at {where} is beyond the range of {dtype} (the flow's dtype); "
-            f"rescale the data or use a float64 flow"
-        )
+        return beyond_range_message(name, value, where, dtype)
     kind = "NaN" if math.isnan(value) else "inf"
     if count is None:  # a streamed file: how many more there are is not known yet
         return f"{name}: {kind} at {where}; every value must be finite"
@@ -88,11 +85,30 @@ def non_finite_message(
     )
 
 
-def read_table(path: str | os.PathLike) -> tuple[np.ndarray, list[str] | None]:
+def beyond_range_message(
+    name: str, value: float, where: str, dtype: torch.dtype, remedy: str = "use a float64 flow"
+) -> str:
+    """The message for a ``value`` finite in float64 that overflows ``dtype``, at ``where``."""
+    return (
+        f"{name}: {value!r} at {where} is beyond the range of {dtype} (the flow's dtype); "
+        f"rescale the data or {remedy}"
+    )
+
+
+def read_table(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, remedy: str = "use a float64 flow"
+) -> tuple[np.ndarray, list[str] | None]:
     """Read a numeric table from a CSV file (with or without a header) or a ``.npy`` file.
 
     A CSV header is recognised when no cell of the first row parses as a number. Rows and
-    columns in messages count from 1, as in a spreadsheet (the header, if any, is row 1).
+    columns in messages count from 1 as lines in an editor do (the header, if any, is row
+    1, and blank lines count).
+
+    Args:
+        path: the file.
+        dtype: the flow's dtype: a CSV value finite in float64 but beyond its range
+            (``1e39`` for float32) is refused here, where the file's line is known.
+        remedy: what the overflow message suggests (the command line names its flag).
 
     Returns:
         The values as an ``(N, D)`` array (float64 from a CSV; from a ``.npy`` file, the
@@ -112,7 +128,7 @@ def read_table(path: str | os.PathLike) -> tuple[np.ndarray, list[str] | None]:
         raise DataError(f"{path}: the file is empty")
     if path.suffix.lower() == ".npy":
         return _read_npy(path), None
-    return _read_csv(path)
+    return _read_csv(path, dtype, remedy)
 
 
 def _read_npy(path: Path) -> np.ndarray:
@@ -138,7 +154,9 @@ def _number(cell: str) -> float | None:
         return None
 
 
-def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
+def _read_csv(
+    path: Path, dtype: torch.dtype | None, remedy: str
+) -> tuple[np.ndarray, list[str] | None]:
     # rows are numbered by their line in the file (blank lines count, as in an editor);
     # utf-8-sig drops the byte-order mark that spreadsheet exports put first
     try:
@@ -175,14 +193,23 @@ def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
                     f"{path}: row {lines[i]}, column {j + 1}: {cell.strip()!r} is not a number"
                 )
             values[i, j] = number
-    _check_finite(values, path, lines)
+    _check_finite(values, path, lines, dtype, remedy)
     return values, header
 
 
-def _check_finite(values: np.ndarray, path: Path, lines: list[int] | None) -> None:
+def _check_finite(
+    values: np.ndarray, path: Path, lines: list[int], dtype: torch.dtype | None, remedy: str
+) -> None:
     bad = ~np.isfinite(values)
     if bad.any():
         row, col = (int(i) for i in np.argwhere(bad)[0])
         kind = "NaN" if math.isnan(values[row, col]) else "inf"
-        where = f"row {lines[row] if lines is not None else row + 1}, column {col + 1}"
+        where = f"row {lines[row]}, column {col + 1}"
         raise DataError(f"{path}: {kind} at {where}; every value must be finite")
+    if dtype is not None and dtype.is_floating_point and dtype != torch.float64:
+        big = np.abs(values) > torch.finfo(dtype).max
+        if big.any():
+            row, col = (int(i) for i in np.argwhere(big)[0])
+            where = f"row {lines[row]}, column {col + 1}"
+            value = float(values[row, col])
+            raise DataError(beyond_range_message(str(path), value, where, dtype, remedy))

@@ -259,10 +259,10 @@ def test_info_says_which_nll_and_npy_names_are_kept(workdir):
 
 
 def test_values_beyond_the_models_float32_get_one_line(workdir):
-    (workdir / "huge.csv").write_text("a,b\n1,2\n3,1e39\n")
+    (workdir / "huge.csv").write_text("a,b\n1,2\n\n3,1e39\n")  # blank lines count
     one_line_error(
         run("score", "model.pt", "huge.csv", cwd=workdir),
-        "huge.csv: 1e+39 at row 3, column 2 is beyond the range of torch.float32",
+        "huge.csv: 1e+39 at row 4, column 2 is beyond the range of torch.float32",
     )
     one_line_error(
         run("fit", "huge.csv", "--out", "huge.pt", *FAST, cwd=workdir), "--dtype float64"

@@ -113,3 +113,14 @@ def test_csv_rows_are_numbered_by_file_line_and_odd_files_are_refused(tmp_path):
     (tmp_path / "binary.csv").write_bytes(bytes(range(128, 256)))
     with pytest.raises(DataError, match="not a text CSV file"):
         read_table(tmp_path / "binary.csv")
+
+
+def test_csv_values_beyond_the_flows_dtype_are_refused_at_their_file_line(tmp_path):
+    # blank lines count, as for the other messages (the old command-line check said row 3)
+    (tmp_path / "big.csv").write_text("a,b\n\n1,2\n\n3,-1e39\n")
+    with pytest.raises(DataError, match=r"big.csv: -1e\+39 at row 5, column 2 is beyond .*float32"):
+        read_table(tmp_path / "big.csv", torch.float32)
+    values, _ = read_table(tmp_path / "big.csv", torch.float64)  # fits a float64 flow
+    assert values[1, 1] == -1e39
+    values, _ = read_table(tmp_path / "big.csv")  # no dtype given: not checked
+    assert values.shape == (2, 2)

@@ -67,6 +67,8 @@ def fit(processes: int, args: argparse.Namespace, work: Path) -> dict:
         text=True,
         env=env,
     )
+    if score.returncode != 0:
+        raise RuntimeError(f"scoring the {processes}-process fit failed:\n{score.stderr[-2000:]}")
     nll = -float(np.loadtxt(score.stdout.splitlines()).mean()) / args.dim
     trained = args.rows * 0.98 * args.epochs
     return {"processes": processes, "fit_s": seconds, "wall_s": wall,

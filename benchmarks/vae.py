@@ -84,9 +84,9 @@ def summarize(rows: list[dict[str, Any]], families: list[str]) -> dict[str, Any]
     return out
 
 
-def table(summary: dict[str, Any]) -> str:
-    """The markdown table."""
-    head = "| posterior | test ELBO | test IWAE (k=1000) | gap | ELBO gain | IWAE gain | gap shrink | s/epoch | time / diagonal |"  # noqa: E501
+def table(summary: dict[str, Any], k: int) -> str:
+    """The markdown table (``k``: the IWAE's importance samples)."""
+    head = f"| posterior | test ELBO | test IWAE (k={k}) | gap | ELBO gain | IWAE gain | gap shrink | s/epoch | time / diagonal |"  # noqa: E501
     lines = [head, "|" + "---|" * 9]
     for family, s in summary.items():
 
@@ -138,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "vae.json")
     args = parser.parse_args(argv)
+    for flag in ("seeds", "epochs", "transforms", "k", "threads"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.lr <= 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
     torch.set_num_threads(args.threads)
     families = [f for f in FAMILIES if f in args.families]
     data = vae_digits.digits()
@@ -156,10 +161,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{vae_digits.LATENT}, Bernoulli decoder; {args.epochs} epochs of SVI "
             f"(Trace_ELBO, Adam lr {args.lr:g}, batch 128), {args.transforms} flow layers; "
             f"{args.seeds} seed(s), {args.threads} torch thread(s); {date:%Y-%m-%d %H:%M} UTC. "
-            "Test ELBO with 1000 particles; IWAE with k importance samples; nats per digit, "
+            f"Test ELBO with 1000 particles; IWAE with k = {args.k} importance samples; nats per "
+            "digit, "
             "mean ± sd over seeds; gains and time ratios paired by seed.",
             "",
-            table(summary),
+            table(summary, args.k),
             "",
             *targets(summary),
         ]

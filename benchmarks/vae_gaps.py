@@ -99,9 +99,10 @@ def local_elbo(
         optimizer.step()
         schedule.step()
     with torch.no_grad():
-        terms = torch.cat(
-            [_local_terms(vae, x, loc, log_scale, 100) for _ in range(eval_particles // 100)]
+        chunks = [100] * (eval_particles // 100) + [eval_particles % 100] * bool(
+            eval_particles % 100
         )
+        terms = torch.cat([_local_terms(vae, x, loc, log_scale, n) for n in chunks])
     return terms.mean(0)
 
 
@@ -188,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", type=Path, default=None, help="JSON path")
     args = parser.parse_args(argv)
+    for flag in ("seeds", "epochs", "transforms", "k", "particles", "local_steps", "threads"):
+        if getattr(args, flag) < 1:
+            name = flag.replace("_", "-")
+            parser.error(f"--{name} must be at least 1, got {getattr(args, flag)}")
     if args.out is None:
         suffix = "" if args.rows == "test" else "_train"
         args.out = HERE / "results" / f"vae_gaps{suffix}.json"

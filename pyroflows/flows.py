@@ -14,12 +14,13 @@ Calling a :class:`Flow` (with a context if it is conditional) returns a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import pyro.distributions as dist
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
 from torch import nn
+from torch.distributions import Transform
 
 from pyroflows._checks import broadcast_shape, check_choice, check_event, check_positive_int
 from pyroflows.transforms import (
@@ -57,11 +58,20 @@ class FlowDistribution(dist.TransformedDistribution):
             )
         if value.dim() == 0 or value.shape[-1] != dim:
             raise ValueError(f"value must have shape (*batch, {dim}), got {tuple(value.shape)}")
-        if self.batch_shape and broadcast_shape(value.shape[:-1], self.batch_shape) is None:
+        like = self.base_dist.mean
+        if value.dtype != like.dtype:
+            raise TypeError(
+                f"value has dtype {value.dtype} but the flow's parameters are {like.dtype}; no "
+                f"silent cast is made: pass value.to({like.dtype}) or convert the flow"
+            )
+        shape = broadcast_shape(value.shape[:-1], self.batch_shape)
+        if shape is None:
             raise ValueError(
                 f"value has batch shape {tuple(value.shape[:-1])}, which does not broadcast with "
                 f"the context's batch shape {tuple(self.batch_shape)}"
             )
+        if value.numel() == 0:  # no rows: torch's reshapes cannot infer a size from 0
+            return value.new_zeros(shape)
         return super().log_prob(value)
 
 
@@ -84,6 +94,8 @@ class Flow(nn.Module):
         context: context size ``c``, 0 for an unconditional flow.
 
     Raises:
+        TypeError: a layer that is not a transform module (a Pyro ``TransformModule``,
+            or a ``ConditionalTransformModule``, such as the layers of this library).
         ValueError: a layer whose size is not ``dim``, conditional layers in a flow with
             ``context=0``, or a missing, unexpected or mis-shaped context at call time.
 
@@ -94,11 +106,25 @@ class Flow(nn.Module):
         (torch.Size([5, 2]), torch.Size([]), torch.Size([2]))
     """
 
-    def __init__(self, dim: int, transforms: Sequence[nn.Module], context: int = 0) -> None:
+    def __init__(self, dim: int, transforms: Iterable[nn.Module], context: int | None = 0) -> None:
         super().__init__()
         self.dim = check_positive_int(dim, "dim")
-        self.context_features = check_positive_int(context, "context", minimum=0)
+        self.context_features = context = _context(context)
+        if isinstance(transforms, nn.Module):
+            raise TypeError(
+                f"transforms must be a list of transform modules, got one module "
+                f"({type(transforms).__name__}); pass [layer]"
+            )
+        transforms = list(transforms)  # a generator would be used up by the checks below
         for i, t in enumerate(transforms):
+            if not (
+                isinstance(t, nn.Module) and isinstance(t, (Transform, ConditionalTransformModule))
+            ):
+                raise TypeError(
+                    f"transforms[{i}] must be a transform module (a Pyro TransformModule or "
+                    f"ConditionalTransformModule, such as the layers in pyroflows.transforms), "
+                    f"got {type(t).__name__}"
+                )
             t_dim = getattr(t, "dim", dim)
             if t_dim != dim:
                 raise ValueError(f"transforms[{i}] acts on dim {t_dim}, expected dim {dim}")
@@ -201,6 +227,21 @@ def _orders(dim: int, count: int, permutation: str | None) -> list[list[int] | N
     return [None] * count
 
 
+def _coupling_permutation(dim: int) -> list[int]:
+    """A random permutation that puts transformed coordinates on the conditioning side.
+
+    A coupling layer transforms the last ``D - D // 2`` coordinates; this permutation
+    sends ``D // 2`` of them to the front, where the next layer conditions on them. So
+    the coordinates the layer passed through are transformed by the next one, and every
+    coordinate is transformed at least every two layers. (A plain ``randperm`` can be the
+    identity, or keep a coordinate on the pass-through side layer after layer.)
+    """
+    split = dim // 2
+    transformed = (torch.randperm(dim - split) + split).tolist()
+    rest = transformed[split:] + list(range(split))
+    return transformed[:split] + [rest[i] for i in torch.randperm(len(rest)).tolist()]
+
+
 def _coupling_flow(dim, transforms, context, permutation, make, make_conditional, tail=()):
     dim = check_positive_int(dim, "dim")
     if dim < 2:
@@ -210,11 +251,18 @@ def _coupling_flow(dim, transforms, context, permutation, make, make_conditional
         )
     transforms = check_positive_int(transforms, "transforms")
     check_choice(permutation, "permutation", PERMUTATIONS)
+    if permutation is None and transforms > 1:
+        raise ValueError(
+            f"permutation=None would leave the first {dim // 2} coordinate(s) untransformed in "
+            f"every layer of a coupling flow (each layer passes them through); use 'reverse' "
+            f"or 'random'"
+        )
     c = _context(context)
     layers: list[nn.Module] = []
     for k in range(transforms):
-        if k and permutation is not None:
-            layers.append(Permutation(dim, permutation))
+        if k:
+            order = _coupling_permutation(dim) if permutation == "random" else permutation
+            layers.append(Permutation(dim, order))
         layers.append(make_conditional(c) if c else make())
     layers.extend(tail)
     return Flow(dim, layers, c)
@@ -241,7 +289,10 @@ def realnvp(
         transforms: number of coupling layers.
         hidden: hidden sizes of each coupling MLP.
         context: context size, or ``None`` for an unconditional flow.
-        permutation: ``"reverse"``, ``"random"`` (fixed at build time) or ``None``.
+        permutation: between layers: ``"reverse"`` or ``"random"`` (fixed at build time;
+            it sends the coordinates a layer transformed to the next layer's conditioning
+            side, so every coordinate is transformed at least every two layers). ``None``
+            only for one layer.
         activation: non-linearity class.
         clamp: bound on each layer's log-scale.
 
@@ -289,7 +340,8 @@ def nice(
         transforms: number of coupling layers.
         hidden: hidden sizes of each coupling MLP.
         context: context size, or ``None``.
-        permutation: ``"reverse"``, ``"random"`` or ``None``.
+        permutation: between layers: ``"reverse"`` or ``"random"`` (as for
+            :func:`realnvp`); ``None`` only for one layer.
         activation: non-linearity class.
         scale: append the diagonal scaling layer.
 
@@ -443,7 +495,8 @@ def nsf(
         context: context size, or ``None``.
         autoregressive: ``False`` (coupling), ``"maf"`` (or ``True``) or ``"iaf"``.
         permutation: between layers: ``"reverse"``, ``"random"`` or ``None`` (coupling:
-            a permutation layer; autoregressive: the MADE's variable order).
+            a permutation layer, as for :func:`realnvp`, so ``None`` only for one layer;
+            autoregressive: the MADE's variable order).
         activation: non-linearity class.
         side: where each spline's argument lives: ``"base"`` (:math:`x = \mathrm{RQS}(u)`)
             or ``"data"`` (:math:`u = \mathrm{RQS}(x)`); ``None``: ``"base"`` for the IAF

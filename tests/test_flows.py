@@ -314,3 +314,47 @@ def test_intermediates_end_at_the_flow_samples(name):
     c = torch.randn(4, 2)
     cstages = rough(name, dim=3, context=2).intermediates(5, context=c)
     assert cstages[-1].shape == (5, 4, 3)
+
+
+@pytest.mark.parametrize("name", ["realnvp", "nice", "nsf"])
+@pytest.mark.parametrize("permutation", ["reverse", "random"])
+@pytest.mark.parametrize("dim", [2, 3, 5])
+def test_coupling_flows_transform_every_coordinate(name, permutation, dim):
+    # with two layers, no coordinate may pass through both (a random permutation drawn
+    # as a plain randperm is the identity for half the seeds at D = 2)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        flow = pyroflows.BUILDERS[name](dim, transforms=2, hidden=(8,), permutation=permutation)
+        flow = perturb(flow, scale=0.3, seed=seed)
+        u = torch.randn(50, dim)
+        x = flow.intermediates(base=u)[-1]
+        moved = (x - u).abs().amax(0)
+        assert (moved > 1e-3).all(), (seed, moved)
+
+
+@pytest.mark.parametrize("name", ["realnvp", "nice", "nsf"])
+def test_coupling_flows_refuse_no_permutation_between_layers(name):
+    with pytest.raises(ValueError, match="permutation=None would leave the first 1 coord"):
+        pyroflows.BUILDERS[name](3, transforms=2, permutation=None)
+    assert len(pyroflows.BUILDERS[name](3, transforms=1, permutation=None).transforms) >= 1
+
+
+def test_flow_takes_any_iterable_of_layers_and_refuses_other_modules():
+    assert len(Flow(2, (AffineCoupling(2) for _ in range(3))).transforms) == 3
+    assert Flow(2, [AffineCoupling(2)], context=None).context_features == 0
+    with pytest.raises(TypeError, match=r"transforms\[1\] must be a transform module .* Flow"):
+        Flow(2, [AffineCoupling(2), pyroflows.maf(2)])
+    with pytest.raises(TypeError, match=r"transforms\[0\] must be .* got Linear"):
+        Flow(2, [torch.nn.Linear(2, 2)])
+    with pytest.raises(TypeError, match=r"got one module \(AffineCoupling\); pass \[layer\]"):
+        Flow(2, AffineCoupling(2))
+
+
+@pytest.mark.parametrize("name", FLOWS)
+def test_log_prob_of_no_rows_and_of_the_wrong_dtype(name):
+    d = small(name, dim=3)()
+    assert d.log_prob(torch.randn(0, 3)).shape == (0,)
+    dc = small(name, dim=3, context=2)(torch.randn(4, 2))
+    assert dc.log_prob(torch.randn(0, 4, 3)).shape == (0, 4)
+    with pytest.raises(TypeError, match=r"value has dtype torch.float64 .* pass value.to"):
+        d.log_prob(torch.randn(2, 3, dtype=torch.float64))

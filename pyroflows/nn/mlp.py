@@ -59,6 +59,7 @@ class ContextTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Return the parameters, shape ``(*batch, *out_shape)``."""
+        self._check(x, context)
         h = x
         for i, layer in enumerate(self.hidden_layers):
             h = layer(h)
@@ -69,6 +70,41 @@ class ContextTrunk(nn.Module):
         if self.context_output is not None and context is not None:
             out = out + self.context_output(context)
         return out.unflatten(-1, self.out_shape)
+
+
+    def _check(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
+        """Clear errors for what ``F.linear`` would report in its own words.
+
+        Two comparisons on the happy path: this runs on every call of every flow layer.
+        """
+        x_event = self.__dict__.get("_x_event")
+        if x_event is None:  # made once (also for modules pickled before it existed)
+            first = self.hidden_layers[0] if len(self.hidden_layers) else self.output_layer
+            x_event = self.__dict__["_x_event"] = torch.Size([first.in_features])
+            self.__dict__["_context_event"] = torch.Size([self.context_features])
+        try:
+            ok = x.shape[-1:] == x_event
+        except AttributeError:
+            ok = False
+        if not ok:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape (*batch, {x_event[0]}), got {shape}")
+        expected = self.context_features
+        if context is None:
+            if expected:
+                raise ValueError(
+                    f"context is missing: this network was built with context={expected}"
+                )
+            return
+        if context.shape[-1:] == self.__dict__["_context_event"] and context.dtype == x.dtype:
+            return
+        if not expected:
+            raise ValueError("context was given to a network built with context=0")
+        if context.shape[-1:] != self.__dict__["_context_event"]:
+            raise ValueError(
+                f"context must have shape (*batch, {expected}), got {tuple(context.shape)}"
+            )
+        raise TypeError(f"context has dtype {context.dtype} but x has {x.dtype}")
 
 
 class MLP(ContextTrunk):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyroflows.nn import MLP
+from pyroflows.nn import MADE, MLP
 
 
 def test_shapes_and_context_broadcast():
@@ -48,3 +48,26 @@ def test_output_starts_at_zero():
 def test_bad_arguments_are_named(kwargs, error, match):
     with pytest.raises(error, match=match):
         MLP(**kwargs)
+
+
+@pytest.mark.parametrize("made", [False, True])
+def test_bad_input_and_context_are_named(made):
+    def net(context):
+        if made:
+            return MADE(3, params=2, hidden=(16,), context=context)
+        return MLP(3, 2, params=2, hidden=(16,), context=context)
+
+    x = torch.randn(10, 3)
+    with pytest.raises(ValueError, match=r"context is missing: .* context=4"):
+        net(4)(x)
+    with pytest.raises(ValueError, match=r"context must have shape \(\*batch, 4\), got \(10, 5\)"):
+        net(4)(x, torch.randn(10, 5))
+    with pytest.raises(TypeError, match="context has dtype torch.float32 but x has torch.float64"):
+        net(4).double()(x.double(), torch.randn(10, 4))
+    with pytest.raises(ValueError, match="context was given to a network built with context=0"):
+        net(0)(x, torch.randn(10, 4))
+    with pytest.raises(ValueError, match=r"x must have shape \(\*batch, 3\), got \(10, 2\)"):
+        net(0)(torch.randn(10, 2))
+    with pytest.raises(ValueError, match=r"x must have shape \(\*batch, 3\), got float"):
+        net(0)(3.0)
+    assert net(4)(x, torch.randn(10, 4)).shape == ((10, 3, 2) if made else (10, 2, 2))

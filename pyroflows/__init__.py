@@ -1,9 +1,11 @@
 """pyroflows: normalizing flows for Pyro.
 
-Direction convention: every transform maps the base side ``u ~ N(0, I)`` to the data side
-``x``; ``t(u)`` samples, ``t.inv(x)`` scores (see DESIGN.md).
+Direction convention (Pyro's, for ``TransformedDistribution``): every transform maps the
+base side ``u ~ N(0, I)`` to the data side ``x``; ``t(u)`` samples, ``t.inv(x)`` scores,
+and ``t.log_abs_det_jacobian(u, x)`` is ``log|det dx/du|``.
 """
 
+from importlib.util import find_spec
 from typing import Any
 
 from pyroflows.flows import BUILDERS, Flow, FlowDistribution, iaf, maf, nice, nsf, realnvp
@@ -15,7 +17,6 @@ __all__ = [
     "BUILDERS",
     "AutoFlow",
     "Flow",
-    "FlowDensity",
     "FlowDistribution",
     "__version__",
     "iaf",
@@ -24,6 +25,8 @@ __all__ = [
     "nsf",
     "realnvp",
 ]
+if find_spec("sklearn") is not None:  # FlowDensity is a scikit-learn estimator (optional)
+    __all__.append("FlowDensity")
 
 
 def __getattr__(name: str) -> Any:
@@ -33,3 +36,7 @@ def __getattr__(name: str) -> Any:
 
         return density.FlowDensity
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "FlowDensity"})

@@ -45,6 +45,19 @@ def test_constraints_pin_the_cpu_torch():
     assert re.search(r"^torch==2\.13\.0$", pins, re.M)
 
 
+def test_star_import_works_without_the_optional_scikit_learn():
+    code = (
+        "import sys; sys.modules['sklearn'] = None\n"
+        "from pyroflows import *\n"
+        "import pyroflows\n"
+        "assert 'FlowDensity' not in pyroflows.__all__ and 'FlowDensity' in dir(pyroflows)\n"
+        "print(Flow.__name__, AutoFlow.__name__)"
+    )
+    result = subprocess.run(["python", "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["Flow", "AutoFlow"]
+
+
 def test_readme_python_runs():
     blocks = re.findall(r"```python\n(.+?)\n```", (ROOT / "README.md").read_text(), re.S)
     assert blocks

@@ -71,7 +71,6 @@ class ContextTrunk(nn.Module):
             out = out + self.context_output(context)
         return out.unflatten(-1, self.out_shape)
 
-
     def _check(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
         """Clear errors for what ``F.linear`` would report in its own words.
 

@@ -1,6 +1,6 @@
 r"""Base classes: the cache every flow layer shares, and the conditional plumbing.
 
-Direction (see DESIGN.md): a transform maps the base side ``u`` to the data side ``x``.
+Direction (Pyro's): a transform maps the base side ``u`` to the data side ``x``.
 ``t(u)`` samples, ``t.inv(x)`` scores, ``t.log_abs_det_jacobian(u, x)`` is
 :math:`\\log|\\det \\partial x / \\partial u|`, one number per batch element.
 

@@ -1,14 +1,22 @@
-"""Eight schools: a mean-field guide against AutoFlow, and whether to trust each.
+"""Eight schools: a mean-field guide against AutoFlow, whether to trust each, and the fix.
 
 Rubin's (1981) coaching experiment, in the non-centred form: eight schools report an
 effect ``y[j]`` with a known standard error ``sigma[j]``; the effects are
 ``theta[j] = mu + tau * theta_trans[j]`` with ``mu ~ N(0, 5)``, ``tau ~ HalfCauchy(5)``,
-``theta_trans[j] ~ N(0, 1)``. The posterior of ``log tau`` has a long left tail that a
-Gaussian guide cannot follow. We fit ``AutoNormal`` and ``AutoFlow`` with the same
-optimiser and steps, then print each guide's posterior of ``tau`` and its PSIS
-diagnostics (k-hat < 0.5 good, 0.5-0.7 usable with care, > 0.7 do not trust).
+``theta_trans[j] ~ N(0, 1)``. The posterior of ``tau`` is skewed, with a long left tail
+in ``log tau``. We fit ``AutoNormal``, ``AutoFlow`` and ``AutoFlow(estimator="stl")``
+with the same optimiser and steps, then print for each the posterior quantiles of
+``tau``, its PSIS diagnostics (k-hat < 0.5 good, 0.5-0.7 usable with care, > 0.7 do not
+trust) and the same quantiles after PSIS resampling (``importance_resample``).
 
-Run it from the repository root (about half a minute)::
+What it shows (seeds 0 and 1, 4000 steps; reference tau 0.26 / 2.75 / 9.7): on this
+mildly skewed posterior the default AutoFlow is no better than AutoNormal (both put
+the 5% quantile near 0.5-0.7 and the median near 2.2); the "sticking the landing"
+estimator gets the median and the upper tail (2.5-2.7, 9.3-9.9). Every k-hat is below
+0.7, so resampling is trustworthy here, and it corrects all three; the STL flow's
+resampled quantiles match the reference to about 0.02.
+
+Run it from the repository root (about a minute)::
 
     python examples/eight_schools.py
     python examples/eight_schools.py --steps 500    # a rough, fast run
@@ -22,7 +30,7 @@ import torch
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
-from pyroflows.infer import AutoFlow, diagnose
+from pyroflows.infer import AutoFlow, diagnose, importance_resample
 
 y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
 sigma = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
@@ -45,21 +53,34 @@ def fit(guide, steps: int):
     return guide
 
 
+def quantiles(tau: torch.Tensor) -> str:
+    q05, q50, q95 = torch.quantile(tau.flatten(), torch.tensor([0.05, 0.5, 0.95])).tolist()
+    return f"tau: 5% {q05:5.2f}  median {q50:5.2f}  95% {q95:5.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
     torch.set_num_threads(1)
 
-    for name, make in [("AutoNormal", AutoNormal), ("AutoFlow", AutoFlow)]:
+    guides = [
+        ("AutoNormal", AutoNormal),
+        ("AutoFlow", AutoFlow),
+        ("AutoFlow+stl", lambda model: AutoFlow(model, estimator="stl")),
+    ]
+    for name, make in guides:
         pyro.set_rng_seed(args.seed)
         guide = fit(make(model), args.steps)
         tau = Predictive(model, guide=guide, num_samples=10000)(y, sigma)["tau"]
-        q05, q50, q95 = torch.quantile(tau, torch.tensor([0.05, 0.5, 0.95])).tolist()
-        print(f"{name:10s} tau: 5% {q05:5.2f}  median {q50:5.2f}  95% {q95:5.2f}")
-        print(f"{'':10s} {diagnose(model, guide, y, sigma, num_samples=4000)}")
-    print("reference (long NUTS run, posteriordb): tau 5% 0.26  median 2.75  95% 9.7")
+        print(f"{name:12s} {quantiles(tau)}")
+        print(f"{'':12s} {diagnose(model, guide, y, sigma, num_samples=4000)}")
+        draws = importance_resample(model, guide, y, sigma, num_samples=10000, num_proposals=40000)
+        print(f"{'':12s} PSIS-resampled {quantiles(draws['tau'])}")
+    print("reference (long NUTS run, posteriordb): tau: 5% 0.26  median 2.75  95% 9.7")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ Run it from the repository root (after ``pip install -e .``); it takes a few sec
 
 import argparse
 import time
+from pathlib import Path
 
 import pyro.distributions as dist
 import torch
@@ -47,6 +48,8 @@ def main() -> None:
     parser.add_argument("--out", default="examples/quickstart.png", help="where to save the PNG")
     parser.add_argument("--no-plot", action="store_true", help="skip the figure")
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
 
     torch.set_num_threads(1)  # the networks are tiny: more threads only add overhead
     torch.manual_seed(args.seed)  # seeds the data, the flow's initial weights, the samples
@@ -87,7 +90,8 @@ def main() -> None:
 
     if not args.no_plot:
         plot(flow, truth, x_train, args.out, f"{args.flow}: held-out gap {gap:.3f} nats")
-        plot_stages(flow, x_train, args.out.replace(".png", "_stages.png"))
+        out = Path(args.out)  # the stages figure beside it, whatever the suffix
+        plot_stages(flow, x_train, str(out.with_name(f"{out.stem}_stages{out.suffix}")))
 
 
 def plot(flow, truth, x_train, path, title) -> None:

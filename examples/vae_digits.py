@@ -90,10 +90,14 @@ def evaluate(vae: VAE, x: torch.Tensor, k: int = 1000) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--flows", nargs="+", default=["none", "iaf"], help="none, iaf, nsf")
+    parser.add_argument(
+        "--flows", nargs="+", default=["none", "iaf"], choices=["none", "iaf", "nsf"]
+    )
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.epochs < 1:
+        parser.error(f"--epochs must be at least 1, got {args.epochs}")
     train_x, test_x = digits()
     print(f"digits: {len(train_x)} train, {len(test_x)} test, latent {LATENT}")
     print(f"{'posterior':10s} {'test ELBO':>10s} {'IWAE k=1000':>12s} {'gap':>6s} {'s/epoch':>8s}")

@@ -90,7 +90,8 @@ def verdict(khat: float, ess_fraction: float | None = None) -> str:
         )
     return (
         f"do not trust: k-hat {khat:.2f} > {USABLE_KHAT}, the guide misses mass the "
-        "posterior has (try a larger flow, more steps, or a smaller learning rate)"
+        "posterior has (try a richer guide, such as a (larger) flow, more particles or "
+        "steps, or a smaller learning rate)"
     )
 
 

@@ -29,7 +29,7 @@ def check_hidden(hidden: object, name: str = "hidden") -> tuple[int, ...]:
     """Return hidden layer sizes as a tuple of positive ints."""
     if isinstance(hidden, numbers.Integral) and not isinstance(hidden, bool):
         hidden = (hidden,)
-    if not isinstance(hidden, Iterable):
+    if not isinstance(hidden, Iterable) or isinstance(hidden, (str, bytes)):
         raise TypeError(f"{name} must be a sequence of positive ints, got {hidden!r}")
     return tuple(check_positive_int(size, f"every entry of {name}") for size in hidden)
 

@@ -247,7 +247,7 @@ def _coupling_flow(dim, transforms, context, permutation, make, make_conditional
     if dim < 2:
         raise ValueError(
             f"dim must be >= 2 for a coupling flow (it splits the vector in two), got {dim}; "
-            "for dim 1 use maf or iaf"
+            "for dim 1 use maf, iaf or nsf(1, autoregressive='maf' or 'iaf')"
         )
     transforms = check_positive_int(transforms, "transforms")
     check_choice(permutation, "permutation", PERMUTATIONS)
@@ -349,6 +349,8 @@ def nice(
         Dinh, Krueger, Bengio (2014). NICE: Non-linear Independent Components
         Estimation. arXiv:1410.8516.
     """
+    if not isinstance(scale, bool):
+        raise TypeError(f"scale must be True or False, got {scale!r}")
     return _coupling_flow(
         dim,
         transforms,

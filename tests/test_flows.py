@@ -261,6 +261,8 @@ def test_context_batch_that_does_not_broadcast(name):
         ({"dim": 2, "transforms": 0}, ValueError, "transforms must be an int >= 1"),
         ({"dim": 2, "permutation": "shuffle"}, ValueError, "permutation must be one of"),
         ({"dim": 2, "hidden": (8, -1)}, ValueError, "every entry of hidden"),
+        ({"dim": 2, "hidden": "64"}, TypeError, "hidden must be a sequence of positive ints"),
+        ({"dim": 2, "activation": torch.tanh}, TypeError, "not a function such as torch.tanh"),
         ({"dim": 2, "context": -2}, ValueError, "context must be an int >= 0"),
         ({"dim": 2, "context": "3"}, TypeError, "context must be an int"),
     ],
@@ -279,8 +281,13 @@ def test_autoregressive_flows_take_one_dimension():
 
 @pytest.mark.parametrize("name", ["realnvp", "nice", "nsf"])
 def test_coupling_flows_need_two_dimensions(name):
-    with pytest.raises(ValueError, match="dim must be >= 2 for a coupling flow"):
+    with pytest.raises(ValueError, match="dim must be >= 2 for a coupling flow.*autoregressive="):
         pyroflows.BUILDERS[name](1)
+
+
+def test_nice_scale_must_be_a_bool():
+    with pytest.raises(TypeError, match="scale must be True or False, got 'no'"):
+        pyroflows.nice(2, scale="no")
 
 
 @pytest.mark.parametrize("name", ["realnvp", "maf", "iaf"])

@@ -28,7 +28,14 @@ class MaskedLinear(nn.Linear):
 def _order(order: Sequence[int] | None, features: int) -> torch.Tensor:
     if order is None:
         return torch.arange(features)
-    order_t = torch.as_tensor(list(order), dtype=torch.long)
+    try:
+        if isinstance(order, (str, bytes)):
+            raise TypeError
+        order_t = torch.as_tensor(list(order), dtype=torch.long)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(
+            f"order must be a permutation of range({features}) (a sequence of ints), got {order!r}"
+        ) from None
     if order_t.shape != (features,) or not torch.equal(
         order_t.sort().values, torch.arange(features)
     ):

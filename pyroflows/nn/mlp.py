@@ -46,7 +46,14 @@ class ContextTrunk(nn.Module):
                 f"activation must be a module class or a callable returning a module, such "
                 f"as nn.ReLU (not an instance such as nn.ReLU()); got {activation!r}"
             )
-        self.activation = activation()
+        try:
+            self.activation = activation()
+        except TypeError as error:  # a function such as torch.tanh, not a module class
+            raise TypeError(
+                f"activation must be a module class or a callable returning a module, such "
+                f"as nn.Tanh (not a function such as torch.tanh); calling {activation!r} "
+                f"with no arguments failed: {error}"
+            ) from None
         if not isinstance(self.activation, nn.Module):
             raise TypeError(
                 f"activation() must return an nn.Module, got {type(self.activation).__name__}"

@@ -53,9 +53,12 @@ class Affine:
     clamp_kind = "rational"  # what an Affine unpickled from before clamp_kind existed meant
 
     def __init__(self, clamp: float | None = 3.0, clamp_kind: str = "tanh") -> None:
-        if clamp is not None and not (
-            isinstance(clamp, numbers.Real) and not isinstance(clamp, bool) and 0 < clamp < math.inf
-        ):
+        if clamp is not None and (not isinstance(clamp, numbers.Real) or isinstance(clamp, bool)):
+            raise TypeError(
+                f"clamp must be a positive finite number (or None for no clamp), got "
+                f"{type(clamp).__name__} {clamp!r}"
+            )
+        if clamp is not None and not 0 < clamp < math.inf:
             raise ValueError(
                 f"clamp must be a positive finite number (or None for no clamp), got {clamp!r}"
             )

@@ -89,3 +89,9 @@ def test_masks_are_buffers_that_move_with_the_module():
 def test_bad_arguments_are_named(kwargs, error, match):
     with pytest.raises(error, match=match):
         MADE(**kwargs)
+
+
+@pytest.mark.parametrize("order", ["abc", [0, "x", 2], 7])
+def test_order_that_is_not_a_sequence_of_ints(order):
+    with pytest.raises(ValueError, match=r"order must be a permutation of range\(3\)"):
+        MADE(3, order=order)

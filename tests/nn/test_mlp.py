@@ -41,7 +41,7 @@ def test_output_starts_at_zero():
     [
         ({"in_features": 0, "out_features": 2}, ValueError, "in_features must be an int >= 1"),
         ({"in_features": 2, "out_features": "3"}, TypeError, "out_features must be an int"),
-        ({"in_features": 2, "out_features": 2, "hidden": "64"}, TypeError, "every entry of"),
+        ({"in_features": 2, "out_features": 2, "hidden": "64"}, TypeError, "hidden must be a seq"),
         ({"in_features": 2, "out_features": 2, "params": 0}, ValueError, "params must be"),
     ],
 )

@@ -205,6 +205,11 @@ class Flow(nn.Module):
             u = d.base_dist.sample((num_samples,))
         else:
             u = check_event(base, "base", self.dim, self.base_loc)
+            if broadcast_shape(u.shape[:-1], d.batch_shape) is None:
+                raise ValueError(
+                    f"base has batch shape {tuple(u.shape[:-1])}, which does not broadcast "
+                    f"with the context's batch shape {tuple(d.batch_shape)}"
+                )
         stages = [u]
         for t in d.transforms:
             stages.append(t(stages[-1]))

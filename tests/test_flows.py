@@ -365,3 +365,11 @@ def test_log_prob_of_no_rows_and_of_the_wrong_dtype(name):
     assert dc.log_prob(torch.randn(0, 4, 3)).shape == (0, 4)
     with pytest.raises(TypeError, match=r"value has dtype torch.float64 .* pass value.to"):
         d.log_prob(torch.randn(2, 3, dtype=torch.float64))
+
+
+def test_intermediates_names_base_when_it_does_not_fit_the_context():
+    flow = small("maf", dim=3, context=2)
+    with pytest.raises(ValueError, match=r"base has batch shape \(6,\), .* context's batch"):
+        flow.intermediates(context=torch.randn(4, 2), base=torch.randn(6, 3))
+    stages = flow.intermediates(context=torch.randn(4, 2), base=torch.randn(5, 4, 3))
+    assert stages[-1].shape == (5, 4, 3)

@@ -66,7 +66,7 @@ OUR_GUIDES = (
     "AutoFlow-realnvp",
 )
 REFERENCE_GUIDES = ("MVN-anchor",)  # shown, but neither Pyro's as users get it nor ours
-FLOWS = ("iaf", "maf", "nsf", "realnvp")
+FLOWS = ("iaf", "maf", "nice", "nsf", "realnvp")  # pyroflows.infer.autoflow.GUIDE_FLOWS
 
 
 def check_guide_name(name: str) -> str:
@@ -527,16 +527,23 @@ def report(args, results: list[dict], names: list[str], total: float, date: str)
             *(f"- {m}" for m in misses or ["none"]),
             "",
         ]
+    machine = getattr(args, "machine", None) or {
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "pyro": pyro.__version__,
+        "torch": torch.__version__,
+    }  # a re-rendered run keeps the machine and versions it ran with
+    args.machine = machine
     md.append(
-        f"Run: {date} on {platform.machine()} {os.cpu_count()} cores; pyro "
-        f"{pyro.__version__}, torch {torch.__version__}; total {total:.0f}s."
+        f"Run: {date} on {machine['machine']} {machine['cores']} cores; pyro "
+        f"{machine['pyro']}, torch {machine['torch']}; total {total:.0f}s."
     )
     text = "\n".join(md)
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text + "\n")
-    meta = {"args": vars(args), "total_s": total, "pyro": pyro.__version__, "date": date}
+    meta = {"args": vars(args), "total_s": total, "pyro": machine["pyro"], "date": date}
     rows = [{**v, "scores": [float(x) for x in v["scores"]]} for v in summary.values()]
     out.with_suffix(".json").write_text(
         json.dumps({"meta": meta, "summary": rows, "results": results}, indent=1)

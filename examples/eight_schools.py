@@ -14,7 +14,7 @@ mildly skewed posterior the default AutoFlow is no better than AutoNormal (both 
 the 5% quantile near 0.5-0.7 and the median near 2.2); the "sticking the landing"
 estimator gets the median and the upper tail (2.5-2.7, 9.3-9.9). Every k-hat is below
 0.7, so resampling is trustworthy here, and it corrects all three; the STL flow's
-resampled quantiles match the reference to about 0.02.
+resampled quantiles come closest (seed 0: 0.26 / 2.74 / 9.79).
 
 Run it from the repository root (about a minute)::
 

@@ -5,7 +5,7 @@ base side ``u ~ N(0, I)`` to the data side ``x``; ``t(u)`` samples, ``t.inv(x)``
 and ``t.log_abs_det_jacobian(u, x)`` is ``log|det dx/du|``.
 """
 
-from importlib.util import find_spec
+from importlib.util import find_spec as _find_spec
 from typing import Any
 
 from pyroflows.flows import BUILDERS, Flow, FlowDistribution, iaf, maf, nice, nsf, realnvp
@@ -25,7 +25,9 @@ __all__ = [
     "nsf",
     "realnvp",
 ]
-if find_spec("sklearn") is not None:  # FlowDensity is a scikit-learn estimator (optional)
+# FlowDensity is a scikit-learn estimator, and scikit-learn is optional
+_HAS_SKLEARN = _find_spec("sklearn") is not None
+if _HAS_SKLEARN:
     __all__.append("FlowDensity")
 
 
@@ -39,4 +41,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), "FlowDensity"})
+    return sorted({*globals(), *(["FlowDensity"] if _HAS_SKLEARN else [])})

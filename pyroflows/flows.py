@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 import pyro.distributions as dist
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
@@ -70,7 +71,7 @@ class FlowDistribution(dist.TransformedDistribution):
                 f"value has batch shape {tuple(value.shape[:-1])}, which does not broadcast with "
                 f"the context's batch shape {tuple(self.batch_shape)}"
             )
-        if value.numel() == 0:  # no rows: torch's reshapes cannot infer a size from 0
+        if 0 in shape or value.numel() == 0:  # no rows: torch's reshapes cannot infer a size
             return value.new_zeros(shape)
         return super().log_prob(value)
 
@@ -110,9 +111,12 @@ class Flow(nn.Module):
         super().__init__()
         self.dim = check_positive_int(dim, "dim")
         self.context_features = context = _context(context)
-        if isinstance(transforms, nn.Module):
+        if isinstance(transforms, Flow):
+            raise TypeError("transforms must be a list of transform modules, got a Flow; "
+                            "pass flow.transforms")  # fmt: skip
+        if isinstance(transforms, (Transform, ConditionalTransformModule)):
             raise TypeError(
-                f"transforms must be a list of transform modules, got one module "
+                f"transforms must be a list of transform modules, got one transform "
                 f"({type(transforms).__name__}); pass [layer]"
             )
         transforms = list(transforms)  # a generator would be used up by the checks below
@@ -354,7 +358,7 @@ def nice(
         Dinh, Krueger, Bengio (2014). NICE: Non-linear Independent Components
         Estimation. arXiv:1410.8516.
     """
-    if not isinstance(scale, bool):
+    if not isinstance(scale, (bool, np.bool_)):
         raise TypeError(f"scale must be True or False, got {scale!r}")
     return _coupling_flow(
         dim,

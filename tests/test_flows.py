@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -288,6 +289,7 @@ def test_coupling_flows_need_two_dimensions(name):
 def test_nice_scale_must_be_a_bool():
     with pytest.raises(TypeError, match="scale must be True or False, got 'no'"):
         pyroflows.nice(2, scale="no")
+    assert len(pyroflows.nice(2, transforms=1, scale=np.True_).transforms) == 2
 
 
 @pytest.mark.parametrize("name", ["realnvp", "maf", "iaf"])
@@ -353,8 +355,13 @@ def test_flow_takes_any_iterable_of_layers_and_refuses_other_modules():
         Flow(2, [AffineCoupling(2), pyroflows.maf(2)])
     with pytest.raises(TypeError, match=r"transforms\[0\] must be .* got Linear"):
         Flow(2, [torch.nn.Linear(2, 2)])
-    with pytest.raises(TypeError, match=r"got one module \(AffineCoupling\); pass \[layer\]"):
+    with pytest.raises(TypeError, match=r"got one transform \(AffineCoupling\); pass \[layer\]"):
         Flow(2, AffineCoupling(2))
+    with pytest.raises(TypeError, match="got a Flow; pass flow.transforms"):
+        Flow(2, pyroflows.maf(2))
+    layers = pyroflows.realnvp(3, transforms=2).transforms
+    for container in (layers, torch.nn.Sequential(*layers)):  # module containers are fine
+        assert len(Flow(3, container).transforms) == 3
 
 
 @pytest.mark.parametrize("name", FLOWS)
@@ -363,6 +370,9 @@ def test_log_prob_of_no_rows_and_of_the_wrong_dtype(name):
     assert d.log_prob(torch.randn(0, 3)).shape == (0,)
     dc = small(name, dim=3, context=2)(torch.randn(4, 2))
     assert dc.log_prob(torch.randn(0, 4, 3)).shape == (0, 4)
+    empty = small(name, dim=3, context=2)(torch.randn(0, 2))  # no contexts
+    assert empty.log_prob(torch.randn(1, 3)).shape == (0,)
+    assert empty.log_prob(torch.randn(3)).shape == (0,)
     with pytest.raises(TypeError, match=r"value has dtype torch.float64 .* pass value.to"):
         d.log_prob(torch.randn(2, 3, dtype=torch.float64))
 

@@ -41,7 +41,7 @@ from torch import nn
 
 from pyroflows.density.standardize import add_standardization
 from pyroflows.flows import BUILDERS, Flow
-from pyroflows.transforms import Affine, RationalQuadratic
+from pyroflows.transforms import Affine, Permutation, RationalQuadratic
 from pyroflows.transforms.elementwise import CLAMP_KINDS
 
 FORMAT = "pyroflows-density"
@@ -97,6 +97,29 @@ def build(
     model = model.to(DTYPES[dtype])
     if standardize:
         add_standardization(model)
+    return model
+
+
+def _build_saved(flow: str, dim: int, options: Any, standardize: bool) -> Flow:
+    """:func:`build` for a saved model, also one the builders would refuse today.
+
+    The builders now refuse coupling flows with ``permutation=None`` and several layers
+    (the first half of the coordinates passes through every layer), but files written
+    before may hold one: it is rebuilt with the permutation layers taken out again, the
+    layout it was saved with.
+    """
+    legacy = (
+        flow in ("realnvp", "nice", "nsf")
+        and isinstance(options, dict)
+        and "permutation" in options
+        and options["permutation"] is None
+        and not options.get("autoregressive")
+    )
+    if not legacy:
+        return build(flow, dim, options, standardize=standardize)
+    model = build(flow, dim, {**options, "permutation": "reverse"}, standardize=standardize)
+    kept = [t for t in model.transforms if not isinstance(t, Permutation)]
+    model.transforms = nn.ModuleList(kept)
     return model
 
 
@@ -189,7 +212,7 @@ def load(path: str | os.PathLike) -> tuple[Flow, dict[str, Any]]:
         side = state.get("side") if state["version"] > 1 else "base"
         if state["flow"] == "nsf" and side is not None and isinstance(options, dict):
             options = {**options, "side": side}  # the recorded side is what the file means
-        flow = build(state["flow"], state["dim"], options, standardize=state["standardize"])
+        flow = _build_saved(state["flow"], state["dim"], options, state["standardize"])
         flow.load_state_dict(state["state_dict"])
         # versions 1 and 2 predate the tanh clamp: their affine layers meant the rational one
         clamp_kind = state.get("clamp_kind") if state["version"] > 2 else "rational"

@@ -102,10 +102,17 @@ class ContextTrunk(nn.Module):
                     f"context is missing: this network was built with context={expected}"
                 )
             return
-        if context.shape[-1:] == self.__dict__["_context_event"] and context.dtype == x.dtype:
-            return
         if not expected:
             raise ValueError("context was given to a network built with context=0")
+        try:
+            ok = context.shape[-1:] == self.__dict__["_context_event"] and context.dtype == x.dtype
+        except AttributeError:
+            raise TypeError(
+                f"context must be a tensor of shape (*batch, {expected}), got "
+                f"{type(context).__name__}"
+            ) from None
+        if ok:
+            return
         if context.shape[-1:] != self.__dict__["_context_event"]:
             raise ValueError(
                 f"context must have shape (*batch, {expected}), got {tuple(context.shape)}"

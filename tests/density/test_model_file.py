@@ -173,3 +173,22 @@ def test_affine_files_record_the_clamp_and_version_2_files_mean_rational(tmp_pat
     affines[0].clamp_kind = "tanh"  # one layer of each kind cannot be recorded
     with pytest.raises(ValueError, match="mixes affine clamp kinds"):
         save(tmp_path / "mixed.pt", loaded, name=name, options=options, standardize=True)
+
+
+@pytest.mark.parametrize("name", ["realnvp", "nice", "nsf"])
+def test_files_of_coupling_flows_without_permutations_still_load(tmp_path, name):
+    # builders refuse permutation=None with several coupling layers now; files written
+    # before hold such flows (every layer on the same split) and must keep loading
+    torch.manual_seed(0)
+    options = {"transforms": 3, "hidden": (8,), "permutation": None}
+    flow = build(name, 3, {**options, "permutation": "reverse"})
+    flow.transforms = torch.nn.ModuleList(
+        t for t in flow.transforms if type(t).__name__ != "Permutation"
+    )  # the layout the old builder made
+    x = torch.randn(300, 3) * 2 + 1
+    fit(flow, x, epochs=2, seed=0, progress=False)
+    path = save(tmp_path / "old.pt", flow, name=name, options=options, standardize=True)
+    loaded, _ = load(path)
+    assert [type(t) for t in loaded.transforms] == [type(t) for t in flow.transforms]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded().log_prob(x), flow().log_prob(x))

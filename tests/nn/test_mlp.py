@@ -66,6 +66,10 @@ def test_bad_input_and_context_are_named(made):
         net(4).double()(x.double(), torch.randn(10, 4))
     with pytest.raises(ValueError, match="context was given to a network built with context=0"):
         net(0)(x, torch.randn(10, 4))
+    with pytest.raises(ValueError, match="context was given to a network built with context=0"):
+        net(0)(x, torch.zeros(10, 0))
+    with pytest.raises(TypeError, match=r"context must be a tensor of shape .* got list"):
+        net(4)(x, [[0.0, 1.0, 2.0, 3.0]])
     with pytest.raises(ValueError, match=r"x must have shape \(\*batch, 3\), got \(10, 2\)"):
         net(0)(torch.randn(10, 2))
     with pytest.raises(ValueError, match=r"x must have shape \(\*batch, 3\), got float"):

@@ -112,8 +112,9 @@ class Flow(nn.Module):
         self.dim = check_positive_int(dim, "dim")
         self.context_features = context = _context(context)
         if isinstance(transforms, Flow):
-            raise TypeError("transforms must be a list of transform modules, got a Flow; "
-                            "pass flow.transforms")  # fmt: skip
+            raise TypeError(
+                "transforms must be a list of transform modules, got a Flow; pass flow.transforms"
+            )
         if isinstance(transforms, (Transform, ConditionalTransformModule)):
             raise TypeError(
                 f"transforms must be a list of transform modules, got one transform "

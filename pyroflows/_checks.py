@@ -88,3 +88,16 @@ def broadcast_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] |
             return None
         out[offset + i] = y
     return tuple(out)
+
+
+def check_context_broadcast(
+    batch: tuple[int, ...], name: str, context_batch: tuple[int, ...]
+) -> tuple[int, ...]:
+    """The broadcast of ``name``'s batch shape with the context's, or a ``ValueError``."""
+    shape = broadcast_shape(batch, context_batch)
+    if shape is None:
+        raise ValueError(
+            f"{name} has batch shape {tuple(batch)}, which does not broadcast with the "
+            f"context's batch shape {tuple(context_batch)}"
+        )
+    return shape

@@ -23,7 +23,12 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from torch import nn
 from torch.distributions import Transform
 
-from pyroflows._checks import broadcast_shape, check_choice, check_event, check_positive_int
+from pyroflows._checks import (
+    check_choice,
+    check_context_broadcast,
+    check_event,
+    check_positive_int,
+)
 from pyroflows.transforms import (
     ActNorm,
     AdditiveCoupling,
@@ -52,25 +57,8 @@ class FlowDistribution(dist.TransformedDistribution):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         r""":math:`\log p(x)` of ``value`` (shape ``(*sample, *batch, D)``)."""
-        dim = self.event_shape[0]
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(
-                f"value must be a torch.Tensor of shape (*batch, {dim}), got {type(value).__name__}"
-            )
-        if value.dim() == 0 or value.shape[-1] != dim:
-            raise ValueError(f"value must have shape (*batch, {dim}), got {tuple(value.shape)}")
-        like = self.base_dist.mean
-        if value.dtype != like.dtype:
-            raise TypeError(
-                f"value has dtype {value.dtype} but the flow's parameters are {like.dtype}; no "
-                f"silent cast is made: pass value.to({like.dtype}) or convert the flow"
-            )
-        shape = broadcast_shape(value.shape[:-1], self.batch_shape)
-        if shape is None:
-            raise ValueError(
-                f"value has batch shape {tuple(value.shape[:-1])}, which does not broadcast with "
-                f"the context's batch shape {tuple(self.batch_shape)}"
-            )
+        check_event(value, "value", self.event_shape[0], self.base_dist.mean)
+        shape = check_context_broadcast(value.shape[:-1], "value", self.batch_shape)
         if 0 in shape or value.numel() == 0:  # no rows: torch's reshapes cannot infer a size
             return value.new_zeros(shape)
         return super().log_prob(value)
@@ -210,11 +198,7 @@ class Flow(nn.Module):
             u = d.base_dist.sample((num_samples,))
         else:
             u = check_event(base, "base", self.dim, self.base_loc)
-            if broadcast_shape(u.shape[:-1], d.batch_shape) is None:
-                raise ValueError(
-                    f"base has batch shape {tuple(u.shape[:-1])}, which does not broadcast "
-                    f"with the context's batch shape {tuple(d.batch_shape)}"
-                )
+            check_context_broadcast(u.shape[:-1], "base", d.batch_shape)
         stages = [u]
         for t in d.transforms:
             stages.append(t(stages[-1]))

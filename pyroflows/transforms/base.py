@@ -25,7 +25,7 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 from torch.distributions import Transform, constraints
 
-from pyroflows._checks import broadcast_shape, check_event, check_positive_int
+from pyroflows._checks import check_context_broadcast, check_event, check_positive_int
 
 
 def _forget_tensor_lists(module: nn.Module, incompatible_keys: Any = None) -> None:
@@ -316,12 +316,7 @@ class ConditionedTransform(_CachedBijection, Transform):
     def _broadcast(self, value: torch.Tensor, name: str) -> torch.Tensor:
         check_event(value, name, self.owner.dim, _reference(self.owner))
         batch = value.shape[:-1]
-        shape = broadcast_shape(batch, self.context.shape[:-1])
-        if shape is None:
-            raise ValueError(
-                f"{name} has batch shape {tuple(batch)}, which does not broadcast with the "
-                f"context's batch shape {tuple(self.context.shape[:-1])}"
-            )
+        shape = check_context_broadcast(batch, name, self.context.shape[:-1])
         return value if shape == batch else value.expand(*shape, value.shape[-1])
 
     def _fwd(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

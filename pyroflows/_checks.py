@@ -101,3 +101,20 @@ def check_context_broadcast(
             f"context's batch shape {tuple(context_batch)}"
         )
     return shape
+
+
+def check_finite_context(context: torch.Tensor) -> None:
+    """Refuse a context holding NaN or infinite values (they would give NaN draws silently).
+
+    One reduction over the context; called when distribution validation is on (torch's
+    default, ``pyro.enable_validation(False)`` turns it off), as torch checks a
+    ``Normal``'s parameters. Skipped while tracing (``torch.jit.trace``).
+    """
+    if torch.jit.is_tracing() or bool(torch.isfinite(context).all()):
+        return
+    bad = int((~torch.isfinite(context)).sum())
+    raise ValueError(
+        f"context holds {bad} NaN or infinite value(s) of {context.numel()}; a flow "
+        f"conditioned on it would give NaN draws and log-densities (check the network or "
+        f"data that made the context)"
+    )

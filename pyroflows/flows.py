@@ -21,12 +21,13 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
 from torch import nn
-from torch.distributions import Transform
+from torch.distributions import Distribution, Transform
 
 from pyroflows._checks import (
     check_choice,
     check_context_broadcast,
     check_event,
+    check_finite_context,
     check_positive_int,
 )
 from pyroflows.transforms import (
@@ -86,7 +87,9 @@ class Flow(nn.Module):
         TypeError: a layer that is not a transform module (a Pyro ``TransformModule``,
             or a ``ConditionalTransformModule``, such as the layers of this library).
         ValueError: a layer whose size is not ``dim``, conditional layers in a flow with
-            ``context=0``, or a missing, unexpected or mis-shaped context at call time.
+            ``context=0``, or a missing, unexpected or mis-shaped context at call time, or
+            one holding NaN or inf (checked while distribution validation is on, torch's
+            default).
 
     Example:
         >>> flow = realnvp(2, transforms=2, hidden=(16,))
@@ -163,6 +166,8 @@ class Flow(nn.Module):
                 f"shape (*batch, {self.context_features})"
             )
         check_event(context, "context", self.context_features, self.base_loc)
+        if Distribution._validate_args:
+            check_finite_context(context)
         transforms = [
             t.condition(context) if isinstance(t, ConditionalTransformModule) else t
             for t in self.transforms

@@ -247,6 +247,23 @@ def test_wrong_context_size(name):
 
 
 @pytest.mark.parametrize("name", FLOWS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_context(name, bad):
+    context = torch.randn(5, 2)
+    context[3, 1] = bad
+    flow = small(name, context=2)
+    with pytest.raises(ValueError, match=r"context holds 1 NaN or infinite value\(s\) of 10"):
+        flow(context)
+    # with validation off, as for torch's own distributions, no check (and NaN draws)
+    previous = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
+    try:
+        assert torch.isnan(flow(context).sample()[3]).any()
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(previous)
+
+
+@pytest.mark.parametrize("name", FLOWS)
 def test_context_batch_that_does_not_broadcast(name):
     d = small(name, context=2)(torch.randn(5, 2))
     with pytest.raises(ValueError, match="does not broadcast with the context"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -70,7 +71,8 @@ class MADE(ContextTrunk):
         params: numbers produced per variable.
         hidden: hidden layer sizes; each should be at least ``D - 1`` (``D`` with a
             context) so that every degree is represented and output ``i`` can depend on
-            all the inputs before it.
+            all the inputs before it. A narrower layer is allowed, with a ``UserWarning``:
+            inputs late in the order then reach no output.
         context: size of the context vector, 0 for none.
         order: the autoregressive order as a permutation of ``range(D)``: ``order[0]`` is
             the variable whose parameters depend on no input. Default: natural order.
@@ -114,6 +116,16 @@ class MADE(ContextTrunk):
 
         low = 0 if context else 1
         span = max(features - low, 1)
+        if hidden and min(hidden) < span and features > 1:
+            seen = min(hidden) - 1 + low  # the highest input rank any hidden unit sees
+            warnings.warn(
+                f"MADE hidden={hidden} has a layer narrower than {span} (D - 1 = "
+                f"{features - 1}{', + 1 for the context' if context else ''}): the inputs "
+                f"after position {seen} of {features} in the order reach no output, so later "
+                f"variables cannot depend on them; use hidden sizes of at least {span}",
+                UserWarning,
+                stacklevel=2,
+            )
         degrees = [degree_in] + [low + torch.arange(size) % span for size in hidden]
         if params_first:  # output (p, i) at index p * D + i
             degree_out, out_shape = degree_in.repeat(params), (params, features)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -44,7 +47,10 @@ def jacobian_support(made: MADE, dim: int, context: int) -> tuple[torch.Tensor, 
 def test_outputs_depend_exactly_on_earlier_inputs(dim, context, hidden, params, params_first):
     order = torch.randperm(dim, generator=torch.Generator().manual_seed(dim)).tolist()
     # tanh, not ReLU: a dead ReLU unit at the probe points would hide a real connection
-    made = MADE(dim, params, hidden, context, order, nn.Tanh, False, params_first).double()
+    narrow = dim > 1 and min(hidden) < dim - 1 + bool(context)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error" if not narrow else "ignore")  # tested below
+        made = MADE(dim, params, hidden, context, order, nn.Tanh, False, params_first).double()
     assert made.out_shape == ((params, dim) if params_first else (dim, params))
     dep_x, dep_c = jacobian_support(made, dim, context)
     rank = torch.empty(dim, dtype=torch.long)
@@ -95,3 +101,26 @@ def test_bad_arguments_are_named(kwargs, error, match):
 def test_order_that_is_not_a_sequence_of_ints(order):
     with pytest.raises(ValueError, match=r"order must be a permutation of range\(3\)"):
         MADE(3, order=order)
+
+
+@pytest.mark.parametrize(("dim", "hidden", "context"), [(5, (3,), 0), (6, (9, 4), 0), (5, (4,), 2)])
+def test_narrow_hidden_layers_warn_and_say_which_inputs_are_lost(dim, hidden, context):
+    order = torch.randperm(dim, generator=torch.Generator().manual_seed(1)).tolist()
+    with pytest.warns(UserWarning, match=r"narrower than") as record:
+        made = MADE(dim, 2, hidden, context, order, nn.Tanh, False).double()
+    seen = int(re.search(r"inputs after position (\d+)", str(record[0].message)).group(1))
+    dep_x, _ = jacobian_support(made, dim, context)
+    reaches_output = dep_x.flatten(0, 1).any(0)  # per input j
+    rank = torch.empty(dim, dtype=torch.long)
+    rank[torch.tensor(order)] = torch.arange(1, dim + 1)
+    # the inputs the message names as lost reach nothing; the earlier ones (but the
+    # last variable, which no output may read) do
+    assert not reaches_output[rank > seen].any()
+    assert reaches_output[(rank <= seen) & (rank < dim)].all()
+
+
+@pytest.mark.parametrize(("dim", "hidden", "context"), [(5, (4,), 0), (5, (5,), 2), (1, (1,), 3)])
+def test_wide_enough_hidden_layers_do_not_warn(dim, hidden, context):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MADE(dim, 2, hidden, context)

@@ -67,16 +67,35 @@ class ContextTrunk(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Return the parameters, shape ``(*batch, *out_shape)``."""
         self._check(x, context)
-        h = x
-        for i, layer in enumerate(self.hidden_layers):
-            h = layer(h)
-            if context is not None:
-                h = h + self.context_layers[i](context)
-            h = self.activation(h)
-        out = self.output_layer(h)
-        if self.context_output is not None and context is not None:
-            out = out + self.context_output(context)
+        try:
+            h = x
+            for i, layer in enumerate(self.hidden_layers):
+                h = layer(h)
+                if context is not None:
+                    h = h + self.context_layers[i](context)
+                h = self.activation(h)
+            out = self.output_layer(h)
+            if self.context_output is not None and context is not None:
+                out = out + self.context_output(context)
+        except RuntimeError as error:  # no cost on the happy path: explain, then re-raise
+            self._explain(x, error)
+            raise
         return out.unflatten(-1, self.out_shape)
+
+    def _explain(self, x: torch.Tensor, error: RuntimeError) -> None:
+        """Raise a clear error for an ``x`` of another dtype or device than the weights."""
+        weight = (self.hidden_layers[0] if len(self.hidden_layers) else self.output_layer).weight
+        if x.dtype != weight.dtype:
+            raise TypeError(
+                f"x has dtype {x.dtype} but the network's weights are {weight.dtype}; no "
+                f"silent cast is made: convert one of them (x.to({weight.dtype}) or "
+                f"net.to({x.dtype}))"
+            ) from error
+        if x.device != weight.device:
+            raise ValueError(
+                f"x is on device {x.device} but the network's weights are on "
+                f"{weight.device}; move one of them with .to()"
+            ) from error
 
     def _check(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
         """Clear errors for what ``F.linear`` would report in its own words.

@@ -74,4 +74,8 @@ def test_bad_input_and_context_are_named(made):
         net(0)(torch.randn(10, 2))
     with pytest.raises(ValueError, match=r"x must have shape \(\*batch, 3\), got float"):
         net(0)(3.0)
+    with pytest.raises(TypeError, match="x has dtype torch.float64 but the network's weights"):
+        net(0)(x.double())
+    with pytest.raises(TypeError, match="x has dtype torch.float32 but the network's weights"):
+        net(4).double()(x, torch.randn(10, 4))
     assert net(4)(x, torch.randn(10, 4)).shape == ((10, 3, 2) if made else (10, 2, 2))

@@ -85,8 +85,12 @@ def non_finite_message(
     )
 
 
+#: what an overflow message suggests by default
+_REMEDY = "use a float64 flow"
+
+
 def beyond_range_message(
-    name: str, value: float, where: str, dtype: torch.dtype, remedy: str = "use a float64 flow"
+    name: str, value: float, where: str, dtype: torch.dtype, remedy: str = _REMEDY
 ) -> str:
     """The message for a ``value`` finite in float64 that overflows ``dtype``, at ``where``."""
     return (
@@ -96,7 +100,7 @@ def beyond_range_message(
 
 
 def read_table(
-    path: str | os.PathLike, dtype: torch.dtype | None = None, remedy: str = "use a float64 flow"
+    path: str | os.PathLike, dtype: torch.dtype | None = None, remedy: str = _REMEDY
 ) -> tuple[np.ndarray, list[str] | None]:
     """Read a numeric table from a CSV file (with or without a header) or a ``.npy`` file.
 

@@ -45,6 +45,8 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
+from pyro.poutine.plate_messenger import PlateMessenger
+from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.subsample_messenger import _Subsample
 from torch import nn
 from torch.nn import functional as F
@@ -282,6 +284,11 @@ class AmortizedGuide(nn.Module):
       indices, ``with pyro.plate(plate, N, subsample_size=B) as idx``, and encodes
       ``x[idx]``; the model's plate of the same name gets the same ``idx``.
 
+    Called inside a ``pyro.plate`` of the same name that the caller opened (a guide with
+    other local latents, e.g. the label of a semi-supervised VAE), it samples in that
+    plate, which does the scaling and subsampling: ``x`` must hold that plate's rows
+    (``x[idx]`` when it subsamples), and ``size`` and ``subsample_size`` are not used.
+
     Args:
         posterior: the :class:`AmortizedPosterior`.
         site: name of the latent site.
@@ -338,19 +345,54 @@ class AmortizedGuide(nn.Module):
         rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else None
         if rows is None:
             raise ValueError("x must be a tensor with the data points along its first dim")
+        enclosing = _active_plate(self.plate)
+        if enclosing is not None:  # the caller's own data plate, shared with its latents
+            self._check_enclosing(enclosing, rows)
+            return pyro.sample(self.site, self._posterior(x))
         if self.size is None:
             with pyro.plate(self.plate, rows, dim=self.dim):
-                return pyro.sample(self.site, self.posterior(self._rows(x)))
+                return pyro.sample(self.site, self._posterior(x))
         if rows > self.size:
             raise ValueError(f"x has {rows} rows but the guide was told size={self.size}")
         if rows < self.size:  # a mini-batch: scaled by size / rows, no indices drawn
             index = torch.arange(rows, device=x.device)
             with pyro.plate(self.plate, self.size, subsample=index, dim=self.dim):
-                return pyro.sample(self.site, self.posterior(self._rows(x)))
+                return pyro.sample(self.site, self._posterior(x))
         with pyro.plate(
             self.plate, self.size, subsample_size=self.subsample_size, dim=self.dim
         ) as index:
-            return pyro.sample(self.site, self.posterior(self._rows(x[index])))
+            return pyro.sample(self.site, self._posterior(x[index]))
+
+    def _check_enclosing(self, plate: Any, rows: int) -> None:
+        if self.subsample_size is not None:
+            raise ValueError(
+                f"the guide was built with subsample_size={self.subsample_size} but is called "
+                f"inside a plate {self.plate!r} of the caller's, which does the subsampling: "
+                f"build it without subsample_size and pass x[idx] of that plate's indices"
+            )
+        if plate.dim != self.dim:
+            raise ValueError(
+                f"the enclosing plate {self.plate!r} has dim={plate.dim} but the guide was "
+                f"built with dim={self.dim}"
+            )
+        if plate.subsample_size != rows:
+            raise ValueError(
+                f"x has {rows} rows but the enclosing plate {self.plate!r} has "
+                f"{plate.subsample_size}: pass that plate's rows (x[idx] when it subsamples)"
+            )
+
+    def _posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """q(z | x) for the rows of ``x``, checked to have one batch entry per row."""
+        d = self.posterior(self._rows(x))
+        batch, dim = d.batch_shape, self.dim
+        if len(batch) < -dim or batch[dim] != x.shape[0]:
+            raise ValueError(
+                f"x of shape {tuple(x.shape)} gives q(z | x) with batch shape {tuple(batch)}: "
+                f"the guide needs the data points along x's first dim ({x.shape[0]} of them "
+                f"here), each giving one batch entry at the plate's dim {dim}; for a single "
+                f"data point pass x[None]"
+            )
+        return d
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` with the data rows at the plate's dim (``(rows, 1, ..., features)``)."""
@@ -362,6 +404,14 @@ class AmortizedGuide(nn.Module):
                 f"{tuple(x.shape)}"
             )
         return x.reshape(x.shape[0], *([1] * (-self.dim - 1)), x.shape[1])
+
+
+def _active_plate(name: str) -> Any:
+    """The ``pyro.plate`` named ``name`` that the caller has open around us, if any."""
+    for messenger in _PYRO_STACK:
+        if isinstance(messenger, PlateMessenger) and messenger.name == name:
+            return messenger
+    return None
 
 
 def _plate_nesting(model, guide, x, kwargs) -> int:
@@ -521,6 +571,8 @@ def _log_weights(model, guide, x, particles, plate, particle_dim, kwargs) -> tor
             if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
                 continue
             if sign < 0 and site["is_observed"]:
+                continue
+            if site["infer"].get("_deterministic"):  # pyro.deterministic: log-density 0
                 continue
             log_w = log_w + sign * _row_log_prob(site, plate, particle_dim, rows)
     return log_w

@@ -290,3 +290,68 @@ def test_iwae_slices_per_row_keyword_arguments_with_the_rows():
             model, guide, x, num_samples=10, label=label, max_batch=max_batch
         )
         assert torch.allclose(estimate, exact, atol=1e-5)
+
+
+def test_iwae_skips_deterministic_sites_outside_the_data_plate():
+    model = LinearGaussian()
+    x = model.data(6, seed=4)
+    guide = model.gaussian_guide(inflate=1.3)
+
+    def with_deterministic(data):
+        pyro.deterministic("beta", torch.tensor(0.5, dtype=data.dtype))  # log-density 0
+        model(data)
+
+    torch.manual_seed(3)
+    plain = iwae_log_likelihood(model, guide, x, num_samples=50)
+    torch.manual_seed(3)
+    assert torch.equal(iwae_log_likelihood(with_deterministic, guide, x, num_samples=50), plain)
+
+
+def test_guide_refuses_x_without_a_rows_dim():
+    guide = AmortizedGuide(amortized_posterior(16, 4, flow="iaf", hidden=(8,)))
+    with pytest.raises(ValueError, match=r"x of shape \(16,\) gives q\(z \| x\) with batch shape"):
+        guide(torch.zeros(16))  # one data point, not 16 rows: x[None] is meant
+    assert poutine.trace(guide).get_trace(torch.zeros(1, 16)).nodes["z"]["value"].shape == (1, 4)
+
+
+def _labelled_model(data):
+    """A semi-supervised VAE's shape: a label y and a latent z per row, one data plate."""
+    with pyro.plate("data", data.shape[0]):
+        y = pyro.sample("y", dist.Categorical(logits=torch.zeros(3)))
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        loc = z.sum(-1, keepdim=True) + y.unsqueeze(-1).float()
+        pyro.sample("x", dist.Normal(loc, 1.0).expand(loc.shape[:-1] + (4,)).to_event(1), obs=data)
+
+
+def test_guide_samples_inside_the_callers_data_plate():
+    gz = AmortizedGuide(amortized_posterior(4, 2, flow="iaf", hidden=(8,), context=2))
+
+    def guide(data, subsample_size=None):
+        with pyro.plate("data", data.shape[0], subsample_size=subsample_size) as index:
+            pyro.sample("y", dist.Categorical(logits=torch.zeros(3)))
+            return gz(data[index])
+
+    x = torch.randn(6, 4)
+    trace = poutine.trace(guide).get_trace(x)
+    assert trace.nodes["z"]["value"].shape == (6, 2)
+    assert [f.name for f in trace.nodes["z"]["cond_indep_stack"]] == ["data"]
+    assert torch.isfinite(torch.tensor(Trace_ELBO().loss(_labelled_model, guide, x)))
+    assert iwae_log_likelihood(_labelled_model, guide, x, num_samples=8).shape == (6,)
+    # the caller's plate subsamples and scales
+    trace = poutine.trace(guide).get_trace(x, subsample_size=2)
+    assert trace.nodes["z"]["value"].shape == (2, 2)
+    assert trace.nodes["z"]["scale"] == pytest.approx(3.0)
+
+
+def test_guide_inside_a_callers_plate_checks_rows_and_options():
+    q = amortized_posterior(4, 2, flow="iaf", hidden=(8,), context=2)
+    x = torch.randn(6, 4)
+    with pytest.raises(ValueError, match=r"x has 6 rows but the enclosing plate 'data' has 2"):
+        with pyro.plate("data", 6, subsample_size=2):
+            AmortizedGuide(q)(x)
+    with pytest.raises(ValueError, match="built with subsample_size=2"):
+        with pyro.plate("data", 6):
+            AmortizedGuide(q, size=6, subsample_size=2)(x)
+    with pytest.raises(ValueError, match=r"has dim=-2 but the guide was built with dim=-1"):
+        with pyro.plate("data", 6, dim=-2):
+            AmortizedGuide(q)(x)

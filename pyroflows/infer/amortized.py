@@ -136,10 +136,22 @@ class Encoder(nn.Module):
         if self._own_body:
             _check_rows(x, "x", self.input_dim, self.loc.weight)
         features = self.body(x)
+        if not self._own_body:
+            _check_body_output(features, self.loc.in_features)
         loc = self.loc(features)
         scale = F.softplus(self.scale(features)) + self.min_scale
         context = self.context(features) if self.context is not None else None
         return loc, scale, context
+
+
+def _check_body_output(features: object, width: int) -> None:
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"body must return a tensor of features, got {type(features).__name__}")
+    if features.dim() == 0 or features.shape[-1] != width:
+        raise ValueError(
+            f"body returned features of shape {tuple(features.shape)} but the encoder was "
+            f"built with body_features={width}: pass the size of the body's last dim"
+        )
 
 
 def _check_rows(x: object, name: str, dim: int, like: torch.Tensor) -> None:

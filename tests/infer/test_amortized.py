@@ -355,3 +355,13 @@ def test_guide_inside_a_callers_plate_checks_rows_and_options():
     with pytest.raises(ValueError, match=r"has dim=-2 but the guide was built with dim=-1"):
         with pyro.plate("data", 6, dim=-2):
             AmortizedGuide(q)(x)
+
+
+def test_a_body_of_the_wrong_width_is_named():
+    encoder = Encoder(None, 2, body=torch.nn.Linear(4, 7), body_features=8)
+    with pytest.raises(ValueError, match=r"features of shape \(3, 7\) but .* body_features=8"):
+        encoder(torch.zeros(3, 4))
+    assert [
+        t.shape
+        for t in Encoder(None, 2, body=torch.nn.Linear(4, 8), body_features=8)(torch.zeros(3, 4))
+    ] == [(3, 2), (3, 2), (3, 16)]

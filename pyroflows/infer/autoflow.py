@@ -354,7 +354,7 @@ class AutoFlow(AutoContinuous):
             :data:`JACOBIAN_MAX_DIM`) differentiates through the Jacobian of its draw (one
             more network pass, over ``D + 1`` copies of it, and its backward: about a
             third more per step); other flows through their inverse (one pass for coupling
-            flows). Not for ``JitTrace_ELBO``, which cannot trace the frozen copy.
+            flows). Not for ``JitTrace_ELBO`` (a ``TypeError``): it cannot trace the frozen copy.
         learn_linear: also learn a full-rank linear map after the flow (an LU-factorized
             :math:`D \times D` matrix). Off by default: the anchor already carries the
             Laplace correlations, and on posteriordb the learnt map's Adam noise made fits
@@ -459,6 +459,24 @@ class AutoFlow(AutoContinuous):
             support = site["fn"].support
             if support.is_discrete or site["infer"].get("enumerate"):
                 bad.append(f"{name!r} ({type(site['fn']).__name__}, support {support})")
+        local = sorted(
+            {
+                f"{name!r} (plate {frame.name!r}: {frame.size} of {frame.full_size} rows)"
+                for name, site in trace.nodes.items()
+                if site["type"] == "sample" and not site["is_observed"]
+                for frame in site["cond_indep_stack"]
+                if frame.full_size is not None and frame.full_size != frame.size
+            }
+        )
+        if local and not bad:
+            return (
+                "AutoFlow packs the latents into one vector of fixed size, so it cannot hold "
+                f"latent sites in a subsampled plate: {', '.join(local)}. Each step would "
+                "reuse the same slots for different rows. Fit the local latents with "
+                "pyro.infer.autoguide.AutoNormal (in an AutoGuideList, with AutoFlow on the "
+                "global latents behind poutine.block), or an amortized guide "
+                "(pyroflows.infer.AmortizedGuide), or do not subsample"
+            )
         if bad:
             return (
                 "AutoFlow needs continuous latent sites, but the model has discrete or "
@@ -478,6 +496,13 @@ class AutoFlow(AutoContinuous):
     def _build_flow(self, loc: torch.Tensor) -> Flow:
         spec = self._flow_spec
         dim = self.latent_dim
+        if spec in ("realnvp", "nice") and dim < 2:
+            raise ValueError(
+                f"flow={spec!r} is a coupling flow, which needs at least 2 latent dimensions, "
+                f"but the model's unconstrained latents have dim {dim} (sites: "
+                f"{', '.join(self._unconstrained_shapes)}); use 'iaf' (the default), 'maf' "
+                f"or 'nsf'"
+            )
         if isinstance(spec, str):
             flow = GUIDE_FLOWS[spec](dim, **self._flow_kwargs)
             return flow.to(dtype=loc.dtype, device=loc.device)
@@ -532,6 +557,15 @@ class AutoFlow(AutoContinuous):
         layers = [*flow.transforms, linear]
         q = dist.TransformedDistribution(base, layers)
         if self.estimator == "stl" and torch.is_grad_enabled():
+            if torch.jit.is_tracing():
+                # a TypeError (the wrong kind of loss), which Pyro's trace passes on as it
+                # is: it re-raises a ValueError with the trace's shapes, whose formatting
+                # fails on the traced tensors (a SystemError)
+                raise TypeError(
+                    "estimator='stl' cannot run under JitTrace_ELBO: the trace would freeze "
+                    "the parameter-free copy of the flow it scores log q with (stale "
+                    "weights, wrong gradients); use Trace_ELBO, or estimator='reparam'"
+                )
             twin = self._frozen_twin(layers)  # made now, before this step's draw
 
             def frozen() -> dist.TransformedDistribution:
@@ -681,12 +715,15 @@ class AutoFlow(AutoContinuous):
             raise FloatingPointError("the Laplace covariance has no Cholesky factor")
         return mode, scale_tril.to(mode.dtype)
 
-    def _gaussian_elbo(self, loc, scale_tril, args, kwargs, num_samples: int = 256) -> float:
+    def _gaussian_elbo(
+        self, loc, scale_tril, args, kwargs, num_samples: int = 256
+    ) -> tuple[float, Exception | None]:
         """The ELBO of the Gaussian start ``N(loc, scale_tril scale_tril^T)``, or ``-inf``.
 
         A wide candidate can draw latents the model cannot take (a Cholesky factor of a
         kernel that is no longer positive definite, a rate that overflows): that
-        candidate scores ``-inf`` rather than stopping the guide.
+        candidate scores ``-inf`` rather than stopping the guide. Returns the ELBO and
+        the error that made it ``-inf``, if any.
         """
         self.linear.set_anchor(loc, scale_tril)
         try:
@@ -694,10 +731,10 @@ class AutoFlow(AutoContinuous):
                 log_w, _ = diagnostics.importance_draws(
                     self.model, self, *args, num_samples=num_samples, **kwargs
                 )
-        except (torch.linalg.LinAlgError, ValueError, FloatingPointError):
-            return -math.inf
+        except (RuntimeError, ValueError, FloatingPointError) as error:  # LinAlgError too
+            return -math.inf, error
         elbo = log_w.mean().item()
-        return elbo if math.isfinite(elbo) else -math.inf
+        return (elbo if math.isfinite(elbo) else -math.inf), None
 
     def _laplace_warm_start(self, args, kwargs) -> None:
         if self._subsampled(args, kwargs):
@@ -719,11 +756,14 @@ class AutoFlow(AutoContinuous):
                 stacklevel=4,
             )
         with torch.random.fork_rng(devices=[]):
-            elbos = [self._gaussian_elbo(m, c, args, kwargs) for _, m, c in candidates]
+            scored = [self._gaussian_elbo(m, c, args, kwargs) for _, m, c in candidates]
+        elbos = [elbo for elbo, _ in scored]
         if not any(math.isfinite(e) for e in elbos):
+            error = next((error for _, error in scored if error is not None), None)
+            why = f": {type(error).__name__}: {error}" if error is not None else ""
             warnings.warn(
                 "AutoFlow: no Gaussian start had a finite ELBO (the model failed or gave "
-                "-inf for every draw); starting at init_loc_fn with init_scale",
+                f"-inf for every draw{why}); starting at init_loc_fn with init_scale",
                 stacklevel=4,
             )
         # ties (all -inf, say) go to the candidate nearest the plain init_scale start

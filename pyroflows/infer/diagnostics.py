@@ -254,12 +254,11 @@ def importance_draws(
             samples = {
                 n: guide_trace.nodes[n]["value"].reshape((num_samples, *shapes[n])) for n in names
             }
-        except (RuntimeError, ValueError) as error:
+        except (RuntimeError, ValueError):
             # the model does not broadcast over a particle plate: one draw at a time
-            try:
-                log_w, samples = _sequential_draws(model, guide, args, kwargs, num_samples)
-            except Exception:
-                raise error from None
+            # (if that fails too, its error is the model's own, and it is raised: the
+            # particle-plate error above stays attached as its context)
+            log_w, samples = _sequential_draws(model, guide, args, kwargs, num_samples)
     return log_w.detach(), {n: v.detach() for n, v in samples.items()}
 
 

@@ -222,6 +222,60 @@ def test_a_start_the_model_cannot_take_is_skipped_not_raised():
     assert guide.anchor == "laplace"
 
 
+def test_a_start_the_model_cannot_take_is_skipped_when_the_model_does_not_broadcast():
+    y = torch.tensor([[0.3, 0.1], [-0.2, 0.4], [0.5, 0.6]])
+
+    def model():
+        rho = pyro.sample("rho", dist.Normal(0.0, 0.3))
+        one = torch.ones(())
+        # written for one draw at a time (stack does not broadcast over particles); its
+        # Cholesky fails for |rho| >= 1, which the widest start's draws reach
+        kernel = torch.stack([torch.stack([one, rho]), torch.stack([rho, one])])
+        tril = torch.linalg.cholesky(kernel)
+        with pyro.plate("data", 3):
+            pyro.sample("y", dist.MultivariateNormal(torch.zeros(2), scale_tril=tril), obs=y)
+
+    pyro.set_rng_seed(0)
+    guide = AutoFlow(model, init_scale=0.5)  # the grid reaches scale 5
+    guide()  # raised the particle plate's shape error before
+    # the wide starts (and Laplace's, 2 sd from |rho| = 1) fail on some draws: a narrow one won
+    assert guide.anchor == "init"
+    assert guide.anchor_scale_tril.item() < 0.2
+    assert torch.isfinite(torch.tensor(Trace_ELBO().loss(model, guide)))
+
+
+def test_local_latents_in_a_subsampled_plate_are_refused_by_name():
+    y = torch.arange(20.0)
+
+    def model(y, size=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("rows", 20, subsample_size=size) as i:
+            z = pyro.sample("z", dist.Normal(mu, 10.0))
+            pyro.sample("y", dist.Normal(z, 1.0), obs=y[i])
+
+    with pytest.raises(ValueError, match=r"subsampled plate: 'z' \(plate 'rows': 5 of 20 rows\)"):
+        AutoFlow(model)(y, 5)
+    AutoFlow(model, warm_start=None)(y)  # the whole plate: one slot per row, fine
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
+def test_stl_refuses_a_jit_trace():
+    pyro.clear_param_store()
+    guide = AutoFlow(gaussian_model, estimator="stl")
+    svi = SVI(gaussian_model, guide, pyro.optim.Adam({"lr": 1e-2}), pyro.infer.JitTrace_ELBO())
+    with pytest.raises(TypeError, match="estimator='stl' cannot run under JitTrace_ELBO"):
+        svi.step()
+
+
+def test_coupling_flows_need_two_latent_dimensions():
+    def model():
+        pyro.sample("a", dist.Normal(0.0, 1.0))
+
+    for name in ("realnvp", "nice"):
+        with pytest.raises(ValueError, match=rf"flow='{name}' is a coupling flow.*dim 1"):
+            AutoFlow(model, flow=name)()
+
+
 def test_warm_start_skipped_with_subsampling():
     data = torch.randn(100)
 

@@ -90,6 +90,20 @@ def test_model_that_does_not_broadcast_falls_back_to_one_draw_at_a_time():
     assert torch.allclose(log_w, expected, atol=1e-5)
 
 
+def test_a_model_that_fails_one_draw_at_a_time_raises_its_own_error():
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        if z.dim():
+            raise RuntimeError("shape error of the particle plate")
+        raise ValueError("the model's own error")
+
+    def guide():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="the model's own error"):
+        importance_draws(model, guide, num_samples=5)
+
+
 def test_verdict_thresholds():
     assert verdict(0.3).startswith("good")
     assert verdict(0.5).startswith("usable")

@@ -17,6 +17,7 @@ context tensor.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -29,10 +30,10 @@ from pyroflows._checks import check_context_broadcast, check_event, check_positi
 
 
 def _forget_tensor_lists(module: nn.Module, incompatible_keys: Any = None) -> None:
-    """Drop the kept tensor lists (a ``load_state_dict`` post-hook: ``assign=True``)."""
+    """Drop the kept tensor slots and caches (a ``load_state_dict`` post-hook)."""
     for sub in module.modules():
-        sub.__dict__.pop("_parameter_list", None)
-        sub.__dict__.pop("_tensor_list", None)
+        for kept in _KEPT:
+            sub.__dict__.pop(kept, None)
         if "_cache" in sub.__dict__:
             sub.__dict__["_cache"] = None
         if isinstance(sub, ConditionalFlowTransform):
@@ -40,29 +41,41 @@ def _forget_tensor_lists(module: nn.Module, incompatible_keys: Any = None) -> No
             sub.__dict__["_generation"] = sub.__dict__.get("_generation", 0) + 1
 
 
-def _parameters(module: nn.Module) -> tuple[nn.Parameter, ...]:
-    """The module's parameters, listed once and kept.
+#: what a module keeps in its __dict__ to find its tensors fast (older versions kept lists)
+_KEPT = ("_tensor_slots", "_parameter_list", "_tensor_list")
 
-    Walking the module tree on every call of a flow layer would cost more than the layer's
-    own arithmetic on small batches. The list holds the ``Parameter`` objects, which
-    ``.to()``, ``.double()`` and ``load_state_dict`` update in place, so it stays right;
-    ``load_state_dict(assign=True)``, which puts new objects in, drops it (a post-hook).
+
+def _slots(module: nn.Module) -> tuple[tuple[dict, str], ...]:
+    """Where the module's parameters, then its buffers, live: ``(owner's dict, name)`` pairs.
+
+    Listed once and kept: walking the module tree on every call of a flow layer would cost
+    more than the layer's own arithmetic on small batches. The tensors themselves are read
+    from these slots at each use, so a tensor swapped in (``pyro.module(...,
+    update_module_params=True)``, ``torch.func.functional_call``, ``load_state_dict(
+    assign=True)``) is seen at once. ``.to()`` and loads drop the list (a new submodule
+    set as an attribute is not seen: call ``clear_cache`` after such surgery).
     """
-    found = module.__dict__.get("_parameter_list")
+    found = module.__dict__.get("_tensor_slots")
     if found is None:
-        found = tuple(module.parameters())
-        module.__dict__["_parameter_list"] = found
-    _watch_loads(module)  # also for a module unpickled with a list from an older version
+        modules = [m for _, m in module.named_modules(remove_duplicate=True)]
+        seen: set[int] = set()
+        found_list: list[tuple[dict, str]] = []
+        for kind in ("_parameters", "_buffers"):
+            for m in modules:
+                table = m.__dict__[kind]
+                for name, tensor in table.items():
+                    if tensor is not None and id(tensor) not in seen:  # shared: once
+                        seen.add(id(tensor))
+                        found_list.append((table, name))
+        found = tuple(found_list)
+        module.__dict__["_tensor_slots"] = found
+    _watch_loads(module)  # also for a module unpickled from an older version
     return found
 
 
 def _tensors(module: nn.Module) -> tuple[torch.Tensor, ...]:
-    """The module's parameters and buffers (masks, orders, permutations), kept likewise."""
-    found = module.__dict__.get("_tensor_list")
-    if found is None:
-        found = (*_parameters(module), *module.buffers())  # _parameters watches loads
-        module.__dict__["_tensor_list"] = found
-    return found
+    """The module's parameters and buffers (masks, orders, permutations), as they are now."""
+    return tuple([table[name] for table, name in _slots(module)])
 
 
 def _watch_loads(module: nn.Module) -> None:
@@ -72,14 +85,17 @@ def _watch_loads(module: nn.Module) -> None:
 
 
 def _reference(module: nn.Module) -> torch.Tensor:
-    """A tensor whose dtype and device stand for the module's."""
-    params = _parameters(module)
-    if params:
-        return params[0]
-    for tensor in module.buffers():
+    """A tensor whose dtype and device stand for the module's (its first floating one)."""
+    for table, name in _slots(module):
+        tensor = table[name]
         if tensor.is_floating_point():
             return tensor
     raise TypeError(f"{type(module).__name__} holds no parameter or buffer to take a dtype from")
+
+
+def _same_key(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether two cache keys (tensors, counters) match: the same objects, unchanged."""
+    return a[1] == b[1] and len(a[0]) == len(b[0]) and all(map(operator.is_, a[0], b[0]))
 
 
 #: which side of a cached triple the layer computed itself (the other was given to it)
@@ -89,17 +105,22 @@ _MADE_FORWARD, _MADE_INVERSE = 0, 1
 class _CachedBijection:
     """Caching for the last ``(u, x, ladj)`` triple, in either direction.
 
-    A hit is served only for a tensor the layer computed itself: ``t.inv(x)`` of the
-    ``x`` its last ``t(u)`` returned, ``t(u)`` of the ``u`` its last ``t.inv(x)``
-    returned, and ``log_abs_det_jacobian`` of that pair. So ``d.log_prob(d.rsample())``
-    runs no inverse and no second network pass (an IAF layer scores its own samples for
-    free), while a tensor the caller passes in (a data batch, a reused buffer refilled in
-    place) is always computed afresh. A hit also needs the same tensor objects (``is``),
-    unchanged in place and in ``requires_grad`` since (their version counters), the
-    layer's parameters and buffers unchanged (their version counters, which
-    ``optimizer.step()`` and ``load_state_dict`` bump, so the cache never goes stale
-    after a step, unlike pyro#2542), and, if grad mode is on now, grad mode on when the
-    entry was made (else its ``ladj`` would carry no graph).
+    A hit is served for ``t.inv(x)`` of the ``x`` its last ``t(u)`` returned, for
+    ``t(u)`` of the ``u`` its last ``t.inv(x)`` returned or its last ``t(u)`` was given
+    (torch's ``ComposeTransform`` re-applies each part to find the log-det), and for
+    ``log_abs_det_jacobian`` of the cached pair. So ``d.log_prob(d.rsample())`` runs no
+    inverse and no second network pass (an IAF layer scores its own samples for free,
+    in a list of layers or a ``ComposeTransform``), while the scoring direction of a
+    tensor the caller passes in (a data batch) is always computed afresh. A hit also
+    needs the same tensor objects (``is``), unchanged in place and in ``requires_grad``
+    since (their version counters), the layer's parameters and buffers the same objects
+    and unchanged (their version counters, which ``optimizer.step()`` and
+    ``load_state_dict`` bump, so the cache never goes stale after a step, unlike
+    pyro#2542, nor after parameters are swapped in), and, if grad mode is on now, grad
+    mode on when the entry was made (else its ``ladj`` would carry no graph).
+
+    ``with_cache`` returns the layer itself: it caches already (Pyro's
+    ``ComposeTransformModule(..., cache_size=1)`` and ``UnitJacobianReparam`` ask for it).
 
     Writes that bypass version counters (through ``.data``, or a fused optimizer,
     ``Adam(fused=True)``) are not seen: draw anew, or call :meth:`clear_cache`, before
@@ -126,8 +147,10 @@ class _CachedBijection:
         raise NotImplementedError
 
     def _key(self) -> tuple[Any, ...] | None:
+        # the tensors the layer computes with now, and their version counters
+        tensors = _tensors(self._owner())
         try:
-            return tuple(t._version for t in _tensors(self._owner()))
+            return (tensors, tuple([t._version for t in tensors]))
         except RuntimeError:  # a layer built under inference mode: nothing to watch
             return None
 
@@ -139,14 +162,17 @@ class _CachedBijection:
         if u is None:  # t.inv(x): only of the x that t(u) computed
             if x is not cx or made != _MADE_FORWARD:
                 return None
-        elif x is None:  # t(u): only of the u that t.inv(x) computed
-            if u is not cu or made != _MADE_INVERSE:
+        elif x is None:  # t(u): of the u that t.inv(x) computed, or that t(u) was given
+            if u is not cu:
                 return None
         elif u is not cu or x is not cx:
             return None
         if (torch.is_grad_enabled() and not grad) or states != _states(cu, cx):
             return None
-        if key is None or key != self._key():
+        if key is None:
+            return None
+        now = self._key()
+        if now is None or not _same_key(key, now):
             return None
         return entry
 
@@ -189,10 +215,14 @@ class _CachedBijection:
         """Forget the cached triple."""
         self._cache = None
 
+    def with_cache(self, cache_size: int = 1):
+        """This layer: it keeps its own cache of one triple (see the class docstring)."""
+        return self
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # type: ignore[misc]
         state["_cache"] = None  # cached tensors may carry a graph and cannot be pickled
-        for kept in ("_parameter_list", "_tensor_list"):  # rebuilt on first use
+        for kept in _KEPT:  # rebuilt on first use
             state.pop(kept, None)
         return state
 
@@ -311,7 +341,7 @@ class ConditionedTransform(_CachedBijection, Transform):
         if key is None:
             return None
         generation = self.owner.__dict__.get("_generation", 0)  # .to(), .double(), loads
-        return (*key, generation, context._version, context.requires_grad)
+        return (key[0], (*key[1], generation, context._version, context.requires_grad))
 
     def _broadcast(self, value: torch.Tensor, name: str) -> torch.Tensor:
         check_event(value, name, self.owner.dim, _reference(self.owner))

@@ -1,5 +1,5 @@
-"""The layer cache serves only the pair a layer computed itself, and only while nothing
-it depends on changed (base.py, ``_CachedBijection``)."""
+"""The layer cache serves only the pairs it may (base.py, ``_CachedBijection``), and only
+while nothing it depends on changed."""
 
 import copy
 
@@ -152,14 +152,14 @@ def test_a_module_kept_from_before_the_load_hook_is_still_watched():
     (layer,) = flow.transforms
     layer._load_state_dict_post_hooks.clear()
     del layer.__dict__["_watching_loads"]
-    layer.__dict__.pop("_tensor_list", None)
+    layer.__dict__.pop("_tensor_slots", None)
     flow.load_state_dict(maf(2, transforms=1, hidden=(8,)).state_dict(), assign=True)
     flow().log_prob(torch.randn(3, 2))  # first use after: the hook comes back
     other = maf(2, transforms=1, hidden=(8,))
     flow.load_state_dict(other.state_dict(), assign=True)
     x = torch.randn(6, 2)
     torch.testing.assert_close(flow().log_prob(x), other().log_prob(x.clone()))
-    assert "_parameter_list" not in pickle_state(layer)
+    assert not {"_tensor_slots", "_parameter_list", "_tensor_list"} & set(pickle_state(layer))
 
 
 def pickle_state(module):
@@ -178,3 +178,96 @@ def test_a_conditioned_layer_made_before_double_drops_its_pair():
     layer.double()
     with pytest.raises(TypeError, match="dtype"):
         t.inv(x)  # float32 data for the now float64 layer: checked, not the old pair
+
+
+def _count_conditioner_calls(layers) -> list[int]:
+    calls = [0]
+    for layer in layers:
+        if hasattr(layer, "conditioner"):
+            layer.conditioner.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("form", ["iaf", "maf"])
+def test_own_draws_are_scored_free_inside_a_compose_transform(form):
+    import pyro.distributions as dist
+    import pyro.distributions.transforms as T
+
+    torch.manual_seed(0)
+    layers = [AffineAutoregressive(4, form, hidden=(8,)), Permutation(4, "reverse")]
+    layers.append(AffineAutoregressive(4, form, hidden=(8,)))
+    compose = T.ComposeTransformModule(layers)
+    d = dist.TransformedDistribution(dist.Normal(torch.zeros(4), 1.0).to_event(1), [compose])
+    calls = _count_conditioner_calls(layers)
+    x = d.rsample((5,))
+    sampled = calls[0]
+    score = d.log_prob(x)  # torch's ComposeTransform re-applies each part: cache hits
+    assert calls[0] == sampled  # no network pass (an IAF samples in 2, a MAF in 2 * 4)
+    assert sampled == (2 if form == "iaf" else 8)
+    fresh = dist.TransformedDistribution(d.base_dist, layers).log_prob(x.detach().clone())
+    torch.testing.assert_close(score, fresh)
+
+
+def test_with_cache_gives_the_layer_for_pyro_helpers():
+    import pyro.distributions.transforms as T
+    from pyro.infer.reparam import UnitJacobianReparam
+
+    from pyroflows.transforms import AdditiveCoupling, ConditionalAffineCoupling
+
+    layer = AdditiveCoupling(3)
+    assert layer.with_cache() is layer
+    assert layer.inv.with_cache(1).inv is layer
+    T.ComposeTransformModule([layer, Permutation(3, "reverse")], cache_size=1)
+    UnitJacobianReparam(Permutation(3, "reverse"))
+    conditioned = ConditionalAffineCoupling(3, 2).condition(torch.randn(2))
+    assert conditioned.with_cache() is conditioned
+
+
+def _trained_step(layer, d):
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    x = d.rsample((3,))
+    (-d.log_prob(x).sum()).backward()
+    optimizer.step()
+    return x
+
+
+def test_parameters_swapped_in_by_pyro_module_are_watched(tmp_path):
+    import pyro
+    import pyro.distributions as dist
+
+    from pyroflows.transforms import LULinear
+
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    layer = LULinear(3)
+    d = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), [layer])
+    pyro.module("f", layer, update_module_params=True)
+    d.log_prob(torch.randn(2, 3))
+    store = pyro.get_param_store()
+    store.save(tmp_path / "store.pt")
+    store.load(tmp_path / "store.pt")
+    pyro.module("f", layer, update_module_params=True)  # new Parameter objects
+    x = _trained_step(layer, d)
+    torch.testing.assert_close(d.log_prob(x), d.log_prob(x.clone()))
+    pyro.clear_param_store()
+
+
+def test_a_first_call_inside_functional_call_does_not_leave_a_stale_watch():
+    import pyro.distributions as dist
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    layer = AffineAutoregressive(3, hidden=(8,))
+    params = {k: v.detach().clone() for k, v in layer.named_parameters()}
+    functional_call(layer, params, (torch.randn(2, 3),))
+    d = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), [layer])
+    for _ in range(2):
+        x = _trained_step(layer, d)
+        torch.testing.assert_close(d.log_prob(x), d.log_prob(x.clone()))
+    # and a pair the real parameters made is not served for swapped-in ones
+    u = torch.randn(4, 3)
+    x = layer(u)
+    other = {k: v + 0.3 for k, v in params.items()}
+    swapped = functional_call(layer, other, (u,))
+    assert not torch.allclose(swapped, x)
+    torch.testing.assert_close(swapped, functional_call(layer, other, (u.clone(),)))

@@ -166,9 +166,15 @@ def test_cache_returns_the_pair_it_computed(name, dim):
     x = t(case.u)
     if getattr(t, "_use_cache", False):
         assert t.inv(x) is case.u  # its own output: the cached pair
-        again = t(case.u)  # an input it was given: computed afresh (it may have changed)
-        assert again is not x
-        torch.testing.assert_close(again, x)
+        # the input it was last given, unchanged: the same output (torch's cache rule,
+        # which ComposeTransform's log-det relies on); changed in place: computed afresh
+        assert t(case.u) is x
+        u = case.u.detach().clone()
+        x_u = t(u)
+        u.mul_(1.5)
+        again = t(u)
+        assert again is not x_u
+        torch.testing.assert_close(again, t(u.clone()))
         x_data = torch.randn_like(x)
         u_data = t.inv(x_data)
         assert t(u_data) is x_data  # the other way round

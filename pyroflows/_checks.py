@@ -7,6 +7,9 @@ call without reading our code.
 from __future__ import annotations
 
 import numbers
+import os
+import sys
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -108,9 +111,15 @@ def check_finite_context(context: torch.Tensor) -> None:
 
     One reduction over the context; called when distribution validation is on (torch's
     default, ``pyro.enable_validation(False)`` turns it off), as torch checks a
-    ``Normal``'s parameters. Skipped while tracing (``torch.jit.trace``).
+    ``Normal``'s parameters. Skipped while tracing (``torch.jit.trace``) and under
+    ``torch.func.vmap``, where a tensor has no truth value.
     """
-    if torch.jit.is_tracing() or bool(torch.isfinite(context).all()):
+    if torch.jit.is_tracing():
+        return
+    try:
+        if bool(torch.isfinite(context).all()):
+            return
+    except RuntimeError:  # under torch.func.vmap: no data-dependent check can run
         return
     bad = int((~torch.isfinite(context)).sum())
     raise ValueError(
@@ -118,3 +127,12 @@ def check_finite_context(context: torch.Tensor) -> None:
         f"conditioned on it would give NaN draws and log-densities (check the network or "
         f"data that made the context)"
     )
+
+
+def warn_from_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` pointing at the first frame outside pyroflows (the user's call)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 2  # level 1 is this function
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyroflows._checks import check_hidden, check_positive_int
+from pyroflows._checks import check_hidden, check_positive_int, warn_from_caller
 from pyroflows.nn.mlp import ContextTrunk
 
 
@@ -118,13 +117,11 @@ class MADE(ContextTrunk):
         span = max(features - low, 1)
         if hidden and min(hidden) < span and features > 1:
             seen = min(hidden) - 1 + low  # the highest input rank any hidden unit sees
-            warnings.warn(
+            warn_from_caller(
                 f"MADE hidden={hidden} has a layer narrower than {span} (D - 1 = "
                 f"{features - 1}{', + 1 for the context' if context else ''}): the inputs "
                 f"after position {seen} of {features} in the order reach no output, so later "
                 f"variables cannot depend on them; use hidden sizes of at least {span}",
-                UserWarning,
-                stacklevel=2,
             )
         degrees = [degree_in] + [low + torch.arange(size) % span for size in hidden]
         if params_first:  # output (p, i) at index p * D + i

@@ -52,8 +52,10 @@ def _slots(module: nn.Module) -> tuple[tuple[dict, str], ...]:
     more than the layer's own arithmetic on small batches. The tensors themselves are read
     from these slots at each use, so a tensor swapped in (``pyro.module(...,
     update_module_params=True)``, ``torch.func.functional_call``, ``load_state_dict(
-    assign=True)``) is seen at once. ``.to()`` and loads drop the list (a new submodule
-    set as an attribute is not seen: call ``clear_cache`` after such surgery).
+    assign=True)``) is seen at once, and a slot emptied (pruning, ``parametrize``, weight
+    norm move a parameter elsewhere) makes the list anew. ``.to()``, loads and
+    :meth:`~_CachedBijection.clear_cache` drop the list (call the last after replacing a
+    submodule).
     """
     found = module.__dict__.get("_tensor_slots")
     if found is None:
@@ -75,7 +77,14 @@ def _slots(module: nn.Module) -> tuple[tuple[dict, str], ...]:
 
 def _tensors(module: nn.Module) -> tuple[torch.Tensor, ...]:
     """The module's parameters and buffers (masks, orders, permutations), as they are now."""
-    return tuple([table[name] for table, name in _slots(module)])
+    try:
+        found = tuple([table[name] for table, name in _slots(module)])
+    except KeyError:  # a slot was emptied since the list was made
+        found = None
+    if found is None or any(tensor is None for tensor in found):  # a bias set to None
+        module.__dict__.pop("_tensor_slots", None)
+        found = tuple([table[name] for table, name in _slots(module)])
+    return found
 
 
 def _watch_loads(module: nn.Module) -> None:
@@ -86,8 +95,7 @@ def _watch_loads(module: nn.Module) -> None:
 
 def _reference(module: nn.Module) -> torch.Tensor:
     """A tensor whose dtype and device stand for the module's (its first floating one)."""
-    for table, name in _slots(module):
-        tensor = table[name]
+    for tensor in _tensors(module):
         if tensor.is_floating_point():
             return tensor
     raise TypeError(f"{type(module).__name__} holds no parameter or buffer to take a dtype from")
@@ -106,12 +114,16 @@ class _CachedBijection:
     """Caching for the last ``(u, x, ladj)`` triple, in either direction.
 
     A hit is served for ``t.inv(x)`` of the ``x`` its last ``t(u)`` returned, for
-    ``t(u)`` of the ``u`` its last ``t.inv(x)`` returned or its last ``t(u)`` was given
-    (torch's ``ComposeTransform`` re-applies each part to find the log-det), and for
-    ``log_abs_det_jacobian`` of the cached pair. So ``d.log_prob(d.rsample())`` runs no
-    inverse and no second network pass (an IAF layer scores its own samples for free,
-    in a list of layers or a ``ComposeTransform``), while the scoring direction of a
-    tensor the caller passes in (a data batch) is always computed afresh. A hit also
+    ``t(u)`` of the ``u`` its last ``t.inv(x)`` returned, for ``t(u)`` of the ``u`` its
+    last ``t(u)`` was given once ``t.inv`` has been served that call's output (torch's
+    ``ComposeTransform`` re-applies each part to find the log-det while scoring), and
+    for ``log_abs_det_jacobian`` of the cached pair. So ``d.log_prob(d.rsample())`` runs
+    no inverse and no second network pass (an IAF layer scores its own samples for free,
+    in a list of layers or a ``ComposeTransform``), while a tensor the caller passes in
+    is computed afresh: a data batch to score, and a base draw pushed through again (in a
+    loop over a fixed ``u``, a hit would hand back a graph already freed by
+    ``backward``, or, after an optimizer that writes through ``.data`` such as Pyro's
+    ``ClippedAdam``, an output of the old weights). A hit also
     needs the same tensor objects (``is``), unchanged in place and in ``requires_grad``
     since (their version counters), the layer's parameters and buffers the same objects
     and unchanged (their version counters, which ``optimizer.step()`` and
@@ -158,12 +170,12 @@ class _CachedBijection:
         entry = self._cache
         if entry is None or not self._use_cache:
             return None
-        cu, cx, ladj, (made, states, key, grad) = entry
+        cu, cx, ladj, (made, states, key, grad, claimed) = entry
         if u is None:  # t.inv(x): only of the x that t(u) computed
             if x is not cx or made != _MADE_FORWARD:
                 return None
-        elif x is None:  # t(u): of the u that t.inv(x) computed, or that t(u) was given
-            if u is not cu:
+        elif x is None:  # t(u): of the u that t.inv(x) computed, or (see the docstring)
+            if u is not cu or (made == _MADE_FORWARD and not claimed[0]):
                 return None
         elif u is not cu or x is not cx:
             return None
@@ -174,12 +186,14 @@ class _CachedBijection:
         now = self._key()
         if now is None or not _same_key(key, now):
             return None
+        if u is None:  # its own output scored: the pair is in a chain of layers
+            claimed[0] = True
         return entry
 
     def _store(self, u: torch.Tensor, x: torch.Tensor, ladj: torch.Tensor, made: int) -> None:
         # inference-mode tensors have no version counter to watch: not cached
         if self._use_cache and not (u.is_inference() or x.is_inference()):
-            meta = (made, _states(u, x), self._key(), torch.is_grad_enabled())
+            meta = (made, _states(u, x), self._key(), torch.is_grad_enabled(), [False])
             # straight into __dict__: nn.Module.__setattr__ costs more than the rest of this
             self.__dict__["_cache"] = (u, x, ladj, meta)
 
@@ -212,8 +226,9 @@ class _CachedBijection:
         return self._ladj(x, y)
 
     def clear_cache(self) -> None:
-        """Forget the cached triple."""
+        """Forget the cached triple, and where the layer's tensors are (listed anew)."""
         self._cache = None
+        self._owner().__dict__.pop("_tensor_slots", None)
 
     def with_cache(self, cache_size: int = 1):
         """This layer: it keeps its own cache of one triple (see the class docstring)."""

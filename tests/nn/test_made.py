@@ -108,6 +108,7 @@ def test_narrow_hidden_layers_warn_and_say_which_inputs_are_lost(dim, hidden, co
     order = torch.randperm(dim, generator=torch.Generator().manual_seed(1)).tolist()
     with pytest.warns(UserWarning, match=r"narrower than") as record:
         made = MADE(dim, 2, hidden, context, order, nn.Tanh, False).double()
+    assert record[0].filename == __file__  # points at the caller, not at pyroflows
     seen = int(re.search(r"inputs after position (\d+)", str(record[0].message)).group(1))
     dep_x, _ = jacobian_support(made, dim, context)
     reaches_output = dep_x.flatten(0, 1).any(0)  # per input j
@@ -124,3 +125,11 @@ def test_wide_enough_hidden_layers_do_not_warn(dim, hidden, context):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MADE(dim, 2, hidden, context)
+
+
+def test_a_builder_too_narrow_for_its_dim_warns_at_the_users_line():
+    import pyroflows
+
+    with pytest.warns(UserWarning, match=r"hidden=\(64, 64\) has a layer narrower than 69") as w:
+        pyroflows.maf(70, transforms=1)
+    assert w[0].filename == __file__

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from pyroflows import maf, realnvp
+from pyroflows import iaf, maf, realnvp
 from pyroflows.transforms import AffineAutoregressive, Permutation
 
 
@@ -271,3 +271,60 @@ def test_a_first_call_inside_functional_call_does_not_leave_a_stale_watch():
     swapped = functional_call(layer, other, (u,))
     assert not torch.allclose(swapped, x)
     torch.testing.assert_close(swapped, functional_call(layer, other, (u.clone(),)))
+
+
+def _push(flow, u):
+    x, ladj = u, 0.0
+    for t in flow().transforms:
+        y = t(x)
+        ladj = ladj + t.log_abs_det_jacobian(x, y)
+        x = y
+    return x, ladj
+
+
+def test_a_fixed_base_draw_pushed_through_each_step_is_computed_afresh():
+    import pyro.optim.clipped_adam
+
+    torch.manual_seed(0)
+    flow = iaf(2, transforms=2, hidden=(16,))
+    u = torch.randn(64, 2)
+    # ClippedAdam writes through .data: the weights change, their version counters do not
+    optimizer = pyro.optim.clipped_adam.ClippedAdam(flow.parameters(), lr=0.05)
+    losses = []
+    for _ in range(3):
+        x, ladj = _push(flow, u)
+        loss = ((x - 3.0) ** 2).sum(-1).mean() - ladj.mean()
+        optimizer.zero_grad()
+        loss.backward()  # a served output would carry the freed graph of the last step
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    with torch.no_grad():
+        torch.testing.assert_close(_push(flow, u)[0], _push(flow, u.clone())[0])
+
+
+def test_gradients_accumulated_over_two_passes_of_one_draw():
+    torch.manual_seed(0)
+    flow = iaf(2, transforms=2, hidden=(16,))
+    u = torch.randn(8, 2)
+    for _ in range(2):  # no step between: each pass needs its own graph
+        _push(flow, u)[0].pow(2).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in flow.parameters())
+
+
+def test_pruning_a_used_layer_relists_its_tensors():
+    from torch.nn.utils import prune
+
+    from tests.helpers import perturb
+
+    torch.manual_seed(0)
+    flow = perturb(iaf(3, transforms=1, hidden=(8,)))
+    d = flow()
+    d.log_prob(d.rsample((2,)))  # the layer lists where its tensors are
+    (layer,) = flow.transforms
+    first = layer.conditioner.hidden_layers[0]
+    prune.l1_unstructured(first, "weight", amount=0.3)  # moves 'weight' to 'weight_orig'
+    z = d.rsample((5,))  # no KeyError: listed anew
+    with torch.no_grad():
+        first.weight_orig.mul_(2.0)  # and the new slot is watched
+    torch.testing.assert_close(d.log_prob(z), d.log_prob(z.clone()))

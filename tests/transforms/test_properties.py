@@ -166,11 +166,13 @@ def test_cache_returns_the_pair_it_computed(name, dim):
     x = t(case.u)
     if getattr(t, "_use_cache", False):
         assert t.inv(x) is case.u  # its own output: the cached pair
-        # the input it was last given, unchanged: the same output (torch's cache rule,
-        # which ComposeTransform's log-det relies on); changed in place: computed afresh
+        # the input it was last given, once its output was scored: the same output
+        # (ComposeTransform's log-det re-applies the layer); changed in place: afresh
         assert t(case.u) is x
         u = case.u.detach().clone()
         x_u = t(u)
+        assert t(u) is not x_u  # not scored: a base draw pushed through again
+        t.inv(x_u)
         u.mul_(1.5)
         again = t(u)
         assert again is not x_u

@@ -134,9 +134,10 @@ class _CachedBijection:
     ``with_cache`` returns the layer itself: it caches already (Pyro's
     ``ComposeTransformModule(..., cache_size=1)`` and ``UnitJacobianReparam`` ask for it).
 
-    Writes that bypass version counters (through ``.data``, or a fused optimizer,
-    ``Adam(fused=True)``) are not seen: draw anew, or call :meth:`clear_cache`, before
-    scoring an earlier draw after one.
+    Writes that bypass version counters (through ``.data``, as Pyro's ``ClippedAdam``
+    does, or a fused optimizer, ``Adam(fused=True)``) are not seen: draw anew, or call
+    :meth:`clear_cache`, before scoring an earlier draw after one (SVI draws anew at
+    every step).
     """
 
     domain = constraints.real_vector

@@ -218,6 +218,28 @@ def _context(context: int | None) -> int:
     return 0 if context is None else check_positive_int(context, "context", minimum=0)
 
 
+#: the width of a conditioner's two hidden layers when none are given
+DEFAULT_WIDTH = 64
+
+
+def default_hidden(dim: int, context: int = 0, masked: bool = True) -> tuple[int, int]:
+    """The hidden sizes the builders use when ``hidden`` is ``None``.
+
+    ``(64, 64)``; for a MADE (``masked``: ``maf``, ``iaf``, autoregressive ``nsf``) at
+    least ``D - 1`` wide (``D`` with a context), the width every input needs to reach the
+    outputs of the variables after it (see :class:`~pyroflows.nn.MADE`).
+    """
+    width = max(DEFAULT_WIDTH, dim - 1 + (1 if context else 0)) if masked else DEFAULT_WIDTH
+    return (width, width)
+
+
+def _hidden_or_default(hidden, dim, context, masked: bool):
+    if hidden is not None:
+        return hidden
+    dim, c = check_positive_int(dim, "dim"), _context(context)
+    return default_hidden(dim, c, masked)
+
+
 def _orders(dim: int, count: int, permutation: str | None) -> list[list[int] | None]:
     if permutation == "random":
         return [torch.randperm(dim).tolist() for _ in range(count)]
@@ -270,7 +292,7 @@ def _coupling_flow(dim, transforms, context, permutation, make, make_conditional
 def realnvp(
     dim: int,
     transforms: int = 5,
-    hidden: Sequence[int] = (64, 64),
+    hidden: Sequence[int] | None = (64, 64),
     context: int | None = None,
     permutation: str | None = "reverse",
     activation: Callable[[], nn.Module] = nn.ReLU,
@@ -286,7 +308,7 @@ def realnvp(
     Args:
         dim: event size ``D`` (>= 2).
         transforms: number of coupling layers.
-        hidden: hidden sizes of each coupling MLP.
+        hidden: hidden sizes of each coupling MLP (``None``: ``(64, 64)``).
         context: context size, or ``None`` for an unconditional flow.
         permutation: between layers: ``"reverse"`` or ``"random"`` (fixed at build time;
             it sends the coordinates a layer transformed to the next layer's conditioning
@@ -304,6 +326,7 @@ def realnvp(
         Dinh, Sohl-Dickstein, Bengio (2016). Density estimation using Real NVP.
         arXiv:1605.08803.
     """
+    hidden = _hidden_or_default(hidden, dim, context, masked=False)
     return _coupling_flow(
         dim,
         transforms,
@@ -319,7 +342,7 @@ def realnvp(
 def nice(
     dim: int,
     transforms: int = 4,
-    hidden: Sequence[int] = (64, 64),
+    hidden: Sequence[int] | None = (64, 64),
     context: int | None = None,
     permutation: str | None = "reverse",
     activation: Callable[[], nn.Module] = nn.ReLU,
@@ -337,7 +360,7 @@ def nice(
     Args:
         dim: event size ``D`` (>= 2).
         transforms: number of coupling layers.
-        hidden: hidden sizes of each coupling MLP.
+        hidden: hidden sizes of each coupling MLP (``None``: ``(64, 64)``).
         context: context size, or ``None``.
         permutation: between layers: ``"reverse"`` or ``"random"`` (as for
             :func:`realnvp`); ``None`` only for one layer.
@@ -348,6 +371,7 @@ def nice(
         Dinh, Krueger, Bengio (2014). NICE: Non-linear Independent Components
         Estimation. arXiv:1410.8516.
     """
+    hidden = _hidden_or_default(hidden, dim, context, masked=False)
     if not isinstance(scale, (bool, np.bool_)):
         raise TypeError(f"scale must be True or False, got {scale!r}")
     return _coupling_flow(
@@ -374,6 +398,8 @@ def _autoregressive_flow(dim, transforms, context, permutation, make) -> Flow:
 def _affine_autoregressive_flow(
     form, dim, transforms, hidden, context, permutation, activation, clamp
 ) -> Flow:
+    hidden = _hidden_or_default(hidden, dim, context, masked=True)
+
     def make(order, c):
         if c:
             return ConditionalAffineAutoregressive(
@@ -387,7 +413,7 @@ def _affine_autoregressive_flow(
 def maf(
     dim: int,
     transforms: int = 5,
-    hidden: Sequence[int] = (64, 64),
+    hidden: Sequence[int] | None = None,
     context: int | None = None,
     permutation: str | None = "reverse",
     activation: Callable[[], nn.Module] = nn.ReLU,
@@ -405,7 +431,8 @@ def maf(
     Args:
         dim: event size ``D``.
         transforms: number of layers.
-        hidden: hidden sizes of each MADE.
+        hidden: hidden sizes of each MADE (``None``: :func:`default_hidden`, ``(64, 64)``
+            widened to ``D - 1``, or ``D`` with a context, for large ``D``).
         context: context size, or ``None``.
         permutation: variable order between layers: ``"reverse"``, ``"random"`` or ``None``.
         activation: non-linearity class.
@@ -423,7 +450,7 @@ def maf(
 def iaf(
     dim: int,
     transforms: int = 5,
-    hidden: Sequence[int] = (64, 64),
+    hidden: Sequence[int] | None = None,
     context: int | None = None,
     permutation: str | None = "reverse",
     activation: Callable[[], nn.Module] = nn.ReLU,
@@ -441,7 +468,8 @@ def iaf(
     Args:
         dim: event size ``D``.
         transforms: number of layers.
-        hidden: hidden sizes of each MADE.
+        hidden: hidden sizes of each MADE (``None``: :func:`default_hidden`, ``(64, 64)``
+            widened to ``D - 1``, or ``D`` with a context, for large ``D``).
         context: context size, or ``None``.
         permutation: variable order between layers: ``"reverse"``, ``"random"`` or ``None``.
         activation: non-linearity class.
@@ -461,7 +489,7 @@ def nsf(
     transforms: int = 5,
     bins: int = 8,
     bound: float = 5.0,
-    hidden: Sequence[int] = (64, 64),
+    hidden: Sequence[int] | None = None,
     context: int | None = None,
     autoregressive: bool | str = False,
     permutation: str | None = "reverse",
@@ -492,7 +520,7 @@ def nsf(
         transforms: number of spline layers.
         bins: spline bins per coordinate ``K``.
         bound: half-width of the spline's interval; keep data (standardized) inside it.
-        hidden: hidden sizes of each conditioner.
+        hidden: hidden sizes of each conditioner (``None``: :func:`default_hidden`).
         context: context size, or ``None``.
         autoregressive: ``False`` (coupling), ``"maf"`` (or ``True``) or ``"iaf"``.
         permutation: between layers: ``"reverse"``, ``"random"`` or ``None`` (coupling:
@@ -517,6 +545,7 @@ def nsf(
         autoregressive = "maf"
     check_choice(autoregressive, "autoregressive", (False, "maf", "iaf"))
     check_choice(side, "side", ("base", "data", None))
+    hidden = _hidden_or_default(hidden, dim, context, masked=bool(autoregressive))
     if autoregressive:
 
         def make(order, c):

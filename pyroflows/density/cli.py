@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,7 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", "-o", required=True, metavar="MODEL", help="model file to write")
     fit.add_argument("--flow", default="nsf", choices=sorted(BUILDERS), help="default: nsf")
     fit.add_argument("--transforms", type=int, default=5, help="flow layers (default 5)")
-    fit.add_argument("--hidden", type=_hidden, default=[64, 64], help="default: 64,64")
+    fit.add_argument(
+        "--hidden",
+        type=_hidden,
+        default=None,
+        help="default: 64,64 (maf, iaf, autoregressive nsf: at least D-1 wide)",
+    )
     fit.add_argument("--bins", type=int, default=8, help="spline bins, nsf only (default 8)")
     fit.add_argument("--activation", default="relu", help="relu, elu, tanh, gelu or silu")
     fit.add_argument("--epochs", type=int, default=200, help="most epochs (default 200)")
@@ -282,7 +288,7 @@ def _info(args: argparse.Namespace) -> None:
     lines = [
         f"model     {args.model}",
         f"flow      {info['flow']}, {info['dim']} columns, {params} parameters, {info['dtype']}",
-        f"options   {info['options']}",
+        f"options   {_shown_options(flow, info['options'])}",
         f"standardized {info['standardize']}, dequantized {info['dequantize']}",
     ]
     if info["columns"] is not None:
@@ -295,6 +301,15 @@ def _info(args: argparse.Namespace) -> None:
             f"{history['seconds']:.1f} s"
         )
     print("\n".join(lines))
+
+
+def _shown_options(flow: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """The options as stored, with a default ``hidden`` shown as the widths it gave."""
+    if "hidden" not in options or options["hidden"] is not None:
+        return options
+    trunk = next((m for m in flow.modules() if hasattr(m, "hidden_layers")), None)
+    widths = [layer.out_features for layer in trunk.hidden_layers] if trunk else []
+    return {**options, "hidden": f"default {widths}"}
 
 
 def _leave_process_group() -> None:

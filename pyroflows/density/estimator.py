@@ -44,7 +44,8 @@ class FlowDensity(BaseEstimator):
         flow: builder name: ``"nsf"``, ``"maf"``, ``"realnvp"``, ``"nice"`` (``"iaf"``
             works but scores in ``D`` passes per layer: slow to fit).
         transforms: number of flow layers.
-        hidden: hidden sizes of each conditioner.
+        hidden: hidden sizes of each conditioner (``None``: ``(64, 64)``, and for the
+            MADE of maf, iaf and autoregressive nsf at least ``D - 1`` wide).
         bins: spline bins (``nsf`` only).
         activation: ``"relu"``, ``"elu"``, ``"tanh"``, ``"gelu"`` or ``"silu"``.
         options: further builder keyword arguments (e.g. ``{"autoregressive": "maf"}``
@@ -75,7 +76,7 @@ class FlowDensity(BaseEstimator):
         self,
         flow: str = "nsf",
         transforms: int = 5,
-        hidden: tuple[int, ...] = (64, 64),
+        hidden: tuple[int, ...] | None = None,
         bins: int = 8,
         activation: str = "relu",
         options: dict[str, Any] | None = None,
@@ -247,7 +248,7 @@ class FlowDensity(BaseEstimator):
         est = cls(
             flow=info["flow"],
             transforms=options.get("transforms", 5),
-            hidden=tuple(options.get("hidden", (64, 64))),
+            hidden=_hidden_option(options.get("hidden", (64, 64))),
             bins=options.get("bins", 8),
             activation=options.get("activation", "relu"),
             standardize=info["standardize"],
@@ -276,3 +277,8 @@ def _plain(value: Any) -> Any:
 
 def _is_sequence(value: Any) -> bool:
     return isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes))
+
+
+def _hidden_option(hidden: Any) -> tuple[int, ...] | None:
+    """A model file's ``hidden`` as the estimator's parameter (``None``: the default)."""
+    return None if hidden is None else tuple(hidden)

@@ -86,7 +86,7 @@ def build(
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
     kwargs["activation"] = ACTIVATIONS[activation]
-    if "hidden" in kwargs:
+    if kwargs.get("hidden") is not None:  # None: the builder's default for this D
         kwargs["hidden"] = tuple(kwargs["hidden"])
     if flow == "nsf" and dim == 1 and not kwargs.get("autoregressive"):
         kwargs["autoregressive"] = "maf"

@@ -273,3 +273,14 @@ def test_values_beyond_the_models_float32_get_one_line(workdir):
     one_line_error(
         run("score", "model.pt", "huge.npy", cwd=workdir), "huge.npy: -1e+39 at row 5, column 1"
     )
+
+
+def test_default_hidden_is_wide_enough_for_wide_data(tmp_path):
+    rng = np.random.default_rng(1)
+    np.savetxt(tmp_path / "wide.csv", rng.normal(size=(200, 70)), delimiter=",")
+    args = ("fit", "wide.csv", "--flow", "maf", "--out", "wide.pt", "--transforms", "1")
+    result = run(*args, "--epochs", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "narrower than" not in result.stderr  # the MADE's width warning
+    info = run("info", "wide.pt", cwd=tmp_path)
+    assert "'hidden': 'default [69, 69]'" in info.stdout

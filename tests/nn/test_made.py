@@ -131,5 +131,24 @@ def test_a_builder_too_narrow_for_its_dim_warns_at_the_users_line():
     import pyroflows
 
     with pytest.warns(UserWarning, match=r"hidden=\(64, 64\) has a layer narrower than 69") as w:
-        pyroflows.maf(70, transforms=1)
+        pyroflows.maf(70, transforms=1, hidden=(64, 64))
     assert w[0].filename == __file__
+
+
+@pytest.mark.parametrize(
+    ("build", "width"),
+    [
+        (lambda p: p.maf(70, transforms=1), 69),
+        (lambda p: p.iaf(70, transforms=1, context=3), 70),
+        (lambda p: p.nsf(70, transforms=1, autoregressive="maf"), 69),
+        (lambda p: p.maf(10, transforms=1), 64),
+    ],
+)
+def test_builder_defaults_are_wide_enough_for_every_input(build, width):
+    import pyroflows
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flow = build(pyroflows)
+    made = flow.transforms[0].conditioner
+    assert [layer.out_features for layer in made.hidden_layers] == [width, width]

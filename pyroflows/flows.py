@@ -134,6 +134,7 @@ class Flow(nn.Module):
         self.transforms = nn.ModuleList(transforms)
         self.register_buffer("base_loc", torch.zeros(self.dim))
         self.register_buffer("base_scale", torch.ones(self.dim))
+        self.register_load_state_dict_post_hook(_align_dtype_references)
 
     @property
     def conditional(self) -> bool:
@@ -212,6 +213,22 @@ class Flow(nn.Module):
     def extra_repr(self) -> str:
         """Sizes, shown by ``repr``."""
         return f"dim={self.dim}, context={self.context_features}"
+
+
+def _align_dtype_references(flow: Flow, incompatible_keys: object = None) -> None:
+    """After a load, give layers without weights (``Permutation``) the flow's dtype.
+
+    Their dtype reference is a non-persistent buffer, which a ``load_state_dict(...,
+    assign=True)`` of float64 weights into a float32 flow would leave float32, so the
+    layer would refuse the flow's own float64 values.
+    """
+    like = flow.base_loc
+    for module in flow.modules():
+        reference = module._buffers.get("_dtype_ref")
+        if reference is not None and (
+            reference.dtype != like.dtype or reference.device != like.device
+        ):
+            module._buffers["_dtype_ref"] = reference.to(dtype=like.dtype, device=like.device)
 
 
 def _context(context: int | None) -> int:

@@ -263,6 +263,16 @@ def test_non_finite_context(name, bad):
         torch.distributions.Distribution.set_default_validate_args(previous)
 
 
+@pytest.mark.parametrize("name", ["realnvp", "nice", "nsf"])
+def test_assign_loading_float64_weights_into_a_float32_flow(name):
+    # coupling flows hold Permutation layers, whose dtype reference is not in state_dict
+    source = rough(name, dim=3).double()
+    target = small(name, dim=3)
+    target.load_state_dict(source.state_dict(), assign=True)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    torch.testing.assert_close(target().log_prob(x), source().log_prob(x.clone()))
+
+
 def test_a_conditional_flow_under_vmap():
     # the context check (a truth value) cannot run under vmap: it is skipped there
     flow = rough("maf", dim=3, context=2)

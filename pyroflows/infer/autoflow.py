@@ -70,6 +70,11 @@ from pyroflows.transforms.base import FlowTransform
 from pyroflows.transforms.linear import ActNorm
 
 
+def _subsamples(frame: Any) -> bool:
+    """Whether a plate frame of a trace covers only some of its rows (a subsample)."""
+    return frame.full_size is not None and frame.full_size != frame.size
+
+
 def _hidden(dim: int) -> tuple[int, int]:
     width = max(16, 4 * dim)
     return (width, width)
@@ -465,7 +470,7 @@ class AutoFlow(AutoContinuous):
                 for name, site in trace.nodes.items()
                 if site["type"] == "sample" and not site["is_observed"]
                 for frame in site["cond_indep_stack"]
-                if frame.full_size is not None and frame.full_size != frame.size
+                if _subsamples(frame)
             }
         )
         if local and not bad:
@@ -637,7 +642,7 @@ class AutoFlow(AutoContinuous):
 
     def _subsampled(self, args, kwargs) -> bool:
         return any(
-            frame.full_size is not None and frame.full_size != frame.size
+            _subsamples(frame)
             for site in self._model_trace(args, kwargs).nodes.values()
             if site["type"] == "sample"
             for frame in site["cond_indep_stack"]

@@ -55,6 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import posteriors  # noqa: E402
 
+from pyroflows.infer.autoflow import GUIDE_FLOWS  # noqa: E402
+
 PYRO_GUIDES = ("Normal", "MVN", "IAF", "IAF-2x4D", "NSF")
 # the default, without its warm start, with the "sticking the landing" estimator, the
 # other builders
@@ -66,7 +68,7 @@ OUR_GUIDES = (
     "AutoFlow-realnvp",
 )
 REFERENCE_GUIDES = ("MVN-anchor",)  # shown, but neither Pyro's as users get it nor ours
-FLOWS = ("iaf", "maf", "nice", "nsf", "realnvp")  # pyroflows.infer.autoflow.GUIDE_FLOWS
+FLOWS = tuple(sorted(GUIDE_FLOWS))  # the builders AutoFlow takes by name
 
 
 def check_guide_name(name: str) -> str:

@@ -21,6 +21,13 @@ def setup(device: torch.device) -> tuple[int, int]:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1 or not dist.is_available():
         return 0, 1
+    # torch._dynamo imported while a process group exists keeps that group alive after
+    # destroy_process_group (seen with torch 2.13; torch.optim imports it), so its gloo
+    # threads outlive the interpreter and may free a finished collective's tensors during
+    # shutdown: an abort ("terminate called without an active exception") in about one
+    # run in ten. Imported first, the group is torn down with destroy_process_group.
+    import torch._dynamo  # noqa: F401
+
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl")

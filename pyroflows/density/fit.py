@@ -249,6 +249,12 @@ def fit(
     backward pass per mini-batch, plus one scoring pass over the validation rows. Use a
     flow that scores in one pass (``maf``, ``realnvp``, ``nice``, ``nsf``), not ``iaf``.
 
+    Launched by ``torchrun`` (``WORLD_SIZE`` > 1), the fit is data-parallel: it joins the
+    process group unless the script already has (gloo on the CPU, nccl on CUDA), each
+    process takes its share of every batch, and only rank 0 writes checkpoints. The
+    script should end with ``torch.distributed.destroy_process_group()``, as the command
+    line does: a group still alive when Python exits can abort the process.
+
     Args:
         flow: an unconditional :class:`~pyroflows.Flow` of size ``D``.
         data: training rows, shape ``(N, D)``: a NumPy array (converted to the flow's

@@ -11,6 +11,7 @@ DATA is a CSV file (with or without a header row) or a ``.npy`` array. Bad input
 line on stderr, ``pyroflows: error: ...``, and exit code 2. ``fit`` never overwrites a
 model without ``--force``; Ctrl-C during ``fit`` leaves a checkpoint in
 ``MODEL.ckpt/`` and the same command with ``--resume`` continues from it (exit code 130).
+The checkpoint is removed once the model file is written.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -67,10 +68,17 @@ def _device(text: str):
     return device
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command line's one-line errors (not a usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"pyroflows: error: {message} (see '{self.prog} --help')\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from pyroflows import BUILDERS, __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pyroflows", description="Fit, sample and score normalizing-flow densities."
     )
     parser.add_argument("--version", action="version", version=f"pyroflows {__version__}")
@@ -216,6 +224,7 @@ def _fit(args: argparse.Namespace) -> None:
         history=history.as_dict(),
         force=True,
     )
+    _discard(previous)  # the model file now holds what the final checkpoint kept
     dim = values.shape[1]
     score = history.best_val_nll  # the best epoch's validation (or, without, training) NLL
     kind = "validation" if history.val_nll else "training"
@@ -225,6 +234,15 @@ def _fit(args: argparse.Namespace) -> None:
         f"{score:.4f} nats/row ({score / dim:.4f} per dim); wrote {out}"
     )
     distributed.barrier()  # the others wait for the model file before leaving the group
+
+
+def _discard(checkpoint: Path) -> None:
+    """Remove a finished fit's checkpoint, and its folder if nothing else is in it."""
+    checkpoint.unlink(missing_ok=True)
+    try:
+        checkpoint.parent.rmdir()
+    except OSError:  # the user's own files are in it: leave them
+        pass
 
 
 def _finished(checkpoint: Path) -> bool | None:

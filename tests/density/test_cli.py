@@ -284,3 +284,30 @@ def test_default_hidden_is_wide_enough_for_wide_data(tmp_path):
     assert "narrower than" not in result.stderr  # the MADE's width warning
     info = run("info", "wide.pt", cwd=tmp_path)
     assert "'hidden': 'default [69, 69]'" in info.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["fit", "data.csv", "--out", "f.pt", "--flow", "nfs"], ["--flow", "'nfs'", "fit --help"]),
+        (["fit", "data.csv"], ["required: --out", "'pyroflows fit --help'"]),
+        (["fitt", "data.csv"], ["invalid choice: 'fitt'", "'pyroflows --help'"]),
+        ([], ["required: COMMAND"]),
+    ],
+)
+def test_bad_flags_get_one_line_and_exit_code_2(workdir, args, fragments):
+    one_line_error(run(*args, cwd=workdir), *fragments)  # not argparse's usage block first
+
+
+def test_a_finished_fit_removes_its_checkpoint_but_not_the_users_files(workdir):
+    done = run("fit", "data.csv", "--out", "tidy.pt", *FAST, "--checkpoint-every", "1",
+               cwd=workdir)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (workdir / "tidy.pt").exists()
+    assert not (workdir / "tidy.pt.ckpt").exists()
+    mine = workdir / "kept.pt.ckpt" / "notes.txt"
+    mine.parent.mkdir()
+    mine.write_text("mine")
+    done = run("fit", "data.csv", "--out", "kept.pt", *FAST, cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in mine.parent.iterdir()] == ["notes.txt"]

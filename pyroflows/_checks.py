@@ -130,9 +130,17 @@ def check_finite_context(context: torch.Tensor) -> None:
 
 
 def warn_from_caller(message: str, category: type[Warning] = UserWarning) -> None:
-    """``warnings.warn`` pointing at the first frame outside pyroflows (the user's call)."""
-    package = os.path.dirname(os.path.abspath(__file__))
+    """``warnings.warn`` pointing at the user's call, not at pyroflows, Pyro or torch.
+
+    The first frame outside those three packages: a guide set up inside ``svi.step`` is
+    reached through Pyro's and torch's frames.
+    """
+    packages = tuple(
+        os.path.dirname(os.path.abspath(module.__file__)) + os.sep
+        for module in (sys.modules[__package__], sys.modules.get("pyro"), sys.modules["torch"])
+        if module is not None and getattr(module, "__file__", None)
+    )
     frame, level = sys._getframe(1), 2  # level 1 is this function
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(packages):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)

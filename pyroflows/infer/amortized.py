@@ -354,9 +354,7 @@ class AmortizedGuide(nn.Module):
         """Sample ``z`` for the rows of ``x`` (or for a subsample of them); return it."""
         if self.register:
             pyro.module(self.name, self.posterior)
-        rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else None
-        if rows is None:
-            raise ValueError("x must be a tensor with the data points along its first dim")
+        rows = _rows(x)
         enclosing = _active_plate(self.plate)
         if enclosing is not None:  # the caller's own data plate, shared with its latents
             self._check_enclosing(enclosing, rows)
@@ -416,6 +414,18 @@ class AmortizedGuide(nn.Module):
                 f"{tuple(x.shape)}"
             )
         return x.reshape(x.shape[0], *([1] * (-self.dim - 1)), x.shape[1])
+
+
+def _rows(x: object) -> int:
+    """The number of data points in ``x`` (its first dim), or a clear error."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"x must be a torch.Tensor with the data points along its first dim, got "
+            f"{type(x).__name__}; convert it with torch.as_tensor(x, dtype=torch.float32)"
+        )
+    if x.dim() == 0:
+        raise ValueError("x must have the data points along its first dim, got a 0-d tensor")
+    return x.shape[0]
 
 
 def _active_plate(name: str) -> Any:
@@ -510,9 +520,7 @@ def iwae_log_likelihood(
     """
     check_positive_int(num_samples, "num_samples")
     check_positive_int(max_batch, "max_batch")
-    if not isinstance(x, torch.Tensor) or x.dim() == 0:
-        raise ValueError("x must be a tensor with the data points along its first dim")
-    n = x.shape[0]
+    n = _rows(x)
     if n == 0:
         raise ValueError("x has no rows")
     with torch.no_grad():

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,7 +62,7 @@ from torch import nn
 from torch.distributions import ComposeTransform, biject_to
 from torch.nn import functional as F
 
-from pyroflows._checks import check_choice, check_positive_int
+from pyroflows._checks import check_choice, check_positive_int, warn_from_caller
 from pyroflows.flows import Flow, iaf, maf, nice, nsf, realnvp
 from pyroflows.infer import diagnostics
 from pyroflows.transforms.base import FlowTransform
@@ -743,10 +742,9 @@ class AutoFlow(AutoContinuous):
 
     def _laplace_warm_start(self, args, kwargs) -> None:
         if self._subsampled(args, kwargs):
-            warnings.warn(
+            warn_from_caller(
                 "AutoFlow: the model subsamples data, so the Laplace warm start is skipped "
-                "(the mode of a mini-batch is not the mode); starting at init_loc_fn",
-                stacklevel=4,
+                "(the mode of a mini-batch is not the mode); starting at init_loc_fn"
             )
             return
         loc = self.anchor_loc.clone()
@@ -756,9 +754,8 @@ class AutoFlow(AutoContinuous):
             with torch.enable_grad():
                 candidates.append(("laplace", *self._laplace(args, kwargs)))
         except (FloatingPointError, RuntimeError, ValueError) as error:
-            warnings.warn(
-                f"AutoFlow: Laplace warm start failed ({error}); starting at init_loc_fn",
-                stacklevel=4,
+            warn_from_caller(
+                f"AutoFlow: Laplace warm start failed ({error}); starting at init_loc_fn"
             )
         with torch.random.fork_rng(devices=[]):
             scored = [self._gaussian_elbo(m, c, args, kwargs) for _, m, c in candidates]
@@ -766,10 +763,9 @@ class AutoFlow(AutoContinuous):
         if not any(math.isfinite(e) for e in elbos):
             error = next((error for _, error in scored if error is not None), None)
             why = f": {type(error).__name__}: {error}" if error is not None else ""
-            warnings.warn(
+            warn_from_caller(
                 "AutoFlow: no Gaussian start had a finite ELBO (the model failed or gave "
-                f"-inf for every draw{why}); starting at init_loc_fn with init_scale",
-                stacklevel=4,
+                f"-inf for every draw{why}); starting at init_loc_fn with init_scale"
             )
         # ties (all -inf, say) go to the candidate nearest the plain init_scale start
         best = max(range(len(candidates)), key=lambda i: (elbos[i], -abs(i - self._GRID_HOME)))

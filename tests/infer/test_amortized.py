@@ -314,6 +314,21 @@ def test_guide_refuses_x_without_a_rows_dim():
     assert poutine.trace(guide).get_trace(torch.zeros(1, 16)).nodes["z"]["value"].shape == (1, 4)
 
 
+def test_x_that_is_not_a_tensor_gets_a_type_error_naming_what_came():
+    import numpy as np
+
+    model, x = LinearGaussian(), np.zeros((3, D))
+    guide = model.gaussian_guide(1.0)
+    for call in (
+        lambda: poutine.trace(guide).get_trace(x),
+        lambda: iwae_log_likelihood(model, guide, x, num_samples=4),
+    ):
+        with pytest.raises(TypeError, match=r"x must be a torch.Tensor .*got ndarray"):
+            call()
+    with pytest.raises(ValueError, match="got a 0-d tensor"):
+        iwae_log_likelihood(model, guide, torch.tensor(1.0), num_samples=4)
+
+
 def _labelled_model(data):
     """A semi-supervised VAE's shape: a label y and a latent z per row, one data plate."""
     with pyro.plate("data", data.shape[0]):

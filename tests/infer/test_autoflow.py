@@ -178,6 +178,16 @@ def test_warm_start_picks_the_plain_scale_with_the_best_elbo():
     assert torch.allclose(guide.anchor_scale_tril, torch.eye(3))
 
 
+def test_warm_start_warnings_point_at_the_users_line():
+    def model():
+        pyro.sample("x", dist.Laplace(torch.zeros(3), 1.0).to_event(1))
+
+    svi = SVI(model, AutoFlow(model), pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    with pytest.warns(UserWarning, match="Laplace warm start failed") as caught:
+        svi.step()  # the guide is set up inside Pyro's and torch's frames
+    assert {w.filename for w in caught} == {__file__}
+
+
 @pytest.mark.parametrize("learn_linear", [False, True])
 def test_anchored_linear_log_det_and_inverse(learn_linear):
     from pyroflows.infer.autoflow import AnchoredLinear

@@ -140,10 +140,15 @@ def plot_stages(flow, x_train, path) -> None:
     for ax, points, name in zip(axes[:-1], stages, names, strict=True):
         ax.scatter(*points.T, c=color, s=2, cmap="coolwarm")
         ax.set_title(name, fontsize=9)
+        # a hidden layer may stretch far past the data's range: frame 99% of its points
+        lo, hi = torch.quantile(points.detach(), torch.tensor([0.005, 0.995]), dim=0)
+        lo, hi = (lo - 0.1 * (hi - lo)).tolist(), (hi + 0.1 * (hi - lo)).tolist()
+        ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]))
+        ax.tick_params(labelsize=7)
     axes[-1].scatter(*x_train.T, s=2, color="gray")
     axes[-1].set_title("data", fontsize=9)
-    for ax in axes:
-        ax.set(xlim=(-4, 4), ylim=(-4, 4), aspect="equal", xticks=[], yticks=[])
+    for ax in (axes[0], axes[-1]):  # base and data on the same fixed square
+        ax.set(xlim=(-4, 4), ylim=(-4, 4), aspect="equal")
     fig.savefig(path, dpi=90)
     print(f"saved {path}")
 

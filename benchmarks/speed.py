@@ -68,7 +68,7 @@ Fairness details:
 Run (from the repository root)::
 
     python benchmarks/speed.py                 # full run, D = 8 and 32: about 5 min on 2 cores
-    python benchmarks/speed.py --quick         # smoke test, well under a minute
+    python benchmarks/speed.py --quick         # smoke test (speed_quick.json), under a minute
     python benchmarks/speed.py --dims 16 --threads 2 --device cuda --out /tmp/speed.json
 
 zuko and nflows are the optional ``bench`` extra (``pip install -e .[bench]``); if they do
@@ -688,9 +688,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="few repeats: a smoke test")
     parser.add_argument(
-        "--out", type=Path, default=Path("benchmarks/results/speed.json"), help="JSON path"
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default benchmarks/results/speed.json, speed_quick.json with --quick)",
     )
     args = parser.parse_args(argv)
+    if args.out is None:  # a smoke test never replaces the results of a full run
+        results = Path(__file__).resolve().parent / "results"
+        args.out = results / ("speed_quick.json" if args.quick else "speed.json")
     if args.repeats is None:
         args.repeats = 3 if args.quick else 200
     if args.sample_repeats is None:

@@ -271,6 +271,8 @@ def _sample(args: argparse.Namespace) -> None:
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(generator_seed)
         draws = flow().sample((args.num_samples,))
+    if info["dequantize"]:  # a density of x + U[0, 1): its integer cells are the draws
+        draws = draws.floor()
     _write(draws.double().numpy(), args.out, info["columns"])
 
 

@@ -208,7 +208,12 @@ class FlowDensity(BaseEstimator):
         return float(self.score_samples(X).sum())
 
     def sample(self, n_samples: int = 1, random_state=None) -> np.ndarray:
-        """Draw ``n_samples`` rows from the fitted density (seeded by ``random_state``).
+        r"""Draw ``n_samples`` rows from the fitted density (seeded by ``random_state``).
+
+        With ``dequantize=True`` the flow is a density of :math:`x + u`,
+        :math:`u \sim U[0, 1)^D`, so its draws are floored: integer rows, drawn from the
+        model's probabilities of the integer cells (``flow_().sample()`` gives the
+        continuous draws).
 
         Returns:
             An array of shape ``(n_samples, n_features)``.
@@ -222,6 +227,8 @@ class FlowDensity(BaseEstimator):
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
             draws = self.flow_().sample((int(n_samples),))
+        if self.dequantize:
+            draws = draws.floor()
         return draws.double().numpy()
 
     def save(self, path: str | os.PathLike, force: bool = False) -> None:

@@ -38,7 +38,7 @@ from torch import nn
 from pyroflows._checks import check_positive_int
 from pyroflows.density import distributed
 from pyroflows.density.rows import CHUNK, Rows, as_source, chunk_noise
-from pyroflows.density.standardize import add_standardization, settle
+from pyroflows.density.standardize import add_standardization, check_resolution, settle
 from pyroflows.flows import Flow
 
 CHECKPOINT = "checkpoint.pt"
@@ -360,6 +360,7 @@ def fit(
     # the training noise is drawn where the batches are (no CPU tensor per batch on CUDA)
     noise = torch.Generator(like.device).manual_seed(seed % 2**31 + 2)
     mean, var, total = train.moments()  # one streaming pass; checks every value
+    check_resolution(mean, var, like.dtype)  # 1e8 +- 10 in float32: refused, not rounded
     if valid is not None:
         valid.moments()  # the validation rows too, before any epoch (and on every rank)
     if standardize:

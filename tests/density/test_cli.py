@@ -311,3 +311,15 @@ def test_a_finished_fit_removes_its_checkpoint_but_not_the_users_files(workdir):
     done = run("fit", "data.csv", "--out", "kept.pt", *FAST, cwd=workdir)
     assert done.returncode == 0, done.stderr
     assert [p.name for p in mine.parent.iterdir()] == ["notes.txt"]
+
+
+def test_a_dequantized_model_samples_integers(workdir):
+    counts = np.random.default_rng(2).poisson(3.0, size=(300, 2))
+    np.savetxt(workdir / "counts.csv", counts, delimiter=",", fmt="%d")
+    fitted = run("fit", "counts.csv", "--out", "counts.pt", *FAST, "--dequantize", cwd=workdir)
+    assert fitted.returncode == 0, fitted.stderr
+    drawn = run("sample", "counts.pt", "-n", "200", "--seed", "0", cwd=workdir)
+    assert drawn.returncode == 0, drawn.stderr
+    values = np.loadtxt(drawn.stdout.splitlines(), delimiter=",")
+    assert values.shape == (200, 2)
+    assert np.array_equal(values, np.floor(values))

@@ -141,6 +141,16 @@ def test_dequantized_scores_are_the_bound_over_the_cell():
     assert not np.allclose(scores, corner, atol=1e-3)  # not the density at the corner
 
 
+def test_a_dequantized_model_samples_integer_rows_near_the_data():
+    X = np.random.default_rng(0).poisson(3.0, size=(400, 2)).astype(float)
+    est = FlowDensity(flow="maf", dequantize=True, **SMALL).fit(X)
+    draws = est.sample(4000, random_state=0)
+    assert np.array_equal(draws, np.floor(draws))  # cells, not points of x + U[0, 1)
+    assert np.abs(draws.mean(0) - X.mean(0)).max() < 0.25  # not shifted by +1/2
+    continuous = est.flow_().sample((4000,)).double().numpy()
+    assert np.abs(continuous.mean(0) - X.mean(0) - 0.5).max() < 0.25
+
+
 def test_numpy_scalars_from_parameter_grids(tmp_path):
     X, _ = mixture_rows(300, 5)
     small = {"hidden": (8,), "epochs": 2, "random_state": 0}

@@ -59,3 +59,31 @@ def test_small_scale_columns_are_standardized_and_constant_ones_left_alone():
     mean, sd = moments(x, False)
     assert sd[0].item() == pytest.approx(x[:, 0].std(unbiased=False).item())
     assert sd[1].item() == 1.0
+
+
+def test_a_column_float32_cannot_resolve_is_refused_by_name():
+    import numpy as np
+
+    from pyroflows.density import DataError, fit
+
+    rng = np.random.default_rng(0)
+    data = np.c_[rng.normal(size=500), rng.normal(1e8, 10.0, size=500)]  # float32 steps of 8
+    flow = pyroflows.maf(2, transforms=1, hidden=(8,))
+    with pytest.raises(DataError, match=r"column 2 \(index 1\) has mean 1e\+08 .* 8 apart"):
+        fit(flow, data, epochs=1, progress=False)
+    flow64 = pyroflows.maf(2, transforms=1, hidden=(8,)).double()
+    fit(flow64, data, epochs=1, progress=False)  # float64 resolves it
+    assert standardization_of(flow64).scale[1].item() == pytest.approx(10.0, rel=0.1)
+    constant = np.c_[rng.normal(size=500), np.full(500, 1e8)]  # no spread: nothing to round
+    fit(pyroflows.maf(2, transforms=1, hidden=(8,)), constant, epochs=1, progress=False)
+
+
+def test_a_column_whose_variance_overflows_float32_is_standardized():
+    import numpy as np
+
+    from pyroflows.density import fit
+
+    data = np.random.default_rng(0).normal(size=(300, 2)) * [1e20, 1.0]  # var 1e40
+    flow = pyroflows.maf(2, transforms=1, hidden=(8,))
+    fit(flow, data, epochs=1, progress=False)
+    assert standardization_of(flow).scale[0].item() == pytest.approx(1e20, rel=0.2)

@@ -59,6 +59,13 @@ ADVERSARIAL = {
     "tiny_derivatives": (torch.zeros(K), torch.zeros(K), torch.full((K - 1,), -30.0)),
     "huge_derivatives": (torch.zeros(K), torch.zeros(K), torch.full((K - 1,), 30.0)),
     "all_at_once": (torch.eye(K)[3] * 30, torch.eye(K)[5] * 30, torch.full((K - 1,), -30.0)),
+    # one dominant bin, steep at its left knot and flat at its right: the quadratic's
+    # coefficients cancel in float32 (the inverse was 2x past the allowance there)
+    "sharp_bin": (
+        torch.eye(K)[2] * 20,
+        torch.eye(K)[2] * 20,
+        20 * (torch.eye(K - 1)[1] - torch.eye(K - 1)[2]),
+    ),
 }
 
 
@@ -420,3 +427,40 @@ def test_spline_settings_that_cannot_make_a_monotone_map_are_refused():
     with pytest.raises(ValueError, match="bins must be at most 999"):
         pyroflows.nsf(2, bins=1500)
     assert pyroflows.nsf(2, bins=999, transforms=1, hidden=(4,)).dim == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inverse_gradient_is_the_reciprocal_slope_at_the_knots_and_the_bound(dtype):
+    # Rounding puts the root a hair past 1 just below a height knot (and at x = B): a
+    # clamp there gave du/dx = 0 and zero parameter gradients.
+    w, h, d = (1.5 * p for p in params(1, seed=1, dtype=dtype))
+    knots = _knots(h, B, 1e-3)[0].flatten()[1:]  # the interior height knots and B
+    x = torch.nextafter(knots, torch.tensor(-B, dtype=dtype))
+    x = torch.cat([x, torch.tensor([B], dtype=dtype)]).requires_grad_(True)
+    u, logd = spline(x, w, h.requires_grad_(True), d, inverse=True)
+    du_dx, du_dh = torch.autograd.grad(u.sum(), [x, h])
+    assert torch.allclose(du_dx, torch.exp(-logd.flatten()), rtol=1e-3)
+    assert (du_dh != 0).any()
+
+
+def test_inverse_gradients_are_finite_where_the_discriminant_rounds_to_zero():
+    w, h, d = (p[None].clone().requires_grad_(True) for p in ADVERSARIAL["sharp_bin"])
+    x = torch.tensor([4.949995517730713], requires_grad=True)  # disc == 0 in float32
+    u, logd = spline(x, w, h, d, inverse=True)
+    grads = torch.autograd.grad(u.sum() + logd.sum(), [x, w, h, d], retain_graph=True)
+    assert all(torch.isfinite(g).all() for g in grads)
+    (du_dx,) = torch.autograd.grad(u.sum(), [x])
+    # the slope changes by 10% within one float32 step of u here: compare with float64's
+    x64 = x.detach().double()
+    _, logd64 = spline(x64, *(p.detach().double() for p in (w, h, d)), inverse=True)
+    assert du_dx.item() == pytest.approx(torch.exp(-logd64).item(), rel=0.05)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_a_nan_input_leaves_the_other_rows_gradients_finite(inverse):
+    w, h, d = (p.clone().requires_grad_(True) for p in params(1, seed=2, dtype=torch.float32))
+    value = torch.tensor([float("nan"), 0.3])
+    out, logd = spline(value, w, h, d, inverse=inverse)
+    assert out[0].isnan()
+    (out[1] + logd[1]).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in (w, h, d))

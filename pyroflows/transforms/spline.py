@@ -114,11 +114,9 @@ def rational_quadratic_spline(
     :math:`c` such that :math:`\tilde d = 0` gives :math:`d = 1`; the two outer knot
     derivatives are 1 to meet the linear tails. All-zero parameters give the identity.
 
-    The inverse solves the bin's quadratic for its root (coefficients in float64 for
-    float32 inputs, where they cancel in sharp bins), then takes one Newton step on
-    :math:`x(\xi) = v` in differentiable operations, so its gradients are the implicit
-    function theorem's, :math:`\partial u = (\partial v - \partial_\theta x)\,/\,x'(u)`,
-    finite at the knots and wherever the discriminant rounds to 0.
+    The inverse solves the bin's quadratic for its root in the stable form, with the
+    coefficients in float64 for float32 inputs (they cancel in single precision in sharp
+    bins), differentiably to any order.
 
     Args:
         value: ``u`` (forward) or ``x`` (``inverse=True``), shape ``(*batch, D)``.
@@ -194,39 +192,27 @@ def _spline_autograd(
     curvature = d_k1 + d_k - 2 * s_k
 
     if inverse:
-        with torch.no_grad():
-            # a, b and c cancel in single precision for sharp bins: form them in double
-            wide = torch.float64 if v.dtype == torch.float32 else v.dtype
-            h64, s64, d64, c64 = (t.to(wide) for t in (h_k, s_k, d_k, curvature))
-            dy = v.to(wide) - y_k.to(wide)
-            a = h64 * (s64 - d64) + dy * c64
-            b = h64 * d64 - dy * c64
-            c = -s64 * dy
-            # The root in [0, 1], without cancellation whatever the sign of b: with
-            # q = -(b + sign(b) sqrt(b^2 - 4ac)) / 2 it is c / q for b >= 0, q / a for b < 0.
-            sqrt_disc = (b * b - 4 * a * c).clamp_min(0.0).sqrt()
-            positive = b >= 0
-            q = -0.5 * (b + torch.where(positive, sqrt_disc, -sqrt_disc))
-            one = torch.ones_like(q)
-            root = (
-                torch.where(
-                    positive, c / torch.where(positive, q, one), q / torch.where(positive, one, a)
-                )
-                .clamp(0.0, 1.0)
-                .to(v.dtype)
-            )
-            p0 = root * (1 - root)
-            m0 = d_k1 * root * root + 2 * s_k * p0 + d_k * (1 - root) * (1 - root)
-            slope = h_k * s_k * m0 / (s_k + curvature * p0).square()  # dx / dxi > 0
-        # One Newton step on x(xi) = v from the root, in differentiable operations: its
-        # gradients are the implicit function theorem's, dxi = -(dx at fixed xi) / slope,
-        # never those of the formula above (whose clamp gave 0 and whose square root at a
-        # zero discriminant gave NaN), and it removes the formula's cancellation error.
-        root, slope = root.detach(), slope.detach()  # forward-mode tangents too
-        p0 = root * (1 - root)
-        x0 = y_k + h_k * (s_k * root * root + d_k * p0) / (s_k + curvature * p0)
-        xi = root - (x0 - v) / slope
-        xi = xi + (xi.clamp(0.0, 1.0) - xi).detach()  # in the bin; the gradient kept
+        # a, b and c cancel in single precision for sharp bins: form them in double
+        wide = torch.float64 if v.dtype == torch.float32 else v.dtype
+        h64, s64, d64, c64 = (t.to(wide) for t in (h_k, s_k, d_k, curvature))
+        dy = v.to(wide) - y_k.to(wide)
+        a = h64 * (s64 - d64) + dy * c64
+        b = h64 * d64 - dy * c64
+        c = -s64 * dy
+        # The root in [0, 1], without cancellation whatever the sign of b: with
+        # q = -(b + sign(b) sqrt(b^2 - 4ac)) / 2 it is c / q for b >= 0, q / a for b < 0.
+        # (b^2 - 4ac > 0 for a monotone spline; the floor only keeps a rounded 0 from
+        # giving the square root an infinite derivative.)
+        sqrt_disc = (b * b - 4 * a * c).clamp_min(torch.finfo(wide).tiny).sqrt()
+        positive = b >= 0
+        q = -0.5 * (b + torch.where(positive, sqrt_disc, -sqrt_disc))
+        one = torch.ones_like(q)
+        xi = torch.where(
+            positive, c / torch.where(positive, q, one), q / torch.where(positive, one, a)
+        )
+        # in the bin, keeping the gradient: rounding puts the root a hair past 1 just
+        # below a knot, where a plain clamp gave du/dx = 0
+        xi = (xi + (xi.clamp(0.0, 1.0) - xi).detach()).to(v.dtype)
         out = xi * w_k + x_k
     else:
         xi = (v - x_k) / w_k

@@ -464,3 +464,17 @@ def test_a_nan_input_leaves_the_other_rows_gradients_finite(inverse):
     assert out[0].isnan()
     (out[1] + logd[1]).sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in (w, h, d))
+
+
+def test_inverse_second_derivative_matches_finite_differences():
+    w, h, d = params(1, seed=0)
+    x = torch.tensor([0.3, 1.7, -2.2], dtype=torch.float64, requires_grad=True)
+
+    def du_dx(points, create_graph=False):
+        u, _ = spline(points, w, h, d, inverse=True)
+        return torch.autograd.grad(u.sum(), points, create_graph=create_graph)[0]
+
+    (second,) = torch.autograd.grad(du_dx(x, create_graph=True).sum(), x)
+    step = 1e-5
+    plus, minus = (du_dx((x + s).detach().requires_grad_(True)) for s in (step, -step))
+    assert torch.allclose(second, (plus - minus) / (2 * step), rtol=1e-6, atol=1e-9)

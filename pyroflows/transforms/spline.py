@@ -426,6 +426,11 @@ class RationalQuadratic:
 
     def __init__(self, bins: int = 8, bound: float = 5.0, side: str = "base") -> None:
         self.bins = check_positive_int(bins, "bins")
+        if self.bins < 2:
+            raise ValueError(
+                "bins must be at least 2: one bin, whose end derivatives are fixed at 1 to "
+                "meet the linear tails, can only be the identity"
+            )
         most = math.ceil(1 / max(MIN_BIN_WIDTH, MIN_BIN_HEIGHT)) - 1
         if self.bins > most:
             raise ValueError(

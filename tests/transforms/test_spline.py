@@ -426,6 +426,8 @@ def test_spline_settings_that_cannot_make_a_monotone_map_are_refused():
         pyroflows.nsf(2, bound=float("inf"))
     with pytest.raises(ValueError, match="bins must be at most 999"):
         pyroflows.nsf(2, bins=1500)
+    with pytest.raises(ValueError, match="bins must be at least 2: one bin"):
+        pyroflows.nsf(2, bins=1)  # it was accepted, and stayed the identity whatever it learnt
     assert pyroflows.nsf(2, bins=999, transforms=1, hidden=(4,)).dim == 2
 
 

@@ -284,7 +284,9 @@ def fit(
             schedule, epoch and batch, random state, best score and best weights.
         checkpoint_every: epochs between checkpoints.
         resume: continue from ``checkpoint_dir``'s checkpoint if there is one (the flow
-            must be built as the one that wrote it; data, split and options the same).
+            must be built as the one that wrote it; data, split and options the same:
+            other data, batch size, epochs, lr, schedule... are refused, by name). A
+            finished fit's checkpoint gives its result back as it is.
         callback: ``callback(epoch, history)`` after each epoch; returning ``True`` stops.
 
     Returns:
@@ -374,6 +376,17 @@ def fit(
     best_state: dict[str, torch.Tensor] | None = None
     bad_epochs, start_epoch, start_batch, order, partial = 0, 0, 0, None, [0.0, 0]
     fingerprint = [len(train), int(flow.dim), int(batch_size), total]
+    # what else decides the fit: resuming under other values would not continue it
+    options = {
+        "epochs": int(epochs),
+        "lr": float(lr),
+        "weight_decay": float(weight_decay),
+        "schedule": schedule if schedule is None or isinstance(schedule, str) else "callable",
+        "clip_grad": None if clip_grad is None else float(clip_grad),
+        "patience": None if patience is None else int(patience),
+        "standardize": bool(standardize),
+        "dequantize": bool(dequantize),
+    }
 
     if state is not None:
         if state["fingerprint"][:3] != fingerprint[:3] or not math.isclose(
@@ -385,6 +398,17 @@ def fit(
                 f"(training rows, dim, batch size, sum of the training values: {then[0]}, "
                 f"{then[1]}, {then[2]}, {then[3]:.9g}; now {now[0]}, {now[1]}, {now[2]}, "
                 f"{now[3]:.9g}); pass resume=False to start afresh"
+            )
+        then = state.get("options", options)  # checkpoints before this record none
+        changed = [k for k in options if then.get(k, options[k]) != options[k]]
+        if changed:
+            raise ValueError(
+                f"the checkpoint in {checkpoint_dir} was written by a fit with "
+                + ", ".join(f"{k}={then[k]!r}" for k in changed)
+                + "; now "
+                + ", ".join(f"{k}={options[k]!r}" for k in changed)
+                + ". resume=True continues that fit as it was: pass the same options, or "
+                "resume=False to start afresh"
             )
         try:
             flow.load_state_dict(state["flow"])
@@ -434,6 +458,7 @@ def fit(
             "partial": partial,
             "done": done,
             "fingerprint": fingerprint,
+            "options": options,
             "seed": seed,
             "world": world,
         }

@@ -215,6 +215,19 @@ def test_resume_refuses_other_data(tmp_path):
         )
 
 
+def test_resume_refuses_other_options_and_returns_a_finished_fit_as_it_was(tmp_path):
+    x = torch.randn(100, 2)
+    first = fit(small_flow(), x, epochs=3, seed=0, checkpoint_dir=tmp_path, progress=False)
+    for changed, shown in (({"epochs": 10}, "epochs=3; now epochs=10"), ({"lr": 0.05}, "lr")):
+        options = {"epochs": 3, "seed": 0, "checkpoint_dir": tmp_path, "progress": False}
+        with pytest.raises(ValueError, match=f"written by a fit with .*{shown}"):
+            fit(small_flow(), x, resume=True, **{**options, **changed})  # it ran 3 epochs
+    flow = small_flow(seed=1)
+    again = fit(flow, x, epochs=3, seed=0, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert again.epochs == first.epochs == 3
+    assert again.best_val_nll == first.best_val_nll
+
+
 def test_progress_bar_goes_to_stderr(capsys):
     fit(small_flow(), torch.randn(100, 2), epochs=2, progress=True)
     assert "epoch" in capsys.readouterr().err

@@ -188,17 +188,39 @@ def _read_csv(
     for i, row in enumerate(rows):
         if len(row) != width:
             raise DataError(
-                f"{path}: row {lines[i]} has {len(row)} column(s), expected {width} (ragged rows)"
+                f"{path}: row {lines[i]} has {len(row)} column(s), expected {width} (ragged "
+                f"rows){_separator_hint(rows[0])}"
             )
         for j, cell in enumerate(row):
             number = _number(cell)
             if number is None:
                 raise DataError(
-                    f"{path}: row {lines[i]}, column {j + 1}: {cell.strip()!r} is not a number"
+                    f"{path}: row {lines[i]}, column {j + 1}: {cell.strip()!r} is not a "
+                    f"number{_cell_hint(cell, j, width, i == 0 and header is None)}"
                 )
             values[i, j] = number
     _check_finite(values, path, lines, dtype, remedy)
     return values, header
+
+
+def _separator_hint(first: list[str]) -> str:
+    """A hint when the file looks separated by something other than commas."""
+    text = ",".join(first)
+    for name, mark in (("semicolons", ";"), ("tabs", "\t")):
+        if mark in text:
+            return f"; the file looks separated by {name}: pyroflows reads comma-separated values"
+    return ""
+
+
+def _cell_hint(cell: str, column: int, width: int, first_row: bool) -> str:
+    """A hint for a cell that is not a number, when its cause is a common one."""
+    if not cell.strip():
+        return " (an empty cell" + (
+            ": a comma at the end of the line?)" if column == width - 1 else ")"
+        )
+    if first_row:
+        return " (a first row is read as a header only when none of its cells is a number)"
+    return ""
 
 
 def _check_finite(

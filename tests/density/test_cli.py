@@ -89,6 +89,9 @@ def one_line_error(result, *fragments):
         ("nan.csv", "1,2\nnan,4\n", ["NaN at row 2, column 1"]),
         ("inf.csv", "1,2\n3,-inf\n", ["inf at row 2, column 2"]),
         ("ragged.csv", "1,2\n3,4,5\n", ["row 2 has 3 column(s), expected 2"]),
+        ("semicolons.csv", "a;b\n5,1;4,6\n", ["expected 1", "separated by semicolons"]),
+        ("trailing.csv", "a,b,\n1,2,\n", ["column 3: ''", "a comma at the end of the line?"]),
+        ("year.csv", "x,2020\n1,2\n", ["row 1, column 1", "header only when none"]),
     ],
 )
 def test_bad_data_for_fit(workdir, name, content, fragments):

@@ -127,7 +127,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _write(values: np.ndarray, out: str | None, header: list[str] | None) -> None:
+def _write(
+    values: np.ndarray, out: str | None, header: list[str] | None, digits: int = 9
+) -> None:
+    """Values as CSV (``digits`` significant: 9 round-trip float32, 17 float64) or .npy."""
     if out is not None and out.lower().endswith(".npy"):
         with open(out, "wb") as stream:  # np.save(name) would add ".npy" to "x.NPY"
             np.save(stream, values)
@@ -136,7 +139,7 @@ def _write(values: np.ndarray, out: str | None, header: list[str] | None) -> Non
     try:
         if header is not None:
             stream.write(",".join(header) + "\n")
-        np.savetxt(stream, values, delimiter=",", fmt="%.9g")
+        np.savetxt(stream, values, delimiter=",", fmt=f"%.{digits}g")
     finally:
         if stream is not sys.stdout:
             stream.close()
@@ -273,10 +276,12 @@ def _sample(args: argparse.Namespace) -> None:
         draws = flow().sample((args.num_samples,))
     if info["dequantize"]:  # a density of x + U[0, 1): its integer cells are the draws
         draws = draws.floor()
-    _write(draws.double().numpy(), args.out, info["columns"])
+    digits = 17 if draws.dtype == torch.float64 else 9
+    _write(draws.double().numpy(), args.out, info["columns"], digits)
 
 
 def _score(args: argparse.Namespace) -> None:
+    import torch
 
     from pyroflows.density import read_table
     from pyroflows.density.rows import as_source, log_prob
@@ -293,7 +298,8 @@ def _score(args: argparse.Namespace) -> None:
         )
     rows = as_source(values, args.data, flow.base_loc, info["dim"])  # .npy: streamed
     logp = log_prob(flow, rows, dequantize=info["dequantize"])  # integer cells: the bound
-    _write(logp.double().numpy()[:, None], args.out, ["log_prob"] if columns else None)
+    digits = 17 if logp.dtype == torch.float64 else 9
+    _write(logp.double().numpy()[:, None], args.out, ["log_prob"] if columns else None, digits)
     mean = logp.double().mean().item()
     print(
         f"{len(rows)} rows: mean log p(x) {mean:.4f} nats ({mean / info['dim']:.4f} per dim)",

@@ -326,3 +326,20 @@ def test_a_dequantized_model_samples_integers(workdir):
     values = np.loadtxt(drawn.stdout.splitlines(), delimiter=",")
     assert values.shape == (200, 2)
     assert np.array_equal(values, np.floor(values))
+
+
+def test_a_float64_models_csv_output_round_trips_float64(workdir):
+    fitted = run("fit", "data.csv", "--out", "wide.pt", *FAST, "--dtype", "float64", cwd=workdir)
+    assert fitted.returncode == 0, fitted.stderr
+    for command in (
+        ["sample", "wide.pt", "-n", "20", "--seed", "0"],
+        ["score", "wide.pt", "data.csv"],
+    ):
+        csv_out = run(*command, cwd=workdir)
+        npy_out = run(*command, "-o", f"{command[0]}.npy", cwd=workdir)
+        assert csv_out.returncode == npy_out.returncode == 0, csv_out.stderr + npy_out.stderr
+        lines = [line for line in csv_out.stdout.splitlines() if line[0] in "-0123456789"]
+        from_csv = np.loadtxt(lines, delimiter=",")
+        assert np.array_equal(
+            from_csv.reshape(-1), np.load(workdir / f"{command[0]}.npy").reshape(-1)
+        )

@@ -137,9 +137,18 @@ def rational_quadratic_spline(
         >>> torch.allclose(x, u), torch.allclose(logd, torch.zeros(5), atol=1e-6)
         (True, True)
     """
+    if value.dtype in _HALF:
+        raise TypeError(
+            f"the spline needs float32 or float64, got {value.dtype}: its smallest bins "
+            f"(1e-3 of the interval) are below half precision's resolution, so it gives "
+            f"NaN and inf"
+        )
     if inverse or not _fused_applies(value, widths, heights, derivatives):
         return _spline_autograd(value, widths, heights, derivatives, bound, inverse)
     return _RationalSpline.apply(value, widths, heights, derivatives, float(bound))
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 # torch.func transforms (vmap, jacrev, ...) active? (private; absent means none can be)

@@ -480,3 +480,10 @@ def test_inverse_second_derivative_matches_finite_differences():
     step = 1e-5
     plus, minus = (du_dx((x + s).detach().requires_grad_(True)) for s in (step, -step))
     assert torch.allclose(second, (plus - minus) / (2 * step), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_refused_not_turned_into_nan(dtype):
+    flow = pyroflows.nsf(2, transforms=1, hidden=(8,)).to(dtype)
+    with pytest.raises(TypeError, match="float32 or float64, got torch.b?float16"):
+        flow().log_prob(torch.randn(3, 2, dtype=dtype))

@@ -127,9 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _write(
-    values: np.ndarray, out: str | None, header: list[str] | None, digits: int = 9
-) -> None:
+def _write(values: np.ndarray, out: str | None, header: list[str] | None, digits: int = 9) -> None:
     """Values as CSV (``digits`` significant: 9 round-trip float32, 17 float64) or .npy."""
     if out is not None and out.lower().endswith(".npy"):
         with open(out, "wb") as stream:  # np.save(name) would add ".npy" to "x.NPY"

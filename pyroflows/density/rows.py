@@ -20,6 +20,8 @@ with the variance :math:`M_2 / n`; each chunk is also checked for NaN and inf.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -183,7 +185,9 @@ def log_prob(
     noise draws, of the lower bound
     :math:`\mathbb E_u \log p(x + u) \le \log \int_{[0,1)^D} p(x + u)\,du = \log P(x)`
     (Theis et al. 2016), comparable with the validation NLL of the fit. Without, it is
-    :math:`\log p(x)`.
+    :math:`\log p(x)`. The rows are finite (checked as they are read), so a NaN can only
+    come from an overflow inside the flow, for a point so far out that its density is 0:
+    it is reported as ``-inf``.
     """
     like = flow.base_loc
     parts = []
@@ -195,7 +199,8 @@ def log_prob(
                 continue
             u = chunk_noise((draws, *x.shape), seed, c, like)
             parts.append(d.log_prob(x + u).mean(0))
-    return torch.cat(parts)
+    logp = torch.cat(parts)
+    return logp.masked_fill(logp.isnan(), -math.inf)
 
 
 def as_source(data: object, name: str, like: torch.Tensor, dim: int | None) -> Rows:

@@ -190,3 +190,12 @@ def test_scores_refuse_values_beyond_float32():
     est.fit(mixture_rows(100, 7)[0])
     with pytest.raises(ValueError, match=r"X: 1e\+39 at row 2, column 1 .* beyond the range"):
         est.score_samples(np.array([[0.0, 0.0], [1e39, 0.0]]))
+
+
+@pytest.mark.parametrize("flow", ["maf", "realnvp"])
+def test_a_point_too_far_out_for_the_flow_scores_minus_inf_not_nan(flow):
+    X = np.random.default_rng(0).normal(size=(300, 2))
+    est = FlowDensity(flow=flow, transforms=2, hidden=(8,), epochs=2, random_state=0).fit(X)
+    scores = est.score_samples(np.array([[-1e38, 1e38], [0.1, 0.2]]))  # finite in float32
+    assert scores[0] == -np.inf  # the network overflowed: it gave NaN
+    assert np.isfinite(scores[1])

@@ -114,36 +114,3 @@ def settle(
     # constant columns (sd at rounding level relative to the mean) keep sd 1
     tiny = (torch.finfo(dtype).eps * mean.abs()).clamp_min(torch.finfo(dtype).tiny)
     return mean.to(dtype), torch.where(sd > tiny, sd, torch.ones_like(sd)).to(dtype)
-
-
-#: The largest spacing of ``dtype``'s numbers near a column's mean, as a fraction of its
-#: sd, that :func:`check_resolution` lets through.
-RESOLUTION = 0.01
-
-
-def check_resolution(mean: torch.Tensor, var: torch.Tensor, dtype: torch.dtype) -> None:
-    r"""Refuse columns that ``dtype`` cannot resolve: a large offset and a small spread.
-
-    Near a value :math:`m`, ``dtype``'s numbers are :math:`\epsilon\, 2^{\lfloor \log_2
-    |m| \rfloor}` apart. A column with mean 1e8 and sd 10 is stored in float32 in steps of
-    8: a flow fitted to it learns the rounding (scores off by tens of nats, samples all
-    alike), silently. A column whose steps exceed ``RESOLUTION`` of its sd raises. Constant
-    columns (sd 0) pass.
-
-    Raises:
-        DataError: naming the column, its mean and sd, and the step.
-    """
-    from pyroflows.density.data import DataError
-
-    mean, sd = mean.to(torch.float64), var.to(torch.float64).sqrt()
-    step = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(mean.abs())))
-    bad = (sd > 0) & (step > RESOLUTION * sd)
-    if bool(bad.any()):
-        j = int(bad.nonzero()[0])
-        m, s, h = float(mean[j]), float(sd[j]), float(step[j])
-        raise DataError(
-            f"data column {j + 1} (index {j}) has mean {m:.6g} and sd {s:.3g}, but "
-            f"{str(dtype).removeprefix('torch.')} holds values near {m:.3g} only {h:.3g} "
-            f"apart ({h / s:.2g} sd), so the flow would fit the rounding; use a float64 "
-            f"flow (dtype='float64', --dtype float64) or subtract the column's offset first"
-        )

@@ -90,6 +90,8 @@ def one_line_error(result, *fragments):
         ("inf.csv", "1,2\n3,-inf\n", ["inf at row 2, column 2"]),
         ("ragged.csv", "1,2\n3,4,5\n", ["row 2 has 3 column(s), expected 2"]),
         ("semicolons.csv", "a;b\n5,1;4,6\n", ["expected 1", "separated by semicolons"]),
+        ("semicolon.csv", "a;b\n1;2\n3;4\n", ["'1;2' is not a number", "by semicolons"]),
+        ("tabs.csv", "a\tb\n1.5\t2.5\n", ["is not a number", "separated by tabs"]),
         ("trailing.csv", "a,b,\n1,2,\n", ["column 3: ''", "a comma at the end of the line?"]),
         ("year.csv", "x,2020\n1,2\n", ["row 1, column 1", "header only when none"]),
     ],

@@ -228,6 +228,14 @@ def test_resume_refuses_other_options_and_returns_a_finished_fit_as_it_was(tmp_p
     assert again.best_val_nll == first.best_val_nll
 
 
+def test_a_numpy_string_schedule_gives_a_resumable_checkpoint(tmp_path):
+    x, schedule = torch.randn(100, 2), np.str_("cosine")  # as a parameter grid gives it
+    options = {"epochs": 2, "seed": 0, "checkpoint_dir": tmp_path, "progress": False}
+    first = fit(small_flow(), x, schedule=schedule, **options)
+    again = fit(small_flow(), x, schedule=schedule, resume=True, **options)
+    assert again.best_val_nll == first.best_val_nll
+
+
 def test_progress_bar_goes_to_stderr(capsys):
     fit(small_flow(), torch.randn(100, 2), epochs=2, progress=True)
     assert "epoch" in capsys.readouterr().err

@@ -69,13 +69,30 @@ def test_a_column_float32_cannot_resolve_is_refused_by_name():
     rng = np.random.default_rng(0)
     data = np.c_[rng.normal(size=500), rng.normal(1e8, 10.0, size=500)]  # float32 steps of 8
     flow = pyroflows.maf(2, transforms=1, hidden=(8,))
-    with pytest.raises(DataError, match=r"column 2 \(index 1\) has mean 1e\+08 .* 8 apart"):
+    with pytest.raises(DataError, match=r"column 2 \(index 1\) has mean 1e\+08 .* rounds its"):
         fit(flow, data, epochs=1, progress=False)
     flow64 = pyroflows.maf(2, transforms=1, hidden=(8,)).double()
     fit(flow64, data, epochs=1, progress=False)  # float64 resolves it
     assert standardization_of(flow64).scale[1].item() == pytest.approx(10.0, rel=0.1)
-    constant = np.c_[rng.normal(size=500), np.full(500, 1e8)]  # no spread: nothing to round
-    fit(pyroflows.maf(2, transforms=1, hidden=(8,)), constant, epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_columns_the_dtype_holds_well_enough_are_not_refused(dtype):
+    import numpy as np
+
+    from pyroflows.density import fit
+
+    rng = np.random.default_rng(0)
+    n = 1000
+    for column in (
+        np.full(n, 3.7),  # constant: float64 sums give an sd of ~1e-15, not 0
+        np.full(n, 1e8),
+        1_000_000 + rng.poisson(25, n).astype(float),  # integers float32 holds exactly
+        np.float32(0.7) * rng.uniform(1, 2, n).astype(np.float32) / 1.5,  # float32 data
+    ):
+        data = np.c_[rng.normal(size=n), column]
+        flow = pyroflows.maf(2, transforms=1, hidden=(8,)).to(dtype)
+        fit(flow, data, epochs=1, progress=False)
 
 
 def test_a_column_whose_variance_overflows_float32_is_standardized():

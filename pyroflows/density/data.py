@@ -80,15 +80,21 @@ def check_rounding(name: str, array: np.ndarray, tensor: torch.Tensor) -> None:
     already) and columns constant up to float64 rounding pass.
     """
     error = np.abs(tensor.detach().cpu().double().numpy() - array).max(axis=0)
-    mean, sd = array.mean(axis=0), array.std(axis=0)
+    refuse_rounding(name, error, array.mean(axis=0), array.std(axis=0), tensor.dtype)
+
+
+def refuse_rounding(
+    name: str, error: np.ndarray, mean: np.ndarray, sd: np.ndarray, dtype: torch.dtype
+) -> None:
+    """Raise for the first column whose largest rounding ``error`` exceeds ``ROUNDING`` sd."""
     constant = sd <= 1e3 * np.finfo(np.float64).eps * np.abs(mean)
     bad = ~constant & (error > ROUNDING * sd)
     if bad.any():
         j = int(np.flatnonzero(bad)[0])
-        dtype = str(tensor.dtype).removeprefix("torch.")
+        kind = str(dtype).removeprefix("torch.")
         raise DataError(
             f"{name} column {j + 1} (index {j}) has mean {mean[j]:.6g} and sd {sd[j]:.3g}, but "
-            f"{dtype} rounds its values by up to {error[j]:.3g} ({error[j] / sd[j]:.2g} sd), so "
+            f"{kind} rounds its values by up to {error[j]:.3g} ({error[j] / sd[j]:.2g} sd), so "
             f"the flow would fit the rounding; use a float64 flow (dtype='float64', "
             f"--dtype float64) or subtract the column's offset first"
         )

@@ -142,6 +142,23 @@ class MappedRows(Rows):
             raise DataError(f"{name} must be numeric, got dtype {array.dtype}")
         super().__init__(like, name, None)
         self.array = array
+        self._rounding: np.ndarray | None = None  # largest cast error per column, if tracked
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """As :meth:`Rows.moments`; also refuses columns the flow's dtype rounds too much."""
+        from pyroflows.density.data import refuse_rounding
+
+        if self.like.dtype == torch.float64:
+            return super().moments()
+        self._rounding = np.zeros(self.dim)
+        try:
+            mean, var, total = super().moments()
+            error = self._rounding
+        finally:
+            self._rounding = None
+        sd = var.sqrt().cpu().numpy()
+        refuse_rounding(self.name, error, mean.cpu().numpy(), sd, self.like.dtype)
+        return mean, var, total
 
     @property
     def dim(self) -> int:  # noqa: D102
@@ -162,6 +179,9 @@ class MappedRows(Rows):
             raise DataError(
                 non_finite_message(self.name, float(block[i, j]), int(wanted[i]), j, tensor.dtype)
             )
+        if self._rounding is not None and len(block):  # the moments pass: measure the cast
+            error = np.abs(tensor.double().numpy() - block).max(axis=0)
+            np.maximum(self._rounding, error, out=self._rounding)
         return tensor.to(self.like.device)
 
 

@@ -104,3 +104,21 @@ def test_a_column_whose_variance_overflows_float32_is_standardized():
     flow = pyroflows.maf(2, transforms=1, hidden=(8,))
     fit(flow, data, epochs=1, progress=False)
     assert standardization_of(flow).scale[0].item() == pytest.approx(1e20, rel=0.2)
+
+
+def test_a_memory_mapped_column_float32_cannot_resolve_is_refused(tmp_path):
+    import numpy as np
+
+    from pyroflows.density import DataError, fit
+
+    rng = np.random.default_rng(0)
+    rounded = np.c_[rng.normal(size=500), rng.normal(1e8, 10.0, size=500)]
+    counts = np.c_[rng.normal(size=500), 1_000_000 + rng.poisson(25, 500)]
+    np.save(tmp_path / "rounded.npy", rounded)
+    np.save(tmp_path / "counts.npy", counts)
+    flow = pyroflows.maf(2, transforms=1, hidden=(8,))
+    with pytest.raises(DataError, match=r"rounded.npy column 2 \(index 1\) .* rounds its"):
+        fit(flow, np.load(tmp_path / "rounded.npy", mmap_mode="r"), epochs=1, progress=False)
+    fit(flow, np.load(tmp_path / "counts.npy", mmap_mode="r"), epochs=1, progress=False)
+    flow64 = pyroflows.maf(2, transforms=1, hidden=(8,)).double()
+    fit(flow64, np.load(tmp_path / "rounded.npy", mmap_mode="r"), epochs=1, progress=False)

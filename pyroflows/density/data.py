@@ -20,7 +20,9 @@ class DataError(ValueError):
     """Data that cannot be used as it is: missing, empty, ragged, non-numeric, non-finite."""
 
 
-def as_rows(data: object, name: str, like: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def as_rows(
+    data: object, name: str, like: torch.Tensor, dim: int | None = None, fitting: bool = False
+) -> torch.Tensor:
     """Return ``data`` as a finite ``(N, D)`` tensor with ``like``'s dtype and device.
 
     NumPy arrays (and nested lists) are converted to ``like``'s dtype; a torch tensor must
@@ -31,6 +33,8 @@ def as_rows(data: object, name: str, like: torch.Tensor, dim: int | None = None)
         name: the argument's name, for messages.
         like: a tensor of the flow (dtype and device).
         dim: the required number of columns, if known.
+        fitting: rows a flow will be fitted to: also refuse columns that the conversion
+            rounds too much (:func:`check_rounding`). Rows to score are not refused.
     """
     if isinstance(data, torch.Tensor):
         if not data.dtype.is_floating_point:
@@ -61,7 +65,7 @@ def as_rows(data: object, name: str, like: torch.Tensor, dim: int | None = None)
         row, col = (int(i) for i in bad.nonzero()[0])
         original = float(array[row, col]) if array is not None else tensor[row, col].item()
         raise DataError(non_finite_message(name, original, row, col, like.dtype, int(bad.sum())))
-    if array is not None and like.dtype != torch.float64:
+    if fitting and array is not None and like.dtype != torch.float64:
         check_rounding(name, array, tensor)
     return tensor
 

@@ -201,7 +201,7 @@ def _split(
         # sorted: streaming passes read a memory-mapped file front to back (batches are
         # shuffled by their own order each epoch)
         return data.subset(order[n_val:].sort().values), data.subset(order[:n_val].sort().values)
-    return data, as_source(validation, "validation", like, data.dim)
+    return data, as_source(validation, "validation", like, data.dim, fitting=True)
 
 
 def _make_schedule(schedule, optimizer, epochs):
@@ -341,7 +341,7 @@ def fit(
 
     like = flow.base_loc
     rank, world = distributed.setup(like.device)
-    source = as_source(data, "data", like, flow.dim)
+    source = as_source(data, "data", like, flow.dim, fitting=True)
     path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     state = None
     if resume and path.exists():

@@ -223,8 +223,14 @@ def log_prob(
     return logp.masked_fill(logp.isnan(), -math.inf)
 
 
-def as_source(data: object, name: str, like: torch.Tensor, dim: int | None) -> Rows:
-    """Wrap ``data`` for a fit: a memmap stays on disk, anything else is checked in memory."""
+def as_source(
+    data: object, name: str, like: torch.Tensor, dim: int | None, fitting: bool = False
+) -> Rows:
+    """Wrap ``data`` for a fit: a memmap stays on disk, anything else is checked in memory.
+
+    With ``fitting``, columns the flow's dtype rounds too much are refused: in memory now,
+    a memmap in its moments pass (which only a fit runs).
+    """
     from pyroflows.density.data import as_rows
 
     if isinstance(data, np.memmap):
@@ -234,4 +240,4 @@ def as_source(data: object, name: str, like: torch.Tensor, dim: int | None) -> R
         if dim is not None and source.dim != dim:
             raise DataError(f"{name} must have {dim} columns (the flow's dim), got {source.dim}")
         return source
-    return TensorRows(as_rows(data, name, like, dim), name)
+    return TensorRows(as_rows(data, name, like, dim, fitting), name)

@@ -199,3 +199,10 @@ def test_a_point_too_far_out_for_the_flow_scores_minus_inf_not_nan(flow):
     scores = est.score_samples(np.array([[-1e38, 1e38], [0.1, 0.2]]))  # finite in float32
     assert scores[0] == -np.inf  # the network overflowed: it gave NaN
     assert np.isfinite(scores[1])
+
+
+def test_rows_to_score_are_not_refused_for_float32_rounding():
+    X = np.random.default_rng(0).normal(size=(300, 2))
+    est = FlowDensity(flow="maf", transforms=1, hidden=(8,), epochs=1, random_state=0).fit(X)
+    rows = np.array([[0.1, 0.3], [0.1 + 1e-9, 0.3]])  # rounded by 3 sd of this tiny column
+    assert np.isfinite(est.score_samples(rows)).all()  # only data to fit are refused

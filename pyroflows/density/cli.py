@@ -127,8 +127,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _write(values: np.ndarray, out: str | None, header: list[str] | None, digits: int = 9) -> None:
-    """Values as CSV (``digits`` significant: 9 round-trip float32, 17 float64) or .npy."""
+def _write(values: Any, out: str | None, header: list[str] | None) -> None:
+    """A tensor's values as .npy, or as CSV with the digits that round-trip its dtype."""
+    digits = 17 if values.dtype.itemsize == 8 else 9  # float64, float32
+    values = values.double().numpy()
     if out is not None and out.lower().endswith(".npy"):
         with open(out, "wb") as stream:  # np.save(name) would add ".npy" to "x.NPY"
             np.save(stream, values)
@@ -265,22 +267,17 @@ def _load(path: str):
 def _sample(args: argparse.Namespace) -> None:
     import torch
 
+    from pyroflows.density.rows import sample
+
     if args.num_samples < 1:
         raise _Failure(f"-n must be a positive int, got {args.num_samples}")
     flow, info = _load(args.model)
     generator_seed = args.seed if args.seed is not None else int(torch.seed() % 2**31)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(generator_seed)
-        draws = flow().sample((args.num_samples,))
-    if info["dequantize"]:  # a density of x + U[0, 1): its integer cells are the draws
-        draws = draws.floor()
-    digits = 17 if draws.dtype == torch.float64 else 9
-    _write(draws.double().numpy(), args.out, info["columns"], digits)
+    draws = sample(flow, args.num_samples, generator_seed, info["dequantize"])
+    _write(draws, args.out, info["columns"])
 
 
 def _score(args: argparse.Namespace) -> None:
-    import torch
-
     from pyroflows.density import read_table
     from pyroflows.density.rows import as_source, log_prob
 
@@ -296,8 +293,7 @@ def _score(args: argparse.Namespace) -> None:
         )
     rows = as_source(values, args.data, flow.base_loc, info["dim"])  # .npy: streamed
     logp = log_prob(flow, rows, dequantize=info["dequantize"])  # integer cells: the bound
-    digits = 17 if logp.dtype == torch.float64 else 9
-    _write(logp.double().numpy()[:, None], args.out, ["log_prob"] if columns else None, digits)
+    _write(logp[:, None], args.out, ["log_prob"] if columns else None)
     mean = logp.double().mean().item()
     print(
         f"{len(rows)} rows: mean log p(x) {mean:.4f} nats ({mean / info['dim']:.4f} per dim)",

@@ -31,7 +31,7 @@ from pyroflows.density import model_file
 from pyroflows.density.data import as_rows
 from pyroflows.density.fit import CHECKPOINT
 from pyroflows.density.fit import fit as fit_flow
-from pyroflows.density.rows import TensorRows, log_prob
+from pyroflows.density.rows import TensorRows, log_prob, sample
 
 
 class FlowDensity(BaseEstimator):
@@ -224,12 +224,7 @@ class FlowDensity(BaseEstimator):
         if n_samples < 1:
             raise ValueError(f"n_samples must be an int >= 1, got {n_samples}")
         seed = int(check_random_state(random_state).randint(2**31 - 1))
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(seed)
-            draws = self.flow_().sample((int(n_samples),))
-        if self.dequantize:
-            draws = draws.floor()
-        return draws.double().numpy()
+        return sample(self.flow_, int(n_samples), seed, self.dequantize).double().numpy()
 
     def save(self, path: str | os.PathLike, force: bool = False) -> None:
         """Write the fitted model to ``path`` (see :mod:`pyroflows.density.model_file`)."""

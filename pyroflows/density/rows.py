@@ -223,6 +223,18 @@ def log_prob(
     return logp.masked_fill(logp.isnan(), -math.inf)
 
 
+def sample(flow: torch.nn.Module, n: int, seed: int, dequantize: bool = False) -> torch.Tensor:
+    """``n`` draws of the fitted density, seeded by ``seed`` (torch's global state kept).
+
+    With ``dequantize`` the flow is a density of :math:`x + U[0, 1)`, and the draws are
+    the integer cells they fall in (their floor): the model of the integer data.
+    """
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        draws = flow().sample((n,))
+    return draws.floor() if dequantize else draws
+
+
 def as_source(
     data: object, name: str, like: torch.Tensor, dim: int | None, fitting: bool = False
 ) -> Rows:

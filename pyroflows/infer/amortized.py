@@ -354,7 +354,7 @@ class AmortizedGuide(nn.Module):
         """Sample ``z`` for the rows of ``x`` (or for a subsample of them); return it."""
         if self.register:
             pyro.module(self.name, self.posterior)
-        rows = _rows(x)
+        rows = _row_count(x)
         enclosing = _active_plate(self.plate)
         if enclosing is not None:  # the caller's own data plate, shared with its latents
             self._check_enclosing(enclosing, rows)
@@ -416,7 +416,7 @@ class AmortizedGuide(nn.Module):
         return x.reshape(x.shape[0], *([1] * (-self.dim - 1)), x.shape[1])
 
 
-def _rows(x: object) -> int:
+def _row_count(x: object) -> int:
     """The number of data points in ``x`` (its first dim), or a clear error."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(
@@ -520,7 +520,7 @@ def iwae_log_likelihood(
     """
     check_positive_int(num_samples, "num_samples")
     check_positive_int(max_batch, "max_batch")
-    n = _rows(x)
+    n = _row_count(x)
     if n == 0:
         raise ValueError("x has no rows")
     with torch.no_grad():

@@ -183,7 +183,7 @@ def train_generic(
     """The peers' loop, written to do what ``pyroflows.density.fit`` does.
 
     Standardizes with the training mean and sd (``1/N``), then runs Adam(``lr``, with
-    ``foreach=True`` as ``fit`` has it) on the
+    ``fused=True`` as ``fit`` has it on a CPU) on the
     mean NLL of mini-batches of ``batch`` rows (every row each epoch, the last batch
     possibly smaller, in an order redrawn each epoch by a ``torch.Generator`` seeded with
     ``seed``: the same batches as ``fit`` draws), scores the whole validation set after
@@ -204,8 +204,8 @@ def train_generic(
     z_train = (train - shift) / scale
     z_val = (val - shift) / scale
     n = len(z_train)
-    # Adam's multi-tensor update, as fit uses
-    optimizer = torch.optim.Adam(module.parameters(), lr=cfg.lr, foreach=True)
+    # Adam's fused update, as fit uses on a CPU
+    optimizer = torch.optim.Adam(module.parameters(), lr=cfg.lr, fused=True)
     scheduler = None
     if schedule == "plateau":
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=5)

@@ -435,3 +435,27 @@ def test_numpy_scalar_options_give_a_resumable_checkpoint(tmp_path):
     assert again.epochs == first.epochs == 3
     with pytest.raises(ValueError, match="weight_decay must be a number >= 0"):
         fit(small_flow(), x, epochs=1, weight_decay=-1.0, progress=False)
+
+
+def test_adam_is_fused_where_the_device_has_the_kernel_and_steps_as_adam_does():
+    from pyroflows.density.fit import _adam
+
+    torch.manual_seed(0)
+    start = torch.randn(5, 3, dtype=torch.float64)
+    results = []
+    for make in (_adam, lambda ps, lr: torch.optim.Adam(ps, lr=lr)):
+        p = nn.Parameter(start.clone())
+        optimizer = make([p], lr=0.1)
+        for _ in range(3):
+            optimizer.zero_grad()
+            (p**3).sum().backward()
+            optimizer.step()
+        results.append((p.detach(), optimizer.defaults))
+    (fused, options), (plain, _) = results
+    assert options["fused"]
+    assert not options["foreach"]
+    torch.testing.assert_close(fused, plain)
+    # no fused kernel on the meta device: the multi-tensor update instead
+    options = _adam([nn.Parameter(torch.empty(3, device="meta"))], lr=0.1).defaults
+    assert options["foreach"]
+    assert not options["fused"]

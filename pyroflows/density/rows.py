@@ -21,6 +21,7 @@ with the variance :math:`M_2 / n`; each chunk is also checked for NaN and inf.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,22 @@ import torch
 from pyroflows.density.data import DataError, non_finite_message
 
 CHUNK = 8192
+
+
+def _merge_moments(stats, block):
+    """Add the rows of ``block`` to running ``(count, mean, M2)`` (Chan et al.), or start them.
+
+    Works for float64 tensors and NumPy arrays alike.
+    """
+    n_b = block.shape[0]
+    mean_b = block.mean(0)
+    m2_b = ((block - mean_b) ** 2).sum(0)
+    if stats is None:
+        return n_b, mean_b, m2_b
+    count, mean, m2 = stats
+    n = count + n_b
+    delta = mean_b - mean
+    return n, mean + delta * (n_b / n), m2 + m2_b + delta**2 * (count * n_b / n)
 
 
 class Rows:
@@ -81,20 +98,10 @@ class Rows:
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Column mean and (population) variance in float64, and the sum of every value."""
-        count, mean, m2 = 0, None, None
+        stats = None
         for chunk in self.chunks():
-            c = chunk.double()
-            n_b = c.shape[0]
-            mean_b = c.mean(0)
-            m2_b = ((c - mean_b) ** 2).sum(0)
-            if mean is None:
-                count, mean, m2 = n_b, mean_b, m2_b
-                continue
-            n = count + n_b
-            delta = mean_b - mean
-            mean = mean + delta * (n_b / n)
-            m2 = m2 + m2_b + delta**2 * (count * n_b / n)
-            count = n
+            stats = _merge_moments(stats, chunk.double())
+        count, mean, m2 = stats
         return mean, m2 / count, float((mean * count).sum())
 
 
@@ -142,7 +149,8 @@ class MappedRows(Rows):
             raise DataError(f"{name} must be numeric, got dtype {array.dtype}")
         super().__init__(like, name, None)
         self.array = array
-        self._rounding: np.ndarray | None = None  # largest cast error per column, if tracked
+        # while the moments pass runs: [largest cast error per column, moments before the cast]
+        self._rounding: list[Any] | None = None
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """As :meth:`Rows.moments`; also refuses columns the flow's dtype rounds too much."""
@@ -150,14 +158,16 @@ class MappedRows(Rows):
 
         if self.like.dtype == torch.float64:
             return super().moments()
-        self._rounding = np.zeros(self.dim)
+        # the largest cast error per column, and the moments of the values before the cast
+        # (the spread to compare the error with, as the in-memory check has it)
+        self._rounding = [np.zeros(self.dim), None]
         try:
             mean, var, total = super().moments()
-            error = self._rounding
+            error, (count, original_mean, m2) = self._rounding
         finally:
             self._rounding = None
-        sd = var.sqrt().cpu().numpy()
-        refuse_rounding(self.name, error, mean.cpu().numpy(), sd, self.like.dtype)
+        sd = np.sqrt(m2 / count)
+        refuse_rounding(self.name, error, original_mean, sd, self.like.dtype)
         return mean, var, total
 
     @property
@@ -181,7 +191,8 @@ class MappedRows(Rows):
             )
         if self._rounding is not None and len(block):  # the moments pass: measure the cast
             error = np.abs(tensor.double().numpy() - block).max(axis=0)
-            np.maximum(self._rounding, error, out=self._rounding)
+            np.maximum(self._rounding[0], error, out=self._rounding[0])
+            self._rounding[1] = _merge_moments(self._rounding[1], block)
         return tensor.to(self.like.device)
 
 

@@ -122,3 +122,30 @@ def test_a_memory_mapped_column_float32_cannot_resolve_is_refused(tmp_path):
     fit(flow, np.load(tmp_path / "counts.npy", mmap_mode="r"), epochs=1, progress=False)
     flow64 = pyroflows.maf(2, transforms=1, hidden=(8,)).double()
     fit(flow64, np.load(tmp_path / "rounded.npy", mmap_mode="r"), epochs=1, progress=False)
+
+
+def test_in_memory_and_memory_mapped_data_get_the_same_rounding_decision(tmp_path):
+    import numpy as np
+
+    from pyroflows.density import DataError, fit
+
+    rng = np.random.default_rng(0)
+    n = 400
+    columns = {
+        "constant": (np.full(n, 3.7), False),
+        "constant offset": (np.full(n, 1e8), False),
+        "exact integers": (1_000_000 + rng.poisson(25, n).astype(float), False),
+        "offset with sd 10": (rng.normal(1e8, 10.0, n), True),
+        # float32 rounds every value to 1e8 exactly: constant after the cast, not before
+        "offset with sd 1e-3": (1e8 + rng.normal(0.0, 1e-3, n), True),
+    }
+    for column, refused in columns.values():
+        data = np.c_[rng.normal(size=n), column]
+        np.save(tmp_path / "data.npy", data)
+        for source in (data, np.load(tmp_path / "data.npy", mmap_mode="r")):
+            flow = pyroflows.maf(2, transforms=1, hidden=(8,))
+            if refused:
+                with pytest.raises(DataError, match=r"column 2 \(index 1\) .* rounds its"):
+                    fit(flow, source, epochs=1, progress=False)
+            else:
+                fit(flow, source, epochs=1, progress=False)

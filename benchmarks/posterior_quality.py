@@ -31,6 +31,8 @@ Run::
     python benchmarks/posterior_quality.py --posteriordb ../shared/posteriordb
     python benchmarks/posterior_quality.py --posteriordb ../shared/posteriordb --quick
     python benchmarks/posterior_quality.py --only kidiq-kidscore_momiq --seeds 1
+    python benchmarks/posterior_quality.py --particles 16 --vectorize \
+        --only gp_pois_regr-gp_pois_regr --out /tmp/gp_16_particles
 
 Writes ``benchmarks/results/posterior_quality.{json,md}``.
 """
@@ -203,7 +205,10 @@ def run_one(job: dict) -> dict:
                 "clip_norm": 10.0,
             }
         )
-        svi = SVI(model, guide, optim, Trace_ELBO(num_particles=job["particles"]))
+        elbo = Trace_ELBO(
+            num_particles=job["particles"], vectorize_particles=job.get("vectorize", False)
+        )
+        svi = SVI(model, guide, optim, elbo)
         for i in range(steps):
             loss = svi.step()
             if i == 0:
@@ -408,6 +413,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--final-lr", type=float, default=1e-3)
     parser.add_argument("--particles", type=int, default=1)
+    parser.add_argument(
+        "--vectorize",
+        action="store_true",
+        help="draw the ELBO's particles in one vectorized pass (Trace_ELBO(vectorize_particles))",
+    )
     parser.add_argument("--draws", type=int, default=10000)
     parser.add_argument("--psis-draws", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0, help="the first seed")
@@ -462,6 +472,7 @@ def main(argv: list[str] | None = None) -> None:
             "lr": args.lr,
             "final_lr": args.final_lr,
             "particles": args.particles,
+            "vectorize": args.vectorize,
             "draws": args.draws,
             "psis_draws": args.psis_draws,
             "seed": seed,
@@ -491,7 +502,8 @@ def report(args, results: list[dict], names: list[str], total: float, date: str)
 
     budget = (
         f"Budget: {args.steps} steps, ClippedAdam(clip_norm=10) lr {args.lr} -> "
-        f"{args.final_lr} geometric decay, Trace_ELBO {args.particles} particle(s), seeds "
+        f"{args.final_lr} geometric decay, Trace_ELBO {args.particles} particle(s)"
+        f"{' (vectorized)' if getattr(args, 'vectorize', False) else ''}, seeds "
         f"{seeds.start}..{seeds.stop - 1}, float64, 1 torch thread per worker, "
         f"{args.workers} worker(s); {args.draws} draws for moments, {args.psis_draws} for PSIS."
     )

@@ -6,12 +6,14 @@ call without reading our code.
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import sys
 import warnings
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 
@@ -26,6 +28,22 @@ def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
     return int(value)
+
+
+def check_number(value: object, name: str, minimum: float = 0.0, strict: bool = True) -> float:
+    """Return ``value`` as a finite ``float`` above ``minimum`` (or at it when not ``strict``).
+
+    Python, NumPy and 0-d tensor reals are taken; ``bool`` and other types are not.
+    """
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
+        value = value.item()
+    bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number {bound}, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and (value > minimum if strict else value >= minimum)):
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return value
 
 
 def check_hidden(hidden: object, name: str = "hidden") -> tuple[int, ...]:

@@ -51,7 +51,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from torch import nn
 from torch.nn import functional as F
 
-from pyroflows._checks import check_choice, check_hidden, check_positive_int
+from pyroflows._checks import check_choice, check_hidden, check_number, check_positive_int
 from pyroflows.flows import Flow, FlowDistribution, iaf, nsf
 
 POSTERIOR_FLOWS = ("iaf", "nsf", None)
@@ -102,9 +102,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.latent_dim = check_positive_int(latent_dim, "latent_dim")
         self.context_features = check_positive_int(context, "context", minimum=0)
-        if not (isinstance(min_scale, (int, float)) and min_scale >= 0):
-            raise ValueError(f"min_scale must be a number >= 0, got {min_scale!r}")
-        self.min_scale = float(min_scale)
+        self.min_scale = check_number(min_scale, "min_scale", strict=False)
         own_body = body is None
         if body is None:
             if body_features is not None:

@@ -62,7 +62,12 @@ from torch import nn
 from torch.distributions import ComposeTransform, biject_to
 from torch.nn import functional as F
 
-from pyroflows._checks import check_choice, check_positive_int, warn_from_caller
+from pyroflows._checks import (
+    check_choice,
+    check_number,
+    check_positive_int,
+    warn_from_caller,
+)
 from pyroflows.flows import Flow, iaf, maf, nice, nsf, realnvp
 from pyroflows.infer import diagnostics
 from pyroflows.transforms.base import FlowTransform
@@ -336,9 +341,11 @@ class AutoFlow(AutoContinuous):
 
     Saving: ``torch.save(guide)`` / pickle, or ``guide.state_dict()`` into a guide built
     for the same model and called once, keep everything, the anchor :math:`(m, C)`
-    included. Pyro's param store does not: ``pyro.get_param_store().save`` and ``load``
-    do not reach the flow's weights (as for Pyro's own ``AutoIAFNormal``), and the anchor
-    is a buffer, not a parameter.
+    included, except the model, as for Pyro's autoguides: a loaded guide samples, but
+    its diagnostics need the model passed in (``pyroflows.infer.diagnose(model, guide)``).
+    Pyro's param store does not: ``pyro.get_param_store().save`` and ``load`` do not
+    reach the flow's weights (as for Pyro's own ``AutoIAFNormal``), and the anchor is a
+    buffer, not a parameter.
 
     Args:
         model: a Pyro model with continuous latent sites (no discrete or enumerated ones).
@@ -408,8 +415,7 @@ class AutoFlow(AutoContinuous):
                 f"builder options {sorted(flow_kwargs)} only apply when flow is a name; "
                 "pass them to your builder instead"
             )
-        if not (isinstance(init_scale, (int, float)) and init_scale > 0):
-            raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
+        init_scale = check_number(init_scale, "init_scale")
         check_choice(warm_start, "warm_start", WARM_STARTS)
         check_choice(estimator, "estimator", ESTIMATORS)
         super().__init__(model, init_loc_fn=init_loc_fn)
@@ -422,6 +428,33 @@ class AutoFlow(AutoContinuous):
         self.num_quantile_samples = check_positive_int(num_quantile_samples, "num_quantile_samples")
         #: what the anchor was chosen from, set on the first call: "laplace" or "init"
         self.anchor: str | None = None
+
+    # ------------------------------------------------------------------ pickling
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The state to pickle, without the model (as Pyro's autoguides), left in place.
+
+        Pyro's ``AutoGuide.__getstate__`` drops the model and the master reference on the
+        object itself, so saving a guide used to break the saved guide's own
+        :meth:`diagnose`; here only the pickled copy goes without them.
+        """
+        model, master = self._model, self.master
+        try:
+            state = dict(super().__getstate__())
+        finally:
+            self._model, self.master = model, master
+        return state
+
+    def _the_model(self) -> Callable[..., Any]:
+        """The model, or a clear error for a guide loaded from a pickle (which has none)."""
+        if self._model is None:
+            raise RuntimeError(
+                "this AutoFlow was loaded from a pickle (torch.save, copy.deepcopy), which, "
+                "as for Pyro's autoguides, does not keep the model; pass the model "
+                "explicitly: pyroflows.infer.diagnose(model, guide, ...), "
+                "importance_resample(model, guide, ...) or to_arviz(model, guide, ...)"
+            )
+        return self.model
 
     # ------------------------------------------------------------------ set-up
 
@@ -647,6 +680,17 @@ class AutoFlow(AutoContinuous):
             for frame in site["cond_indep_stack"]
         )
 
+    def _log_joint_is_random(self, latent: torch.Tensor, args, kwargs) -> bool:
+        """Whether two runs of the model at ``latent`` give two log densities."""
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                first, second = (self._log_joint(latent, args, kwargs) for _ in range(2))
+        except (RuntimeError, ValueError):
+            return False  # the Laplace fit reports the model's own error
+        if not (torch.isfinite(first) and torch.isfinite(second)):
+            return False
+        return not torch.isclose(first, second, rtol=1e-6, atol=1e-6).item()
+
     def _laplace(self, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """The mode of the unconstrained posterior and the Cholesky factor of H^{-1}."""
         z = self.anchor_loc.detach().clone().requires_grad_(True)
@@ -748,6 +792,14 @@ class AutoFlow(AutoContinuous):
             )
             return
         loc = self.anchor_loc.clone()
+        if self._log_joint_is_random(loc, args, kwargs):
+            warn_from_caller(
+                "AutoFlow: the model's log density at one point changes from run to run (it "
+                "draws latent sites this guide does not cover, such as sites hidden with "
+                "poutine.block for another guide), so the Laplace warm start is skipped (it "
+                "would fit the noise); starting at init_loc_fn"
+            )
+            return
         eye = torch.eye(self.latent_dim, dtype=loc.dtype, device=loc.device)
         candidates = [("init", loc, scale * eye) for scale in self._scale_grid()]
         try:
@@ -822,8 +874,9 @@ class AutoFlow(AutoContinuous):
 
     def diagnose(self, *args: Any, num_samples: int = 2000, **kwargs: Any):
         r"""PSIS :math:`\hat k`, ESS and a verdict; see :func:`pyroflows.infer.diagnose`."""
+        model = self._the_model()
         self._ensure_setup(args, kwargs)
-        return diagnostics.diagnose(self.model, self, *args, num_samples=num_samples, **kwargs)
+        return diagnostics.diagnose(model, self, *args, num_samples=num_samples, **kwargs)
 
     def importance_resample(
         self,
@@ -833,9 +886,10 @@ class AutoFlow(AutoContinuous):
         **kwargs: Any,
     ) -> dict[str, torch.Tensor]:
         """PSIS-resampled posterior draws; see :func:`pyroflows.infer.importance_resample`."""
+        model = self._the_model()
         self._ensure_setup(args, kwargs)
         return diagnostics.importance_resample(
-            self.model,
+            model,
             self,
             *args,
             num_samples=num_samples,
@@ -845,5 +899,6 @@ class AutoFlow(AutoContinuous):
 
     def to_arviz(self, *args: Any, num_samples: int = 4000, **kwargs: Any):
         """Draws and log weights as ArviZ data, as :func:`~pyroflows.infer.to_arviz`."""
+        model = self._the_model()
         self._ensure_setup(args, kwargs)
-        return diagnostics.to_arviz(self.model, self, *args, num_samples=num_samples, **kwargs)
+        return diagnostics.to_arviz(model, self, *args, num_samples=num_samples, **kwargs)

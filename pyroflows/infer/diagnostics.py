@@ -15,7 +15,10 @@ tail of :math:`p/q` is, and so whether the guide can be trusted (Yao et al. 2018
 
 Weights are computed vectorized over the draws (one model and one guide run under a
 particle plate, Pyro's ``vectorized_importance_weights``) when the model broadcasts, and
-one draw at a time when it does not.
+one draw at a time when it does not, or when two draws scored one at a time disagree
+with the batch (a model that runs under the plate but mixes the draws up). The weights
+need the model's full likelihood and a guide with a density: a model that subsamples a
+plate, and a point-mass guide (``AutoDelta``), are refused.
 
 References:
     Yao, Vehtari, Simpson, Gelman (2018). Yes, but Did It Work?: Evaluating Variational
@@ -39,7 +42,7 @@ from pyro import poutine
 from pyro.infer.importance import vectorized_importance_weights
 from pyro.poutine.util import site_is_subsample
 
-from pyroflows._checks import check_positive_int
+from pyroflows._checks import check_positive_int, warn_from_caller
 
 
 def _arviz():
@@ -130,6 +133,17 @@ class Diagnosis:
         )
 
 
+def _as_weights(log_weights: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Log weights as a float64 NumPy vector; anything but shape ``(S,)`` is refused."""
+    lw = torch.as_tensor(log_weights).detach().double().cpu().numpy()
+    if lw.ndim != 1:
+        raise ValueError(
+            f"log_weights must have shape (S,), one weight per draw, got {tuple(lw.shape)}; "
+            "pool chains or particles yourself (e.g. .reshape(-1)) if that is meant"
+        )
+    return lw
+
+
 def psis(log_weights: torch.Tensor | np.ndarray) -> tuple[np.ndarray, float]:
     r"""Pareto-smoothed, self-normalized log weights and :math:`\hat k` (ArviZ's ``psislw``).
 
@@ -141,7 +155,7 @@ def psis(log_weights: torch.Tensor | np.ndarray) -> tuple[np.ndarray, float]:
         ``(S,)``, and the Pareto shape. Non-finite weights give ``khat = inf``;
         constant weights (an exact guide) ``khat = -inf``.
     """
-    lw = torch.as_tensor(log_weights).detach().double().cpu().numpy().reshape(-1)
+    lw = _as_weights(log_weights)
     if lw.size < 2:
         raise ValueError(f"log_weights must hold at least 2 draws, got {lw.size}")
     if not np.all(np.isfinite(lw)):
@@ -165,7 +179,7 @@ def summarize(log_weights: torch.Tensor | np.ndarray) -> Diagnosis:
 
 def _summarize(log_weights: torch.Tensor | np.ndarray) -> tuple[Diagnosis, np.ndarray]:
     """The :class:`Diagnosis` and the smoothed log weights, from one PSIS fit."""
-    lw = torch.as_tensor(log_weights).detach().double().cpu().numpy().reshape(-1)
+    lw = _as_weights(log_weights)
     smoothed, khat = psis(lw)
     finite = np.isfinite(smoothed)
     ess = float(1.0 / np.sum(np.exp(2 * smoothed[finite]))) if finite.any() else 0.0
@@ -200,6 +214,10 @@ def max_plate_nesting(model: Callable[..., Any], *args: Any, **kwargs: Any) -> i
     """How many batch dims the model's plates use (0 when it has no vectorized plate)."""
     with poutine.block():
         trace = poutine.trace(model).get_trace(*args, **kwargs)
+    return _nesting(trace)
+
+
+def _nesting(trace) -> int:
     dims = [
         -frame.dim
         for site in trace.nodes.values()
@@ -208,6 +226,21 @@ def max_plate_nesting(model: Callable[..., Any], *args: Any, **kwargs: Any) -> i
         if frame.vectorized
     ]
     return max(dims, default=0)
+
+
+def _refuse_subsampling(trace) -> None:
+    """Raise for a model trace whose plates score a mini-batch of their rows."""
+    for site in trace.nodes.values():
+        if site["type"] != "sample":
+            continue
+        for frame in site["cond_indep_stack"]:
+            if frame.full_size is not None and frame.full_size != frame.size:
+                raise ValueError(
+                    f"the model subsamples plate {frame.name!r} ({frame.size} of "
+                    f"{frame.full_size} rows): importance weights need the full likelihood "
+                    "(a mini-batch scaled up gives weights that change from call to call); "
+                    "call it with the full data (e.g. subsample_size=None)"
+                )
 
 
 def _latent_names(model_trace, guide_trace) -> list[str]:
@@ -222,6 +255,15 @@ def _latent_names(model_trace, guide_trace) -> list[str]:
     ]
 
 
+def _guide_sites(guide_trace) -> list[str]:
+    """The guide's own draws (latent and auxiliary), which fix one joint draw."""
+    return [
+        name
+        for name, site in guide_trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+    ]
+
+
 def importance_draws(
     model: Callable[..., Any],
     guide: Callable[..., Any],
@@ -231,13 +273,26 @@ def importance_draws(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Draw from ``guide`` and weigh against ``model``: :math:`\log w_s` and the latents.
 
+    The weights are computed for all draws at once when the model broadcasts over a
+    particle plate, else one draw at a time. A model can run under the plate and still
+    mix the draws up (``z.sum()`` over the draws instead of over the event), so two
+    draws are scored again one at a time: when they disagree with the batch, every
+    draw is scored one at a time.
+
+    Raises:
+        ValueError: if the model subsamples a plate (the weights need the full data),
+            or if every draw of the guide is the same point (a point mass such as
+            ``AutoDelta`` has no density to weigh).
+
     Returns:
         ``(log_weights, samples)``: shape ``(num_samples,)``, and a dict of each latent
         site's constrained draws with shape ``(num_samples, *site_shape)``.
     """
     check_positive_int(num_samples, "num_samples")
     with torch.no_grad(), poutine.block():
-        nesting = max_plate_nesting(model, *args, **kwargs)
+        model_trace = poutine.trace(model).get_trace(*args, **kwargs)
+        _refuse_subsampling(model_trace)
+        nesting = _nesting(model_trace)
         try:
             log_w, model_trace, guide_trace = vectorized_importance_weights(
                 model,
@@ -247,24 +302,91 @@ def importance_draws(
                 max_plate_nesting=nesting,
                 **kwargs,
             )
-            if num_samples == 1:
-                log_w = log_w.reshape(1)
-            names = _latent_names(model_trace, guide_trace)
-            shapes = _site_shapes(model, guide, args, kwargs, names)
-            samples = {
-                n: guide_trace.nodes[n]["value"].reshape((num_samples, *shapes[n])) for n in names
+            log_w = log_w.reshape(num_samples)
+            single = poutine.trace(guide).get_trace(*args, **kwargs)
+            shapes = {n: single.nodes[n]["value"].shape for n in _guide_sites(single)}
+            draws = {
+                n: _particles(guide_trace.nodes[n], shapes[n], num_samples, nesting)
+                for n in _guide_sites(guide_trace)
             }
+            samples = {n: draws[n] for n in _latent_names(model_trace, guide_trace)}
         except (RuntimeError, ValueError):
             # the model does not broadcast over a particle plate: one draw at a time
             # (if that fails too, its error is the model's own, and it is raised: the
             # particle-plate error above stays attached as its context)
             log_w, samples = _sequential_draws(model, guide, args, kwargs, num_samples)
+        else:
+            if not _batch_agrees(model, guide, args, kwargs, draws, log_w):
+                log_w, samples = _sequential_draws(model, guide, args, kwargs, num_samples)
+    if (
+        num_samples > 1
+        and samples
+        and all(bool((value == value[:1]).all()) for value in samples.values())
+    ):
+        raise ValueError(
+            f"every one of the guide's {num_samples} draws is the same point (a point mass, "
+            "such as AutoDelta's MAP estimate): it has no density to weigh against the "
+            "posterior, so k-hat, the ESS and the bound on log p(x) would mean nothing; use "
+            "a guide with a density (AutoNormal, AutoFlow, ...)"
+        )
     return log_w.detach(), {n: v.detach() for n, v in samples.items()}
 
 
-def _site_shapes(model, guide, args, kwargs, names) -> dict[str, torch.Size]:
-    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-    return {n: guide_trace.nodes[n]["value"].shape for n in names}
+def _particles(site: dict, shape: torch.Size, num_samples: int, nesting: int) -> torch.Tensor:
+    """A site's draws under the particle plate, as ``(num_samples, *shape)``.
+
+    The particle plate is batch dim ``-(nesting + 1)``; the plates of the model it
+    encloses keep their places after it.
+    """
+    value = site["value"]
+    dim = value.dim() - site["fn"].event_dim - (nesting + 1)
+    if dim < 0 or value.shape[dim] != num_samples:  # broadcast along the plate: repeat
+        return value.reshape((1, *shape)).expand((num_samples, *shape))
+    return value.movedim(dim, 0).reshape((num_samples, *shape))
+
+
+def _single_log_weight(model, guide, args, kwargs, values: dict[str, torch.Tensor]):
+    r""":math:`\log p(x, z) - \log q(z)` of one draw, the guide's sites set to ``values``."""
+    # conditioned sites count in log_prob_sum as observed ones do (the model ignores the
+    # guide's auxiliary sites)
+    guide_trace = poutine.trace(poutine.condition(guide, data=values)).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
+    return model_trace.log_prob_sum() - guide_trace.log_prob_sum()
+
+
+def _batch_agrees(model, guide, args, kwargs, draws, log_w) -> bool:
+    """Whether the first and last draws, scored one at a time, match the batch's weights.
+
+    The first is scored twice: when the two differ, the model draws latent values the
+    guide does not set, and a ``UserWarning`` says so.
+    """
+    for s in sorted({0, len(log_w) - 1}):
+        values = {name: value[s] for name, value in draws.items()}
+        try:
+            single = _single_log_weight(model, guide, args, kwargs, values)
+            if s == 0:
+                again = _single_log_weight(model, guide, args, kwargs, values)
+        except (RuntimeError, ValueError):
+            return False
+        if s == 0 and not torch.isclose(single, again, rtol=1e-6, atol=1e-6, equal_nan=True):
+            warn_from_caller(
+                "the model's log density at one draw of the guide changes from run to run: "
+                "it draws latent sites the guide does not set (sites hidden with "
+                "poutine.block for another guide, say), so every weight carries their prior "
+                "noise; diagnose the guide that covers every latent site (the AutoGuideList)"
+            )
+            return False
+        batch = log_w[s]
+        if not torch.isfinite(single) and not torch.isfinite(batch):
+            if single != batch and not (single.isnan() and batch.isnan()):
+                return False
+            continue
+        # float32 sums of many terms in another order differ in the last digits
+        relative = 1e-6 if single.dtype == torch.float64 else 1e-3
+        tolerance = relative * (1.0 + abs(single.item()))
+        if not abs(single.item() - batch.item()) <= tolerance:
+            return False
+    return True
 
 
 def _sequential_draws(model, guide, args, kwargs, num_samples):
@@ -324,7 +446,7 @@ def importance_resample(
     Draws ``num_proposals`` (default ``10 * num_samples``) from the guide, smooths the
     weights with PSIS and resamples ``num_samples`` of them with replacement, with
     probability :math:`\tilde w_s`. When :math:`\hat k \le 0.7` these draws are closer to
-    the posterior than the guide's own.
+    the posterior than the guide's own; above, a ``UserWarning`` says that they are not.
 
     Returns:
         A dict of each latent site's draws, shape ``(num_samples, *site_shape)``.
@@ -333,7 +455,13 @@ def importance_resample(
     num_proposals = 10 * num_samples if num_proposals is None else num_proposals
     check_positive_int(num_proposals, "num_proposals", minimum=2)
     log_w, draws = importance_draws(model, guide, *args, num_samples=num_proposals, **kwargs)
-    smoothed, _ = psis(log_w)
+    report, smoothed = _summarize(log_w)
+    if not report.khat <= USABLE_KHAT:
+        warn_from_caller(
+            f"importance_resample: k-hat {report.khat:.2f} > {USABLE_KHAT} (ESS "
+            f"{report.ess:.0f} of {report.num_samples} proposals): the resampled draws repeat "
+            "a few proposals and do not represent the posterior; improve the guide first"
+        )
     probs = torch.as_tensor(np.exp(smoothed))
     index = torch.multinomial(probs, num_samples, replacement=True)
     return {name: value[index.to(value.device)] for name, value in draws.items()}

@@ -613,6 +613,9 @@ def test_no_latent_site_is_refused():
         ({"flow": "iaf", "estimator": "dreg"}, ValueError, "estimator"),
         ({"warm_start": "map"}, ValueError, "warm_start"),
         ({"init_scale": 0.0}, ValueError, "init_scale"),
+        ({"init_scale": True}, TypeError, "init_scale must be a number > 0, got bool"),
+        ({"init_scale": "0.1"}, TypeError, "init_scale"),
+        ({"init_scale": float("nan")}, ValueError, "init_scale"),
         ({"flow": lambda d: None, "transforms": 2}, TypeError, "only apply when flow is a name"),
     ],
 )
@@ -734,3 +737,52 @@ def test_stl_with_several_particles_in_one_backward(flow):
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), pyro.infer.RenyiELBO(num_particles=3))
     for _ in range(5):
         assert torch.isfinite(torch.tensor(svi.step(x)))
+
+
+def test_numpy_and_tensor_scalars_are_taken_as_init_scale():
+    import numpy as np
+
+    for scale in (np.float32(0.05), np.float64(0.05), torch.tensor(0.05)):
+        guide = AutoFlow(gaussian_model, warm_start=None, init_scale=scale)
+        guide()
+        assert guide.anchor_scale_tril.diagonal().tolist() == pytest.approx([0.05] * D)
+
+
+def test_saving_a_guide_keeps_its_model_and_a_loaded_guide_says_what_to_do():
+    import copy
+    import io
+    import pickle
+
+    from pyroflows.infer import diagnose
+
+    pyro.set_rng_seed(0)
+    guide = AutoFlow(gaussian_model)
+    guide()
+    buffer = io.BytesIO()
+    torch.save(guide, buffer)
+    pickle.dumps(guide)
+    assert guide.diagnose(num_samples=200).num_samples == 200  # the model is still there
+    buffer.seek(0)
+    for loaded in (torch.load(buffer, weights_only=False), copy.deepcopy(guide)):
+        for method in (loaded.diagnose, loaded.importance_resample, loaded.to_arviz):
+            with pytest.raises(RuntimeError, match=r"diagnose\(model, guide, ...\)"):
+                method(num_samples=100)
+        assert diagnose(gaussian_model, loaded, num_samples=200).num_samples == 200
+
+
+def test_warm_start_is_skipped_for_a_model_with_latents_it_does_not_cover():
+    # AutoFlow over part of a model, as in an AutoGuideList: the hidden latents are
+    # redrawn from their prior on every run, so the Laplace fit would chase noise
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfNormal(2.0))
+        with pyro.plate("units", len(y)):
+            theta = pyro.sample("theta", dist.Normal(mu, tau))
+            pyro.sample("y", dist.Normal(theta, 0.3), obs=y)
+
+    y = torch.randn(20) + 1.0
+    guide = AutoFlow(pyro.poutine.block(model, hide=["theta"]))
+    with pytest.warns(UserWarning, match="Laplace warm start is skipped") as caught:
+        guide(y)
+    assert guide.anchor == "init"
+    assert caught[0].filename == __file__

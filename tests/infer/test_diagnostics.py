@@ -219,3 +219,79 @@ def test_verdict_when_arviz_gives_an_infinite_k_hat_for_finite_weights():
     assert dominated.khat == math.inf
     assert "outweighs all the others" in dominated.verdict
     assert summarize(torch.tensor([0.0, math.inf, 1.0])).verdict.endswith("not finite")
+
+
+def summed_model(y):
+    # runs under a particle plate, but z.sum() adds up every draw's z, not one draw's
+    z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+    pyro.sample("obs", dist.Normal(z.sum(), 1.0), obs=y)
+
+
+def test_a_model_that_mixes_the_draws_up_is_scored_one_draw_at_a_time():
+    def guide(y):
+        pyro.sample("z", dist.Normal(0.5, 0.7).expand([3]).to_event(1))
+
+    y = torch.tensor(2.0)
+    log_w, draws = importance_draws(summed_model, guide, y, num_samples=40)
+    z = draws["z"]
+    expected = (
+        dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+        + dist.Normal(z.sum(-1), 1.0).log_prob(y)
+        - dist.Normal(0.5, 0.7).log_prob(z).sum(-1)
+    )
+    torch.testing.assert_close(log_w, expected)
+    # the exact posterior mean of each z is y / 4 = 0.5
+    resampled = importance_resample(summed_model, guide, y, num_samples=500)["z"]
+    assert resampled.mean(0).sub(0.5).abs().max().item() < 0.15
+
+
+def test_a_point_mass_guide_is_refused():
+    from pyro.infer.autoguide import AutoDelta
+
+    data = torch.randn(20) + 3.0
+    guide = AutoDelta(normal_model)
+    guide(data)
+    with pytest.raises(ValueError, match="every one of the guide's 100 draws is the same point"):
+        diagnose(normal_model, guide, data, num_samples=100)
+
+
+def test_a_subsampling_model_is_refused_by_name():
+    def model(y, size=None):
+        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+        with pyro.plate("rows", len(y), subsample_size=size) as rows:
+            pyro.sample("obs", dist.Normal(loc, 1.0), obs=y[rows])
+
+    def guide(y, size=None):
+        pyro.sample("loc", dist.Normal(0.0, 1.0))
+
+    y = torch.randn(100)
+    with pytest.raises(ValueError, match=r"subsamples plate 'rows' \(10 of 100 rows\)"):
+        diagnose(model, guide, y, 10, num_samples=50)
+    assert diagnose(model, guide, y, num_samples=50).num_samples == 50  # the full data
+
+
+def test_importance_resample_warns_when_the_weights_cannot_be_trusted():
+    with pytest.warns(UserWarning, match=r"importance_resample: k-hat .* > 0.7") as caught:
+        importance_resample(exact_guide_model, narrow_guide, num_samples=200)
+    assert caught[0].filename == __file__  # points at the caller's line
+
+
+def test_a_model_with_latents_the_guide_does_not_set_is_reported():
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        hidden = pyro.sample("hidden", dist.Normal(0.0, 1.0))
+        pyro.sample("obs", dist.Normal(z + hidden, 0.1), obs=torch.tensor(0.3))
+
+    def guide():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    blocked = pyro.poutine.block(model, hide=["hidden"])
+    with pytest.warns(UserWarning, match="draws latent sites the guide does not set"):
+        diagnose(blocked, guide, num_samples=50)
+
+
+def test_weights_of_another_shape_than_one_per_draw_are_refused():
+    with pytest.raises(ValueError, match=r"log_weights must have shape \(S,\).*got \(4, 50\)"):
+        summarize(torch.randn(4, 50))
+    with pytest.raises(ValueError, match="log_weights must have shape"):
+        psis(np.zeros((10, 1)))

@@ -288,11 +288,17 @@ def importance_draws(
         ``(log_weights, samples)``: shape ``(num_samples,)``, and a dict of each latent
         site's constrained draws with shape ``(num_samples, *site_shape)``.
     """
+    return _draws(model, guide, args, kwargs, num_samples, deterministic=False)
+
+
+def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool):
+    """:func:`importance_draws`, with the model's ``pyro.deterministic`` sites if asked."""
     check_positive_int(num_samples, "num_samples")
     with torch.no_grad(), poutine.block():
-        model_trace = poutine.trace(model).get_trace(*args, **kwargs)
-        _refuse_subsampling(model_trace)
-        nesting = _nesting(model_trace)
+        first = poutine.trace(model).get_trace(*args, **kwargs)
+        _refuse_subsampling(first)
+        nesting = _nesting(first)
+        derived = _deterministic_names(first) if deterministic else []
         try:
             log_w, model_trace, guide_trace = vectorized_importance_weights(
                 model,
@@ -310,19 +316,23 @@ def importance_draws(
                 for n in _guide_sites(guide_trace)
             }
             samples = {n: draws[n] for n in _latent_names(model_trace, guide_trace)}
+            for n in derived:
+                value = _stacked(
+                    model_trace.nodes[n]["value"], first.nodes[n]["value"].shape, num_samples
+                )
+                if value is None:  # not one value per draw: the draws are mixed up
+                    raise ValueError(f"deterministic site {n!r} does not broadcast")
+                samples[n] = value
         except (RuntimeError, ValueError):
             # the model does not broadcast over a particle plate: one draw at a time
             # (if that fails too, its error is the model's own, and it is raised: the
             # particle-plate error above stays attached as its context)
-            log_w, samples = _sequential_draws(model, guide, args, kwargs, num_samples)
+            log_w, samples = _sequential_draws(model, guide, args, kwargs, num_samples, derived)
         else:
-            if not _batch_agrees(model, guide, args, kwargs, draws, log_w):
-                log_w, samples = _sequential_draws(model, guide, args, kwargs, num_samples)
-    if (
-        num_samples > 1
-        and samples
-        and all(bool((value == value[:1]).all()) for value in samples.values())
-    ):
+            if not _batch_agrees(model, guide, args, kwargs, draws, log_w, samples, derived):
+                log_w, samples = _sequential_draws(model, guide, args, kwargs, num_samples, derived)
+    latents = [value for name, value in samples.items() if name not in derived]
+    if num_samples > 1 and latents and all(bool((v == v[:1]).all()) for v in latents):
         raise ValueError(
             f"every one of the guide's {num_samples} draws is the same point (a point mass, "
             "such as AutoDelta's MAP estimate): it has no density to weigh against the "
@@ -330,6 +340,29 @@ def importance_draws(
             "a guide with a density (AutoNormal, AutoFlow, ...)"
         )
     return log_w.detach(), {n: v.detach() for n, v in samples.items()}
+
+
+def _deterministic_names(trace) -> list[str]:
+    """The model's ``pyro.deterministic`` sites, in the order it makes them."""
+    return [
+        name
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and site["infer"].get("_deterministic")
+    ]
+
+
+def _stacked(value: torch.Tensor, shape: torch.Size, num_samples: int) -> torch.Tensor | None:
+    """A deterministic site's value under the particle plate as ``(S, *shape)``, or None.
+
+    Its leading dim is the particle plate's (``S`` draws) when it depends on the draws;
+    a value that does not is the same for every draw.
+    """
+    size = math.prod(shape)
+    if value.numel() == size:
+        return value.reshape(shape).expand((num_samples, *shape))
+    if value.dim() and value.shape[0] == num_samples and value.numel() == num_samples * size:
+        return value.reshape((num_samples, *shape))
+    return None
 
 
 def _particles(site: dict, shape: torch.Size, num_samples: int, nesting: int) -> torch.Tensor:
@@ -351,23 +384,28 @@ def _single_log_weight(model, guide, args, kwargs, values: dict[str, torch.Tenso
     # guide's auxiliary sites)
     guide_trace = poutine.trace(poutine.condition(guide, data=values)).get_trace(*args, **kwargs)
     model_trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
-    return model_trace.log_prob_sum() - guide_trace.log_prob_sum()
+    return model_trace.log_prob_sum() - guide_trace.log_prob_sum(), model_trace
 
 
-def _batch_agrees(model, guide, args, kwargs, draws, log_w) -> bool:
+def _batch_agrees(model, guide, args, kwargs, draws, log_w, samples, derived) -> bool:
     """Whether the first and last draws, scored one at a time, match the batch's weights.
 
-    The first is scored twice: when the two differ, the model draws latent values the
-    guide does not set, and a ``UserWarning`` says so.
+    And the ``derived`` (deterministic) sites' values. The first is scored twice: when
+    the two differ, the model draws latent values the guide does not set, and a
+    ``UserWarning`` says so.
     """
     for s in sorted({0, len(log_w) - 1}):
         values = {name: value[s] for name, value in draws.items()}
         try:
-            single = _single_log_weight(model, guide, args, kwargs, values)
+            single, trace = _single_log_weight(model, guide, args, kwargs, values)
             if s == 0:
-                again = _single_log_weight(model, guide, args, kwargs, values)
+                again, _ = _single_log_weight(model, guide, args, kwargs, values)
         except (RuntimeError, ValueError):
             return False
+        for name in derived:
+            one, batch = trace.nodes[name]["value"], samples[name][s]
+            if one.shape != batch.shape or not torch.allclose(one, batch, rtol=1e-4, atol=1e-6):
+                return False
         if s == 0 and not torch.isclose(single, again, rtol=1e-6, atol=1e-6, equal_nan=True):
             warn_from_caller(
                 "the model's log density at one draw of the guide changes from run to run: "
@@ -389,7 +427,7 @@ def _batch_agrees(model, guide, args, kwargs, draws, log_w) -> bool:
     return True
 
 
-def _sequential_draws(model, guide, args, kwargs, num_samples):
+def _sequential_draws(model, guide, args, kwargs, num_samples, derived=()):
     """One model and guide run per draw, for models that do not broadcast."""
     log_ws, draws = [], []
     for _ in range(num_samples):
@@ -399,7 +437,9 @@ def _sequential_draws(model, guide, args, kwargs, num_samples):
         )
         log_ws.append(model_trace.log_prob_sum() - guide_trace.log_prob_sum())
         names = _latent_names(model_trace, guide_trace)
-        draws.append({n: guide_trace.nodes[n]["value"] for n in names})
+        draw = {n: guide_trace.nodes[n]["value"] for n in names}
+        draw.update((n, model_trace.nodes[n]["value"]) for n in derived)
+        draws.append(draw)
     samples = {n: torch.stack([d[n] for d in draws]) for n in draws[0]}
     return torch.stack(log_ws), samples
 
@@ -449,12 +489,13 @@ def importance_resample(
     the posterior than the guide's own; above, a ``UserWarning`` says that they are not.
 
     Returns:
-        A dict of each latent site's draws, shape ``(num_samples, *site_shape)``.
+        A dict of each latent site's draws, and of each ``pyro.deterministic`` site's
+        values at them, shape ``(num_samples, *site_shape)``.
     """
     check_positive_int(num_samples, "num_samples")
     num_proposals = 10 * num_samples if num_proposals is None else num_proposals
     check_positive_int(num_proposals, "num_proposals", minimum=2)
-    log_w, draws = importance_draws(model, guide, *args, num_samples=num_proposals, **kwargs)
+    log_w, draws = _draws(model, guide, args, kwargs, num_proposals, deterministic=True)
     report, smoothed = _summarize(log_w)
     if not report.khat <= USABLE_KHAT:
         warn_from_caller(
@@ -477,12 +518,13 @@ def to_arviz(
     """Guide draws as an ArviZ ``InferenceData``, with their log importance weights.
 
     The ``posterior`` group has one variable per latent site, in its constrained space
-    and original shape, with dims ``(chain, draw, ...)`` = ``(1, num_samples, ...)``.
+    and original shape, and one per ``pyro.deterministic`` site (as ArviZ's
+    ``from_pyro`` has them), with dims ``(chain, draw, ...)`` = ``(1, num_samples, ...)``.
     ``sample_stats`` holds ``log_importance_weight`` (raw) and ``psis_log_weight``
     (smoothed, normalized), and the group's attributes hold ``khat`` and ``ess``, so
     ``az.summary(idata)`` and ``az.plot_posterior(idata)`` work on it as on MCMC output.
     """
-    log_w, draws = importance_draws(model, guide, *args, num_samples=num_samples, **kwargs)
+    log_w, draws = _draws(model, guide, args, kwargs, num_samples, deterministic=True)
     report, smoothed = _summarize(log_w)
     posterior = {name: value.cpu().double().numpy()[None] for name, value in draws.items()}
     stats = {

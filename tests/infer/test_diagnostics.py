@@ -295,3 +295,63 @@ def test_weights_of_another_shape_than_one_per_draw_are_refused():
         summarize(torch.randn(4, 50))
     with pytest.raises(ValueError, match="log_weights must have shape"):
         psis(np.zeros((10, 1)))
+
+
+def eight_schools_like(y, broadcast=True):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    with pyro.plate("schools", len(y)):
+        standard = pyro.sample("standard", dist.Normal(0.0, 1.0))
+        shift = mu if broadcast else float(mu)  # float() breaks the particle plate
+        theta = pyro.deterministic("theta", shift + tau * standard)
+        pyro.sample("y", dist.Normal(theta, 10.0), obs=y)
+    pyro.deterministic("count", torch.tensor(float(len(y))))
+
+
+@pytest.mark.parametrize("broadcast", [True, False])
+def test_deterministic_sites_come_with_the_draws(broadcast):
+    from pyroflows.infer.diagnostics import _batch_agrees
+
+    y = torch.tensor([28.0, 8.0, -3.0, 7.0])
+    pyro.set_rng_seed(0)
+    guide = AutoNormal(eight_schools_like)
+    guide(y, broadcast)
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            "pyroflows.infer.diagnostics._batch_agrees",
+            lambda *a: calls.append(1) or _batch_agrees(*a),
+        )
+        idata = to_arviz(eight_schools_like, guide, y, broadcast, num_samples=60)
+    assert bool(calls) == broadcast  # the vectorized route, checked, or one at a time
+    post = idata.posterior
+    assert post["theta"].shape == (1, 60, 4)
+    expected = post["mu"].values[..., None] + post["tau"].values[..., None] * post["standard"]
+    np.testing.assert_allclose(post["theta"].values, expected, rtol=1e-5)
+    assert (post["count"].values == 4.0).all()
+    with pytest.warns(UserWarning, match="k-hat"):  # an untrained guide
+        draws = importance_resample(eight_schools_like, guide, y, broadcast, num_samples=30)
+    assert draws["theta"].shape == (30, 4)
+    torch.testing.assert_close(
+        draws["theta"], draws["mu"][:, None] + draws["tau"][:, None] * draws["standard"]
+    )
+    # importance_draws keeps to the latents
+    assert set(importance_draws(eight_schools_like, guide, y, broadcast, num_samples=5)[1]) == {
+        "mu",
+        "tau",
+        "standard",
+    }
+
+
+def test_a_deterministic_site_that_mixes_the_draws_up_is_computed_one_draw_at_a_time():
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+        pyro.deterministic("total", z.sum())  # sums every draw's z under a particle plate
+
+    def guide():
+        pyro.sample("z", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+
+    idata = to_arviz(model, guide, num_samples=50)
+    np.testing.assert_allclose(
+        idata.posterior["total"].values, idata.posterior["z"].values.sum(-1), rtol=1e-5
+    )

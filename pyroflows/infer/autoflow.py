@@ -365,7 +365,10 @@ class AutoFlow(AutoContinuous):
             :data:`JACOBIAN_MAX_DIM`) differentiates through the Jacobian of its draw (one
             more network pass, over ``D + 1`` copies of it, and its backward: about a
             third more per step); other flows through their inverse (one pass for coupling
-            flows). Not for ``JitTrace_ELBO`` (a ``TypeError``): it cannot trace the frozen copy.
+            flows). Not for ``JitTrace_ELBO`` (a ``TypeError``): it cannot trace the
+            frozen copy. Unbiased for the ELBO (``Trace_ELBO``, ``TraceMeanField_ELBO``)
+            only: with an importance-weighted objective (``RenyiELBO``) the dropped
+            score term no longer has mean zero, and the gradient is biased.
         learn_linear: also learn a full-rank linear map after the flow (an LU-factorized
             :math:`D \times D` matrix). Off by default: the anchor already carries the
             Laplace correlations, and on posteriordb the learnt map's Adam noise made fits

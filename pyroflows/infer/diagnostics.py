@@ -402,10 +402,6 @@ def _batch_agrees(model, guide, args, kwargs, draws, log_w, samples, derived) ->
                 again, _ = _single_log_weight(model, guide, args, kwargs, values)
         except (RuntimeError, ValueError):
             return False
-        for name in derived:
-            one, batch = trace.nodes[name]["value"], samples[name][s]
-            if one.shape != batch.shape or not torch.allclose(one, batch, rtol=1e-4, atol=1e-6):
-                return False
         if s == 0 and not torch.isclose(single, again, rtol=1e-6, atol=1e-6, equal_nan=True):
             warn_from_caller(
                 "the model's log density at one draw of the guide changes from run to run: "
@@ -414,6 +410,10 @@ def _batch_agrees(model, guide, args, kwargs, draws, log_w, samples, derived) ->
                 "noise; diagnose the guide that covers every latent site (the AutoGuideList)"
             )
             return False
+        for name in derived:
+            one, batch = trace.nodes[name]["value"], samples[name][s]
+            if one.shape != batch.shape or not torch.allclose(one, batch, rtol=1e-4, atol=1e-6):
+                return False
         batch = log_w[s]
         if not torch.isfinite(single) and not torch.isfinite(batch):
             if single != batch and not (single.isnan() and batch.isnan()):

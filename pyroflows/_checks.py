@@ -46,6 +46,27 @@ def check_number(value: object, name: str, minimum: float = 0.0, strict: bool = 
     return value
 
 
+def check_permutation(value: object, name: str, size: int) -> torch.Tensor:
+    """``value`` as a ``long`` tensor holding a permutation of ``range(size)``, else raise.
+
+    Every entry must be an integer (Python, NumPy or an integer tensor's): ``2.9`` is
+    refused, not truncated to 2.
+    """
+    expected = f"{name} must be a permutation of range({size}) (a sequence of ints)"
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        items = value.tolist() if isinstance(value, (torch.Tensor, np.ndarray)) else list(value)
+    except TypeError:
+        raise ValueError(f"{expected}, got {value!r}") from None
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items):
+        raise ValueError(f"{expected}, got {items!r}")
+    perm = torch.tensor(items, dtype=torch.long)
+    if perm.shape != (size,) or not torch.equal(perm.sort().values, torch.arange(size)):
+        raise ValueError(f"{expected}, got {perm.tolist()}")
+    return perm
+
+
 def check_hidden(hidden: object, name: str = "hidden") -> tuple[int, ...]:
     """Return hidden layer sizes as a tuple of positive ints."""
     if isinstance(hidden, numbers.Integral) and not isinstance(hidden, bool):

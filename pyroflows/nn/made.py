@@ -8,7 +8,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyroflows._checks import check_hidden, check_positive_int, warn_from_caller
+from pyroflows._checks import (
+    check_hidden,
+    check_permutation,
+    check_positive_int,
+    warn_from_caller,
+)
 from pyroflows.nn.mlp import ContextTrunk
 
 
@@ -28,21 +33,7 @@ class MaskedLinear(nn.Linear):
 def _order(order: Sequence[int] | None, features: int) -> torch.Tensor:
     if order is None:
         return torch.arange(features)
-    try:
-        if isinstance(order, (str, bytes)):
-            raise TypeError
-        order_t = torch.as_tensor(list(order), dtype=torch.long)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(
-            f"order must be a permutation of range({features}) (a sequence of ints), got {order!r}"
-        ) from None
-    if order_t.shape != (features,) or not torch.equal(
-        order_t.sort().values, torch.arange(features)
-    ):
-        raise ValueError(
-            f"order must be a permutation of range({features}), got {list(order_t.tolist())}"
-        )
-    return order_t
+    return check_permutation(order, "order", features)
 
 
 class MADE(ContextTrunk):

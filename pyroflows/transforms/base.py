@@ -115,18 +115,19 @@ class _CachedBijection:
 
     A hit is served for ``t.inv(x)`` of the ``x`` its last ``t(u)`` returned, for
     ``t(u)`` of the ``u`` its last ``t.inv(x)`` returned, for ``t(u)`` of the ``u`` its
-    last ``t(u)`` was given once ``t.inv`` has been served that call's output (torch's
-    ``ComposeTransform`` re-applies each part to find the log-det while scoring), and
-    for ``log_abs_det_jacobian`` of the cached pair. So ``d.log_prob(d.rsample())`` runs
-    no inverse and no second network pass (an IAF layer scores its own samples for free,
-    in a list of layers or a ``ComposeTransform``), while a tensor the caller passes in
-    is computed afresh: a data batch to score, and a base draw pushed through again (in a
-    loop over a fixed ``u``, a hit would hand back a graph already freed by
-    ``backward``, or, after an optimizer that writes through ``.data`` such as Pyro's
-    ``ClippedAdam``, an output of the old weights). A hit also
-    needs the same tensor objects (``is``), unchanged in place and in ``requires_grad``
-    since (their version counters), the layer's parameters and buffers the same objects
-    and unchanged (their version counters, which ``optimizer.step()`` and
+    last ``t(u)`` was given once ``t.inv`` has been served that call's output and until
+    the pair's log-det is served (torch's ``ComposeTransform`` re-applies each part to
+    find the log-det while scoring), and for ``log_abs_det_jacobian`` of the cached
+    pair. So ``d.log_prob(d.rsample())`` runs no inverse and no second network pass (an
+    IAF layer scores its own samples for free, in a list of layers or a
+    ``ComposeTransform``), while a tensor the caller passes in is computed afresh: a
+    data batch to score, and a base draw pushed through again, also after its output
+    was scored (in a loop over a fixed ``u``, a hit would hand back a graph already
+    freed by ``backward``, or, after an optimizer that writes through ``.data`` such as
+    Pyro's ``ClippedAdam``, an output of the old weights). A hit also needs the same
+    tensor objects (``is``), unchanged in place and in ``requires_grad`` since (their
+    version counters, the cached log-det's too), the layer's parameters and buffers the
+    same objects and unchanged (their version counters, which ``optimizer.step()`` and
     ``load_state_dict`` bump, so the cache never goes stale after a step, unlike
     pyro#2542, nor after parameters are swapped in), and, if grad mode is on now, grad
     mode on when the entry was made (else its ``ladj`` would carry no graph).
@@ -180,7 +181,7 @@ class _CachedBijection:
                 return None
         elif u is not cu or x is not cx:
             return None
-        if (torch.is_grad_enabled() and not grad) or states != _states(cu, cx):
+        if (torch.is_grad_enabled() and not grad) or states != _states(cu, cx, ladj):
             return None
         if key is None:
             return None
@@ -194,7 +195,7 @@ class _CachedBijection:
     def _store(self, u: torch.Tensor, x: torch.Tensor, ladj: torch.Tensor, made: int) -> None:
         # inference-mode tensors have no version counter to watch: not cached
         if self._use_cache and not (u.is_inference() or x.is_inference()):
-            meta = (made, _states(u, x), self._key(), torch.is_grad_enabled(), [False])
+            meta = (made, _states(u, x, ladj), self._key(), torch.is_grad_enabled(), [False])
             # straight into __dict__: nn.Module.__setattr__ costs more than the rest of this
             self.__dict__["_cache"] = (u, x, ladj, meta)
 
@@ -223,6 +224,7 @@ class _CachedBijection:
         """
         hit = self._lookup(x, y)
         if hit is not None:
+            hit[3][4][0] = False  # the pair is scored: a later t(u) of this u is a new push
             return hit[2]
         return self._ladj(x, y)
 
@@ -243,9 +245,9 @@ class _CachedBijection:
         return state
 
 
-def _states(u: torch.Tensor, x: torch.Tensor) -> tuple[int, int, bool, bool]:
-    """What an in-place write or ``requires_grad_`` would change in a cached pair."""
-    return (u._version, x._version, u.requires_grad, x.requires_grad)
+def _states(u: torch.Tensor, x: torch.Tensor, ladj: torch.Tensor) -> tuple[Any, ...]:
+    """What an in-place write or ``requires_grad_`` would change in a cached triple."""
+    return (u._version, x._version, ladj._version, u.requires_grad, x.requires_grad)
 
 
 class FlowTransform(_CachedBijection, TransformModule):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pyroflows._checks import check_permutation
 from pyroflows.transforms.base import FlowTransform
 
 
@@ -44,13 +45,7 @@ class Permutation(FlowTransform):
                     f"permutation must be 'random', 'reverse' or a sequence, got {permutation!r}"
                 )
         else:
-            perm = torch.as_tensor(list(permutation), dtype=torch.long)
-            if perm.shape != (self.dim,) or not torch.equal(
-                perm.sort().values, torch.arange(self.dim)
-            ):
-                raise ValueError(
-                    f"permutation must be a permutation of range({self.dim}), got {perm.tolist()}"
-                )
+            perm = check_permutation(permutation, "permutation", self.dim)
         self.register_buffer("permutation", perm)
         self.register_buffer("inverse_permutation", torch.argsort(perm))
         # A floating buffer that carries the flow's dtype for input checks.
@@ -124,12 +119,16 @@ class ActNorm(FlowTransform):
     .. math::
         x = u \odot e^{s} + m, \qquad \log|\det J| = \textstyle\sum_i s_i
 
-    With ``data_init=True``, the first batch of at least two points that the layer sees
-    sets :math:`(s, m)` so that the *output* of that call is standardized per
+    With ``data_init=True``, the first batch of at least two distinct points that the
+    layer sees sets :math:`(s, m)` so that the *output* of that call is standardized per
     coordinate: scoring data ``x`` first gives :math:`m = \bar x`, :math:`e^{s} = \mathrm{sd}(x)`;
     sampling ``u`` first gives :math:`e^{s} = 1/\mathrm{sd}(u)`, :math:`m = -\bar u e^{s}`.
-    Whether it has been initialised is a buffer, so a loaded ``state_dict`` is not
-    re-initialised. With ``data_init=False`` it starts at the identity (NICE's scaling).
+    A coordinate without spread in that batch keeps :math:`s = 0`. Until such a batch
+    comes (single points, copies of one point) the layer is the identity; if its
+    parameters are trained or set meanwhile (an SVI guide drawing one point per step),
+    they are kept and no data initialisation follows. Whether it has been initialised is
+    a buffer, so a loaded ``state_dict`` is not re-initialised. With ``data_init=False``
+    it starts at the identity (NICE's scaling).
 
     Cost: elementwise, one pass each way.
 
@@ -149,10 +148,21 @@ class ActNorm(FlowTransform):
 
     @torch.no_grad()
     def _initialize(self, value: torch.Tensor, inverse: bool) -> None:
-        flat = value.reshape(-1, self.dim)
-        if bool(self.initialized) or flat.shape[0] < 2:
+        if bool(self.initialized):
             return
-        mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
+        if bool(self.log_scale.any()) or bool(self.shift.any()):
+            # trained (or set) while it waited for a batch: those values are kept
+            self.initialized.fill_(True)
+            return
+        flat = value.reshape(-1, self.dim)
+        if flat.shape[0] < 2:
+            return  # one point: no spread to take, wait for a batch
+        mean, std = flat.mean(0), flat.std(0)
+        # a column without spread (up to rounding) keeps the unit scale
+        flat_column = std <= 100 * torch.finfo(std.dtype).eps * mean.abs()
+        if bool(flat_column.all()):
+            return  # copies of one point (a point scored under several contexts): wait
+        std = torch.where(flat_column, torch.ones_like(std), std)
         if inverse:  # value is data: u = (x - m) e^{-s} should be standard
             self.log_scale.copy_(std.log())
             self.shift.copy_(mean)

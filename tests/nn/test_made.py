@@ -97,7 +97,7 @@ def test_bad_arguments_are_named(kwargs, error, match):
         MADE(**kwargs)
 
 
-@pytest.mark.parametrize("order", ["abc", [0, "x", 2], 7])
+@pytest.mark.parametrize("order", ["abc", [0, "x", 2], 7, [0.5, 2.7, 1.1], [0.0, 1.0, 2.0]])
 def test_order_that_is_not_a_sequence_of_ints(order):
     with pytest.raises(ValueError, match=r"order must be a permutation of range\(3\)"):
         MADE(3, order=order)

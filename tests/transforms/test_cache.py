@@ -328,3 +328,36 @@ def test_pruning_a_used_layer_relists_its_tensors():
     with torch.no_grad():
         first.weight_orig.mul_(2.0)  # and the new slot is watched
     torch.testing.assert_close(d.log_prob(z), d.log_prob(z.clone()))
+
+
+def test_a_fixed_base_draw_pushed_again_after_its_output_was_scored_is_computed_afresh():
+    torch.manual_seed(0)
+    flow = realnvp(2, transforms=2, hidden=(8,))
+    u = torch.randn(64, 2)
+
+    def push(d):
+        x = u
+        for t in d.transforms:
+            x = t(x)
+        return x
+
+    d = flow()
+    x = push(d)
+    (-d.log_prob(x).mean()).backward()  # scores the pushed x: t.inv served from the cache
+    again = push(d)
+    assert again is not x
+    (again**2).mean().backward()  # a graph of its own, not the freed one
+
+
+def test_a_log_det_edited_in_place_is_not_served_again():
+    torch.manual_seed(0)
+    t = AffineAutoregressive(4, hidden=(8,))
+    with torch.no_grad():
+        for p in t.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    u = torch.randn(3, 4)
+    x = t(u)
+    ladj = t.log_abs_det_jacobian(u, x)
+    expected = ladj.detach().clone()
+    ladj.neg_()
+    torch.testing.assert_close(t.log_abs_det_jacobian(u, x).detach(), expected)

@@ -25,6 +25,9 @@ def test_permutation_reverse_and_given():
         ("shuffle", "permutation must be 'random', 'reverse' or a sequence"),
         ([0, 0, 1], r"permutation must be a permutation of range\(3\)"),
         ([0, 1], r"permutation must be a permutation of range\(3\)"),
+        ([2.9, 0.2, 1.5], r"permutation must be a permutation .* sequence of ints"),
+        (torch.tensor([2.0, 0.0, 1.0]), r"permutation must be a permutation"),
+        ([True, False, 2], r"permutation must be a permutation"),
     ],
 )
 def test_permutation_bad_input(permutation, match):
@@ -96,3 +99,29 @@ def test_actnorm_without_data_init_is_the_identity():
     t = ActNorm(3, data_init=False)
     x = 7 * torch.randn(10, 3)
     torch.testing.assert_close(t.inv(x), x)
+
+
+def test_actnorm_trained_while_waiting_keeps_its_values():
+    # an SVI guide draws one point per step: ActNorm waits, but its parameters train
+    t = ActNorm(2)
+    t(torch.randn(2))
+    with torch.no_grad():
+        t.log_scale.add_(torch.tensor([0.3, -0.2]))
+        t.shift.add_(torch.tensor([1.0, 2.0]))
+    trained = (t.log_scale.detach().clone(), t.shift.detach().clone())
+    t(5.0 * torch.randn(1000, 2))  # the first batch comes later: no overwrite
+    assert bool(t.initialized)
+    torch.testing.assert_close(t.log_scale.detach(), trained[0])
+    torch.testing.assert_close(t.shift.detach(), trained[1])
+
+
+def test_actnorm_waits_out_copies_of_one_point_and_keeps_flat_columns_at_unit_scale():
+    t = ActNorm(2)
+    t.inv(torch.tensor([0.5, -0.2]).expand(16, 2))  # one point under 16 contexts
+    assert not bool(t.initialized)
+    x = torch.stack([3.0 * torch.randn(200) + 1.0, torch.full((200,), 7.0)], -1)
+    u = t.inv(x)
+    assert bool(t.initialized)
+    assert t.log_scale[1].item() == 0.0  # no spread: unit scale, not 1e-6
+    torch.testing.assert_close(u[:, 1], torch.zeros(200))
+    torch.testing.assert_close(u[:, 0].std(), torch.tensor(1.0))

@@ -30,6 +30,7 @@ from pyroflows._checks import (
     check_finite_context,
     check_positive_int,
 )
+from pyroflows._pickling import DropsParamStoreLinks
 from pyroflows.transforms import (
     ActNorm,
     AdditiveCoupling,
@@ -65,7 +66,7 @@ class FlowDistribution(dist.TransformedDistribution):
         return super().log_prob(value)
 
 
-class Flow(nn.Module):
+class Flow(DropsParamStoreLinks, nn.Module):
     r"""A normalizing flow: a standard normal base and a list of transforms, as a module.
 
     ``flow()`` (unconditional) or ``flow(context)`` (conditional) returns a

@@ -418,3 +418,23 @@ def test_intermediates_names_base_when_it_does_not_fit_the_context():
         flow.intermediates(context=torch.randn(4, 2), base=torch.randn(6, 3))
     stages = flow.intermediates(context=torch.randn(4, 2), base=torch.randn(5, 4, 3))
     assert stages[-1].shape == (5, 4, 3)
+
+
+def test_a_flow_registered_with_pyro_module_pickles():
+    import pyro
+
+    torch.manual_seed(0)
+    flow = pyroflows.maf(3, transforms=2, hidden=(8,))
+    conditional = pyroflows.realnvp(4, context=2, transforms=2, hidden=(8,))
+    pyro.module("flow", flow)
+    pyro.module("conditional", conditional)
+    try:
+        x = torch.randn(5, 3)
+        loaded = pickle.loads(pickle.dumps(flow))
+        torch.testing.assert_close(loaded().log_prob(x), flow().log_prob(x))
+        pickle.dumps(conditional)
+        torch.save(conditional, io.BytesIO())
+        pyro.module("flow", flow)  # the param store links it again
+        assert "unconstrained" in next(flow.parameters()).__dict__
+    finally:
+        pyro.clear_param_store()

@@ -52,13 +52,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from pyroflows._checks import check_choice, check_hidden, check_number, check_positive_int
+from pyroflows._pickling import DropsParamStoreLinks
 from pyroflows.flows import Flow, FlowDistribution, iaf, nsf
 
 POSTERIOR_FLOWS = ("iaf", "nsf", None)
 _SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(_SOFTPLUS_ONE) == 1
 
 
-class Encoder(nn.Module):
+class Encoder(DropsParamStoreLinks, nn.Module):
     r"""The amortized part of q(z | x): :math:`x \mapsto (\mu(x), \sigma(x), h(x))`.
 
     A multilayer perceptron (or a ``body`` of your own, e.g. a convolutional net) whose
@@ -166,7 +167,7 @@ def _check_rows(x: object, name: str, dim: int, like: torch.Tensor) -> None:
         )
 
 
-class AmortizedPosterior(nn.Module):
+class AmortizedPosterior(DropsParamStoreLinks, nn.Module):
     r"""q(z | x): an :class:`Encoder` and a conditional :class:`~pyroflows.Flow` (or none).
 
     ``posterior(x)`` returns the distribution of ``z`` for every row of ``x``: a
@@ -275,7 +276,7 @@ def amortized_posterior(
     return AmortizedPosterior(Encoder(input_dim, latent_dim, hidden, context, activation), built)
 
 
-class AmortizedGuide(nn.Module):
+class AmortizedGuide(DropsParamStoreLinks, nn.Module):
     r"""A Pyro guide that samples ``z ~ q(z | x)`` for every row of ``x`` in a plate.
 
     ``guide(x, *args, **kwargs)`` registers the posterior's parameters with

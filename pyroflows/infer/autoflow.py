@@ -68,6 +68,7 @@ from pyroflows._checks import (
     check_positive_int,
     warn_from_caller,
 )
+from pyroflows._pickling import param_store_links_kept
 from pyroflows.flows import Flow, iaf, maf, nice, nsf, realnvp
 from pyroflows.infer import diagnostics
 from pyroflows.transforms.base import FlowTransform
@@ -622,7 +623,9 @@ class AutoFlow(AutoContinuous):
         """
         twin = self.__dict__.get("_frozen")
         if twin is None or len(twin) != len(layers):
-            twin = copy.deepcopy(nn.ModuleList(layers)).requires_grad_(False)
+            live = nn.ModuleList(layers)
+            with param_store_links_kept(live):  # the SVI step reads them after the guide
+                twin = copy.deepcopy(live).requires_grad_(False)
             self.__dict__["_frozen"] = twin
         return twin
 

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from pyroflows._checks import check_hidden, check_positive_int
+from pyroflows._pickling import DropsParamStoreLinks
 
 
-class ContextTrunk(nn.Module):
+class ContextTrunk(DropsParamStoreLinks, nn.Module):
     """Shared body of the conditioners: hidden layers with an additive context term each.
 
     ``hidden_layers`` and ``output_layer`` are built by the subclass (dense or masked);

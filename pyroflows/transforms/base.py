@@ -27,6 +27,7 @@ from torch import nn
 from torch.distributions import Transform, constraints
 
 from pyroflows._checks import check_context_broadcast, check_event, check_positive_int
+from pyroflows._pickling import DropsParamStoreLinks, drop_param_store_links
 
 
 def _forget_tensor_lists(module: nn.Module, incompatible_keys: Any = None) -> None:
@@ -238,6 +239,8 @@ class _CachedBijection:
         return self
 
     def __getstate__(self) -> dict[str, Any]:
+        if isinstance(self, nn.Module):
+            drop_param_store_links(self)  # Pyro's weak references, which pickle refuses
         state = super().__getstate__()  # type: ignore[misc]
         state["_cache"] = None  # cached tensors may carry a graph and cannot be pickled
         for kept in _KEPT:  # rebuilt on first use
@@ -297,7 +300,7 @@ class FlowTransform(_CachedBijection, TransformModule):
     __repr__ = nn.Module.__repr__
 
 
-class ConditionalFlowTransform(ConditionalTransformModule):
+class ConditionalFlowTransform(DropsParamStoreLinks, ConditionalTransformModule):
     """A learnable bijection ``u -> x`` whose parameters depend on a context vector.
 
     ``t.condition(context)`` checks the context (shape ``(*batch, context)``, the flow's

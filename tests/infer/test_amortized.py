@@ -380,3 +380,23 @@ def test_a_body_of_the_wrong_width_is_named():
         t.shape
         for t in Encoder(None, 2, body=torch.nn.Linear(4, 8), body_features=8)(torch.zeros(3, 4))
     ] == [(3, 2), (3, 2), (3, 16)]
+
+
+def test_a_trained_guide_pickles_and_keeps_training():
+    # pyro.module hangs weak references on the parameters, which pickle refuses
+    import io
+    import pickle
+
+    model = LinearGaussian()
+    x = model.data(64, seed=1)
+    guide = AmortizedGuide(amortized_posterior(D, LATENT, flow="iaf").double())
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    svi.step(x)
+    buffer = io.BytesIO()
+    torch.save(guide, buffer)
+    loaded = pickle.loads(pickle.dumps(guide))
+    pyro.set_rng_seed(0)
+    expected = iwae_log_likelihood(model, guide, x, num_samples=8)
+    pyro.set_rng_seed(0)
+    torch.testing.assert_close(iwae_log_likelihood(model, loaded, x, num_samples=8), expected)
+    assert torch.isfinite(torch.tensor(svi.step(x)))  # the original trains on

@@ -344,10 +344,9 @@ class AutoFlow(AutoContinuous):
     for the same model and called once, keep everything, the anchor :math:`(m, C)`
     included, except the model, as for Pyro's autoguides: a loaded guide samples, but
     its diagnostics need the model passed in (``pyroflows.infer.diagnose(model, guide)``).
-    Pyro's param store keeps less: ``pyro.get_param_store().save`` and ``load`` carry
-    the flow's weights and the shift, but not the anchor, a buffer, which a new guide
-    finds again on its first call (the same way, but not to the last digit: the start
-    ``init_loc_fn`` draws differs, so draws after a reload differ slightly).
+    Pyro's param store does not: ``pyro.get_param_store().save`` and ``load`` do not
+    reach the flow's weights (as for Pyro's own ``AutoIAFNormal``), and the anchor is a
+    buffer, not a parameter.
 
     Args:
         model: a Pyro model with continuous latent sites (no discrete or enumerated ones).

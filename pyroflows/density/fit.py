@@ -204,7 +204,7 @@ def _split(
     return data, as_source(validation, "validation", like, data.dim, fitting=True)
 
 
-# devices with torch's fused Adam kernel (torch checks only at the first step)
+# devices with torch's fused Adam kernel (torch >= 2.4 checks only at the first step)
 _FUSED_DEVICES = frozenset({"cpu", "cuda", "mps", "xpu"})
 
 
@@ -218,9 +218,11 @@ def _adam(params: Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0):
     kernel, the multi-tensor update is used.
     """
     params = list(params)
-    fused = all(p.device.type in _FUSED_DEVICES and p.is_floating_point() for p in params)
-    if fused:
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+    if all(p.device.type in _FUSED_DEVICES and p.is_floating_point() for p in params):
+        try:
+            return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+        except RuntimeError:  # torch < 2.4 has no fused Adam on a CPU, and says so here
+            pass
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 

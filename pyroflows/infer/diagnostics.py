@@ -329,7 +329,11 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool):
             # particle-plate error above stays attached as its context)
             log_w, samples = _sequential_draws(model, guide, args, kwargs, num_samples, derived)
         else:
-            if not _batch_agrees(model, guide, args, kwargs, draws, log_w, samples, derived):
+            # the check's runs may draw (a model wrapped by an autoguide's init_loc_fn draws
+            # from the prior before the condition applies): seeded results stay as they were
+            with _rng_kept(log_w.device):
+                agrees = _batch_agrees(model, guide, args, kwargs, draws, log_w, samples, derived)
+            if not agrees:
                 log_w, samples = _sequential_draws(model, guide, args, kwargs, num_samples, derived)
     latents = [value for name, value in samples.items() if name not in derived]
     if num_samples > 1 and latents and all(bool((v == v[:1]).all()) for v in latents):
@@ -412,7 +416,9 @@ def _batch_agrees(model, guide, args, kwargs, draws, log_w, samples, derived) ->
             return False
         for name in derived:
             one, batch = trace.nodes[name]["value"], samples[name][s]
-            if one.shape != batch.shape or not torch.allclose(one, batch, rtol=1e-4, atol=1e-6):
+            if one.shape != batch.shape or not torch.allclose(
+                one, batch, rtol=1e-4, atol=1e-6, equal_nan=True
+            ):
                 return False
         batch = log_w[s]
         if not torch.isfinite(single) and not torch.isfinite(batch):
@@ -425,6 +431,12 @@ def _batch_agrees(model, guide, args, kwargs, draws, log_w, samples, derived) ->
         if not abs(single.item() - batch.item()) <= tolerance:
             return False
     return True
+
+
+def _rng_kept(device: torch.device):
+    """Fork torch's generators (the CPU's, and ``device``'s if it is a CUDA device)."""
+    devices = [device] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
 
 
 def _sequential_draws(model, guide, args, kwargs, num_samples, derived=()):

@@ -157,12 +157,15 @@ class ActNorm(FlowTransform):
         flat = value.reshape(-1, self.dim)
         if flat.shape[0] < 2:
             return  # one point: no spread to take, wait for a batch
-        mean, std = flat.mean(0), flat.std(0)
-        # a column without spread (up to rounding) keeps the unit scale
-        flat_column = std <= 100 * torch.finfo(std.dtype).eps * mean.abs()
+        # statistics in float64 (on the CPU, once: MPS has no float64): a float32 column
+        # without spread has sd exactly 0 there, one with a large offset keeps its spread
+        wide = flat.to("cpu", torch.float64)
+        mean, std = wide.mean(0), wide.std(0)
+        flat_column = std <= 4 * torch.finfo(torch.float64).eps * mean.abs()
         if bool(flat_column.all()):
             return  # copies of one point (a point scored under several contexts): wait
         std = torch.where(flat_column, torch.ones_like(std), std)
+        mean, std = mean.to(flat.device, flat.dtype), std.to(flat.device, flat.dtype)
         if inverse:  # value is data: u = (x - m) e^{-s} should be standard
             self.log_scale.copy_(std.log())
             self.shift.copy_(mean)

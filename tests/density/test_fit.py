@@ -459,3 +459,20 @@ def test_adam_is_fused_where_the_device_has_the_kernel_and_steps_as_adam_does():
     options = _adam([nn.Parameter(torch.empty(3, device="meta"))], lr=0.1).defaults
     assert options["foreach"]
     assert not options["fused"]
+
+
+def test_adam_falls_back_where_torch_refuses_fused_at_construction(monkeypatch):
+    # torch 2.1-2.3 (allowed by pyproject) refuse fused=True for CPU parameters at once
+    from pyroflows.density.fit import _adam
+
+    real = torch.optim.Adam.__init__
+
+    def old_torch(self, params, *args, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be on CUDA")
+        real(self, params, *args, fused=fused, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "__init__", old_torch)
+    options = _adam([nn.Parameter(torch.zeros(3))], lr=0.1).defaults
+    assert options["foreach"]
+    assert not options["fused"]

@@ -355,3 +355,43 @@ def test_a_deterministic_site_that_mixes_the_draws_up_is_computed_one_draw_at_a_
     np.testing.assert_allclose(
         idata.posterior["total"].values, idata.posterior["z"].values.sum(-1), rtol=1e-5
     )
+
+
+def test_the_batch_check_leaves_seeded_results_as_they_were(monkeypatch):
+    # an autoguide's model is wrapped by its init_loc_fn, which draws from the prior
+    # even under a condition: the check must not move the random stream
+    from pyroflows import AutoFlow
+
+    data = torch.randn(20) + 3.0
+    pyro.set_rng_seed(0)
+    guide = AutoFlow(normal_model, warm_start=None)
+    guide(data)
+    runs = []
+    for check in (True, False):
+        if not check:
+            monkeypatch.setattr("pyroflows.infer.diagnostics._batch_agrees", lambda *a: True)
+        pyro.set_rng_seed(1)
+        log_w, _ = importance_draws(guide.model, guide, data, num_samples=50)
+        runs.append((log_w, torch.rand(3)))
+    torch.testing.assert_close(runs[0][0], runs[1][0])
+    torch.testing.assert_close(runs[0][1], runs[1][1])
+
+
+def test_a_deterministic_site_that_is_nan_keeps_the_vectorized_route(monkeypatch):
+    from pyroflows.infer.diagnostics import _sequential_draws
+
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.deterministic("log_z", torch.log(z))  # NaN for every negative draw
+
+    def guide():
+        pyro.sample("z", dist.Normal(-2.0, 0.1))  # every draw negative
+
+    calls = []
+    monkeypatch.setattr(
+        "pyroflows.infer.diagnostics._sequential_draws",
+        lambda *a: calls.append(1) or _sequential_draws(*a),
+    )
+    idata = to_arviz(model, guide, num_samples=20)
+    assert not calls
+    assert np.isnan(idata.posterior["log_z"].values).all()

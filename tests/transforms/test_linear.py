@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -125,3 +126,12 @@ def test_actnorm_waits_out_copies_of_one_point_and_keeps_flat_columns_at_unit_sc
     assert t.log_scale[1].item() == 0.0  # no spread: unit scale, not 1e-6
     torch.testing.assert_close(u[:, 1], torch.zeros(200))
     torch.testing.assert_close(u[:, 0].std(), torch.tensor(1.0))
+
+
+def test_actnorm_standardizes_a_float32_column_with_a_large_offset():
+    torch.manual_seed(0)
+    t = ActNorm(2)
+    x = torch.stack([torch.randn(500), 1e6 + 0.5 * torch.randn(500)], -1)
+    u = t.inv(x)
+    assert t.log_scale[1].item() == pytest.approx(math.log(0.5), abs=0.1)
+    assert u[:, 1].std().item() == pytest.approx(1.0, abs=0.1)

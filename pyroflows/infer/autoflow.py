@@ -75,11 +75,6 @@ from pyroflows.transforms.base import FlowTransform
 from pyroflows.transforms.linear import ActNorm
 
 
-def _subsamples(frame: Any) -> bool:
-    """Whether a plate frame of a trace covers only some of its rows (a subsample)."""
-    return frame.full_size is not None and frame.full_size != frame.size
-
-
 def _hidden(dim: int) -> tuple[int, int]:
     width = max(16, 4 * dim)
     return (width, width)
@@ -506,7 +501,7 @@ class AutoFlow(AutoContinuous):
                 for name, site in trace.nodes.items()
                 if site["type"] == "sample" and not site["is_observed"]
                 for frame in site["cond_indep_stack"]
-                if _subsamples(frame)
+                if diagnostics._subsamples(frame)
             }
         )
         if local and not bad:
@@ -679,12 +674,7 @@ class AutoFlow(AutoContinuous):
             return poutine.trace(self.model).get_trace(*args, **kwargs)
 
     def _subsampled(self, args, kwargs) -> bool:
-        return any(
-            _subsamples(frame)
-            for site in self._model_trace(args, kwargs).nodes.values()
-            if site["type"] == "sample"
-            for frame in site["cond_indep_stack"]
-        )
+        return diagnostics._subsampled_frame(self._model_trace(args, kwargs)) is not None
 
     def _log_joint_is_random(self, latent: torch.Tensor, args, kwargs) -> bool:
         """Whether two runs of the model at ``latent`` give two log densities."""

@@ -228,19 +228,31 @@ def _nesting(trace) -> int:
     return max(dims, default=0)
 
 
+def _subsamples(frame: Any) -> bool:
+    """Whether a plate frame of a trace covers only some of its rows (a subsample)."""
+    return frame.full_size is not None and frame.full_size != frame.size
+
+
+def _subsampled_frame(trace) -> Any | None:
+    """The first plate frame of a trace's sample sites that subsamples, else ``None``."""
+    for site in trace.nodes.values():
+        if site["type"] == "sample":
+            for frame in site["cond_indep_stack"]:
+                if _subsamples(frame):
+                    return frame
+    return None
+
+
 def _refuse_subsampling(trace) -> None:
     """Raise for a model trace whose plates score a mini-batch of their rows."""
-    for site in trace.nodes.values():
-        if site["type"] != "sample":
-            continue
-        for frame in site["cond_indep_stack"]:
-            if frame.full_size is not None and frame.full_size != frame.size:
-                raise ValueError(
-                    f"the model subsamples plate {frame.name!r} ({frame.size} of "
-                    f"{frame.full_size} rows): importance weights need the full likelihood "
-                    "(a mini-batch scaled up gives weights that change from call to call); "
-                    "call it with the full data (e.g. subsample_size=None)"
-                )
+    frame = _subsampled_frame(trace)
+    if frame is not None:
+        raise ValueError(
+            f"the model subsamples plate {frame.name!r} ({frame.size} of "
+            f"{frame.full_size} rows): importance weights need the full likelihood "
+            "(a mini-batch scaled up gives weights that change from call to call); "
+            "call it with the full data (e.g. subsample_size=None)"
+        )
 
 
 def _latent_names(model_trace, guide_trace) -> list[str]:

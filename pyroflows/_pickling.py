@@ -2,9 +2,11 @@
 
 ``pyro.module(name, module)`` (and ``pyro.param``) hang a weak reference on every
 parameter (``param.unconstrained``), which ``pickle`` and ``torch.save`` refuse, so a
-module registered once could not be saved whole. Pyro's own ``PyroModule`` drops the
-references before pickling; :class:`DropsParamStoreLinks` does the same for our modules.
-The param store sets them again on the next ``pyro.module`` / ``pyro.param`` call.
+module registered once could not be saved whole. (Reading the param store's entries,
+``pyro.get_param_store().items()``, does the same to the buffers a guide keeps there.)
+Pyro's own ``PyroModule`` drops the references before pickling;
+:class:`DropsParamStoreLinks` does the same for our modules. The param store sets them
+again on the next ``pyro.module`` / ``pyro.param`` call.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from torch import nn
 
 
 def drop_param_store_links(module: nn.Module) -> None:
-    """Remove Pyro's weak references from the parameters of ``module`` (recursively)."""
-    for param in module.parameters():
-        param.__dict__.pop("unconstrained", None)
+    """Remove Pyro's weak references from ``module``'s parameters and buffers (recursively)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        tensor.__dict__.pop("unconstrained", None)
 
 
 @contextmanager
@@ -30,15 +32,15 @@ def param_store_links_kept(module: nn.Module) -> Iterator[None]:
     module (dropping the references), and the step reads them afterwards.
     """
     kept = [
-        (param, param.__dict__["unconstrained"])
-        for param in module.parameters()
-        if "unconstrained" in param.__dict__
+        (tensor, tensor.__dict__["unconstrained"])
+        for tensor in (*module.parameters(), *module.buffers())
+        if "unconstrained" in tensor.__dict__
     ]
     try:
         yield
     finally:
-        for param, link in kept:
-            param.__dict__["unconstrained"] = link
+        for tensor, link in kept:
+            tensor.__dict__["unconstrained"] = link
 
 
 class DropsParamStoreLinks:

@@ -54,6 +54,7 @@ from torch.nn import functional as F
 from pyroflows._checks import check_choice, check_hidden, check_number, check_positive_int
 from pyroflows._pickling import DropsParamStoreLinks
 from pyroflows.flows import Flow, FlowDistribution, iaf, nsf
+from pyroflows.infer._param_store import StoreMirror
 
 POSTERIOR_FLOWS = ("iaf", "nsf", None)
 _SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(_SOFTPLUS_ONE) == 1
@@ -310,7 +311,13 @@ class AmortizedGuide(DropsParamStoreLinks, nn.Module):
         name: the prefix under which ``pyro.module`` registers the parameters.
         register: register the parameters with ``pyro.module`` at every call (needed by
             ``SVI`` with a ``pyro.optim`` optimizer); ``False`` when a torch optimizer
-            steps ``guide.parameters()`` itself, which saves that cost per step.
+            steps ``guide.parameters()`` itself, which saves that cost per step. While
+            registering, the posterior's whole ``state_dict`` (buffers too) is kept in
+            Pyro's param store, so ``pyro.get_param_store().save`` and ``load`` restore
+            it: values a loaded store holds under ``name`` are copied into the posterior
+            at the next call (unlike a plain ``pyro.module``, which would leave them
+            unused and the posterior untrained). A store left by another guide of the
+            same name in this process is taken over, not read.
 
     Example:
         >>> q = amortized_posterior(3, latent_dim=2, flow="iaf", hidden=(8,))
@@ -352,6 +359,10 @@ class AmortizedGuide(DropsParamStoreLinks, nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Sample ``z`` for the rows of ``x`` (or for a subsample of them); return it."""
         if self.register:
+            mirror = self.__dict__.get("_store_mirror")
+            if mirror is None:
+                mirror = self.__dict__["_store_mirror"] = StoreMirror()
+            mirror({self.name: self.posterior}, owner=f"AmortizedGuide(name={self.name!r})")
             pyro.module(self.name, self.posterior)
         rows = _row_count(x)
         enclosing = _active_plate(self.plate)
@@ -371,6 +382,11 @@ class AmortizedGuide(DropsParamStoreLinks, nn.Module):
             self.plate, self.size, subsample_size=self.subsample_size, dim=self.dim
         ) as index:
             return pyro.sample(self.site, self._posterior(x[index]))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        state.pop("_store_mirror", None)  # tied to this process's param store
+        return state
 
     def _check_enclosing(self, plate: Any, rows: int) -> None:
         if self.subsample_size is not None:

@@ -71,6 +71,7 @@ from pyroflows._checks import (
 from pyroflows._pickling import param_store_links_kept
 from pyroflows.flows import Flow, iaf, maf, nice, nsf, realnvp
 from pyroflows.infer import diagnostics
+from pyroflows.infer._param_store import StoreMirror
 from pyroflows.transforms.base import FlowTransform
 from pyroflows.transforms.linear import ActNorm
 
@@ -339,9 +340,15 @@ class AutoFlow(AutoContinuous):
     for the same model and called once, keep everything, the anchor :math:`(m, C)`
     included, except the model, as for Pyro's autoguides: a loaded guide samples, but
     its diagnostics need the model passed in (``pyroflows.infer.diagnose(model, guide)``).
-    Pyro's param store does not: ``pyro.get_param_store().save`` and ``load`` do not
-    reach the flow's weights (as for Pyro's own ``AutoIAFNormal``), and the anchor is a
-    buffer, not a parameter.
+    Pyro's param store works too: the guide keeps its whole ``state_dict`` (the anchor
+    and the flow's buffers included) as store entries named ``AutoFlow.flow$$$...`` and
+    ``AutoFlow.linear$$$...``, so after ``pyro.get_param_store().load(path)`` a new guide
+    for the same model takes the saved state on its first call (``anchor`` is then
+    ``"param store"`` and no warm start runs), and a guide already called takes it on
+    its next call, as Pyro's ``AutoNormal`` does. (Pyro's ``AutoIAFNormal`` neither
+    restores nor, after a load, trains its flow.) A store left by an earlier guide of
+    the same name in this process is taken over, not read: a new guide starts afresh.
+    A store that fits only part of the guide (another flow, size or model) is refused.
 
     Args:
         model: a Pyro model with continuous latent sites (no discrete or enumerated ones).
@@ -425,7 +432,8 @@ class AutoFlow(AutoContinuous):
         self.estimator = estimator
         self.learn_linear = bool(learn_linear)
         self.num_quantile_samples = check_positive_int(num_quantile_samples, "num_quantile_samples")
-        #: what the anchor was chosen from, set on the first call: "laplace" or "init"
+        #: what the anchor was chosen from, set on the first call: "laplace", "init", or
+        #: "param store" (taken, with the flow's weights, from Pyro's param store)
         self.anchor: str | None = None
 
     # ------------------------------------------------------------------ pickling
@@ -442,6 +450,7 @@ class AutoFlow(AutoContinuous):
             state = dict(super().__getstate__())
         finally:
             self._model, self.master = model, master
+        state.pop("_store_mirror", None)  # tied to this process's param store
         return state
 
     def _the_model(self) -> Callable[..., Any]:
@@ -481,8 +490,38 @@ class AutoFlow(AutoContinuous):
         scale_tril = self._init_scale * torch.eye(self.latent_dim, dtype=loc.dtype)
         self.linear = AnchoredLinear(loc, scale_tril.to(loc.device), self.learn_linear)
         self.anchor = "init"
-        if self.warm_start == "laplace":
+        try:
+            adopted = self._mirror_store(setup=True)
+        except ValueError:
+            self.prototype_trace = None  # set up again at the next call
+            raise
+        if adopted:
+            self.anchor = "param store"
+        elif self.warm_start == "laplace":
             self._laplace_warm_start(args, kwargs)
+
+    def _mirror_store(self, setup: bool = False) -> bool:
+        """Keep the flow's and the anchor's tensors as Pyro's param store entries.
+
+        See :mod:`pyroflows.infer._param_store`: values the store holds (a loaded store)
+        are copied in; True when they were. On the first call they must cover the whole
+        guide, or none of it.
+        """
+        mirror = self.__dict__.get("_store_mirror")
+        if mirror is None:
+            mirror = self.__dict__["_store_mirror"] = StoreMirror()
+        modules = {
+            self._pyro_get_fullname(name): self._modules[name] for name in ("flow", "linear")
+        }
+        adopted = mirror(modules, owner="this AutoFlow")
+        if setup and adopted and len(adopted) != len(mirror._slots):
+            raise ValueError(
+                f"Pyro's param store holds values for {len(adopted)} of this new AutoFlow's "
+                f"{len(mirror._slots)} tensors (e.g. {adopted[0]!r}); the others are another "
+                "live guide's. Call pyro.clear_param_store() before building this guide, or "
+                "load the store that was saved with it"
+            )
+        return bool(adopted)
 
     def _latent_problem(self) -> str | None:
         trace = self.prototype_trace
@@ -586,6 +625,7 @@ class AutoFlow(AutoContinuous):
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TorchDistribution:
         """The guide's distribution over the packed unconstrained latent vector."""
+        self._mirror_store()
         # one attribute access each: every access of a submodule through PyroModule
         # registers all its parameters with Pyro again
         flow, linear = self.flow, self.linear

@@ -52,7 +52,8 @@ class FlowDensity(BaseEstimator):
             for ``nsf``, ``{"clamp": 5.0}`` for ``maf``).
         epochs, batch_size, lr, weight_decay, patience, clip_grad, schedule,
             standardize, dequantize, progress, checkpoint_dir, resume: as for
-            :func:`~pyroflows.density.fit`.
+            :func:`~pyroflows.density.fit` (but ``progress`` is off by default here: an
+            estimator inside ``GridSearchCV`` would print a bar per fit).
         validation_fraction: share of the training rows held out for early stopping.
         dtype: ``"float32"`` or ``"float64"``.
         random_state: seeds the initial weights, the split, the batches and the noise

@@ -11,51 +11,68 @@ built on ``PyroParam``, takes the store's values.
 
 :class:`StoreMirror` keeps each tensor of a module's ``state_dict`` (parameters and
 persistent buffers: an anchor, a permutation, ActNorm's flag) as the store's entry of
-the same name, checked at every call:
+the same name, checked at every call. Where the entry holds another tensor:
 
-* an entry that is missing, or that holds a tensor some :class:`StoreMirror` put there
-  (another live guide of the same name, an earlier one in a notebook, a ``deepcopy``
-  snapshot), is taken over by the module's tensor, values unchanged;
-* an entry that holds any other tensor (a loaded store, a value the user set with
-  ``pyro.get_param_store()[name] = ...``) wins: its values are copied into the module's
-  tensor in place, as ``load_state_dict`` does, so the optimizer's state and any aliases
-  keep the module's tensors, and the module's tensor then takes the entry.
+* a tensor no mirror put there (a loaded store, ``set_state``) wins: its values are
+  copied into the module's tensor in place, as ``load_state_dict`` does, so the
+  optimizer's state and any aliases keep the module's tensors. Only a store that covers
+  the whole module, with the same shapes and no entries of its own under the module's
+  name, is taken; a store of another guide (another flow, size or model) is refused,
+  naming the entries and the way out (``pyro.clear_param_store()``);
+* a tensor a mirror put there (another guide of the same name, say a notebook cell run
+  again) is taken over, values unchanged: the new guide starts afresh. Not by a copy of
+  a guide (``copy.deepcopy``, ``torch.load``: a *passive* mirror) while the guide it
+  was copied from lives: a snapshot called for its draws leaves the live guide and the
+  store alone.
 
-A store that holds such values for some of the names but not the others belongs to a
-different guide (another flow, another model), and is refused, as is a shape that
-differs: the error names the entries and the way out (``pyro.clear_param_store()``).
-The module's parameters are then registered as usual with ``pyro.module``, which finds
-its own tensors in the store.
+A module registered twice under one name in a single run (two guides, one default name)
+is refused. With Pyro's ``module_local_params`` setting, there is no global store to
+keep: nothing is done. The module's parameters are then registered as usual with
+``pyro.module``, which finds its own tensors in the store.
 """
 
 from __future__ import annotations
 
+import gc
 import weakref
 from collections.abc import Mapping
 
 import pyro
 import torch
+from pyro.nn.module import _is_module_local_param_enabled
 from pyro.params.param_store import param_with_module_name
+from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.trace_messenger import TraceMessenger
 from torch import nn
 from torch.distributions import constraints
 
-# id(tensor) -> a weak reference to the tensor: every tensor some mirror put in the store
-_MIRRORED: dict[int, weakref.ref] = {}
+# id(tensor) -> weak references to the tensor and to the mirror that put it in the store
+_MIRRORED: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+_ADVICE = (
+    "it holds another guide's values under these names (another flow, its size, or "
+    "another model?). Call pyro.clear_param_store() before building this guide, or load "
+    "the store that was saved with it"
+)
 
 
-def _mark(tensor: torch.Tensor) -> None:
+def _mark(tensor: torch.Tensor, mirror: StoreMirror) -> None:
     key = id(tensor)
 
     def forget(ref: weakref.ref, key: int = key) -> None:
-        if _MIRRORED.get(key) is ref:
+        entry = _MIRRORED.get(key)
+        if entry is not None and entry[0] is ref:
             del _MIRRORED[key]
 
-    _MIRRORED[key] = weakref.ref(tensor, forget)
+    _MIRRORED[key] = (weakref.ref(tensor, forget), weakref.ref(mirror))
 
 
-def _mirrored(tensor: torch.Tensor) -> bool:
-    ref = _MIRRORED.get(id(tensor))
-    return ref is not None and ref() is tensor
+def _mirrored_by(tensor: torch.Tensor) -> tuple[bool, StoreMirror | None]:
+    """(whether a mirror put ``tensor`` in the store, that mirror if it still lives)."""
+    entry = _MIRRORED.get(id(tensor))
+    if entry is None or entry[0]() is not tensor:
+        return False, None
+    return True, entry[1]()
 
 
 class StoreMirror:
@@ -63,86 +80,129 @@ class StoreMirror:
 
     ``mirror(modules, owner)`` with ``modules`` a mapping from the ``pyro.module`` name
     to the module; the store name of tensor ``key`` of module ``name`` is
-    ``param_with_module_name(name, key)``, the name ``pyro.module`` gives a parameter.
-    Returns the store names whose values were taken from the store. ``owner`` names the
-    guide in error messages. Costs a few dictionary look-ups per tensor and call.
+    ``param_with_module_name(name, key)``, the name ``pyro.module`` gives a parameter
+    (a tensor reached under several keys keeps the first). Returns the store names whose
+    values were taken from the store. ``owner`` names the guide in error messages.
+    Costs a few dictionary look-ups per tensor and call.
 
-    Not pickled: a guide drops its mirror when saved and makes a new one when called.
+    Args:
+        passive: a copy's mirror (see the module docstring): it does not take entries
+            over from the live mirror of the guide it was copied from.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, passive: bool = False) -> None:
+        self.passive = passive
+        self._collected = False
         self._built_for: tuple[int, ...] = ()
         self._slots: list[tuple[str, dict, str]] = []
+
+    @property
+    def size(self) -> int:
+        """How many tensors the last call kept."""
+        return len(self._slots)
 
     def _tensors(self, modules: Mapping[str, nn.Module]) -> list[tuple[str, torch.Tensor]]:
         identity = tuple(id(module) for module in modules.values())
         if identity != self._built_for:
-            slots = []
+            slots, seen = [], set()
             for name, root in modules.items():
                 keys = set(root.state_dict(keep_vars=True))
                 for prefix, module in root.named_modules(remove_duplicate=False):
                     for table in (module._parameters, module._buffers):
-                        for attr in table:
+                        for attr, tensor in table.items():
                             key = f"{prefix}.{attr}" if prefix else attr
-                            if key in keys:
-                                keys.discard(key)
+                            if key in keys and id(tensor) not in seen:
+                                seen.add(id(tensor))
                                 slots.append((param_with_module_name(name, key), table, attr))
             self._slots, self._built_for = slots, identity
         return [(store_name, table[attr]) for store_name, table, attr in self._slots]
 
     def __call__(self, modules: Mapping[str, nn.Module], owner: str) -> list[str]:
+        if _is_module_local_param_enabled():
+            return []
+        tensors = self._tensors(modules)
+        self._refuse_twice_in_one_run(tensors, owner)
         store = pyro.get_param_store()
         # a read-only view of the store's dict (``get_state`` would strip Pyro's weak
         # references from every tensor, which a running ``JitTrace_ELBO`` needs)
         entries = store.named_parameters().mapping
-        missing, adopted, claimed = [], [], []
-        for store_name, tensor in self._tensors(modules):
+        taken, foreign, live = [], [], []
+        for store_name, tensor in tensors:
             theirs = entries.get(store_name)
             if theirs is tensor:
                 continue
             if theirs is None:
-                missing.append((store_name, tensor))
-            elif _mirrored(theirs):
-                claimed.append((store_name, tensor))
+                taken.append((store_name, tensor))
+                continue
+            mirrored, other = _mirrored_by(theirs)
+            if not mirrored:
+                foreign.append((store_name, tensor, theirs))
+            elif self.passive and other is not None and other is not self:
+                live.append((store_name, tensor))
             else:
-                adopted.append((store_name, tensor, theirs))
-        if adopted:
-            self._check(adopted, missing, owner)
+                taken.append((store_name, tensor))
+        if live and not self._collected:
+            # a copy's original may be unreachable but not yet collected (a cycle)
+            self._collected = True
+            gc.collect()
+            return self(modules, owner)
+        if foreign:
+            self._check(foreign, len(tensors), modules, entries, owner)
             with torch.no_grad():
-                for _, tensor, theirs in adopted:
+                for _, tensor, theirs in foreign:
                     tensor.copy_(theirs)
-        taken = [*missing, *claimed, *((name, tensor) for name, tensor, _ in adopted)]
+            taken.extend((store_name, tensor) for store_name, tensor, _ in foreign)
         for store_name, tensor in taken:
             if store_name in entries:
                 del store[store_name]
             store.set_state(
                 {"params": {store_name: tensor}, "constraints": {store_name: constraints.real}}
             )
-            _mark(tensor)
-        return [store_name for store_name, _, _ in adopted]
+            _mark(tensor, self)
+        return [store_name for store_name, _, _ in foreign]
 
     @staticmethod
-    def _check(adopted: list, missing: list, owner: str) -> None:
+    def _refuse_twice_in_one_run(tensors: list[tuple[str, torch.Tensor]], owner: str) -> None:
+        """Two modules under one name in one traced run: SVI would train only the last."""
+        for messenger in _PYRO_STACK:
+            if not isinstance(messenger, TraceMessenger):
+                continue
+            nodes = messenger.trace.nodes
+            for store_name, tensor in tensors:
+                site = nodes.get(store_name)
+                if site is not None and site["type"] == "param" and site["value"] is not tensor:
+                    raise ValueError(
+                        f"{owner}: another module was registered under the name "
+                        f"{store_name!r} earlier in this run; Pyro keeps one parameter per "
+                        "name, so only one of them would train. Give each its own name"
+                    )
+
+    @staticmethod
+    def _check(foreign: list, count: int, modules, entries, owner: str) -> None:
+        """Take a store only if it is this module's whole state, shape for shape."""
         shapes = [
             f"{name!r}: the store's {tuple(theirs.shape)}, this guide's {tuple(tensor.shape)}"
-            for name, tensor, theirs in adopted
+            for name, tensor, theirs in foreign
             if theirs.shape != tensor.shape
         ]
-        advice = (
-            "it holds another guide's values under the same names (another flow, its size, "
-            "or another model?). Call pyro.clear_param_store() before building this guide, "
-            "or load the store that was saved with it"
-        )
         if shapes:
             raise ValueError(
                 f"Pyro's param store does not fit {owner}: shapes differ for "
-                f"{'; '.join(shapes[:3])}{' ...' if len(shapes) > 3 else ''}; {advice}"
+                f"{'; '.join(shapes[:3])}{' ...' if len(shapes) > 3 else ''}; {_ADVICE}"
             )
-        if missing:
-            held = ", ".join(repr(name) for name, _, _ in adopted[:2])
-            lacking = ", ".join(repr(name) for name, _ in missing[:2])
+        if len(foreign) != count:
+            held = ", ".join(repr(name) for name, _, _ in foreign[:2])
             raise ValueError(
-                f"Pyro's param store holds {len(adopted)} of {owner}'s "
-                f"{len(adopted) + len(missing)} tensors ({held}, ...) but not the other "
-                f"{len(missing)} ({lacking}, ...): {advice}"
+                f"Pyro's param store holds new values for {len(foreign)} of {owner}'s "
+                f"{count} tensors ({held}, ...), not all of them (a store saved from a "
+                f"guide keeps all its tensors; to set some values, use the guide's "
+                f"load_state_dict): {_ADVICE}"
+            )
+        prefixes = tuple(param_with_module_name(name, "") for name in modules)
+        known = {name for name, _, _ in foreign}
+        extra = [name for name in entries if name.startswith(prefixes) and name not in known]
+        if extra:
+            raise ValueError(
+                f"Pyro's param store holds {len(extra)} entries under {owner}'s names that "
+                f"it does not have ({', '.join(map(repr, extra[:2]))}, ...): {_ADVICE}"
             )

@@ -316,8 +316,10 @@ class AmortizedGuide(DropsParamStoreLinks, nn.Module):
             Pyro's param store, so ``pyro.get_param_store().save`` and ``load`` restore
             it: values a loaded store holds under ``name`` are copied into the posterior
             at the next call (unlike a plain ``pyro.module``, which would leave them
-            unused and the posterior untrained). A store left by another guide of the
-            same name in this process is taken over, not read.
+            unused and the posterior untrained). The store must hold the whole
+            posterior; one left by another guide of the same name in this process is
+            taken over, not read (a copy of a guide leaves it to the live original); two
+            guides of one name in one run are refused.
 
     Example:
         >>> q = amortized_posterior(3, latent_dim=2, flow="iaf", hidden=(8,))
@@ -361,7 +363,8 @@ class AmortizedGuide(DropsParamStoreLinks, nn.Module):
         if self.register:
             mirror = self.__dict__.get("_store_mirror")
             if mirror is None:
-                mirror = self.__dict__["_store_mirror"] = StoreMirror()
+                passive = self.__dict__.get("_store_passive", False)
+                mirror = self.__dict__["_store_mirror"] = StoreMirror(passive=passive)
             mirror({self.name: self.posterior}, owner=f"AmortizedGuide(name={self.name!r})")
             pyro.module(self.name, self.posterior)
         rows = _row_count(x)
@@ -387,6 +390,11 @@ class AmortizedGuide(DropsParamStoreLinks, nn.Module):
         state = dict(super().__getstate__())
         state.pop("_store_mirror", None)  # tied to this process's param store
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # a copy (deepcopy, torch.load) leaves the store to its live original
+        self.__dict__["_store_passive"] = True
 
     def _check_enclosing(self, plate: Any, rows: int) -> None:
         if self.subsample_size is not None:

@@ -62,6 +62,19 @@ USABLE_KHAT = 0.7
 FLAT_ESS_FRACTION = 0.9
 
 
+def _khat_text(khat: float) -> str:
+    """k-hat to two decimals, or more where two would put it on a threshold's other side."""
+    for digits in (2, 3, 4, 6):
+        text = f"{khat:.{digits}f}"
+        shown = float(text)
+        if all(
+            (shown < t) == (khat < t) and (shown <= t) == (khat <= t)
+            for t in (GOOD_KHAT, USABLE_KHAT)
+        ):
+            return text
+    return repr(khat)
+
+
 def verdict(khat: float, ess_fraction: float | None = None) -> str:
     r"""A one-line reading of a PSIS :math:`\hat k` (Yao et al. 2018 thresholds).
 
@@ -79,20 +92,20 @@ def verdict(khat: float, ess_fraction: float | None = None) -> str:
     if not math.isfinite(khat):
         return "do not trust: the importance weights are not finite"
     if khat < GOOD_KHAT:
-        return f"good: k-hat {khat:.2f} < {GOOD_KHAT}, the guide is close to the posterior"
+        return f"good: k-hat {_khat_text(khat)} < {GOOD_KHAT}, the guide is close to the posterior"
     if khat <= USABLE_KHAT:
         return (
-            f"usable with care: k-hat {khat:.2f} in [{GOOD_KHAT}, {USABLE_KHAT}]; "
+            f"usable with care: k-hat {_khat_text(khat)} in [{GOOD_KHAT}, {USABLE_KHAT}]; "
             "importance-resampled draws are more reliable than the raw guide"
         )
     if ess_fraction is not None and ess_fraction >= FLAT_ESS_FRACTION:
         return (
-            f"do not trust: k-hat {khat:.2f} > {USABLE_KHAT}, though the weights barely vary "
-            f"(ESS {ess_fraction:.1%} of the draws), so the tail is heavy only next to a "
-            "very narrow bulk; score more draws to confirm"
+            f"do not trust: k-hat {_khat_text(khat)} > {USABLE_KHAT}, though the weights "
+            f"barely vary (ESS {ess_fraction:.1%} of the draws), so the tail is heavy only "
+            "next to a very narrow bulk; score more draws to confirm"
         )
     return (
-        f"do not trust: k-hat {khat:.2f} > {USABLE_KHAT}, the guide misses mass the "
+        f"do not trust: k-hat {_khat_text(khat)} > {USABLE_KHAT}, the guide misses mass the "
         "posterior has (try a richer guide, such as a (larger) flow, more particles or "
         "steps, or a smaller learning rate)"
     )

@@ -112,6 +112,13 @@ def test_verdict_thresholds():
     assert verdict(math.nan).startswith("do not trust")
 
 
+def test_verdict_never_prints_a_khat_on_the_wrong_side_of_its_threshold():
+    assert "k-hat 0.4996 < 0.5" in verdict(0.4996)
+    assert "k-hat 0.7004 > 0.7" in verdict(0.7004)
+    assert "k-hat 0.5004 in" in verdict(0.5004)
+    assert "k-hat 0.31 < 0.5" in verdict(0.3149)
+
+
 def test_verdict_notes_a_large_khat_on_nearly_flat_weights():
     # a guide very close to the posterior: log weights within a few hundredths of a nat,
     # but their right tail is heavy relative to that bulk (as seen on posteriordb with the

@@ -8,7 +8,9 @@ import pytest
 import torch
 from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO
 
+from pyroflows import Flow, iaf
 from pyroflows.infer import AmortizedGuide, AutoFlow, amortized_posterior
+from pyroflows.transforms import Permutation
 
 
 def model():
@@ -106,12 +108,33 @@ def test_a_load_after_the_first_call_is_taken_at_the_next(tmp_path):
     assert moved(saved, guide) > 1e-4
 
 
-def test_a_value_set_in_the_store_is_taken():
+def test_a_store_covering_part_of_a_called_guide_is_refused(tmp_path):
     guide = AutoFlow(model)
     guide()
+    kept = state(guide)
     pyro.get_param_store()["AutoFlow.linear$$$bias"] = torch.tensor([0.5, -0.5, 1.0])
-    guide()
-    assert torch.equal(guide.linear.bias.detach(), torch.tensor([0.5, -0.5, 1.0]))
+    with pytest.raises(ValueError, match=r"new values for 1 of this AutoFlow's 25 tensors"):
+        guide()
+    assert_same_state(state(guide), kept)  # nothing copied before the refusal
+    # a two-layer guide's store loaded into a called three-layer guide
+    pyro.clear_param_store()
+    train(AutoFlow(model), 2)
+    pyro.get_param_store().save(tmp_path / "params.pt")
+    pyro.clear_param_store()
+    bigger = AutoFlow(model, transforms=3)
+    bigger()
+    pyro.get_param_store().load(tmp_path / "params.pt")
+    with pytest.raises(ValueError, match=r"new values for 25 of this AutoFlow's 35 tensors"):
+        bigger()
+
+
+def test_a_store_of_a_bigger_guide_is_refused(tmp_path):
+    train(AutoFlow(model, transforms=3), 2)
+    pyro.get_param_store().save(tmp_path / "params.pt")
+    pyro.clear_param_store()
+    pyro.get_param_store().load(tmp_path / "params.pt")
+    with pytest.raises(ValueError, match=r"10 entries under this AutoFlow's names that it does"):
+        AutoFlow(model)()
 
 
 def test_a_second_guide_of_the_same_name_starts_afresh_and_trains():
@@ -141,12 +164,92 @@ def test_a_deepcopy_snapshot_keeps_its_values_and_the_live_guide_trains_on():
     assert_same_state(state(snapshot), kept)
 
 
+def test_a_snapshot_leaves_the_store_and_the_optimizer_to_the_live_guide(tmp_path):
+    guide = AutoFlow(model)
+    optim = pyro.optim.Adam({"lr": 0.05})
+    svi = SVI(model, guide, optim, Trace_ELBO())
+    for _ in range(10):
+        svi.step()
+    snapshot = copy.deepcopy(guide)  # "the best so far"
+    for _ in range(10):
+        svi.step()
+    pyro.infer.Predictive(model, guide=snapshot, num_samples=5)()  # look at it
+    pyro.get_param_store().save(tmp_path / "params.pt")
+    saved = torch.load(tmp_path / "params.pt", weights_only=False)["params"]
+    assert torch.equal(saved["AutoFlow.linear$$$bias"], guide.linear.bias.detach())
+    names = list(optim.get_state())
+    assert None not in names
+    assert "AutoFlow.linear$$$bias" in names
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_a_snapshot_does_not_stop_a_jit_trained_guide():
+    guide = AutoFlow(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), JitTrace_ELBO())
+    for _ in range(5):
+        svi.step()
+    snapshot = copy.deepcopy(guide)
+    kept = state(snapshot)
+    pyro.infer.Predictive(model, guide=snapshot, num_samples=5)()
+    before = state(guide)
+    for _ in range(5):  # the compiled loss takes its parameters from the store, by name
+        svi.step()
+    assert moved(before, guide) > 1e-3
+    assert_same_state(state(snapshot), kept)
+
+
+def test_median_of_a_restored_guide_before_its_first_call(tmp_path):
+    guide = AutoFlow(model)
+    train(guide, 20)
+    pyro.get_param_store().save(tmp_path / "params.pt")
+    pyro.clear_param_store()
+    pyro.get_param_store().load(tmp_path / "params.pt")
+    restored = AutoFlow(model)
+    median = restored.median()  # sets the guide up without calling it
+    assert restored.anchor == "param store"
+    assert_same_state(state(restored), state(guide))
+    assert median["a"].shape == (3,)
+
+
+def test_module_local_params_leave_the_store_alone():
+    pyro.settings.set(module_local_params=True)
+    try:
+        guide = AutoFlow(model)
+        guide()
+        optimizer = torch.optim.Adam(guide.parameters(), lr=0.05)
+        before = state(guide)
+        for _ in range(5):
+            optimizer.zero_grad()
+            Trace_ELBO().differentiable_loss(model, guide).backward()
+            optimizer.step()
+    finally:
+        pyro.settings.set(module_local_params=False)
+    assert moved(before, guide) > 1e-3
+    assert not list(pyro.get_param_store().keys())
+
+
+def test_a_flow_using_one_layer_twice(tmp_path):
+    def tied(dim):
+        layers = iaf(dim, transforms=2, permutation=None).transforms
+        swap = Permutation(dim)
+        return Flow(dim, [layers[0], swap, layers[1], swap])
+
+    guide = AutoFlow(model, flow=tied)
+    train(guide, 3)
+    pyro.get_param_store().save(tmp_path / "params.pt")
+    pyro.clear_param_store()
+    pyro.get_param_store().load(tmp_path / "params.pt")
+    restored = AutoFlow(model, flow=tied)
+    restored()
+    assert_same_state(state(restored), state(guide))
+
+
 def test_a_store_of_another_flow_is_refused(tmp_path):
     train(AutoFlow(model, flow="iaf"), 2)
     pyro.get_param_store().save(tmp_path / "params.pt")
     pyro.clear_param_store()
     pyro.get_param_store().load(tmp_path / "params.pt")
-    refused = r"holds 25 of this AutoFlow's 35 tensors.*clear_param_store"
+    refused = r"new values for 25 of this AutoFlow's 35 tensors.*clear_param_store"
     guide = AutoFlow(model, flow="iaf", transforms=3)  # a third layer the store lacks
     for _ in range(2):  # and again: a refused guide is not left half set up
         with pytest.raises(ValueError, match=refused):
@@ -237,3 +340,17 @@ def test_an_amortized_guide_restored_from_the_store_and_trained(tmp_path):
     for _ in range(5):
         svi.step(x)
     assert moved(before, again) > 1e-3
+
+
+def test_two_amortized_guides_of_one_name_in_one_run_are_refused():
+    x = torch.randn(16, 3)
+    first = AmortizedGuide(amortized_posterior(3, latent_dim=2, hidden=(8,)), site="z")
+    second = AmortizedGuide(amortized_posterior(3, latent_dim=2, hidden=(8,)), site="w")
+
+    def guide(x):
+        with pyro.plate("data", len(x)):
+            first(x)
+            second(x)
+
+    with pytest.raises(ValueError, match=r"registered under the name 'guide\$\$\$.*own name"):
+        pyro.poutine.trace(guide).get_trace(x)

@@ -380,8 +380,11 @@ class AutoFlow(AutoContinuous):
             the gradient is biased.
         learn_linear: also learn a full-rank linear map after the flow (an LU-factorized
             :math:`D \times D` matrix). Off by default: the anchor already carries the
-            Laplace correlations, and on posteriordb the learnt map's Adam noise made fits
-            worse (eight schools: mean errors up to 0.9 sd against 0.15 without it).
+            Laplace correlations, and on posteriordb (3 seeds,
+            ``benchmarks/results/posterior_quality_lu_ablation.md``) the learnt map made
+            no posterior better and two worse: eight schools diverged on one seed (one
+            draw's loss of 1.6e6 at step 2907 threw the map off), and the GP regression's
+            smallest sd ratio fell from 0.57 to 0.45.
         num_quantile_samples: draws used by :meth:`median` and :meth:`quantiles`.
         **flow_kwargs: passed to the named builder (``transforms``, ``hidden``, ...).
 

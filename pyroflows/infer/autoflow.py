@@ -382,7 +382,8 @@ class AutoFlow(AutoContinuous):
             :math:`D \times D` matrix). Off by default: the anchor already carries the
             Laplace correlations, and on posteriordb (3 seeds,
             ``benchmarks/results/posterior_quality_lu_ablation.md``) the learnt map made
-            no posterior better and two worse: eight schools diverged on one seed (one
+            two posteriors worse and the others about level (within the seeds' spread):
+            eight schools diverged on one seed (one
             draw's loss of 1.6e6 at step 2907 threw the map off), and the GP regression's
             smallest sd ratio fell from 0.57 to 0.45.
         num_quantile_samples: draws used by :meth:`median` and :meth:`quantiles`.

@@ -21,14 +21,17 @@ the same name, checked at every call. Where the entry holds another tensor:
   naming the entries and the way out (``pyro.clear_param_store()``);
 * a tensor a mirror put there (another guide of the same name, say a notebook cell run
   again) is taken over, values unchanged: the new guide starts afresh. Not by a copy of
-  a guide (``copy.deepcopy``, ``torch.load``: a *passive* mirror) while the guide it
-  was copied from lives: a snapshot called for its draws leaves the live guide and the
-  store alone.
+  a guide (``copy.deepcopy``, ``torch.load``: a *passive* mirror) while another live
+  guide holds the names: a snapshot called for its draws, or trained on its own,
+  leaves that guide, the store and ``pyro.optim``'s names for it alone.
+
+Every guide then states its parameters with :func:`register`: ``pyro.module``'s param
+sites, but carrying the module's own tensors, so SVI trains the guide that ran, whether
+or not the store holds its tensors (it does, except for such a copy).
 
 A module registered twice under one name in a single run (two guides, one default name)
 is refused. With Pyro's ``module_local_params`` setting, there is no global store to
-keep: nothing is done. The module's parameters are then registered as usual with
-``pyro.module``, which finds its own tensors in the store.
+keep: nothing is done.
 """
 
 from __future__ import annotations
@@ -41,13 +44,16 @@ import pyro
 import torch
 from pyro.nn.module import _is_module_local_param_enabled
 from pyro.params.param_store import param_with_module_name
-from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.replay_messenger import ReplayMessenger
+from pyro.poutine.runtime import _PYRO_STACK, effectful
 from pyro.poutine.trace_messenger import TraceMessenger
 from torch import nn
 from torch.distributions import constraints
 
 # id(tensor) -> weak references to the tensor and to the mirror that put it in the store
 _MIRRORED: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+# store name -> the live mirror that last put a tensor there
+_HOLDERS: weakref.WeakValueDictionary[str, StoreMirror] = weakref.WeakValueDictionary()
 
 _ADVICE = (
     "it holds another guide's values under these names (another flow, its size, or "
@@ -93,7 +99,7 @@ class StoreMirror:
     def __init__(self, passive: bool = False) -> None:
         self.passive = passive
         self._collected = False
-        self._built_for: tuple[int, ...] = ()
+        self._built_for: tuple[tuple[str, int], ...] = ()
         self._slots: list[tuple[str, dict, str]] = []
 
     @property
@@ -102,8 +108,9 @@ class StoreMirror:
         return len(self._slots)
 
     def _tensors(self, modules: Mapping[str, nn.Module]) -> list[tuple[str, torch.Tensor]]:
-        identity = tuple(id(module) for module in modules.values())
+        identity = tuple((name, id(module)) for name, module in modules.items())
         if identity != self._built_for:
+            self._forget_stale()  # renamed (put in an AutoGuideList) or rebuilt
             slots, seen = [], set()
             for name, root in modules.items():
                 keys = set(root.state_dict(keep_vars=True))
@@ -117,35 +124,37 @@ class StoreMirror:
             self._slots, self._built_for = slots, identity
         return [(store_name, table[attr]) for store_name, table, attr in self._slots]
 
+    def _forget_stale(self) -> None:
+        """Remove the store entries this mirror holds under its previous names."""
+        if not self._slots or _is_module_local_param_enabled():
+            return
+        store = pyro.get_param_store()
+        entries = store.named_parameters().mapping
+        for store_name, table, attr in self._slots:
+            if entries.get(store_name) is table.get(attr):
+                del store[store_name]
+
     def __call__(self, modules: Mapping[str, nn.Module], owner: str) -> list[str]:
         if _is_module_local_param_enabled():
             return []
         tensors = self._tensors(modules)
+        self._refuse_replayed_strangers(tensors, owner)
         self._refuse_twice_in_one_run(tensors, owner)
         store = pyro.get_param_store()
         # a read-only view of the store's dict (``get_state`` would strip Pyro's weak
         # references from every tensor, which a running ``JitTrace_ELBO`` needs)
         entries = store.named_parameters().mapping
-        taken, foreign, live = [], [], []
+        if self.passive and self._held_by_another(tensors):
+            return []  # a copy leaves the store to the live guide that holds the names
+        taken, foreign = [], []
         for store_name, tensor in tensors:
             theirs = entries.get(store_name)
             if theirs is tensor:
                 continue
-            if theirs is None:
+            if theirs is None or _mirrored_by(theirs)[0]:
                 taken.append((store_name, tensor))
-                continue
-            mirrored, other = _mirrored_by(theirs)
-            if not mirrored:
-                foreign.append((store_name, tensor, theirs))
-            elif self.passive and other is not None and other is not self:
-                live.append((store_name, tensor))
             else:
-                taken.append((store_name, tensor))
-        if live and not self._collected:
-            # a copy's original may be unreachable but not yet collected (a cycle)
-            self._collected = True
-            gc.collect()
-            return self(modules, owner)
+                foreign.append((store_name, tensor, theirs))
         if foreign:
             self._check(foreign, len(tensors), modules, entries, owner)
             with torch.no_grad():
@@ -159,7 +168,34 @@ class StoreMirror:
                 {"params": {store_name: tensor}, "constraints": {store_name: constraints.real}}
             )
             _mark(tensor, self)
+            _HOLDERS[store_name] = self
         return [store_name for store_name, _, _ in foreign]
+
+    def _held_by_another(self, tensors: list[tuple[str, torch.Tensor]]) -> bool:
+        holders = {_HOLDERS.get(store_name) for store_name, _ in tensors} - {None, self}
+        if holders and not self._collected:
+            # the guide it was copied from may be unreachable but not yet collected
+            self._collected = True
+            gc.collect()
+            holders = {_HOLDERS.get(store_name) for store_name, _ in tensors} - {None, self}
+        return bool(holders)
+
+    @staticmethod
+    def _refuse_replayed_strangers(tensors: list[tuple[str, torch.Tensor]], owner: str) -> None:
+        """``JitTrace_ELBO`` replays the store's tensors by name: they must be this guide's."""
+        for messenger in _PYRO_STACK:
+            params = getattr(messenger, "params", None)
+            if not isinstance(messenger, ReplayMessenger) or params is None:
+                continue
+            for store_name, tensor in tensors:
+                value = params.get(store_name)
+                if value is not None and value is not tensor:
+                    raise ValueError(
+                        f"{owner}: the loss replays Pyro's param store by name "
+                        f"(JitTrace_ELBO), and the store's {store_name!r} is another live "
+                        "guide's (the one this guide was copied from, say), so this guide "
+                        "would not train: use Trace_ELBO, or let the other guide go first"
+                    )
 
     @staticmethod
     def _refuse_twice_in_one_run(tensors: list[tuple[str, torch.Tensor]], owner: str) -> None:
@@ -206,3 +242,34 @@ class StoreMirror:
                 f"Pyro's param store holds {len(extra)} entries under {owner}'s names that "
                 f"it does not have ({', '.join(map(repr, extra[:2]))}, ...): {_ADVICE}"
             )
+
+
+def register(modules: Mapping[str, nn.Module]) -> None:
+    """``pyro.module(name, module)``'s param sites, carrying the module's own parameters.
+
+    ``pyro.module`` puts the store's tensors in the sites (SVI's optimizer steps what the
+    sites hold); these are the module's, which the mirror keeps as the store's entries,
+    so the two agree, and a copy that leaves the store alone still trains. Under Pyro's
+    ``module_local_params`` setting, this is ``pyro.module`` itself.
+    """
+    if _is_module_local_param_enabled():
+        for name, module in modules.items():
+            pyro.module(name, module)
+        return
+    for name, module in modules.items():
+        for key, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            store_name = param_with_module_name(name, key)
+            # what pyro.param's value carries, and what SVI steps: site["value"].unconstrained()
+            param.unconstrained = weakref.ref(param)
+            _statement(
+                store_name, param, constraint=constraints.real, event_dim=None, name=store_name
+            )
+
+
+def _returns_its_value(name: str, value: torch.Tensor, **kwargs) -> torch.Tensor:
+    return value
+
+
+_statement = effectful(_returns_its_value, type="param")

@@ -54,7 +54,7 @@ from torch.nn import functional as F
 from pyroflows._checks import check_choice, check_hidden, check_number, check_positive_int
 from pyroflows._pickling import DropsParamStoreLinks
 from pyroflows.flows import Flow, FlowDistribution, iaf, nsf
-from pyroflows.infer._param_store import StoreMirror
+from pyroflows.infer._param_store import StoreMirror, register
 
 POSTERIOR_FLOWS = ("iaf", "nsf", None)
 _SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(_SOFTPLUS_ONE) == 1
@@ -318,8 +318,8 @@ class AmortizedGuide(DropsParamStoreLinks, nn.Module):
             at the next call (unlike a plain ``pyro.module``, which would leave them
             unused and the posterior untrained). The store must hold the whole
             posterior; one left by another guide of the same name in this process is
-            taken over, not read (a copy of a guide leaves it to the live original); two
-            guides of one name in one run are refused.
+            taken over, not read (a copy of a guide leaves it to the live guide that
+            holds it, and still trains); two guides of one name in one run are refused.
 
     Example:
         >>> q = amortized_posterior(3, latent_dim=2, flow="iaf", hidden=(8,))
@@ -366,7 +366,7 @@ class AmortizedGuide(DropsParamStoreLinks, nn.Module):
                 passive = self.__dict__.get("_store_passive", False)
                 mirror = self.__dict__["_store_mirror"] = StoreMirror(passive=passive)
             mirror({self.name: self.posterior}, owner=f"AmortizedGuide(name={self.name!r})")
-            pyro.module(self.name, self.posterior)
+            register({self.name: self.posterior})
         rows = _row_count(x)
         enclosing = _active_plate(self.plate)
         if enclosing is not None:  # the caller's own data plate, shared with its latents

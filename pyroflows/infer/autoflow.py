@@ -72,7 +72,7 @@ from pyroflows._checks import (
 from pyroflows._pickling import param_store_links_kept
 from pyroflows.flows import Flow, iaf, maf, nice, nsf, realnvp
 from pyroflows.infer import diagnostics
-from pyroflows.infer._param_store import StoreMirror
+from pyroflows.infer._param_store import StoreMirror, register
 from pyroflows.transforms.base import FlowTransform
 from pyroflows.transforms.linear import ActNorm
 
@@ -351,9 +351,13 @@ class AutoFlow(AutoContinuous):
     (another flow or size, values set for a few entries, or one saved before the
     buffers were kept) is refused; a store of another model whose latents have the
     same shapes cannot be told apart. Entries an earlier guide of the same name left in
-    this process are taken over, not read: a new guide starts afresh; a copy of a guide
-    (``copy.deepcopy``, ``torch.load``) leaves them to the live original. Under
+    this process are taken over, not read: a new guide starts afresh. A copy of a guide
+    (``copy.deepcopy``, ``torch.load``) leaves them to a live guide that holds them (a
+    snapshot does not disturb the guide being trained), and still trains on its own
+    (not under ``JitTrace_ELBO``, which reads the store by name: refused). Under
     ``JitTrace_ELBO``, which compiled the buffers in, build a new ``SVI`` after a load.
+    Replacing a layer inside ``guide.flow`` after the first call is not seen: build a
+    new guide.
 
     Args:
         model: a Pyro model with continuous latent sites (no discrete or enumerated ones).
@@ -506,20 +510,20 @@ class AutoFlow(AutoContinuous):
         self.linear = AnchoredLinear(loc, scale_tril.to(loc.device), self.learn_linear)
         self.anchor = "init"
         try:
-            adopted = self._mirror_store()
+            self._mirror_store()
         except ValueError:
             self.prototype_trace = None  # set up again at the next call
             raise
-        if adopted:
+        if self.__dict__.pop("_adopted"):
             self.anchor = "param store"
         elif self.warm_start == "laplace":
             self._laplace_warm_start(args, kwargs)
 
-    def _mirror_store(self) -> bool:
+    def _mirror_store(self) -> dict[str, nn.Module]:
         """Keep the flow's and the anchor's tensors as Pyro's param store entries.
 
-        See :mod:`pyroflows.infer._param_store`: True when the values a loaded store
-        holds were copied in.
+        See :mod:`pyroflows.infer._param_store`. Returns the modules by store name;
+        ``self._adopted`` says whether the values a loaded store holds were copied in.
         """
         mirror = self.__dict__.get("_store_mirror")
         if mirror is None:
@@ -529,7 +533,8 @@ class AutoFlow(AutoContinuous):
         # median() and diagnose() may not make)
         prefix = self.__dict__["_pyro_name"]
         modules = {_make_name(prefix, name): self._modules[name] for name in ("flow", "linear")}
-        return bool(mirror(modules, owner="this AutoFlow"))
+        self.__dict__["_adopted"] = bool(mirror(modules, owner="this AutoFlow"))
+        return modules
 
     def _latent_problem(self) -> str | None:
         trace = self.prototype_trace
@@ -633,10 +638,11 @@ class AutoFlow(AutoContinuous):
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TorchDistribution:
         """The guide's distribution over the packed unconstrained latent vector."""
-        self._mirror_store()
-        # one attribute access each: every access of a submodule through PyroModule
-        # registers all its parameters with Pyro again
-        flow, linear = self.flow, self.linear
+        modules = self._mirror_store()
+        # param sites that carry the guide's own tensors (PyroModule's attribute access
+        # would give the store's, another live guide's when this guide is a copy)
+        register(modules)
+        flow, linear = self._modules["flow"], self._modules["linear"]
         base = flow.base()
         layers = [*flow.transforms, linear]
         q = dist.TransformedDistribution(base, layers)

@@ -7,6 +7,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO
+from pyro.infer.autoguide import AutoGuideList
 
 from pyroflows import Flow, iaf
 from pyroflows.infer import AmortizedGuide, AutoFlow, amortized_posterior
@@ -354,3 +355,62 @@ def test_two_amortized_guides_of_one_name_in_one_run_are_refused():
 
     with pytest.raises(ValueError, match=r"registered under the name 'guide\$\$\$.*own name"):
         pyro.poutine.trace(guide).get_trace(x)
+
+
+def test_copies_train_while_the_guide_they_were_copied_from_lives():
+    guide = AutoFlow(model)
+    train(guide, 5)
+    store_before = dict(pyro.get_param_store().named_parameters())
+    kept = state(guide)
+    first, second = copy.deepcopy(guide), copy.deepcopy(guide)
+    for snapshot, loss in ((first, Trace_ELBO()), (second, Trace_ELBO(num_particles=2))):
+        before = state(snapshot)
+        train(snapshot, 10, loss=loss)
+        assert moved(before, snapshot) > 1e-3
+    # the store still holds the live guide's tensors, which the copies did not move
+    store_after = dict(pyro.get_param_store().named_parameters())
+    assert all(store_after[name] is tensor for name, tensor in store_before.items())
+    assert_same_state(state(guide), kept)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_a_copy_under_jit_while_its_original_lives_is_refused():
+    guide = AutoFlow(model)
+    train(guide, 2)
+    snapshot = copy.deepcopy(guide)
+    with pytest.raises(ValueError, match="replays Pyro's param store by name"):
+        train(snapshot, 2, loss=JitTrace_ELBO())
+
+
+def test_a_load_goes_to_the_live_guide_even_when_a_snapshot_runs_first(tmp_path):
+    guide = AutoFlow(model)
+    train(guide, 10)
+    checkpoint = state(guide)
+    pyro.get_param_store().save(tmp_path / "params.pt")
+    train(guide, 10)
+    snapshot = copy.deepcopy(guide)
+    kept = state(snapshot)
+    pyro.get_param_store().load(tmp_path / "params.pt")
+    pyro.infer.Predictive(model, guide=snapshot, num_samples=3)()
+    assert_same_state(state(snapshot), kept)
+    guide()
+    assert_same_state(state(guide), checkpoint)
+
+
+def test_a_guide_renamed_after_its_first_call_moves_its_entries(tmp_path):
+    guide = AutoFlow(model)
+    guide()  # named "AutoFlow" here
+    guides = AutoGuideList(model)
+    guides.append(guide)  # now "AutoGuideList.0"
+    train(guides, 5)
+    names = list(pyro.get_param_store().keys())
+    assert names
+    assert all(name.startswith("AutoGuideList.0.") for name in names)
+    saved = state(guide)
+    pyro.get_param_store().save(tmp_path / "params.pt")
+    pyro.clear_param_store()
+    pyro.get_param_store().load(tmp_path / "params.pt")
+    again = AutoGuideList(model)
+    again.append(AutoFlow(model))
+    again()
+    assert_same_state(state(again[0]), saved)

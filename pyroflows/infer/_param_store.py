@@ -50,8 +50,8 @@ from pyro.poutine.trace_messenger import TraceMessenger
 from torch import nn
 from torch.distributions import constraints
 
-# id(tensor) -> weak references to the tensor and to the mirror that put it in the store
-_MIRRORED: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+# id(tensor) -> a weak reference to it: every tensor some mirror put in the store
+_MIRRORED: dict[int, weakref.ref] = {}
 # store name -> the live mirror that last put a tensor there
 _HOLDERS: weakref.WeakValueDictionary[str, StoreMirror] = weakref.WeakValueDictionary()
 
@@ -62,23 +62,20 @@ _ADVICE = (
 )
 
 
-def _mark(tensor: torch.Tensor, mirror: StoreMirror) -> None:
+def _mark(tensor: torch.Tensor) -> None:
     key = id(tensor)
 
     def forget(ref: weakref.ref, key: int = key) -> None:
-        entry = _MIRRORED.get(key)
-        if entry is not None and entry[0] is ref:
+        if _MIRRORED.get(key) is ref:
             del _MIRRORED[key]
 
-    _MIRRORED[key] = (weakref.ref(tensor, forget), weakref.ref(mirror))
+    _MIRRORED[key] = weakref.ref(tensor, forget)
 
 
-def _mirrored_by(tensor: torch.Tensor) -> tuple[bool, StoreMirror | None]:
-    """(whether a mirror put ``tensor`` in the store, that mirror if it still lives)."""
-    entry = _MIRRORED.get(id(tensor))
-    if entry is None or entry[0]() is not tensor:
-        return False, None
-    return True, entry[1]()
+def _mirrored(tensor: torch.Tensor) -> bool:
+    """Whether a mirror put ``tensor`` in the store."""
+    ref = _MIRRORED.get(id(tensor))
+    return ref is not None and ref() is tensor
 
 
 class StoreMirror:
@@ -93,7 +90,7 @@ class StoreMirror:
 
     Args:
         passive: a copy's mirror (see the module docstring): it does not take entries
-            over from the live mirror of the guide it was copied from.
+            over from any live mirror that holds them.
     """
 
     def __init__(self, passive: bool = False) -> None:
@@ -101,11 +98,6 @@ class StoreMirror:
         self._collected = False
         self._built_for: tuple[tuple[str, int], ...] = ()
         self._slots: list[tuple[str, dict, str]] = []
-
-    @property
-    def size(self) -> int:
-        """How many tensors the last call kept."""
-        return len(self._slots)
 
     def _tensors(self, modules: Mapping[str, nn.Module]) -> list[tuple[str, torch.Tensor]]:
         identity = tuple((name, id(module)) for name, module in modules.items())
@@ -131,7 +123,8 @@ class StoreMirror:
         store = pyro.get_param_store()
         entries = store.named_parameters().mapping
         for store_name, table, attr in self._slots:
-            if entries.get(store_name) is table.get(attr):
+            tensor = table.get(attr)
+            if tensor is not None and entries.get(store_name) is tensor:
                 del store[store_name]
 
     def __call__(self, modules: Mapping[str, nn.Module], owner: str) -> list[str]:
@@ -151,7 +144,7 @@ class StoreMirror:
             theirs = entries.get(store_name)
             if theirs is tensor:
                 continue
-            if theirs is None or _mirrored_by(theirs)[0]:
+            if theirs is None or _mirrored(theirs):
                 taken.append((store_name, tensor))
             else:
                 foreign.append((store_name, tensor, theirs))
@@ -167,7 +160,7 @@ class StoreMirror:
             store.set_state(
                 {"params": {store_name: tensor}, "constraints": {store_name: constraints.real}}
             )
-            _mark(tensor, self)
+            _mark(tensor)
             _HOLDERS[store_name] = self
         return [store_name for store_name, _, _ in foreign]
 

@@ -319,7 +319,8 @@ class AmortizedGuide(DropsParamStoreLinks, nn.Module):
             unused and the posterior untrained). The store must hold the whole
             posterior; one left by another guide of the same name in this process is
             taken over, not read (a copy of a guide leaves it to the live guide that
-            holds it, and still trains); two guides of one name in one run are refused.
+            holds it, and still trains, but without store names, so ``pyro.optim``
+            cannot save its state); two guides of one name in one run are refused.
 
     Example:
         >>> q = amortized_posterior(3, latent_dim=2, flow="iaf", hidden=(8,))

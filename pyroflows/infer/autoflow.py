@@ -354,7 +354,9 @@ class AutoFlow(AutoContinuous):
     this process are taken over, not read: a new guide starts afresh. A copy of a guide
     (``copy.deepcopy``, ``torch.load``) leaves them to a live guide that holds them (a
     snapshot does not disturb the guide being trained), and still trains on its own
-    (not under ``JitTrace_ELBO``, which reads the store by name: refused). Under
+    (not under ``JitTrace_ELBO``, which reads the store by name: refused); its tensors
+    then have no store names, so ``pyro.optim`` cannot save its state or take
+    per-parameter arguments for it (drop the original first: the copy takes the names). Under
     ``JitTrace_ELBO``, which compiled the buffers in, build a new ``SVI`` after a load.
     Replacing a layer inside ``guide.flow`` after the first call is not seen: build a
     new guide.

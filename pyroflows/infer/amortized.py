@@ -308,19 +308,20 @@ class AmortizedGuide(DropsParamStoreLinks, nn.Module):
         dim: the plate's dim (``-1`` unless the model nests plates inside it).
         size: the data set's number of rows, for scaling.
         subsample_size: rows to draw per step when the guide gets the whole data set.
-        name: the prefix under which ``pyro.module`` registers the parameters.
-        register: register the parameters with ``pyro.module`` at every call (needed by
-            ``SVI`` with a ``pyro.optim`` optimizer); ``False`` when a torch optimizer
-            steps ``guide.parameters()`` itself, which saves that cost per step. While
-            registering, the posterior's whole ``state_dict`` (buffers too) is kept in
-            Pyro's param store, so ``pyro.get_param_store().save`` and ``load`` restore
-            it: values a loaded store holds under ``name`` are copied into the posterior
-            at the next call (unlike a plain ``pyro.module``, which would leave them
-            unused and the posterior untrained). The store must hold the whole
-            posterior; one left by another guide of the same name in this process is
-            taken over, not read (a copy of a guide leaves it to the live guide that
-            holds it, and still trains, but without store names, so ``pyro.optim``
-            cannot save its state); two guides of one name in one run are refused.
+        name: the prefix of the parameters' names (as ``pyro.module(name, ...)``).
+        register: state the parameters as Pyro param sites at every call, as
+            ``pyro.module`` does (needed by ``SVI`` with a ``pyro.optim`` optimizer);
+            ``False`` when a torch optimizer steps ``guide.parameters()`` itself, which
+            saves that cost per step. While registering, the posterior's whole
+            ``state_dict`` (buffers too) is kept in Pyro's param store, so
+            ``pyro.get_param_store().save`` and ``load`` restore it: values a loaded
+            store holds under ``name`` are copied into the posterior at the next call
+            (unlike a plain ``pyro.module``, which would leave them unused and the
+            posterior untrained). The store must hold the whole posterior; one left by
+            another guide of the same name in this process is taken over, not read (a
+            copy of a guide leaves it to the live guide that holds it, and still
+            trains, but without store names, so ``pyro.optim`` cannot save its state);
+            two guides of one name in one run are refused.
 
     Example:
         >>> q = amortized_posterior(3, latent_dim=2, flow="iaf", hidden=(8,))
@@ -394,7 +395,7 @@ class AmortizedGuide(DropsParamStoreLinks, nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        # a copy (deepcopy, torch.load) leaves the store to its live original
+        # a copy (deepcopy, torch.load) leaves the store to a live guide that holds it
         self.__dict__["_store_passive"] = True
 
     def _check_enclosing(self, plate: Any, rows: int) -> None:

@@ -356,8 +356,9 @@ class AutoFlow(AutoContinuous):
     snapshot does not disturb the guide being trained), and still trains on its own
     (not under ``JitTrace_ELBO``, which reads the store by name: refused); its tensors
     then have no store names, so ``pyro.optim`` cannot save its state or take
-    per-parameter arguments for it (drop the original first: the copy takes the names). Under
-    ``JitTrace_ELBO``, which compiled the buffers in, build a new ``SVI`` after a load.
+    per-parameter arguments for it (drop the original first: the copy takes the
+    names). Under ``JitTrace_ELBO``, which compiled the buffers in, build a new ``SVI``
+    after a load.
     Replacing a layer inside ``guide.flow`` after the first call is not seen: build a
     new guide.
 
@@ -389,9 +390,9 @@ class AutoFlow(AutoContinuous):
             Laplace correlations, and on posteriordb (3 seeds,
             ``benchmarks/results/posterior_quality_lu_ablation.md``) the learnt map made
             two posteriors worse and the others about level (within the seeds' spread):
-            eight schools diverged on one seed (one
-            draw's loss of 1.6e6 at step 2907 threw the map off), and the GP regression's
-            smallest sd ratio fell from 0.57 to 0.45.
+            eight schools diverged on one seed (one draw's loss of 1.6e6 at step 2907
+            threw the map off), and the GP regression's smallest sd ratio fell from 0.57
+            to 0.45.
         num_quantile_samples: draws used by :meth:`median` and :meth:`quantiles`.
         **flow_kwargs: passed to the named builder (``transforms``, ``hidden``, ...).
 
@@ -471,7 +472,7 @@ class AutoFlow(AutoContinuous):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        # a copy (deepcopy, torch.load) leaves the store to its live original
+        # a copy (deepcopy, torch.load) leaves the store to a live guide that holds it
         self.__dict__["_store_passive"] = True
 
     def _the_model(self) -> Callable[..., Any]:

@@ -243,12 +243,9 @@ def register(modules: Mapping[str, nn.Module]) -> None:
     ``pyro.module`` puts the store's tensors in the sites (SVI's optimizer steps what the
     sites hold); these are the module's, which the mirror keeps as the store's entries,
     so the two agree, and a copy that leaves the store alone still trains. Under Pyro's
-    ``module_local_params`` setting, this is ``pyro.module`` itself.
+    ``module_local_params`` setting these are the statements ``PyroModule`` makes for a
+    plain ``nn.Module`` child, which leave the global store alone too.
     """
-    if _is_module_local_param_enabled():
-        for name, module in modules.items():
-            pyro.module(name, module)
-        return
     for name, module in modules.items():
         for key, param in module.named_parameters():
             if not param.requires_grad:

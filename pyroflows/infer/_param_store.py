@@ -39,6 +39,7 @@ from __future__ import annotations
 import gc
 import weakref
 from collections.abc import Mapping
+from typing import Any
 
 import pyro
 import torch
@@ -235,6 +236,30 @@ class StoreMirror:
                 f"Pyro's param store holds {len(extra)} entries under {owner}'s names that "
                 f"it does not have ({', '.join(map(repr, extra[:2]))}, ...): {_ADVICE}"
             )
+
+
+class MirrorsParamStore:
+    """Mixin for a guide: its :class:`StoreMirror`, made on first use, not pickled.
+
+    A guide made by unpickling (``torch.load``, ``copy.deepcopy``) gets a *passive*
+    mirror: it leaves the store to a live guide that holds the names.
+    """
+
+    def _mirror(self) -> StoreMirror:
+        mirror = self.__dict__.get("_store_mirror")
+        if mirror is None:
+            passive = self.__dict__.get("_store_passive", False)
+            mirror = self.__dict__["_store_mirror"] = StoreMirror(passive=passive)
+        return mirror
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())  # type: ignore[misc]
+        state.pop("_store_mirror", None)  # tied to this process's param store
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        self.__dict__["_store_passive"] = True  # a copy
 
 
 def register(modules: Mapping[str, nn.Module]) -> None:

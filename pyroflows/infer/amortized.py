@@ -54,7 +54,7 @@ from torch.nn import functional as F
 from pyroflows._checks import check_choice, check_hidden, check_number, check_positive_int
 from pyroflows._pickling import DropsParamStoreLinks
 from pyroflows.flows import Flow, FlowDistribution, iaf, nsf
-from pyroflows.infer._param_store import StoreMirror, register
+from pyroflows.infer._param_store import MirrorsParamStore, register
 
 POSTERIOR_FLOWS = ("iaf", "nsf", None)
 _SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(_SOFTPLUS_ONE) == 1
@@ -277,7 +277,7 @@ def amortized_posterior(
     return AmortizedPosterior(Encoder(input_dim, latent_dim, hidden, context, activation), built)
 
 
-class AmortizedGuide(DropsParamStoreLinks, nn.Module):
+class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
     r"""A Pyro guide that samples ``z ~ q(z | x)`` for every row of ``x`` in a plate.
 
     ``guide(x, *args, **kwargs)`` registers the posterior's parameters with
@@ -363,11 +363,8 @@ class AmortizedGuide(DropsParamStoreLinks, nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Sample ``z`` for the rows of ``x`` (or for a subsample of them); return it."""
         if self.register:
-            mirror = self.__dict__.get("_store_mirror")
-            if mirror is None:
-                passive = self.__dict__.get("_store_passive", False)
-                mirror = self.__dict__["_store_mirror"] = StoreMirror(passive=passive)
-            mirror({self.name: self.posterior}, owner=f"AmortizedGuide(name={self.name!r})")
+            owner = f"AmortizedGuide(name={self.name!r})"
+            self._mirror()({self.name: self.posterior}, owner=owner)
             register({self.name: self.posterior})
         rows = _row_count(x)
         enclosing = _active_plate(self.plate)
@@ -387,16 +384,6 @@ class AmortizedGuide(DropsParamStoreLinks, nn.Module):
             self.plate, self.size, subsample_size=self.subsample_size, dim=self.dim
         ) as index:
             return pyro.sample(self.site, self._posterior(x[index]))
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(super().__getstate__())
-        state.pop("_store_mirror", None)  # tied to this process's param store
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        # a copy (deepcopy, torch.load) leaves the store to a live guide that holds it
-        self.__dict__["_store_passive"] = True
 
     def _check_enclosing(self, plate: Any, rows: int) -> None:
         if self.subsample_size is not None:

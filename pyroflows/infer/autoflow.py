@@ -72,7 +72,7 @@ from pyroflows._checks import (
 from pyroflows._pickling import param_store_links_kept
 from pyroflows.flows import Flow, iaf, maf, nice, nsf, realnvp
 from pyroflows.infer import diagnostics
-from pyroflows.infer._param_store import StoreMirror, register
+from pyroflows.infer._param_store import MirrorsParamStore, register
 from pyroflows.transforms.base import FlowTransform
 from pyroflows.transforms.linear import ActNorm
 
@@ -319,7 +319,7 @@ class AnchoredLinear(FlowTransform):
         return u, self._log_abs_det(u, x, context)
 
 
-class AutoFlow(AutoContinuous):
+class AutoFlow(MirrorsParamStore, AutoContinuous):
     r"""A normalizing-flow guide for any Pyro model whose latent sites are continuous.
 
     .. math::
@@ -467,13 +467,7 @@ class AutoFlow(AutoContinuous):
             state = dict(super().__getstate__())
         finally:
             self._model, self.master = model, master
-        state.pop("_store_mirror", None)  # tied to this process's param store
         return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        # a copy (deepcopy, torch.load) leaves the store to a live guide that holds it
-        self.__dict__["_store_passive"] = True
 
     def _the_model(self) -> Callable[..., Any]:
         """The model, or a clear error for a guide loaded from a pickle (which has none)."""
@@ -513,31 +507,27 @@ class AutoFlow(AutoContinuous):
         self.linear = AnchoredLinear(loc, scale_tril.to(loc.device), self.learn_linear)
         self.anchor = "init"
         try:
-            self._mirror_store()
+            _, adopted = self._mirror_store()
         except ValueError:
             self.prototype_trace = None  # set up again at the next call
             raise
-        if self.__dict__.pop("_adopted"):
+        if adopted:
             self.anchor = "param store"
         elif self.warm_start == "laplace":
             self._laplace_warm_start(args, kwargs)
 
-    def _mirror_store(self) -> dict[str, nn.Module]:
+    def _mirror_store(self) -> tuple[dict[str, nn.Module], bool]:
         """Keep the flow's and the anchor's tensors as Pyro's param store entries.
 
-        See :mod:`pyroflows.infer._param_store`. Returns the modules by store name;
-        ``self._adopted`` says whether the values a loaded store holds were copied in.
+        See :mod:`pyroflows.infer._param_store`. Returns the modules by store name, and
+        whether the values a loaded store holds were copied in.
         """
-        mirror = self.__dict__.get("_store_mirror")
-        if mirror is None:
-            passive = self.__dict__.get("_store_passive", False)
-            mirror = self.__dict__["_store_mirror"] = StoreMirror(passive=passive)
         # the names PyroModule gives them (known before the guide's first call, which
         # median() and diagnose() may not make)
         prefix = self.__dict__["_pyro_name"]
         modules = {_make_name(prefix, name): self._modules[name] for name in ("flow", "linear")}
-        self.__dict__["_adopted"] = bool(mirror(modules, owner="this AutoFlow"))
-        return modules
+        adopted = self._mirror()(modules, owner="this AutoFlow")
+        return modules, bool(adopted)
 
     def _latent_problem(self) -> str | None:
         trace = self.prototype_trace
@@ -641,7 +631,7 @@ class AutoFlow(AutoContinuous):
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TorchDistribution:
         """The guide's distribution over the packed unconstrained latent vector."""
-        modules = self._mirror_store()
+        modules, _ = self._mirror_store()
         # param sites that carry the guide's own tensors (PyroModule's attribute access
         # would give the store's, another live guide's when this guide is a copy)
         register(modules)

@@ -44,6 +44,14 @@ def moved(before, module):
     return max((now[key].float() - old.float()).abs().max().item() for key, old in before.items())
 
 
+def restart(folder):
+    """Save Pyro's param store, clear it, load it back: a new session's store."""
+    path = folder / "params.pt"
+    pyro.get_param_store().save(path)
+    pyro.clear_param_store()
+    pyro.get_param_store().load(path)
+
+
 @pytest.fixture(autouse=True)
 def fresh_store():
     pyro.clear_param_store()
@@ -59,12 +67,8 @@ def test_a_saved_store_restores_a_new_guide(tmp_path, flow, options):
     guide = AutoFlow(model, flow=flow, **options)
     train(guide, 30)
     saved = state(guide)
-    path = tmp_path / "params.pt"
-    pyro.get_param_store().save(path)
-
-    pyro.clear_param_store()
+    restart(tmp_path)
     pyro.set_rng_seed(1)  # another random permutation, other initial weights
-    pyro.get_param_store().load(path)
     restored = AutoFlow(model, flow=flow, **options)
     restored()
     assert restored.anchor == "param store"  # no warm start over the saved anchor
@@ -79,9 +83,7 @@ def test_a_saved_store_restores_a_new_guide(tmp_path, flow, options):
 def test_a_guide_trains_after_a_load(tmp_path):
     guide = AutoFlow(model)
     train(guide, 5)
-    pyro.get_param_store().save(tmp_path / "params.pt")
-    pyro.clear_param_store()
-    pyro.get_param_store().load(tmp_path / "params.pt")
+    restart(tmp_path)
     restored = AutoFlow(model)
     restored()
     before = state(restored)
@@ -131,9 +133,7 @@ def test_a_store_covering_part_of_a_called_guide_is_refused(tmp_path):
 
 def test_a_store_of_a_bigger_guide_is_refused(tmp_path):
     train(AutoFlow(model, transforms=3), 2)
-    pyro.get_param_store().save(tmp_path / "params.pt")
-    pyro.clear_param_store()
-    pyro.get_param_store().load(tmp_path / "params.pt")
+    restart(tmp_path)
     with pytest.raises(ValueError, match=r"10 entries under this AutoFlow's names that it does"):
         AutoFlow(model)()
 
@@ -202,9 +202,7 @@ def test_a_snapshot_does_not_stop_a_jit_trained_guide():
 def test_median_of_a_restored_guide_before_its_first_call(tmp_path):
     guide = AutoFlow(model)
     train(guide, 20)
-    pyro.get_param_store().save(tmp_path / "params.pt")
-    pyro.clear_param_store()
-    pyro.get_param_store().load(tmp_path / "params.pt")
+    restart(tmp_path)
     restored = AutoFlow(model)
     median = restored.median()  # sets the guide up without calling it
     assert restored.anchor == "param store"
@@ -237,9 +235,7 @@ def test_a_flow_using_one_layer_twice(tmp_path):
 
     guide = AutoFlow(model, flow=tied)
     train(guide, 3)
-    pyro.get_param_store().save(tmp_path / "params.pt")
-    pyro.clear_param_store()
-    pyro.get_param_store().load(tmp_path / "params.pt")
+    restart(tmp_path)
     restored = AutoFlow(model, flow=tied)
     restored()
     assert_same_state(state(restored), state(guide))
@@ -247,9 +243,7 @@ def test_a_flow_using_one_layer_twice(tmp_path):
 
 def test_a_store_of_another_flow_is_refused(tmp_path):
     train(AutoFlow(model, flow="iaf"), 2)
-    pyro.get_param_store().save(tmp_path / "params.pt")
-    pyro.clear_param_store()
-    pyro.get_param_store().load(tmp_path / "params.pt")
+    restart(tmp_path)
     refused = r"new values for 25 of this AutoFlow's 35 tensors.*clear_param_store"
     guide = AutoFlow(model, flow="iaf", transforms=3)  # a third layer the store lacks
     for _ in range(2):  # and again: a refused guide is not left half set up
@@ -266,9 +260,7 @@ def test_a_store_of_another_flow_is_refused(tmp_path):
 
 def test_a_store_of_another_model_is_refused(tmp_path):
     train(AutoFlow(other_model), 2, the_model=other_model)
-    pyro.get_param_store().save(tmp_path / "params.pt")
-    pyro.clear_param_store()
-    pyro.get_param_store().load(tmp_path / "params.pt")
+    restart(tmp_path)
     with pytest.raises(ValueError, match=r"shapes differ for 'AutoFlow\..*clear_param_store"):
         AutoFlow(model)()
 
@@ -323,10 +315,8 @@ def test_an_amortized_guide_restored_from_the_store_and_trained(tmp_path):
     for _ in range(10):
         svi.step(x)
     saved = state(guide)
-    pyro.get_param_store().save(tmp_path / "params.pt")
-    pyro.clear_param_store()
+    restart(tmp_path)
     pyro.set_rng_seed(1)
-    pyro.get_param_store().load(tmp_path / "params.pt")
     restored = AmortizedGuide(amortized_posterior(3, latent_dim=2, flow="iaf", hidden=(8,)))
     restored(x)
     assert_same_state(state(restored), saved)
@@ -407,9 +397,7 @@ def test_a_guide_renamed_after_its_first_call_moves_its_entries(tmp_path):
     assert names
     assert all(name.startswith("AutoGuideList.0.") for name in names)
     saved = state(guide)
-    pyro.get_param_store().save(tmp_path / "params.pt")
-    pyro.clear_param_store()
-    pyro.get_param_store().load(tmp_path / "params.pt")
+    restart(tmp_path)
     again = AutoGuideList(model)
     again.append(AutoFlow(model))
     again()

@@ -18,6 +18,7 @@ from pyroflows.infer.diagnostics import (
     diagnose,
     importance_draws,
     importance_resample,
+    loo,
     summarize,
     to_arviz,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "diagnose",
     "importance_draws",
     "importance_resample",
+    "loo",
     "summarize",
     "to_arviz",
 ]

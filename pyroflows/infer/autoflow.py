@@ -335,7 +335,8 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
     ``guide.quantiles([...])`` work (the last two from Monte Carlo draws, since a flow's
     quantiles have no closed form). Then ask whether to trust it:
     :meth:`diagnose` (PSIS :math:`\hat k`, ESS, a verdict), :meth:`importance_resample`,
-    :meth:`to_arviz`.
+    :meth:`to_arviz`; and compare models with :meth:`loo` (leave-one-out
+    cross-validation, corrected for the guide by the importance weights).
 
     Saving: ``torch.save(guide)`` / pickle, or ``guide.state_dict()`` into a guide built
     for the same model and called once, keep everything, the anchor :math:`(m, C)`
@@ -476,7 +477,8 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                 "this AutoFlow was loaded from a pickle (torch.save, copy.deepcopy), which, "
                 "as for Pyro's autoguides, does not keep the model; pass the model "
                 "explicitly: pyroflows.infer.diagnose(model, guide, ...), "
-                "importance_resample(model, guide, ...) or to_arviz(model, guide, ...)"
+                "importance_resample(model, guide, ...), to_arviz(model, guide, ...) or "
+                "loo(model, guide, ...)"
             )
         return self.model
 
@@ -940,8 +942,20 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             **kwargs,
         )
 
-    def to_arviz(self, *args: Any, num_samples: int = 4000, **kwargs: Any):
+    def to_arviz(
+        self, *args: Any, num_samples: int = 4000, log_likelihood: bool = True, **kwargs: Any
+    ):
         """Draws and log weights as ArviZ data, as :func:`~pyroflows.infer.to_arviz`."""
         model = self._the_model()
         self._ensure_setup(args, kwargs)
-        return diagnostics.to_arviz(model, self, *args, num_samples=num_samples, **kwargs)
+        return diagnostics.to_arviz(
+            model, self, *args, num_samples=num_samples, log_likelihood=log_likelihood, **kwargs
+        )
+
+    def loo(self, *args: Any, num_samples: int = 4000, var_name: str | None = None, **kwargs: Any):
+        """PSIS-LOO corrected by the importance weights; see :func:`pyroflows.infer.loo`."""
+        model = self._the_model()
+        self._ensure_setup(args, kwargs)
+        return diagnostics.loo(
+            model, self, *args, num_samples=num_samples, var_name=var_name, **kwargs
+        )

@@ -20,11 +20,17 @@ with the batch (a model that runs under the plate but mixes the draws up). The w
 need the model's full likelihood and a guide with a density: a model that subsamples a
 plate, and a point-mass guide (``AutoDelta``), are refused.
 
+The same weights turn guide draws into leave-one-out cross-validation (:func:`loo`), and
+:func:`to_arviz` writes the pointwise log-likelihood that ArviZ's ``loo`` and ``waic``
+read.
+
 References:
     Yao, Vehtari, Simpson, Gelman (2018). Yes, but Did It Work?: Evaluating Variational
     Inference. ICML. arXiv:1802.02538.
     Vehtari, Simpson, Gelman, Yao, Gabry (2024). Pareto Smoothed Importance Sampling.
     JMLR 25. arXiv:1507.02646.
+    Magnusson, Andersen, Jonasson, Vehtari (2019). Bayesian leave-one-out
+    cross-validation for large data. ICML. arXiv:1904.10679.
 """
 
 from __future__ import annotations
@@ -313,17 +319,22 @@ def importance_draws(
         ``(log_weights, samples)``: shape ``(num_samples,)``, and a dict of each latent
         site's constrained draws with shape ``(num_samples, *site_shape)``.
     """
-    return _draws(model, guide, args, kwargs, num_samples, deterministic=False)
+    return _draws(model, guide, args, kwargs, num_samples, deterministic=False)[:2]
 
 
-def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool):
-    """:func:`importance_draws`, with the model's ``pyro.deterministic`` sites if asked."""
+def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, observed=False):
+    """:func:`importance_draws`, with the model's ``pyro.deterministic`` sites if asked.
+
+    Returns ``(log_w, samples, log_lik)``: ``log_lik`` holds, when ``observed``, each
+    observed site's pointwise log-likelihood, shape ``(num_samples, *batch_shape)``.
+    """
     check_positive_int(num_samples, "num_samples")
     with torch.no_grad(), poutine.block():
         first = poutine.trace(model).get_trace(*args, **kwargs)
         _refuse_subsampling(first)
         nesting = _nesting(first)
         derived = _deterministic_names(first) if deterministic else []
+        pointwise = _observed_shapes(first) if observed else {}
         try:
             log_w, model_trace, guide_trace = vectorized_importance_weights(
                 model,
@@ -348,18 +359,28 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool):
                 if value is None:  # not one value per draw: the draws are mixed up
                     raise ValueError(f"deterministic site {n!r} does not broadcast")
                 samples[n] = value
+            log_lik = {
+                n: _per_draw(model_trace.nodes[n]["log_prob"], 0, shape, num_samples, nesting)
+                for n, shape in pointwise.items()
+            }
         except (RuntimeError, ValueError):
             # the model does not broadcast over a particle plate: one draw at a time
             # (if that fails too, its error is the model's own, and it is raised: the
             # particle-plate error above stays attached as its context)
-            log_w, samples = _sequential_draws(model, guide, args, kwargs, num_samples, derived)
+            log_w, samples, log_lik = _sequential_draws(
+                model, guide, args, kwargs, num_samples, derived, pointwise
+            )
         else:
             # the check's runs may draw (a model wrapped by an autoguide's init_loc_fn draws
             # from the prior before the condition applies): seeded results stay as they were
             with _rng_kept(log_w.device):
-                agrees = _batch_agrees(model, guide, args, kwargs, draws, log_w, samples, derived)
+                agrees = _batch_agrees(
+                    model, guide, args, kwargs, draws, log_w, samples, derived, log_lik
+                )
             if not agrees:
-                log_w, samples = _sequential_draws(model, guide, args, kwargs, num_samples, derived)
+                log_w, samples, log_lik = _sequential_draws(
+                    model, guide, args, kwargs, num_samples, derived, pointwise
+                )
     latents = [value for name, value in samples.items() if name not in derived]
     if num_samples > 1 and latents and all(bool((v == v[:1]).all()) for v in latents):
         raise ValueError(
@@ -368,7 +389,29 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool):
             "posterior, so k-hat, the ESS and the bound on log p(x) would mean nothing; use "
             "a guide with a density (AutoNormal, AutoFlow, ...)"
         )
-    return log_w.detach(), {n: v.detach() for n, v in samples.items()}
+    return (
+        log_w.detach(),
+        {n: v.detach() for n, v in samples.items()},
+        {n: v.detach() for n, v in log_lik.items()},
+    )
+
+
+def _observed_shapes(trace) -> dict[str, torch.Size]:
+    """The model's observed sites and the shapes of their pointwise log-likelihoods.
+
+    Data sites only (not ``pyro.deterministic`` or ``pyro.factor`` ones); a site's shape is
+    its batch shape.
+    """
+    trace.compute_log_prob()
+    return {
+        name: site["log_prob"].shape
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample"
+        and site["is_observed"]
+        and not site["infer"].get("_deterministic")
+        and not site["infer"].get("is_auxiliary")  # pyro.factor
+        and not site_is_subsample(site)
+    }
 
 
 def _deterministic_names(trace) -> list[str]:
@@ -395,13 +438,19 @@ def _stacked(value: torch.Tensor, shape: torch.Size, num_samples: int) -> torch.
 
 
 def _particles(site: dict, shape: torch.Size, num_samples: int, nesting: int) -> torch.Tensor:
-    """A site's draws under the particle plate, as ``(num_samples, *shape)``.
+    """A site's draws under the particle plate, as ``(num_samples, *shape)``."""
+    return _per_draw(site["value"], site["fn"].event_dim, shape, num_samples, nesting)
 
-    The particle plate is batch dim ``-(nesting + 1)``; the plates of the model it
-    encloses keep their places after it.
+
+def _per_draw(
+    value: torch.Tensor, event_dim: int, shape: torch.Size, num_samples: int, nesting: int
+) -> torch.Tensor:
+    """A tensor computed under the particle plate, as ``(num_samples, *shape)``.
+
+    The particle plate is batch dim ``-(nesting + 1)`` (left of the ``event_dim``
+    rightmost dims); the plates of the model it encloses keep their places after it.
     """
-    value = site["value"]
-    dim = value.dim() - site["fn"].event_dim - (nesting + 1)
+    dim = value.dim() - event_dim - (nesting + 1)
     if dim < 0 or value.shape[dim] != num_samples:  # broadcast along the plate: repeat
         return value.reshape((1, *shape)).expand((num_samples, *shape))
     return value.movedim(dim, 0).reshape((num_samples, *shape))
@@ -416,12 +465,12 @@ def _single_log_weight(model, guide, args, kwargs, values: dict[str, torch.Tenso
     return model_trace.log_prob_sum() - guide_trace.log_prob_sum(), model_trace
 
 
-def _batch_agrees(model, guide, args, kwargs, draws, log_w, samples, derived) -> bool:
+def _batch_agrees(model, guide, args, kwargs, draws, log_w, samples, derived, log_lik) -> bool:
     """Whether the first and last draws, scored one at a time, match the batch's weights.
 
-    And the ``derived`` (deterministic) sites' values. The first is scored twice: when
-    the two differ, the model draws latent values the guide does not set, and a
-    ``UserWarning`` says so.
+    And the ``derived`` (deterministic) sites' values and the pointwise ``log_lik``. The
+    first is scored twice: when the two differ, the model draws latent values the guide
+    does not set, and a ``UserWarning`` says so.
     """
     for s in sorted({0, len(log_w) - 1}):
         values = {name: value[s] for name, value in draws.items()}
@@ -439,8 +488,11 @@ def _batch_agrees(model, guide, args, kwargs, draws, log_w, samples, derived) ->
                 "noise; diagnose the guide that covers every latent site (the AutoGuideList)"
             )
             return False
-        for name in derived:
-            one, batch = trace.nodes[name]["value"], samples[name][s]
+        pairs = [(trace.nodes[name]["value"], samples[name][s]) for name in derived]
+        if log_lik:
+            trace.compute_log_prob()
+            pairs += [(trace.nodes[name]["log_prob"], log_lik[name][s]) for name in log_lik]
+        for one, batch in pairs:
             if one.shape != batch.shape or not torch.allclose(
                 one, batch, rtol=1e-4, atol=1e-6, equal_nan=True
             ):
@@ -464,9 +516,10 @@ def _rng_kept(device: torch.device):
     return torch.random.fork_rng(devices=devices)
 
 
-def _sequential_draws(model, guide, args, kwargs, num_samples, derived=()):
+def _sequential_draws(model, guide, args, kwargs, num_samples, derived=(), pointwise=None):
     """One model and guide run per draw, for models that do not broadcast."""
-    log_ws, draws = [], []
+    pointwise = pointwise or {}
+    log_ws, draws, liks = [], [], []
     for _ in range(num_samples):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
@@ -477,8 +530,14 @@ def _sequential_draws(model, guide, args, kwargs, num_samples, derived=()):
         draw = {n: guide_trace.nodes[n]["value"] for n in names}
         draw.update((n, model_trace.nodes[n]["value"]) for n in derived)
         draws.append(draw)
+        if pointwise:
+            model_trace.compute_log_prob()
+            liks.append({n: model_trace.nodes[n]["log_prob"] for n in pointwise})
     samples = {n: torch.stack([d[n] for d in draws]) for n in draws[0]}
-    return torch.stack(log_ws), samples
+    log_lik = {
+        n: torch.stack([lik[n].expand(shape) for lik in liks]) for n, shape in pointwise.items()
+    }
+    return torch.stack(log_ws), samples, log_lik
 
 
 def diagnose(
@@ -532,7 +591,7 @@ def importance_resample(
     check_positive_int(num_samples, "num_samples")
     num_proposals = 10 * num_samples if num_proposals is None else num_proposals
     check_positive_int(num_proposals, "num_proposals", minimum=2)
-    log_w, draws = _draws(model, guide, args, kwargs, num_proposals, deterministic=True)
+    log_w, draws, _ = _draws(model, guide, args, kwargs, num_proposals, deterministic=True)
     report, smoothed = _summarize(log_w)
     if not report.khat <= USABLE_KHAT:
         warn_from_caller(
@@ -550,6 +609,7 @@ def to_arviz(
     guide: Callable[..., Any],
     *args: Any,
     num_samples: int = 4000,
+    log_likelihood: bool = True,
     **kwargs: Any,
 ):
     """Guide draws as an ArviZ ``InferenceData``, with their log importance weights.
@@ -560,15 +620,30 @@ def to_arviz(
     ``sample_stats`` holds ``log_importance_weight`` (raw) and ``psis_log_weight``
     (smoothed, normalized), and the group's attributes hold ``khat`` and ``ess``, so
     ``az.summary(idata)`` and ``az.plot_posterior(idata)`` work on it as on MCMC output.
+
+    With ``log_likelihood`` (the default), the ``log_likelihood`` group holds each
+    observed site's pointwise log-likelihood at each draw, shape ``(1, num_samples,
+    *batch_shape)`` (the site's log-density per element of its plates, with the model's
+    scale and mask, as in the weights), and ``observed_data`` the observed values.
+    ``az.loo(idata)`` and ``az.waic(idata)`` then run, but take the guide's draws for
+    posterior draws; :func:`loo` corrects for the guide with the importance weights.
     """
-    log_w, draws = _draws(model, guide, args, kwargs, num_samples, deterministic=True)
+    log_w, draws, log_lik = _draws(
+        model, guide, args, kwargs, num_samples, deterministic=True, observed=log_likelihood
+    )
     report, smoothed = _summarize(log_w)
-    posterior = {name: value.cpu().double().numpy()[None] for name, value in draws.items()}
+    posterior = {name: _numpy(value)[None] for name, value in draws.items()}
     stats = {
-        "log_importance_weight": log_w.cpu().double().numpy()[None],
+        "log_importance_weight": _numpy(log_w)[None],
         "psis_log_weight": smoothed[None],
     }
-    idata = _arviz().from_dict(posterior=posterior, sample_stats=stats)
+    groups: dict[str, Any] = {"posterior": posterior, "sample_stats": stats}
+    if log_lik:
+        groups["log_likelihood"] = {name: _numpy(value)[None] for name, value in log_lik.items()}
+        with torch.no_grad(), poutine.block():
+            trace = poutine.trace(model).get_trace(*args, **kwargs)
+        groups["observed_data"] = {name: _numpy(trace.nodes[name]["value"]) for name in log_lik}
+    idata = _arviz().from_dict(**groups)
     attrs = {
         "khat": report.khat,
         "ess": report.ess,
@@ -578,3 +653,138 @@ def to_arviz(
     idata.posterior.attrs.update(attrs)
     idata.sample_stats.attrs.update(attrs)
     return idata
+
+
+def _numpy(value: torch.Tensor) -> np.ndarray:
+    return value.detach().cpu().double().numpy()
+
+
+def loo(
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    *args: Any,
+    num_samples: int = 4000,
+    var_name: str | None = None,
+    **kwargs: Any,
+):
+    r"""PSIS leave-one-out cross-validation from a guide's draws, corrected by their weights.
+
+    ArviZ's ``az.loo`` takes its draws to be the posterior's. Draws :math:`z_s \sim q`
+    of a guide are not; their importance weights :math:`w_s = p(y, z_s) / q(z_s)` put
+    them right (Magnusson et al. 2019). The leave-one-out posterior
+    :math:`p(z \mid y_{-i}) \propto p(y, z) / p(y_i \mid z)` is reached from :math:`q`
+    with the ratios
+
+    .. math::
+        \log r_{is} = \log w_s - \log p(y_i \mid z_s),
+
+    which PSIS smooths and normalizes per data point :math:`i` (its Pareto :math:`\hat
+    k_i` says whether that point's estimate holds), giving
+
+    .. math::
+        \widehat{\mathrm{elpd}}_i = \log \sum_s \tilde r_{is}\, p(y_i \mid z_s),
+        \qquad \widehat{\mathrm{elpd}}_\mathrm{loo} = \sum_i \widehat{\mathrm{elpd}}_i,
+
+    with standard error :math:`\sqrt{n \operatorname{Var}_i \widehat{\mathrm{elpd}}_i}`
+    and :math:`p_\mathrm{loo} = \sum_i \log \sum_s \tilde w_s p(y_i \mid z_s) -
+    \widehat{\mathrm{elpd}}_\mathrm{loo}` (:math:`\tilde w` the guide's smoothed,
+    normalized weights). With :math:`q` the exact posterior, :math:`w` is constant and
+    this is ``az.loo``'s estimate. A data point is an element of an observed site's batch
+    shape (its plates); its log-likelihood carries the model's scale and mask.
+
+    Args:
+        model: the Pyro model; it must score the whole data set (no subsampled plate).
+        guide: a trained guide of it.
+        *args: the model's arguments.
+        num_samples: guide draws ``S``.
+        var_name: the observed site whose points are left out; needed when the model
+            has more than one (the others stay in every fit).
+        **kwargs: the model's keyword arguments.
+
+    Returns:
+        ArviZ's ``ELPDData`` on the log scale, pointwise (``loo_i`` and ``pareto_k``), as
+        ``az.loo(..., pointwise=True)`` returns it, so ``az.compare`` takes a dict of them.
+        A ``UserWarning`` says when some :math:`\hat k_i` exceed ArviZ's threshold
+        :math:`\min(1 - 1/\log_{10} S, 0.7)`.
+
+    References:
+        Vehtari, Gelman, Gabry (2017). Practical Bayesian model evaluation using
+        leave-one-out cross-validation and WAIC. Statistics and Computing 27.
+        Magnusson, Andersen, Jonasson, Vehtari (2019). Bayesian leave-one-out
+        cross-validation for large data. ICML. arXiv:1904.10679.
+    """
+    check_positive_int(num_samples, "num_samples", minimum=2)
+    log_w, _, log_lik = _draws(
+        model, guide, args, kwargs, num_samples, deterministic=False, observed=True
+    )
+    if not log_lik:
+        raise ValueError("the model has no observed site: there are no data points to leave out")
+    if var_name is None:
+        if len(log_lik) > 1:
+            raise ValueError(
+                f"the model has {len(log_lik)} observed sites {sorted(log_lik)}: say which "
+                "one's points to leave out with var_name="
+            )
+        (var_name,) = log_lik
+    elif var_name not in log_lik:
+        raise ValueError(
+            f"var_name must be one of the observed sites {sorted(log_lik)}, got {var_name!r}"
+        )
+    lw = _numpy(log_w)
+    if np.isnan(lw).any() or (lw == np.inf).any():
+        raise ValueError(
+            "some log importance weights are NaN or +inf: the model or guide gives no finite "
+            "density at some draws, so LOO cannot be estimated; see diagnose()"
+        )
+    keep = lw > -np.inf  # a draw of weight 0 adds nothing to any point's estimate
+    if not keep.any():
+        raise ValueError("every draw has importance weight 0: the guide misses the posterior")
+    shape = tuple(log_lik[var_name].shape[1:])
+    ll = _numpy(log_lik[var_name]).reshape(num_samples, -1)[keep].T  # (n, S)
+    lw = lw[keep]
+    arviz = _arviz()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the k-hats are reported below, in one warning
+        smoothed_r, khats = arviz.psislw(lw[None, :] - ll, 1.0)
+        smoothed_w, _ = arviz.psislw(lw.copy(), 1.0)
+    elpd_i = np.logaddexp.reduce(smoothed_r + ll, axis=-1)
+    lppd = np.logaddexp.reduce(smoothed_w[None, :] + ll, axis=-1).sum()
+    n = elpd_i.size
+    elpd = float(elpd_i.sum())
+    good_k = min(1 - 1 / np.log10(lw.size), 0.7)
+    warning = bool(np.any(khats > good_k))
+    if warning:
+        warn_from_caller(
+            f"loo: {int(np.sum(khats > good_k))} of {n} data points have Pareto k-hat above "
+            f"{good_k:.2f} (largest {np.max(khats):.2f}): their leave-one-out estimates do not "
+            "hold (a poor guide, too few draws, or highly influential points)"
+        )
+    import xarray as xr
+
+    dims = [f"{var_name}_dim_{j}" for j in range(len(shape))]
+    return arviz.ELPDData(
+        data=[
+            elpd,
+            float(math.sqrt(n * np.var(elpd_i))),
+            float(lppd - elpd),
+            int(lw.size),
+            n,
+            warning,
+            xr.DataArray(elpd_i.reshape(shape), dims=dims, name="loo_i"),
+            xr.DataArray(khats.reshape(shape), dims=dims),
+            "log",
+            good_k,
+        ],
+        index=[
+            "elpd_loo",
+            "se",
+            "p_loo",
+            "n_samples",
+            "n_data_points",
+            "warning",
+            "loo_i",
+            "pareto_k",
+            "scale",
+            "good_k",
+        ],
+    )

@@ -767,7 +767,8 @@ def test_saving_a_guide_keeps_its_model_and_a_loaded_guide_says_what_to_do():
     assert guide.diagnose(num_samples=200).num_samples == 200  # the model is still there
     buffer.seek(0)
     for loaded in (torch.load(buffer, weights_only=False), copy.deepcopy(guide)):
-        for method in (loaded.diagnose, loaded.importance_resample, loaded.to_arviz):
+        methods = (loaded.diagnose, loaded.importance_resample, loaded.to_arviz, loaded.loo)
+        for method in methods:
             with pytest.raises(RuntimeError, match=r"diagnose\(model, guide, ...\)"):
                 method(num_samples=100)
         assert diagnose(gaussian_model, loaded, num_samples=200).num_samples == 200

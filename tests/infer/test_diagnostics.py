@@ -402,3 +402,129 @@ def test_a_deterministic_site_that_is_nan_keeps_the_vectorized_route(monkeypatch
     idata = to_arviz(model, guide, num_samples=20)
     assert not calls
     assert np.isnan(idata.posterior["log_z"].values).all()
+
+
+# ---------------------------------------------------------------- log-likelihood and LOO
+
+PRIOR_SD, NOISE_SD = 2.0, 1.0
+
+
+def conjugate_model(y):
+    mu = pyro.sample("mu", dist.Normal(0.0, PRIOR_SD))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu, NOISE_SD), obs=y)
+
+
+def conjugate_posterior(y):
+    """Mean and sd of mu given y."""
+    precision = PRIOR_SD**-2 + len(y) / NOISE_SD**2
+    return float(y.sum()) / NOISE_SD**2 / precision, precision**-0.5
+
+
+def exact_loo(y):
+    """log p(y_i | y_-i) for every i: a Normal of the held-out posterior's predictive."""
+    out = []
+    for i in range(len(y)):
+        loc, sd = conjugate_posterior(torch.cat([y[:i], y[i + 1 :]]))
+        out.append(dist.Normal(loc, math.hypot(NOISE_SD, sd)).log_prob(y[i]))
+    return torch.stack(out).numpy()
+
+
+def shifted_guide(y):
+    # off-centre by half a posterior sd and 40% too wide: usable, but not the posterior
+    loc, sd = conjugate_posterior(y)
+    pyro.sample("mu", dist.Normal(loc + 0.5 * sd, 1.4 * sd))
+
+
+def test_loo_of_a_guide_matches_the_exact_leave_one_out():
+    from pyroflows.infer import loo
+
+    y = torch.linspace(-2.0, 3.0, 20)
+    exact = exact_loo(y)
+    loc, sd = conjugate_posterior(y)
+    lppd = dist.Normal(loc, math.hypot(NOISE_SD, sd)).log_prob(y).sum().item()
+    pyro.set_rng_seed(0)
+    result = loo(conjugate_model, shifted_guide, y, num_samples=4000)
+    assert result["n_data_points"] == 20
+    assert result["n_samples"] == 4000
+    assert result["loo_i"].shape == (20,)
+    assert result["pareto_k"].shape == (20,)
+    np.testing.assert_allclose(result["loo_i"].values, exact, atol=0.05)
+    assert result["elpd_loo"] == pytest.approx(exact.sum(), abs=0.1)
+    assert result["p_loo"] == pytest.approx(lppd - exact.sum(), abs=0.1)
+    assert result["se"] == pytest.approx(math.sqrt(20 * np.var(exact)), rel=0.02)
+    assert (result["pareto_k"].values < 0.7).all()
+    assert not result["warning"]
+    # ArviZ's own loo on the same kind of draws takes them for posterior draws: 2 nats off
+    pyro.set_rng_seed(0)
+    idata = to_arviz(conjugate_model, shifted_guide, y, num_samples=4000)
+    assert abs(az.loo(idata)["elpd_loo"] - exact.sum()) > 1.0
+    # results compare as az.loo's do
+    pyro.set_rng_seed(1)
+    with warnings.catch_warnings():
+        # ArviZ 0.23's compare calls a pandas method that pandas 3.1 deprecates
+        warnings.filterwarnings("ignore", message="The inplace keyword")
+        table = az.compare({"shifted": result, "also": loo(conjugate_model, shifted_guide, y)})
+    assert set(table.index) == {"shifted", "also"}
+
+
+def test_loo_warns_about_points_it_cannot_estimate():
+    from pyroflows.infer import loo
+
+    def narrow(y):
+        pyro.sample("mu", dist.Normal(conjugate_posterior(y)[0] + 1.0, 0.02))
+
+    y = torch.linspace(-2.0, 3.0, 20)
+    pyro.set_rng_seed(0)
+    with pytest.warns(UserWarning, match=r"20 of 20 data points have Pareto k-hat above 0\.67"):
+        result = loo(conjugate_model, narrow, y, num_samples=1000)
+    assert result["warning"]
+
+
+@pytest.mark.parametrize("broadcast", [True, False])
+def test_to_arviz_log_likelihood_is_each_points_log_density(broadcast):
+    y = torch.tensor([28.0, 8.0, -3.0, 7.0])
+    pyro.set_rng_seed(0)
+    guide = AutoNormal(eight_schools_like)
+    guide(y, broadcast)
+    idata = to_arviz(eight_schools_like, guide, y, broadcast, num_samples=50)
+    # the observed site only: not the deterministic sites
+    assert set(idata.log_likelihood.data_vars) == {"y"}
+    np.testing.assert_array_equal(idata.observed_data["y"].values, y.numpy())
+    theta = torch.from_numpy(idata.posterior["theta"].values[0])
+    expected = dist.Normal(theta, 10.0).log_prob(y).numpy()
+    assert idata.log_likelihood["y"].shape == (1, 50, 4)
+    np.testing.assert_allclose(idata.log_likelihood["y"].values[0], expected, rtol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # an untrained guide's k-hats
+        assert az.loo(idata)["n_data_points"] == 4
+    no_lik = to_arviz(eight_schools_like, guide, y, broadcast, num_samples=5, log_likelihood=False)
+    assert "log_likelihood" not in no_lik.groups()
+
+
+def test_log_likelihood_and_loo_take_the_data_sites_by_name():
+    from pyroflows.infer import loo
+
+    def model(y, z):
+        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        pyro.factor("penalty", -0.5 * mu**2)  # not a data point
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        pyro.sample("z", dist.Normal(mu, 1.0).expand([2, 3]).to_event(2), obs=z)
+
+    def guide(y, z):
+        pyro.sample("mu", dist.Normal(0.5, 0.3))
+
+    y, z = torch.randn(5), torch.randn(2, 3)
+    idata = to_arviz(model, guide, y, z, num_samples=40)
+    assert set(idata.log_likelihood.data_vars) == {"y", "z"}
+    assert idata.log_likelihood["z"].shape == (1, 40)  # one point: its event is (2, 3)
+    with pytest.raises(ValueError, match=r"2 observed sites \['y', 'z'\].*var_name="):
+        loo(model, guide, y, z, num_samples=40)
+    with pytest.raises(ValueError, match=r"var_name must be one of .*got 'w'"):
+        loo(model, guide, y, z, num_samples=40, var_name="w")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert loo(model, guide, y, z, num_samples=40, var_name="y")["n_data_points"] == 5
+    with pytest.raises(ValueError, match="no observed site"):
+        loo(exact_guide_model, exact_guide, num_samples=40)

@@ -315,14 +315,20 @@ def eight_schools_like(y, broadcast=True):
     pyro.deterministic("count", torch.tensor(float(len(y))))
 
 
-@pytest.mark.parametrize("broadcast", [True, False])
-def test_deterministic_sites_come_with_the_draws(broadcast):
-    from pyroflows.infer.diagnostics import _batch_agrees
-
+def eight_schools_guide(broadcast):
+    """Four schools' data and an untrained AutoNormal of ``eight_schools_like``."""
     y = torch.tensor([28.0, 8.0, -3.0, 7.0])
     pyro.set_rng_seed(0)
     guide = AutoNormal(eight_schools_like)
     guide(y, broadcast)
+    return y, guide
+
+
+@pytest.mark.parametrize("broadcast", [True, False])
+def test_deterministic_sites_come_with_the_draws(broadcast):
+    from pyroflows.infer.diagnostics import _batch_agrees
+
+    y, guide = eight_schools_guide(broadcast)
     calls = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(
@@ -483,10 +489,7 @@ def test_loo_warns_about_points_it_cannot_estimate():
 
 @pytest.mark.parametrize("broadcast", [True, False])
 def test_to_arviz_log_likelihood_is_each_points_log_density(broadcast):
-    y = torch.tensor([28.0, 8.0, -3.0, 7.0])
-    pyro.set_rng_seed(0)
-    guide = AutoNormal(eight_schools_like)
-    guide(y, broadcast)
+    y, guide = eight_schools_guide(broadcast)
     idata = to_arviz(eight_schools_like, guide, y, broadcast, num_samples=50)
     # the observed site only: not the deterministic sites
     assert set(idata.log_likelihood.data_vars) == {"y"}

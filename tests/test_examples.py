@@ -71,3 +71,16 @@ def test_vae_example_runs():
     for elbo, iwae, gap, _ in rows.values():
         assert float(iwae) >= float(elbo)  # the IWAE bound at k = 1000 is above the ELBO
         assert float(gap) >= 0
+
+
+def test_model_comparison_example_runs():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "model_comparison.py"), "--steps", "30"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("elpd_loo") == 3  # each model's line, and the table
+    assert "student-t" in result.stdout.splitlines()[-2]  # the table's rows, in rank order

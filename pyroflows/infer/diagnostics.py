@@ -325,8 +325,8 @@ def importance_draws(
 def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, observed=False):
     """:func:`importance_draws`, with the model's ``pyro.deterministic`` sites if asked.
 
-    Returns ``(log_w, samples, log_lik)``: ``log_lik`` holds, when ``observed``, each
-    observed site's pointwise log-likelihood, shape ``(num_samples, *batch_shape)``.
+    Returns ``(log_w, samples, pointwise)``: with ``observed``, ``pointwise`` is the
+    :class:`_Pointwise` log-likelihood of the model's data sites at each draw, else None.
     """
     check_positive_int(num_samples, "num_samples")
     with torch.no_grad(), poutine.block():
@@ -334,7 +334,7 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, ob
         _refuse_subsampling(first)
         nesting = _nesting(first)
         derived = _deterministic_names(first) if deterministic else []
-        pointwise = _observed_shapes(first) if observed else {}
+        sites = _data_sites(first) if observed else {}
         try:
             log_w, model_trace, guide_trace = vectorized_importance_weights(
                 model,
@@ -359,27 +359,24 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, ob
                 if value is None:  # not one value per draw: the draws are mixed up
                     raise ValueError(f"deterministic site {n!r} does not broadcast")
                 samples[n] = value
-            log_lik = {
-                n: _per_draw(model_trace.nodes[n]["log_prob"], 0, shape, num_samples, nesting)
-                for n, shape in pointwise.items()
-            }
+            pointwise = _vectorized_pointwise(model_trace, guide_trace, sites, num_samples, nesting)
         except (RuntimeError, ValueError):
             # the model does not broadcast over a particle plate: one draw at a time
             # (if that fails too, its error is the model's own, and it is raised: the
             # particle-plate error above stays attached as its context)
-            log_w, samples, log_lik = _sequential_draws(
-                model, guide, args, kwargs, num_samples, derived, pointwise
+            log_w, samples, pointwise = _sequential_draws(
+                model, guide, args, kwargs, num_samples, derived, sites
             )
         else:
             # the check's runs may draw (a model wrapped by an autoguide's init_loc_fn draws
             # from the prior before the condition applies): seeded results stay as they were
             with _rng_kept(log_w.device):
                 agrees = _batch_agrees(
-                    model, guide, args, kwargs, draws, log_w, samples, derived, log_lik
+                    model, guide, args, kwargs, draws, log_w, samples, derived, pointwise
                 )
             if not agrees:
-                log_w, samples, log_lik = _sequential_draws(
-                    model, guide, args, kwargs, num_samples, derived, pointwise
+                log_w, samples, pointwise = _sequential_draws(
+                    model, guide, args, kwargs, num_samples, derived, sites
                 )
     latents = [value for name, value in samples.items() if name not in derived]
     if num_samples > 1 and latents and all(bool((v == v[:1]).all()) for v in latents):
@@ -389,29 +386,99 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, ob
             "posterior, so k-hat, the ESS and the bound on log p(x) would mean nothing; use "
             "a guide with a density (AutoNormal, AutoFlow, ...)"
         )
-    return (
-        log_w.detach(),
-        {n: v.detach() for n, v in samples.items()},
-        {n: v.detach() for n, v in log_lik.items()},
-    )
+    return log_w.detach(), {n: v.detach() for n, v in samples.items()}, pointwise
 
 
-def _observed_shapes(trace) -> dict[str, torch.Size]:
-    """The model's observed sites and the shapes of their pointwise log-likelihoods.
+@dataclass(frozen=True)
+class _DataSite:
+    """An observed data site of a model, read from one run of it.
 
-    Data sites only (not ``pyro.deterministic`` or ``pyro.factor`` ones); a site's shape is
-    its batch shape.
+    ``shape`` is the shape of its pointwise log-likelihood (the site's batch shape);
+    ``weight`` (that shape) the factor the model puts on each point's log-density, its
+    scale times its mask; ``points`` (bool, that shape) the data points: weight not 0.
+    ``value`` is the observed value, broadcast to ``shape + event_shape``;
+    ``unscaled_shape`` the shape of the site's own log-density (``shape`` or less, when
+    a mask or scale broadcasts it up).
     """
+
+    shape: torch.Size
+    weight: torch.Tensor
+    points: torch.Tensor
+    value: torch.Tensor
+    unscaled_shape: torch.Size
+
+
+@dataclass(frozen=True)
+class _Pointwise:
+    r"""Pointwise log-likelihoods of a model's data sites at ``S`` draws.
+
+    ``log_lik[name]``: :math:`\log p(y_i \mid z_s)` unscaled and unmasked, shape
+    ``(S, *shape)``. ``rest``: shape ``(S,)``, the log weight without any data site,
+    :math:`\log p(z_s) - \log q(z_s)` plus factor sites; summed from the sites, so it
+    stays finite where a data point of density 0 makes the log weight :math:`-\infty`.
+    """
+
+    sites: dict[str, _DataSite]
+    log_lik: dict[str, torch.Tensor]
+    rest: torch.Tensor
+
+
+def _data_sites(trace) -> dict[str, _DataSite]:
+    """The model's observed data sites (not ``pyro.deterministic`` or ``pyro.factor``)."""
     trace.compute_log_prob()
-    return {
-        name: site["log_prob"].shape
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample"
-        and site["is_observed"]
-        and not site["infer"].get("_deterministic")
-        and not site["infer"].get("is_auxiliary")  # pyro.factor
-        and not site_is_subsample(site)
-    }
+    out = {}
+    for name, site in trace.nodes.items():
+        if (
+            site["type"] != "sample"
+            or not site["is_observed"]
+            or site["infer"].get("_deterministic")
+            or site["infer"].get("is_auxiliary")  # pyro.factor
+            or site_is_subsample(site)
+        ):
+            continue
+        shape = site["log_prob"].shape  # the unscaled one, broadcast with scale and mask
+        weight = torch.as_tensor(site["scale"], dtype=site["log_prob"].dtype)
+        mask = site["mask"]
+        if mask is not None:
+            weight = weight * torch.as_tensor(mask, device=weight.device)
+        weight = weight.expand(shape)
+        value = site["value"].expand(shape + site["fn"].event_shape)
+        unscaled = site["unscaled_log_prob"].shape
+        out[name] = _DataSite(shape, weight, weight != 0, value, unscaled)
+    return out
+
+
+def _broadcast_draws(value: torch.Tensor, num_samples: int, shape: torch.Size) -> torch.Tensor:
+    """``(S, *part)`` with ``part`` broadcastable to ``shape``, as ``(S, *shape)``."""
+    missing = len(shape) - (value.dim() - 1)
+    value = value.reshape((num_samples,) + (1,) * missing + value.shape[1:])
+    return value.expand((num_samples, *shape))
+
+
+def _vectorized_pointwise(model_trace, guide_trace, sites, num_samples, nesting):
+    """:class:`_Pointwise` from the traces of a run under the particle plate."""
+    if not sites:
+        return None
+    log_lik = {}
+    for name, data in sites.items():
+        unscaled = model_trace.nodes[name]["unscaled_log_prob"]
+        per_draw = _per_draw(unscaled, 0, data.unscaled_shape, num_samples, nesting)
+        log_lik[name] = _broadcast_draws(per_draw, num_samples, data.shape)
+
+    def sums(trace, skip=()):
+        total = 0.0
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample" and name not in skip and not site_is_subsample(site):
+                lp = site["log_prob"]
+                dim = lp.dim() - (nesting + 1)
+                if dim < 0 or lp.shape[dim] != num_samples:  # the same for every draw
+                    total = total + lp.sum().expand(num_samples)
+                else:
+                    total = total + lp.movedim(dim, 0).reshape(num_samples, -1).sum(-1)
+        return total
+
+    rest = sums(model_trace, skip=sites) - sums(guide_trace)
+    return _Pointwise(sites, log_lik, torch.as_tensor(rest).expand(num_samples))
 
 
 def _deterministic_names(trace) -> list[str]:
@@ -465,12 +532,12 @@ def _single_log_weight(model, guide, args, kwargs, values: dict[str, torch.Tenso
     return model_trace.log_prob_sum() - guide_trace.log_prob_sum(), model_trace
 
 
-def _batch_agrees(model, guide, args, kwargs, draws, log_w, samples, derived, log_lik) -> bool:
+def _batch_agrees(model, guide, args, kwargs, draws, log_w, samples, derived, pointwise) -> bool:
     """Whether the first and last draws, scored one at a time, match the batch's weights.
 
-    And the ``derived`` (deterministic) sites' values and the pointwise ``log_lik``. The
-    first is scored twice: when the two differ, the model draws latent values the guide
-    does not set, and a ``UserWarning`` says so.
+    And the ``derived`` (deterministic) sites' values and the ``pointwise``
+    log-likelihoods. The first is scored twice: when the two differ, the model draws
+    latent values the guide does not set, and a ``UserWarning`` says so.
     """
     for s in sorted({0, len(log_w) - 1}):
         values = {name: value[s] for name, value in draws.items()}
@@ -489,9 +556,12 @@ def _batch_agrees(model, guide, args, kwargs, draws, log_w, samples, derived, lo
             )
             return False
         pairs = [(trace.nodes[name]["value"], samples[name][s]) for name in derived]
-        if log_lik:
+        if pointwise is not None:
             trace.compute_log_prob()
-            pairs += [(trace.nodes[name]["log_prob"], log_lik[name][s]) for name in log_lik]
+            pairs += [
+                (trace.nodes[n]["unscaled_log_prob"].expand(d.shape), pointwise.log_lik[n][s])
+                for n, d in pointwise.sites.items()
+            ]
         for one, batch in pairs:
             if one.shape != batch.shape or not torch.allclose(
                 one, batch, rtol=1e-4, atol=1e-6, equal_nan=True
@@ -516,10 +586,10 @@ def _rng_kept(device: torch.device):
     return torch.random.fork_rng(devices=devices)
 
 
-def _sequential_draws(model, guide, args, kwargs, num_samples, derived=(), pointwise=None):
+def _sequential_draws(model, guide, args, kwargs, num_samples, derived=(), sites=None):
     """One model and guide run per draw, for models that do not broadcast."""
-    pointwise = pointwise or {}
-    log_ws, draws, liks = [], [], []
+    sites = sites or {}
+    log_ws, draws, liks, rests = [], [], [], []
     for _ in range(num_samples):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
@@ -530,14 +600,20 @@ def _sequential_draws(model, guide, args, kwargs, num_samples, derived=(), point
         draw = {n: guide_trace.nodes[n]["value"] for n in names}
         draw.update((n, model_trace.nodes[n]["value"]) for n in derived)
         draws.append(draw)
-        if pointwise:
+        if sites:
             model_trace.compute_log_prob()
-            liks.append({n: model_trace.nodes[n]["log_prob"] for n in pointwise})
+            nodes = model_trace.nodes
+            liks.append(
+                {n: nodes[n]["unscaled_log_prob"].expand(d.shape) for n, d in sites.items()}
+            )
+            rest = model_trace.log_prob_sum(lambda name, _: name not in sites)
+            rests.append(torch.as_tensor(rest - guide_trace.log_prob_sum()))
     samples = {n: torch.stack([d[n] for d in draws]) for n in draws[0]}
-    log_lik = {
-        n: torch.stack([lik[n].expand(shape) for lik in liks]) for n, shape in pointwise.items()
-    }
-    return torch.stack(log_ws), samples, log_lik
+    pointwise = None
+    if sites:
+        log_lik = {n: torch.stack([lik[n] for lik in liks]) for n in sites}
+        pointwise = _Pointwise(sites, log_lik, torch.stack(rests))
+    return torch.stack(log_ws), samples, pointwise
 
 
 def diagnose(
@@ -612,7 +688,7 @@ def to_arviz(
     log_likelihood: bool = True,
     **kwargs: Any,
 ):
-    """Guide draws as an ArviZ ``InferenceData``, with their log importance weights.
+    r"""Guide draws as an ArviZ ``InferenceData``, with their log importance weights.
 
     The ``posterior`` group has one variable per latent site, in its constrained space
     and original shape, and one per ``pyro.deterministic`` site (as ArviZ's
@@ -622,13 +698,24 @@ def to_arviz(
     ``az.summary(idata)`` and ``az.plot_posterior(idata)`` work on it as on MCMC output.
 
     With ``log_likelihood`` (the default), the ``log_likelihood`` group holds each
-    observed site's pointwise log-likelihood at each draw, shape ``(1, num_samples,
-    *batch_shape)`` (the site's log-density per element of its plates, with the model's
-    scale and mask, as in the weights), and ``observed_data`` the observed values.
-    ``az.loo(idata)`` and ``az.waic(idata)`` then run, but take the guide's draws for
-    posterior draws; :func:`loo` corrects for the guide with the importance weights.
+    observed site's pointwise log-density :math:`\log p(y_i \mid z_s)` at each draw,
+    shape ``(1, num_samples, *batch_shape)``: one point per element of the site's plates
+    (a site's event dims make one point), unscaled, as ArviZ's ``from_pyro`` writes it;
+    points the model masks out (``poutine.mask``, ``obs_mask``) or scales by 0 are NaN.
+    ``observed_data`` holds the observed values (broadcast to the points). ``az.loo``
+    and ``az.waic`` then run on it, but take the guide's draws for posterior draws;
+    :func:`loo` corrects for the guide with the importance weights. The group holds
+    ``num_samples`` values per point: ``log_likelihood=False`` leaves it out.
+
+    ``num_samples`` and ``log_likelihood`` are this function's own: a model keyword
+    argument of either name cannot pass through it.
     """
-    log_w, draws, log_lik = _draws(
+    if not isinstance(log_likelihood, bool):
+        raise TypeError(
+            f"log_likelihood must be True or False (to_arviz's own option, not passed to the "
+            f"model), got {log_likelihood!r}"
+        )
+    log_w, draws, pointwise = _draws(
         model, guide, args, kwargs, num_samples, deterministic=True, observed=log_likelihood
     )
     report, smoothed = _summarize(log_w)
@@ -638,11 +725,14 @@ def to_arviz(
         "psis_log_weight": smoothed[None],
     }
     groups: dict[str, Any] = {"posterior": posterior, "sample_stats": stats}
-    if log_lik:
-        groups["log_likelihood"] = {name: _numpy(value)[None] for name, value in log_lik.items()}
-        with torch.no_grad(), poutine.block():
-            trace = poutine.trace(model).get_trace(*args, **kwargs)
-        groups["observed_data"] = {name: _numpy(trace.nodes[name]["value"]) for name in log_lik}
+    if pointwise is not None:
+        groups["log_likelihood"] = {
+            name: np.where(_numpy(data.points), _numpy(pointwise.log_lik[name]), np.nan)[None]
+            for name, data in pointwise.sites.items()
+        }
+        groups["observed_data"] = {
+            name: _numpy(data.value) for name, data in pointwise.sites.items()
+        }
     idata = _arviz().from_dict(**groups)
     attrs = {
         "khat": report.khat,
@@ -672,14 +762,16 @@ def loo(
     ArviZ's ``az.loo`` takes its draws to be the posterior's. Draws :math:`z_s \sim q`
     of a guide are not; their importance weights :math:`w_s = p(y, z_s) / q(z_s)` put
     them right (Magnusson et al. 2019). The leave-one-out posterior
-    :math:`p(z \mid y_{-i}) \propto p(y, z) / p(y_i \mid z)` is reached from :math:`q`
-    with the ratios
+    :math:`p(z \mid y_{-i}) \propto p(y_{-i}, z)` is reached from :math:`q` with the
+    ratios
 
     .. math::
-        \log r_{is} = \log w_s - \log p(y_i \mid z_s),
+        \log r_{is} = \log p(z_s) - \log q(z_s) + \sum_{j \ne i} \log p(y_j \mid z_s)
 
-    which PSIS smooths and normalizes per data point :math:`i` (its Pareto :math:`\hat
-    k_i` says whether that point's estimate holds), giving
+    (:math:`\log w_s - \log p(y_i \mid z_s)`, computed from its terms so that a draw
+    where only :math:`y_i` has density 0 still counts for point :math:`i`), which PSIS
+    smooths and normalizes per data point (its Pareto :math:`\hat k_i` says whether
+    that point's estimate holds), giving
 
     .. math::
         \widehat{\mathrm{elpd}}_i = \log \sum_s \tilde r_{is}\, p(y_i \mid z_s),
@@ -689,8 +781,16 @@ def loo(
     and :math:`p_\mathrm{loo} = \sum_i \log \sum_s \tilde w_s p(y_i \mid z_s) -
     \widehat{\mathrm{elpd}}_\mathrm{loo}` (:math:`\tilde w` the guide's smoothed,
     normalized weights). With :math:`q` the exact posterior, :math:`w` is constant and
-    this is ``az.loo``'s estimate. A data point is an element of an observed site's batch
-    shape (its plates); its log-likelihood carries the model's scale and mask.
+    this is ``az.loo``'s estimate.
+
+    A data point is an element of the observed site's batch shape (its plates; a site's
+    event dims make one point). Points the model masks out (``poutine.mask``,
+    ``obs_mask``) are not data: they are left out of ``loo_i``, and ``loo_i`` and
+    ``pareto_k`` are then flat over the points kept. A site the model scales
+    (``poutine.scale``) enters the ratios as the model weighs it (the fit is of the
+    tempered posterior) and the predictive density :math:`p(y_i \mid z_s)` unscaled.
+    The other observed sites stay in every fit. Memory: a few ``num_samples`` by ``n``
+    float64 arrays (160 MB each for 5,000 points and 4,000 draws).
 
     Args:
         model: the Pyro model; it must score the whole data set (no subsampled plate).
@@ -698,14 +798,15 @@ def loo(
         *args: the model's arguments.
         num_samples: guide draws ``S``.
         var_name: the observed site whose points are left out; needed when the model
-            has more than one (the others stay in every fit).
-        **kwargs: the model's keyword arguments.
+            has more than one.
+        **kwargs: the model's keyword arguments (``num_samples`` and ``var_name`` are
+            this function's own and do not reach the model).
 
     Returns:
         ArviZ's ``ELPDData`` on the log scale, pointwise (``loo_i`` and ``pareto_k``), as
         ``az.loo(..., pointwise=True)`` returns it, so ``az.compare`` takes a dict of them.
         A ``UserWarning`` says when some :math:`\hat k_i` exceed ArviZ's threshold
-        :math:`\min(1 - 1/\log_{10} S, 0.7)`.
+        :math:`\min(1 - 1/\log_{10} S, 0.7)`, and when the site is a single point.
 
     References:
         Vehtari, Gelman, Gabry (2017). Practical Bayesian model evaluation using
@@ -714,45 +815,77 @@ def loo(
         cross-validation for large data. ICML. arXiv:1904.10679.
     """
     check_positive_int(num_samples, "num_samples", minimum=2)
-    log_w, _, log_lik = _draws(
+    if var_name is not None and not isinstance(var_name, str):
+        raise TypeError(f"var_name must be a site name (str) or None, got {var_name!r}")
+    log_w, _, pointwise = _draws(
         model, guide, args, kwargs, num_samples, deterministic=False, observed=True
     )
-    if not log_lik:
+    sites = pointwise.sites if pointwise is not None else {}
+    if not sites:
         raise ValueError("the model has no observed site: there are no data points to leave out")
     if var_name is None:
-        if len(log_lik) > 1:
+        if len(sites) > 1:
             raise ValueError(
-                f"the model has {len(log_lik)} observed sites {sorted(log_lik)}: say which "
+                f"the model has {len(sites)} observed sites {sorted(sites)}: say which "
                 "one's points to leave out with var_name="
             )
-        (var_name,) = log_lik
-    elif var_name not in log_lik:
+        (var_name,) = sites
+    elif var_name not in sites:
         raise ValueError(
-            f"var_name must be one of the observed sites {sorted(log_lik)}, got {var_name!r}"
+            f"var_name must be one of the observed sites {sorted(sites)}, got {var_name!r}"
         )
-    lw = _numpy(log_w)
-    if np.isnan(lw).any() or (lw == np.inf).any():
+    # the log weight from its terms: rest (prior, factors, -log q), the other sites, and
+    # the left-out site's points, each weighed as the model weighs it
+    base = pointwise.rest.double()
+    for name, data in sites.items():
+        if name != var_name:
+            base = base + _weighted(pointwise.log_lik[name], data).reshape(num_samples, -1).sum(1)
+    data = sites[var_name]
+    points = data.points.flatten()
+    ll = pointwise.log_lik[var_name].double().reshape(num_samples, -1)[:, points]  # (S, n)
+    weighted = _weighted(pointwise.log_lik[var_name], data).reshape(num_samples, -1)[:, points]
+    lw = log_w.double()
+    if torch.isnan(lw).any() or (lw == math.inf).any() or torch.isnan(base).any():
         raise ValueError(
             "some log importance weights are NaN or +inf: the model or guide gives no finite "
             "density at some draws, so LOO cannot be estimated; see diagnose()"
         )
-    keep = lw > -np.inf  # a draw of weight 0 adds nothing to any point's estimate
-    if not keep.any():
-        raise ValueError("every draw has importance weight 0: the guide misses the posterior")
-    shape = tuple(log_lik[var_name].shape[1:])
-    ll = _numpy(log_lik[var_name]).reshape(num_samples, -1)[keep].T  # (n, S)
-    lw = lw[keep]
+    n = ll.shape[1]
+    if n == 0:
+        raise ValueError(f"every point of site {var_name!r} is masked out: none to leave out")
+    # sum over j != i of the weighed log-likelihoods: -inf where a point other than i
+    # has density 0
+    zero = torch.isneginf(weighted)
+    count = zero.sum(1, keepdim=True)
+    finite_sum = torch.where(zero, 0.0, weighted).sum(1, keepdim=True)
+    others = torch.where(
+        count == 0,
+        finite_sum - torch.where(zero, 0.0, weighted),
+        torch.where((count == 1) & zero, finite_sum, -math.inf),
+    )
+    log_r = (base[:, None] + others).T.cpu().numpy()  # (n, S)
+    ll_np = ll.T.cpu().numpy()
+    if not np.isfinite(log_r).any(axis=1).all():
+        i = int(np.flatnonzero(~np.isfinite(log_r).any(axis=1))[0])
+        raise ValueError(
+            f"no draw of the guide has a positive leave-one-out weight for point {i} of "
+            f"site {var_name!r}: the guide misses that posterior entirely"
+        )
     arviz = _arviz()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the k-hats are reported below, in one warning
-        smoothed_r, khats = arviz.psislw(lw[None, :] - ll, 1.0)
-        smoothed_w, _ = arviz.psislw(lw.copy(), 1.0)
-    elpd_i = np.logaddexp.reduce(smoothed_r + ll, axis=-1)
-    lppd = np.logaddexp.reduce(smoothed_w[None, :] + ll, axis=-1).sum()
-    n = elpd_i.size
+        smoothed_r, khats = arviz.psislw(log_r, 1.0)
+        smoothed_w, _ = arviz.psislw(_numpy(lw), 1.0)
+    elpd_i = np.logaddexp.reduce(smoothed_r + ll_np, axis=-1)
+    lppd = float(np.logaddexp.reduce(smoothed_w[None, :] + ll_np, axis=-1).sum())
     elpd = float(elpd_i.sum())
-    good_k = min(1 - 1 / np.log10(lw.size), 0.7)
+    good_k = min(1 - 1 / np.log10(num_samples), 0.7)
     warning = bool(np.any(khats > good_k))
+    if n == 1:
+        warn_from_caller(
+            f"loo: site {var_name!r} is a single data point (its event dims hold the whole "
+            "data set): leaving it out leaves nothing; put the points in a pyro.plate"
+        )
     if warning:
         warn_from_caller(
             f"loo: {int(np.sum(khats > good_k))} of {n} data points have Pareto k-hat above "
@@ -761,13 +894,17 @@ def loo(
         )
     import xarray as xr
 
-    dims = [f"{var_name}_dim_{j}" for j in range(len(shape))]
+    if bool(points.all()):
+        shape = tuple(data.shape)
+        dims = [f"{var_name}_dim_{j}" for j in range(len(shape))]
+    else:  # masked points left out: flat over the points kept
+        shape, dims = (n,), [f"{var_name}_point"]
     return arviz.ELPDData(
         data=[
             elpd,
             float(math.sqrt(n * np.var(elpd_i))),
-            float(lppd - elpd),
-            int(lw.size),
+            lppd - elpd,
+            num_samples,
             n,
             warning,
             xr.DataArray(elpd_i.reshape(shape), dims=dims, name="loo_i"),
@@ -788,3 +925,12 @@ def loo(
             "good_k",
         ],
     )
+
+
+def _weighted(log_lik: torch.Tensor, data: _DataSite) -> torch.Tensor:
+    """Each point's log-density as the model weighs it (scale, mask), shape ``(S, *shape)``.
+
+    Masked points give 0, even where their density is 0 (``-inf``) or undefined.
+    """
+    weight = data.weight.to(log_lik.device, torch.float64)
+    return torch.where(data.points, weight * log_lik.double(), 0.0)

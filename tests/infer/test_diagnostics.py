@@ -6,6 +6,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro import poutine
 from pyro.infer.autoguide import AutoNormal
 
 from pyroflows.infer import (
@@ -415,30 +416,30 @@ def test_a_deterministic_site_that_is_nan_keeps_the_vectorized_route(monkeypatch
 PRIOR_SD, NOISE_SD = 2.0, 1.0
 
 
-def conjugate_model(y):
+def conjugate_model(y, scale=1.0):
     mu = pyro.sample("mu", dist.Normal(0.0, PRIOR_SD))
-    with pyro.plate("data", len(y)):
+    with pyro.plate("data", len(y)), poutine.scale(scale=scale):
         pyro.sample("y", dist.Normal(mu, NOISE_SD), obs=y)
 
 
-def conjugate_posterior(y):
-    """Mean and sd of mu given y."""
-    precision = PRIOR_SD**-2 + len(y) / NOISE_SD**2
-    return float(y.sum()) / NOISE_SD**2 / precision, precision**-0.5
+def conjugate_posterior(y, scale=1.0):
+    """Mean and sd of mu given y (each point's likelihood to the power ``scale``)."""
+    precision = PRIOR_SD**-2 + scale * len(y) / NOISE_SD**2
+    return scale * float(y.sum()) / NOISE_SD**2 / precision, precision**-0.5
 
 
-def exact_loo(y):
+def exact_loo(y, scale=1.0):
     """log p(y_i | y_-i) for every i: a Normal of the held-out posterior's predictive."""
     out = []
     for i in range(len(y)):
-        loc, sd = conjugate_posterior(torch.cat([y[:i], y[i + 1 :]]))
+        loc, sd = conjugate_posterior(torch.cat([y[:i], y[i + 1 :]]), scale)
         out.append(dist.Normal(loc, math.hypot(NOISE_SD, sd)).log_prob(y[i]))
     return torch.stack(out).numpy()
 
 
-def shifted_guide(y):
+def shifted_guide(y, scale=1.0):
     # off-centre by half a posterior sd and 40% too wide: usable, but not the posterior
-    loc, sd = conjugate_posterior(y)
+    loc, sd = conjugate_posterior(y, scale)
     pyro.sample("mu", dist.Normal(loc + 0.5 * sd, 1.4 * sd))
 
 
@@ -531,3 +532,113 @@ def test_log_likelihood_and_loo_take_the_data_sites_by_name():
         assert loo(model, guide, y, z, num_samples=40, var_name="y")["n_data_points"] == 5
     with pytest.raises(ValueError, match="no observed site"):
         loo(exact_guide_model, exact_guide, num_samples=40)
+
+
+def test_loo_of_a_tempered_model_fits_with_the_scale_and_predicts_without():
+    from pyroflows.infer import loo
+
+    # the points weigh 2 in the fit; the predictive density of a point is still p(y_i | mu)
+    y = torch.linspace(-2.0, 3.0, 20)
+    pyro.set_rng_seed(0)
+    result = loo(conjugate_model, shifted_guide, y, 2.0, num_samples=4000)
+    np.testing.assert_allclose(result["loo_i"].values, exact_loo(y, 2.0), atol=0.05)
+
+
+def test_loo_counts_draws_where_only_the_left_out_point_has_density_0():
+    from pyroflows.infer import loo
+
+    # y_i ~ Uniform(0, theta): a draw with theta below the largest point has weight 0, but
+    # belongs to that point's leave-one-out posterior, which starts at the second largest
+    y = torch.tensor([0.5, 1.2, 2.0, 2.6, 3.1, 4.0], dtype=torch.float64)
+
+    def model(y):
+        theta = pyro.sample("theta", dist.Uniform(0.0, 10.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Uniform(0.0, theta), obs=y)
+
+    def guide(y):
+        pyro.sample("theta", dist.Uniform(2.9, 10.0))
+
+    grid = torch.linspace(0.0, 10.0, 200_001, dtype=torch.float64)[1:]
+    exact = []
+    for i in range(len(y)):
+        rest = torch.cat([y[:i], y[i + 1 :]])
+        posterior = torch.where(grid > rest.max(), grid ** -(len(y) - 1), 0.0)  # flat prior
+        predictive = torch.where(grid > y[i], 1 / grid, 0.0)
+        exact.append(math.log(float((posterior * predictive).sum() / posterior.sum())))
+    with pyro.validation_enabled(False):  # a Uniform's support moves with theta
+        pyro.set_rng_seed(0)
+        result = loo(model, guide, y, num_samples=4000)
+    np.testing.assert_allclose(result["loo_i"].values, exact, atol=0.05)  # the last: -2.63
+
+
+def test_masked_points_are_not_data():
+    from pyroflows.infer import loo
+
+    y = torch.tensor([0.3, -1.2, 9.9, 0.8, 9.9, 1.5])
+    kept = torch.tensor([True, True, False, True, False, True])
+
+    def masked(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        with pyro.plate("data", len(y)), poutine.mask(mask=kept):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    def guide(y):
+        pyro.sample("mu", dist.Normal(0.35, 0.5))
+
+    results = []
+    for model, data in ((masked, y), (conjugate_model, y[kept])):
+        pyro.set_rng_seed(0)
+        results.append(loo(model, guide, data, num_samples=2000))
+    assert results[0]["n_data_points"] == 4
+    assert results[0]["loo_i"].dims == ("y_point",)
+    np.testing.assert_allclose(results[0]["loo_i"].values, results[1]["loo_i"].values, rtol=1e-6)
+    assert results[0]["se"] == pytest.approx(results[1]["se"], rel=1e-6)
+    idata = to_arviz(masked, guide, y, num_samples=20)
+    np.testing.assert_array_equal(
+        np.isnan(idata.log_likelihood["y"].values[0]), ~kept.expand(20, 6).numpy()
+    )
+
+
+@pytest.mark.parametrize("broadcast", [True, False])
+def test_pointwise_terms_add_up_to_the_log_weight(broadcast):
+    from pyroflows.infer.diagnostics import _draws, _weighted
+
+    kept = torch.tensor([True, False, True, True])
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        pyro.factor("penalty", -0.1 * mu**2)
+        with pyro.plate("data", len(y)), poutine.scale(scale=0.5), poutine.mask(mask=kept):
+            shift = mu if broadcast else float(mu)  # float() breaks the particle plate
+            pyro.sample("y", dist.Normal(shift, 1.0), obs=y)
+        pyro.sample("total", dist.Normal(mu, 1.0), obs=y.sum())
+
+    def guide(y):
+        pyro.sample("mu", dist.Normal(0.3, 0.5))
+
+    log_w, _, pointwise = _draws(model, guide, (torch.randn(4),), {}, 30, False, observed=True)
+    assert set(pointwise.sites) == {"y", "total"}
+    total = pointwise.rest.double()
+    for name, data in pointwise.sites.items():
+        total = total + _weighted(pointwise.log_lik[name], data).reshape(30, -1).sum(1)
+    torch.testing.assert_close(total, log_w.double(), rtol=1e-5, atol=1e-4)
+
+
+def test_reserved_options_and_single_points_are_said():
+    from pyroflows.infer import loo
+
+    y = torch.randn(5)
+    with pytest.raises(TypeError, match=r"log_likelihood must be True or False.*got 'studentt'"):
+        to_arviz(conjugate_model, shifted_guide, y, num_samples=10, log_likelihood="studentt")
+    with pytest.raises(TypeError, match="var_name must be a site name"):
+        loo(conjugate_model, shifted_guide, y, num_samples=10, var_name=1)
+
+    def one_point(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        pyro.sample("y", dist.Normal(mu, 1.0).expand([len(y)]).to_event(1), obs=y)
+
+    with warnings.catch_warnings(record=True) as record:  # and one about that point's k-hat
+        warnings.simplefilter("always")
+        assert loo(one_point, shifted_guide, y, num_samples=200)["n_data_points"] == 1
+    assert any("single data point" in str(w.message) for w in record)

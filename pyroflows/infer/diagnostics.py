@@ -171,16 +171,25 @@ def psis(log_weights: torch.Tensor | np.ndarray) -> tuple[np.ndarray, float]:
 
     Returns:
         ``(smoothed, khat)``: normalized smoothed log weights (log-sum-exp 0), shape
-        ``(S,)``, and the Pareto shape. Non-finite weights give ``khat = inf``;
-        constant weights (an exact guide) ``khat = -inf``.
+        ``(S,)``, and the Pareto shape. A weight of 0 (``-inf``: a draw the model gives
+        density 0) stays 0 and the others are smoothed; NaN or ``+inf`` weights give
+        ``khat = inf``; constant weights (an exact guide) ``khat = -inf``.
     """
     lw = _as_weights(log_weights)
     if lw.size < 2:
         raise ValueError(f"log_weights must hold at least 2 draws, got {lw.size}")
-    if not np.all(np.isfinite(lw)):
+    if np.isnan(lw).any() or (lw == math.inf).any():
         finite = np.where(np.isfinite(lw), lw, -np.inf)
         finite = finite - np.logaddexp.reduce(finite)
         return finite, math.inf
+    zero = lw == -math.inf
+    if zero.any():
+        out = np.full_like(lw, -math.inf)
+        if zero.sum() >= lw.size - 1:  # nothing, or a single draw, to smooth
+            out[~zero] = 0.0
+            return out, math.inf
+        out[~zero], khat = psis(lw[~zero])
+        return out, khat
     if np.ptp(lw) <= 1e-6:
         # constant weights: no tail to fit (ArviZ would report inf)
         return np.full_like(lw, -math.log(lw.size)), -math.inf
@@ -212,6 +221,18 @@ def _summarize(log_weights: torch.Tensor | np.ndarray) -> tuple[Diagnosis, np.nd
         raw = np.exp(2 * (lw - log_total))
         raw_ess_fraction = float(1.0 / np.sum(raw)) / num if np.isfinite(raw).all() else 0.0
     reading = verdict(khat, raw_ess_fraction)
+    zero = int(np.sum(lw == -math.inf))
+    if zero == num:
+        reading = (
+            "do not trust: every draw has weight 0 (the model gives each draw of the guide "
+            "density 0)"
+        )
+    elif zero:
+        reading += (
+            f"; {zero} of the {num} draws have weight 0 (the model gives them density 0): "
+            "raw draws of the guide include impossible values, importance_resample leaves "
+            "them out"
+        )
     if khat == math.inf and np.isfinite(lw).all():
         # ArviZ gives inf for finite weights when the tail it fits holds 4 draws or
         # fewer (min(0.2 S, 3 sqrt S): any S <= 20), or when one weight outweighs the

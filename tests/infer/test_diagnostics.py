@@ -150,6 +150,23 @@ def test_summarize_non_finite_weights_is_untrustworthy():
     report = summarize(torch.tensor([0.0, 1.0, -math.inf, math.nan, 0.5]))
     assert report.khat == math.inf
     assert not report.trustworthy
+    assert summarize(torch.full((50,), -math.inf)).verdict.startswith("do not trust: every")
+
+
+def test_weights_of_0_are_left_out_of_the_pareto_fit_and_said():
+    g = np.random.default_rng(0)
+    lw = 0.3 * g.standard_normal(2000)
+    with_zeros = lw.copy()
+    with_zeros[:500] = -np.inf
+    smoothed, khat = psis(with_zeros)
+    assert (smoothed[:500] == -np.inf).all()
+    expected, expected_k = psis(lw[500:])
+    np.testing.assert_allclose(smoothed[500:], expected)
+    assert khat == expected_k < 0.5
+    report = summarize(with_zeros)
+    assert report.ess == pytest.approx(summarize(lw[500:]).ess)
+    assert report.verdict.startswith("good")
+    assert "500 of the 2000 draws have weight 0" in report.verdict
 
 
 def test_psis_needs_two_draws():

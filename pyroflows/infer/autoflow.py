@@ -943,13 +943,24 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         )
 
     def to_arviz(
-        self, *args: Any, num_samples: int = 4000, log_likelihood: bool = True, **kwargs: Any
+        self,
+        *args: Any,
+        num_samples: int = 4000,
+        log_likelihood: bool = True,
+        posterior_predictive: bool = True,
+        **kwargs: Any,
     ):
         """Draws and log weights as ArviZ data, as :func:`~pyroflows.infer.to_arviz`."""
         model = self._the_model()
         self._ensure_setup(args, kwargs)
         return diagnostics.to_arviz(
-            model, self, *args, num_samples=num_samples, log_likelihood=log_likelihood, **kwargs
+            model,
+            self,
+            *args,
+            num_samples=num_samples,
+            log_likelihood=log_likelihood,
+            posterior_predictive=posterior_predictive,
+            **kwargs,
         )
 
     def loo(self, *args: Any, num_samples: int = 4000, var_name: str | None = None, **kwargs: Any):

@@ -437,11 +437,14 @@ class _Pointwise:
     ``(S, *shape)``. ``rest``: shape ``(S,)``, the log weight without any data site,
     :math:`\log p(z_s) - \log q(z_s)` plus factor sites; summed from the sites, so it
     stays finite where a data point of density 0 makes the log weight :math:`-\infty`.
+    ``vectorized``: whether the model ran under the particle plate (and was checked to
+    keep the draws apart), else one draw at a time.
     """
 
     sites: dict[str, _DataSite]
     log_lik: dict[str, torch.Tensor]
     rest: torch.Tensor
+    vectorized: bool
 
 
 def _data_sites(trace) -> dict[str, _DataSite]:
@@ -499,7 +502,7 @@ def _vectorized_pointwise(model_trace, guide_trace, sites, num_samples, nesting)
         return total
 
     rest = sums(model_trace, skip=sites) - sums(guide_trace)
-    return _Pointwise(sites, log_lik, torch.as_tensor(rest).expand(num_samples))
+    return _Pointwise(sites, log_lik, torch.as_tensor(rest).expand(num_samples), True)
 
 
 def _deterministic_names(trace) -> list[str]:
@@ -633,7 +636,7 @@ def _sequential_draws(model, guide, args, kwargs, num_samples, derived=(), sites
     pointwise = None
     if sites:
         log_lik = {n: torch.stack([lik[n] for lik in liks]) for n in sites}
-        pointwise = _Pointwise(sites, log_lik, torch.stack(rests))
+        pointwise = _Pointwise(sites, log_lik, torch.stack(rests), False)
     return torch.stack(log_ws), samples, pointwise
 
 
@@ -707,6 +710,7 @@ def to_arviz(
     *args: Any,
     num_samples: int = 4000,
     log_likelihood: bool = True,
+    posterior_predictive: bool = True,
     **kwargs: Any,
 ):
     r"""Guide draws as an ArviZ ``InferenceData``, with their log importance weights.
@@ -728,16 +732,32 @@ def to_arviz(
     :func:`loo` corrects for the guide with the importance weights. The group holds
     ``num_samples`` values per point: ``log_likelihood=False`` leaves it out.
 
-    ``num_samples`` and ``log_likelihood`` are this function's own: a model keyword
-    argument of either name cannot pass through it.
+    With ``posterior_predictive`` (the default), the ``posterior_predictive`` group holds
+    a replicate of each observed site drawn from the model at each draw (the model run
+    with its latents set to the draw and its observations let go, ``poutine.uncondition``
+    under ``Predictive``), so ``az.plot_ppc(idata)`` works; a model whose observed sites
+    cannot be drawn gets a ``UserWarning`` and no group.
+
+    ``num_samples``, ``log_likelihood`` and ``posterior_predictive`` are this function's
+    own: a model keyword argument of any of these names cannot pass through it.
     """
-    if not isinstance(log_likelihood, bool):
-        raise TypeError(
-            f"log_likelihood must be True or False (to_arviz's own option, not passed to the "
-            f"model), got {log_likelihood!r}"
-        )
+    for option, value in (
+        ("log_likelihood", log_likelihood),
+        ("posterior_predictive", posterior_predictive),
+    ):
+        if not isinstance(value, bool):
+            raise TypeError(
+                f"{option} must be True or False (to_arviz's own option, not passed to the "
+                f"model), got {value!r}"
+            )
     log_w, draws, pointwise = _draws(
-        model, guide, args, kwargs, num_samples, deterministic=True, observed=log_likelihood
+        model,
+        guide,
+        args,
+        kwargs,
+        num_samples,
+        deterministic=True,
+        observed=log_likelihood or posterior_predictive,
     )
     report, smoothed = _summarize(log_w)
     posterior = {name: _numpy(value)[None] for name, value in draws.items()}
@@ -747,13 +767,20 @@ def to_arviz(
     }
     groups: dict[str, Any] = {"posterior": posterior, "sample_stats": stats}
     if pointwise is not None:
-        groups["log_likelihood"] = {
-            name: np.where(_numpy(data.points), _numpy(pointwise.log_lik[name]), np.nan)[None]
-            for name, data in pointwise.sites.items()
-        }
+        if log_likelihood:
+            groups["log_likelihood"] = {
+                name: np.where(_numpy(data.points), _numpy(pointwise.log_lik[name]), np.nan)[None]
+                for name, data in pointwise.sites.items()
+            }
         groups["observed_data"] = {
             name: _numpy(data.value) for name, data in pointwise.sites.items()
         }
+        if posterior_predictive:
+            replicates = _replicates(model, args, kwargs, draws, pointwise)
+            if replicates is not None:
+                groups["posterior_predictive"] = {
+                    name: _numpy(value)[None] for name, value in replicates.items()
+                }
     idata = _arviz().from_dict(**groups)
     attrs = {
         "khat": report.khat,
@@ -764,6 +791,40 @@ def to_arviz(
     idata.posterior.attrs.update(attrs)
     idata.sample_stats.attrs.update(attrs)
     return idata
+
+
+def _replicates(model, args, kwargs, draws, pointwise) -> dict[str, torch.Tensor] | None:
+    """A replicate of each data site at each draw (``(S, *value_shape)``), or None.
+
+    The model runs under ``Predictive`` with its latents set to the draws and its
+    observations let go: in one batch when the weights were computed that way (the
+    model was checked to keep the draws apart), else one draw at a time.
+    """
+    from pyro.infer import Predictive
+
+    with torch.no_grad(), poutine.block():
+        derived = set(_deterministic_names(poutine.trace(model).get_trace(*args, **kwargs)))
+        latents = {name: value for name, value in draws.items() if name not in derived}
+        names = list(pointwise.sites)
+        try:
+            predictive = Predictive(
+                poutine.uncondition(model),
+                posterior_samples=latents,
+                return_sites=names,
+                parallel=pointwise.vectorized,
+            )
+            replicates = predictive(*args, **kwargs)
+        except (RuntimeError, ValueError, NotImplementedError) as error:
+            warn_from_caller(
+                f"to_arviz: no posterior_predictive group, the model's observed sites "
+                f"{names} could not be drawn at the guide's draws ({type(error).__name__}: "
+                f"{error}); posterior_predictive=False skips them"
+            )
+            return None
+    return {
+        name: replicates[name].reshape(len(value), *pointwise.sites[name].value.shape)
+        for name, value in ((n, replicates[n]) for n in names)
+    }
 
 
 def _numpy(value: torch.Tensor) -> np.ndarray:

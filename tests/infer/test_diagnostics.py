@@ -659,3 +659,57 @@ def test_reserved_options_and_single_points_are_said():
         warnings.simplefilter("always")
         assert loo(one_point, shifted_guide, y, num_samples=200)["n_data_points"] == 1
     assert any("single data point" in str(w.message) for w in record)
+
+
+@pytest.mark.parametrize("broadcast", [True, False])
+def test_posterior_predictive_replicates_the_data_at_each_draw(broadcast, monkeypatch):
+    from pyroflows.infer.diagnostics import _sequential_draws
+
+    def model(y, broadcast):
+        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(mu if broadcast else float(mu), 1.0), obs=y)
+        loc = mu[..., None, None].expand(mu.shape + (2, 3))
+        pyro.sample("z", dist.Normal(loc, 1.0).to_event(2), obs=torch.zeros(2, 3))
+
+    def guide(y, broadcast):
+        pyro.sample("mu", dist.Normal(3.0, 2.0))
+
+    calls = []
+    monkeypatch.setattr(
+        "pyroflows.infer.diagnostics._sequential_draws",
+        lambda *a: calls.append(1) or _sequential_draws(*a),
+    )
+    pyro.set_rng_seed(0)
+    idata = to_arviz(model, guide, torch.randn(5) + 10.0, broadcast, num_samples=2000)
+    assert bool(calls) != broadcast  # one batch, or one draw at a time
+    replicates = idata.posterior_predictive
+    assert replicates["y"].shape == (1, 2000, 5)
+    assert replicates["z"].shape == (1, 2000, 2, 3)
+    mu = idata.posterior["mu"].values[0]
+    y = replicates["y"].values[0]
+    # y_rep = mu_s + N(0, 1) noise: the draw's mu, not the prior's, nor the data
+    assert np.std(y - mu[:, None]) == pytest.approx(1.0, abs=0.03)
+    assert np.corrcoef(y[:, 0], mu)[0, 1] == pytest.approx(2.0 / math.sqrt(5.0), abs=0.02)
+    assert np.corrcoef(y[:, 0], y[:, 1])[0, 1] == pytest.approx(0.8, abs=0.03)
+
+
+def test_posterior_predictive_is_left_out_when_the_data_cannot_be_drawn():
+    class ScoreOnly(dist.Normal):
+        def sample(self, sample_shape=()):
+            raise NotImplementedError("no sampler")
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", ScoreOnly(mu, 1.0), obs=y)
+
+    with pytest.warns(UserWarning, match=r"no posterior_predictive group.*\['y'\].*no sampler"):
+        idata = to_arviz(model, shifted_guide, torch.randn(4), num_samples=20)
+    assert "posterior_predictive" not in idata.groups()
+    assert "log_likelihood" in idata.groups()
+    with pytest.raises(TypeError, match="posterior_predictive must be True or False"):
+        to_arviz(model, shifted_guide, torch.randn(4), num_samples=20, posterior_predictive=1)
+    y = torch.randn(4)
+    quiet = to_arviz(model, shifted_guide, y, num_samples=20, posterior_predictive=False)
+    assert "posterior_predictive" not in quiet.groups()

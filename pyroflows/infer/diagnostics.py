@@ -46,6 +46,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer.importance import vectorized_importance_weights
+from pyro.poutine.uncondition_messenger import UnconditionMessenger
 from pyro.poutine.util import site_is_subsample
 
 from pyroflows._checks import check_positive_int, warn_from_caller
@@ -734,9 +735,9 @@ def to_arviz(
 
     With ``posterior_predictive`` (the default), the ``posterior_predictive`` group holds
     a replicate of each observed site drawn from the model at each draw (the model run
-    with its latents set to the draw and its observations let go, ``poutine.uncondition``
-    under ``Predictive``), so ``az.plot_ppc(idata)`` works; a model whose observed sites
-    cannot be drawn gets a ``UserWarning`` and no group.
+    with its latents set to the draw and its observed data sites let go, as
+    ``poutine.uncondition`` does), so ``az.plot_ppc(idata)`` works; a model whose
+    observed sites cannot be drawn gets a ``UserWarning`` and no group.
 
     ``num_samples``, ``log_likelihood`` and ``posterior_predictive`` are this function's
     own: a model keyword argument of any of these names cannot pass through it.
@@ -793,27 +794,70 @@ def to_arviz(
     return idata
 
 
+class _LetGo(UnconditionMessenger):
+    """``poutine.uncondition`` for the named sites only.
+
+    A deterministic site, which Pyro makes an observed ``Delta``, must keep its value.
+    """
+
+    def __init__(self, names) -> None:
+        super().__init__()
+        self.names = frozenset(names)
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["name"] in self.names:
+            super()._pyro_sample(msg)
+
+
 def _replicates(model, args, kwargs, draws, pointwise) -> dict[str, torch.Tensor] | None:
     """A replicate of each data site at each draw (``(S, *value_shape)``), or None.
 
-    The model runs under ``Predictive`` with its latents set to the draws and its
-    observations let go: in one batch when the weights were computed that way (the
-    model was checked to keep the draws apart), else one draw at a time.
+    The model runs with its latents set to the draws and its data sites let go: under a
+    particle plate when the weights were computed that way (the model was checked to
+    keep the draws apart), else one draw at a time. (Pyro's ``Predictive`` in parallel
+    takes a latent's event dims for batch dims, so it is not used.)
     """
-    from pyro.infer import Predictive
-
+    names = list(pointwise.sites)
     with torch.no_grad(), poutine.block():
-        derived = set(_deterministic_names(poutine.trace(model).get_trace(*args, **kwargs)))
-        latents = {name: value for name, value in draws.items() if name not in derived}
-        names = list(pointwise.sites)
+        first = poutine.trace(model).get_trace(*args, **kwargs)
+        latents = {
+            n: v for n, v in draws.items() if not first.nodes[n]["infer"].get("_deterministic")
+        }
+        num_samples = len(next(iter(draws.values())))
+        free = _LetGo(names)(model)
         try:
-            predictive = Predictive(
-                poutine.uncondition(model),
-                posterior_samples=latents,
-                return_sites=names,
-                parallel=pointwise.vectorized,
-            )
-            replicates = predictive(*args, **kwargs)
+            if pointwise.vectorized:
+                nesting = _nesting(first)
+                shaped = {}
+                for n, v in latents.items():
+                    batch = len(first.nodes[n]["fn"].batch_shape)
+                    shaped[n] = v.reshape((num_samples,) + (1,) * (nesting - batch) + v.shape[1:])
+
+                def particles(*a, **k):
+                    with pyro.plate("_replicates", num_samples, dim=-(nesting + 1)):
+                        return poutine.condition(free, shaped)(*a, **k)
+
+                trace = poutine.trace(particles).get_trace(*args, **kwargs)
+                return {
+                    n: _per_draw(
+                        trace.nodes[n]["value"],
+                        trace.nodes[n]["fn"].event_dim,
+                        pointwise.sites[n].value.shape,
+                        num_samples,
+                        nesting,
+                    )
+                    for n in names
+                }
+            runs = [
+                poutine.trace(poutine.condition(free, {n: v[s] for n, v in latents.items()}))
+                .get_trace(*args, **kwargs)
+                .nodes
+                for s in range(num_samples)
+            ]
+            return {
+                n: torch.stack([run[n]["value"].expand(d.value.shape) for run in runs])
+                for n, d in pointwise.sites.items()
+            }
         except (RuntimeError, ValueError, NotImplementedError) as error:
             warn_from_caller(
                 f"to_arviz: no posterior_predictive group, the model's observed sites "
@@ -821,10 +865,6 @@ def _replicates(model, args, kwargs, draws, pointwise) -> dict[str, torch.Tensor
                 f"{error}); posterior_predictive=False skips them"
             )
             return None
-    return {
-        name: replicates[name].reshape(len(value), *pointwise.sites[name].value.shape)
-        for name, value in ((n, replicates[n]) for n in names)
-    }
 
 
 def _numpy(value: torch.Tensor) -> np.ndarray:

@@ -696,7 +696,7 @@ def test_posterior_predictive_replicates_the_data_at_each_draw(broadcast, monkey
 
 def test_posterior_predictive_is_left_out_when_the_data_cannot_be_drawn():
     class ScoreOnly(dist.Normal):
-        def sample(self, sample_shape=()):
+        def rsample(self, sample_shape=()):
             raise NotImplementedError("no sampler")
 
     def model(y):

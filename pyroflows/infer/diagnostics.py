@@ -181,7 +181,8 @@ def psis(log_weights: torch.Tensor | np.ndarray) -> tuple[np.ndarray, float]:
         raise ValueError(f"log_weights must hold at least 2 draws, got {lw.size}")
     if np.isnan(lw).any() or (lw == math.inf).any():
         finite = np.where(np.isfinite(lw), lw, -np.inf)
-        finite = finite - np.logaddexp.reduce(finite)
+        with np.errstate(invalid="ignore"):  # no finite weight at all: NaN, said by k-hat
+            finite = finite - np.logaddexp.reduce(finite)
         return finite, math.inf
     zero = lw == -math.inf
     if zero.any():
@@ -223,31 +224,38 @@ def _summarize(log_weights: torch.Tensor | np.ndarray) -> tuple[Diagnosis, np.nd
         raw_ess_fraction = float(1.0 / np.sum(raw)) / num if np.isfinite(raw).all() else 0.0
     reading = verdict(khat, raw_ess_fraction)
     zero = int(np.sum(lw == -math.inf))
-    if zero == num:
-        reading = (
-            "do not trust: every draw has weight 0 (the model gives each draw of the guide "
-            "density 0)"
-        )
-    elif zero:
-        reading += (
-            f"; {zero} of the {num} draws have weight 0 (the model gives them density 0): "
-            "raw draws of the guide include impossible values, importance_resample leaves "
-            "them out"
-        )
-    if khat == math.inf and np.isfinite(lw).all():
+    positive = num - zero
+    if khat == math.inf and not (np.isnan(lw).any() or (lw == math.inf).any()):
         # ArviZ gives inf for finite weights when the tail it fits holds 4 draws or
         # fewer (min(0.2 S, 3 sqrt S): any S <= 20), or when one weight outweighs the
         # rest by more than exp's range
-        if min(0.2 * num, 3 * math.sqrt(num)) <= 4:
+        if positive == 0:
             reading = (
-                f"do not trust: k-hat cannot be estimated from {num} draws (the Pareto fit "
-                "needs more than 4 draws in the tail); use at least 100 draws"
+                "do not trust: every draw has weight 0 (the model gives each draw of the "
+                "guide density 0)"
+            )
+        elif min(0.2 * positive, 3 * math.sqrt(positive)) <= 4:
+            reading = (
+                f"do not trust: k-hat cannot be estimated from {positive} draws of positive "
+                "weight (the Pareto fit needs more than 4 draws in the tail); use at least "
+                "100 draws"
             )
         else:
             reading = (
                 "do not trust: k-hat is inf, one draw's weight outweighs all the others "
                 "(the guide misses mass the posterior has)"
             )
+    if 0 < zero < num:
+        if khat <= USABLE_KHAT:
+            reading = (
+                f"usable with care: k-hat {_khat_text(khat)}, but the raw draws of the guide "
+                "include impossible values"
+            )
+        verb, them = ("has", "it") if zero == 1 else ("have", "them")
+        reading += (
+            f"; {zero} of the {num} draws {verb} weight 0 (the model gives {them} density 0), "
+            "which importance_resample leaves out"
+        )
     return Diagnosis(khat, ess, num, elbo, log_evidence, reading), smoothed
 
 
@@ -666,6 +674,7 @@ def diagnose(
         >>> diagnose(model, guide, num_samples=500).khat < 0.5
         True
     """
+    check_positive_int(num_samples, "num_samples", minimum=2)
     log_w, _ = importance_draws(model, guide, *args, num_samples=num_samples, **kwargs)
     return summarize(log_w)
 
@@ -694,6 +703,12 @@ def importance_resample(
     check_positive_int(num_proposals, "num_proposals", minimum=2)
     log_w, draws, _ = _draws(model, guide, args, kwargs, num_proposals, deterministic=True)
     report, smoothed = _summarize(log_w)
+    if not np.nan_to_num(np.exp(smoothed)).sum() > 0:
+        raise ValueError(
+            f"importance_resample: none of the {num_proposals} proposals has a positive "
+            "finite weight (the model gives every draw of the guide density 0, or the "
+            "weights are not finite): there is nothing to resample"
+        )
     if not report.khat <= USABLE_KHAT:
         warn_from_caller(
             f"importance_resample: k-hat {report.khat:.2f} > {USABLE_KHAT} (ESS "
@@ -742,11 +757,12 @@ def to_arviz(
     ``num_samples``, ``log_likelihood`` and ``posterior_predictive`` are this function's
     own: a model keyword argument of any of these names cannot pass through it.
     """
+    check_positive_int(num_samples, "num_samples", minimum=2)
     for option, value in (
         ("log_likelihood", log_likelihood),
         ("posterior_predictive", posterior_predictive),
     ):
-        if not isinstance(value, bool):
+        if not isinstance(value, bool | np.bool_):
             raise TypeError(
                 f"{option} must be True or False (to_arviz's own option, not passed to the "
                 f"model), got {value!r}"
@@ -758,7 +774,7 @@ def to_arviz(
         kwargs,
         num_samples,
         deterministic=True,
-        observed=log_likelihood or posterior_predictive,
+        observed=bool(log_likelihood or posterior_predictive),
     )
     report, smoothed = _summarize(log_w)
     posterior = {name: _numpy(value)[None] for name, value in draws.items()}
@@ -768,19 +784,26 @@ def to_arviz(
     }
     groups: dict[str, Any] = {"posterior": posterior, "sample_stats": stats}
     if pointwise is not None:
+        sites = pointwise.sites
+
+        def points(name: str, array: np.ndarray) -> np.ndarray:
+            # a scalar site as one point of shape (1,) in every group (ArviZ gives a 0-d
+            # observed value a dim of 1, and loo_pit wants the groups to match)
+            return array[..., None] if sites[name].value.dim() == 0 else array
+
         if log_likelihood:
             groups["log_likelihood"] = {
-                name: np.where(_numpy(data.points), _numpy(pointwise.log_lik[name]), np.nan)[None]
-                for name, data in pointwise.sites.items()
+                name: points(
+                    name, np.where(_numpy(data.points), _numpy(pointwise.log_lik[name]), np.nan)
+                )[None]
+                for name, data in sites.items()
             }
-        groups["observed_data"] = {
-            name: _numpy(data.value) for name, data in pointwise.sites.items()
-        }
+        groups["observed_data"] = {name: points(name, _numpy(d.value)) for name, d in sites.items()}
         if posterior_predictive:
             replicates = _replicates(model, args, kwargs, draws, pointwise)
             if replicates is not None:
                 groups["posterior_predictive"] = {
-                    name: _numpy(value)[None] for name, value in replicates.items()
+                    name: points(name, _numpy(value))[None] for name, value in replicates.items()
                 }
     idata = _arviz().from_dict(**groups)
     attrs = {
@@ -805,7 +828,13 @@ class _LetGo(UnconditionMessenger):
         self.names = frozenset(names)
 
     def _pyro_sample(self, msg) -> None:
-        if msg["name"] in self.names:
+        if msg["name"] in self.names and msg["is_observed"]:
+            # an observation larger than its distribution (no plate): one draw per point
+            fn, value = msg["fn"], msg["value"]
+            points = value.shape[: value.dim() - fn.event_dim]
+            shape = torch.broadcast_shapes(fn.batch_shape, points)
+            if shape != fn.batch_shape:
+                msg["fn"] = fn.expand(shape)
             super()._pyro_sample(msg)
 
 
@@ -813,8 +842,9 @@ def _replicates(model, args, kwargs, draws, pointwise) -> dict[str, torch.Tensor
     """A replicate of each data site at each draw (``(S, *value_shape)``), or None.
 
     The model runs with its latents set to the draws and its data sites let go: under a
-    particle plate when the weights were computed that way (the model was checked to
-    keep the draws apart), else one draw at a time. (Pyro's ``Predictive`` in parallel
+    particle plate when the weights were computed that way, checked (a model can use
+    the value a data site returns and mix the draws up, which fixed data did not show),
+    else, or when that fails, one draw at a time. (Pyro's ``Predictive`` in parallel
     takes a latent's event dims for batch dims, so it is not used.)
     """
     names = list(pointwise.sites)
@@ -825,39 +855,22 @@ def _replicates(model, args, kwargs, draws, pointwise) -> dict[str, torch.Tensor
         }
         num_samples = len(next(iter(draws.values())))
         free = _LetGo(names)(model)
+        if pointwise.vectorized:
+            try:
+                replicates = _vectorized_replicates(
+                    model, free, first, args, kwargs, latents, pointwise
+                )
+            except (RuntimeError, ValueError, NotImplementedError):
+                replicates = None
+            if replicates is not None:
+                return replicates
         try:
-            if pointwise.vectorized:
-                nesting = _nesting(first)
-                shaped = {}
-                for n, v in latents.items():
-                    batch = len(first.nodes[n]["fn"].batch_shape)
-                    shaped[n] = v.reshape((num_samples,) + (1,) * (nesting - batch) + v.shape[1:])
-
-                def particles(*a, **k):
-                    with pyro.plate("_replicates", num_samples, dim=-(nesting + 1)):
-                        return poutine.condition(free, shaped)(*a, **k)
-
-                trace = poutine.trace(particles).get_trace(*args, **kwargs)
-                return {
-                    n: _per_draw(
-                        trace.nodes[n]["value"],
-                        trace.nodes[n]["fn"].event_dim,
-                        pointwise.sites[n].value.shape,
-                        num_samples,
-                        nesting,
-                    )
-                    for n in names
-                }
             runs = [
                 poutine.trace(poutine.condition(free, {n: v[s] for n, v in latents.items()}))
                 .get_trace(*args, **kwargs)
                 .nodes
                 for s in range(num_samples)
             ]
-            return {
-                n: torch.stack([run[n]["value"].expand(d.value.shape) for run in runs])
-                for n, d in pointwise.sites.items()
-            }
         except (RuntimeError, ValueError, NotImplementedError) as error:
             warn_from_caller(
                 f"to_arviz: no posterior_predictive group, the model's observed sites "
@@ -865,6 +878,48 @@ def _replicates(model, args, kwargs, draws, pointwise) -> dict[str, torch.Tensor
                 f"{error}); posterior_predictive=False skips them"
             )
             return None
+    return {
+        n: torch.stack([run[n]["value"].expand(d.value.shape) for run in runs])
+        for n, d in pointwise.sites.items()
+    }
+
+
+def _vectorized_replicates(model, free, first, args, kwargs, latents, pointwise):
+    """:func:`_replicates` under a particle plate; None when a check of two draws fails.
+
+    The check runs draws ``0`` and ``S - 1`` alone, latents and replicated data set, and
+    compares each data site's log-density there with the batch's.
+    """
+    num_samples = len(next(iter(latents.values())))
+    nesting = _nesting(first)
+    shaped = {}
+    for n, v in latents.items():
+        batch = len(first.nodes[n]["fn"].batch_shape)
+        shaped[n] = v.reshape((num_samples,) + (1,) * (nesting - batch) + v.shape[1:])
+
+    def particles(*a, **k):
+        with pyro.plate("_replicates", num_samples, dim=-(nesting + 1)):
+            return poutine.condition(free, shaped)(*a, **k)
+
+    trace = poutine.trace(particles).get_trace(*args, **kwargs)
+    replicates, densities = {}, {}
+    for n, data in pointwise.sites.items():
+        site = trace.nodes[n]
+        event_dim = site["fn"].event_dim
+        replicates[n] = _per_draw(site["value"], event_dim, data.value.shape, num_samples, nesting)
+        log_p = site["fn"].log_prob(site["value"])
+        densities[n] = _per_draw(log_p, 0, data.shape, num_samples, nesting)
+    for s in sorted({0, num_samples - 1}):
+        values = {n: v[s] for n, v in latents.items()}
+        values.update((n, v[s]) for n, v in replicates.items())
+        # the model as it is, data set to the replicates: it scores them as the batch did
+        alone = poutine.trace(poutine.condition(model, values)).get_trace(*args, **kwargs)
+        for n, data in pointwise.sites.items():
+            site = alone.nodes[n]
+            one = site["fn"].log_prob(site["value"]).expand(data.shape)
+            if not torch.allclose(one, densities[n][s], rtol=1e-4, atol=1e-5, equal_nan=True):
+                return None
+    return replicates
 
 
 def _numpy(value: torch.Tensor) -> np.ndarray:

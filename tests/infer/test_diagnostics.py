@@ -39,6 +39,15 @@ def exact_guide():
     pyro.sample("z", dist.Normal(1.0, 2.0))
 
 
+def unit_model():
+    pyro.sample("z", dist.Uniform(0.0, 1.0))
+
+
+def nowhere_guide():
+    # every draw where unit_model has density 0
+    pyro.sample("z", dist.Uniform(5.0, 6.0))
+
+
 def narrow_guide():
     # far too narrow and off-centre: the weights p/q have a very heavy tail
     pyro.sample("z", dist.Normal(0.0, 0.3))
@@ -165,8 +174,19 @@ def test_weights_of_0_are_left_out_of_the_pareto_fit_and_said():
     assert khat == expected_k < 0.5
     report = summarize(with_zeros)
     assert report.ess == pytest.approx(summarize(lw[500:]).ess)
-    assert report.verdict.startswith("good")
+    assert report.trustworthy  # the weights are fine: importance sampling works
+    # but the raw draws are not all possible
+    assert report.verdict.startswith("usable with care")
     assert "500 of the 2000 draws have weight 0" in report.verdict
+    few = summarize(np.concatenate([lw[:10], np.full(990, -np.inf)]))
+    assert "cannot be estimated from 10 draws of positive weight" in few.verdict
+    one = summarize(np.array([0.1, -np.inf])).verdict
+    assert "1 of the 2 draws has weight 0 (the model gives it" in one
+    with (
+        pyro.validation_enabled(False),  # the model scores values outside its support
+        pytest.raises(ValueError, match="none of the 20 proposals has a positive finite weight"),
+    ):
+        importance_resample(unit_model, nowhere_guide, num_samples=2, num_proposals=20)
 
 
 def test_psis_needs_two_draws():
@@ -713,3 +733,60 @@ def test_posterior_predictive_is_left_out_when_the_data_cannot_be_drawn():
     y = torch.randn(4)
     quiet = to_arviz(model, shifted_guide, y, num_samples=20, posterior_predictive=False)
     assert "posterior_predictive" not in quiet.groups()
+
+
+def test_posterior_predictive_draws_every_point_of_an_observation_without_a_plate():
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y)  # larger than its distribution
+
+    def guide(y):
+        pyro.sample("mu", dist.Normal(0.0, 1.0))
+
+    pyro.set_rng_seed(0)
+    idata = to_arviz(model, guide, torch.randn(3), num_samples=400)
+    y, mu = idata.posterior_predictive["y"].values[0], idata.posterior["mu"].values[0]
+    assert y.shape == (400, 3)
+    assert np.std(y - mu[:, None]) == pytest.approx(1.0, abs=0.1)
+    assert np.var(y, axis=1, ddof=1).mean() == pytest.approx(1.0, abs=0.15)  # per point
+
+
+def test_posterior_predictive_keeps_the_draws_apart(monkeypatch):
+    from pyroflows.infer.diagnostics import _sequential_draws
+
+    def model(y, total):
+        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        with pyro.plate("data", len(y)):
+            ys = pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        # uses the value of y: run under a particle plate with y let go, it would sum every
+        # draw's replicates; the weights, with y fixed, do not show it
+        pyro.sample("total", dist.Normal(ys.sum(), 0.1), obs=total)
+
+    def guide(y, total):
+        pyro.sample("mu", dist.Normal(0.0, 1.0))
+
+    calls = []
+    monkeypatch.setattr(
+        "pyroflows.infer.diagnostics._sequential_draws",
+        lambda *a: calls.append(1) or _sequential_draws(*a),
+    )
+    pyro.set_rng_seed(0)
+    y = torch.randn(5)
+    idata = to_arviz(model, guide, y, y.sum(), num_samples=400)
+    assert not calls  # the weights were computed in one batch
+    replicates = idata.posterior_predictive
+    total, ys = replicates["total"].values[0, :, 0], replicates["y"].values[0]
+    assert np.std(total - ys.sum(-1)) == pytest.approx(0.1, rel=0.15)  # each draw's own sum
+    # a scalar site is one point of shape (1,) in every group
+    assert idata.observed_data["total"].shape == (1,)
+    assert idata.log_likelihood["total"].shape == (1, 400, 1)
+
+
+def test_to_arviz_options_are_checked():
+    y = torch.randn(3)
+    idata = to_arviz(conjugate_model, shifted_guide, y, num_samples=20, log_likelihood=np.False_)
+    assert "log_likelihood" not in idata.groups()
+    with pytest.raises(ValueError, match="num_samples must be an int >= 2, got 1"):
+        to_arviz(conjugate_model, shifted_guide, y, num_samples=1)
+    with pytest.raises(ValueError, match="num_samples must be an int >= 2, got 1"):
+        diagnose(conjugate_model, shifted_guide, y, num_samples=1)

@@ -67,6 +67,10 @@ def reference_latents(post, root: Path) -> dict:
             out[name] = torch.linalg.solve_triangular(chol, f[..., None], upper=False)[..., 0]
         else:
             out[name] = torch.stack([ref[k] for k in keys], -1) if size > 1 else ref[keys[0]]
+    # the latents must give back the reference parameters
+    for key, value in post.to_reported(out).items():
+        if not np.allclose(value, post.reference[key], rtol=1e-6, atol=1e-8):
+            raise ValueError(f"{post.name}: the latents do not give back reference {key}")
     return out
 
 

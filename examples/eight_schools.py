@@ -62,9 +62,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--draws", type=int, default=10000, help="posterior draws to summarize")
     args = parser.parse_args()
-    if args.steps < 1:
-        parser.error(f"--steps must be at least 1, got {args.steps}")
+    for flag in ("steps", "draws"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     torch.set_num_threads(1)
 
     guides = [
@@ -75,10 +77,12 @@ def main() -> None:
     for name, make in guides:
         pyro.set_rng_seed(args.seed)
         guide = fit(make(model), args.steps)
-        tau = Predictive(model, guide=guide, num_samples=10000)(y, sigma)["tau"]
+        tau = Predictive(model, guide=guide, num_samples=args.draws)(y, sigma)["tau"]
         print(f"{name:12s} {quantiles(tau)}")
         print(f"{'':12s} {diagnose(model, guide, y, sigma, num_samples=4000)}")
-        draws = importance_resample(model, guide, y, sigma, num_samples=10000, num_proposals=40000)
+        draws = importance_resample(
+            model, guide, y, sigma, num_samples=args.draws, num_proposals=4 * args.draws
+        )
         print(f"{'':12s} PSIS-resampled {quantiles(draws['tau'])}")
     print("reference (long NUTS run, posteriordb): tau: 5% 0.26  median 2.75  95% 9.7")
 

@@ -41,9 +41,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--draws", type=int, default=10000, help="posterior draws to summarize")
     args = parser.parse_args()
-    if args.steps < 1:
-        parser.error(f"--steps must be at least 1, got {args.steps}")
+    for flag in ("steps", "draws"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     torch.set_num_threads(1)
 
     guides = {
@@ -56,7 +58,7 @@ def main() -> None:
     for name, make in guides.items():
         pyro.set_rng_seed(args.seed)
         guide = fit(make(), args.steps)
-        v = Predictive(model, guide=guide, num_samples=10000)()["v"]
+        v = Predictive(model, guide=guide, num_samples=args.draws)()["v"]
         print(f"{name:10s} sd(v) = {v.std().item():.2f} (true 3.00)")
         print(f"{'':10s} {diagnose(model, guide, num_samples=4000)}")
 

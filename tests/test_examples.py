@@ -45,7 +45,7 @@ def test_quickstart_reaches_the_true_density(flow, target):
 @pytest.mark.parametrize("script", ["eight_schools.py", "funnel.py"])
 def test_guide_examples_run(script):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script), "--steps", "30"],
+        [sys.executable, str(ROOT / "examples" / script), "--steps", "30", "--draws", "1000"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -6,6 +6,8 @@ guides, the VAE pieces and fitting keep every tensor there and give finite resul
 
 from __future__ import annotations
 
+import warnings
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -69,6 +71,21 @@ def test_autoflow_on_the_device(device):
         assert torch.isfinite(torch.tensor(svi.step(data)))
     draws = guide(data)
     assert draws["loc"].device.type == device.type
+    # the diagnostics, ArviZ export and leave-one-out read the device's tensors
+    assert guide.diagnose(data, num_samples=200).num_samples == 200
+    mask = torch.arange(20, device=device) % 5 != 0  # a mask on the device too
+
+    def masked(y):
+        with pyro.poutine.mask(mask=mask):
+            model(y)
+
+    masked_guide = AutoFlow(masked, warm_start=None)
+    masked_guide(data)
+    idata = masked_guide.to_arviz(data, num_samples=200)
+    assert idata.posterior_predictive["y"].shape == (1, 200, 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # an untrained guide's k-hats
+        assert masked_guide.loo(data, num_samples=200)["n_data_points"] == 16
 
 
 def test_amortized_posterior_on_the_device(device):

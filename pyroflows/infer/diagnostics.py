@@ -470,7 +470,8 @@ def _data_sites(trace) -> dict[str, _DataSite]:
         ):
             continue
         shape = site["log_prob"].shape  # the unscaled one, broadcast with scale and mask
-        weight = torch.as_tensor(site["scale"], dtype=site["log_prob"].dtype)
+        log_prob = site["log_prob"]
+        weight = torch.as_tensor(site["scale"], dtype=log_prob.dtype, device=log_prob.device)
         mask = site["mask"]
         if mask is not None:
             weight = weight * torch.as_tensor(mask, device=weight.device)
@@ -1018,7 +1019,7 @@ def loo(
         if name != var_name:
             base = base + _weighted(pointwise.log_lik[name], data).reshape(num_samples, -1).sum(1)
     data = sites[var_name]
-    points = data.points.flatten()
+    points = data.points.flatten().to(log_w.device)
     ll = pointwise.log_lik[var_name].double().reshape(num_samples, -1)[:, points]  # (S, n)
     weighted = _weighted(pointwise.log_lik[var_name], data).reshape(num_samples, -1)[:, points]
     lw = log_w.double()
@@ -1110,4 +1111,4 @@ def _weighted(log_lik: torch.Tensor, data: _DataSite) -> torch.Tensor:
     Masked points give 0, even where their density is 0 (``-inf``) or undefined.
     """
     weight = data.weight.to(log_lik.device, torch.float64)
-    return torch.where(data.points, weight * log_lik.double(), 0.0)
+    return torch.where(data.points.to(log_lik.device), weight * log_lik.double(), 0.0)

@@ -12,9 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def quickstart(*args: str, cwd: Path = ROOT) -> str:
+def example(script: str, *args: str, cwd: Path = ROOT) -> str:
+    """Run ``examples/<script>`` with ``args`` as a user does; its stdout, once it exits 0."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "quickstart.py"), *args],
+        [sys.executable, str(ROOT / "examples" / script), *args],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -22,6 +23,10 @@ def quickstart(*args: str, cwd: Path = ROOT) -> str:
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def quickstart(*args: str, cwd: Path = ROOT) -> str:
+    return example("quickstart.py", *args, cwd=cwd)
 
 
 def gap(output: str) -> float:
@@ -44,29 +49,15 @@ def test_quickstart_reaches_the_true_density(flow, target):
 
 @pytest.mark.parametrize("script", ["eight_schools.py", "funnel.py"])
 def test_guide_examples_run(script):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script), "--steps", "30", "--draws", "1000"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("ESS") == (3 if script == "eight_schools.py" else 2)  # all diagnosed
-    assert "AutoNormal" in result.stdout
-    assert "AutoFlow" in result.stdout
+    out = example(script, "--steps", "30", "--draws", "1000")
+    assert out.count("ESS") == (3 if script == "eight_schools.py" else 2)  # all diagnosed
+    assert "AutoNormal" in out
+    assert "AutoFlow" in out
 
 
 def test_vae_example_runs():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "vae_digits.py"), "--epochs", "2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:]}
+    out = example("vae_digits.py", "--epochs", "2")
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}
     assert set(rows) == {"diagonal", "iaf"}
     for elbo, iwae, gap, _ in rows.values():
         assert float(iwae) >= float(elbo)  # the IWAE bound at k = 1000 is above the ELBO
@@ -74,13 +65,6 @@ def test_vae_example_runs():
 
 
 def test_model_comparison_example_runs():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "model_comparison.py"), "--steps", "30"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("elpd_loo") == 3  # each model's line, and the table
-    assert "student-t" in result.stdout.splitlines()[-2]  # the table's rows, in rank order
+    out = example("model_comparison.py", "--steps", "30")
+    assert out.count("elpd_loo") == 3  # each model's line, and the table
+    assert "student-t" in out.splitlines()[-2]  # the table's rows, in rank order

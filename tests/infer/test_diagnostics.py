@@ -24,6 +24,19 @@ with warnings.catch_warnings():
     import arviz as az
 
 
+@pytest.fixture
+def sequential_runs(monkeypatch):
+    """A list that grows by one each time the draws are scored one at a time."""
+    from pyroflows.infer.diagnostics import _sequential_draws
+
+    calls = []
+    monkeypatch.setattr(
+        "pyroflows.infer.diagnostics._sequential_draws",
+        lambda *a: calls.append(1) or _sequential_draws(*a),
+    )
+    return calls
+
+
 def normal_model(data):
     loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
     scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
@@ -428,9 +441,7 @@ def test_the_batch_check_leaves_seeded_results_as_they_were(monkeypatch):
     torch.testing.assert_close(runs[0][1], runs[1][1])
 
 
-def test_a_deterministic_site_that_is_nan_keeps_the_vectorized_route(monkeypatch):
-    from pyroflows.infer.diagnostics import _sequential_draws
-
+def test_a_deterministic_site_that_is_nan_keeps_the_vectorized_route(sequential_runs):
     def model():
         z = pyro.sample("z", dist.Normal(0.0, 1.0))
         pyro.deterministic("log_z", torch.log(z))  # NaN for every negative draw
@@ -438,13 +449,8 @@ def test_a_deterministic_site_that_is_nan_keeps_the_vectorized_route(monkeypatch
     def guide():
         pyro.sample("z", dist.Normal(-2.0, 0.1))  # every draw negative
 
-    calls = []
-    monkeypatch.setattr(
-        "pyroflows.infer.diagnostics._sequential_draws",
-        lambda *a: calls.append(1) or _sequential_draws(*a),
-    )
     idata = to_arviz(model, guide, num_samples=20)
-    assert not calls
+    assert not sequential_runs
     assert np.isnan(idata.posterior["log_z"].values).all()
 
 
@@ -682,9 +688,7 @@ def test_reserved_options_and_single_points_are_said():
 
 
 @pytest.mark.parametrize("broadcast", [True, False])
-def test_posterior_predictive_replicates_the_data_at_each_draw(broadcast, monkeypatch):
-    from pyroflows.infer.diagnostics import _sequential_draws
-
+def test_posterior_predictive_replicates_the_data_at_each_draw(broadcast, sequential_runs):
     def model(y, broadcast):
         mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
         with pyro.plate("data", len(y)):
@@ -695,14 +699,9 @@ def test_posterior_predictive_replicates_the_data_at_each_draw(broadcast, monkey
     def guide(y, broadcast):
         pyro.sample("mu", dist.Normal(3.0, 2.0))
 
-    calls = []
-    monkeypatch.setattr(
-        "pyroflows.infer.diagnostics._sequential_draws",
-        lambda *a: calls.append(1) or _sequential_draws(*a),
-    )
     pyro.set_rng_seed(0)
     idata = to_arviz(model, guide, torch.randn(5) + 10.0, broadcast, num_samples=2000)
-    assert bool(calls) != broadcast  # one batch, or one draw at a time
+    assert bool(sequential_runs) != broadcast  # one batch, or one draw at a time
     replicates = idata.posterior_predictive
     assert replicates["y"].shape == (1, 2000, 5)
     assert replicates["z"].shape == (1, 2000, 2, 3)
@@ -751,9 +750,7 @@ def test_posterior_predictive_draws_every_point_of_an_observation_without_a_plat
     assert np.var(y, axis=1, ddof=1).mean() == pytest.approx(1.0, abs=0.15)  # per point
 
 
-def test_posterior_predictive_keeps_the_draws_apart(monkeypatch):
-    from pyroflows.infer.diagnostics import _sequential_draws
-
+def test_posterior_predictive_keeps_the_draws_apart(sequential_runs):
     def model(y, total):
         mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
         with pyro.plate("data", len(y)):
@@ -765,15 +762,10 @@ def test_posterior_predictive_keeps_the_draws_apart(monkeypatch):
     def guide(y, total):
         pyro.sample("mu", dist.Normal(0.0, 1.0))
 
-    calls = []
-    monkeypatch.setattr(
-        "pyroflows.infer.diagnostics._sequential_draws",
-        lambda *a: calls.append(1) or _sequential_draws(*a),
-    )
     pyro.set_rng_seed(0)
     y = torch.randn(5)
     idata = to_arviz(model, guide, y, y.sum(), num_samples=400)
-    assert not calls  # the weights were computed in one batch
+    assert not sequential_runs  # the weights were computed in one batch
     replicates = idata.posterior_predictive
     total, ys = replicates["total"].values[0, :, 0], replicates["y"].values[0]
     assert np.std(total - ys.sum(-1)) == pytest.approx(0.1, rel=0.15)  # each draw's own sum

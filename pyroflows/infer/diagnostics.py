@@ -629,13 +629,14 @@ def _sequential_draws(model, guide, args, kwargs, num_samples, derived=(), sites
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
         )
+        if sites:  # pointwise too: log_prob_sum then sums these, not the sites again
+            model_trace.compute_log_prob()
         log_ws.append(model_trace.log_prob_sum() - guide_trace.log_prob_sum())
         names = _latent_names(model_trace, guide_trace)
         draw = {n: guide_trace.nodes[n]["value"] for n in names}
         draw.update((n, model_trace.nodes[n]["value"]) for n in derived)
         draws.append(draw)
         if sites:
-            model_trace.compute_log_prob()
             nodes = model_trace.nodes
             liks.append(
                 {n: nodes[n]["unscaled_log_prob"].expand(d.shape) for n, d in sites.items()}
@@ -704,7 +705,8 @@ def importance_resample(
     check_positive_int(num_proposals, "num_proposals", minimum=2)
     log_w, draws, _ = _draws(model, guide, args, kwargs, num_proposals, deterministic=True)
     report, smoothed = _summarize(log_w)
-    if not np.nan_to_num(np.exp(smoothed)).sum() > 0:
+    weights = np.exp(smoothed)
+    if not np.nan_to_num(weights).sum() > 0:
         raise ValueError(
             f"importance_resample: none of the {num_proposals} proposals has a positive "
             "finite weight (the model gives every draw of the guide density 0, or the "
@@ -716,7 +718,7 @@ def importance_resample(
             f"{report.ess:.0f} of {report.num_samples} proposals): the resampled draws repeat "
             "a few proposals and do not represent the posterior; improve the guide first"
         )
-    probs = torch.as_tensor(np.exp(smoothed))
+    probs = torch.as_tensor(weights)
     index = torch.multinomial(probs, num_samples, replacement=True)
     return {name: value[index.to(value.device)] for name, value in draws.items()}
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer.autoguide import AutoNormal
+from torch.distributions import biject_to, constraints
 
 from pyroflows.infer import (
     Diagnosis,
@@ -452,6 +453,78 @@ def test_a_deterministic_site_that_is_nan_keeps_the_vectorized_route(sequential_
     idata = to_arviz(model, guide, num_samples=20)
     assert not sequential_runs
     assert np.isnan(idata.posterior["log_z"].values).all()
+
+
+def hierarchical_model(y):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfNormal(5.0))
+    with pyro.plate("groups", len(y)):
+        theta = pyro.sample("theta", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(mu + tau * theta, 1.0), obs=y)
+
+
+def test_the_batch_check_of_an_iaf_guide_inverts_no_flow(sequential_runs, monkeypatch):
+    # scoring one of an IAF guide's draws again would invert it in D network passes a
+    # layer (at D = 1000, minutes per check): the check takes the batch's log q instead
+    from pyroflows import AutoFlow
+    from pyroflows.transforms.autoregressive import _Autoregressive
+
+    y = torch.randn(30)
+    pyro.set_rng_seed(0)
+    guide = AutoFlow(hierarchical_model, warm_start=None)
+    guide(y)
+
+    def no_inverse(*args):
+        raise AssertionError("the D-pass inverse ran")
+
+    monkeypatch.setattr(_Autoregressive, "_iterate", no_inverse)
+    log_w, samples = importance_draws(hierarchical_model, guide, y, num_samples=40)
+    assert not sequential_runs
+    # the batch's weights are the guide's: log q(z_s) of its own draws, from the cache
+    monkeypatch.undo()
+    with torch.no_grad():
+        value = torch.cat(
+            [
+                samples["mu"][:, None],
+                biject_to(constraints.positive).inv(samples["tau"])[:, None],
+                samples["theta"],
+            ],
+            -1,
+        )
+        posterior = guide.get_posterior()
+        tau = samples["tau"]
+        log_p = (
+            dist.Normal(0.0, 5.0).log_prob(samples["mu"])
+            + dist.HalfNormal(5.0).log_prob(tau)
+            + tau.log()  # the Jacobian of tau = exp(v)
+            + dist.Normal(0.0, 1.0).log_prob(samples["theta"]).sum(-1)
+            + dist.Normal(samples["mu"][:, None] + tau[:, None] * samples["theta"], 1.0)
+            .log_prob(y)
+            .sum(-1)
+        )
+        expected = log_p - posterior.log_prob(value)  # a fresh tensor: D passes a layer
+    torch.testing.assert_close(log_w, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_the_batch_check_of_an_autoguide_still_catches_a_model_that_mixes_draws(
+    sequential_runs,
+):
+    from pyroflows import AutoFlow
+
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+        pyro.factor("penalty", -0.5 * (z**2).sum())  # sums every draw's z: one number
+
+    pyro.set_rng_seed(0)
+    guide = AutoFlow(model, warm_start=None)
+    guide()
+    log_w, samples = importance_draws(model, guide, num_samples=30)
+    assert sequential_runs  # the model's side of the check failed: one draw at a time
+    with torch.no_grad():
+        z = samples["z"]
+        log_p = dist.Normal(0.0, 1.0).log_prob(z).sum(-1) - 0.5 * (z**2).sum(-1)
+        expected = log_p - guide.get_posterior().log_prob(z.clone())
+    torch.testing.assert_close(log_w, expected, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------- log-likelihood and LOO

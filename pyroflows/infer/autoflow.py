@@ -78,6 +78,19 @@ from pyroflows.transforms.linear import ActNorm
 
 
 def _hidden(dim: int) -> tuple[int, int]:
+    r"""Two hidden layers of ``max(16, 4 D)`` units (``D``: the latent dimension).
+
+    A MADE needs at least ``D - 1`` units a layer for every input to reach the outputs
+    after it; ``4 D`` gives each degree four. The cost grows as the square of the width
+    (about :math:`28 D^2` weights an IAF layer), so large models pay: measured on one
+    thread, a 1,000-group hierarchical model (``D = 1002``) took 0.6 s a step, against
+    0.07 s for Pyro's ``AutoIAFNormal``, and 0.09-0.1 s with ``hidden=(2000, 2000)``.
+    A ``2 D`` default was tried and not adopted: on 200-D and 400-D correlated Gaussians
+    it fitted as well (covariance error 0.174 against 0.173, 0.241 against 0.239; 2000
+    steps), but on a 200-group hierarchical model one of three seeds stalled in 5000
+    steps (ELBO -604.6, where ``4 D`` on that seed reached -517.7; the other two seeds
+    reached -517.9 and -517.5).
+    """
     width = max(16, 4 * dim)
     return (width, width)
 
@@ -396,6 +409,10 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             to 0.45.
         num_quantile_samples: draws used by :meth:`median` and :meth:`quantiles`.
         **flow_kwargs: passed to the named builder (``transforms``, ``hidden``, ...).
+            The named flows have two hidden layers of ``max(16, 4 D)`` units, whose cost
+            grows as :math:`D^2`: above a few hundred latent dimensions,
+            ``hidden=(2 * D, 2 * D)`` takes about a sixth of the time per step (0.1 s
+            against 0.6 s at ``D = 1002`` on one thread).
 
     Raises:
         ValueError: (on the first call) a model with discrete or enumerated latent sites,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +21,11 @@ from pyroflows.nn.mlp import ContextTrunk
 class MaskedLinear(nn.Linear):
     """``nn.Linear`` whose weight is multiplied by a fixed 0/1 mask (a registered buffer)."""
 
+    #: inside :meth:`MADE.masked_weights_held`: the masked weight is kept after its first
+    #: use (made in ``forward``, after any pre-hook such as pruning's has set ``weight``)
+    _holding: bool = False
+    _held: torch.Tensor | None = None
+
     def __init__(self, mask: torch.Tensor, bias: bool = True) -> None:
         out_features, in_features = mask.shape
         super().__init__(in_features, out_features, bias=bias)
@@ -27,7 +33,12 @@ class MaskedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the masked affine map."""
-        return F.linear(x, self.weight * self.mask, self.bias)
+        weight = self._held
+        if weight is None:
+            weight = self.weight * self.mask
+            if self._holding:
+                self._held = weight
+        return F.linear(x, weight, self.bias)
 
 
 def _order(order: Sequence[int] | None, features: int) -> torch.Tensor:
@@ -133,3 +144,25 @@ class MADE(ContextTrunk):
         self.features = features
         self.params_first = params_first
         self.register_buffer("order", order_t)
+
+    @contextlib.contextmanager
+    def masked_weights_held(self) -> Iterator[None]:
+        """Mask each layer's weight once for all the calls made inside the block.
+
+        An autoregressive inverse calls the MADE ``D`` times on the same weights. Masking
+        them at every call costs as much as the product itself for a small batch, and
+        under autograd each call keeps its own masked copy for the backward pass: ``D``
+        copies of every weight (at ``D = 512`` and width 2048, tens of gigabytes). Inside
+        this block the calls share one masked weight per layer, one node of the graph.
+        """
+        layers = [m for m in self.modules() if isinstance(m, MaskedLinear)]
+        if any(m._holding for m in layers):  # an enclosing block holds them
+            yield
+            return
+        try:
+            for m in layers:
+                m._holding = True
+            yield
+        finally:
+            for m in layers:
+                m._holding, m._held = False, None

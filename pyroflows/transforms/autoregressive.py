@@ -91,12 +91,13 @@ class _Autoregressive:
         v = torch.zeros_like(y)
         params_first = self.transformer.params_first
         order = self.conditioner.order
-        for k, i in enumerate(self._order_list()[:-1]):
-            params = self.conditioner(v, context)
-            params_i = params[..., i : i + 1] if params_first else params[..., i : i + 1, :]
-            v_i = step(y[..., i : i + 1], params_i)[0]
-            v = v.index_copy(-1, order[k : k + 1], v_i)
-        return step(y, self.conditioner(v, context))
+        with self.conditioner.masked_weights_held():  # masked once for the D passes
+            for k, i in enumerate(self._order_list()[:-1]):
+                params = self.conditioner(v, context)
+                params_i = params[..., i : i + 1] if params_first else params[..., i : i + 1, :]
+                v_i = step(y[..., i : i + 1], params_i)[0]
+                v = v.index_copy(-1, order[k : k + 1], v_i)
+            return step(y, self.conditioner(v, context))
 
     def _forward(self, u: torch.Tensor, context: torch.Tensor | None):
         if self.form == "iaf":

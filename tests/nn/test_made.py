@@ -73,6 +73,32 @@ def test_output_shape_and_zero_init():
     assert (out == 0).all()
 
 
+def test_held_masked_weights_give_the_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    made = MADE(4, params=2, hidden=(8, 8), context=3, zero_init=False)
+    x, c = torch.randn(5, 4), torch.randn(5, 3)
+    plain = made(x, c)
+    grads = torch.autograd.grad(plain.square().sum(), list(made.parameters()))
+    with made.masked_weights_held():
+        with made.masked_weights_held():  # nested: the outer block keeps holding them
+            held = made(x, c)
+        again = made(x, c)
+    torch.testing.assert_close(held, plain, rtol=0, atol=0)
+    torch.testing.assert_close(again, plain, rtol=0, atol=0)
+    held_grads = torch.autograd.grad(held.square().sum(), list(made.parameters()))
+    for a, b in zip(grads, held_grads, strict=True):
+        torch.testing.assert_close(a, b)
+    # released after the block, also when it raises: the next call masks the new weights
+    with pytest.raises(RuntimeError, match="inside"), made.masked_weights_held():
+        raise RuntimeError("inside")
+    with torch.no_grad():
+        made.output_layer.weight.add_(1.0)
+    assert not torch.equal(made(x, c), plain)
+    dep = torch.autograd.functional.jacobian(lambda v: made(v, c[:1]).sum(-1), x[:1])
+    assert (dep[0, 0, 0, :] == 0).all()  # still masked: the first output reads no input
+    assert (dep[0, 3, 0, :3] != 0).any()
+
+
 def test_masks_are_buffers_that_move_with_the_module():
     made = MADE(3, hidden=(8,)).double()
     names = dict(made.named_buffers())

@@ -286,6 +286,31 @@ def test_coupling_flows_need_two_latent_dimensions():
             AutoFlow(model, flow=name)()
 
 
+def test_a_wide_default_guide_trains_with_adam_at_lr_001():
+    # a 402-D hierarchical model: the MADEs are 1608 wide, and Adam's first steps moved
+    # their outputs by lr x 1608: the loss reached 1e5-1e6 within 20 steps (now scaled)
+    from pyroflows.nn import MaskedLinear
+
+    groups = 400
+    g = torch.Generator().manual_seed(0)
+    sigma, y = 0.5 + 2.0 * torch.rand(groups, generator=g), torch.randn(groups, generator=g)
+
+    def model():
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+        with pyro.plate("groups", groups):
+            theta = pyro.sample("theta", dist.Normal(0.0, 1.0))
+            pyro.sample("y", dist.Normal(mu + tau * theta, sigma), obs=y)
+
+    pyro.set_rng_seed(0)
+    guide = AutoFlow(model, warm_start=None)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    losses = [svi.step() for _ in range(20)]
+    assert max(losses) < 3 * losses[0], losses
+    masks = [m.mask.max().item() for m in guide.modules() if isinstance(m, MaskedLinear)]
+    assert masks == pytest.approx([64 / 402, 64 / 1608, 64 / 1608] * 2)  # by fan-in
+
+
 def test_warm_start_skipped_with_subsampling():
     data = torch.randn(100)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyroflows.nn import MADE
+from pyroflows.nn import MADE, MaskedLinear
 
 
 def jacobian_support(made: MADE, dim: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +97,52 @@ def test_held_masked_weights_give_the_same_outputs_and_gradients():
     dep = torch.autograd.functional.jacobian(lambda v: made(v, c[:1]).sum(-1), x[:1])
     assert (dep[0, 0, 0, :] == 0).all()  # still masked: the first output reads no input
     assert (dep[0, 3, 0, :3] != 0).any()
+
+
+def _one_adam_step_moves_outputs_by(made: MADE, x: torch.Tensor) -> float:
+    before = made(x).detach()
+    optimizer = torch.optim.Adam(made.parameters(), lr=0.01)
+    made(x).sum().backward()
+    optimizer.step()
+    return (made(x).detach() - before).abs().max().item()
+
+
+def test_scaled_updates_keep_the_outputs_and_move_wide_layers_as_narrow_ones():
+    x = torch.randn(4, 8)
+    moves = {}
+    for reference in (None, 64):
+        torch.manual_seed(0)
+        made = MADE(8, params=2, hidden=(1024, 1024), zero_init=False)
+        plain = made(x).detach()
+        if reference is not None:
+            made.scale_updates(reference)
+            torch.testing.assert_close(made(x), plain, rtol=1e-5, atol=1e-6)
+            masks = [m.mask for m in made.modules() if isinstance(m, MaskedLinear)]
+            first, *wide = masks  # fan-in 8 <= 64: left exactly as it was
+            assert set(first.unique().tolist()) == {0.0, 1.0}
+            assert all(set(m.unique().tolist()) == {0.0, 64 / 1024} for m in wide)
+        moves[reference] = _one_adam_step_moves_outputs_by(made, x)
+    # Adam's first step moves a row's 1024 entries together: the unscaled outputs jump
+    assert moves[64] < moves[None] / 4
+
+
+def test_scaled_updates_rescale_from_the_current_factor_and_keep_the_order():
+    torch.manual_seed(0)
+    made = MADE(5, params=2, hidden=(256,), zero_init=False, order=[3, 1, 4, 0, 2])
+    x = torch.randn(3, 5)
+    plain = made(x).detach()
+    made.scale_updates(16)
+    made.scale_updates(16)  # again: nothing changes
+    assert made.output_layer.mask.max().item() == 16 / 256
+    made.scale_updates(128)
+    assert made.output_layer.mask.max().item() == 128 / 256
+    torch.testing.assert_close(made(x), plain, rtol=1e-5, atol=1e-6)
+    dep = torch.autograd.functional.jacobian(lambda v: made(v).sum(-1), x[:1])[0, :, 0, :]
+    assert (dep[3] == 0).all()  # the first variable in the order still reads no input
+    assert (dep[1, [0, 1, 2, 4]] == 0).all()  # the second reads the first only
+    assert dep[1, 3] != 0
+    with pytest.raises(ValueError, match="reference_fan_in"):
+        made.scale_updates(0)
 
 
 def test_masks_are_buffers_that_move_with_the_module():

@@ -73,7 +73,7 @@ from pyroflows._pickling import param_store_links_kept
 from pyroflows.flows import Flow, iaf, maf, nice, nsf, realnvp
 from pyroflows.infer import diagnostics
 from pyroflows.infer._param_store import MirrorsParamStore, register
-from pyroflows.nn import MADE
+from pyroflows.nn.mlp import ContextTrunk
 from pyroflows.transforms.base import FlowTransform
 from pyroflows.transforms.linear import ActNorm
 
@@ -129,9 +129,10 @@ GUIDE_FLOWS: dict[str, Callable[..., Flow]] = {
     "nice": _guide_nice,
 }
 
-#: A named flow's MADE layers whose fan-in is above this are stored scaled so that an
-#: optimizer step moves them as much as a layer of this fan-in (``MADE.scale_updates``):
-#: with Adam at lr 0.01 an unscaled guide diverged within 30 steps at D = 402 and 1002.
+#: A named flow's network layers whose fan-in is above this are stored scaled so that
+#: an optimizer step moves them as much as a layer of this fan-in (``scale_updates`` of
+#: the MADE or MLP): with Adam at lr 0.01 the unscaled default guide diverged within 30
+#: steps at D = 402 and 1002.
 REFERENCE_FAN_IN = 64
 
 ESTIMATORS = ("reparam", "stl")
@@ -390,13 +391,11 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             ``"maf"``, ``"nice"``), a :class:`~pyroflows.Flow` of the latent dimension, or
             a callable ``dim -> Flow``. The IAF and coupling flows sample and score their
             own draws in one pass; ``"maf"`` needs ``D`` passes to sample. A named
-            flow's MADE layers wider than :data:`REFERENCE_FAN_IN` inputs are stored
-            scaled (:meth:`~pyroflows.nn.MADE.scale_updates`), so that Adam at the usual
-            ``lr = 0.01`` moves them as it moves a small guide's: unscaled, the default
-            guide diverged within 30 steps at ``D = 402``. The coupling guides'
-            (``"realnvp"``, ``"nice"``, ``"nsf"``) dense networks are not scaled: above a
-            few hundred dimensions give them a smaller learning rate (``"realnvp"`` at
-            ``D = 402`` diverged with ``lr = 0.01``). A flow you pass is used as it is.
+            flow's network layers with more than :data:`REFERENCE_FAN_IN` inputs are
+            stored scaled (:meth:`~pyroflows.nn.mlp.ContextTrunk.scale_updates`), so that
+            Adam at the usual ``lr = 0.01`` moves them as it moves a small guide's:
+            unscaled, the ``"iaf"`` and ``"realnvp"`` guides diverged within 30 steps at
+            ``D = 402``. A flow you pass is used as it is.
         init_loc_fn: Pyro's per-site initialisation (default ``init_to_median``).
         init_scale: the scale of the plain Gaussian start, in unconstrained units (with
             ``warm_start="laplace"``, the centre of the grid of scales searched).
@@ -622,7 +621,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         if isinstance(spec, str):
             flow = GUIDE_FLOWS[spec](dim, **self._flow_kwargs)
             for module in flow.modules():  # steps of wide layers as of narrow ones
-                if isinstance(module, MADE):
+                if isinstance(module, ContextTrunk):  # the MADEs and MLPs
                     module.scale_updates(REFERENCE_FAN_IN)
             return flow.to(dtype=loc.dtype, device=loc.device)
         flow = spec if isinstance(spec, Flow) else spec(dim)

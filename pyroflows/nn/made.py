@@ -22,7 +22,7 @@ class MaskedLinear(nn.Linear):
     """``nn.Linear`` whose weight is multiplied by a fixed mask (a registered buffer).
 
     The mask is 0 where a connection is cut and 1 where it is kept, or a constant
-    :math:`c < 1` on the kept entries after :meth:`MADE.scale_updates`.
+    :math:`c < 1` on the kept entries after :meth:`~pyroflows.nn.mlp.ContextTrunk.scale_updates`.
     """
 
     #: inside :meth:`MADE.masked_weights_held`: the masked weight is kept after its first
@@ -148,36 +148,6 @@ class MADE(ContextTrunk):
         self.features = features
         self.params_first = params_first
         self.register_buffer("order", order_t)
-
-    @torch.no_grad()
-    def scale_updates(self, reference_fan_in: int = 64) -> None:
-        r"""Store each layer's weight as :math:`W = c\,W'`, :math:`c = \min(1, n_0 / n)`.
-
-        ``n`` is the layer's fan-in and :math:`n_0` is ``reference_fan_in``. The outputs
-        are unchanged; what changes is what an optimizer step does. Adam moves every
-        stored entry by about its learning rate, and in its first steps a row's entries
-        move together (their gradients share the sign of the unit's error times the input
-        sign), so a pre-activation moves by about :math:`\text{lr}\cdot n\,
-        \mathbb E|h|`: with ``lr = 0.01`` and ``n = 4000`` a log-scale jumps by tens in one
-        step and the fit diverges. Stored as :math:`W'`, every layer moves by about
-        :math:`\text{lr}\cdot \min(n, n_0)\,\mathbb E|h|`, as a layer of fan-in
-        :math:`n_0` would (the "maximal update" scaling of the step with width; Yang &
-        Hu 2021, arXiv:2011.14522). Layers with ``n <= n_0`` are left exactly as they
-        are.
-
-        The factor :math:`c` lives in the layer's ``mask`` buffer (its kept entries become
-        :math:`c`), so a state dict carries it with the weight it belongs to. Calling it
-        again with another reference re-scales from the current factor.
-        """
-        reference_fan_in = check_positive_int(reference_fan_in, "reference_fan_in")
-        for layer in self.modules():
-            if not isinstance(layer, MaskedLinear):
-                continue
-            now = float(layer.mask.max()) or 1.0  # the kept entries' current factor
-            target = min(1.0, reference_fan_in / layer.in_features)
-            if target != now:
-                layer.weight.mul_(now / target)
-                layer.mask.mul_(target / now)
 
     @contextlib.contextmanager
     def masked_weights_held(self) -> Iterator[None]:

@@ -83,6 +83,55 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
             raise
         return out.unflatten(-1, self.out_shape)
 
+    @torch.no_grad()
+    def scale_updates(self, reference_fan_in: int = 64) -> None:
+        r"""Store each layer's weight as :math:`W = c\,W'`, :math:`c = \min(1, n_0 / n)`.
+
+        ``n`` is the layer's fan-in and :math:`n_0` is ``reference_fan_in``. The outputs
+        are unchanged; what changes is what an optimizer step does. Adam moves every
+        stored entry by about its learning rate, and in its first steps a row's entries
+        move together (their gradients share the sign of the unit's error times the input
+        sign), so a pre-activation moves by about :math:`\text{lr}\cdot n\,
+        \mathbb E|h|`: with ``lr = 0.01`` and ``n = 4000`` a log-scale jumps by tens in one
+        step and the fit diverges. Stored as :math:`W'`, every layer moves by about
+        :math:`\text{lr}\cdot \min(n, n_0)\,\mathbb E|h|`, as a layer of fan-in
+        :math:`n_0` would (the "maximal update" scaling of the step with width; Yang &
+        Hu 2021, arXiv:2011.14522). Layers with ``n <= n_0`` are left exactly as they
+        are; so are the context projections.
+
+        The factor :math:`c` lives in the layer's ``mask`` buffer (a MADE's kept entries
+        become :math:`c`; a dense layer becomes a
+        :class:`~pyroflows.nn.MaskedLinear` whose mask is :math:`c` everywhere), so a
+        state dict carries it with the weight it belongs to. Calling it again with
+        another reference re-scales from the current factor.
+        """
+        from pyroflows.nn.made import MaskedLinear  # made.py builds on this module
+
+        reference_fan_in = check_positive_int(reference_fan_in, "reference_fan_in")
+        layers = [*self.hidden_layers, self.output_layer]
+        for k, layer in enumerate(layers):
+            target = min(1.0, reference_fan_in / layer.in_features)
+            if not isinstance(layer, MaskedLinear):
+                if target == 1.0:
+                    continue
+                dense, layer = (
+                    layer,
+                    MaskedLinear(torch.ones_like(layer.weight), bias=layer.bias is not None).to(
+                        layer.weight
+                    ),
+                )
+                layer.weight.copy_(dense.weight)
+                if dense.bias is not None:
+                    layer.bias.copy_(dense.bias)
+                if k < len(self.hidden_layers):
+                    self.hidden_layers[k] = layer
+                else:
+                    self.output_layer = layer
+            now = float(layer.mask.max()) or 1.0  # the kept entries' current factor
+            if target != now:
+                layer.weight.mul_(now / target)
+                layer.mask.mul_(target / now)
+
     def _explain(self, x: torch.Tensor, error: RuntimeError) -> None:
         """Raise a clear error for an ``x`` of another dtype or device than the weights."""
         weight = (self.hidden_layers[0] if len(self.hidden_layers) else self.output_layer).weight

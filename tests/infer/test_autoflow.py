@@ -286,9 +286,10 @@ def test_coupling_flows_need_two_latent_dimensions():
             AutoFlow(model, flow=name)()
 
 
-def test_a_wide_default_guide_trains_with_adam_at_lr_001():
-    # a 402-D hierarchical model: the MADEs are 1608 wide, and Adam's first steps moved
-    # their outputs by lr x 1608: the loss reached 1e5-1e6 within 20 steps (now scaled)
+@pytest.mark.parametrize("flow", ["iaf", "realnvp"])
+def test_a_wide_guide_trains_with_adam_at_lr_001(flow):
+    # a 402-D hierarchical model: the networks are 1608 wide, and Adam's first steps moved
+    # their outputs by lr x 1608: the loss reached 1e5-1e7 within 20 steps (now scaled)
     from pyroflows.nn import MaskedLinear
 
     groups = 400
@@ -303,10 +304,14 @@ def test_a_wide_default_guide_trains_with_adam_at_lr_001():
             pyro.sample("y", dist.Normal(mu + tau * theta, sigma), obs=y)
 
     pyro.set_rng_seed(0)
-    guide = AutoFlow(model, warm_start=None)
+    guide = AutoFlow(model, flow=flow, warm_start=None)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
     losses = [svi.step() for _ in range(20)]
-    assert max(losses) < 3 * losses[0], losses
+    # one-draw losses spike now and then; unscaled, the last ten reached 1e4-6e6
+    assert max(losses[10:]) < 3 * losses[0], losses
+    assert sorted(losses[-5:])[2] < losses[0], losses  # the median: it descends
+    if flow != "iaf":
+        return
     masks = [m.mask.max().item() for m in guide.modules() if isinstance(m, MaskedLinear)]
     assert masks == pytest.approx([64 / 402, 64 / 1608, 64 / 1608] * 2)  # by fan-in
 

@@ -108,6 +108,7 @@ def _one_adam_step_moves_outputs_by(made: MADE, x: torch.Tensor) -> float:
 
 
 def test_scaled_updates_keep_the_outputs_and_move_wide_layers_as_narrow_ones():
+    # (the dense MLP's twin is in tests/nn/test_mlp.py)
     x = torch.randn(4, 8)
     moves = {}
     for reference in (None, 64):

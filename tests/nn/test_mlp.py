@@ -79,3 +79,37 @@ def test_bad_input_and_context_are_named(made):
     with pytest.raises(TypeError, match="x has dtype torch.float32 but the network's weights"):
         net(4).double()(x, torch.randn(10, 4))
     assert net(4)(x, torch.randn(10, 4)).shape == ((10, 3, 2) if made else (10, 2, 2))
+
+
+def test_scaled_updates_of_a_dense_network_keep_its_outputs_and_its_context():
+    from pyroflows.nn import MaskedLinear
+
+    torch.manual_seed(0)
+    x, c = torch.randn(4, 8), torch.randn(4, 3)
+    moves = {}
+    for reference in (None, 64):
+        torch.manual_seed(0)
+        mlp = MLP(8, 5, params=2, hidden=(512, 512), context=3, zero_init=False).double()
+        plain = mlp(x.double(), c.double()).detach()
+        if reference is not None:
+            mlp.scale_updates(reference)
+            torch.testing.assert_close(mlp(x.double(), c.double()), plain)
+            first, *wide = mlp.hidden_layers
+            assert type(first) is torch.nn.Linear  # fan-in 8: left as it was
+            assert all(isinstance(m, MaskedLinear) for m in [*wide, mlp.output_layer])
+            assert set(mlp.output_layer.mask.unique().tolist()) == {64 / 512}
+            assert mlp.output_layer.mask.dtype == torch.float64
+            assert all(type(m) is torch.nn.Linear for m in mlp.context_layers)
+            mlp.scale_updates(64)  # again: nothing changes
+            assert set(mlp.output_layer.mask.unique().tolist()) == {64 / 512}
+        before = mlp(x.double(), c.double()).detach()
+        optimizer = torch.optim.Adam(mlp.parameters(), lr=0.01)
+        mlp(x.double(), c.double()).sum().backward()
+        optimizer.step()
+        moves[reference] = (mlp(x.double(), c.double()).detach() - before).abs().max().item()
+    assert moves[64] < moves[None] / 4  # a 512-wide row no longer moves as one
+    # the scaled network is a module like any other: its state dict holds the masks
+    copy = MLP(8, 5, params=2, hidden=(512, 512), context=3).double()
+    copy.scale_updates(64)
+    copy.load_state_dict(mlp.state_dict())
+    torch.testing.assert_close(copy(x.double(), c.double()), mlp(x.double(), c.double()))

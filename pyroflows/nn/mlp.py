@@ -6,9 +6,27 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from pyroflows._checks import check_hidden, check_positive_int
 from pyroflows._pickling import DropsParamStoreLinks
+
+
+class ScaledLinear(nn.Linear):
+    """``nn.Linear`` whose weight is used times a constant ``scale`` (a scalar buffer).
+
+    What :meth:`ContextTrunk.scale_updates` makes of a wide dense layer: the stored
+    weight is :math:`W' = W / c`, so an optimizer step on it moves :math:`W` by ``c``
+    times as much.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.register_buffer("scale", torch.ones((), dtype=self.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the scaled affine map."""
+        return F.linear(x, self.weight * self.scale, self.bias)
 
 
 class ContextTrunk(DropsParamStoreLinks, nn.Module):
@@ -99,10 +117,9 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
         Hu 2021, arXiv:2011.14522). Layers with ``n <= n_0`` are left exactly as they
         are; so are the context projections.
 
-        The factor :math:`c` lives in the layer's ``mask`` buffer (a MADE's kept entries
-        become :math:`c`; a dense layer becomes a
-        :class:`~pyroflows.nn.MaskedLinear` whose mask is :math:`c` everywhere), so a
-        state dict carries it with the weight it belongs to. Calling it again with
+        The factor :math:`c` lives in a buffer of the layer (a MADE's kept mask entries
+        become :math:`c`; a dense layer becomes a :class:`ScaledLinear` holding :math:`c`),
+        so a state dict carries it with the weight it belongs to. Calling it again with
         another reference re-scales from the current factor.
         """
         from pyroflows.nn.made import MaskedLinear  # made.py builds on this module
@@ -111,15 +128,18 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
         layers = [*self.hidden_layers, self.output_layer]
         for k, layer in enumerate(layers):
             target = min(1.0, reference_fan_in / layer.in_features)
-            if not isinstance(layer, MaskedLinear):
+            if isinstance(layer, MaskedLinear):
+                factor = layer.mask
+                now = float(factor.max()) or 1.0  # the kept entries' current factor
+            elif isinstance(layer, ScaledLinear):
+                factor = layer.scale
+                now = float(factor)
+            else:
                 if target == 1.0:
                     continue
-                dense, layer = (
-                    layer,
-                    MaskedLinear(torch.ones_like(layer.weight), bias=layer.bias is not None).to(
-                        layer.weight
-                    ),
-                )
+                dense = layer
+                layer = ScaledLinear(dense.in_features, dense.out_features, dense.bias is not None)
+                layer = layer.to(dense.weight)
                 layer.weight.copy_(dense.weight)
                 if dense.bias is not None:
                     layer.bias.copy_(dense.bias)
@@ -127,10 +147,10 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
                     self.hidden_layers[k] = layer
                 else:
                     self.output_layer = layer
-            now = float(layer.mask.max()) or 1.0  # the kept entries' current factor
+                factor, now = layer.scale, 1.0
             if target != now:
                 layer.weight.mul_(now / target)
-                layer.mask.mul_(target / now)
+                factor.mul_(target / now)
 
     def _explain(self, x: torch.Tensor, error: RuntimeError) -> None:
         """Raise a clear error for an ``x`` of another dtype or device than the weights."""

@@ -82,7 +82,7 @@ def test_bad_input_and_context_are_named(made):
 
 
 def test_scaled_updates_of_a_dense_network_keep_its_outputs_and_its_context():
-    from pyroflows.nn import MaskedLinear
+    from pyroflows.nn import ScaledLinear
 
     torch.manual_seed(0)
     x, c = torch.randn(4, 8), torch.randn(4, 3)
@@ -96,12 +96,16 @@ def test_scaled_updates_of_a_dense_network_keep_its_outputs_and_its_context():
             torch.testing.assert_close(mlp(x.double(), c.double()), plain)
             first, *wide = mlp.hidden_layers
             assert type(first) is torch.nn.Linear  # fan-in 8: left as it was
-            assert all(isinstance(m, MaskedLinear) for m in [*wide, mlp.output_layer])
-            assert set(mlp.output_layer.mask.unique().tolist()) == {64 / 512}
-            assert mlp.output_layer.mask.dtype == torch.float64
+            assert all(isinstance(m, ScaledLinear) for m in [*wide, mlp.output_layer])
+            assert mlp.output_layer.scale.item() == 64 / 512
+            assert mlp.output_layer.scale.dtype == torch.float64
             assert all(type(m) is torch.nn.Linear for m in mlp.context_layers)
             mlp.scale_updates(64)  # again: nothing changes
-            assert set(mlp.output_layer.mask.unique().tolist()) == {64 / 512}
+            assert mlp.output_layer.scale.item() == 64 / 512
+            mlp.scale_updates(128)  # another reference: from the current factor
+            assert mlp.output_layer.scale.item() == 128 / 512
+            torch.testing.assert_close(mlp(x.double(), c.double()), plain)
+            mlp.scale_updates(64)
         before = mlp(x.double(), c.double()).detach()
         optimizer = torch.optim.Adam(mlp.parameters(), lr=0.01)
         mlp(x.double(), c.double()).sum().backward()

@@ -45,7 +45,12 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer.autoguide import AutoContinuous
+from pyro.infer.autoguide import (
+    AutoDiagonalNormal,
+    AutoIAFNormal,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+)
 from pyro.infer.importance import vectorized_importance_weights
 from pyro.infer.util import plate_log_prob_sum
 from pyro.poutine.uncondition_messenger import UnconditionMessenger
@@ -560,22 +565,46 @@ def _per_draw(
     return value.movedim(dim, 0).reshape((num_samples, *shape))
 
 
+_GAUSSIAN_AND_IAF_GUIDES = (
+    AutoDiagonalNormal,
+    AutoMultivariateNormal,
+    AutoLowRankMultivariateNormal,
+    AutoIAFNormal,
+)
+
+
 def _vectorized_log_q(guide, guide_trace, num_samples: int) -> torch.Tensor | None:
     r"""The batch's :math:`\log q(z_s)` per draw, for guides whose batch needs no check.
 
-    An ``AutoContinuous`` guide draws one packed vector from one distribution, which the
-    particle plate batches as a distribution batches (Pyro unpacks it into the sites).
-    Scoring one of its draws again would invert its transform, which for an IAF-form
-    flow costs ``D`` network passes (minutes for ``D`` in the thousands), so its batch
+    Scoring a draw of an IAF-form guide again inverts its flow in ``D`` network passes
+    a layer (minutes for ``D`` in the thousands). For guides known to batch their draws
+    as a distribution does (see :func:`_batches_like_a_distribution`) the batch's
     ``log q`` is taken as it is and only the model's side is checked. Other guides:
     ``None`` (both sides are checked).
     """
-    if not isinstance(guide, AutoContinuous):
+    if not _batches_like_a_distribution(guide):
         return None
     if num_samples == 1:
         return guide_trace.log_prob_sum().reshape(1)
     particles = guide_trace.plate_to_symbol["num_particles_vectorized"]
     return plate_log_prob_sum(guide_trace, particles).reshape(num_samples)
+
+
+def _batches_like_a_distribution(guide) -> bool:
+    """Whether ``guide`` is one whose draws under a particle plate are scored one by one.
+
+    Exactly Pyro's Gaussian and IAF autoguides, and an :class:`AutoFlow` made of this
+    library's layers: each draws one packed vector from one distribution, and every
+    transform in it maps each draw on its own. A subclass, or a flow holding another
+    transform (which may mix the draws of a batch), gets the full check.
+    """
+    from pyroflows.infer.autoflow import AutoFlow  # autoflow.py builds on this module
+
+    if type(guide) in _GAUSSIAN_AND_IAF_GUIDES:
+        return True
+    if type(guide) is not AutoFlow:
+        return False
+    return all(type(t).__module__.startswith("pyroflows.") for t in guide._transforms())
 
 
 def _single_log_weight(model, guide, args, kwargs, values: dict[str, torch.Tensor], log_q=None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -25,9 +26,10 @@ class MaskedLinear(nn.Linear):
     :math:`c < 1` on the kept entries after :meth:`~pyroflows.nn.mlp.ContextTrunk.scale_updates`.
     """
 
-    #: inside :meth:`MADE.masked_weights_held`: the masked weight is kept after its first
-    #: use (made in ``forward``, after any pre-hook such as pruning's has set ``weight``)
-    _holding: bool = False
+    #: inside :meth:`MADE.masked_weights_held`, the id of the thread that holds the masked
+    #: weight (other threads compute their own) and the weight, kept from its first use
+    #: (made in ``forward``, after any pre-hook such as pruning's has set ``weight``)
+    _holding: int | None = None
     _held: torch.Tensor | None = None
 
     def __init__(self, mask: torch.Tensor, bias: bool = True) -> None:
@@ -37,11 +39,12 @@ class MaskedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the masked affine map."""
+        holder = self._holding
+        if holder is None or holder != threading.get_ident():
+            return F.linear(x, self.weight * self.mask, self.bias)
         weight = self._held
         if weight is None:
-            weight = self.weight * self.mask
-            if self._holding:
-                self._held = weight
+            weight = self._held = self.weight * self.mask
         return F.linear(x, weight, self.bias)
 
 
@@ -160,13 +163,13 @@ class MADE(ContextTrunk):
         this block the calls share one masked weight per layer, one node of the graph.
         """
         layers = [m for m in self.modules() if isinstance(m, MaskedLinear)]
-        if any(m._holding for m in layers):  # an enclosing block holds them
+        if any(m._holding is not None for m in layers):  # an enclosing block holds them
             yield
             return
         try:
             for m in layers:
-                m._holding = True
+                m._holding = threading.get_ident()
             yield
         finally:
             for m in layers:
-                m._holding, m._held = False, None
+                m._holding, m._held = None, None

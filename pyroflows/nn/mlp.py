@@ -28,6 +28,15 @@ class ScaledLinear(nn.Linear):
         """Apply the scaled affine map."""
         return F.linear(x, self.weight * self.scale, self.bias)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # the state of a plain nn.Linear (saved before the layer was scaled) holds the
+        # weight W itself: stored as W / scale, so the outputs and the step scaling stay
+        weight, scale = prefix + "weight", prefix + "scale"
+        if scale not in state_dict and weight in state_dict:
+            state_dict[weight] = state_dict[weight] / self.scale.to(state_dict[weight])
+            state_dict[scale] = self.scale.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 class ContextTrunk(DropsParamStoreLinks, nn.Module):
     """Shared body of the conditioners: hidden layers with an additive context term each.
@@ -106,10 +115,10 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
         r"""Store each layer's weight as :math:`W = c\,W'`, :math:`c = \min(1, n_0 / n)`.
 
         ``n`` is the layer's fan-in and :math:`n_0` is ``reference_fan_in``. The outputs
-        are unchanged; what changes is what an optimizer step does. Adam moves every
-        stored entry by about its learning rate, and in its first steps a row's entries
-        move together (their gradients share the sign of the unit's error times the input
-        sign), so a pre-activation moves by about :math:`\text{lr}\cdot n\,
+        are unchanged (up to rounding); what changes is what an optimizer step does. Adam
+        moves every stored entry by about its learning rate, and in its first steps a row's
+        entries move together (their gradients share the sign of the unit's error times
+        the input sign), so a pre-activation moves by about :math:`\text{lr}\cdot n\,
         \mathbb E|h|`: with ``lr = 0.01`` and ``n = 4000`` a log-scale jumps by tens in one
         step and the fit diverges. Stored as :math:`W'`, every layer moves by about
         :math:`\text{lr}\cdot \min(n, n_0)\,\mathbb E|h|`, as a layer of fan-in
@@ -119,7 +128,8 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
 
         The factor :math:`c` lives in a buffer of the layer (a MADE's kept mask entries
         become :math:`c`; a dense layer becomes a :class:`ScaledLinear` holding :math:`c`),
-        so a state dict carries it with the weight it belongs to. Calling it again with
+        so a state dict carries it with the weight it belongs to. A plain ``nn.Linear``'s
+        state loads into a :class:`ScaledLinear` as the same map. Calling it again with
         another reference re-scales from the current factor.
         """
         from pyroflows.nn.made import MaskedLinear  # made.py builds on this module
@@ -130,7 +140,9 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
             target = min(1.0, reference_fan_in / layer.in_features)
             if isinstance(layer, MaskedLinear):
                 factor = layer.mask
-                now = float(factor.max()) or 1.0  # the kept entries' current factor
+                now = float(factor.max())  # the kept entries' current factor
+                if now == 0.0:  # no connection kept (a MADE's output for D = 1)
+                    continue
             elif isinstance(layer, ScaledLinear):
                 factor = layer.scale
                 now = float(factor)
@@ -148,7 +160,7 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
                 else:
                     self.output_layer = layer
                 factor, now = layer.scale, 1.0
-            if target != now:
+            if abs(target - now) > 1e-6 * target:  # the factor is stored in float32
                 layer.weight.mul_(now / target)
                 factor.mul_(target / now)
 

@@ -506,6 +506,38 @@ def test_the_batch_check_of_an_iaf_guide_inverts_no_flow(sequential_runs, monkey
     torch.testing.assert_close(log_w, expected, rtol=1e-4, atol=1e-3)
 
 
+def test_the_batch_check_still_rescores_a_guide_subclass_that_mixes_draws(sequential_runs):
+    # only Pyro's own Gaussian/IAF guides and AutoFlow made of pyroflows layers are taken
+    # at their batch's word: a subclass whose posterior mixes the draws is caught
+    from pyro.distributions.transforms import Transform
+    from pyro.infer.autoguide import AutoMultivariateNormal
+
+    class ShiftByTheBatch(Transform):  # log-det of each draw reads the whole batch
+        domain = codomain = constraints.real_vector
+        bijective = True
+
+        def _call(self, u):
+            return u
+
+        def _inverse(self, x):
+            return x
+
+        def log_abs_det_jacobian(self, u, x):
+            return 5.0 * (u.mean(0, keepdim=True) ** 2).sum(-1).expand(u.shape[:-1])
+
+    class MixingGuide(AutoMultivariateNormal):
+        def get_posterior(self, *args, **kwargs):
+            q = super().get_posterior(*args, **kwargs)
+            return dist.TransformedDistribution(q, [ShiftByTheBatch()])
+
+    y = torch.randn(30)
+    pyro.set_rng_seed(0)
+    guide = MixingGuide(hierarchical_model)
+    guide(y)
+    importance_draws(hierarchical_model, guide, y, num_samples=40)
+    assert sequential_runs  # the guide's side of the check failed: one draw at a time
+
+
 def test_the_batch_check_of_an_autoguide_still_catches_a_model_that_mixes_draws(
     sequential_runs,
 ):

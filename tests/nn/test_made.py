@@ -146,6 +146,39 @@ def test_scaled_updates_rescale_from_the_current_factor_and_keep_the_order():
         made.scale_updates(0)
 
 
+@pytest.mark.parametrize("fan_in", [107, 121, 219, 240, 282])  # 64 / n not exact in float32
+def test_scaling_twice_changes_nothing(fan_in):
+    made = MADE(fan_in, params=2, hidden=(fan_in,), zero_init=False)
+    single = MADE(1, params=2, hidden=(80,), zero_init=False)  # output mask all zero
+    for module in (made, single):
+        module.scale_updates(64)
+        state = {k: v.clone() for k, v in module.state_dict().items()}
+        module.scale_updates(64)
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, state[key]), key
+
+
+def test_held_weights_belong_to_the_thread_that_holds_them():
+    import threading
+
+    torch.manual_seed(0)
+    made = MADE(4, params=2, hidden=(8,), zero_init=False)
+    x = torch.randn(3, 4)
+    grads = []
+
+    def train():  # another thread, while this one holds the weights without gradients
+        made(x).sum().backward()
+        grads.append(made.hidden_layers[0].weight.grad)
+
+    with torch.no_grad(), made.masked_weights_held():
+        made(x)  # held, without a graph
+        worker = threading.Thread(target=train)
+        worker.start()
+        worker.join()
+    assert grads[0] is not None  # it used this thread's held weight, which has no graph
+    assert grads[0].abs().sum() > 0
+
+
 def test_masks_are_buffers_that_move_with_the_module():
     made = MADE(3, hidden=(8,)).double()
     names = dict(made.named_buffers())

@@ -117,3 +117,16 @@ def test_scaled_updates_of_a_dense_network_keep_its_outputs_and_its_context():
     copy.scale_updates(64)
     copy.load_state_dict(mlp.state_dict())
     torch.testing.assert_close(copy(x.double(), c.double()), mlp(x.double(), c.double()))
+
+
+def test_a_plain_state_loads_into_a_scaled_network_as_the_same_map():
+    torch.manual_seed(0)
+    plain = MLP(8, 5, params=2, hidden=(512,), zero_init=False)
+    scaled = MLP(8, 5, params=2, hidden=(512,), zero_init=False)
+    scaled.scale_updates(64)
+    scaled.load_state_dict(plain.state_dict())  # saved before the layers were scaled
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(scaled(x), plain(x))
+    assert scaled.output_layer.scale.item() == 64 / 512  # and its steps stay scaled
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # the other way is refused
+        plain.load_state_dict(scaled.state_dict())

@@ -90,10 +90,11 @@ def test_recovers_a_correlated_gaussian_from_the_plain_start():
 def test_recovers_positive_and_simplex_sites():
     guide = AutoFlow(constrained_model, estimator="stl")
     train(constrained_model, guide, 2000)
-    samples = Predictive(constrained_model, guide=guide, num_samples=20000)()
+    # 5000 draws: Predictive runs the guide once a draw (20000 took 36 s of the suite)
+    samples = Predictive(constrained_model, guide=guide, num_samples=5000)()
     scale, probs = samples["scale"], samples["probs"]
-    assert scale.shape == (20000,)
-    assert probs.shape == (20000, 3)
+    assert scale.shape == (5000,)
+    assert probs.shape == (5000, 3)
     assert (scale > 0).all()
     assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
     mu, s = 0.5, 0.4

@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: perturbing parameters off the identity, Jacobians."""
+"""Helpers shared by the tests: perturbing parameters off the identity, Jacobians, steps."""
 
 from __future__ import annotations
 
@@ -40,3 +40,12 @@ def batched_jacobian(fn, u: torch.Tensor) -> torch.Tensor:
 
 def tolerance(dtype: torch.dtype) -> dict:
     return {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 1e-8, "rtol": 1e-8}
+
+
+def one_adam_step_moves_outputs_by(module: nn.Module, *inputs: torch.Tensor) -> float:
+    """The largest change of ``module(*inputs)`` after one Adam step (lr 0.01) on its sum."""
+    before = module(*inputs).detach()
+    optimizer = torch.optim.Adam(module.parameters(), lr=0.01)
+    module(*inputs).sum().backward()
+    optimizer.step()
+    return (module(*inputs).detach() - before).abs().max().item()

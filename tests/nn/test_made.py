@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pyroflows.nn import MADE, MaskedLinear
+from tests.helpers import one_adam_step_moves_outputs_by
 
 
 def jacobian_support(made: MADE, dim: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,14 +100,6 @@ def test_held_masked_weights_give_the_same_outputs_and_gradients():
     assert (dep[0, 3, 0, :3] != 0).any()
 
 
-def _one_adam_step_moves_outputs_by(made: MADE, x: torch.Tensor) -> float:
-    before = made(x).detach()
-    optimizer = torch.optim.Adam(made.parameters(), lr=0.01)
-    made(x).sum().backward()
-    optimizer.step()
-    return (made(x).detach() - before).abs().max().item()
-
-
 def test_scaled_updates_keep_the_outputs_and_move_wide_layers_as_narrow_ones():
     # (the dense MLP's twin is in tests/nn/test_mlp.py)
     x = torch.randn(4, 8)
@@ -122,7 +115,7 @@ def test_scaled_updates_keep_the_outputs_and_move_wide_layers_as_narrow_ones():
             first, *wide = masks  # fan-in 8 <= 64: left exactly as it was
             assert set(first.unique().tolist()) == {0.0, 1.0}
             assert all(set(m.unique().tolist()) == {0.0, 64 / 1024} for m in wide)
-        moves[reference] = _one_adam_step_moves_outputs_by(made, x)
+        moves[reference] = one_adam_step_moves_outputs_by(made, x)
     # Adam's first step moves a row's 1024 entries together: the unscaled outputs jump
     assert moves[64] < moves[None] / 4
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pyroflows.nn import MADE, MLP
+from tests.helpers import one_adam_step_moves_outputs_by
 
 
 def test_shapes_and_context_broadcast():
@@ -106,11 +107,7 @@ def test_scaled_updates_of_a_dense_network_keep_its_outputs_and_its_context():
             assert mlp.output_layer.scale.item() == 128 / 512
             torch.testing.assert_close(mlp(x.double(), c.double()), plain)
             mlp.scale_updates(64)
-        before = mlp(x.double(), c.double()).detach()
-        optimizer = torch.optim.Adam(mlp.parameters(), lr=0.01)
-        mlp(x.double(), c.double()).sum().backward()
-        optimizer.step()
-        moves[reference] = (mlp(x.double(), c.double()).detach() - before).abs().max().item()
+        moves[reference] = one_adam_step_moves_outputs_by(mlp, x.double(), c.double())
     assert moves[64] < moves[None] / 4  # a 512-wide row no longer moves as one
     # the scaled network is a module like any other: its state dict holds the masks
     copy = MLP(8, 5, params=2, hidden=(512, 512), context=3).double()

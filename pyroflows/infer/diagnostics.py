@@ -16,7 +16,9 @@ tail of :math:`p/q` is, and so whether the guide can be trusted (Yao et al. 2018
 Weights are computed vectorized over the draws (one model and one guide run under a
 particle plate, Pyro's ``vectorized_importance_weights``) when the model broadcasts, and
 one draw at a time when it does not, or when two draws scored one at a time disagree
-with the batch (a model that runs under the plate but mixes the draws up). The weights
+with the batch (a model that runs under the plate but mixes the draws up); a guide that
+draws as one distribution does (AutoFlow, Pyro's Gaussian and IAF autoguides) then still
+draws the whole batch in one run, and only the model runs once a draw. The weights
 need the model's full likelihood and a guide with a density: a model that subsamples a
 plate, and a point-mass guide (``AutoDelta``), are refused.
 
@@ -403,7 +405,7 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, ob
             # (if that fails too, its error is the model's own, and it is raised: the
             # particle-plate error above stays attached as its context)
             log_w, samples, pointwise = _sequential_draws(
-                model, guide, args, kwargs, num_samples, derived, sites
+                model, guide, args, kwargs, num_samples, derived, sites, nesting
             )
         else:
             # the check's runs may draw (a model wrapped by an autoguide's init_loc_fn draws
@@ -414,7 +416,7 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, ob
                 )
             if not agrees:
                 log_w, samples, pointwise = _sequential_draws(
-                    model, guide, args, kwargs, num_samples, derived, sites
+                    model, guide, args, kwargs, num_samples, derived, sites, nesting
                 )
     latents = [value for name, value in samples.items() if name not in derived]
     if num_samples > 1 and latents and all(bool((v == v[:1]).all()) for v in latents):
@@ -680,8 +682,20 @@ def _rng_kept(device: torch.device):
     return torch.random.fork_rng(devices=devices)
 
 
-def _sequential_draws(model, guide, args, kwargs, num_samples, derived=(), sites=None):
-    """One model and guide run per draw, for models that do not broadcast."""
+def _sequential_draws(
+    model, guide, args, kwargs, num_samples, derived=(), sites=None, nesting: int | None = None
+):
+    r"""One model run per draw, for models that do not broadcast.
+
+    The guide runs once per draw too, unless it batches its draws as a distribution does
+    (:func:`_batches_like_a_distribution`): then one run under a particle plate at batch
+    dim ``-(nesting + 1)`` draws them all, with each draw's :math:`\log q`, and only the
+    model runs once per draw, conditioned on the draw (an AutoFlow draw costs a third).
+    """
+    if nesting is not None and _batches_like_a_distribution(guide):
+        batch = _guide_batch(guide, args, kwargs, num_samples, nesting)
+        if batch is not None:
+            return _sequential_model_draws(model, args, kwargs, *batch, derived, sites)
     sites = sites or {}
     log_ws, draws, liks, rests = [], [], [], []
     for _ in range(num_samples):
@@ -704,6 +718,66 @@ def _sequential_draws(model, guide, args, kwargs, num_samples, derived=(), sites
             rest = model_trace.log_prob_sum(lambda name, _: name not in sites)
             rests.append(torch.as_tensor(rest - guide_trace.log_prob_sum()))
     samples = {n: torch.stack([d[n] for d in draws]) for n in draws[0]}
+    pointwise = None
+    if sites:
+        log_lik = {n: torch.stack([lik[n] for lik in liks]) for n in sites}
+        pointwise = _Pointwise(sites, log_lik, torch.stack(rests), False)
+    return torch.stack(log_ws), samples, pointwise
+
+
+def _guide_batch(guide, args, kwargs, num_samples: int, nesting: int):
+    r"""A guide's draws from one run under a particle plate: ``(draws, log_q)``.
+
+    ``draws`` maps each of the guide's sample sites (auxiliary ones too) to its values,
+    ``(num_samples, *site_shape)``; ``log_q`` is each draw's :math:`\log q`, shape
+    ``(num_samples,)``. ``None`` when the guide does not run under the plate.
+    """
+    particles = pyro.plate("num_particles_vectorized", num_samples, dim=-(nesting + 1))
+    try:
+        single = poutine.trace(guide).get_trace(*args, **kwargs)
+        with particles:
+            guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
+        guide_trace.compute_log_prob()
+        guide_trace.pack_tensors()
+        log_q = _vectorized_log_q(guide, guide_trace, num_samples)
+        draws = {
+            n: _particles(
+                guide_trace.nodes[n], single.nodes[n]["value"].shape, num_samples, nesting
+            )
+            for n in _guide_sites(single)
+        }
+    except (RuntimeError, ValueError, KeyError):
+        return None
+    return draws, log_q
+
+
+def _sequential_model_draws(model, args, kwargs, draws, log_q, derived, sites):
+    """:func:`_sequential_draws` for a batch of guide draws: the model runs once a draw."""
+    sites = sites or {}
+    num_samples = log_q.shape[0]
+    log_ws, values, liks, rests = [], {n: [] for n in derived}, [], []
+    names = None
+    for s in range(num_samples):
+        draw = {n: value[s] for n, value in draws.items()}
+        model_trace = poutine.trace(poutine.condition(model, data=draw)).get_trace(*args, **kwargs)
+        model_trace.compute_log_prob()
+        log_ws.append(model_trace.log_prob_sum() - log_q[s])
+        if names is None:  # the conditioning made them observed: the guide's, in the model
+            names = [
+                n
+                for n, site in model_trace.nodes.items()
+                if site["type"] == "sample" and n in draws and not site_is_subsample(site)
+            ]
+        for n in derived:
+            values[n].append(model_trace.nodes[n]["value"])
+        if sites:
+            nodes = model_trace.nodes
+            liks.append(
+                {n: nodes[n]["unscaled_log_prob"].expand(d.shape) for n, d in sites.items()}
+            )
+            rests.append(model_trace.log_prob_sum(lambda name, _: name not in sites) - log_q[s])
+    samples = {n: draws[n] for n in names}
+    samples.update((n, torch.stack(values[n])) for n in derived)
     pointwise = None
     if sites:
         log_lik = {n: torch.stack([lik[n] for lik in liks]) for n in sites}

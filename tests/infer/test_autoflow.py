@@ -249,9 +249,10 @@ def test_a_start_the_model_cannot_take_is_skipped_when_the_model_does_not_broadc
     pyro.set_rng_seed(0)
     guide = AutoFlow(model, init_scale=0.5)  # the grid reaches scale 5
     guide()  # raised the particle plate's shape error before
-    # the wide starts (and Laplace's, 2 sd from |rho| = 1) fail on some draws: a narrow one won
-    assert guide.anchor == "init"
-    assert guide.anchor_scale_tril.item() < 0.2
+    # the plain starts of scale 0.5, 1.6 and 5 fail on some draws (|rho| >= 1) and are
+    # skipped; a narrow plain start (0.05, 0.16) or Laplace's (sd 0.33, 2.9 sd from
+    # |rho| = 1: a draw there in about 60% of its 256-draw scorings) wins
+    assert guide.anchor_scale_tril.item() < 0.4
     assert torch.isfinite(torch.tensor(Trace_ELBO().loss(model, guide)))
 
 

@@ -559,6 +559,47 @@ def test_the_batch_check_of_an_autoguide_still_catches_a_model_that_mixes_draws(
     torch.testing.assert_close(log_w, expected, rtol=1e-4, atol=1e-4)
 
 
+def mixing_model(y):
+    a = pyro.sample("a", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+    s = pyro.sample("s", dist.LogNormal(0.0, 0.5))
+    pyro.deterministic("shift", a.sum(-1))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(a.sum(), s), obs=y)  # sums every draw's a
+
+
+@pytest.mark.parametrize("guide_class", ["AutoMultivariateNormal", "AutoFlow"])
+def test_a_distribution_like_guide_draws_once_for_a_model_scored_one_draw_at_a_time(
+    guide_class, sequential_runs
+):
+    # the model runs once a draw; the guide, one batch: its draws, log q and the
+    # Jacobian of each constrained site must still give each draw's own weight
+    import pyro.infer.autoguide
+
+    from pyroflows import AutoFlow
+    from pyroflows.infer.diagnostics import _draws
+
+    y = torch.tensor([0.5, -0.3, 1.2, 0.1])
+    make = AutoFlow if guide_class == "AutoFlow" else getattr(pyro.infer.autoguide, guide_class)
+    guide = make(mixing_model)
+    guide(y)
+    posterior = guide.get_posterior
+    calls = []
+    guide.get_posterior = lambda *a: calls.append(1) or posterior(*a)
+    log_w, samples, pointwise = _draws(mixing_model, guide, (y,), {}, 40, True, observed=True)
+    assert sequential_runs
+    assert len(calls) <= 4  # not one guide run a draw (40)
+    with torch.no_grad():
+        a, s = samples["a"], samples["s"]
+        log_q = posterior().log_prob(torch.cat([a, s.log()[:, None]], -1)) - s.log()
+        lik = dist.Normal(a.sum(-1, keepdim=True), s[:, None]).log_prob(y)
+        log_p = dist.Normal(0.0, 1.0).log_prob(a).sum(-1) + dist.LogNormal(0.0, 0.5).log_prob(s)
+    torch.testing.assert_close(log_w, log_p + lik.sum(-1) - log_q, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(samples["shift"], a.sum(-1))
+    torch.testing.assert_close(pointwise.log_lik["y"], lik)
+    torch.testing.assert_close(pointwise.rest, log_p - log_q, rtol=1e-4, atol=1e-4)
+    assert len(set(s.tolist())) == 40  # forty draws, not one repeated
+
+
 # ---------------------------------------------------------------- log-likelihood and LOO
 
 PRIOR_SD, NOISE_SD = 2.0, 1.0

@@ -13,12 +13,13 @@ built on ``PyroParam``, takes the store's values.
 persistent buffers: an anchor, a permutation, ActNorm's flag) as the store's entry of
 the same name, checked at every call. Where the entry holds another tensor:
 
-* a tensor no mirror put there (a loaded store, ``set_state``) wins: its values are
-  copied into the module's tensor in place, as ``load_state_dict`` does, so the
-  optimizer's state and any aliases keep the module's tensors. Only a store that covers
-  the whole module, with the same shapes and no entries of its own under the module's
-  name, is taken; a store of another guide (another flow, size or model) is refused,
-  naming the entries and the way out (``pyro.clear_param_store()``);
+* a tensor no mirror put there (a loaded store, ``set_state``; or one a mirror put in
+  the store before a ``pyro.clear_param_store()``, which ``set_state`` put back) wins:
+  its values are copied into the module's tensor in place, as ``load_state_dict`` does,
+  so the optimizer's state and any aliases keep the module's tensors. Only a store that
+  covers the whole module, with the same shapes and no entries of its own under the
+  module's name, is taken; a store of another guide (another flow, size or model) is
+  refused, naming the entries and the way out (``pyro.clear_param_store()``);
 * a tensor a mirror put there (another guide of the same name, say a notebook cell run
   again) is taken over, values unchanged: the new guide starts afresh. Not by a copy of
   a guide (``copy.deepcopy``, ``torch.load``: a *passive* mirror) while another live
@@ -51,8 +52,9 @@ from pyro.poutine.trace_messenger import TraceMessenger
 from torch import nn
 from torch.distributions import constraints
 
-# id(tensor) -> a weak reference to it: every tensor some mirror put in the store
-_MIRRORED: dict[int, weakref.ref] = {}
+# id(tensor) -> (a weak reference to it, the id of the store's dict it was put in): every
+# tensor some mirror put in the store
+_MIRRORED: dict[int, tuple[weakref.ref, int]] = {}
 # store name -> the live mirror that last put a tensor there
 _HOLDERS: weakref.WeakValueDictionary[str, StoreMirror] = weakref.WeakValueDictionary()
 
@@ -63,20 +65,35 @@ _ADVICE = (
 )
 
 
+def _generation() -> int:
+    """The id of the param store's dict, which ``pyro.clear_param_store()`` replaces.
+
+    (``named_parameters().mapping`` is a new read-only view at each call: not the dict.)
+    A later store's dict can get a freed one's id back; a tensor put back then is taken
+    as a guide run again's (it starts afresh), as before this check.
+    """
+    return id(pyro.get_param_store()._params)
+
+
 def _mark(tensor: torch.Tensor) -> None:
     key = id(tensor)
 
     def forget(ref: weakref.ref, key: int = key) -> None:
-        if _MIRRORED.get(key) is ref:
+        if _MIRRORED.get(key, (None,))[0] is ref:
             del _MIRRORED[key]
 
-    _MIRRORED[key] = weakref.ref(tensor, forget)
+    _MIRRORED[key] = (weakref.ref(tensor, forget), _generation())
 
 
 def _mirrored(tensor: torch.Tensor) -> bool:
-    """Whether a mirror put ``tensor`` in the store."""
-    ref = _MIRRORED.get(id(tensor))
-    return ref is not None and ref() is tensor
+    """Whether a mirror put ``tensor`` in the store, since it was last cleared.
+
+    ``pyro.clear_param_store()`` gives the store a new dict: a tensor a mirror put in
+    the old one and found in the new one was put back by the user
+    (``set_state`` of an earlier ``get_state``), so its values are to be taken.
+    """
+    ref, where = _MIRRORED.get(id(tensor), (None, None))
+    return ref is not None and ref() is tensor and where == _generation()
 
 
 class StoreMirror:

@@ -151,6 +151,25 @@ def test_a_second_guide_of_the_same_name_starts_afresh_and_trains():
     assert_same_state(state(first), kept)
 
 
+def test_a_state_set_after_a_clear_restores_a_new_guide():
+    # get_state hands out the live guide's own tensors; after clear_param_store() and
+    # set_state they are the user's restored values, not a guide run again to start afresh
+    first = AutoFlow(model)
+    train(first, 20)
+    saved = state(first)
+    snapshot = pyro.get_param_store().get_state()
+    pyro.clear_param_store()
+    second = AutoFlow(model)
+    second()  # built before the state comes back, as well as after
+    pyro.get_param_store().set_state(snapshot)
+    second()
+    assert_same_state(state(second), saved)
+    train(second, 5)
+    assert moved(saved, second) > 1e-3
+    assert_same_state(state(first), saved)  # each guide has its own tensors
+    assert pyro.get_param_store()["AutoFlow.linear$$$bias"] is second.linear.bias
+
+
 def test_a_deepcopy_snapshot_keeps_its_values_and_the_live_guide_trains_on():
     guide = AutoFlow(model)
     train(guide, 10)

@@ -56,7 +56,7 @@ from pyro.infer.autoguide import (
 from pyro.infer.importance import vectorized_importance_weights
 from pyro.infer.util import plate_log_prob_sum
 from pyro.poutine.uncondition_messenger import UnconditionMessenger
-from pyro.poutine.util import site_is_subsample
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
 from pyroflows._checks import check_positive_int, warn_from_caller
 
@@ -405,7 +405,7 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, ob
             # (if that fails too, its error is the model's own, and it is raised: the
             # particle-plate error above stays attached as its context)
             log_w, samples, pointwise = _sequential_draws(
-                model, guide, args, kwargs, num_samples, derived, sites, nesting
+                model, guide, args, kwargs, num_samples, derived, sites, first
             )
         else:
             # the check's runs may draw (a model wrapped by an autoguide's init_loc_fn draws
@@ -416,7 +416,7 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, ob
                 )
             if not agrees:
                 log_w, samples, pointwise = _sequential_draws(
-                    model, guide, args, kwargs, num_samples, derived, sites, nesting
+                    model, guide, args, kwargs, num_samples, derived, sites, first
                 )
     latents = [value for name, value in samples.items() if name not in derived]
     if num_samples > 1 and latents and all(bool((v == v[:1]).all()) for v in latents):
@@ -682,20 +682,22 @@ def _rng_kept(device: torch.device):
     return torch.random.fork_rng(devices=devices)
 
 
-def _sequential_draws(
-    model, guide, args, kwargs, num_samples, derived=(), sites=None, nesting: int | None = None
-):
+def _sequential_draws(model, guide, args, kwargs, num_samples, derived=(), sites=None, first=None):
     r"""One model run per draw, for models that do not broadcast.
 
     The guide runs once per draw too, unless it batches its draws as a distribution does
-    (:func:`_batches_like_a_distribution`): then one run under a particle plate at batch
-    dim ``-(nesting + 1)`` draws them all, with each draw's :math:`\log q`, and only the
-    model runs once per draw, conditioned on the draw (an AutoFlow draw costs a third).
+    (:func:`_batches_like_a_distribution`) and ``first`` (a trace of the model) is given:
+    then one run under a particle plate left of the model's plates draws them all, with
+    each draw's :math:`\log q`, and only the model runs once per draw, its latent sites
+    conditioned on the draw (an AutoFlow draw costs a third).
     """
-    if nesting is not None and _batches_like_a_distribution(guide):
-        batch = _guide_batch(guide, args, kwargs, num_samples, nesting)
+    if first is not None and _batches_like_a_distribution(guide):
+        batch = _guide_batch(guide, args, kwargs, num_samples, _nesting(first))
         if batch is not None:
-            return _sequential_model_draws(model, args, kwargs, *batch, derived, sites)
+            draws, log_q = batch
+            observed = {n for n, site in first.nodes.items() if site.get("is_observed")}
+            draws = {n: value for n, value in draws.items() if n not in observed}
+            return _sequential_model_draws(model, args, kwargs, draws, log_q, derived, sites)
     sites = sites or {}
     log_ws, draws, liks, rests = [], [], [], []
     for _ in range(num_samples):
@@ -733,21 +735,22 @@ def _guide_batch(guide, args, kwargs, num_samples: int, nesting: int):
     ``(num_samples,)``. ``None`` when the guide does not run under the plate.
     """
     particles = pyro.plate("num_particles_vectorized", num_samples, dim=-(nesting + 1))
+    single = poutine.trace(guide).get_trace(*args, **kwargs)
     try:
-        single = poutine.trace(guide).get_trace(*args, **kwargs)
         with particles:
             guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
         guide_trace.compute_log_prob()
-        guide_trace.pack_tensors()
-        log_q = _vectorized_log_q(guide, guide_trace, num_samples)
-        draws = {
-            n: _particles(
-                guide_trace.nodes[n], single.nodes[n]["value"].shape, num_samples, nesting
-            )
-            for n in _guide_sites(single)
-        }
-    except (RuntimeError, ValueError, KeyError):
+    except (RuntimeError, ValueError):  # the guide does not run under the plate
         return None
+    # the plates' index draws (the guide enters the model's plates) are not the guide's
+    # draws, and their log-density (a 0) has no particle dim
+    guide_trace = prune_subsample_sites(guide_trace)
+    guide_trace.pack_tensors()
+    log_q = _vectorized_log_q(guide, guide_trace, num_samples)
+    draws = {
+        n: _particles(guide_trace.nodes[n], single.nodes[n]["value"].shape, num_samples, nesting)
+        for n in _guide_sites(single)
+    }
     return draws, log_q
 
 

@@ -564,7 +564,8 @@ def mixing_model(y):
     s = pyro.sample("s", dist.LogNormal(0.0, 0.5))
     pyro.deterministic("shift", a.sum(-1))
     with pyro.plate("data", len(y)):
-        pyro.sample("y", dist.Normal(a.sum(), s), obs=y)  # sums every draw's a
+        u = pyro.sample("u", dist.Normal(0.0, 1.0))  # a local latent: the guide has the plate
+        pyro.sample("y", dist.Normal(a.sum() + u, s), obs=y)  # sums every draw's a
 
 
 @pytest.mark.parametrize("guide_class", ["AutoMultivariateNormal", "AutoFlow"])
@@ -589,15 +590,35 @@ def test_a_distribution_like_guide_draws_once_for_a_model_scored_one_draw_at_a_t
     assert sequential_runs
     assert len(calls) <= 4  # not one guide run a draw (40)
     with torch.no_grad():
-        a, s = samples["a"], samples["s"]
-        log_q = posterior().log_prob(torch.cat([a, s.log()[:, None]], -1)) - s.log()
-        lik = dist.Normal(a.sum(-1, keepdim=True), s[:, None]).log_prob(y)
-        log_p = dist.Normal(0.0, 1.0).log_prob(a).sum(-1) + dist.LogNormal(0.0, 0.5).log_prob(s)
+        a, s, u = samples["a"], samples["s"], samples["u"]
+        log_q = posterior().log_prob(torch.cat([a, s.log()[:, None], u], -1)) - s.log()
+        lik = dist.Normal(a.sum(-1, keepdim=True) + u, s[:, None]).log_prob(y)
+        log_p = dist.Normal(0.0, 1.0).log_prob(torch.cat([a, u], -1)).sum(-1)
+        log_p = log_p + dist.LogNormal(0.0, 0.5).log_prob(s)
     torch.testing.assert_close(log_w, log_p + lik.sum(-1) - log_q, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(samples["shift"], a.sum(-1))
     torch.testing.assert_close(pointwise.log_lik["y"], lik)
     torch.testing.assert_close(pointwise.rest, log_p - log_q, rtol=1e-4, atol=1e-4)
     assert len(set(s.tolist())) == 40  # forty draws, not one repeated
+
+
+def test_a_guide_site_the_model_observes_keeps_the_data():
+    # a guide set up with y latent, then scored with y observed: the data stay the data
+    from pyro.infer.autoguide import AutoMultivariateNormal
+
+    from pyroflows.infer.diagnostics import _draws
+
+    def model(y=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(float(mu), 1.0), obs=y)  # float(): one draw at a time
+
+    guide = AutoMultivariateNormal(model)
+    guide()
+    y = torch.tensor(3.0)
+    _, samples, pointwise = _draws(model, guide, (y,), {}, 30, False, observed=True)
+    assert set(samples) == {"mu"}
+    expected = dist.Normal(samples["mu"], 1.0).log_prob(y)
+    torch.testing.assert_close(pointwise.log_lik["y"], expected)
 
 
 # ---------------------------------------------------------------- log-likelihood and LOO

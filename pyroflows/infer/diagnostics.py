@@ -14,7 +14,8 @@ tail of :math:`p/q` is, and so whether the guide can be trusted (Yao et al. 2018
 :class:`~pyroflows.infer.AutoFlow`, so a mean-field guide can be checked the same way.
 
 Weights are computed vectorized over the draws (one model and one guide run under a
-particle plate, Pyro's ``vectorized_importance_weights``) when the model broadcasts, and
+particle plate, Pyro's ``vectorized_importance_weights``, for each 256 draws, so that
+memory stays bounded) when the model broadcasts, and
 one draw at a time when it does not, or when two draws scored one at a time disagree
 with the batch (a model that runs under the plate but mixes the draws up); a guide that
 draws as one distribution does (AutoFlow, Pyro's Gaussian and IAF autoguides) then still
@@ -343,7 +344,7 @@ def importance_draws(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Draw from ``guide`` and weigh against ``model``: :math:`\log w_s` and the latents.
 
-    The weights are computed for all draws at once when the model broadcasts over a
+    The weights are computed 256 draws at a time when the model broadcasts over a
     particle plate, else one draw at a time. A model can run under the plate and still
     mix the draws up (``z.sum()`` over the draws instead of over the event), so two
     draws are scored again one at a time: when they disagree with the batch, every
@@ -375,31 +376,11 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, ob
         derived = _deterministic_names(first) if deterministic else []
         sites = _data_sites(first) if observed else {}
         try:
-            log_w, model_trace, guide_trace = vectorized_importance_weights(
-                model,
-                guide,
-                *args,
-                num_samples=num_samples,
-                max_plate_nesting=nesting,
-                **kwargs,
-            )
-            log_w = log_w.reshape(num_samples)
-            log_q = _vectorized_log_q(guide, guide_trace, num_samples)
-            single = poutine.trace(guide).get_trace(*args, **kwargs)
-            shapes = {n: single.nodes[n]["value"].shape for n in _guide_sites(single)}
-            draws = {
-                n: _particles(guide_trace.nodes[n], shapes[n], num_samples, nesting)
-                for n in _guide_sites(guide_trace)
-            }
-            samples = {n: draws[n] for n in _latent_names(model_trace, guide_trace)}
-            for n in derived:
-                value = _stacked(
-                    model_trace.nodes[n]["value"], first.nodes[n]["value"].shape, num_samples
-                )
-                if value is None:  # not one value per draw: the draws are mixed up
-                    raise ValueError(f"deterministic site {n!r} does not broadcast")
-                samples[n] = value
-            pointwise = _vectorized_pointwise(model_trace, guide_trace, sites, num_samples, nesting)
+            parts = [
+                _vectorized_draws(model, guide, args, kwargs, size, nesting, first, derived, sites)
+                for size in _chunks(num_samples)
+            ]
+            log_w, draws, samples, pointwise, log_q = _joined(parts)
         except (RuntimeError, ValueError):
             # the model does not broadcast over a particle plate: one draw at a time
             # (if that fails too, its error is the model's own, and it is raised: the
@@ -427,6 +408,66 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, ob
             "a guide with a density (AutoNormal, AutoFlow, ...)"
         )
     return log_w.detach(), {n: v.detach() for n, v in samples.items()}, pointwise
+
+
+#: draws scored in one run under the particle plate: a model's intermediates grow with
+#: the draws (a GP's kernel matrices, S x n x n), so 2000 draws in one run can need
+#: gigabytes that 256 at a time do not
+_CHUNK = 256
+
+
+def _chunks(num_samples: int) -> list[int]:
+    """Sizes of the runs under the particle plate that make up ``num_samples`` draws."""
+    sizes = [_CHUNK] * (num_samples // _CHUNK)
+    if num_samples % _CHUNK:
+        sizes.append(num_samples % _CHUNK)
+    return sizes
+
+
+def _vectorized_draws(model, guide, args, kwargs, num_samples, nesting, first, derived, sites):
+    """One run of model and guide under a particle plate of ``num_samples`` draws.
+
+    Returns ``(log_w, draws, samples, pointwise, log_q)`` (see :func:`_batch_agrees`);
+    raises ``RuntimeError`` or ``ValueError`` when the model does not broadcast.
+    """
+    log_w, model_trace, guide_trace = vectorized_importance_weights(
+        model, guide, *args, num_samples=num_samples, max_plate_nesting=nesting, **kwargs
+    )
+    log_w = log_w.reshape(num_samples)
+    log_q = _vectorized_log_q(guide, guide_trace, num_samples)
+    single = poutine.trace(guide).get_trace(*args, **kwargs)
+    shapes = {n: single.nodes[n]["value"].shape for n in _guide_sites(single)}
+    draws = {
+        n: _particles(guide_trace.nodes[n], shapes[n], num_samples, nesting)
+        for n in _guide_sites(guide_trace)
+    }
+    samples = {n: draws[n] for n in _latent_names(model_trace, guide_trace)}
+    for n in derived:
+        value = _stacked(model_trace.nodes[n]["value"], first.nodes[n]["value"].shape, num_samples)
+        if value is None:  # not one value per draw: the draws are mixed up
+            raise ValueError(f"deterministic site {n!r} does not broadcast")
+        samples[n] = value
+    pointwise = _vectorized_pointwise(model_trace, guide_trace, sites, num_samples, nesting)
+    return log_w, draws, samples, pointwise, log_q
+
+
+def _joined(parts: list[tuple]):
+    """The results of :func:`_vectorized_draws` runs, joined along the draws."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(dicts: list[dict]) -> dict:
+        return {n: torch.cat([d[n] for d in dicts]) for n in dicts[0]}
+
+    log_ws, draws, samples, pointwises, log_qs = zip(*parts, strict=True)
+    pointwise = None
+    if pointwises[0] is not None:
+        first = pointwises[0]
+        log_lik = cat([p.log_lik for p in pointwises])
+        rest = torch.cat([p.rest for p in pointwises])
+        pointwise = _Pointwise(first.sites, log_lik, rest, first.vectorized)
+    log_q = None if log_qs[0] is None else torch.cat(log_qs)
+    return torch.cat(log_ws), cat(draws), cat(samples), pointwise, log_q
 
 
 @dataclass(frozen=True)

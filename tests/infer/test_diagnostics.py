@@ -559,6 +559,43 @@ def test_the_batch_check_of_an_autoguide_still_catches_a_model_that_mixes_draws(
     torch.testing.assert_close(log_w, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_draws_are_scored_in_runs_of_at_most_chunk_draws_that_join_up(monkeypatch):
+    # a model's intermediates grow with the draws under the plate (a GP's S x n x n
+    # kernels): many draws are scored a chunk at a time, and the chunks join up
+    from pyroflows.infer import diagnostics
+
+    sizes = []
+    vectorized = diagnostics.vectorized_importance_weights
+    monkeypatch.setattr(diagnostics, "_CHUNK", 7)
+    monkeypatch.setattr(
+        diagnostics,
+        "vectorized_importance_weights",
+        lambda *a, **k: sizes.append(k["num_samples"]) or vectorized(*a, **k),
+    )
+    y = torch.tensor([0.5, -1.0, 2.0])
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        pyro.deterministic("double", 2 * mu)
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    def guide(y):
+        pyro.sample("mu", dist.Normal(0.3, 0.5))
+
+    log_w, samples, pointwise = diagnostics._draws(model, guide, (y,), {}, 20, True, True)
+    assert sizes == [7, 7, 6]
+    mu = samples["mu"]
+    assert len(set(mu.tolist())) == 20
+    lik = dist.Normal(mu[:, None], 1.0).log_prob(y)
+    prior_over_q = dist.Normal(0.0, 2.0).log_prob(mu) - dist.Normal(0.3, 0.5).log_prob(mu)
+    torch.testing.assert_close(log_w, prior_over_q + lik.sum(-1))
+    torch.testing.assert_close(samples["double"], 2 * mu)
+    torch.testing.assert_close(pointwise.log_lik["y"], lik)
+    torch.testing.assert_close(pointwise.rest, prior_over_q)
+    assert pointwise.vectorized
+
+
 def mixing_model(y):
     a = pyro.sample("a", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
     s = pyro.sample("s", dist.LogNormal(0.0, 0.5))

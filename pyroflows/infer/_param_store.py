@@ -65,14 +65,22 @@ _ADVICE = (
 )
 
 
-def _generation() -> int:
-    """The id of the param store's dict, which ``pyro.clear_param_store()`` replaces.
+# the param store's dict when last looked at, and a count of the dicts seen
+_STORE: list[Any] = [None, 0]
 
-    (``named_parameters().mapping`` is a new read-only view at each call: not the dict.)
-    A later store's dict can get a freed one's id back; a tensor put back then is taken
-    as a guide run again's (it starts afresh), as before this check.
+
+def _generation() -> int:
+    """A number that changes when ``pyro.clear_param_store()`` gives the store a new dict.
+
+    The dict is held (not its id, which CPython hands out again after a few clears), so
+    a new one is always told from it. ``named_parameters().mapping`` is a new read-only
+    view at each call: not the dict.
     """
-    return id(pyro.get_param_store()._params)
+    entries = pyro.get_param_store()._params
+    if entries is not _STORE[0]:
+        _STORE[0] = entries
+        _STORE[1] += 1
+    return _STORE[1]
 
 
 def _mark(tensor: torch.Tensor) -> None:
@@ -158,9 +166,14 @@ class StoreMirror:
         if self.passive and self._held_by_another(tensors):
             return []  # a copy leaves the store to the live guide that holds the names
         taken, foreign = [], []
+        generation = _generation()
         for store_name, tensor in tensors:
             theirs = entries.get(store_name)
             if theirs is tensor:
+                # its own, perhaps put back after a clear: its own from now on, so a guide
+                # of the same name made later starts afresh (not with these values)
+                if _MIRRORED.get(id(tensor), (None, generation))[1] != generation:
+                    _mark(tensor)
                 continue
             if theirs is None or _mirrored(theirs):
                 taken.append((store_name, tensor))

@@ -417,11 +417,14 @@ _CHUNK = 256
 
 
 def _chunks(num_samples: int) -> list[int]:
-    """Sizes of the runs under the particle plate that make up ``num_samples`` draws."""
-    sizes = [_CHUNK] * (num_samples // _CHUNK)
-    if num_samples % _CHUNK:
-        sizes.append(num_samples % _CHUNK)
-    return sizes
+    """Sizes of the runs under the particle plate that make up ``num_samples`` draws.
+
+    At most ``_CHUNK`` each and as equal as can be: a run of one draw could not show
+    a model that mixes the draws up to the batch check, which reads the last draw.
+    """
+    count = -(-num_samples // _CHUNK)
+    size, extra = divmod(num_samples, count)
+    return [size + 1] * extra + [size] * (count - extra)
 
 
 def _vectorized_draws(model, guide, args, kwargs, num_samples, nesting, first, derived, sites):

@@ -596,6 +596,34 @@ def test_draws_are_scored_in_runs_of_at_most_chunk_draws_that_join_up(monkeypatc
     assert pointwise.vectorized
 
 
+def test_no_chunk_is_a_single_draw_the_batch_check_could_not_read(monkeypatch):
+    from pyroflows.infer import diagnostics
+
+    assert diagnostics._chunks(256) == [256]
+    assert diagnostics._chunks(257) == [129, 128]
+    assert diagnostics._chunks(513) == [171, 171, 171]
+    assert diagnostics._chunks(1) == [1]
+    monkeypatch.setattr(diagnostics, "_CHUNK", 8)
+
+    def model():
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        # under the particle plate a running sum over the draws: draw 0 is left alone,
+        # and only a run of two draws or more shows it
+        pyro.sample("obs", dist.Normal(mu.cumsum(0), 1.0), obs=torch.tensor(0.5))
+
+    def guide():
+        pyro.sample("mu", dist.Normal(0.2, 0.8))
+
+    log_w, draws = importance_draws(model, guide, num_samples=17)  # chunks of 8, 8, 1 before
+    z = draws["mu"]
+    expected = (
+        dist.Normal(0.0, 1.0).log_prob(z)
+        + dist.Normal(z, 1.0).log_prob(torch.tensor(0.5))
+        - dist.Normal(0.2, 0.8).log_prob(z)
+    )
+    torch.testing.assert_close(log_w, expected)
+
+
 def mixing_model(y):
     a = pyro.sample("a", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
     s = pyro.sample("s", dist.LogNormal(0.0, 0.5))

@@ -151,14 +151,16 @@ def test_a_second_guide_of_the_same_name_starts_afresh_and_trains():
     assert_same_state(state(first), kept)
 
 
-def test_a_state_set_after_a_clear_restores_a_new_guide():
+@pytest.mark.parametrize("clears", [1, 4])  # CPython hands a dict's id out again
+def test_a_state_set_after_a_clear_restores_a_new_guide(clears):
     # get_state hands out the live guide's own tensors; after clear_param_store() and
     # set_state they are the user's restored values, not a guide run again to start afresh
     first = AutoFlow(model)
     train(first, 20)
     saved = state(first)
     snapshot = pyro.get_param_store().get_state()
-    pyro.clear_param_store()
+    for _ in range(clears):
+        pyro.clear_param_store()
     second = AutoFlow(model)
     second()  # built before the state comes back, as well as after
     pyro.get_param_store().set_state(snapshot)
@@ -168,6 +170,20 @@ def test_a_state_set_after_a_clear_restores_a_new_guide():
     assert moved(saved, second) > 1e-3
     assert_same_state(state(first), saved)  # each guide has its own tensors
     assert pyro.get_param_store()["AutoFlow.linear$$$bias"] is second.linear.bias
+
+
+def test_a_guide_run_again_after_one_took_its_own_state_back_starts_afresh():
+    first = AutoFlow(model)
+    train(first, 20)
+    snapshot = pyro.get_param_store().get_state()
+    pyro.clear_param_store()
+    pyro.get_param_store().set_state(snapshot)
+    train(first, 5)  # its own tensors, back in the store: its own from here on
+    kept = state(first)
+    second = AutoFlow(model)  # a notebook cell run again, without clear_param_store()
+    second()
+    assert second.anchor in ("laplace", "init")  # not "param store": not first's values
+    assert_same_state(state(first), kept)
 
 
 def test_a_deepcopy_snapshot_keeps_its_values_and_the_live_guide_trains_on():

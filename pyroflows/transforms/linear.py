@@ -113,6 +113,13 @@ class LULinear(FlowTransform):
         return u, self.log_diag.sum().expand(x.shape[:-1])
 
 
+def _is_batched(value: torch.Tensor) -> bool:
+    """Whether ``value`` is a ``torch.func.vmap`` batch (one point per call)."""
+    functorch = getattr(torch._C, "_functorch", None)
+    check = getattr(functorch, "is_batchedtensor", None)
+    return bool(check(value)) if check is not None else False
+
+
 class ActNorm(FlowTransform):
     r"""Per-coordinate affine map with data-dependent initialisation (Glow's ActNorm).
 
@@ -154,6 +161,13 @@ class ActNorm(FlowTransform):
             # trained (or set) while it waited for a batch: those values are kept
             self.initialized.fill_(True)
             return
+        if _is_batched(value):
+            raise RuntimeError(
+                "ActNorm takes its initial scale and shift from the first batch it sees, "
+                "which torch.func.vmap cannot give it (one point per call, data-dependent "
+                "branches): run the flow once on a batch, or load its state_dict, before "
+                "vmap; or build it with data_init=False"
+            )
         flat = value.reshape(-1, self.dim)
         if flat.shape[0] < 2:
             return  # one point: no spread to take, wait for a batch

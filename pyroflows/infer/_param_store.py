@@ -52,8 +52,8 @@ from pyro.poutine.trace_messenger import TraceMessenger
 from torch import nn
 from torch.distributions import constraints
 
-# id(tensor) -> (a weak reference to it, the id of the store's dict it was put in): every
-# tensor some mirror put in the store
+# id(tensor) -> (a weak reference to it, the store's generation when it was put there):
+# every tensor some mirror put in the store
 _MIRRORED: dict[int, tuple[weakref.ref, int]] = {}
 # store name -> the live mirror that last put a tensor there
 _HOLDERS: weakref.WeakValueDictionary[str, StoreMirror] = weakref.WeakValueDictionary()
@@ -65,7 +65,8 @@ _ADVICE = (
 )
 
 
-# the param store's dict when last looked at, and a count of the dicts seen
+# the param store's dict when last looked at, and a count of the dicts seen (a cleared
+# store's dict, and its tensors, stay held until a guide's next call looks again)
 _STORE: list[Any] = [None, 0]
 
 

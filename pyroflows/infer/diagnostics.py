@@ -418,14 +418,21 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, ob
 #: gigabytes that 256 at a time do not
 _CHUNK = 256
 
+#: draws of a guide in one run under the particle plate when the model is run a draw
+#: at a time: a guide's intermediates grow as S x its width (at D = 1000, 10,000 draws of
+#: the default AutoFlow peaked at 317 MB in one run); each run masks the MADEs' weights
+#: anew (0.25 s a run at that size), so the runs are larger than the model's
+_GUIDE_CHUNK = 1024
 
-def _chunks(num_samples: int) -> list[int]:
+
+def _chunks(num_samples: int, chunk: int | None = None) -> list[int]:
     """Sizes of the runs under the particle plate that make up ``num_samples`` draws.
 
-    At most ``_CHUNK`` each and as equal as can be: a run of one draw could not show
-    a model that mixes the draws up to the batch check, which reads the last draw.
+    At most ``chunk`` (default ``_CHUNK``) each and as equal as can be: a run of one draw
+    could not show a model that mixes the draws up to the batch check, which reads the
+    last draw.
     """
-    count = -(-num_samples // _CHUNK)
+    count = -(-num_samples // (chunk or _CHUNK))
     size, extra = divmod(num_samples, count)
     return [size + 1] * extra + [size] * (count - extra)
 
@@ -781,31 +788,46 @@ def _runs_with_the_guide(model, guide, args, kwargs, num_samples):
 
 
 def _runs_on_a_guide_batch(model, guide, args, kwargs, num_samples, first):
-    """:func:`_runs_with_the_guide`'s runs from one guide run for all draws, or ``None``.
+    """:func:`_runs_with_the_guide`'s runs from guide runs for all draws, or ``None``.
 
+    The guide draws in runs of at most ``_GUIDE_CHUNK`` draws under a particle plate (so
+    that 10,000 draws of a 1,000-dimensional guide do not hold every network activation
+    at once), the first made here to see whether the guide runs under the plate at all.
     The model runs once a draw, its latent sites (those of ``first``, a trace of the
     model, that the guide draws) conditioned on the draw; observed sites keep their data.
     """
-    batch = _guide_batch(guide, args, kwargs, num_samples, _nesting(first))
+    nesting = _nesting(first)
+    shapes = _guide_shapes(guide, args, kwargs)
+    sizes = _chunks(num_samples, _GUIDE_CHUNK)
+    batch = _guide_batch(guide, args, kwargs, sizes[0], nesting, shapes)
     if batch is None:
         return None
-    draws, log_q = batch
     observed = {n for n, site in first.nodes.items() if site.get("is_observed")}
-    draws = {n: value for n, value in draws.items() if n not in observed}
 
     def runs():
         names = None
-        for s in range(num_samples):
-            draw = {n: value[s] for n, value in draws.items()}
-            traced = poutine.trace(poutine.condition(model, data=draw))
-            model_trace = traced.get_trace(*args, **kwargs)
-            if names is None:  # the conditioning made them observed: the guide's, in the model
-                names = [
-                    n
-                    for n, site in model_trace.nodes.items()
-                    if site["type"] == "sample" and n in draws and not site_is_subsample(site)
-                ]
-            yield model_trace, log_q[s], {n: draw[n] for n in names}
+        chunk = batch
+        for k, size in enumerate(sizes):
+            if k:
+                chunk = _guide_batch(guide, args, kwargs, size, nesting, shapes)
+                if chunk is None:
+                    raise RuntimeError(
+                        f"the guide ran under a particle plate of {sizes[0]} draws but not "
+                        f"of {size}: its draws cannot be scored in batches"
+                    )
+            draws, log_q = chunk
+            draws = {n: value for n, value in draws.items() if n not in observed}
+            for s in range(size):
+                draw = {n: value[s] for n, value in draws.items()}
+                traced = poutine.trace(poutine.condition(model, data=draw))
+                model_trace = traced.get_trace(*args, **kwargs)
+                if names is None:  # conditioning made them observed: the guide's, in the model
+                    names = [
+                        n
+                        for n, site in model_trace.nodes.items()
+                        if site["type"] == "sample" and n in draws and not site_is_subsample(site)
+                    ]
+                yield model_trace, log_q[s], {n: draw[n] for n in names}
 
     return runs()
 
@@ -824,15 +846,15 @@ def _guide_draws(guide_trace, shapes, num_samples: int, nesting: int) -> dict:
     }
 
 
-def _guide_batch(guide, args, kwargs, num_samples: int, nesting: int):
+def _guide_batch(guide, args, kwargs, num_samples: int, nesting: int, shapes: dict):
     r"""A guide's draws from one run under a particle plate: ``(draws, log_q)``.
 
     ``draws`` maps each of the guide's sample sites (auxiliary ones too) to its values,
     ``(num_samples, *site_shape)``; ``log_q`` is each draw's :math:`\log q`, shape
-    ``(num_samples,)``. ``None`` when the guide does not run under the plate.
+    ``(num_samples,)``; ``shapes``: :func:`_guide_shapes`. ``None`` when the guide does
+    not run under the plate.
     """
     particles = pyro.plate("num_particles_vectorized", num_samples, dim=-(nesting + 1))
-    shapes = _guide_shapes(guide, args, kwargs)
     try:
         with particles:
             guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)

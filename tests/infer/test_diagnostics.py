@@ -635,25 +635,30 @@ def mixing_model(y):
 
 @pytest.mark.parametrize("guide_class", ["AutoMultivariateNormal", "AutoFlow"])
 def test_a_distribution_like_guide_draws_once_for_a_model_scored_one_draw_at_a_time(
-    guide_class, sequential_runs
+    guide_class, sequential_runs, monkeypatch
 ):
-    # the model runs once a draw; the guide, one batch: its draws, log q and the
+    # the model runs once a draw; the guide, one batch a chunk: its draws, log q and the
     # Jacobian of each constrained site must still give each draw's own weight
     import pyro.infer.autoguide
 
     from pyroflows import AutoFlow
+    from pyroflows.infer import diagnostics
     from pyroflows.infer.diagnostics import _draws
 
     y = torch.tensor([0.5, -0.3, 1.2, 0.1])
     make = AutoFlow if guide_class == "AutoFlow" else getattr(pyro.infer.autoguide, guide_class)
     guide = make(mixing_model)
     guide(y)
+    monkeypatch.setattr(diagnostics, "_GUIDE_CHUNK", 16)
+    batch, batches = diagnostics._guide_batch, []
+    monkeypatch.setattr(diagnostics, "_guide_batch", lambda *a: batches.append(a[3]) or batch(*a))
     posterior = guide.get_posterior
     calls = []
     guide.get_posterior = lambda *a: calls.append(1) or posterior(*a)
     log_w, samples, pointwise = _draws(mixing_model, guide, (y,), {}, 40, True, observed=True)
     assert sequential_runs
-    assert len(calls) <= 4  # not one guide run a draw (40)
+    assert batches == [14, 13, 13]  # the guide's draws in chunks, not all at once
+    assert len(calls) <= 10  # not one guide run a draw (40)
     with torch.no_grad():
         a, s, u = samples["a"], samples["s"], samples["u"]
         log_q = posterior().log_prob(torch.cat([a, s.log()[:, None], u], -1)) - s.log()

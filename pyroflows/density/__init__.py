@@ -11,7 +11,7 @@
 from typing import Any
 
 from pyroflows.density.data import DataError, as_rows, read_table
-from pyroflows.density.fit import History, fit
+from pyroflows.density.fit import History, ResumeMismatch, fit
 from pyroflows.density.model_file import ModelFileError, build, load, save
 from pyroflows.density.standardize import Standardization
 
@@ -20,6 +20,7 @@ __all__ = [
     "FlowDensity",
     "History",
     "ModelFileError",
+    "ResumeMismatch",
     "Standardization",
     "as_rows",
     "build",

@@ -68,6 +68,17 @@ def _device(text: str):
     return device
 
 
+class _Defaults(argparse.HelpFormatter):
+    """Help with "(default: ...)" after each option that has a value as its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if default is None or isinstance(default, bool) or default is argparse.SUPPRESS:
+            return text  # flags, and options whose help says what leaving them out does
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the command line's one-line errors (not a usage block first)."""
 
@@ -84,38 +95,62 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pyroflows {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    fit = commands.add_parser("fit", help="fit a flow to DATA and write a model file")
+    defaults = _Defaults
+    fit = commands.add_parser(
+        "fit", help="fit a flow to DATA and write a model file", formatter_class=defaults
+    )
     fit.add_argument("data", metavar="DATA", help="CSV (header optional) or .npy file")
     fit.add_argument("--out", "-o", required=True, metavar="MODEL", help="model file to write")
-    fit.add_argument("--flow", default="nsf", choices=sorted(BUILDERS), help="default: nsf")
-    fit.add_argument("--transforms", type=int, default=5, help="flow layers (default 5)")
+    fit.add_argument("--flow", default="nsf", choices=sorted(BUILDERS), help="flow builder")
+    fit.add_argument("--transforms", type=int, default=5, help="flow layers")
     fit.add_argument(
         "--hidden",
         type=_hidden,
         default=None,
-        help="default: 64,64 (maf, iaf, autoregressive nsf: at least D-1 wide)",
+        help="hidden layer sizes, comma-separated (default: 64,64; maf, iaf and "
+        "autoregressive nsf: at least D-1 wide)",
     )
-    fit.add_argument("--bins", type=int, default=8, help="spline bins, nsf only (default 8)")
+    fit.add_argument("--bins", type=int, default=8, help="spline bins (nsf only)")
     fit.add_argument("--activation", default="relu", help="relu, elu, tanh, gelu or silu")
-    fit.add_argument("--epochs", type=int, default=200, help="most epochs (default 200)")
-    fit.add_argument("--batch-size", type=int, default=256)
-    fit.add_argument("--lr", type=float, default=1e-3)
-    fit.add_argument("--patience", type=int, default=20, help="early-stopping epochs")
-    fit.add_argument("--validation", type=float, default=0.1, help="held-out fraction")
+    fit.add_argument("--epochs", type=int, default=200, help="the most epochs")
+    fit.add_argument("--batch-size", type=int, default=256, help="rows per mini-batch")
+    fit.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
+    fit.add_argument(
+        "--patience",
+        type=int,
+        default=20,
+        help="stop after this many epochs without a better validation NLL (0: never)",
+    )
+    fit.add_argument("--validation", type=float, default=0.1, help="fraction of the rows held out")
     fit.add_argument("--dequantize", action="store_true", help="integer data: add U[0,1) noise")
-    fit.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    fit.add_argument("--seed", type=_seed, default=0)
+    fit.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="dtype")
+    fit.add_argument(
+        "--seed",
+        type=_seed,
+        default=None,
+        help="seeds the weights, split and batches (default: 0; with --resume, the checkpoint's)",
+    )
     fit.add_argument("--force", action="store_true", help="overwrite an existing MODEL")
     fit.add_argument("--resume", action="store_true", help="continue from MODEL.ckpt/")
-    fit.add_argument("--checkpoint-every", type=int, default=10, metavar="EPOCHS")
+    fit.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=10,
+        metavar="EPOCHS",
+        help="epochs between checkpoints in MODEL.ckpt/",
+    )
     fit.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    fit.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    fit.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
-    sample = commands.add_parser("sample", help="draw rows from a model, CSV on stdout")
+    sample = commands.add_parser(
+        "sample", help="draw rows from a model, CSV on stdout", formatter_class=defaults
+    )
     sample.add_argument("model", metavar="MODEL")
-    sample.add_argument("-n", "--num-samples", type=int, default=1000)
-    sample.add_argument("--seed", type=_seed, default=None)
-    sample.add_argument("--out", "-o", default=None, help=".csv or .npy file (default stdout)")
+    sample.add_argument("-n", "--num-samples", type=int, default=1000, help="rows to draw")
+    sample.add_argument(
+        "--seed", type=_seed, default=None, help="seeds the draws (default: a fresh seed)"
+    )
+    sample.add_argument("--out", "-o", default=None, help=".csv or .npy file (default: stdout)")
 
     score = commands.add_parser("score", help="log-density of each row of DATA, on stdout")
     score.add_argument("model", metavar="MODEL")
@@ -148,15 +183,19 @@ def _write(values: Any, out: str | None, header: list[str] | None) -> None:
 def _fit(args: argparse.Namespace) -> None:
     import torch
 
-    from pyroflows.density import build, distributed, fit, read_table, save
+    from pyroflows.density import ResumeMismatch, build, distributed, fit, read_table, save
+    from pyroflows.density.fit import unwritable
 
     device = _device(args.device)
     rank, _ = distributed.setup(device)  # under torchrun: join the process group
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise _Failure(f"{out} exists; pass --force to overwrite it")
     if out.is_dir():
         raise _Failure(f"{out} is a directory; --out takes a file name")
+    if out.exists() and not args.force:
+        raise _Failure(f"{out} exists; pass --force to overwrite it")
+    reason = unwritable(out.parent)  # now, not after the training
+    if reason is not None:
+        raise _Failure(f"--out {out}: its folder {out.parent} cannot be written: {reason}")
     values, columns = read_table(args.data, getattr(torch, args.dtype), _FLOAT64)
     options = {
         "transforms": args.transforms,
@@ -166,7 +205,7 @@ def _fit(args: argparse.Namespace) -> None:
     }
     if args.flow == "nsf":
         options["bins"] = args.bins
-    torch.manual_seed(args.seed)
+    torch.manual_seed(0 if args.seed is None else args.seed)  # resumed: the checkpoint's weights
     try:
         flow = build(args.flow, values.shape[1], options).to(device)
     except (TypeError, ValueError) as error:
@@ -188,6 +227,9 @@ def _fit(args: argparse.Namespace) -> None:
         distributed.barrier()  # every rank has looked before rank 0 removes it
         if rank == 0:
             previous.unlink()  # a fresh fit starts a fresh series
+    seed = args.seed
+    if seed is None:  # resuming a checkpoint: its seed (its split and batches); else 0
+        seed = None if args.resume and previous.exists() else 0
     try:
         history = fit(
             flow,
@@ -196,14 +238,16 @@ def _fit(args: argparse.Namespace) -> None:
             epochs=args.epochs,
             batch_size=args.batch_size,
             lr=args.lr,
-            patience=args.patience,
+            patience=args.patience or None,
             dequantize=args.dequantize,
-            seed=args.seed,
+            seed=seed,
             progress=None if not args.quiet else False,
             checkpoint_dir=checkpoints,
             checkpoint_every=args.checkpoint_every,
             resume=args.resume,
         )
+    except ResumeMismatch as error:
+        raise _Failure(_mismatch(error)) from None
     except (TypeError, ValueError, FloatingPointError) as error:
         raise _Failure(str(error)) from None
     except KeyboardInterrupt:
@@ -237,6 +281,45 @@ def _fit(args: argparse.Namespace) -> None:
         f"{score:.4f} nats/row ({score / dim:.4f} per dim); wrote {out}"
     )
     distributed.barrier()  # the others wait for the model file before leaving the group
+
+
+#: fit's arguments as the command line sets them
+_FLAGS = {
+    "seed": "--seed",
+    "epochs": "--epochs",
+    "lr": "--lr",
+    "patience": "--patience",
+    "dequantize": "--dequantize",
+    "validation": "--validation",
+    "data": "DATA",
+    "flow": "--flow, --transforms, --hidden, --bins, --activation or --dtype",
+}
+
+
+def _mismatch(error: Any) -> str:
+    """A fit's refusal to resume, in the command line's terms."""
+
+    def shown(name: str, value: Any) -> str:
+        if name == "patience" and value is None:
+            value = 0
+        if name == "dequantize":
+            return "--dequantize" if value else "no --dequantize"
+        return f"{_FLAGS[name]} {value}"
+
+    scalars = [n for n in error.changed if n in _FLAGS and n not in ("data", "flow")]
+    others = [n for n in error.changed if n not in scalars]
+    parts = []
+    if scalars:
+        then = ", ".join(shown(n, error.changed[n][0]) for n in scalars)
+        now = ", ".join(shown(n, error.changed[n][1]) for n in scalars)
+        parts.append(f"was written by a fit with {then}; now {now}")
+    for name in others:
+        what = {"data": "other DATA", "flow": "another flow"}.get(name, f"another {name}")
+        parts.append(f"was written for {what} ({_FLAGS.get(name, name)})")
+    return (
+        f"{error.path} {'; and '.join(parts)}: pass the same to resume it, or drop --resume "
+        f"and add --force to start afresh"
+    )
 
 
 def _discard(checkpoint: Path) -> None:

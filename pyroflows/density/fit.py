@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -43,6 +44,49 @@ from pyroflows.flows import Flow
 
 CHECKPOINT = "checkpoint.pt"
 SCHEDULES = (None, "cosine", "plateau")
+
+
+class ResumeMismatch(ValueError):
+    """A checkpoint that ``resume=True`` refuses: the fit it records differs from this one.
+
+    Attributes:
+        path: the checkpoint file.
+        changed: ``{argument: (then, now)}`` for each of :func:`fit`'s arguments that
+            differ: ``"seed"``, the options (``"epochs"``, ``"lr"``, ``"validation"``,
+            ...), ``"data"`` (other training rows), ``"validation"`` (other validation
+            rows) or ``"flow"`` (another architecture).
+    """
+
+    def __init__(self, message: str, path: Path, changed: dict[str, tuple[Any, Any]]) -> None:
+        super().__init__(message)
+        self.path = path
+        self.changed = changed
+
+
+def unwritable(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be written in ``folder``, or ``None`` if they can.
+
+    Tried by writing and removing a small file in ``folder`` or, where it does not exist
+    yet, in its nearest existing parent (which must be a folder): a fit learns before its
+    first epoch what it would otherwise learn at its first checkpoint. Makes no folder.
+    """
+    place = Path(folder).absolute()
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        return f"{place} is not a folder"
+    try:
+        handle, probe = tempfile.mkstemp(dir=place, prefix=".probe.", suffix=".tmp")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
+
+
+def _architecture(flow: Flow) -> str:
+    """The flow's layers, sizes and options as its ``repr`` shows them (no addresses)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(flow))
 
 
 @dataclass
@@ -307,9 +351,11 @@ def fit(
             schedule, epoch and batch, random state, best score and best weights.
         checkpoint_every: epochs between checkpoints.
         resume: continue from ``checkpoint_dir``'s checkpoint if there is one (the flow
-            must be built as the one that wrote it; data, split and options the same:
-            other data, batch size, epochs, lr, schedule... are refused, by name). A
-            finished fit's checkpoint gives its result back as it is.
+            must be built as the one that wrote it, with the same layers, sizes and
+            activation; data, validation rows and options the same: other data, batch
+            size, epochs, lr, schedule... are refused, by name, with a
+            :class:`ResumeMismatch`). A finished fit's checkpoint gives its result back as
+            it is.
         callback: ``callback(epoch, history)`` after each epoch; returning ``True`` stops.
 
     Returns:
@@ -319,7 +365,8 @@ def fit(
         KeyboardInterrupt: on Ctrl-C, after the checkpoint is written (at the next
             mini-batch boundary, so it is exact) and the best weights so far restored.
         FloatingPointError: a non-finite loss; the best weights so far are restored.
-        ValueError, TypeError: bad arguments or data, naming the argument.
+        ValueError, TypeError: bad arguments or data, naming the argument; a
+            ``checkpoint_dir`` that cannot be written (before the first epoch).
 
     Example:
         >>> import pyroflows
@@ -361,6 +408,12 @@ def fit(
         _make_schedule(schedule, None, epochs)  # raises the message
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir, where the checkpoint is")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        if not -(2**63) <= seed < 2**64:
+            raise ValueError(f"seed must be in [-2**63, 2**64) (torch's range), got {seed}")
+        seed = int(seed)
 
     like = flow.base_loc
     rank, world = distributed.setup(like.device)
@@ -372,10 +425,12 @@ def fit(
         if seed is None:
             seed = state["seed"]  # the same split and batches as the interrupted fit
         elif seed != state["seed"]:
-            raise ValueError(
+            raise ResumeMismatch(
                 f"seed={seed}, but the checkpoint in {checkpoint_dir} was written with "
                 f"seed={state['seed']} (the seed fixes the split and the batches); pass "
-                f"seed=None or seed={state['seed']} to resume, or resume=False to start afresh"
+                f"seed=None or seed={state['seed']} to resume, or resume=False to start afresh",
+                path,
+                {"seed": (state["seed"], seed)},
             )
     if seed is None:  # one seed for every rank: rank 0's
         seed = distributed.broadcast_int(int(torch.randint(2**62, ()).item()), like.device)
@@ -385,8 +440,13 @@ def fit(
     # the training noise is drawn where the batches are (no CPU tensor per batch on CUDA)
     noise = torch.Generator(like.device).manual_seed(seed % 2**31 + 2)
     mean, var, total = train.moments()  # one streaming pass; checks every value
-    if valid is not None:
-        valid.moments()  # the validation rows too, before any epoch (and on every rank)
+    held_out = None
+    if valid is not None:  # the validation rows too, before any epoch (and on every rank)
+        held_out = [len(valid), valid.moments()[2]]
+    if path is not None and rank == 0:
+        reason = unwritable(path.parent)
+        if reason is not None:  # found now, not after the epochs up to the first checkpoint
+            raise ValueError(f"checkpoint_dir {checkpoint_dir} cannot be written: {reason}")
     if standardize:
         add_standardization(flow).set(*settle(mean, var, dequantize, like.dtype))
 
@@ -408,36 +468,76 @@ def fit(
         "patience": None if patience is None else int(patience),
         "standardize": bool(standardize),
         "dequantize": bool(dequantize),
+        "validation": (
+            "rows"
+            if valid is not None and not isinstance(validation, numbers.Real)
+            else float(validation or 0.0)
+        ),
     }
+    architecture = _architecture(flow)
 
     if state is not None:
-        if state["fingerprint"][:3] != fingerprint[:3] or not math.isclose(
-            state["fingerprint"][3], fingerprint[3], rel_tol=1e-6, abs_tol=1e-6
-        ):
-            then, now = state["fingerprint"], fingerprint
-            raise ValueError(
-                f"the checkpoint in {checkpoint_dir} was written for other data or options "
-                f"(training rows, dim, batch size, sum of the training values: {then[0]}, "
-                f"{then[1]}, {then[2]}, {then[3]:.9g}; now {now[0]}, {now[1]}, {now[2]}, "
-                f"{now[3]:.9g}); pass resume=False to start afresh"
-            )
         then = state.get("options", options)  # checkpoints before this record none
         changed = [k for k in options if then.get(k, options[k]) != options[k]]
         if changed:
-            raise ValueError(
+            raise ResumeMismatch(
                 f"the checkpoint in {checkpoint_dir} was written by a fit with "
                 + ", ".join(f"{k}={then[k]!r}" for k in changed)
                 + "; now "
                 + ", ".join(f"{k}={options[k]!r}" for k in changed)
                 + ". resume=True continues that fit as it was: pass the same options, or "
-                "resume=False to start afresh"
+                "resume=False to start afresh",
+                path,
+                {k: (then[k], options[k]) for k in changed},
+            )
+        if state["fingerprint"][:3] != fingerprint[:3] or not math.isclose(
+            state["fingerprint"][3], fingerprint[3], rel_tol=1e-6, abs_tol=1e-6
+        ):
+            then, now = state["fingerprint"], fingerprint
+            raise ResumeMismatch(
+                f"the checkpoint in {checkpoint_dir} was written for other data or options "
+                f"(training rows, dim, batch size, sum of the training values: {then[0]}, "
+                f"{then[1]}, {then[2]}, {then[3]:.9g}; now {now[0]}, {now[1]}, {now[2]}, "
+                f"{now[3]:.9g}); pass resume=False to start afresh",
+                path,
+                {"data": (then, now)},
+            )
+        then = state.get("held_out", held_out)  # checkpoints before this record none
+        if (then is None) != (held_out is None) or (
+            then is not None
+            and (
+                then[0] != held_out[0]
+                or not math.isclose(then[1], held_out[1], rel_tol=1e-6, abs_tol=1e-6)
+            )
+        ):
+            shown = [
+                "none" if v is None else f"{v[0]} rows summing to {v[1]:.9g}"
+                for v in (then, held_out)
+            ]
+            raise ResumeMismatch(
+                f"the checkpoint in {checkpoint_dir} was written for other validation rows "
+                f"({shown[0]}; now {shown[1]}): its best score would not be comparable; pass "
+                f"the same validation rows, or resume=False to start afresh",
+                path,
+                {"validation": (then, held_out)},
+            )
+        then = state.get("architecture", architecture)
+        if then != architecture:
+            raise ResumeMismatch(
+                f"the checkpoint in {checkpoint_dir} was written for another flow:\n{then}\n"
+                f"now:\n{architecture}\nbuild the flow as it was, or pass resume=False to "
+                f"start afresh",
+                path,
+                {"flow": (then, architecture)},
             )
         try:
             flow.load_state_dict(state["flow"])
         except RuntimeError:
-            raise ValueError(
+            raise ResumeMismatch(
                 f"the checkpoint in {checkpoint_dir} was written for a flow of another "
-                f"architecture; build the flow as it was, or pass resume=False to start afresh"
+                f"architecture; build the flow as it was, or pass resume=False to start afresh",
+                path,
+                {"flow": (None, architecture)},
             ) from None
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state["scheduler"] is not None:
@@ -481,6 +581,8 @@ def fit(
             "done": done,
             "fingerprint": fingerprint,
             "options": options,
+            "held_out": held_out,
+            "architecture": architecture,
             "seed": seed,
             "world": world,
         }

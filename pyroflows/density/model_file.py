@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +191,9 @@ def load(path: str | os.PathLike) -> tuple[Flow, dict[str, Any]]:
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as error:  # pickle errors come in many types
-        if isinstance(error, pickle.UnpicklingError):
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+            reason = "not the zip archive torch.save writes: a CSV, a .npy or another file?"
+        elif isinstance(error, pickle.UnpicklingError):
             reason = "it holds Python objects other than tensors and plain values"
         else:
             text = str(error).strip()

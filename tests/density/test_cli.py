@@ -345,3 +345,82 @@ def test_a_float64_models_csv_output_round_trips_float64(workdir):
         assert np.array_equal(
             from_csv.reshape(-1), np.load(workdir / f"{command[0]}.npy").reshape(-1)
         )
+
+
+def test_a_checkpoint_of_another_fit_is_refused_in_the_command_lines_terms(workdir):
+    import torch
+
+    from pyroflows.density import build, fit, read_table
+
+    # an unfinished fit of what `fit data.csv --out mis.pt *FAST --seed 3` would train
+    values, _ = read_table(workdir / "data.csv", torch.float32)
+    torch.manual_seed(3)
+    options = {"transforms": 1, "hidden": [8], "activation": "relu", "dtype": "float32"}
+
+    def stop(epoch, history):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(
+            build("maf", 2, options),
+            values,
+            epochs=3,
+            seed=3,
+            checkpoint_dir=workdir / "mis.pt.ckpt",
+            progress=False,
+            callback=stop,
+        )
+    resume = ["fit", "data.csv", "--out", "mis.pt", *FAST, "--resume"]
+    for extra, fragments in (
+        (["--seed", "4"], ["with --seed 3; now --seed 4", "drop --resume and add --force"]),
+        (["--epochs", "5"], ["with --epochs 3; now --epochs 5"]),
+        (["--patience", "0"], ["with --patience 20; now --patience 0"]),
+        (["--validation", "0.2"], ["with --validation 0.1; now --validation 0.2"]),
+        (["--activation", "tanh"], ["for another flow (--flow, --transforms"]),
+    ):
+        one_line_error(run(*resume, *extra, cwd=workdir), "mis.pt.ckpt", *fragments)
+    resumed = run(*resume, cwd=workdir)  # no --seed: the checkpoint's
+    assert resumed.returncode == 0, resumed.stderr
+    assert not (workdir / "mis.pt.ckpt").exists()
+
+
+def test_out_paths_that_cannot_be_written_are_refused_before_the_training(workdir):
+    (workdir / "blocker").write_text("a file")
+    started = time.monotonic()
+    long = ["--epochs", "1000", "--patience", "0"]
+    one_line_error(
+        run("fit", "data.csv", "--out", "blocker/m.pt", *FAST, *long, cwd=workdir),
+        "--out blocker/m.pt",
+        "is not a folder",
+    )
+    assert time.monotonic() - started < 60  # not after 1000 epochs
+    (workdir / "adir").mkdir()
+    for extra in ([], ["--force"]):  # a folder is not a model file, forced or not
+        one_line_error(
+            run("fit", "data.csv", "--out", "adir", *FAST, *extra, cwd=workdir),
+            "adir is a directory",
+        )
+
+
+def test_a_file_that_is_not_a_model_is_named_for_what_it_is(workdir):
+    for name in ("plain.csv", "data.npy"):
+        one_line_error(run("info", name, cwd=workdir), "not the zip archive torch.save writes")
+    import torch
+
+    torch.save({"format": object()}, workdir / "objects.pt", _use_new_zipfile_serialization=True)
+    one_line_error(run("info", "objects.pt", cwd=workdir), "Python objects other than tensors")
+
+
+def test_help_shows_the_defaults_and_patience_0_never_stops_early(workdir):
+    shown = run("fit", "--help", cwd=workdir).stdout
+    for default in ("default: 256", "default: 0.001", "default: 0.1", "default: 20"):
+        assert default in shown
+    assert "default: 1000" in run("sample", "--help", cwd=workdir).stdout
+    rng = np.random.default_rng(2)
+    np.savetxt(workdir / "tiny.csv", rng.normal(size=(60, 2)), delimiter=",")
+    fitted = run(
+        "fit", "tiny.csv", "--out", "never.pt", *FAST, "--epochs", "8", "--patience", "0",
+        cwd=workdir,
+    )  # fmt: skip
+    assert fitted.returncode == 0, fitted.stderr
+    assert "in 8 epochs" in fitted.stdout

@@ -1,3 +1,4 @@
+import copy
 import math
 import signal
 
@@ -115,6 +116,14 @@ def test_dequantize_fits_the_noisy_data():
     # x + U[0, 1): mean + 1/2, variance + 1/12
     assert torch.allclose(draws.mean(0), counts.mean(0) + 0.5, atol=0.1)
     assert torch.allclose(draws.var(0), counts.var(0) + 1 / 12, rtol=0.1)
+
+
+def test_a_numpy_integer_seed_is_an_int_seed():
+    x = torch.randn(100, 2)
+    a, b = small_flow(), small_flow()
+    fit(a, x, epochs=2, seed=np.int64(3), progress=False)
+    fit(b, x, epochs=2, seed=3, progress=False)
+    assert same_weights(a, b)
 
 
 def test_same_seed_same_result():
@@ -251,6 +260,9 @@ def test_progress_bar_goes_to_stderr(capsys):
         ({"schedule": "linear"}, ValueError, "schedule"),
         ({"resume": True}, ValueError, "checkpoint_dir"),
         ({"clip_grad": 0}, ValueError, "clip_grad"),
+        ({"seed": 1.5}, TypeError, "seed must be an int"),
+        ({"seed": "3"}, TypeError, "seed must be an int"),
+        ({"seed": 2**64}, ValueError, "seed must be in"),
     ],
 )
 def test_bad_arguments(kwargs, error, message):
@@ -321,19 +333,65 @@ def test_resume_without_a_seed_reuses_the_checkpoints_seed(tmp_path):
     assert same_weights(resumed, whole)
 
 
-def test_resume_refuses_another_architecture(tmp_path):
+@pytest.mark.parametrize(
+    "other",
+    [
+        lambda: small_flow(hidden=(8,)),  # other weight shapes
+        lambda: pyroflows.iaf(2, transforms=2, hidden=(16,)),  # the same shapes, other form
+        lambda: small_flow(activation=nn.Tanh),  # the same weights, another activation
+    ],
+)
+def test_resume_refuses_another_architecture(tmp_path, other):
+    from pyroflows.density import ResumeMismatch
+
     x = torch.randn(100, 2)
-    fit(small_flow(), x, epochs=2, seed=0, checkpoint_dir=tmp_path, progress=False)
-    with pytest.raises(ValueError, match="another architecture"):
+    options = {"epochs": 3, "seed": 0, "checkpoint_dir": tmp_path, "progress": False}
+    with pytest.raises(KeyboardInterrupt):
+        fit(small_flow(), x, callback=_interrupt_after_epoch(1), **options)
+    flow = other()
+    before = copy.deepcopy(flow.state_dict())
+    with pytest.raises(ResumeMismatch, match="another flow") as caught:
+        fit(flow, x, resume=True, **options)
+    assert set(caught.value.changed) == {"flow"}
+    after = flow.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)  # no weight was loaded
+
+
+def test_resume_refuses_other_validation_rows(tmp_path):
+    from pyroflows.density import ResumeMismatch
+
+    rng = np.random.default_rng(0)
+    x, v = rng.normal(size=(200, 2)), rng.normal(size=(50, 2))
+    options = {"epochs": 4, "seed": 0, "checkpoint_dir": tmp_path, "progress": False}
+    with pytest.raises(KeyboardInterrupt):
+        fit(small_flow(), x, validation=v, callback=_interrupt_after_epoch(2), **options)
+    for other, shown in ((v * 100, "validation rows"), (None, "validation=")):
+        with pytest.raises(ResumeMismatch, match=shown) as caught:
+            fit(small_flow(), x, validation=other, resume=True, **options)
+        assert set(caught.value.changed) == {"validation"}
+    with pytest.raises(ResumeMismatch, match="validation='rows'; now validation=0.2"):
+        fit(small_flow(), x, validation=0.2, resume=True, **options)  # a fraction instead
+    history = fit(small_flow(), x, validation=v.copy(), resume=True, **options)  # the same
+    assert history.epochs == 4
+    assert len(history.val_nll) == 4
+
+
+def test_an_unwritable_checkpoint_dir_is_refused_before_the_first_epoch(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    epochs = []
+    with pytest.raises(ValueError, match=r"checkpoint_dir .*blocker.* cannot be written"):
         fit(
-            small_flow(hidden=(8,)),
-            x,
-            epochs=2,
-            seed=0,
-            checkpoint_dir=tmp_path,
-            resume=True,
+            small_flow(),
+            torch.randn(100, 2),
+            epochs=30,
+            checkpoint_dir=blocker / "ck",
+            checkpoint_every=100,
             progress=False,
+            callback=lambda epoch, history: epochs.append(epoch),
         )
+    assert epochs == []
+    assert blocker.read_text() == "a file, not a folder"
 
 
 def test_checkpoints_are_written_every_n_epochs_and_readable_by_others(tmp_path):

@@ -99,10 +99,12 @@ def check_event(x: object, name: str, dim: int, like: torch.Tensor) -> torch.Ten
     if not x.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating tensor ({like.dtype}), got dtype {x.dtype}")
     if x.dtype != like.dtype:
-        method = {torch.float64: "double", torch.float32: "float"}.get(x.dtype, "to(dtype)")
+        method = {torch.float64: "double()", torch.float32: "float()"}.get(
+            x.dtype, f"to({x.dtype})"
+        )
         raise TypeError(
             f"{name} has dtype {x.dtype} but the flow's parameters are {like.dtype}; no silent "
-            f"cast is made: call flow.{method}() or pass {name}.to({like.dtype})"
+            f"cast is made: call flow.{method} or pass {name}.to({like.dtype})"
         )
     if x.device != like.device:
         raise ValueError(
@@ -145,26 +147,36 @@ def check_context_broadcast(
     return shape
 
 
-def check_finite_context(context: torch.Tensor) -> None:
-    """Refuse a context holding NaN or infinite values (they would give NaN draws silently).
+def check_finite(value: torch.Tensor, name: str, why: str) -> None:
+    """Refuse a tensor holding NaN or infinite values, saying where the first one is.
 
-    One reduction over the context; called when distribution validation is on (torch's
-    default, ``pyro.enable_validation(False)`` turns it off), as torch checks a
-    ``Normal``'s parameters. Skipped while tracing (``torch.jit.trace``) and under
+    One reduction; callers run it when distribution validation is on (torch's default,
+    ``pyro.enable_validation(False)`` turns it off), as torch checks a ``Normal``'s
+    parameters. Skipped while tracing (``torch.jit.trace``) and under
     ``torch.func.vmap``, where a tensor has no truth value.
     """
     if torch.jit.is_tracing():
         return
     try:
-        if bool(torch.isfinite(context).all()):
+        if bool(torch.isfinite(value).all()):
             return
     except RuntimeError:  # under torch.func.vmap: no data-dependent check can run
         return
-    bad = int((~torch.isfinite(context)).sum())
+    bad = ~torch.isfinite(value)
+    first = tuple(bad.nonzero()[0].tolist())
     raise ValueError(
-        f"context holds {bad} NaN or infinite value(s) of {context.numel()}; a flow "
-        f"conditioned on it would give NaN draws and log-densities (check the network or "
-        f"data that made the context)"
+        f"{name} holds {int(bad.sum())} NaN or infinite value(s) of {value.numel()} (the "
+        f"first, {value[first].item()}, at index {first}); {why}"
+    )
+
+
+def check_finite_context(context: torch.Tensor) -> None:
+    """Refuse a context holding NaN or infinite values (they would give NaN draws silently)."""
+    check_finite(
+        context,
+        "context",
+        "a flow conditioned on it would give NaN draws and log-densities (check the network "
+        "or data that made the context)",
     )
 
 

@@ -27,6 +27,7 @@ from pyroflows._checks import (
     check_choice,
     check_context_broadcast,
     check_event,
+    check_finite,
     check_finite_context,
     check_positive_int,
 )
@@ -54,7 +55,9 @@ class FlowDistribution(dist.TransformedDistribution):
 
     It behaves exactly as ``pyro.distributions.TransformedDistribution`` (it is one), and
     checks the value given to :meth:`log_prob` first, so a wrong last dimension is named
-    in the error rather than surfacing from deep inside a transform.
+    in the error rather than surfacing from deep inside a transform. With distribution
+    validation on (torch's default; ``pyro.enable_validation(False)`` turns it off) a NaN
+    or an infinity in it is a ``ValueError`` saying where, not a NaN log-density.
     """
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
@@ -64,6 +67,12 @@ class FlowDistribution(dist.TransformedDistribution):
         if 0 in shape or value.numel() == 0:  # no rows: torch's reshapes cannot infer a size
             return value.new_zeros(shape)
         return super().log_prob(value)
+
+    def _validate_sample(self, value: torch.Tensor) -> None:
+        # torch's check, run by log_prob when validation is on (unless turned off): its
+        # shape checks are log_prob's own above; its support (R^D) check is this one,
+        # which also refuses infinities (torch's lets them through, to come out as NaN)
+        check_finite(value, "value", "a flow scores finite points only")
 
 
 class Flow(DropsParamStoreLinks, nn.Module):

@@ -247,6 +247,30 @@ def test_wrong_context_size(name):
 
 
 @pytest.mark.parametrize("name", FLOWS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_points_are_refused_by_log_prob(name, bad):
+    x = torch.randn(4, 3, 2)
+    x[2, 1, 0] = bad
+    d = small(name)()
+    with pytest.raises(ValueError, match=r"value holds 1 NaN or infinite .* at index \(2, 1, 0\)"):
+        d.log_prob(x)
+    # with validation off, as for torch's own distributions, no check
+    previous = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
+    try:
+        assert small(name)().log_prob(x).shape == (4, 3)
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(previous)
+
+
+def test_a_half_precision_point_is_told_the_dtype_to_move_to():
+    with pytest.raises(TypeError, match=r"call flow\.double\(\) or pass value\.to\(torch\.float32"):
+        small("maf")().log_prob(torch.randn(3, 2, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"call flow\.to\(torch\.float16\) or pass"):
+        small("maf")().log_prob(torch.randn(3, 2).half())
+
+
+@pytest.mark.parametrize("name", FLOWS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_context(name, bad):
     context = torch.randn(5, 2)

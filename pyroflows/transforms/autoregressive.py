@@ -110,10 +110,15 @@ class _Autoregressive:
         return self._iterate(self.transformer.inverse, x, context)
 
     def _log_abs_det(self, u: torch.Tensor, x: torch.Tensor, context: torch.Tensor | None):
-        # One pass from the side the conditioner reads.
-        if self.form == "iaf":
-            return self.transformer.forward(u, self.conditioner(u, context))[1]
-        return self.transformer.inverse(x, self.conditioner(x, context))[1]
+        # One pass from the side the conditioner reads; the elementwise map's log-det at
+        # the side it takes in closed form (a spline's own side, where a flat bin's float32
+        # output would pin down its argument only roughly; either side for affine maps)
+        iaf = self.form == "iaf"
+        params = self.conditioner(u if iaf else x, context)
+        side = getattr(self.transformer, "side", "base" if iaf else "data")
+        if side == "base":
+            return self.transformer.forward(u, params)[1]
+        return self.transformer.inverse(x, params)[1]
 
     def extra_repr(self) -> str:
         # the base class's sizes: dim, and context for the conditional twin

@@ -149,6 +149,8 @@ class ActNorm(FlowTransform):
 
     def __init__(self, dim: int, data_init: bool = True) -> None:
         super().__init__(dim)
+        if not isinstance(data_init, bool):
+            raise TypeError(f"data_init must be True or False, got {data_init!r}")
         self.log_scale = nn.Parameter(torch.zeros(self.dim))
         self.shift = nn.Parameter(torch.zeros(self.dim))
         self.register_buffer("initialized", torch.tensor(not data_init))
@@ -174,6 +176,14 @@ class ActNorm(FlowTransform):
         # statistics in float64 (on the CPU, once: MPS has no float64): a float32 column
         # without spread has sd exactly 0 there, one with a large offset keeps its spread
         wide = flat.to("cpu", torch.float64)
+        finite = torch.isfinite(wide)
+        if not bool(finite.all()):  # the scale and shift would be NaN for good
+            row, column = (~finite).nonzero()[0].tolist()
+            raise ValueError(
+                f"ActNorm takes its initial scale and shift from the first batch it sees, and "
+                f"this one holds {flat[row, column].item()} (at row {row}, coordinate "
+                f"{column} of the batch flattened to (-1, {self.dim})); pass finite values"
+            )
         mean, std = wide.mean(0), wide.std(0)
         flat_column = std <= 4 * torch.finfo(torch.float64).eps * mean.abs()
         if bool(flat_column.all()):

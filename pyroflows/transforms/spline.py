@@ -46,7 +46,7 @@ from torch import nn
 from torch.autograd import forward_ad
 from torch.nn import functional as F
 
-from pyroflows._checks import check_positive_int
+from pyroflows._checks import broadcast_shape, check_number, check_positive_int
 from pyroflows.transforms.autoregressive import _Autoregressive
 from pyroflows.transforms.base import ConditionalFlowTransform, FlowTransform
 from pyroflows.transforms.coupling import _Coupling
@@ -137,6 +137,38 @@ def rational_quadratic_spline(
         >>> torch.allclose(x, u), torch.allclose(logd, torch.zeros(5), atol=1e-6)
         (True, True)
     """
+    tensors = {"value": value, "widths": widths, "heights": heights, "derivatives": derivatives}
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dtype != value.dtype:
+            raise TypeError(
+                f"{name} has dtype {tensor.dtype} but value has {value.dtype}; no silent cast "
+                f"is made: pass them in one dtype"
+            )
+    if widths.dim() == 0 or widths.shape[-1] < 1:
+        raise ValueError(
+            f"widths must have shape (*batch, D, K), K >= 1, got {tuple(widths.shape)}"
+        )
+    k = widths.shape[-1]
+    for name, tensor, size in (("heights", heights, k), ("derivatives", derivatives, k - 1)):
+        if tuple(tensor.shape) != (*widths.shape[:-1], size):
+            raise ValueError(
+                f"{name} must have shape {(*widths.shape[:-1], size)} (widths' batch, "
+                f"{'K' if size == k else 'K - 1'} = {size} for K = {k} bins), got "
+                f"{tuple(tensor.shape)}"
+            )
+    if broadcast_shape(tuple(value.shape), tuple(widths.shape[:-1])) is None:
+        raise ValueError(
+            f"value of shape {tuple(value.shape)} does not broadcast with the parameters' "
+            f"(*batch, D) = {tuple(widths.shape[:-1])}"
+        )
+    bound = check_number(bound, "bound", 0.0)
+    return _spline(value, widths, heights, derivatives, bound, inverse)
+
+
+def _spline(value, widths, heights, derivatives, bound: float, inverse: bool):
+    """:func:`rational_quadratic_spline` without its argument checks (the layers' call)."""
     if value.dtype in _HALF:
         raise TypeError(
             f"the spline needs float32 or float64, got {value.dtype}: its smallest bins "
@@ -465,9 +497,7 @@ class RationalQuadratic:
         # on the data side x = RQS^{-1}(u): the layer's forward map is the spline's
         # inverse, and its log-derivative is minus the spline's at the same pair
         flipped = self.side == "data"
-        out, logd = rational_quadratic_spline(
-            value, widths, heights, derivatives, self.bound, inverse != flipped
-        )
+        out, logd = _spline(value, widths, heights, derivatives, self.bound, inverse != flipped)
         ladj = logd.sum(-1)
         return out, (-ladj if flipped else ladj)
 

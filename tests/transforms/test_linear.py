@@ -70,6 +70,24 @@ def test_actnorm_standardizes_the_first_data_batch():
     torch.testing.assert_close(t.log_scale.detach(), before)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_actnorm_refuses_to_initialise_from_a_batch_with_non_finite_values(bad):
+    data = torch.randn(5, 3)
+    data[3, 2] = bad
+    t = ActNorm(3)
+    with pytest.raises(ValueError, match=r"holds (nan|inf) \(at row 3, coordinate 2"):
+        t.inv(data)
+    assert not bool(t.initialized)  # not poisoned: a clean batch still initialises it
+    u = t.inv(torch.randn(200, 3) * 2.0 + 1.0)
+    assert torch.isfinite(t.log_scale).all()
+    torch.testing.assert_close(u.std(0), torch.ones(3), atol=1e-5, rtol=0)
+
+
+def test_actnorm_data_init_must_be_a_bool():
+    with pytest.raises(TypeError, match="data_init must be True or False, got 'yes'"):
+        ActNorm(3, data_init="yes")
+
+
 def test_actnorm_standardizes_the_first_base_batch_when_sampling_first():
     t = ActNorm(2)
     u = 0.5 * torch.randn(400, 2) + 2.0

@@ -8,6 +8,8 @@ anywhere, and property-based checks with hypothesis.
 
 from __future__ import annotations
 
+import copy
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -384,18 +386,21 @@ def test_data_side_map_is_the_inverse_of_the_base_side_map():
 
 
 def test_data_side_coupling_is_the_inverse_of_the_base_side_coupling():
-    # same weights; the conditioner reads the pass-through half, equal on both sides
+    # same weights; the conditioner reads the pass-through half, equal on both sides.
+    # float64: each side's log-det is taken where its spline is in closed form (the data
+    # side's at x, the base side's at the point given as its u), so the two agree to the
+    # precision of the quadratic solve, not bit for bit
     torch.manual_seed(0)
-    base = SplineCoupling(4, bins=5, bound=2.0, hidden=(16,), side="base")
+    base = SplineCoupling(4, bins=5, bound=2.0, hidden=(16,), side="base").double()
     with torch.no_grad():
         for p in base.parameters():
             p.normal_(0.0, 0.5)
-    data = SplineCoupling(4, bins=5, bound=2.0, hidden=(16,), side="data")
+    data = SplineCoupling(4, bins=5, bound=2.0, hidden=(16,), side="data").double()
     data.load_state_dict(base.state_dict())
-    u = torch.randn(50, 4) * 1.5
+    u = torch.randn(50, 4, dtype=torch.float64) * 1.5
     x = data(u)
     x_base = base.inv(u.clone())
-    torch.testing.assert_close(x, x_base, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x, x_base, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(
         data.log_abs_det_jacobian(u, x), -base.log_abs_det_jacobian(x_base, u.clone())
     )
@@ -487,3 +492,56 @@ def test_half_precision_is_refused_not_turned_into_nan(dtype):
     flow = pyroflows.nsf(2, transforms=1, hidden=(8,)).to(dtype)
     with pytest.raises(TypeError, match="float32 or float64, got torch.b?float16"):
         flow().log_prob(torch.randn(3, 2, dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"heights": torch.zeros(3, 1, 9)}, ValueError, r"heights must have shape \(3, 1, 8\)"),
+        (
+            {"derivatives": torch.zeros(3, 1, 8)},
+            ValueError,
+            r"derivatives must have shape \(3, 1, 7\)",
+        ),
+        ({"bound": -1.0}, ValueError, "bound must be a finite number > 0"),
+        ({"widths": torch.zeros(3, 1, 8, dtype=torch.float64)}, TypeError, "widths has dtype"),
+        ({"value": torch.zeros(4, 1)}, ValueError, "does not broadcast"),
+        ({"widths": torch.zeros(())}, ValueError, "widths must have shape"),
+    ],
+)
+def test_the_spline_function_checks_its_arguments(change, error, message):
+    args = {
+        "value": torch.tensor([[4.9999], [5.0], [5.0001]]),
+        "widths": torch.zeros(3, 1, 8),
+        "heights": torch.zeros(3, 1, 8),
+        "derivatives": torch.zeros(3, 1, 7),
+        "bound": 5.0,
+    }
+    with pytest.raises(error, match=message):
+        rational_quadratic_spline(**{**args, **change})
+
+
+@pytest.mark.parametrize("layer", ["coupling", "maf", "iaf"])
+def test_a_base_side_splines_log_det_off_the_cache_is_taken_at_u(layer):
+    # where the spline is nearly flat, a float32 x pins down u only roughly: the log-det
+    # of a given (u, x) must be the spline's at u, as the Jacobian at u says
+    torch.manual_seed(0)
+    if layer == "coupling":
+        t = SplineCoupling(2, hidden=(8,), side="base")
+    else:
+        t = SplineAutoregressive(2, form=layer, hidden=(8,), side="base")
+    with torch.no_grad():
+        bias = t.conditioner.output_layer.bias
+        bias.copy_(torch.randn(bias.shape) * 4)
+    u = torch.linspace(-4.9, 4.9, 401)
+    u = torch.stack([torch.zeros_like(u), u], -1)
+    with torch.no_grad():
+        x = t(u)
+    t.clear_cache()
+    ladj = t.log_abs_det_jacobian(u, x)
+    # the reference in float64 (a float32 Jacobian is itself off by ~4e-4 here, where the
+    # log-det reaches 26); the old log-det, taken at the u that x gives back, was off by 0.13
+    t64 = copy.deepcopy(t).double()
+    jacobians = torch.func.vmap(torch.func.jacrev(lambda v: t64._forward(v, None)[0]))(u.double())
+    expected = torch.linalg.slogdet(jacobians)[1]
+    torch.testing.assert_close(ladj.double(), expected, atol=1e-4, rtol=1e-5)

@@ -64,7 +64,10 @@ def train(vae: VAE, x: torch.Tensor, epochs: int, batch: int = 128, lr: float = 
 
     The loss is Pyro's reparametrized ELBO (``Trace_ELBO``); one torch Adam steps every
     parameter at once, which costs less per step than ``pyro.optim.Adam``'s optimizer per
-    parameter tensor (``SVI(model, guide, pyro.optim.Adam(...), Trace_ELBO())`` works too).
+    parameter tensor. ``SVI(model, guide, pyro.optim.Adam(...), Trace_ELBO())`` needs the
+    parameters in Pyro's param store instead: build the guide with ``register=True`` and
+    call ``pyro.module("decoder", self.decoder)`` in the model (as written here, SVI would
+    find no parameter to step).
     """
     pyro.clear_param_store()
     elbo = Trace_ELBO()

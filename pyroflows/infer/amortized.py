@@ -51,7 +51,13 @@ from pyro.poutine.subsample_messenger import _Subsample
 from torch import nn
 from torch.nn import functional as F
 
-from pyroflows._checks import check_choice, check_hidden, check_number, check_positive_int
+from pyroflows._checks import (
+    check_choice,
+    check_finite,
+    check_hidden,
+    check_number,
+    check_positive_int,
+)
 from pyroflows._pickling import DropsParamStoreLinks
 from pyroflows.flows import Flow, FlowDistribution, iaf, nsf
 from pyroflows.infer._param_store import MirrorsParamStore, register
@@ -132,9 +138,15 @@ class Encoder(DropsParamStoreLinks, nn.Module):
         nn.init.constant_(self.scale.bias, _SOFTPLUS_ONE)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Return ``(loc, scale, context)`` for the data points ``x``."""
+        """Return ``(loc, scale, context)`` for the data points ``x``.
+
+        With distribution validation on (torch's default; ``pyro.enable_validation(False)``
+        turns it off) NaN or infinite values in ``x`` are a ``ValueError``.
+        """
         if self._own_body:
             _check_rows(x, "x", self.input_dim, self.loc.weight)
+        if isinstance(x, torch.Tensor) and torch.distributions.Distribution._validate_args:
+            check_finite(x, "x", "the encoder would give those rows NaN posteriors")
         features = self.body(x)
         if not self._own_body:
             _check_body_output(features, self.loc.in_features)
@@ -347,6 +359,9 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
             raise TypeError(
                 f"posterior must be an AmortizedPosterior, got {type(posterior).__name__}"
             )
+        for argument, value in (("site", site), ("plate", plate), ("name", name)):
+            if not isinstance(value, str) or not value:
+                raise TypeError(f"{argument} must be a non-empty str, got {value!r}")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim >= 0:
             raise ValueError(f"dim must be a negative int (a plate dim), got {dim!r}")
         if size is not None:
@@ -367,6 +382,8 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
             self._mirror()({self.name: self.posterior}, owner=owner)
             register({self.name: self.posterior})
         rows = _row_count(x)
+        if rows == 0:
+            raise ValueError(f"x has no rows (shape {tuple(x.shape)}): nothing to sample z for")
         enclosing = _active_plate(self.plate)
         if enclosing is not None:  # the caller's own data plate, shared with its latents
             self._check_enclosing(enclosing, rows)
@@ -407,7 +424,7 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
         """q(z | x) for the rows of ``x``, checked to have one batch entry per row."""
         d = self.posterior(self._rows(x))
         batch, dim = d.batch_shape, self.dim
-        if len(batch) < -dim or batch[dim] != x.shape[0]:
+        if tuple(batch) != (x.shape[0],) + (1,) * (-dim - 1):
             raise ValueError(
                 f"x of shape {tuple(x.shape)} gives q(z | x) with batch shape {tuple(batch)}: "
                 f"the guide needs the data points along x's first dim ({x.shape[0]} of them "

@@ -8,6 +8,7 @@ closed form.
 from __future__ import annotations
 
 import math
+import re
 
 import pyro
 import pyro.distributions as dist
@@ -312,6 +313,37 @@ def test_guide_refuses_x_without_a_rows_dim():
     with pytest.raises(ValueError, match=r"x of shape \(16,\) gives q\(z \| x\) with batch shape"):
         guide(torch.zeros(16))  # one data point, not 16 rows: x[None] is meant
     assert poutine.trace(guide).get_trace(torch.zeros(1, 16)).nodes["z"]["value"].shape == (1, 4)
+
+
+def test_guide_refuses_x_with_extra_batch_dims_even_when_a_size_matches():
+    guide = AmortizedGuide(amortized_posterior(5, 2, flow="iaf", hidden=(8,)))
+    for shape in [(3, 4, 5), (4, 4, 5)]:  # (4, 4, 5) slipped through, to fail in the ELBO
+        with pytest.raises(ValueError, match=rf"x of shape {re.escape(str(shape))} gives"):
+            guide(torch.zeros(shape))
+
+
+def test_guide_refuses_x_without_rows_and_bad_names():
+    q = amortized_posterior(5, 2, flow="iaf", hidden=(8,))
+    with pytest.raises(ValueError, match=r"x has no rows \(shape \(0, 5\)\)"):
+        AmortizedGuide(q)(torch.zeros(0, 5))
+    for argument in ("site", "plate", "name"):
+        for bad in (None, 3, ""):
+            with pytest.raises(TypeError, match=f"{argument} must be a non-empty str"):
+                AmortizedGuide(q, **{argument: bad})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_x_is_named_by_the_guide_and_by_iwae(bad):
+    model, guide = (
+        LinearGaussian(),
+        AmortizedGuide(amortized_posterior(D, LATENT, flow="iaf", hidden=(8,))),
+    )
+    x = torch.zeros(3, D)
+    x[1, 2] = bad
+    with pytest.raises(ValueError, match=r"x holds 1 NaN or infinite .* at index \(1, 2\)"):
+        guide(x)
+    with pytest.raises(ValueError, match=r"x holds 1 NaN or infinite"):
+        iwae_log_likelihood(model, guide, x, num_samples=5)
 
 
 def test_x_that_is_not_a_tensor_gets_a_type_error_naming_what_came():

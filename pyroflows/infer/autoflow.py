@@ -49,10 +49,12 @@ References:
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import pyro.distributions as dist
 import torch
 from pyro import poutine
@@ -70,7 +72,7 @@ from pyroflows._checks import (
     warn_from_caller,
 )
 from pyroflows._pickling import param_store_links_kept
-from pyroflows.flows import Flow, iaf, maf, nice, nsf, realnvp
+from pyroflows.flows import BUILDERS, Flow, iaf, maf, nice, nsf, realnvp
 from pyroflows.infer import diagnostics
 from pyroflows.infer._param_store import MirrorsParamStore, register
 from pyroflows.nn.mlp import ContextTrunk
@@ -471,6 +473,16 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                 f"builder options {sorted(flow_kwargs)} only apply when flow is a name; "
                 "pass them to your builder instead"
             )
+        if isinstance(flow, str):
+            options = set(inspect.signature(BUILDERS[flow]).parameters) - {"dim", "context"}
+            unknown = sorted(set(flow_kwargs) - options)
+            if unknown:
+                raise TypeError(
+                    f"flow={flow!r} takes no option {', '.join(map(repr, unknown))}; its "
+                    f"options are {', '.join(sorted(options))}"
+                )
+        if not isinstance(learn_linear, (bool, np.bool_)):
+            raise TypeError(f"learn_linear must be True or False, got {learn_linear!r}")
         init_scale = check_number(init_scale, "init_scale")
         check_choice(warm_start, "warm_start", WARM_STARTS)
         check_choice(estimator, "estimator", ESTIMATORS)
@@ -534,21 +546,25 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             ]
             problem = problem.replace("{observed}", ", ".join(map(repr, observed)) or "none")
             raise ValueError(problem) from error
-        loc = self._init_loc()
-        flow = self._build_flow(loc)
-        self.flow = flow
-        scale_tril = self._init_scale * torch.eye(self.latent_dim, dtype=loc.dtype)
-        self.linear = AnchoredLinear(loc, scale_tril.to(loc.device), self.learn_linear)
-        self.anchor = "init"
         try:
+            loc = self._init_loc()
+            flow = self._build_flow(loc)
+            self.flow = flow
+            scale_tril = self._init_scale * torch.eye(self.latent_dim, dtype=loc.dtype)
+            self.linear = AnchoredLinear(loc, scale_tril.to(loc.device), self.learn_linear)
+            self.anchor = "init"
             _, adopted = self._mirror_store()
-        except ValueError:
-            self.prototype_trace = None  # set up again at the next call
+            if adopted:
+                self.anchor = "param store"
+            elif self.warm_start == "laplace":
+                self._laplace_warm_start(args, kwargs)
+        except BaseException:
+            # a flow that cannot be built, a store refused, Ctrl-C in the warm start: set
+            # up afresh at the next call (a half-built guide would train from whatever
+            # state it was left in); the store entries mirrored so far are this guide's
+            # own, which the next set-up replaces without taking their values
+            self.prototype_trace = None
             raise
-        if adopted:
-            self.anchor = "param store"
-        elif self.warm_start == "laplace":
-            self._laplace_warm_start(args, kwargs)
 
     def _mirror_store(self) -> tuple[dict[str, nn.Module], bool]:
         """Keep the flow's and the anchor's tensors as Pyro's param store entries.
@@ -795,7 +811,12 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                     raise  # at the starting point: the model's own error, as it is
                 loss = None
             if loss is not None and bool(torch.isfinite(loss)):
-                loss.backward()
+                # the gradient in z only: backward() would also add into the .grad of
+                # the model's own parameters (pyro.param, pyro.module), which SVI's
+                # first step, which does not zero them, would then take as its gradient
+                (z.grad,) = torch.autograd.grad(loss, z, allow_unused=True)
+                if z.grad is None:  # the joint does not depend on z
+                    z.grad = torch.zeros_like(z)
             if best[0] is None:  # the starting point
                 if loss is None or not bool(torch.isfinite(loss)):
                     raise FloatingPointError("log p(x, z) is not finite at the initial point")

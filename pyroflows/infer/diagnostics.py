@@ -19,7 +19,7 @@ time, so that memory stays bounded) when the model broadcasts, and
 one draw at a time when it does not, or when two draws scored one at a time disagree
 with the batch (a model that runs under the plate but mixes the draws up); a guide that
 draws as one distribution does (AutoFlow, Pyro's Gaussian and IAF autoguides) then still
-draws the whole batch in one run, and only the model runs once a draw. The weights
+draws under the plate, up to 1024 draws a run, and only the model runs once a draw. The weights
 need the model's full likelihood and a guide with a density: a model that subsamples a
 plate, and a point-mass guide (``AutoDelta``), are refused.
 
@@ -78,6 +78,11 @@ USABLE_KHAT = 0.7
 #: ESS, as a fraction of the draws, above which a large k-hat gets a note (see ``verdict``).
 FLAT_ESS_FRACTION = 0.9
 
+#: ESS, as a fraction of the draws, below which a small k-hat does not make the guide
+#: "close to the posterior" (see ``verdict``): a Gaussian guide 3 times as wide as a
+#: Gaussian posterior gives k-hat < 0.5 and an ESS of 46% in one dimension.
+CLOSE_ESS_FRACTION = 0.5
+
 
 def _khat_text(khat: float) -> str:
     """k-hat to two decimals, or more where two would put it on a threshold's other side."""
@@ -102,12 +107,23 @@ def verdict(khat: float, ess_fraction: float | None = None) -> str:
             to the posterior), a tail that is heavy only next to that narrow bulk can
             still give :math:`\hat k > 0.7`. With ``ess_fraction >=``
             :data:`FLAT_ESS_FRACTION` the "do not trust" reading says so and asks for more
-            draws; the reading itself does not change.
+            draws; the reading itself does not change. Conversely, a guide much wider than
+            the posterior (or off its centre but covering it) gives a small
+            :math:`\hat k`, which says that importance sampling from it is reliable, not
+            that its draws are the posterior's: with ``ess_fraction <``
+            :data:`CLOSE_ESS_FRACTION` the "good" reading says to use resampled draws.
     """
     if khat == -math.inf:
         return "good: the weights are constant, the guide matches the posterior's shape"
     if not math.isfinite(khat):
         return "do not trust: the importance weights are not finite"
+    if khat < GOOD_KHAT and ess_fraction is not None and ess_fraction < CLOSE_ESS_FRACTION:
+        return (
+            f"good for importance sampling: k-hat {_khat_text(khat)} < {GOOD_KHAT}, but the "
+            f"weights vary widely (ESS {ess_fraction:.1%} of the draws): the guide is wider "
+            "than the posterior or off its centre, so its raw draws are not the posterior's; "
+            "use importance_resample()"
+        )
     if khat < GOOD_KHAT:
         return f"good: k-hat {_khat_text(khat)} < {GOOD_KHAT}, the guide is close to the posterior"
     if khat <= USABLE_KHAT:

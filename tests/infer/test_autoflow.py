@@ -652,6 +652,10 @@ def test_no_latent_site_is_refused():
         ({"init_scale": "0.1"}, TypeError, "init_scale"),
         ({"init_scale": float("nan")}, ValueError, "init_scale"),
         ({"flow": lambda d: None, "transforms": 2}, TypeError, "only apply when flow is a name"),
+        ({"transfoms": 3}, TypeError, r"flow='iaf' takes no option 'transfoms'; its options"),
+        ({"flow": "nsf", "clamp": 3.0}, TypeError, "flow='nsf' takes no option 'clamp'"),
+        ({"context": 2}, TypeError, "takes no option 'context'"),
+        ({"learn_linear": "no"}, TypeError, "learn_linear must be True or False, got 'no'"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -668,6 +672,56 @@ def test_bad_flows_at_setup():
         AutoFlow(gaussian_model, flow=lambda dim: torch.nn.Linear(dim, dim))()
     with pytest.raises(ValueError, match="unconditional"):
         AutoFlow(gaussian_model, flow=pyroflows.iaf(D, context=2).double())()
+
+
+@pytest.mark.parametrize("flow", [pyroflows.iaf(3).double(), lambda dim: torch.nn.Linear(dim, dim)])
+def test_a_set_up_that_fails_fails_again_the_same_way_not_half_built(flow):
+    guide = AutoFlow(gaussian_model, flow=flow)
+    errors = []
+    for call in (guide, guide.median):
+        with pytest.raises((TypeError, ValueError)) as caught:
+            call()
+        errors.append((type(caught.value), str(caught.value)))
+    assert errors[0] == errors[1]  # not a KeyError or a missing attribute the second time
+
+
+def test_a_warm_start_interrupted_runs_again_at_the_next_call(monkeypatch):
+    guide = AutoFlow(gaussian_model)
+    scored = guide._gaussian_elbo
+    calls = []
+
+    def interrupted_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # Ctrl-C while the third candidate is scored
+            raise KeyboardInterrupt
+        return scored(*args, **kwargs)
+
+    monkeypatch.setattr(guide, "_gaussian_elbo", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        guide()
+    guide()  # set up afresh: every candidate scored, the Laplace one chosen
+    assert len(calls) == 3 + 6
+    assert guide.anchor == "laplace"
+
+
+def test_the_laplace_warm_start_leaves_no_gradient_on_the_models_parameters():
+    x = torch.linspace(-1.0, 1.0, 20)
+    y = 3.0 * x + 2.0
+    layer = torch.nn.Linear(1, 1)
+
+    def model(x, y):
+        w = pyro.param("w", torch.tensor(0.5))
+        net = pyro.module("net", layer)
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(y)):
+            mean = mu + w * x + net(x[:, None]).squeeze(-1)
+            pyro.sample("y", dist.Normal(mean, 0.5), obs=y)
+
+    guide = AutoFlow(model)
+    guide(x, y)
+    assert guide.anchor == "laplace"
+    assert pyro.param("w").unconstrained().grad is None  # SVI's first step would add to it
+    assert all(p.grad is None for p in layer.parameters())
 
 
 def test_init_to_value_is_honoured():

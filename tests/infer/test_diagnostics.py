@@ -79,6 +79,19 @@ def test_exact_guide_has_equal_weights_and_full_ess():
     assert "k-hat" in str(report)
 
 
+def test_a_guide_far_wider_than_the_posterior_is_not_called_close():
+    def model():
+        pyro.sample("mu", dist.Normal(0.0, 0.1))
+
+    def wide_guide():
+        pyro.sample("mu", dist.Normal(0.0, 3.0))
+
+    diagnosis = diagnose(model, wide_guide, num_samples=4000)
+    assert diagnosis.khat < 0.5  # importance sampling from it is reliable
+    assert diagnosis.verdict.startswith("good for importance sampling")
+    assert "importance_resample" in diagnosis.verdict
+
+
 def test_bad_guide_is_flagged():
     report = diagnose(exact_guide_model, narrow_guide, num_samples=2000)
     assert report.khat > 0.7
@@ -141,6 +154,13 @@ def test_verdict_never_prints_a_khat_on_the_wrong_side_of_its_threshold():
     assert "k-hat 0.7004 > 0.7" in verdict(0.7004)
     assert "k-hat 0.5004 in" in verdict(0.5004)
     assert "k-hat 0.31 < 0.5" in verdict(0.3149)
+    # a small k-hat with widely varying weights: reliable importance sampling, not a
+    # guide close to the posterior
+    wide = verdict(0.3, 0.05)
+    assert wide.startswith("good for importance sampling")
+    assert "ESS 5.0% of the draws" in wide
+    assert "close to the posterior" not in wide
+    assert "close to the posterior" in verdict(0.3, 0.8)
 
 
 def test_verdict_notes_a_large_khat_on_nearly_flat_weights():

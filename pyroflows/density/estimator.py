@@ -21,10 +21,19 @@ import torch
 try:
     from sklearn.base import BaseEstimator
     from sklearn.utils import check_random_state
-    from sklearn.utils.validation import check_is_fitted, validate_data
+    from sklearn.utils.validation import check_is_fitted
 except ImportError as error:  # pragma: no cover - exercised only without scikit-learn
     raise ImportError(
         "FlowDensity needs scikit-learn: pip install 'pyroflows[density]' (or scikit-learn)"
+    ) from error
+try:
+    from sklearn.utils.validation import validate_data
+except ImportError as error:  # scikit-learn before 1.6
+    import sklearn
+
+    raise ImportError(
+        f"FlowDensity needs scikit-learn >= 1.6 (for validate_data), found "
+        f"{sklearn.__version__}: pip install -U 'scikit-learn>=1.6'"
     ) from error
 
 from pyroflows.density import model_file

@@ -206,3 +206,16 @@ def test_rows_to_score_are_not_refused_for_float32_rounding():
     est = FlowDensity(flow="maf", transforms=1, hidden=(8,), epochs=1, random_state=0).fit(X)
     rows = np.array([[0.1, 0.3], [0.1 + 1e-9, 0.3]])  # rounded by 3 sd of this tiny column
     assert np.isfinite(est.score_samples(rows)).all()  # only data to fit are refused
+
+
+def test_a_scikit_learn_without_validate_data_is_named_as_too_old():
+    import subprocess
+    import sys
+
+    code = (
+        "import sklearn.utils.validation as v; del v.validate_data\n"
+        "from pyroflows.density import FlowDensity\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "FlowDensity needs scikit-learn >= 1.6 (for validate_data), found" in result.stderr

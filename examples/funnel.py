@@ -5,9 +5,20 @@
 narrow neck. A Gaussian guide cannot bend with it and reports ``sd(v)`` far below the
 true 3. An inverse autoregressive flow can: with ``v`` first in its variable order each
 ``x_i``'s scale is a learned function of ``v``. We print ``sd(v)`` for both guides and
-each one's PSIS diagnostics, which say which to trust.
+each one's PSIS diagnostics.
 
-Run it from the repository root (under a minute)::
+What it shows (seeds 0 and 1, 8000 steps): AutoNormal's ``sd(v)`` is 0.47-0.48,
+AutoFlow's 2.83-2.84. The model has no data, so its density is normalized,
+``log p(x) = 0``, and minus the ELBO is the KL divergence from the guide to the
+posterior: 1.9 nats for AutoNormal, 0.05-0.06 for AutoFlow. The ESS says the same
+(76-262 of 4000 draws against 3164-3351). k-hat is subtler: AutoFlow gets "do not
+trust" (0.92, 0.97), rightly, since the flow still misses the far end of the neck
+(``sd(v)`` 2.84, not 3), where a few draws carry large weights. AutoNormal gets 0.86
+on seed 1 but 0.65 ("usable with care", with its tiny ESS pointed out) on seed 0:
+PSIS judges the weights of the draws a guide makes, and a guide that never goes down
+the neck cannot show what it misses there. Read k-hat with the ESS and the ELBO.
+
+Run it from the repository root (about two minutes)::
 
     python examples/funnel.py
 """

@@ -50,7 +50,7 @@ def test_quickstart_reaches_the_true_density(flow, target):
 @pytest.mark.parametrize("script", ["eight_schools.py", "funnel.py"])
 def test_guide_examples_run(script):
     out = example(script, "--steps", "30", "--draws", "1000")
-    assert out.count("ESS") == (3 if script == "eight_schools.py" else 2)  # all diagnosed
+    assert out.count("| ELBO ") == (3 if script == "eight_schools.py" else 2)  # all diagnosed
     assert "AutoNormal" in out
     assert "AutoFlow" in out
 

@@ -90,6 +90,7 @@ def test_a_guide_far_wider_than_the_posterior_is_not_called_close():
     assert diagnosis.khat < 0.5  # importance sampling from it is reliable
     assert diagnosis.verdict.startswith("good for importance sampling")
     assert "importance_resample" in diagnosis.verdict
+    assert f"ESS {diagnosis.ess / diagnosis.num_samples:.1%}" in diagnosis.verdict  # as printed
 
 
 def test_bad_guide_is_flagged():
@@ -161,6 +162,8 @@ def test_verdict_never_prints_a_khat_on_the_wrong_side_of_its_threshold():
     assert "ESS 5.0% of the draws" in wide
     assert "close to the posterior" not in wide
     assert "close to the posterior" in verdict(0.3, 0.8)
+    assert "(ESS 6.5% of the draws: the raw draws are far from it)" in verdict(0.65, 0.065)
+    assert "ESS" not in verdict(0.65, 0.8)
 
 
 def test_verdict_notes_a_large_khat_on_nearly_flat_weights():

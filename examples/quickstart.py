@@ -8,7 +8,8 @@ here, so the gap between the two says how good the fit is. A figure shows the tr
 data beside samples from the flow, and the flow's density with the true one overlaid; a
 second one (``*_stages.png``) shows base draws bent into the data, layer by layer.
 
-Run it from the repository root (after ``pip install -e .``); it takes a few seconds::
+Run it from the repository root (after ``pip install -e ".[plot]"``: the figure needs
+matplotlib; ``--no-plot`` does without); it takes about 15 seconds::
 
     python examples/quickstart.py
     python examples/quickstart.py --flow realnvp --seed 3 --out /tmp/realnvp.png
@@ -50,6 +51,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
+    if not args.no_plot:
+        try:
+            import matplotlib  # noqa: F401  (checked now, not after the training)
+        except ImportError:
+            parser.error('the figure needs matplotlib: pip install -e ".[plot]", or pass --no-plot')
 
     torch.set_num_threads(1)  # the networks are tiny: more threads only add overhead
     torch.manual_seed(args.seed)  # seeds the data, the flow's initial weights, the samples

@@ -68,3 +68,18 @@ def test_model_comparison_example_runs():
     out = example("model_comparison.py", "--steps", "30")
     assert out.count("elpd_loo") == 3  # each model's line, and the table
     assert "student-t" in out.splitlines()[-2]  # the table's rows, in rank order
+
+
+def test_quickstart_without_matplotlib_says_so_before_training(tmp_path):
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['matplotlib'] = None  # as if not installed\n"
+        f"sys.argv = ['quickstart.py', '--out', {str(tmp_path / 'q.png')!r}]\n"
+        f"runpy.run_path({str(ROOT / 'examples' / 'quickstart.py')!r}, run_name='__main__')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2
+    assert "needs matplotlib" in result.stderr
+    assert "step" not in result.stdout  # refused before the training, not after it

@@ -291,9 +291,15 @@ _FLAGS = {
     "patience": "--patience",
     "dequantize": "--dequantize",
     "validation": "--validation",
+    "batch_size": "--batch-size",
     "data": "DATA",
+    "validation_rows": "DATA",
     "flow": "--flow, --transforms, --hidden, --bins, --activation or --dtype",
 }
+
+
+#: what a refusal names without values (whole tables, a flow's layers)
+_NOT_VALUES = ("data", "validation_rows", "flow")
 
 
 def _mismatch(error: Any) -> str:
@@ -306,7 +312,7 @@ def _mismatch(error: Any) -> str:
             return "--dequantize" if value else "no --dequantize"
         return f"{_FLAGS[name]} {value}"
 
-    scalars = [n for n in error.changed if n in _FLAGS and n not in ("data", "flow")]
+    scalars = [n for n in error.changed if n in _FLAGS and n not in _NOT_VALUES]
     others = [n for n in error.changed if n not in scalars]
     parts = []
     if scalars:
@@ -314,8 +320,12 @@ def _mismatch(error: Any) -> str:
         now = ", ".join(shown(n, error.changed[n][1]) for n in scalars)
         parts.append(f"was written by a fit with {then}; now {now}")
     for name in others:
-        what = {"data": "other DATA", "flow": "another flow"}.get(name, f"another {name}")
-        parts.append(f"was written for {what} ({_FLAGS.get(name, name)})")
+        what = {
+            "data": "other DATA",
+            "validation_rows": "other DATA (the rows --validation holds out differ)",
+            "flow": f"another flow ({_FLAGS['flow']})",
+        }.get(name, f"another {name}")
+        parts.append(f"was written for {what}")
     return (
         f"{error.path} {'; and '.join(parts)}: pass the same to resume it, or drop --resume "
         f"and add --force to start afresh"

@@ -52,9 +52,10 @@ class ResumeMismatch(ValueError):
     Attributes:
         path: the checkpoint file.
         changed: ``{argument: (then, now)}`` for each of :func:`fit`'s arguments that
-            differ: ``"seed"``, the options (``"epochs"``, ``"lr"``, ``"validation"``,
-            ...), ``"data"`` (other training rows), ``"validation"`` (other validation
-            rows) or ``"flow"`` (another architecture).
+            differ: ``"seed"``, the options (``"epochs"``, ``"lr"``, ``"batch_size"``,
+            ``"validation"`` (the fraction, or ``"rows"``), ...), ``"data"`` (other
+            training rows), ``"validation_rows"`` (other held-out rows) or ``"flow"``
+            (another architecture).
     """
 
     def __init__(self, message: str, path: Path, changed: dict[str, tuple[Any, Any]]) -> None:
@@ -72,6 +73,8 @@ def unwritable(folder: str | os.PathLike) -> str | None:
     """
     place = Path(folder).absolute()
     while not place.exists() and place != place.parent:
+        if place.is_symlink():  # a link to nothing: the folder could not be made there
+            return f"{place} is a symbolic link to {os.readlink(place)}, which does not exist"
         place = place.parent
     if not place.is_dir():
         return f"{place} is not a folder"
@@ -82,6 +85,17 @@ def unwritable(folder: str | os.PathLike) -> str | None:
     except OSError as error:
         return error.strerror or str(error)
     return None
+
+
+def _same_option(then: Any, now: Any) -> bool:
+    """Whether a recorded option equals the current one; floats to a relative 1e-6.
+
+    A NumPy ``float32`` fraction and the Python float it rounds give the same split; the
+    learning rate comes back from the optimizer's state in any case.
+    """
+    if isinstance(then, float) and isinstance(now, float):
+        return math.isclose(then, now, rel_tol=1e-6, abs_tol=0.0)
+    return then == now
 
 
 def _architecture(flow: Flow) -> str:
@@ -478,7 +492,7 @@ def fit(
 
     if state is not None:
         then = state.get("options", options)  # checkpoints before this record none
-        changed = [k for k in options if then.get(k, options[k]) != options[k]]
+        changed = [k for k in options if not _same_option(then.get(k, options[k]), options[k])]
         if changed:
             raise ResumeMismatch(
                 f"the checkpoint in {checkpoint_dir} was written by a fit with "
@@ -489,6 +503,15 @@ def fit(
                 "resume=False to start afresh",
                 path,
                 {k: (then[k], options[k]) for k in changed},
+            )
+        if state["fingerprint"][2] != fingerprint[2]:
+            then, now = state["fingerprint"][2], fingerprint[2]
+            raise ResumeMismatch(
+                f"the checkpoint in {checkpoint_dir} was written by a fit with "
+                f"batch_size={then}; now batch_size={now}. resume=True continues that fit as "
+                f"it was: pass the same options, or resume=False to start afresh",
+                path,
+                {"batch_size": (then, now)},
             )
         if state["fingerprint"][:3] != fingerprint[:3] or not math.isclose(
             state["fingerprint"][3], fingerprint[3], rel_tol=1e-6, abs_tol=1e-6
@@ -519,7 +542,7 @@ def fit(
                 f"({shown[0]}; now {shown[1]}): its best score would not be comparable; pass "
                 f"the same validation rows, or resume=False to start afresh",
                 path,
-                {"validation": (then, held_out)},
+                {"validation_rows": (then, held_out)},
             )
         then = state.get("architecture", architecture)
         if then != architecture:

@@ -192,7 +192,13 @@ def load(path: str | os.PathLike) -> tuple[Flow, dict[str, Any]]:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as error:  # pickle errors come in many types
         if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
-            reason = "not the zip archive torch.save writes: a CSV, a .npy or another file?"
+            with open(path, "rb") as stream:
+                zipped = stream.read(4) == b"PK\x03\x04"  # a zip's start, without its end
+            reason = (
+                "a truncated or corrupt zip archive"
+                if zipped
+                else "not the zip archive torch.save writes: a CSV, a .npy or another file?"
+            )
         elif isinstance(error, pickle.UnpicklingError):
             reason = "it holds Python objects other than tensors and plain values"
         else:

@@ -46,7 +46,7 @@ from torch import nn
 from torch.autograd import forward_ad
 from torch.nn import functional as F
 
-from pyroflows._checks import broadcast_shape, check_number, check_positive_int
+from pyroflows._checks import check_number, check_positive_int
 from pyroflows.transforms.autoregressive import _Autoregressive
 from pyroflows.transforms.base import ConditionalFlowTransform, FlowTransform
 from pyroflows.transforms.coupling import _Coupling
@@ -158,10 +158,11 @@ def rational_quadratic_spline(
                 f"{'K' if size == k else 'K - 1'} = {size} for K = {k} bins), got "
                 f"{tuple(tensor.shape)}"
             )
-    if broadcast_shape(tuple(value.shape), tuple(widths.shape[:-1])) is None:
+    if tuple(widths.shape[:-1]) != tuple(value.shape):
         raise ValueError(
-            f"value of shape {tuple(value.shape)} does not broadcast with the parameters' "
-            f"(*batch, D) = {tuple(widths.shape[:-1])}"
+            f"widths, heights and derivatives must have value's shape and K: "
+            f"{(*value.shape, k)} for value of shape {tuple(value.shape)}, got widths of "
+            f"shape {tuple(widths.shape)}"
         )
     bound = check_number(bound, "bound", 0.0)
     return _spline(value, widths, heights, derivatives, bound, inverse)

@@ -377,6 +377,7 @@ def test_a_checkpoint_of_another_fit_is_refused_in_the_command_lines_terms(workd
         (["--patience", "0"], ["with --patience 20; now --patience 0"]),
         (["--validation", "0.2"], ["with --validation 0.1; now --validation 0.2"]),
         (["--activation", "tanh"], ["for another flow (--flow, --transforms"]),
+        (["--batch-size", "32"], ["with --batch-size 256; now --batch-size 32"]),
     ):
         one_line_error(run(*resume, *extra, cwd=workdir), "mis.pt.ckpt", *fragments)
     resumed = run(*resume, cwd=workdir)  # no --seed: the checkpoint's
@@ -405,6 +406,9 @@ def test_out_paths_that_cannot_be_written_are_refused_before_the_training(workdi
 def test_a_file_that_is_not_a_model_is_named_for_what_it_is(workdir):
     for name in ("plain.csv", "data.npy"):
         one_line_error(run("info", name, cwd=workdir), "not the zip archive torch.save writes")
+    whole = (workdir / "model.pt").read_bytes()
+    (workdir / "cut.pt").write_bytes(whole[: 2 * len(whole) // 3])
+    one_line_error(run("info", "cut.pt", cwd=workdir), "a truncated or corrupt zip archive")
     import torch
 
     torch.save({"format": object()}, workdir / "objects.pt", _use_new_zipfile_serialization=True)

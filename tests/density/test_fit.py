@@ -376,6 +376,52 @@ def test_resume_refuses_other_validation_rows(tmp_path):
     assert len(history.val_nll) == 4
 
 
+def test_resume_takes_a_float32_fraction_as_the_float_it_rounds(tmp_path):
+    x = np.random.default_rng(1).normal(size=(200, 2))
+    options = {"epochs": 3, "seed": 0, "checkpoint_dir": tmp_path, "progress": False}
+    with pytest.raises(KeyboardInterrupt):
+        fit(
+            small_flow(),
+            x,
+            validation=np.float32(0.1),
+            callback=_interrupt_after_epoch(1),
+            **options,
+        )
+    assert fit(small_flow(), x, validation=0.1, resume=True, **options).epochs == 3
+
+
+def test_resume_names_another_batch_size_and_other_held_out_rows(tmp_path):
+    from pyroflows.density import ResumeMismatch
+
+    x = np.random.default_rng(2).normal(size=(200, 2))
+    options = {"epochs": 3, "seed": 0, "checkpoint_dir": tmp_path, "progress": False}
+    with pytest.raises(KeyboardInterrupt):
+        fit(small_flow(), x, callback=_interrupt_after_epoch(1), **options)
+    with pytest.raises(ResumeMismatch, match="batch_size=256; now batch_size=32") as caught:
+        fit(small_flow(), x, batch_size=32, resume=True, **options)
+    assert set(caught.value.changed) == {"batch_size"}
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    state["held_out"][1] += 1.0  # as if a held-out row had changed, the training rows not
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(ResumeMismatch, match="other validation rows") as caught:
+        fit(small_flow(), x, resume=True, **options)
+    assert set(caught.value.changed) == {"validation_rows"}
+
+
+def test_a_dangling_link_as_checkpoint_dir_is_refused_before_the_first_epoch(tmp_path):
+    import os
+
+    from pyroflows.density.fit import unwritable
+
+    link = tmp_path / "dangling"
+    os.symlink(tmp_path / "nowhere", link)
+    assert "does not exist" in unwritable(link)
+    assert unwritable(link / "inner") is not None
+    assert unwritable(tmp_path / "new" / "folder") is None  # made later, writable
+    with pytest.raises(ValueError, match="checkpoint_dir .*dangling.* cannot be written"):
+        fit(small_flow(), torch.randn(50, 2), epochs=3, checkpoint_dir=link, progress=False)
+
+
 def test_an_unwritable_checkpoint_dir_is_refused_before_the_first_epoch(tmp_path):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file, not a folder")

@@ -505,7 +505,9 @@ def test_half_precision_is_refused_not_turned_into_nan(dtype):
         ),
         ({"bound": -1.0}, ValueError, "bound must be a finite number > 0"),
         ({"widths": torch.zeros(3, 1, 8, dtype=torch.float64)}, TypeError, "widths has dtype"),
-        ({"value": torch.zeros(4, 1)}, ValueError, "does not broadcast"),
+        ({"value": torch.zeros(4, 1)}, ValueError, r"must have value's shape and K: \(4, 1, 8\)"),
+        # shapes that broadcast but that the spline cannot take
+        ({"value": torch.zeros(5, 3, 1)}, ValueError, "must have value's shape and K"),
         ({"widths": torch.zeros(())}, ValueError, "widths must have shape"),
     ],
 )

@@ -479,6 +479,8 @@ class RationalQuadratic:
                 f"bins must be at most {most} (each bin keeps a minimum width of "
                 f"{MIN_BIN_WIDTH} of the interval), got {self.bins}"
             )
+        if isinstance(bound, torch.Tensor) and bound.dim() == 0 and bound.is_floating_point():
+            bound = bound.item()  # a 0-d tensor, as the other number options take
         if (
             isinstance(bound, bool)
             or not isinstance(bound, numbers.Real)

@@ -547,3 +547,14 @@ def test_a_base_side_splines_log_det_off_the_cache_is_taken_at_u(layer):
     jacobians = torch.func.vmap(torch.func.jacrev(lambda v: t64._forward(v, None)[0]))(u.double())
     expected = torch.linalg.slogdet(jacobians)[1]
     torch.testing.assert_close(ladj.double(), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_a_zero_d_tensor_bound_is_a_number_bound():
+    torch.manual_seed(0)
+    a = pyroflows.nsf(2, transforms=1, hidden=(8,), bound=torch.tensor(3.0))
+    torch.manual_seed(0)
+    b = pyroflows.nsf(2, transforms=1, hidden=(8,), bound=3.0)
+    x = torch.randn(5, 2)
+    assert torch.equal(a().log_prob(x), b().log_prob(x))
+    with pytest.raises(ValueError, match="bound must be a positive finite number"):
+        pyroflows.nsf(2, bound=torch.tensor([3.0, 4.0]))

@@ -365,10 +365,13 @@ def test_resume_refuses_other_validation_rows(tmp_path):
     options = {"epochs": 4, "seed": 0, "checkpoint_dir": tmp_path, "progress": False}
     with pytest.raises(KeyboardInterrupt):
         fit(small_flow(), x, validation=v, callback=_interrupt_after_epoch(2), **options)
-    for other, shown in ((v * 100, "validation rows"), (None, "validation=")):
+    for other, shown, key in (
+        (v * 100, "validation rows", "validation_rows"),  # other rows
+        (None, "validation=", "validation"),  # none: the option differs
+    ):
         with pytest.raises(ResumeMismatch, match=shown) as caught:
             fit(small_flow(), x, validation=other, resume=True, **options)
-        assert set(caught.value.changed) == {"validation"}
+        assert set(caught.value.changed) == {key}
     with pytest.raises(ResumeMismatch, match="validation='rows'; now validation=0.2"):
         fit(small_flow(), x, validation=0.2, resume=True, **options)  # a fraction instead
     history = fit(small_flow(), x, validation=v.copy(), resume=True, **options)  # the same

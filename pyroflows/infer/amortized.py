@@ -48,6 +48,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.plate_messenger import PlateMessenger
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.subsample_messenger import _Subsample
+from pyro.poutine.trace_messenger import TraceMessenger
 from torch import nn
 from torch.nn import functional as F
 
@@ -57,6 +58,7 @@ from pyroflows._checks import (
     check_hidden,
     check_number,
     check_positive_int,
+    warn_from_caller,
 )
 from pyroflows._pickling import DropsParamStoreLinks
 from pyroflows.flows import Flow, FlowDistribution, iaf, nsf
@@ -324,7 +326,8 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
         register: state the parameters as Pyro param sites at every call, as
             ``pyro.module`` does (needed by ``SVI`` with a ``pyro.optim`` optimizer);
             ``False`` when a torch optimizer steps ``guide.parameters()`` itself, which
-            saves that cost per step. While registering, the posterior's whole
+            saves that cost per step (run by ``SVI.step`` so, a ``UserWarning`` says once
+            that it will not train). While registering, the posterior's whole
             ``state_dict`` (buffers too) is kept in Pyro's param store, so
             ``pyro.get_param_store().save`` and ``load`` restore it: values a loaded
             store holds under ``name`` are copied into the posterior at the next call
@@ -381,6 +384,14 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
             owner = f"AmortizedGuide(name={self.name!r})"
             self._mirror()({self.name: self.posterior}, owner=owner)
             register({self.name: self.posterior})
+        elif not self.__dict__.get("_told_unregistered") and _under_svi_step():
+            self._told_unregistered = True
+            warn_from_caller(
+                f"AmortizedGuide(name={self.name!r}, register=False) is run by SVI.step, whose "
+                "pyro.optim optimizer steps the parameters in Pyro's param store: this "
+                "guide's are not there, so it will not train. Build it with register=True, "
+                "or step guide.parameters() with a torch optimizer yourself"
+            )
         rows = _row_count(x)
         if rows == 0:
             raise ValueError(f"x has no rows (shape {tuple(x.shape)}): nothing to sample z for")
@@ -443,6 +454,16 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
                 f"{tuple(x.shape)}"
             )
         return x.reshape(x.shape[0], *([1] * (-self.dim - 1)), x.shape[1])
+
+
+def _under_svi_step() -> bool:
+    """Whether an ``SVI.step`` is collecting the param sites its optimizer will step.
+
+    ``SVI.step`` runs the loss under ``poutine.trace(param_only=True)``.
+    """
+    return any(
+        isinstance(messenger, TraceMessenger) and messenger.param_only for messenger in _PYRO_STACK
+    )
 
 
 def _row_count(x: object) -> int:

@@ -432,3 +432,28 @@ def test_a_trained_guide_pickles_and_keeps_training():
     pyro.set_rng_seed(0)
     torch.testing.assert_close(iwae_log_likelihood(model, loaded, x, num_samples=8), expected)
     assert torch.isfinite(torch.tensor(svi.step(x)))  # the original trains on
+
+
+def test_an_unregistered_guide_under_svi_says_once_that_it_will_not_train():
+    import warnings
+
+    model = LinearGaussian()
+    x = model.data(8, seed=0).float()
+    guide = AmortizedGuide(amortized_posterior(D, LATENT, flow="iaf", hidden=(8,)), register=False)
+
+    def float_model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(LATENT), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ model.W.T.float(), NOISE).to_event(1), obs=x)
+
+    svi = SVI(float_model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    with pytest.warns(UserWarning, match="register=False.*is run by SVI.step.*will not train"):
+        svi.step(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        svi.step(x)  # once, not at every step
+        Trace_ELBO().differentiable_loss(float_model, guide, x)  # a torch optimizer's loop
+    fresh = AmortizedGuide(amortized_posterior(D, LATENT, flow="iaf", hidden=(8,)), register=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trace_ELBO().differentiable_loss(float_model, fresh, x)  # no SVI.step: no warning

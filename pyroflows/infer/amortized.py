@@ -384,7 +384,7 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
             owner = f"AmortizedGuide(name={self.name!r})"
             self._mirror()({self.name: self.posterior}, owner=owner)
             register({self.name: self.posterior})
-        elif not self.__dict__.get("_told_unregistered") and _under_svi_step():
+        elif not self.__dict__.get("_told_unregistered") and _under_svi_step(self.posterior):
             self._told_unregistered = True
             warn_from_caller(
                 f"AmortizedGuide(name={self.name!r}, register=False) is run by SVI.step, whose "
@@ -456,14 +456,22 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
         return x.reshape(x.shape[0], *([1] * (-self.dim - 1)), x.shape[1])
 
 
-def _under_svi_step() -> bool:
-    """Whether an ``SVI.step`` is collecting the param sites its optimizer will step.
+def _under_svi_step(module: nn.Module) -> bool:
+    """Whether ``SVI.step`` collects param sites but has not seen ``module``'s parameters.
 
-    ``SVI.step`` runs the loss under ``poutine.trace(param_only=True)``.
+    ``SVI.step`` runs the loss under ``poutine.trace(param_only=True)``; a caller's own
+    ``pyro.module(name, guide)`` before the call puts the parameters there.
     """
-    return any(
-        isinstance(messenger, TraceMessenger) and messenger.param_only for messenger in _PYRO_STACK
-    )
+    collecting = [m for m in _PYRO_STACK if isinstance(m, TraceMessenger) and m.param_only]
+    if not collecting:
+        return False
+    seen = {
+        id(site["value"])
+        for messenger in collecting
+        for site in messenger.trace.nodes.values()
+        if site["type"] == "param"
+    }
+    return not any(id(p) in seen for p in module.parameters())
 
 
 def _row_count(x: object) -> int:

@@ -457,3 +457,27 @@ def test_an_unregistered_guide_under_svi_says_once_that_it_will_not_train():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Trace_ELBO().differentiable_loss(float_model, fresh, x)  # no SVI.step: no warning
+
+
+def test_an_unregistered_guide_that_the_caller_registers_gets_no_warning():
+    import warnings
+
+    model = LinearGaussian()
+    x = model.data(8, seed=0).float()
+    inner = AmortizedGuide(amortized_posterior(D, LATENT, flow="iaf", hidden=(8,)), register=False)
+
+    def float_model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(LATENT), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ model.W.T.float(), NOISE).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.module("encoder", inner)  # as Pyro's VAE tutorial registers its encoder
+        return inner(x)
+
+    svi = SVI(float_model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    before = [p.detach().clone() for p in inner.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        svi.step(x)
+    assert any(not torch.equal(a, p) for a, p in zip(before, inner.parameters(), strict=True))

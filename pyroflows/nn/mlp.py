@@ -38,6 +38,20 @@ class ScaledLinear(nn.Linear):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+def _made_scaled(layer: nn.Linear) -> ScaledLinear:
+    """``layer`` turned into a :class:`ScaledLinear` of factor 1, in place.
+
+    The module and its ``Parameter`` objects stay the same, so an optimizer or Pyro's
+    param store that holds them goes on stepping them (new parameters would be left
+    out of both, silently).
+    """
+    layer.__class__ = ScaledLinear
+    layer.register_buffer(
+        "scale", torch.ones((), dtype=layer.weight.dtype, device=layer.weight.device)
+    )
+    return layer
+
+
 class ContextTrunk(DropsParamStoreLinks, nn.Module):
     """Shared body of the conditioners: hidden layers with an additive context term each.
 
@@ -110,6 +124,18 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
             raise
         return out.unflatten(-1, self.out_shape)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a scaled network's state (a factor beside a dense layer's weight) loads into a
+        # fresh one: its dense layers become ScaledLinear first (the children load next)
+        from pyroflows.nn.made import MaskedLinear  # made.py builds on this module
+
+        named = [(f"hidden_layers.{k}.", m) for k, m in enumerate(self.hidden_layers)]
+        for name, layer in [*named, ("output_layer.", self.output_layer)]:
+            plain = not isinstance(layer, (ScaledLinear, MaskedLinear))
+            if plain and isinstance(layer, nn.Linear) and prefix + name + "scale" in state_dict:
+                _made_scaled(layer)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
     def scale_updates(self, reference_fan_in: int = 64) -> None:
         r"""Store each layer's weight as :math:`W = c\,W'`, :math:`c = \min(1, n_0 / n)`.
@@ -128,15 +154,18 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
 
         The factor :math:`c` lives in a buffer of the layer (a MADE's kept mask entries
         become :math:`c`; a dense layer becomes a :class:`ScaledLinear` holding :math:`c`),
-        so a state dict carries it with the weight it belongs to. A plain ``nn.Linear``'s
-        state loads into a :class:`ScaledLinear` as the same map. Calling it again with
+        so a state dict carries it with the weight it belongs to: a scaled network's
+        state loads into a fresh one (its dense layers become scaled), and a plain
+        ``nn.Linear``'s into a :class:`ScaledLinear`, as the same map. The layers keep
+        their ``Parameter`` objects (a dense one changes class in place), so an optimizer
+        or a param store that holds them goes on stepping them. Calling it again with
         another reference re-scales from the current factor.
         """
         from pyroflows.nn.made import MaskedLinear  # made.py builds on this module
 
         reference_fan_in = check_positive_int(reference_fan_in, "reference_fan_in")
         layers = [*self.hidden_layers, self.output_layer]
-        for k, layer in enumerate(layers):
+        for layer in layers:
             target = min(1.0, reference_fan_in / layer.in_features)
             if isinstance(layer, MaskedLinear):
                 factor = layer.mask
@@ -149,16 +178,7 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
             else:
                 if target == 1.0:
                     continue
-                dense = layer
-                layer = ScaledLinear(dense.in_features, dense.out_features, dense.bias is not None)
-                layer = layer.to(dense.weight)
-                layer.weight.copy_(dense.weight)
-                if dense.bias is not None:
-                    layer.bias.copy_(dense.bias)
-                if k < len(self.hidden_layers):
-                    self.hidden_layers[k] = layer
-                else:
-                    self.output_layer = layer
+                layer = _made_scaled(layer)  # the same module and parameters
                 factor, now = layer.scale, 1.0
             if abs(target - now) > 1e-6 * target:  # the factor is stored in float32
                 layer.weight.mul_(now / target)

@@ -125,5 +125,35 @@ def test_a_plain_state_loads_into_a_scaled_network_as_the_same_map():
     x = torch.randn(4, 8)
     torch.testing.assert_close(scaled(x), plain(x))
     assert scaled.output_layer.scale.item() == 64 / 512  # and its steps stay scaled
-    with pytest.raises(RuntimeError, match="Unexpected key"):  # the other way is refused
-        plain.load_state_dict(scaled.state_dict())
+    # the other way, a scaled state into a plain network: its layers become scaled
+    other = MLP(8, 5, params=2, hidden=(512,), zero_init=False)
+    other.load_state_dict(scaled.state_dict())
+    torch.testing.assert_close(other(x), plain(x))
+    assert other.output_layer.scale.item() == 64 / 512
+
+
+def test_scaling_keeps_the_parameters_an_optimizer_holds_and_the_state_loads_afresh():
+    import pyroflows
+
+    torch.manual_seed(0)
+    flow = pyroflows.realnvp(100, transforms=1, hidden=(128,))
+    held = {id(p) for p in flow.parameters()}
+    optimizer = torch.optim.Adam(flow.parameters(), lr=1e-2)
+    x = torch.randn(16, 100)
+    before = flow().log_prob(x).detach()
+    for module in flow.modules():
+        if isinstance(module, MLP):
+            module.scale_updates(64)
+    assert {id(p) for p in flow.parameters()} == held  # the same tensors, still stepped
+    torch.testing.assert_close(flow().log_prob(x), before)
+    output = flow.transforms[0].conditioner.output_layer
+    start = output.weight.detach().clone()
+    loss = -flow().log_prob(x).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    assert not torch.equal(output.weight, start)  # the zero output layer trains
+    fresh = pyroflows.realnvp(100, transforms=1, hidden=(128,))
+    fresh.load_state_dict(flow.state_dict())  # a scaled state loads into a fresh flow
+    torch.testing.assert_close(fresh().log_prob(x), flow().log_prob(x))
+    assert fresh.transforms[0].conditioner.output_layer.scale.item() == 64 / 128

@@ -119,6 +119,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
+    for flag in ("num_samples", "warmup", "workers"):
+        if getattr(args, flag) < 1:
+            parser.error(
+                f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}"
+            )
+    if not Path(args.posteriordb).is_dir():
+        parser.error(f"--posteriordb {args.posteriordb} is not a folder")
 
     names = args.only or posteriors.NAMES
     start = time.perf_counter()

@@ -214,7 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     for guide in args.guides:
         import posterior_quality
 
-        posterior_quality.check_guide_name(guide)
+        try:
+            posterior_quality.check_guide_name(guide)
+        except ValueError as error:
+            parser.error(f"--guides: {error}")
     names = args.only or list(posteriors.NAMES)
     jobs = [
         {

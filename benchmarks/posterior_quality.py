@@ -34,7 +34,8 @@ Run::
     python benchmarks/posterior_quality.py --particles 16 --vectorize \
         --only gp_pois_regr-gp_pois_regr --out /tmp/gp_16_particles
 
-Writes ``benchmarks/results/posterior_quality.{json,md}``.
+Writes ``benchmarks/results/posterior_quality.{json,md}`` (``posterior_quality_quick.*``
+with ``--quick``).
 """
 
 from __future__ import annotations
@@ -428,11 +429,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--only", nargs="+", default=None, choices=posteriors.NAMES)
     parser.add_argument("--quick", action="store_true", help="500 steps, fewer draws")
-    parser.add_argument("--out", default=str(here / "results" / "posterior_quality"))
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="path stem of the .json and .md (default: results/posterior_quality, or "
+        "results/posterior_quality_quick with --quick, so a smoke test never replaces the "
+        "results of a full run)",
+    )
     parser.add_argument(
         "--from-json", default=None, help="re-render the tables of a saved run (fits nothing)"
     )
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = str(
+            here / "results" / ("posterior_quality_quick" if args.quick else "posterior_quality")
+        )
     if args.from_json is not None:
         saved = json.loads(Path(args.from_json).read_text())
         for key, value in saved["meta"]["args"].items():

@@ -87,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "scale.json")
     args = parser.parse_args(argv)
+    for flag in ("rows", "dim", "epochs", "batch_size"):
+        if getattr(args, flag) < 1:
+            parser.error(
+                f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}"
+            )
+    if min(args.processes) < 1:
+        parser.error(f"--processes must be at least 1 each, got {args.processes}")
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         make_data(work / "train.npy", args.rows, args.dim, seed=0)

@@ -708,6 +708,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("transforms", "batch", "samples", "repeats", "sample_repeats", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if min(args.dims) < 1:
+        parser.error(f"--dims must be >= 1 each, got {args.dims}")
     return args
 
 

@@ -214,7 +214,8 @@ class Flow(DropsParamStoreLinks, nn.Module):
             u = d.base_dist.sample((num_samples,))
         else:
             u = check_event(base, "base", self.dim, self.base_loc)
-            check_context_broadcast(u.shape[:-1], "base", d.batch_shape)
+            shape = check_context_broadcast(u.shape[:-1], "base", d.batch_shape)
+            u = u.expand(*shape, self.dim)  # every stage of one shape, the context's too
         stages = [u]
         for t in d.transforms:
             stages.append(t(stages[-1]))

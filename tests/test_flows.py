@@ -462,3 +462,9 @@ def test_a_flow_registered_with_pyro_module_pickles():
         assert "unconstrained" in next(flow.parameters()).__dict__
     finally:
         pyro.clear_param_store()
+
+
+def test_intermediates_of_an_unbatched_base_under_batched_contexts_share_one_shape():
+    flow = pyroflows.maf(3, transforms=2, hidden=(8,), context=2)
+    stages = flow.intermediates(context=torch.randn(7, 2), base=torch.randn(3))
+    assert [tuple(s.shape) for s in stages] == [(7, 3)] * 3

@@ -37,6 +37,18 @@ class MaskedLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.register_buffer("mask", mask.to(self.weight.dtype))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a state saved before the layer was scaled (kept entries 1) into a scaled layer
+        # (kept entries c): stored as W / c with the mask c, so the outputs are the
+        # state's and the steps stay scaled, as for a ScaledLinear
+        mask, weight = prefix + "mask", prefix + "weight"
+        if mask in state_dict and weight in state_dict:
+            now = float(self.mask.max())
+            if float(state_dict[mask].max()) == 1.0 and now not in (0.0, 1.0):
+                state_dict[weight] = state_dict[weight] / now
+                state_dict[mask] = state_dict[mask] * now
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the masked affine map."""
         holder = self._holding

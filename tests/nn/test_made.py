@@ -251,3 +251,18 @@ def test_builder_defaults_are_wide_enough_for_every_input(build, width):
         flow = build(pyroflows)
     made = flow.transforms[0].conditioner
     assert [layer.out_features for layer in made.hidden_layers] == [width, width]
+
+
+def test_a_plain_state_loads_into_a_scaled_made_as_the_same_map_with_its_scaling():
+    torch.manual_seed(0)
+    plain = MADE(4, params=2, hidden=(200,), zero_init=False)
+    scaled = MADE(4, params=2, hidden=(200,), zero_init=False)
+    scaled.scale_updates(64)
+    scaled.load_state_dict(plain.state_dict())  # saved before the layers were scaled
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(scaled(x), plain(x))
+    assert scaled.output_layer.mask.max().item() == pytest.approx(64 / 200)  # steps scaled
+    fresh = MADE(4, params=2, hidden=(200,), zero_init=False)
+    fresh.load_state_dict(scaled.state_dict())  # a scaled state keeps its scaling
+    torch.testing.assert_close(fresh(x), plain(x))
+    assert fresh.output_layer.mask.max().item() == pytest.approx(64 / 200)

@@ -434,17 +434,23 @@ def test_a_trained_guide_pickles_and_keeps_training():
     assert torch.isfinite(torch.tensor(svi.step(x)))  # the original trains on
 
 
-def test_an_unregistered_guide_under_svi_says_once_that_it_will_not_train():
-    import warnings
-
+def float32_linear_gaussian():
+    """The linear-Gaussian model in float32 (a default encoder's dtype) and 8 of its rows."""
     model = LinearGaussian()
-    x = model.data(8, seed=0).float()
-    guide = AmortizedGuide(amortized_posterior(D, LATENT, flow="iaf", hidden=(8,)), register=False)
 
     def float_model(x):
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(torch.zeros(LATENT), 1.0).to_event(1))
             pyro.sample("x", dist.Normal(z @ model.W.T.float(), NOISE).to_event(1), obs=x)
+
+    return float_model, model.data(8, seed=0).float()
+
+
+def test_an_unregistered_guide_under_svi_says_once_that_it_will_not_train():
+    import warnings
+
+    float_model, x = float32_linear_gaussian()
+    guide = AmortizedGuide(amortized_posterior(D, LATENT, flow="iaf", hidden=(8,)), register=False)
 
     svi = SVI(float_model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
     with pytest.warns(UserWarning, match="register=False.*is run by SVI.step.*will not train"):
@@ -462,14 +468,8 @@ def test_an_unregistered_guide_under_svi_says_once_that_it_will_not_train():
 def test_an_unregistered_guide_that_the_caller_registers_gets_no_warning():
     import warnings
 
-    model = LinearGaussian()
-    x = model.data(8, seed=0).float()
+    float_model, x = float32_linear_gaussian()
     inner = AmortizedGuide(amortized_posterior(D, LATENT, flow="iaf", hidden=(8,)), register=False)
-
-    def float_model(x):
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(torch.zeros(LATENT), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(z @ model.W.T.float(), NOISE).to_event(1), obs=x)
 
     def guide(x):
         pyro.module("encoder", inner)  # as Pyro's VAE tutorial registers its encoder

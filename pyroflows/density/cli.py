@@ -95,9 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pyroflows {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    defaults = _Defaults
     fit = commands.add_parser(
-        "fit", help="fit a flow to DATA and write a model file", formatter_class=defaults
+        "fit", help="fit a flow to DATA and write a model file", formatter_class=_Defaults
     )
     fit.add_argument("data", metavar="DATA", help="CSV (header optional) or .npy file")
     fit.add_argument("--out", "-o", required=True, metavar="MODEL", help="model file to write")
@@ -143,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
     sample = commands.add_parser(
-        "sample", help="draw rows from a model, CSV on stdout", formatter_class=defaults
+        "sample", help="draw rows from a model, CSV on stdout", formatter_class=_Defaults
     )
     sample.add_argument("model", metavar="MODEL")
     sample.add_argument("-n", "--num-samples", type=int, default=1000, help="rows to draw")
@@ -283,7 +282,7 @@ def _fit(args: argparse.Namespace) -> None:
     distributed.barrier()  # the others wait for the model file before leaving the group
 
 
-#: fit's arguments as the command line sets them
+#: fit's arguments that the command line sets by one flag, with a value
 _FLAGS = {
     "seed": "--seed",
     "epochs": "--epochs",
@@ -292,14 +291,14 @@ _FLAGS = {
     "dequantize": "--dequantize",
     "validation": "--validation",
     "batch_size": "--batch-size",
-    "data": "DATA",
-    "validation_rows": "DATA",
-    "flow": "--flow, --transforms, --hidden, --bins, --activation or --dtype",
 }
 
-
-#: what a refusal names without values (whole tables, a flow's layers)
-_NOT_VALUES = ("data", "validation_rows", "flow")
+#: what else a refusal can name, without values (whole tables, a flow's layers)
+_OTHERS = {
+    "data": "other DATA",
+    "validation_rows": "other DATA (the rows --validation holds out differ)",
+    "flow": "another flow (--flow, --transforms, --hidden, --bins, --activation or --dtype)",
+}
 
 
 def _mismatch(error: Any) -> str:
@@ -312,20 +311,15 @@ def _mismatch(error: Any) -> str:
             return "--dequantize" if value else "no --dequantize"
         return f"{_FLAGS[name]} {value}"
 
-    scalars = [n for n in error.changed if n in _FLAGS and n not in _NOT_VALUES]
-    others = [n for n in error.changed if n not in scalars]
+    scalars = [n for n in error.changed if n in _FLAGS]
+    others = [n for n in error.changed if n not in _FLAGS]
     parts = []
     if scalars:
         then = ", ".join(shown(n, error.changed[n][0]) for n in scalars)
         now = ", ".join(shown(n, error.changed[n][1]) for n in scalars)
         parts.append(f"was written by a fit with {then}; now {now}")
     for name in others:
-        what = {
-            "data": "other DATA",
-            "validation_rows": "other DATA (the rows --validation holds out differ)",
-            "flow": f"another flow ({_FLAGS['flow']})",
-        }.get(name, f"another {name}")
-        parts.append(f"was written for {what}")
+        parts.append(f"was written for {_OTHERS.get(name, f'another {name}')}")
     return (
         f"{error.path} {'; and '.join(parts)}: pass the same to resume it, or drop --resume "
         f"and add --force to start afresh"

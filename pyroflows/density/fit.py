@@ -473,6 +473,7 @@ def fit(
     # what else decides the fit: resuming under other values would not continue it
     options = {
         "epochs": int(epochs),
+        "batch_size": int(batch_size),
         "lr": float(lr),
         "weight_decay": float(weight_decay),
         "schedule": (
@@ -503,15 +504,6 @@ def fit(
                 "resume=False to start afresh",
                 path,
                 {k: (then[k], options[k]) for k in changed},
-            )
-        if state["fingerprint"][2] != fingerprint[2]:
-            then, now = state["fingerprint"][2], fingerprint[2]
-            raise ResumeMismatch(
-                f"the checkpoint in {checkpoint_dir} was written by a fit with "
-                f"batch_size={then}; now batch_size={now}. resume=True continues that fit as "
-                f"it was: pass the same options, or resume=False to start afresh",
-                path,
-                {"batch_size": (then, now)},
             )
         if state["fingerprint"][:3] != fingerprint[:3] or not math.isclose(
             state["fingerprint"][3], fingerprint[3], rel_tol=1e-6, abs_tol=1e-6

@@ -30,6 +30,16 @@ def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_bool(value: object, name: str) -> bool:
+    """Return ``value`` as a ``bool`` if it is one (NumPy's ``bool_`` too), else raise.
+
+    A truthy string such as ``"no"`` must not switch an option on.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def check_number(value: object, name: str, minimum: float = 0.0, strict: bool = True) -> float:
     """Return ``value`` as a finite ``float`` above ``minimum`` (or at it when not ``strict``).
 

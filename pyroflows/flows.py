@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
-import numpy as np
 import pyro.distributions as dist
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
@@ -24,6 +23,7 @@ from torch import nn
 from torch.distributions import Distribution, Transform
 
 from pyroflows._checks import (
+    check_bool,
     check_choice,
     check_context_broadcast,
     check_event,
@@ -400,8 +400,7 @@ def nice(
         Estimation. arXiv:1410.8516.
     """
     hidden = _hidden_or_default(hidden, dim, context, masked=False)
-    if not isinstance(scale, (bool, np.bool_)):
-        raise TypeError(f"scale must be True or False, got {scale!r}")
+    scale = check_bool(scale, "scale")
     return _coupling_flow(
         dim,
         transforms,

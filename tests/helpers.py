@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+import zipfile
+
 import torch
 from torch import nn
 
@@ -49,3 +52,22 @@ def one_adam_step_moves_outputs_by(module: nn.Module, *inputs: torch.Tensor) -> 
     module(*inputs).sum().backward()
     optimizer.step()
     return (module(*inputs).detach() - before).abs().max().item()
+
+
+def flip_a_weight_bit(path):
+    """Flip one bit of the first tensor stored in ``torch.save``'s archive at ``path``.
+
+    Returns the archive member it damaged. ``torch.load`` still reads the file.
+    """
+
+    with zipfile.ZipFile(path) as archive:
+        member = next(i for i in archive.infolist() if "/data/" in i.filename)
+    with open(path, "r+b") as stream:
+        stream.seek(member.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", stream.read(4))
+        start = member.header_offset + 30 + name_length + extra_length
+        stream.seek(start)
+        byte = stream.read(1)[0]
+        stream.seek(start)
+        stream.write(bytes([byte ^ 0x40]))
+    return member.filename

@@ -51,7 +51,9 @@ def as_rows(
             array = np.asarray(data, dtype=np.float64)
         except (TypeError, ValueError) as error:
             raise DataError(f"{name} must be numeric rows of shape (N, D): {error}") from None
-        if not array.flags.writeable:  # a read-only memmap: torch wants writable memory
+        # torch wants writable memory (not a read-only memmap) and no negative strides
+        # (X[::-1]); np.asarray copies neither when the array is float64 already
+        if not array.flags.writeable or any(step < 0 for step in array.strides):
             array = array.copy()
         tensor = torch.as_tensor(array, dtype=like.dtype, device=like.device)
     if tensor.dim() != 2:

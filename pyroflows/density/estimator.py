@@ -36,11 +36,12 @@ except ImportError as error:  # scikit-learn before 1.6
         f"{sklearn.__version__}: pip install -U 'scikit-learn>=1.6'"
     ) from error
 
+from pyroflows._checks import check_bool
 from pyroflows.density import model_file
 from pyroflows.density.data import as_rows
 from pyroflows.density.fit import CHECKPOINT
 from pyroflows.density.fit import fit as fit_flow
-from pyroflows.density.rows import TensorRows, log_prob, sample
+from pyroflows.density.rows import FIT_ADVICE, TensorRows, log_prob, refuse_fractions, sample
 
 
 class FlowDensity(BaseEstimator):
@@ -58,7 +59,9 @@ class FlowDensity(BaseEstimator):
         bins: spline bins (``nsf`` only).
         activation: ``"relu"``, ``"elu"``, ``"tanh"``, ``"gelu"`` or ``"silu"``.
         options: further builder keyword arguments (e.g. ``{"autoregressive": "maf"}``
-            for ``nsf``, ``{"clamp": 5.0}`` for ``maf``).
+            for ``nsf``, ``{"clamp": 5.0}`` for ``maf``); not those set by the
+            parameters above (``transforms``, ``hidden``, ``bins``, ``activation``,
+            ``dtype``).
         epochs, batch_size, lr, weight_decay, patience, clip_grad, schedule,
             standardize, dequantize, progress, checkpoint_dir, resume: as for
             :func:`~pyroflows.density.fit` (but ``progress`` is off by default here: an
@@ -66,7 +69,7 @@ class FlowDensity(BaseEstimator):
         validation_fraction: share of the training rows held out for early stopping.
         dtype: ``"float32"`` or ``"float64"``.
         random_state: seeds the initial weights, the split, the batches and the noise
-            (an int, a ``RandomState`` or ``None``).
+            (an int, a NumPy ``RandomState`` or ``Generator``, or ``None``).
 
     Attributes:
         flow_: the fitted :class:`~pyroflows.Flow` (its last layer is the standardisation).
@@ -101,7 +104,7 @@ class FlowDensity(BaseEstimator):
         standardize: bool = True,
         dequantize: bool = False,
         dtype: str = "float32",
-        random_state: int | np.random.RandomState | None = None,
+        random_state: int | np.random.RandomState | np.random.Generator | None = None,
         progress: bool = False,
         checkpoint_dir: str | os.PathLike | None = None,
         resume: bool = False,
@@ -140,7 +143,19 @@ class FlowDensity(BaseEstimator):
         }
         if self.flow == "nsf":
             options["bins"] = _plain(self.bins)
-        options.update({k: _plain(v) for k, v in (self.options or {}).items()})
+        extra = self.options if self.options is not None else {}
+        if not isinstance(extra, dict):
+            raise TypeError(
+                f"options must be a dict of further builder options (or None), got "
+                f"{type(extra).__name__} {extra!r}"
+            )
+        for key in extra:
+            if key in _NAMED:
+                raise ValueError(
+                    f"options[{key!r}] duplicates the {key} parameter: set "
+                    f"FlowDensity({key}=...) instead (get_params() must describe the fit)"
+                )
+        options.update({k: _plain(v) for k, v in extra.items()})
         return options
 
     def fit(self, X, y=None) -> FlowDensity:  # noqa: N803 (scikit-learn's names)
@@ -149,6 +164,16 @@ class FlowDensity(BaseEstimator):
         Returns:
             The fitted estimator.
         """
+        fitted = {k: self.__dict__[k] for k in _FITTED if k in self.__dict__}
+        try:
+            return self._fit(X)
+        except BaseException:  # nothing lost: the previous fit (if any) stays whole
+            for key in _FITTED:
+                self.__dict__.pop(key, None)
+            self.__dict__.update(fitted)
+            raise
+
+    def _fit(self, X) -> FlowDensity:  # noqa: N803
         X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
         validation = _plain(self.validation_fraction)
         if validation is not None and not (
@@ -159,7 +184,9 @@ class FlowDensity(BaseEstimator):
             raise ValueError(
                 f"validation_fraction must be a number in [0, 1) (or None), got {validation!r}"
             )
-        seed = int(check_random_state(self.random_state).randint(2**31 - 1))
+        if check_bool(self.dequantize, "dequantize"):  # named X, as the caller knows it
+            refuse_fractions(torch.from_numpy(X), "X", 0, FIT_ADVICE)
+        seed = _seed(self.random_state, "random_state")
         # a fit resumed from its checkpoint takes the checkpoint's seed (its split and
         # batches): a seed drawn from random_state=None would differ on every call
         resuming = self.resume and self._checkpoint_exists()
@@ -233,7 +260,7 @@ class FlowDensity(BaseEstimator):
             raise TypeError(f"n_samples must be an int >= 1, got {n_samples!r}")
         if n_samples < 1:
             raise ValueError(f"n_samples must be an int >= 1, got {n_samples}")
-        seed = int(check_random_state(random_state).randint(2**31 - 1))
+        seed = _seed(random_state, "random_state")
         return sample(self.flow_, int(n_samples), seed, self.dequantize).double().numpy()
 
     def save(self, path: str | os.PathLike, force: bool = False) -> None:
@@ -271,12 +298,36 @@ class FlowDensity(BaseEstimator):
         est.options = {k: v for k, v in options.items() if k not in known} or None
         est.flow_, est._options = flow, options
         est.n_features_in_ = info["dim"]
-        if info["columns"] is not None:
+        if info.get("columns") is not None:
             est.feature_names_in_ = np.asarray(info["columns"], dtype=object)
         from pyroflows.density.fit import History
 
-        est.history_ = History(**info["history"]) if info["history"] else History()
+        est.history_ = History(**info["history"]) if info.get("history") else History()
         return est
+
+
+#: The parameters that set a builder option: ``options`` must not set them a second time.
+_NAMED = frozenset({"transforms", "hidden", "bins", "activation", "dtype"})
+#: What ``fit`` sets: put back as it was when a fit fails.
+_FITTED = ("n_features_in_", "feature_names_in_", "flow_", "history_", "_options")
+
+
+def _seed(random_state: Any, name: str) -> int:
+    """A seed in ``[0, 2**31 - 1)`` drawn from ``random_state``.
+
+    An int, ``None``, a ``RandomState`` (scikit-learn's ``check_random_state``) or a NumPy
+    ``Generator``.
+    """
+    if isinstance(random_state, np.random.Generator):
+        return int(random_state.integers(2**31 - 1))
+    try:
+        state = check_random_state(random_state)
+    except ValueError:
+        raise ValueError(
+            f"{name} must be an int, None, a numpy RandomState or Generator, got "
+            f"{type(random_state).__name__} {random_state!r}"
+        ) from None
+    return int(state.randint(2**31 - 1))
 
 
 def _plain(value: Any) -> Any:

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,9 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pyroflows._checks import check_positive_int
+from pyroflows._checks import check_bool, check_number, check_positive_int
 from pyroflows.density import distributed
-from pyroflows.density.rows import CHUNK, Rows, as_source, chunk_noise
+from pyroflows.density.rows import CHUNK, Rows, as_source, check_integers, chunk_noise
 from pyroflows.density.standardize import add_standardization, settle
 from pyroflows.flows import Flow
 
@@ -179,6 +180,17 @@ def _save_atomic(state: dict[str, Any], path: Path) -> None:
         raise
 
 
+def damaged_member(path: str | os.PathLike) -> str | None:
+    """The first member of ``torch.save``'s zip archive at ``path`` failing its CRC check.
+
+    ``None`` when every member is intact. ``torch.load`` reads the members without
+    checking their CRCs, so a copy with a flipped bit in a weight loads silently and
+    scores nats off.
+    """
+    with zipfile.ZipFile(path) as archive:
+        return archive.testzip()
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint written by :func:`fit` (``weights_only``: it cannot run code).
 
@@ -196,6 +208,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not a readable pyroflows checkpoint (torch.load raised "
             f"{type(error).__name__}); pass resume=False to start afresh"
         ) from None
+    damaged = damaged_member(path)
+    if damaged is not None:
+        raise ValueError(
+            f"{path} is a damaged checkpoint: its member {damaged} fails the zip CRC check; "
+            f"pass resume=False to start afresh"
+        )
     if not isinstance(state, dict) or state.get("format") != "pyroflows-checkpoint":
         raise ValueError(
             f"{path} is not a pyroflows checkpoint (it holds a {type(state).__name__} without "
@@ -356,7 +374,8 @@ def fit(
         standardize: append (or update) a fixed affine layer holding the training data's
             mean and sd, so the flow sees standardized data and scores in data units.
         dequantize: add fresh :math:`U[0, 1)` noise to every training batch (and fixed
-            noise, the same every epoch, to the validation rows): for integer data.
+            noise, the same every epoch, to the validation rows): for integer data (a
+            value that is not a whole number is refused, with its row and column).
         seed: seeds the split, the batch order and the noise (``None``: drawn from
             torch's global generator). The flow's initial weights are the caller's.
         progress: show a tqdm bar; ``None`` shows it only when stderr is a terminal.
@@ -416,8 +435,13 @@ def fit(
     ):
         raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
     weight_decay = float(weight_decay)
-    if clip_grad is not None and not clip_grad > 0:
-        raise ValueError(f"clip_grad must be positive or None, got {clip_grad!r}")
+    if clip_grad is not None:
+        clip_grad = check_number(clip_grad, "clip_grad (or None)")
+    standardize = check_bool(standardize, "standardize")
+    dequantize = check_bool(dequantize, "dequantize")
+    resume = check_bool(resume, "resume")
+    if progress is not None:
+        progress = check_bool(progress, "progress (or None)")
     if schedule not in SCHEDULES and not callable(schedule):
         _make_schedule(schedule, None, epochs)  # raises the message
     if resume and checkpoint_dir is None:
@@ -449,7 +473,11 @@ def fit(
     if seed is None:  # one seed for every rank: rank 0's
         seed = distributed.broadcast_int(int(torch.randint(2**62, ()).item()), like.device)
     generator = torch.Generator().manual_seed(seed)
+    if dequantize:  # the whole source: rows numbered as the caller's
+        check_integers(source)
     train, valid = _split(source, validation, generator, like)
+    if dequantize and valid is not None and not isinstance(validation, numbers.Real):
+        check_integers(valid)  # validation rows of their own
     noise_seed = seed % 2**31 + 1 if dequantize else None
     # the training noise is drawn where the batches are (no CPU tensor per batch on CUDA)
     noise = torch.Generator(like.device).manual_seed(seed % 2**31 + 2)

@@ -182,9 +182,12 @@ def load(path: str | os.PathLike) -> tuple[Flow, dict[str, Any]]:
     """Read a model file: the fitted flow (in eval mode) and the file's other entries.
 
     Raises:
-        ModelFileError: a missing file, one that is not a pyroflows model, or one that
-            holds anything but tensors and plain values (refused unread).
+        ModelFileError: a missing file, one that is not a pyroflows model, one that
+            holds anything but tensors and plain values (refused unread), or a damaged
+            copy (a member that fails its zip CRC check).
     """
+    from pyroflows.density.fit import damaged_member
+
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
@@ -208,11 +211,18 @@ def load(path: str | os.PathLike) -> tuple[Flow, dict[str, Any]]:
             f"{path}: not a readable pyroflows model file; torch.load(weights_only=True) "
             f"refused it unread ({reason})"
         ) from None
+    damaged = damaged_member(path)
+    if damaged is not None:
+        raise ModelFileError(
+            f"{path}: a damaged model file: its member {damaged} fails the zip CRC check "
+            f"(a corrupted copy? fetch or write it again)"
+        )
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a pyroflows model file (no '{FORMAT}' format tag)")
-    if state.get("version") not in READABLE_VERSIONS:
+    version = state.get("version")
+    if type(version) is not int or version not in READABLE_VERSIONS:  # not True, 1.0, "3"
         raise ModelFileError(
-            f"{path}: model file version {state.get('version')}, this pyroflows reads "
+            f"{path}: model file version {version!r}, this pyroflows reads "
             f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     try:
@@ -234,11 +244,39 @@ def load(path: str | os.PathLike) -> tuple[Flow, dict[str, Any]]:
         raise ModelFileError(f"{path}: the model file lacks the entry {error}") from None
     except (TypeError, ValueError) as error:
         raise ModelFileError(f"{path}: the flow it describes cannot be built: {error}") from None
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()[0]
+    except RuntimeError as error:  # torch's first line names only the class: keep them all
+        what = " ".join(line.strip() for line in str(error).strip().splitlines())
         raise ModelFileError(
-            f"{path}: weights do not match the flow it describes: {first}"
+            f"{path}: weights do not match the flow it describes: {what}"
         ) from None
+    problem = _entry_problem(state)
+    if problem is not None:
+        raise ModelFileError(f"{path}: {problem}")
     flow.eval()
     info = {k: v for k, v in state.items() if k != "state_dict"}
     return flow, info
+
+
+def _entry_problem(state: dict[str, Any]) -> str | None:
+    """What is wrong with the entries beside the flow's (``None``: nothing)."""
+    from pyroflows.density.fit import History
+
+    for key in ("standardize", "dequantize"):
+        if key not in state:
+            return f"the model file lacks the entry '{key}'"
+        if not isinstance(state[key], bool):
+            return f"its entry '{key}' must be True or False, got {state[key]!r}"
+    if state.get("dtype") not in DTYPES:
+        return f"its entry 'dtype' must be one of {', '.join(DTYPES)}, got {state.get('dtype')!r}"
+    columns = state.get("columns")
+    if columns is not None and not (
+        isinstance(columns, list)
+        and len(columns) == state["dim"]
+        and all(isinstance(c, str) for c in columns)
+    ):
+        return f"its entry 'columns' must be None or {state['dim']} column names, got {columns!r}"
+    history = state.get("history")
+    known = set(History.__dataclass_fields__)
+    if history is not None and not (isinstance(history, dict) and set(history) <= known):
+        return f"its entry 'history' must be None or a fit's history ({', '.join(sorted(known))})"
+    return None

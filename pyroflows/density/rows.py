@@ -206,6 +206,41 @@ def chunk_noise(shape: tuple[int, ...], seed: int, chunk: int, like: torch.Tenso
     return torch.rand(shape, generator=g, dtype=like.dtype, device=like.device)
 
 
+#: What :func:`refuse_fractions` tells a fit, and a score, to do instead.
+FIT_ADVICE = (
+    "dequantize=True is for integer-valued data (counts, pixel levels); fit continuous data "
+    "with dequantize=False (without --dequantize)"
+)
+SCORE_ADVICE = (
+    "the model was fitted to integer data (dequantize=True) and scores whole-number rows "
+    "(the probabilities of their unit cells)"
+)
+
+
+def refuse_fractions(x: torch.Tensor, name: str, start: int, advice: str) -> None:
+    """Raise a :class:`DataError` at the first cell of ``x`` that is not a whole number.
+
+    ``x`` holds rows ``start, start + 1, ...`` of ``name``. Dequantization models integer
+    cells :math:`[x, x + 1)`: a fractional value has no cell.
+    """
+    bad = x != x.floor()
+    if bad.any():
+        i, j = (int(v) for v in bad.nonzero()[0])
+        row = start + i
+        raise DataError(
+            f"{name} row {row + 1}, column {j + 1} (index [{row}, {j}]) is {x[i, j].item()!r}, "
+            f"not a whole number: {advice}"
+        )
+
+
+def check_integers(rows: Rows) -> None:
+    """Stream ``rows`` (a whole source, not a split view) and refuse a fractional value."""
+    start = 0
+    for x in rows.chunks():
+        refuse_fractions(x, rows.name, start, FIT_ADVICE)
+        start += x.shape[0]
+
+
 def log_prob(
     flow: torch.nn.Module, rows: Rows, dequantize: bool = False, draws: int = 16, seed: int = 0
 ) -> torch.Tensor:
@@ -216,19 +251,25 @@ def log_prob(
     noise draws, of the lower bound
     :math:`\mathbb E_u \log p(x + u) \le \log \int_{[0,1)^D} p(x + u)\,du = \log P(x)`
     (Theis et al. 2016), comparable with the validation NLL of the fit. Without, it is
-    :math:`\log p(x)`. The rows are finite (checked as they are read), so a NaN can only
-    come from an overflow inside the flow, for a point so far out that its density is 0:
-    it is reported as ``-inf``.
+    :math:`\log p(x)`. Every row gets the same ``draws`` noise vectors, so a row's score
+    does not depend on where it stands among the rows (scored alone, in another order or
+    in a subset, it is the same number). A fractional value is refused under
+    ``dequantize`` (it has no integer cell). The rows are finite (checked as they are
+    read), so a NaN can only come from an overflow inside the flow, for a point so far out
+    that its density is 0: it is reported as ``-inf``.
     """
     like = flow.base_loc
     parts = []
+    u = chunk_noise((draws, 1, rows.dim), seed, 0, like) if dequantize else None
+    start = 0
     with torch.no_grad():
         d = flow()
-        for c, x in enumerate(rows.chunks()):
-            if not dequantize:
+        for x in rows.chunks():
+            if u is None:
                 parts.append(d.log_prob(x))
                 continue
-            u = chunk_noise((draws, *x.shape), seed, c, like)
+            refuse_fractions(x, rows.name, start, SCORE_ADVICE)
+            start += x.shape[0]
             parts.append(d.log_prob(x + u).mean(0))
     logp = torch.cat(parts)
     return logp.masked_fill(logp.isnan(), -math.inf)

@@ -54,7 +54,6 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import pyro.distributions as dist
 import torch
 from pyro import poutine
@@ -66,6 +65,7 @@ from torch.distributions import ComposeTransform, biject_to
 from torch.nn import functional as F
 
 from pyroflows._checks import (
+    check_bool,
     check_choice,
     check_number,
     check_positive_int,
@@ -481,8 +481,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                     f"flow={flow!r} takes no option {', '.join(map(repr, unknown))}; its "
                     f"options are {', '.join(sorted(options))}"
                 )
-        if not isinstance(learn_linear, (bool, np.bool_)):
-            raise TypeError(f"learn_linear must be True or False, got {learn_linear!r}")
+        learn_linear = check_bool(learn_linear, "learn_linear")
         init_scale = check_number(init_scale, "init_scale")
         check_choice(warm_start, "warm_start", WARM_STARTS)
         check_choice(estimator, "estimator", ESTIMATORS)

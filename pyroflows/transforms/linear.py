@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyroflows._checks import check_permutation
+from pyroflows._checks import check_bool, check_permutation
 from pyroflows.transforms.base import FlowTransform
 
 
@@ -149,8 +149,7 @@ class ActNorm(FlowTransform):
 
     def __init__(self, dim: int, data_init: bool = True) -> None:
         super().__init__(dim)
-        if not isinstance(data_init, bool):
-            raise TypeError(f"data_init must be True or False, got {data_init!r}")
+        data_init = check_bool(data_init, "data_init")
         self.log_scale = nn.Parameter(torch.zeros(self.dim))
         self.shift = nn.Parameter(torch.zeros(self.dim))
         self.register_buffer("initialized", torch.tensor(not data_init))

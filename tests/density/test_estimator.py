@@ -219,3 +219,78 @@ def test_a_scikit_learn_without_validate_data_is_named_as_too_old():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 1
     assert "FlowDensity needs scikit-learn >= 1.6 (for validate_data), found" in result.stderr
+
+
+def test_arrays_with_negative_strides_fit_and_score():
+    X = np.random.default_rng(0).normal(size=(200, 2))
+    small = {"flow": "maf", "transforms": 1, "hidden": (8,), "epochs": 2, "random_state": 0}
+    est = FlowDensity(**small).fit(X[::-1])  # a view torch.as_tensor cannot take as it is
+    forward = FlowDensity(**small).fit(np.ascontiguousarray(X[::-1]))
+    np.testing.assert_array_equal(est.score_samples(X[::-1]), forward.score_samples(X[::-1]))
+    np.testing.assert_array_equal(est.score_samples(X[:, ::-1]), est.score_samples(X[:, [1, 0]]))
+
+
+def test_a_dequantized_score_does_not_depend_on_the_row_position():
+    X = np.random.default_rng(0).poisson(3.0, size=(300, 2)).astype(float)
+    est = FlowDensity(flow="maf", dequantize=True, **SMALL).fit(X)
+    rows = X[:40]
+    full = est.score_samples(rows)
+    alone = np.array([est.score_samples(row[None])[0] for row in rows])
+    np.testing.assert_allclose(alone, full, rtol=1e-5)
+    np.testing.assert_allclose(est.score_samples(rows[::-1]), full[::-1], rtol=1e-5)
+    same = est.score_samples(np.repeat(rows[:1], 5, axis=0))
+    np.testing.assert_allclose(same, same[0], rtol=1e-5)
+
+
+def test_dequantize_refuses_values_that_are_not_whole_numbers():
+    X = np.random.default_rng(0).poisson(3.0, size=(100, 2)).astype(float)
+    X[7, 1] = 2.5
+    est = FlowDensity(flow="maf", dequantize=True, **SMALL)
+    with pytest.raises(ValueError, match=r"X row 8, column 2 \(index \[7, 1\]\) is 2\.5, not a"):
+        est.fit(X)
+    X[7, 1] = 2.0
+    est.fit(X)
+    with pytest.raises(ValueError, match=r"row 2, column 1 .* is 0\.5, .*fitted to integer data"):
+        est.score_samples(np.array([[1.0, 2.0], [0.5, 1.0]]))
+
+
+def test_a_failed_refit_keeps_the_previous_fit_whole():
+    X, _ = mixture_rows(200, 8)
+    est = FlowDensity(flow="maf", **SMALL).fit(X)
+    before = est.score_samples(X[:5])
+    flow = est.flow_
+    est.set_params(flow="glow")
+    with pytest.raises(ValueError, match="flow must be one of"):
+        est.fit(np.hstack([X, X[:, :1]]))  # three columns
+    assert est.n_features_in_ == 2
+    assert est.flow_ is flow
+    np.testing.assert_array_equal(est.score_samples(X[:5]), before)
+    assert est.sample(3, random_state=0).shape == (3, 2)
+
+
+def test_options_may_not_set_a_named_parameter_again():
+    X, _ = mixture_rows(100, 9)
+    for key, value in (("dtype", "float64"), ("transforms", 4), ("hidden", (8,))):
+        with pytest.raises(ValueError, match=rf"options\['{key}'\] duplicates the {key} param"):
+            FlowDensity(flow="maf", options={key: value}, **SMALL).fit(X)
+    with pytest.raises(TypeError, match="options must be a dict"):
+        FlowDensity(flow="maf", options=[1], **SMALL).fit(X)
+
+
+@pytest.mark.parametrize("name", ["standardize", "dequantize", "progress", "resume"])
+def test_switches_must_be_bools(name):
+    X = np.random.default_rng(0).poisson(3.0, size=(100, 2)).astype(float)
+    with pytest.raises(TypeError, match=rf"{name}.* must be True or False, got 'no'"):
+        FlowDensity(flow="maf", **{**SMALL, name: "no"}).fit(X)
+
+
+def test_random_state_may_be_a_numpy_generator():
+    X, _ = mixture_rows(100, 10)
+    small = {k: v for k, v in SMALL.items() if k != "random_state"}
+    first = FlowDensity(flow="maf", random_state=np.random.default_rng(3), **small).fit(X)
+    again = FlowDensity(flow="maf", random_state=np.random.default_rng(3), **small).fit(X)
+    np.testing.assert_array_equal(first.score_samples(X), again.score_samples(X))
+    draws = first.sample(4, random_state=np.random.default_rng(1))
+    np.testing.assert_array_equal(draws, first.sample(4, random_state=np.random.default_rng(1)))
+    with pytest.raises(ValueError, match="random_state must be an int, None, a numpy"):
+        first.sample(4, random_state="seven")

@@ -11,6 +11,7 @@ from torch import nn
 import pyroflows
 from pyroflows.density import History, fit
 from pyroflows.density.standardize import standardization_of
+from tests.helpers import flip_a_weight_bit
 
 
 def mixture() -> dist.MixtureSameFamily:
@@ -510,6 +511,11 @@ def test_resume_refuses_another_seed_and_unreadable_checkpoints(tmp_path):
     torch.save([1, 2], checkpoint)
     with pytest.raises(ValueError, match="not a pyroflows checkpoint .*list"):
         fit(small_flow(), x, resume=True, **options)
+    checkpoint.unlink()
+    fit(small_flow(), x, seed=3, **options)
+    member = flip_a_weight_bit(checkpoint)
+    with pytest.raises(ValueError, match=rf"damaged checkpoint: its member {member} fails"):
+        fit(small_flow(), x, resume=True, **options)
 
 
 def test_values_beyond_float32_are_refused_with_their_place(tmp_path):
@@ -583,3 +589,11 @@ def test_adam_falls_back_where_torch_refuses_fused_at_construction(monkeypatch):
     options = _adam([nn.Parameter(torch.zeros(3))], lr=0.1).defaults
     assert options["foreach"]
     assert not options["fused"]
+
+
+def test_clip_grad_must_be_a_positive_number():
+    flow = pyroflows.maf(2, transforms=1, hidden=(8,))
+    with pytest.raises(TypeError, match="clip_grad .* must be a number > 0, got str 'x'"):
+        fit(flow, torch.randn(50, 2), clip_grad="x", epochs=1, progress=False)
+    with pytest.raises(ValueError, match="clip_grad .* must be a finite number > 0, got -1.0"):
+        fit(flow, torch.randn(50, 2), clip_grad=-1, epochs=1, progress=False)

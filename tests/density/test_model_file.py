@@ -7,6 +7,7 @@ import torch
 from pyroflows.density import ModelFileError, build, fit, load, save
 from pyroflows.density.standardize import standardization_of
 from pyroflows.transforms import Affine
+from tests.helpers import flip_a_weight_bit
 
 
 @pytest.mark.parametrize(
@@ -192,3 +193,42 @@ def test_files_of_coupling_flows_without_permutations_still_load(tmp_path, name)
     assert [type(t) for t in loaded.transforms] == [type(t) for t in flow.transforms]
     with torch.no_grad():
         torch.testing.assert_close(loaded().log_prob(x), flow().log_prob(x))
+
+
+def test_a_damaged_copy_is_refused_not_loaded_with_other_weights(tmp_path):
+    flow = build("maf", 2, {"transforms": 1, "hidden": [4]})
+    path = save(tmp_path / "m.pt", flow, name="maf", options={}, standardize=True)
+    member = flip_a_weight_bit(path)
+    torch.load(path, weights_only=True)  # torch itself reads it without a word
+    with pytest.raises(ModelFileError, match=rf"damaged model file: its member {member} fails"):
+        load(path)
+
+
+@pytest.mark.parametrize(
+    ("entry", "value", "message"),
+    [
+        ("version", True, "model file version True, this pyroflows reads"),
+        ("version", "3", "model file version '3', this pyroflows reads"),
+        ("dequantize", "no", "entry 'dequantize' must be True or False, got 'no'"),
+        ("columns", ["a"], r"entry 'columns' must be None or 2 column names, got \['a'\]"),
+        ("history", {"epochs": 3, "colour": 1}, "entry 'history' must be None or a fit's"),
+        ("dtype", "float16", "entry 'dtype' must be one of float32, float64, got 'float16'"),
+    ],
+)
+def test_entries_beside_the_weights_are_checked(tmp_path, entry, value, message):
+    options = {"transforms": 1, "hidden": [4]}
+    flow = build("maf", 2, options)
+    path = save(tmp_path / "m.pt", flow, name="maf", options=options, standardize=True)
+    load(path)  # as written: fine
+    state = torch.load(path, weights_only=True)
+    state[entry] = value
+    torch.save(state, path)
+    with pytest.raises(ModelFileError, match=message):
+        load(path)
+
+
+def test_weights_of_another_flow_are_named_by_key(tmp_path):
+    flow = build("maf", 2, {"transforms": 1, "hidden": [4]})
+    path = save(tmp_path / "m.pt", flow, name="maf", options={}, standardize=True)  # 5 layers
+    with pytest.raises(ModelFileError, match=r"do not match .*: .*Missing key\(s\) .*transforms"):
+        load(path)

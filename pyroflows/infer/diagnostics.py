@@ -39,6 +39,7 @@ References:
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,6 +122,21 @@ def verdict(
             :class:`Diagnosis` prints), used instead of ``ess_fraction`` for those two
             notes when given, so that the line quotes the ESS it prints.
     """
+    if isinstance(khat, torch.Tensor) and khat.dim() == 0:
+        khat = khat.item()
+    if isinstance(khat, (bool, np.bool_)) or not isinstance(khat, numbers.Real):
+        raise TypeError(f"khat must be a number, got {type(khat).__name__} {khat!r}")
+    for name, value in (
+        ("ess_fraction", ess_fraction),
+        ("smoothed_ess_fraction", smoothed_ess_fraction),
+    ):  # NaN passes: the ESS of weights that are all 0
+        if value is not None and (
+            isinstance(value, (bool, np.bool_))
+            or not isinstance(value, numbers.Real)
+            or value < 0
+            or value > 1 + 1e-6  # rounding
+        ):
+            raise ValueError(f"{name} must be a fraction in [0, 1] or None, got {value!r}")
     spread = smoothed_ess_fraction if smoothed_ess_fraction is not None else ess_fraction
     if khat == -math.inf:
         return "good: the weights are constant, the guide matches the posterior's shape"
@@ -403,15 +419,30 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, ob
         nesting = _nesting(first)
         derived = _deterministic_names(first) if deterministic else []
         sites = _data_sites(first) if observed else {}
+
+        def run(size, shapes):
+            return _vectorized_draws(
+                model, guide, args, kwargs, size, nesting, first, shapes, derived, sites
+            )
+
+        def agrees(part) -> bool:
+            # the check's runs may draw (a model wrapped by an autoguide's init_loc_fn draws
+            # from the prior before the condition applies): seeded results stay as they were
+            with _rng_kept(part[0].device):
+                return _batch_agrees(model, guide, args, kwargs, *part, derived)
+
         try:
             shapes = _guide_shapes(guide, args, kwargs)  # once for all the chunks
-            parts = [
-                _vectorized_draws(
-                    model, guide, args, kwargs, size, nesting, first, shapes, derived, sites
-                )
-                for size in _chunks(num_samples)
-            ]
-            log_w, draws, samples, pointwise, log_q = _joined(parts)
+            # a few draws first, checked one at a time: a model that mixes the draws up
+            # shows it here, before a run of 256 can make (256, 256, n) tensors of it
+            trial = min(num_samples, _TRIAL)
+            parts = [run(trial, shapes)]
+            joined = parts[0]
+            batched = agrees(joined)
+            if batched and num_samples > trial:
+                parts += [run(size, shapes) for size in _chunks(num_samples - trial)]
+                joined = _joined(parts)
+                batched = agrees(joined)  # the first and the last of them all
         except (RuntimeError, ValueError):
             # the model does not broadcast over a particle plate: one draw at a time
             # (if that fails too, its error is the model's own, and it is raised: the
@@ -420,26 +451,37 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, ob
                 model, guide, args, kwargs, num_samples, derived, sites, first
             )
         else:
-            # the check's runs may draw (a model wrapped by an autoguide's init_loc_fn draws
-            # from the prior before the condition applies): seeded results stay as they were
-            with _rng_kept(log_w.device):
-                agrees = _batch_agrees(
-                    model, guide, args, kwargs, draws, log_w, samples, derived, pointwise, log_q
-                )
-            if not agrees:
+            if batched:
+                log_w, _, samples, pointwise, _, _ = joined
+            else:
                 log_w, samples, pointwise = _sequential_draws(
                     model, guide, args, kwargs, num_samples, derived, sites, first
                 )
-    latents = [value for name, value in samples.items() if name not in derived]
-    if num_samples > 1 and latents and all(bool((v == v[:1]).all()) for v in latents):
+    fixed = [
+        name
+        for name, v in samples.items()
+        if name not in derived and v[0].numel() and bool((v == v[:1]).all())
+    ]
+    if num_samples > 1 and fixed:
+        latents = [name for name in samples if name not in derived]
+        which = (
+            f"every one of the guide's {num_samples} draws is the same point"
+            if len(fixed) == len(latents)
+            else f"the guide's {num_samples} draws of {', '.join(map(repr, fixed))} are all "
+            f"the same value"
+        )
         raise ValueError(
-            f"every one of the guide's {num_samples} draws is the same point (a point mass, "
-            "such as AutoDelta's MAP estimate): it has no density to weigh against the "
-            "posterior, so k-hat, the ESS and the bound on log p(x) would mean nothing; use "
-            "a guide with a density (AutoNormal, AutoFlow, ...)"
+            f"{which} (a point mass, such as AutoDelta's MAP estimate): it has no density "
+            "to weigh against the posterior, so k-hat, the ESS and the bound on log p(x) "
+            "would mean nothing; use a guide with a density (AutoNormal, AutoFlow, ...) "
+            "for every latent site"
         )
     return log_w.detach(), {n: v.detach() for n, v in samples.items()}, pointwise
 
+
+#: draws of the first run under the particle plate, checked one at a time before any
+#: other run: a model that mixes the draws up can need S x S x n memory in a run of S
+_TRIAL = 3
 
 #: draws scored in one run under the particle plate: a model's intermediates grow with
 #: the draws (a GP's kernel matrices, S x n x n), so 2000 draws in one run can need
@@ -487,7 +529,32 @@ def _vectorized_draws(
             raise ValueError(f"deterministic site {n!r} does not broadcast")
         samples[n] = value
     pointwise = _vectorized_pointwise(model_trace, guide_trace, sites, num_samples, nesting)
-    return log_w, draws, samples, pointwise, log_q
+    return log_w, draws, samples, pointwise, log_q, _site_sums(model_trace, num_samples)
+
+
+def _site_sums(trace, num_samples: int) -> dict[str, torch.Tensor]:
+    """Each sample site's log-density summed over all but the particle plate, ``(S,)``.
+
+    A site without the particle dim (a ``pyro.factor`` of a sum over every draw, say)
+    gets its one total for every draw: what the batch's weights counted.
+    """
+    if num_samples == 1:
+        trace.log_prob_sum()  # sets each site's log_prob_sum (memoized)
+        return {n: torch.as_tensor(site["log_prob_sum"]).reshape(1) for n, site in _sampled(trace)}
+    particles = trace.plate_to_symbol["num_particles_vectorized"]
+    sums = {}
+    for name, site in _sampled(trace):
+        packed = site["packed"]["log_prob"]
+        if particles in packed._pyro_dims:
+            sums[name] = torch.einsum(f"{packed._pyro_dims}->{particles}", [packed])
+        else:
+            sums[name] = packed.sum().expand(num_samples)
+    return sums
+
+
+def _sampled(trace):
+    """``(name, site)`` of the sample sites, whose log-densities a weight sums."""
+    return [(n, site) for n, site in trace.nodes.items() if site["type"] == "sample"]
 
 
 def _joined(parts: list[tuple]):
@@ -498,7 +565,7 @@ def _joined(parts: list[tuple]):
     def cat(dicts: list[dict]) -> dict:
         return {n: torch.cat([d[n] for d in dicts]) for n in dicts[0]}
 
-    log_ws, draws, samples, pointwises, log_qs = zip(*parts, strict=True)
+    log_ws, draws, samples, pointwises, log_qs, site_sums = zip(*parts, strict=True)
     pointwise = None
     if pointwises[0] is not None:
         first = pointwises[0]
@@ -506,7 +573,7 @@ def _joined(parts: list[tuple]):
         rest = torch.cat([p.rest for p in pointwises])
         pointwise = _Pointwise(first.sites, log_lik, rest, first.vectorized)
     log_q = None if log_qs[0] is None else torch.cat(log_qs)
-    return torch.cat(log_ws), cat(draws), cat(samples), pointwise, log_q
+    return torch.cat(log_ws), cat(draws), cat(samples), pointwise, log_q, cat(site_sums)
 
 
 @dataclass(frozen=True)
@@ -704,14 +771,16 @@ def _single_log_weight(model, guide, args, kwargs, values: dict[str, torch.Tenso
 
 
 def _batch_agrees(
-    model, guide, args, kwargs, draws, log_w, samples, derived, pointwise, log_q=None
+    model, guide, args, kwargs, log_w, draws, samples, pointwise, log_q, site_sums, derived
 ) -> bool:
     """Whether the first and last draws, scored one at a time, match the batch's weights.
 
-    And the ``derived`` (deterministic) sites' values and the ``pointwise``
-    log-likelihoods. The first is scored twice: when the two differ, the model draws
-    latent values the guide does not set, and a ``UserWarning`` says so. With ``log_q``
-    (the batch's per-draw guide density, see :func:`_vectorized_log_q`) only the model
+    And each model site's log-density (``site_sums``, see :func:`_site_sums`: a weight
+    of thousands of nats may not hide a site that is off by a few), the ``derived``
+    (deterministic) sites' values and the ``pointwise`` log-likelihoods. The first is
+    scored twice: when the two differ, the model draws latent values the guide does not
+    set, and a ``UserWarning`` says so. With ``log_q`` (the batch's per-draw guide
+    density, see :func:`_vectorized_log_q`; ``None``: run the guide too) only the model
     is run one draw at a time.
     """
     for s in sorted({0, len(log_w) - 1}):
@@ -743,17 +812,25 @@ def _batch_agrees(
                 one, batch, rtol=1e-4, atol=1e-6, equal_nan=True
             ):
                 return False
-        batch = log_w[s]
-        if not torch.isfinite(single) and not torch.isfinite(batch):
-            if single != batch and not (single.isnan() and batch.isnan()):
+        for name, sums in site_sums.items():
+            node = trace.nodes.get(name)
+            if node is None or node["type"] != "sample":
                 return False
-            continue
-        # float32 sums of many terms in another order differ in the last digits
-        relative = 1e-6 if single.dtype == torch.float64 else 1e-3
-        tolerance = relative * (1.0 + abs(single.item()))
-        if not abs(single.item() - batch.item()) <= tolerance:
+            if not _sums_close(torch.as_tensor(node["log_prob_sum"]), sums[s]):
+                return False
+        if not _sums_close(single, log_w[s]):
             return False
     return True
+
+
+def _sums_close(single: torch.Tensor, batch: torch.Tensor) -> bool:
+    """Whether a log-density summed one draw at a time matches the batch's sum."""
+    if not torch.isfinite(single) and not torch.isfinite(batch):
+        return bool(single == batch) or bool(single.isnan() and batch.isnan())
+    # float32 sums of many terms in another order differ in the last digits
+    relative = 1e-6 if single.dtype == torch.float64 else 1e-3
+    tolerance = relative * (1.0 + abs(single.item()))
+    return abs(single.item() - batch.item()) <= tolerance
 
 
 def _rng_kept(device: torch.device):

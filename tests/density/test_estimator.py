@@ -4,6 +4,7 @@ import numpy as np
 import pyro.distributions as dist
 import pytest
 import torch
+from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.utils.estimator_checks import check_estimator
 
@@ -115,7 +116,7 @@ def test_save_and_load(tmp_path):
 def test_top_level_name_and_errors():
     assert pyroflows.FlowDensity is FlowDensity
     est = FlowDensity(**SMALL)
-    with pytest.raises(Exception, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         est.score_samples(np.zeros((2, 2)))
     est.fit(mixture_rows(100, 4)[0])
     with pytest.raises(ValueError, match="2 features"):

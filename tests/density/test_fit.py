@@ -184,6 +184,45 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     assert same_weights(again, whole)
 
 
+@pytest.mark.parametrize(
+    ("schedule", "dequantize", "patience", "lr"),
+    [("cosine", True, 2, 2e-2), ("plateau", False, 7, 5e-2)],
+)
+def test_a_resumed_fit_keeps_its_schedule_patience_and_noise(
+    tmp_path, schedule, dequantize, patience, lr
+):
+    # the learning rate, the epochs without a better score and the dequantization noise
+    # all carry over: the fit stops early, after the resume, exactly where it would have
+    x = torch.poisson(torch.full((600, 2), 3.0), generator=torch.Generator().manual_seed(4))
+    options = {
+        "epochs": 30,
+        "batch_size": 64,
+        "seed": 5,
+        "progress": False,
+        "lr": lr,
+        "schedule": schedule,
+        "patience": patience,
+        "dequantize": dequantize,
+    }
+    whole = small_flow(seed=1)
+    expected = fit(whole, x, **options)
+    assert expected.stopped_early
+    assert len(set(expected.lr)) > 1  # the schedule changed the rate
+    # interrupted one epoch after the best: with an epoch without a better score counted
+    stop = expected.best_epoch + 1
+    assert stop < expected.epochs
+
+    parted = small_flow(seed=1)
+    with pytest.raises(KeyboardInterrupt):
+        fit(parted, x, checkpoint_dir=tmp_path, callback=_interrupt_after_epoch(stop), **options)
+    resumed = small_flow(seed=7)
+    history = fit(resumed, x, checkpoint_dir=tmp_path, resume=True, **options)
+    assert history.lr == expected.lr
+    assert history.val_nll == expected.val_nll
+    assert (history.epochs, history.stopped_early) == (expected.epochs, True)
+    assert same_weights(resumed, whole)
+
+
 def test_ctrl_c_mid_epoch_checkpoints_at_the_batch_boundary(tmp_path):
     torch.manual_seed(9)
     x = torch.randn(640, 2)

@@ -237,6 +237,18 @@ def test_psis_normalizes():
     assert khat < 0.5
 
 
+def test_log_evidence_is_the_log_mean_weight_not_the_elbo():
+    # q = N(2, 2.5) against p = N(1, 2) (normalized: log p(x) = 0); KL(q || p) = 0.183
+    def wide_guide():
+        pyro.sample("z", dist.Normal(2.0, 2.5))
+
+    pyro.set_rng_seed(0)
+    report = diagnose(exact_guide_model, wide_guide, num_samples=8000)
+    kl = math.log(2.0 / 2.5) + (2.5**2 + 1.0) / (2 * 2.0**2) - 0.5
+    assert report.elbo == pytest.approx(-kl, abs=0.03)
+    assert report.log_evidence == pytest.approx(0.0, abs=0.03)
+
+
 def test_importance_resample_corrects_a_biased_guide():
     def biased_guide():
         pyro.sample("z", dist.Normal(2.0, 2.5))

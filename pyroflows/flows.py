@@ -15,6 +15,7 @@ Calling a :class:`Flow` (with a context if it is conditional) returns a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import pyro.distributions as dist
 import torch
@@ -46,6 +47,7 @@ from pyroflows.transforms import (
     SplineAutoregressive,
     SplineCoupling,
 )
+from pyroflows.transforms.spline import _functorch_active
 
 PERMUTATIONS = ("reverse", "random", None)
 
@@ -146,6 +148,11 @@ class Flow(DropsParamStoreLinks, nn.Module):
         self.register_buffer("base_scale", torch.ones(self.dim))
         self.register_load_state_dict_post_hook(_align_dtype_references)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        state.pop("_base_cache", None)  # rebuilt on first use
+        return state
+
     @property
     def conditional(self) -> bool:
         """Whether the flow needs a context."""
@@ -158,7 +165,8 @@ class Flow(DropsParamStoreLinks, nn.Module):
             # built once per set of buffers (.to() replaces them): a Normal is immutable
             normal = dist.Normal(self.base_loc, self.base_scale, validate_args=False).to_event(1)
             cached = (self.base_loc, self.base_scale, normal)
-            self.__dict__["_base_cache"] = cached
+            if not _functorch_active():  # under jacrev/grad its tensors are wrappers
+                self.__dict__["_base_cache"] = cached
         normal = cached[2]
         return normal.expand(torch.Size(batch_shape)) if batch_shape else normal
 

@@ -468,3 +468,19 @@ def test_intermediates_of_an_unbatched_base_under_batched_contexts_share_one_sha
     flow = pyroflows.maf(3, transforms=2, hidden=(8,), context=2)
     stages = flow.intermediates(context=torch.randn(7, 2), base=torch.randn(3))
     assert [tuple(s.shape) for s in stages] == [(7, 3)] * 3
+
+
+@pytest.mark.parametrize("transform", ["jacrev", "grad"])
+def test_a_flow_first_called_inside_a_torch_func_transform_still_copies(transform):
+    import copy
+
+    flow = pyroflows.realnvp(2, transforms=2, hidden=(8,))
+    score = {
+        "jacrev": lambda v: torch.func.jacrev(lambda w: flow().log_prob(w))(v),
+        "grad": lambda v: torch.func.grad(lambda w: flow().log_prob(w))(v),
+    }[transform]
+    score(torch.zeros(2))  # the base distribution is built here, from wrapped tensors
+    x = torch.randn(5, 2)
+    expected = flow().log_prob(x)
+    torch.testing.assert_close(copy.deepcopy(flow)().log_prob(x), expected)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(flow))().log_prob(x), expected)

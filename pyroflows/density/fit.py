@@ -419,6 +419,16 @@ def fit(
             f"fit takes an unconditional flow; this one needs a context of size "
             f"{flow.context_features}"
         )
+    if any(t.is_inference() for t in [*flow.parameters(), *flow.buffers()]):
+        raise ValueError(
+            "flow was built (or loaded) under torch.inference_mode(): its tensors cannot be "
+            "trained or updated; build it outside inference mode"
+        )
+    if not any(p.requires_grad for p in flow.parameters()):
+        raise ValueError(
+            "flow has no parameter that requires grad (frozen with requires_grad_(False)?): "
+            "fit would train nothing"
+        )
     # plain Python numbers from here on: they go into the checkpoint (weights_only)
     epochs = check_positive_int(epochs, "epochs")
     batch_size = check_positive_int(batch_size, "batch_size")
@@ -489,8 +499,9 @@ def fit(
         reason = unwritable(path.parent)
         if reason is not None:  # found now, not after the epochs up to the first checkpoint
             raise ValueError(f"checkpoint_dir {checkpoint_dir} cannot be written: {reason}")
-    if standardize:
-        add_standardization(flow).set(*settle(mean, var, dequantize, like.dtype))
+    if standardize:  # a layer the optimizer steps around: never an inference tensor
+        with torch.inference_mode(False):
+            add_standardization(flow).set(*settle(mean, var, dequantize, like.dtype))
 
     optimizer = _adam(flow.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = _make_schedule(schedule, optimizer, epochs)
@@ -664,7 +675,8 @@ def fit(
 
     interrupt = _Interrupt()
     try:
-        with interrupt:
+        # the caller's torch.no_grad() or inference_mode() does not reach the training
+        with interrupt, torch.inference_mode(False), torch.enable_grad():
             flow.train()
             for epoch in range(start_epoch, epochs):
                 if order is None:  # the same order on every rank (same generator)

@@ -152,7 +152,12 @@ def save(
     path = Path(path)
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite it")
-    dtype = {v: k for k, v in DTYPES.items()}[flow.base_loc.dtype]
+    dtype = {v: k for k, v in DTYPES.items()}.get(flow.base_loc.dtype)
+    if dtype is None:
+        raise ValueError(
+            f"a model file holds a float32 or float64 flow, got {flow.base_loc.dtype}: save "
+            f"flow.float() (or flow.double())"
+        )
     sides = {spline.side for spline in _maps_of(flow, RationalQuadratic)}
     clamp_kinds = {affine.clamp_kind for affine in _maps_of(flow, Affine)}
     if len(clamp_kinds) > 1:

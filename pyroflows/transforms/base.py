@@ -103,7 +103,7 @@ def _reference(module: nn.Module) -> torch.Tensor:
 
 
 def _same_key(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
-    """Whether two cache keys (tensors, counters) match: the same objects, unchanged."""
+    """Whether two cache keys (tensors, states) match: the same objects, unchanged."""
     return a[1] == b[1] and len(a[0]) == len(b[0]) and all(map(operator.is_, a[0], b[0]))
 
 
@@ -162,10 +162,12 @@ class _CachedBijection:
         raise NotImplementedError
 
     def _key(self) -> tuple[Any, ...] | None:
-        # the tensors the layer computes with now, and their version counters
+        # the tensors the layer computes with now, their version counters and whether
+        # they require grad (requires_grad_() moves no counter, and a log-det cached with
+        # frozen weights has no graph to them), one int each: 2 * version + requires_grad
         tensors = _tensors(self._owner())
         try:
-            return (tensors, tuple([t._version for t in tensors]))
+            return (tensors, tuple([2 * t._version + t.requires_grad for t in tensors]))
         except RuntimeError:  # a layer built under inference mode: nothing to watch
             return None
 

@@ -636,3 +636,24 @@ def test_clip_grad_must_be_a_positive_number():
         fit(flow, torch.randn(50, 2), clip_grad="x", epochs=1, progress=False)
     with pytest.raises(ValueError, match="clip_grad .* must be a finite number > 0, got -1.0"):
         fit(flow, torch.randn(50, 2), clip_grad=-1, epochs=1, progress=False)
+
+
+def test_fit_trains_under_the_callers_no_grad_and_inference_mode():
+    x = torch.randn(200, 2, generator=torch.Generator().manual_seed(0)) * 2 + 1
+    expected = small_flow()
+    fit(expected, x, epochs=2, seed=0, progress=False)
+    for mode in (torch.no_grad, torch.inference_mode):
+        flow = small_flow()
+        with mode():
+            fit(flow, x.clone(), epochs=2, seed=0, progress=False)
+        assert same_weights(flow, expected)
+
+
+def test_fit_refuses_a_flow_it_cannot_train():
+    x = torch.randn(100, 2)
+    with pytest.raises(ValueError, match="flow has no parameter that requires grad"):
+        fit(small_flow().requires_grad_(False), x, epochs=1, progress=False)
+    with torch.inference_mode():
+        built = small_flow()
+    with pytest.raises(ValueError, match=r"flow was built .* under torch.inference_mode\(\)"):
+        fit(built, x, epochs=1, progress=False)

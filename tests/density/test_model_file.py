@@ -232,3 +232,10 @@ def test_weights_of_another_flow_are_named_by_key(tmp_path):
     path = save(tmp_path / "m.pt", flow, name="maf", options={}, standardize=True)  # 5 layers
     with pytest.raises(ModelFileError, match=r"do not match .*: .*Missing key\(s\) .*transforms"):
         load(path)
+
+
+def test_a_half_precision_flow_is_refused_with_the_remedy(tmp_path):
+    flow = build("maf", 2, {"transforms": 1, "hidden": [4]}).half()
+    with pytest.raises(ValueError, match=r"float32 or float64 flow, got torch.float16: save flow"):
+        save(tmp_path / "m.pt", flow, name="maf", options={}, standardize=True)
+    assert not (tmp_path / "m.pt").exists()

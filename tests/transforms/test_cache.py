@@ -361,3 +361,28 @@ def test_a_log_det_edited_in_place_is_not_served_again():
     expected = ladj.detach().clone()
     ladj.neg_()
     torch.testing.assert_close(t.log_abs_det_jacobian(u, x).detach(), expected)
+
+
+@pytest.mark.parametrize("builder", [iaf, maf, realnvp])
+def test_freezing_or_unfreezing_between_draw_and_score_is_not_served_from_the_cache(builder):
+    # requires_grad_() moves no version counter: a log-det cached with frozen weights has
+    # no graph to them, and one cached with live weights a graph it should not have
+    torch.manual_seed(0)
+    flow = builder(3, transforms=2, hidden=(8,))
+    weight = next(flow.parameters())
+    flow.requires_grad_(False)
+    d = flow()
+    x = d.rsample((4,))
+    flow.requires_grad_(True)
+    logp = d.log_prob(x)
+    assert logp.requires_grad
+    (grad,) = torch.autograd.grad(logp.sum(), [weight])
+    (fresh,) = torch.autograd.grad(flow().log_prob(x.clone()).sum(), [weight])
+    torch.testing.assert_close(grad, fresh)
+
+    layer = flow.transforms[0]
+    u = torch.randn(4, 3, requires_grad=True)
+    x = layer(u)  # live weights
+    flow.requires_grad_(False)
+    layer.log_abs_det_jacobian(u, x).sum().backward()
+    assert all(p.grad is None for p in flow.parameters())  # frozen: none reaches them

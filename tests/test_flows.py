@@ -484,3 +484,28 @@ def test_a_flow_first_called_inside_a_torch_func_transform_still_copies(transfor
     expected = flow().log_prob(x)
     torch.testing.assert_close(copy.deepcopy(flow)().log_prob(x), expected)
     torch.testing.assert_close(pickle.loads(pickle.dumps(flow))().log_prob(x), expected)
+
+
+@pytest.mark.parametrize("context", [None, 2])
+def test_builder_options_reach_every_layer_conditional_or_not(context):
+    layers = lambda flow: [t for t in flow.transforms if hasattr(t, "transformer")]  # noqa: E731
+    flow = pyroflows.realnvp(4, transforms=2, hidden=(8,), context=context, clamp=1.5)
+    assert [t.transformer.clamp for t in layers(flow)] == [1.5, 1.5]
+    flow = pyroflows.nsf(4, transforms=2, hidden=(8,), context=context, side="base", bins=3)
+    assert [(t.transformer.side, t.transformer.bins) for t in layers(flow)] == [("base", 3)] * 2
+    flow = pyroflows.nice(4, transforms=2, hidden=(8,), context=context, activation=torch.nn.Tanh)
+    for t in layers(flow):
+        assert any(isinstance(m, torch.nn.Tanh) for m in t.conditioner.modules())
+        assert not any(isinstance(m, torch.nn.ReLU) for m in t.conditioner.modules())
+
+
+@pytest.mark.parametrize("builder", ["maf", "iaf"])
+def test_autoregressive_orders_alternate_or_are_drawn(builder):
+    make = getattr(pyroflows, builder)
+    orders = [t.conditioner.order.tolist() for t in make(5, transforms=3, hidden=(8,)).transforms]
+    assert orders == [[0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [0, 1, 2, 3, 4]]
+    torch.manual_seed(0)
+    flow = make(5, transforms=3, hidden=(8,), permutation="random")
+    drawn = [tuple(t.conditioner.order.tolist()) for t in flow.transforms]
+    assert len(set(drawn)) > 1
+    assert all(sorted(order) == list(range(5)) for order in drawn)

@@ -428,3 +428,24 @@ def test_help_shows_the_defaults_and_patience_0_never_stops_early(workdir):
     )  # fmt: skip
     assert fitted.returncode == 0, fitted.stderr
     assert "in 8 epochs" in fitted.stdout
+
+
+def test_score_refuses_columns_named_in_another_order(workdir):
+    x = np.loadtxt(workdir / "data.csv", delimiter=",", skiprows=1)
+    np.savetxt(workdir / "swapped.csv", x[:, ::-1], delimiter=",", header="b,a", comments="")
+    result = run("score", "model.pt", "swapped.csv", cwd=workdir)
+    assert result.returncode == 2
+    assert "has columns ['b', 'a'] but the model was fitted to ['a', 'b']" in result.stderr
+
+
+def test_fit_passes_bins_to_a_spline_flow(workdir):
+    from pyroflows.density import load
+
+    options = ["--flow", "nsf", "--bins", "3", "--transforms", "1", "--hidden", "8"]
+    result = run(
+        "fit", "data.csv", "--out", "bins.pt", *options, "--epochs", "1", "--quiet", cwd=workdir
+    )
+    assert result.returncode == 0, result.stderr
+    flow, info = load(workdir / "bins.pt")
+    assert info["options"]["bins"] == 3
+    assert {t.transformer.bins for t in flow.transforms if hasattr(t, "transformer")} == {3}

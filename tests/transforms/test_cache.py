@@ -386,3 +386,44 @@ def test_freezing_or_unfreezing_between_draw_and_score_is_not_served_from_the_ca
     flow.requires_grad_(False)
     layer.log_abs_det_jacobian(u, x).sum().backward()
     assert all(p.grad is None for p in flow.parameters())  # frozen: none reaches them
+
+
+def test_a_conditioned_coupling_made_before_double_drops_its_pair():
+    # a coupling's watched tensors can all be the same objects after .double() (the
+    # conditioner's, replaced in place): the layer's generation must still differ
+    from pyroflows.transforms import ConditionalAffineCoupling
+
+    torch.manual_seed(0)
+    layer = ConditionalAffineCoupling(4, 2, hidden=(8,))
+    t = layer.condition(torch.randn(3, 2))
+    u = torch.randn(3, 4)
+    x = t(u)
+    layer.double()
+    with pytest.raises(TypeError, match="dtype"):
+        t.inv(x)  # float32 data for the now float64 layer: checked, not the old pair
+
+
+@pytest.mark.parametrize("side", ["u", "x"])
+def test_an_input_made_to_require_grad_after_the_call_is_not_served_a_graphless_pair(side):
+    from pyroflows.transforms import AffineCoupling
+    from tests.helpers import perturb
+
+    torch.manual_seed(0)
+    t = perturb(AffineCoupling(4, hidden=(8,))).requires_grad_(False)
+    if side == "x":
+        u = torch.randn(3, 4)
+        x = t(u)
+        x.requires_grad_()
+        back = t.inv(x)  # must depend on x
+        (grad,) = torch.autograd.grad(back.sum(), [x])
+        again = x.detach().clone().requires_grad_()
+        (fresh,) = torch.autograd.grad(t.inv(again).sum(), [again])
+    else:
+        x = torch.randn(3, 4)
+        u = t.inv(x)
+        u.requires_grad_()
+        out = t(u)
+        (grad,) = torch.autograd.grad(out.sum(), [u])
+        again = u.detach().clone().requires_grad_()
+        (fresh,) = torch.autograd.grad(t(again).sum(), [again])
+    torch.testing.assert_close(grad, fresh)

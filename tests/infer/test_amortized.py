@@ -481,3 +481,96 @@ def test_an_unregistered_guide_that_the_caller_registers_gets_no_warning():
         warnings.simplefilter("error")
         svi.step(x)
     assert any(not torch.equal(a, p) for a, p in zip(before, inner.parameters(), strict=True))
+
+
+def test_iwae_drops_the_log_prob_of_observations_the_model_masks_out():
+    # poutine.mask sets the site's mask (the distribution itself stays unmasked), so only
+    # iwae's own masking keeps the hidden coordinates out: for rows whose hidden coordinates
+    # are masked the estimate is the evidence of the seen coordinates alone.
+    model = LinearGaussian()
+    keep, drop = torch.tensor([0, 2, 3]), torch.tensor([1, 4])
+    n = 16
+    x = model.data(n, seed=4)
+    row_mask = torch.arange(n) % 2 == 0  # even rows: hidden coordinates masked out
+
+    def masked_model(data):
+        with pyro.plate("data", data.shape[0]):
+            z = pyro.sample(
+                "z", dist.Normal(torch.zeros(LATENT, dtype=data.dtype), 1.0).to_event(1)
+            )
+            loc = z @ model.W.T + model.b
+            pyro.sample("x_seen", dist.Normal(loc[..., keep], NOISE).to_event(1), obs=data[:, keep])
+            with poutine.mask(mask=~row_mask):
+                pyro.sample(
+                    "x_hidden", dist.Normal(loc[..., drop], NOISE).to_event(1), obs=data[:, drop]
+                )
+
+    # the guide: the exact posterior given the seen coordinates, widened (a Gaussian q)
+    w_seen, b_seen = model.W[keep], model.b[keep]
+    precision = torch.eye(LATENT, dtype=torch.float64) + w_seen.T @ w_seen / NOISE**2
+    cov = torch.linalg.inv(precision)
+    gain = torch.zeros(LATENT, D, dtype=torch.float64)
+    gain[:, keep] = cov @ w_seen.T / NOISE**2
+    encoder = Encoder(D, LATENT, hidden=(), context=0, min_scale=0.0).double()
+    with torch.no_grad():
+        encoder.loc.weight.copy_(gain)
+        encoder.loc.bias.copy_(-gain[:, keep] @ b_seen)
+        encoder.scale.bias.copy_(torch.log(torch.expm1(1.3 * cov.diagonal().sqrt())))
+    guide = AmortizedGuide(AmortizedPosterior(encoder))
+
+    torch.manual_seed(5)
+    estimate = iwae_log_likelihood(masked_model, guide, x, num_samples=2000)
+    seen_cov = w_seen @ w_seen.T + NOISE**2 * torch.eye(len(keep), dtype=torch.float64)
+    seen_only = dist.MultivariateNormal(b_seen, seen_cov).log_prob(x[:, keep])
+    full = model.log_evidence(x)
+    truth = torch.where(row_mask, seen_only, full)
+    assert estimate.shape == (n,)
+    assert (estimate - truth).abs().max() < 0.1
+    assert (full - seen_only)[row_mask].abs().min() > 1.0  # the mask matters on these rows
+
+
+def test_a_subsampling_guide_encodes_the_rows_it_draws():
+    n, batch = 30, 7
+    model = LinearGaussian()
+    x = model.data(n, seed=6)
+    posterior = model.gaussian_guide(inflate=1.0).posterior  # loc depends on x
+    guide = AmortizedGuide(posterior, size=n, subsample_size=batch)
+    pyro.set_rng_seed(3)
+    trace = poutine.trace(guide).get_trace(x)
+    index = trace.nodes["data"]["value"]
+    assert index.shape == (batch,)
+    assert not torch.equal(index, torch.arange(batch))  # drawn rows, not the first ones
+    site = trace.nodes["z"]
+    expected = posterior(x[index])
+    torch.testing.assert_close(site["fn"].base_dist.loc, expected.base_dist.loc)
+    torch.testing.assert_close(site["fn"].log_prob(site["value"]), expected.log_prob(site["value"]))
+    # the drawn z sits near the exact posterior mean of those same rows
+    exact_mean = (x[index] - model.b) @ model.gain.T
+    torch.testing.assert_close(site["fn"].base_dist.loc, exact_mean)
+
+    # the same with a flow posterior: its log q(z | x) is that of the drawn rows
+    flow_q = amortized_posterior(D, LATENT, flow="iaf", hidden=(8,), context=2).double()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for head in (flow_q.encoder.loc, flow_q.encoder.scale):
+            head.weight.normal_()
+    flow_guide = AmortizedGuide(flow_q, size=n, subsample_size=batch, name="flow_guide")
+    pyro.set_rng_seed(4)
+    trace = poutine.trace(flow_guide).get_trace(x)
+    index = trace.nodes["data"]["value"]
+    assert not torch.equal(index, torch.arange(batch))
+    z = trace.nodes["z"]["value"]
+    torch.testing.assert_close(trace.nodes["z"]["fn"].log_prob(z), flow_q(x[index]).log_prob(z))
+
+
+def test_the_encoder_scale_never_falls_below_min_scale():
+    encoder = Encoder(D, LATENT, hidden=(4,), context=3, min_scale=0.05)
+    with torch.no_grad():
+        encoder.scale.bias.fill_(-1e3)  # softplus of the head is 0
+    _, scale, _ = encoder(torch.randn(6, D))
+    torch.testing.assert_close(scale, torch.full((6, LATENT), 0.05))
+    q = AmortizedPosterior(encoder, iaf(LATENT, context=3, hidden=(8,)))
+    assert torch.isfinite(q(torch.randn(6, D)).rsample()).all()
+    # an untrained encoder: softplus(head) == 1, plus the default floor 1e-3
+    _, scale, _ = Encoder(D, LATENT, hidden=(4,), context=0)(torch.randn(3, D))
+    torch.testing.assert_close(scale, torch.full((3, LATENT), 1.0 + 1e-3))

@@ -67,7 +67,7 @@ class FlowDensity(BaseEstimator):
             :func:`~pyroflows.density.fit` (but ``progress`` is off by default here: an
             estimator inside ``GridSearchCV`` would print a bar per fit).
         validation_fraction: share of the training rows held out for early stopping.
-        dtype: ``"float32"`` or ``"float64"``.
+        dtype: ``"float32"`` or ``"float64"`` (or ``torch.float32``, ``torch.float64``).
         random_state: seeds the initial weights, the split, the batches and the noise
             (an int, a NumPy ``RandomState`` or ``Generator``, or ``None``).
 
@@ -103,7 +103,7 @@ class FlowDensity(BaseEstimator):
         schedule: str | None = "plateau",
         standardize: bool = True,
         dequantize: bool = False,
-        dtype: str = "float32",
+        dtype: str | torch.dtype = "float32",
         random_state: int | np.random.RandomState | np.random.Generator | None = None,
         progress: bool = False,
         checkpoint_dir: str | os.PathLike | None = None,
@@ -139,7 +139,10 @@ class FlowDensity(BaseEstimator):
             "transforms": _plain(self.transforms),
             "hidden": [_plain(size) for size in hidden] if _is_sequence(hidden) else hidden,
             "activation": self.activation,
-            "dtype": self.dtype,
+            # torch.float64 as the model file's plain "float64"
+            "dtype": str(self.dtype).removeprefix("torch.")
+            if isinstance(self.dtype, torch.dtype)
+            else self.dtype,
         }
         if self.flow == "nsf":
             options["bins"] = _plain(self.bins)

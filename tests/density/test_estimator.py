@@ -295,3 +295,13 @@ def test_random_state_may_be_a_numpy_generator():
     np.testing.assert_array_equal(draws, first.sample(4, random_state=np.random.default_rng(1)))
     with pytest.raises(ValueError, match="random_state must be an int, None, a numpy"):
         first.sample(4, random_state="seven")
+
+
+def test_dtype_may_be_a_torch_dtype(tmp_path):
+    X, _ = mixture_rows(100, 11)
+    est = FlowDensity(flow="maf", dtype=torch.float64, **SMALL).fit(X)
+    assert est.flow_.base_loc.dtype == torch.float64
+    est.save(tmp_path / "m.pt")  # the file holds the plain name
+    assert FlowDensity.load(tmp_path / "m.pt").dtype == "float64"
+    with pytest.raises(ValueError, match="dtype must be one of float32, float64; got 'float16'"):
+        FlowDensity(flow="maf", dtype=torch.float16, **SMALL).fit(X)

@@ -33,6 +33,7 @@ from pyroflows._checks import (
     check_positive_int,
 )
 from pyroflows._pickling import DropsParamStoreLinks
+from pyroflows._torch_modes import functorch_active
 from pyroflows.transforms import (
     ActNorm,
     AdditiveCoupling,
@@ -47,7 +48,6 @@ from pyroflows.transforms import (
     SplineAutoregressive,
     SplineCoupling,
 )
-from pyroflows.transforms.spline import _functorch_active
 
 PERMUTATIONS = ("reverse", "random", None)
 
@@ -88,6 +88,13 @@ class Flow(DropsParamStoreLinks, nn.Module):
     Cost: sampling runs every transform forward (``t(u)``), scoring runs every inverse
     (``t.inv(x)``); see each transform for the passes that takes. A distribution caches
     the last sample per layer, so ``d.log_prob(d.rsample())`` costs no inverse.
+
+    The distribution reads the layers' parameters when it is used, not when it is made.
+    So with ``torch.func.functional_call``, score inside the call: ``functional_call(flow,
+    params, ())`` returns a distribution that, used after the call, reads the module's own
+    parameters, and gradients never reach ``params``. Call a function (or a small module)
+    that both builds and scores, e.g. ``functional_call(scorer, params, (x,))`` where
+    ``scorer.forward(x)`` returns ``self.flow().log_prob(x)``.
 
     Args:
         dim: event size ``D``.
@@ -165,7 +172,7 @@ class Flow(DropsParamStoreLinks, nn.Module):
             # built once per set of buffers (.to() replaces them): a Normal is immutable
             normal = dist.Normal(self.base_loc, self.base_scale, validate_args=False).to_event(1)
             cached = (self.base_loc, self.base_scale, normal)
-            if not _functorch_active():  # under jacrev/grad its tensors are wrappers
+            if not functorch_active():  # under jacrev/grad its tensors are wrappers
                 self.__dict__["_base_cache"] = cached
         normal = cached[2]
         return normal.expand(torch.Size(batch_shape)) if batch_shape else normal

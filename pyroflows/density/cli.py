@@ -17,6 +17,7 @@ The checkpoint is removed once the model file is written.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -268,6 +269,7 @@ def _fit(args: argparse.Namespace) -> None:
         dequantize=args.dequantize,
         columns=columns,
         history=history.as_dict(),
+        training=_training(args, seed),
         force=True,
     )
     _discard(previous)  # the model file now holds what the final checkpoint kept
@@ -407,7 +409,28 @@ def _info(args: argparse.Namespace) -> None:
             f"best {kind} NLL {history['best_val_nll']:.4f} nats/row, "
             f"{history['seconds']:.1f} s"
         )
+    training = info.get("training")
+    if training:
+        lines.append("training  " + ", ".join(f"{k}={v}" for k, v in training.items()))
     print("\n".join(lines))
+
+
+def _training(args: argparse.Namespace, seed: int | None) -> dict[str, Any]:
+    """The fit's settings, for the model file: the flags', and fit's defaults for the rest."""
+    from pyroflows.density import fit
+
+    defaults = inspect.signature(fit).parameters
+    return {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": defaults["weight_decay"].default,
+        "validation": args.validation,
+        "patience": args.patience or None,
+        "clip_grad": defaults["clip_grad"].default,
+        "schedule": defaults["schedule"].default,
+        "seed": seed,  # None: resumed, with the checkpoint's seed
+    }
 
 
 def _shown_options(flow: Any, options: dict[str, Any]) -> dict[str, Any]:

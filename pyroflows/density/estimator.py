@@ -217,6 +217,23 @@ class FlowDensity(BaseEstimator):
         )
         self.flow_ = flow
         self._options = options
+        # what the fit ran with, for the model file (a resumed fit drew its split and
+        # batches with the checkpoint's seed, which this estimator does not know)
+        training = {
+            "epochs": _plain(self.epochs),
+            "batch_size": _plain(self.batch_size),
+            "lr": _plain(self.lr),
+            "weight_decay": _plain(self.weight_decay),
+            "validation": validation,
+            "patience": _plain(self.patience),
+            "clip_grad": _plain(self.clip_grad),
+            "schedule": self.schedule,
+            "seed": None if resuming else seed,
+            "random_state": _plain(self.random_state) if _is_int(self.random_state) else None,
+        }
+        # a file holds plain values: a callable schedule is left out
+        plain = (bool, int, float, str)
+        self._training = {k: v for k, v in training.items() if v is None or isinstance(v, plain)}
         return self
 
     def _checkpoint_exists(self) -> bool:
@@ -279,12 +296,22 @@ class FlowDensity(BaseEstimator):
             dequantize=self.dequantize,
             columns=[str(c) for c in columns] if columns is not None else None,
             history=self.history_.as_dict(),
+            training=getattr(self, "_training", None),
             force=force,
         )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FlowDensity:
-        """Read a model file written by :meth:`save` or ``pyroflows fit``."""
+        """Read a model file written by :meth:`save` or ``pyroflows fit``.
+
+        The estimator's parameters are those of the fit the file records: the flow's,
+        and (from files that hold them: this version's) the fit's settings, so
+        ``get_params()`` and a refit describe that fit, not the defaults. ``random_state``
+        is the one the fit had if it was an int, else ``None`` (a NumPy generator's state
+        is not kept; nor is it for files written by ``pyroflows fit``, which seeds by
+        ``--seed``). A setting a file cannot hold (a callable ``schedule``) keeps its
+        default.
+        """
         flow, info = model_file.load(path)
         options = dict(info["options"])
         est = cls(
@@ -306,13 +333,18 @@ class FlowDensity(BaseEstimator):
         from pyroflows.density.fit import History
 
         est.history_ = History(**info["history"]) if info.get("history") else History()
+        training = info.get("training")  # absent from files written before it existed
+        if training is not None:
+            est._training = dict(training)
+            names = {"validation": "validation_fraction"}
+            est.set_params(**{names.get(k, k): v for k, v in training.items() if k != "seed"})
         return est
 
 
 #: The parameters that set a builder option: ``options`` must not set them a second time.
 _NAMED = frozenset({"transforms", "hidden", "bins", "activation", "dtype"})
 #: What ``fit`` sets: put back as it was when a fit fails.
-_FITTED = ("n_features_in_", "feature_names_in_", "flow_", "history_", "_options")
+_FITTED = ("n_features_in_", "feature_names_in_", "flow_", "history_", "_options", "_training")
 
 
 def _seed(random_state: Any, name: str) -> int:
@@ -339,6 +371,10 @@ def _plain(value: Any) -> Any:
     The flow's options go into model files, which hold plain Python values only.
     """
     return value.item() if isinstance(value, np.generic) else value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_sequence(value: Any) -> bool:

@@ -23,6 +23,11 @@ key                value
 ``columns``        column names, or ``None``
 ``state_dict``     the flow's weights and buffers (masks, orders, loc and scale)
 ``history``        the fit's :class:`~pyroflows.density.History` as a dict
+``training``       the fit's settings (:data:`TRAINING_KEYS`: epochs, batch size, learning
+                   rate, ...; ``seed`` is the seed ``fit`` drew the split and batches
+                   with, ``random_state`` a ``FlowDensity``'s int ``random_state``, each
+                   ``None`` if unknown), or ``None``; files written before it existed
+                   lack it, which means ``None``
 =================  ====================================================================
 
 :func:`load` reads it with ``torch.load(weights_only=True)``, which unpickles only
@@ -56,6 +61,19 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "silu": nn.SiLU,
 }
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: The settings of :func:`~pyroflows.density.fit` that a model file's ``training`` holds.
+TRAINING_KEYS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "validation",
+    "patience",
+    "clip_grad",
+    "schedule",
+    "seed",
+    "random_state",
+)
 
 
 class ModelFileError(ValueError):
@@ -140,12 +158,14 @@ def save(
     dequantize: bool = False,
     columns: list[str] | None = None,
     history: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
     force: bool = False,
 ) -> Path:
     """Write a model file (atomically); refuse to overwrite one unless ``force``.
 
     ``name``, ``options`` and ``standardize`` must be those that :func:`build` was given
-    for ``flow``.
+    for ``flow``; ``training``, if given, the settings the fit ran with (keys among
+    :data:`TRAINING_KEYS`, plain values).
     """
     from pyroflows.density.fit import _save_atomic
 
@@ -178,7 +198,11 @@ def save(
         "columns": list(columns) if columns is not None else None,
         "state_dict": {k: v.detach().cpu() for k, v in flow.state_dict().items()},
         "history": history,
+        "training": dict(training) if training is not None else None,
     }
+    problem = _training_problem(state["training"])
+    if problem is not None:
+        raise ValueError(f"training: {problem}")
     _save_atomic(state, path)
     return path
 
@@ -284,4 +308,20 @@ def _entry_problem(state: dict[str, Any]) -> str | None:
     known = set(History.__dataclass_fields__)
     if history is not None and not (isinstance(history, dict) and set(history) <= known):
         return f"its entry 'history' must be None or a fit's history ({', '.join(sorted(known))})"
+    problem = _training_problem(state.get("training"))
+    return f"its entry 'training' {problem}" if problem is not None else None
+
+
+def _training_problem(training: Any) -> str | None:
+    """What is wrong with a ``training`` entry (``None``: nothing)."""
+    if training is None:
+        return None
+    if not isinstance(training, dict):
+        return f"must be None or a dict of fit settings, got {type(training).__name__}"
+    unknown = sorted(map(str, set(training) - set(TRAINING_KEYS)))
+    if unknown:
+        return f"holds unknown settings {unknown} (known: {', '.join(TRAINING_KEYS)})"
+    for key, value in training.items():
+        if value is not None and not isinstance(value, (bool, int, float, str)):
+            return f"setting {key!r} must be a plain value, got {type(value).__name__}"
     return None

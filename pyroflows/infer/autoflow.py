@@ -528,6 +528,14 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
     # ------------------------------------------------------------------ set-up
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
+        if torch.is_inference_mode_enabled():
+            # its parameters would be inference tensors, which autograd never trains
+            raise RuntimeError(
+                "AutoFlow sets up its parameters at its first call, which cannot run under "
+                "torch.inference_mode() (tensors made there can never be trained); make the "
+                "first call (an SVI step, or guide(*args)) outside inference mode, or use "
+                "torch.no_grad() instead"
+            )
         try:
             super()._setup_prototype(*args, **kwargs)
             problem, error = self._latent_problem(), None

@@ -1019,6 +1019,11 @@ def importance_resample(
     probability :math:`\tilde w_s`. When :math:`\hat k \le 0.7` these draws are closer to
     the posterior than the guide's own; above, a ``UserWarning`` says that they are not.
 
+    Raises:
+        ValueError: ``num_proposals`` below ``num_samples``; a proposal whose log weight
+            is NaN or :math:`+\infty` (it cannot be normalized against the others); no
+            proposal of positive weight.
+
     Returns:
         A dict of each latent site's draws, and of each ``pyro.deterministic`` site's
         values at them, shape ``(num_samples, *site_shape)``.
@@ -1026,8 +1031,23 @@ def importance_resample(
     check_positive_int(num_samples, "num_samples")
     num_proposals = 10 * num_samples if num_proposals is None else num_proposals
     check_positive_int(num_proposals, "num_proposals", minimum=2)
+    if num_proposals < num_samples:
+        raise ValueError(
+            f"num_proposals must be at least num_samples ({num_samples}), got {num_proposals}: "
+            "fewer proposals than draws would make every draw repeat one (the default, "
+            "10 * num_samples, leaves room for the weights to choose)"
+        )
     log_w, draws, _ = _draws(model, guide, args, kwargs, num_proposals, deterministic=True)
-    report, smoothed = _summarize(log_w)
+    lw = _as_weights(log_w)
+    broken = np.flatnonzero(np.isnan(lw) | (lw == math.inf))
+    if broken.size:
+        raise ValueError(
+            f"importance_resample: {broken.size} of the {num_proposals} proposals (the first "
+            f"is proposal {broken[0]}) have a log weight of +inf or NaN: the model's or the "
+            "guide's log density is not finite there, so the weights cannot be normalized "
+            "and no resample would be right; check the model at those draws"
+        )
+    report, smoothed = _summarize(lw)
     weights = np.exp(smoothed)
     if not np.nan_to_num(weights).sum() > 0:
         raise ValueError(

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pyroflows._checks import check_bool, check_permutation
+from pyroflows._torch_modes import is_vmap_batch
 from pyroflows.transforms.base import FlowTransform
 
 
@@ -70,7 +71,8 @@ class LULinear(FlowTransform):
         \log|\det J| = \textstyle\sum_i d_i
 
     Cost: a matrix product (:math:`O(D^2)`) to sample; two triangular solves
-    (:math:`O(D^2)`) to score. Starts at the identity.
+    (:math:`O(D^2)`) to score, in float32 for a half-precision layer (torch solves
+    triangular systems in float32 and float64 only). Starts at the identity.
 
     Args:
         dim: size of the vector ``D``.
@@ -108,16 +110,14 @@ class LULinear(FlowTransform):
     def _backward(self, x, context):
         lower, upper = self._factors()
         rhs = (x - self.bias).reshape(-1, self.dim).T
+        if rhs.dtype in _HALF:  # torch has no triangular solve in half precision
+            lower, upper, rhs = lower.float(), upper.float(), rhs.float()
         y = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)
         u = torch.linalg.solve_triangular(upper, y, upper=True).T.reshape(x.shape)
-        return u, self.log_diag.sum().expand(x.shape[:-1])
+        return u.to(x.dtype), self.log_diag.sum().expand(x.shape[:-1])
 
 
-def _is_batched(value: torch.Tensor) -> bool:
-    """Whether ``value`` is a ``torch.func.vmap`` batch (one point per call)."""
-    functorch = getattr(torch._C, "_functorch", None)
-    check = getattr(functorch, "is_batchedtensor", None)
-    return bool(check(value)) if check is not None else False
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class ActNorm(FlowTransform):
@@ -162,7 +162,7 @@ class ActNorm(FlowTransform):
             # trained (or set) while it waited for a batch: those values are kept
             self.initialized.fill_(True)
             return
-        if _is_batched(value):
+        if is_vmap_batch(value):
             raise RuntimeError(
                 "ActNorm takes its initial scale and shift from the first batch it sees, "
                 "which torch.func.vmap cannot give it (one point per call, data-dependent "

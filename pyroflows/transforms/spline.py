@@ -43,10 +43,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.autograd import forward_ad
 from torch.nn import functional as F
 
 from pyroflows._checks import check_number, check_positive_int
+from pyroflows._torch_modes import forward_ad_active, functorch_active
 from pyroflows.transforms.autoregressive import _Autoregressive
 from pyroflows.transforms.base import ConditionalFlowTransform, FlowTransform
 from pyroflows.transforms.coupling import _Coupling
@@ -184,10 +184,6 @@ def _spline(value, widths, heights, derivatives, bound: float, inverse: bool):
 _HALF = (torch.float16, torch.bfloat16)
 
 
-# torch.func transforms (vmap, jacrev, ...) active? (private; absent means none can be)
-_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
-
-
 def _fused_applies(*tensors: torch.Tensor) -> bool:
     """Whether the fused forward can take these: plain tensors of one dtype, reverse mode.
 
@@ -196,7 +192,7 @@ def _fused_applies(*tensors: torch.Tensor) -> bool:
     (``vmap``, ``jacrev``, ``grad``...) take the plain version, which torch differentiates
     as it would any other code.
     """
-    if forward_ad._current_level >= 0 or _functorch_active():
+    if forward_ad_active() or functorch_active():
         return False
     first = tensors[0]
     return all(type(t) is torch.Tensor and t.dtype == first.dtype for t in tensors)

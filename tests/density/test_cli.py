@@ -9,6 +9,7 @@ from importlib.metadata import entry_points
 import numpy as np
 import pytest
 
+from pyroflows.density import FlowDensity
 from pyroflows.density.cli import main
 
 FAST = ["--flow", "maf", "--transforms", "1", "--hidden", "8", "--epochs", "3", "--quiet"]
@@ -50,6 +51,12 @@ def test_fit_info_sample_score(workdir):
     assert info.returncode == 0
     assert "maf, 2 columns" in info.stdout
     assert "a, b" in info.stdout
+    # the fit's settings are kept: info shows them and a loaded estimator takes them
+    assert "training  epochs=3, batch_size=256, lr=0.001," in info.stdout
+    assert "patience=20, clip_grad=None, schedule=plateau, seed=0" in info.stdout
+    loaded = FlowDensity.load(workdir / "model.pt").get_params()
+    assert (loaded["epochs"], loaded["validation_fraction"]) == (3, 0.1)
+    assert loaded["random_state"] is None  # the CLI seeds fit by --seed, not an estimator's
     sample = run("sample", "model.pt", "-n", "500", "--seed", "1", cwd=workdir)
     lines = sample.stdout.splitlines()
     assert sample.returncode == 0
@@ -256,7 +263,7 @@ def test_info_says_which_nll_and_npy_names_are_kept(workdir):
     assert "training NLL" in fitted.stdout
     info = run("info", "noval.pt", cwd=workdir)
     assert "best training NLL" in info.stdout
-    assert "validation" not in info.stdout
+    assert "validation NLL" not in info.stdout
     assert "best validation NLL" in run("info", "model.pt", cwd=workdir).stdout
     run("sample", "model.pt", "-n", "3", "--out", "S.NPY", cwd=workdir)
     assert np.load(workdir / "S.NPY").shape == (3, 2)

@@ -4,6 +4,7 @@ import numpy as np
 import pyro.distributions as dist
 import pytest
 import torch
+from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.utils.estimator_checks import check_estimator
@@ -111,6 +112,25 @@ def test_save_and_load(tmp_path):
     assert np.allclose(again.score_samples(X), est.score_samples(X), atol=1e-5)
     assert again.get_params()["bins"] == 4
     assert again.options == {"bound": 4.0}
+
+
+def test_a_loaded_estimator_has_the_settings_of_the_fit_and_refits_the_same(tmp_path):
+    # get_params() of a loaded estimator was the defaults (200 epochs, lr 1e-3, no seed),
+    # so clone(loaded).fit(X) trained another model than the one in the file
+    X, _ = mixture_rows(300, 3)
+    settings = {"epochs": 4, "batch_size": 64, "lr": 3e-3, "weight_decay": 1e-4,
+                "validation_fraction": 0.2, "patience": 2, "clip_grad": 5.0,
+                "schedule": "cosine", "random_state": 9}  # fmt: skip
+    est = FlowDensity(flow="maf", transforms=2, hidden=(8,), **settings).fit(X)
+    est.save(tmp_path / "m.pt")
+    again = FlowDensity.load(tmp_path / "m.pt")
+    assert {k: again.get_params()[k] for k in settings} == settings
+    refit = clone(again).fit(X)
+    np.testing.assert_allclose(refit.score_samples(X), est.score_samples(X), atol=1e-5)
+    # a NumPy generator cannot be kept: the loaded estimator says None, not a made-up int
+    rng = np.random.default_rng(0)
+    FlowDensity(flow="maf", transforms=1, epochs=1, random_state=rng).fit(X).save(tmp_path / "g.pt")
+    assert FlowDensity.load(tmp_path / "g.pt").random_state is None
 
 
 def test_top_level_name_and_errors():

@@ -213,6 +213,9 @@ def test_a_damaged_copy_is_refused_not_loaded_with_other_weights(tmp_path):
         ("columns", ["a"], r"entry 'columns' must be None or 2 column names, got \['a'\]"),
         ("history", {"epochs": 3, "colour": 1}, "entry 'history' must be None or a fit's"),
         ("dtype", "float16", "entry 'dtype' must be one of float32, float64, got 'float16'"),
+        ("training", [3], "entry 'training' must be None or a dict of fit settings, got list"),
+        ("training", {"epochs": 3, "colour": 1}, r"entry 'training' holds unknown .*'colour'"),
+        ("training", {"lr": [0.1]}, "entry 'training' setting 'lr' must be a plain value"),
     ],
 )
 def test_entries_beside_the_weights_are_checked(tmp_path, entry, value, message):
@@ -239,3 +242,19 @@ def test_a_half_precision_flow_is_refused_with_the_remedy(tmp_path):
     with pytest.raises(ValueError, match=r"float32 or float64 flow, got torch.float16: save flow"):
         save(tmp_path / "m.pt", flow, name="maf", options={}, standardize=True)
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_training_settings_are_written_checked_and_read_back(tmp_path):
+    options = {"transforms": 1, "hidden": [4]}
+    flow = build("maf", 2, options)
+    training = {"epochs": 7, "lr": 0.003, "schedule": None, "seed": 11}
+    common = {"name": "maf", "options": options, "standardize": True}
+    path = save(tmp_path / "m.pt", flow, **common, training=training)
+    assert load(path)[1]["training"] == training
+    older = torch.load(path, weights_only=True)
+    del older["training"]  # files written before the entry existed
+    torch.save(older, path)
+    assert load(path)[1].get("training") is None
+    with pytest.raises(ValueError, match=r"training: holds unknown settings \['speed'\]"):
+        save(tmp_path / "n.pt", flow, **common, training={"speed": 1})
+    assert not (tmp_path / "n.pt").exists()

@@ -724,6 +724,23 @@ def test_a_warm_start_interrupted_runs_again_at_the_next_call(monkeypatch):
     assert guide.anchor == "laplace"
 
 
+def test_a_first_call_under_inference_mode_is_refused_and_no_grad_is_taken():
+    # under inference_mode the parameters would be inference tensors, which never train
+    # (a raw torch error at the first SVI step); under no_grad the set-up runs as usual
+    guide = AutoFlow(gaussian_model)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside inference mode"):
+        guide()
+    with torch.no_grad():
+        guide.median()
+    assert guide.anchor == "laplace"  # the warm start ran under no_grad
+    assert all(not p.is_inference() and p.requires_grad for p in guide.parameters())
+    first = {name: p.detach().clone() for name, p in guide.named_parameters()}
+    train(gaussian_model, guide, 3)
+    assert any(not torch.equal(p, first[n]) for n, p in guide.named_parameters())
+    with torch.inference_mode():  # once set up, drawing under inference mode is fine
+        assert guide()["x"].shape == (D,)
+
+
 def test_the_laplace_warm_start_leaves_no_gradient_on_the_models_parameters():
     x = torch.linspace(-1.0, 1.0, 20)
     y = 3.0 * x + 2.0

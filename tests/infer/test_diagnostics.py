@@ -265,6 +265,24 @@ def test_num_samples_is_checked():
         diagnose(exact_guide_model, exact_guide, num_samples=0)
     with pytest.raises(ValueError, match="num_proposals"):
         importance_resample(exact_guide_model, exact_guide, num_samples=5, num_proposals=1)
+    with pytest.raises(ValueError, match=r"num_proposals must be at least num_samples \(10\)"):
+        importance_resample(exact_guide_model, exact_guide, num_samples=10, num_proposals=5)
+
+
+@pytest.mark.filterwarnings("ignore:Encountered \\+inf")  # Pyro's own warning at the site
+def test_importance_resample_refuses_proposals_of_infinite_weight():
+    # a draw of log weight +inf cannot be normalized against the others: it was dropped
+    # (given probability 0, the opposite of its weight) and the rest resampled
+    def spiked_model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.factor("spike", torch.where(z > 1.0, torch.tensor(math.inf), torch.tensor(0.0)))
+
+    def guide():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    pyro.set_rng_seed(0)
+    with pytest.raises(ValueError, match=r"proposals \(the first is proposal \d+\) have a log"):
+        importance_resample(spiked_model, guide, num_samples=10)
 
 
 def test_to_arviz_on_a_pyro_autoguide():

@@ -57,6 +57,22 @@ def test_lu_weight_and_log_det():
     assert torch.linalg.slogdet(weight)[0] > 0  # LU with a positive diagonal: orientation kept
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lu_inverse_in_half_precision_solves_in_float32(dtype):
+    # torch has no half-precision triangular solve: the layer solves in float32 and
+    # returns the layer's dtype, with gradients, rather than raising NotImplementedError
+    torch.manual_seed(0)
+    t = perturb(LULinear(4))
+    x = torch.randn(5, 4)
+    exact = t.inv(x.clone())
+    half = t.to(dtype)
+    u = half.inv(x.to(dtype))
+    assert u.dtype == dtype
+    torch.testing.assert_close(u.float(), exact, atol=0.05, rtol=0.02)
+    u.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in half.parameters())
+
+
 def test_actnorm_standardizes_the_first_data_batch():
     data = 3.0 * torch.randn(500, 2) + torch.tensor([5.0, -1.0])
     t = ActNorm(2)

@@ -188,7 +188,7 @@ class FlowDensity(BaseEstimator):
                 f"validation_fraction must be a number in [0, 1) (or None), got {validation!r}"
             )
         if check_bool(self.dequantize, "dequantize"):  # named X, as the caller knows it
-            refuse_fractions(torch.from_numpy(X), "X", 0, FIT_ADVICE)
+            refuse_fractions(X, "X", 0, FIT_ADVICE)  # X may be read-only (pandas)
         seed = _seed(self.random_state, "random_state")
         # a fit resumed from its checkpoint takes the checkpoint's seed (its split and
         # batches): a seed drawn from random_state=None would differ on every call
@@ -217,6 +217,11 @@ class FlowDensity(BaseEstimator):
         )
         self.flow_ = flow
         self._options = options
+        self._fitted_as = {
+            "flow": self.flow,
+            "standardize": self.standardize,
+            "dequantize": self.dequantize,
+        }
         # what the fit ran with, for the model file (a resumed fit drew its split and
         # batches with the checkpoint's seed, which this estimator does not know)
         training = {
@@ -235,6 +240,15 @@ class FlowDensity(BaseEstimator):
         plain = (bool, int, float, str)
         self._training = {k: v for k, v in training.items() if v is None or isinstance(v, plain)}
         return self
+
+    def _fitted(self, name: str) -> Any:
+        """The parameter ``name`` as the fit had it.
+
+        ``set_params`` after a fit changes nothing until the next fit: ``flow_`` is still
+        the flow fitted with the old value.
+        """
+        fitted_as = self.__dict__.get("_fitted_as")  # absent from pickles of before
+        return fitted_as[name] if fitted_as is not None else getattr(self, name)
 
     def _checkpoint_exists(self) -> bool:
         if self.checkpoint_dir is None:
@@ -258,7 +272,7 @@ class FlowDensity(BaseEstimator):
             An array of shape ``(n_samples,)``.
         """
         rows = TensorRows(self._rows(X), "X")
-        return log_prob(self.flow_, rows, self.dequantize).double().numpy()
+        return log_prob(self.flow_, rows, self._fitted("dequantize")).double().numpy()
 
     def score(self, X, y=None) -> float:  # noqa: N803
         r"""Total log-likelihood :math:`\sum_n \log p(x_n)` of the rows of ``X``."""
@@ -281,7 +295,8 @@ class FlowDensity(BaseEstimator):
         if n_samples < 1:
             raise ValueError(f"n_samples must be an int >= 1, got {n_samples}")
         seed = _seed(random_state, "random_state")
-        return sample(self.flow_, int(n_samples), seed, self.dequantize).double().numpy()
+        dequantize = self._fitted("dequantize")
+        return sample(self.flow_, int(n_samples), seed, dequantize).double().numpy()
 
     def save(self, path: str | os.PathLike, force: bool = False) -> None:
         """Write the fitted model to ``path`` (see :mod:`pyroflows.density.model_file`)."""
@@ -290,10 +305,10 @@ class FlowDensity(BaseEstimator):
         model_file.save(
             path,
             self.flow_,
-            name=self.flow,
+            name=self._fitted("flow"),
             options=self._options,
-            standardize=self.standardize,
-            dequantize=self.dequantize,
+            standardize=self._fitted("standardize"),
+            dequantize=self._fitted("dequantize"),
             columns=[str(c) for c in columns] if columns is not None else None,
             history=self.history_.as_dict(),
             training=getattr(self, "_training", None),
@@ -327,6 +342,7 @@ class FlowDensity(BaseEstimator):
         known = {"transforms", "hidden", "bins", "activation", "dtype"}
         est.options = {k: v for k, v in options.items() if k not in known} or None
         est.flow_, est._options = flow, options
+        est._fitted_as = {k: info[k] for k in ("flow", "standardize", "dequantize")}
         est.n_features_in_ = info["dim"]
         if info.get("columns") is not None:
             est.feature_names_in_ = np.asarray(info["columns"], dtype=object)
@@ -344,7 +360,15 @@ class FlowDensity(BaseEstimator):
 #: The parameters that set a builder option: ``options`` must not set them a second time.
 _NAMED = frozenset({"transforms", "hidden", "bins", "activation", "dtype"})
 #: What ``fit`` sets: put back as it was when a fit fails.
-_FITTED = ("n_features_in_", "feature_names_in_", "flow_", "history_", "_options", "_training")
+_FITTED = (
+    "n_features_in_",
+    "feature_names_in_",
+    "flow_",
+    "history_",
+    "_options",
+    "_training",
+    "_fitted_as",
+)
 
 
 def _seed(random_state: Any, name: str) -> int:

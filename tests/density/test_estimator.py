@@ -114,6 +114,25 @@ def test_save_and_load(tmp_path):
     assert again.options == {"bound": 4.0}
 
 
+def test_set_params_after_a_fit_changes_nothing_until_the_next_fit(tmp_path):
+    # scoring, sampling and saving read the fitted model, not parameters set since:
+    # dequantize=True made the scores a dequantized bound and the draws integers, and a
+    # file saved after set_params(flow="nsf") described a flow its weights did not fit
+    X, _ = mixture_rows(300, 3)
+    est = FlowDensity(flow="maf", transforms=1, hidden=(8,), epochs=2, random_state=0).fit(X)
+    scores, draws = est.score_samples(X[:5]), est.sample(20, random_state=1)
+    est.set_params(dequantize=True, flow="nsf", standardize=False)
+    np.testing.assert_array_equal(est.score_samples(X[:5]), scores)
+    np.testing.assert_array_equal(est.sample(20, random_state=1), draws)
+    est.save(tmp_path / "m.pt")
+    again = FlowDensity.load(tmp_path / "m.pt")
+    assert (again.flow, again.standardize, again.dequantize) == ("maf", True, False)
+    np.testing.assert_allclose(again.score_samples(X[:5]), scores, atol=1e-6)
+    assert est.get_params()["flow"] == "nsf"  # the parameter itself is as set
+    est.set_params(dequantize=False).fit(X)  # the next fit takes them
+    assert est.flow_.transforms[0].__class__.__name__.startswith("Spline")
+
+
 def test_a_loaded_estimator_has_the_settings_of_the_fit_and_refits_the_same(tmp_path):
     # get_params() of a loaded estimator was the defaults (200 epochs, lr 1e-3, no seed),
     # so clone(loaded).fit(X) trained another model than the one in the file
@@ -160,6 +179,19 @@ def test_dequantized_scores_are_the_bound_over_the_cell():
     standard_error = many.std(0) / np.sqrt(16)
     assert (np.abs(scores - many.mean(0)) < 5 * standard_error + 1e-6).all()
     assert not np.allclose(scores, corner, atol=1e-3)  # not the density at the corner
+
+
+def test_a_read_only_array_is_fitted_dequantized_without_a_warning():
+    # pandas hands out read-only arrays: torch.from_numpy of one warns (an error here)
+    X = np.random.default_rng(0).poisson(3.0, size=(100, 2)).astype(float)
+    X.setflags(write=False)
+    est = FlowDensity(flow="maf", transforms=1, hidden=(8,), epochs=1, dequantize=True)
+    assert np.isfinite(est.fit(X).score_samples(X)).all()
+    fractional = X.copy()
+    fractional[3, 1] = 0.5
+    fractional.setflags(write=False)
+    with pytest.raises(ValueError, match=r"X row 4, column 2 \(index \[3, 1\]\) is 0.5"):
+        est.fit(fractional)
 
 
 def test_a_dequantized_model_samples_integer_rows_near_the_data():

@@ -302,6 +302,37 @@ def _adam(params: Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0):
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
+def _signature(rows: Rows) -> list[float]:
+    """A fingerprint of the values, per column, in float64.
+
+    The sum, the sum of squares and the sum weighted by row (row ``i`` by ``i + 1``): the
+    checkpoint's check of the data: a changed value, columns in another order or rows
+    in another order (another split, other batches) change it, where the grand total of
+    every value did not change for any of these.
+    """
+    sums, start = None, 0
+    for chunk in rows.chunks():
+        x = chunk.double()
+        weight = torch.arange(start + 1, start + 1 + x.shape[0], dtype=x.dtype, device=x.device)
+        part = torch.stack([x.sum(0), (x * x).sum(0), weight @ x])
+        sums = part if sums is None else sums + part
+        start += x.shape[0]
+    return [] if sums is None else sums.flatten().tolist()
+
+
+def _same_signature(then: list, now: list) -> bool:
+    """Whether two :func:`_signature` entries agree.
+
+    True if either is missing: a checkpoint written before it existed.
+    """
+    if not then or not now:
+        return True
+    then, now = then[0], now[0]
+    return len(then) == len(now) and all(
+        math.isclose(a, b, rel_tol=1e-10, abs_tol=1e-10) for a, b in zip(then, now, strict=True)
+    )
+
+
 def _make_schedule(schedule, optimizer, epochs):
     if schedule is None:
         return None
@@ -494,7 +525,7 @@ def fit(
     mean, var, total = train.moments()  # one streaming pass; checks every value
     held_out = None
     if valid is not None:  # the validation rows too, before any epoch (and on every rank)
-        held_out = [len(valid), valid.moments()[2]]
+        held_out = [len(valid), valid.moments()[2], _signature(valid)]
     if path is not None and rank == 0:
         reason = unwritable(path.parent)
         if reason is not None:  # found now, not after the epochs up to the first checkpoint
@@ -508,7 +539,7 @@ def fit(
     history = History()
     best_state: dict[str, torch.Tensor] | None = None
     bad_epochs, start_epoch, start_batch, order, partial = 0, 0, 0, None, [0.0, 0]
-    fingerprint = [len(train), int(flow.dim), int(batch_size), total]
+    fingerprint = [len(train), int(flow.dim), int(batch_size), total, _signature(train)]
     # what else decides the fit: resuming under other values would not continue it
     options = {
         "epochs": int(epochs),
@@ -544,15 +575,15 @@ def fit(
                 path,
                 {k: (then[k], options[k]) for k in changed},
             )
-        if state["fingerprint"][:3] != fingerprint[:3] or not math.isclose(
-            state["fingerprint"][3], fingerprint[3], rel_tol=1e-6, abs_tol=1e-6
-        ):
-            then, now = state["fingerprint"], fingerprint
+        then, now = state["fingerprint"], fingerprint
+        head = then[:3] == now[:3] and math.isclose(then[3], now[3], rel_tol=1e-6, abs_tol=1e-6)
+        if not head or not _same_signature(then[4:], now[4:]):
+            also = "" if not head else "; the same sum, but other values or another order"
             raise ResumeMismatch(
                 f"the checkpoint in {checkpoint_dir} was written for other data or options "
                 f"(training rows, dim, batch size, sum of the training values: {then[0]}, "
                 f"{then[1]}, {then[2]}, {then[3]:.9g}; now {now[0]}, {now[1]}, {now[2]}, "
-                f"{now[3]:.9g}); pass resume=False to start afresh",
+                f"{now[3]:.9g}{also}); pass resume=False to start afresh",
                 path,
                 {"data": (then, now)},
             )
@@ -562,6 +593,7 @@ def fit(
             and (
                 then[0] != held_out[0]
                 or not math.isclose(then[1], held_out[1], rel_tol=1e-6, abs_tol=1e-6)
+                or not _same_signature(then[2:], held_out[2:])
             )
         ):
             shown = [

@@ -264,6 +264,35 @@ def test_resume_refuses_other_data(tmp_path):
         )
 
 
+def test_resume_refuses_data_with_the_same_total_in_another_order_or_with_values_moved(
+    tmp_path,
+):
+    # the grand total of every value was the only check of the values: the same table
+    # with its columns swapped came back as the old fit (scores 100 nats off a row), and
+    # training and validation rows with two values swapped resumed on the changed data
+    from pyroflows.density import ResumeMismatch
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 2)) * [1.0, 10.0] + [40.0, 50.0]
+    v = rng.normal(size=(50, 2)) * [1.0, 10.0] + [40.0, 50.0]
+    options = {"epochs": 2, "seed": 0, "checkpoint_dir": tmp_path, "progress": False}
+    fit(small_flow(), x, validation=v, **options)
+    swapped = x.copy()
+    swapped[[3, 7], 1] = swapped[[7, 3], 1]  # two values of a column trade rows
+    moved = x.copy()
+    moved[3, 0] += 0.25
+    moved[3, 1] -= 0.25  # the same total
+    for other in (x[:, ::-1], x[::-1], swapped, moved):
+        with pytest.raises(ResumeMismatch, match="the same sum, but other values") as caught:
+            fit(small_flow(), other.copy(), validation=v, resume=True, **options)
+        assert set(caught.value.changed) == {"data"}
+    held = v.copy()
+    held[[1, 2], 0] = held[[2, 1], 0]
+    with pytest.raises(ResumeMismatch, match="other validation rows"):
+        fit(small_flow(), x, validation=held, resume=True, **options)
+    assert fit(small_flow(), x.copy(), validation=v.copy(), resume=True, **options).epochs == 2
+
+
 def test_resume_refuses_other_options_and_returns_a_finished_fit_as_it_was(tmp_path):
     x = torch.randn(100, 2)
     first = fit(small_flow(), x, epochs=3, seed=0, checkpoint_dir=tmp_path, progress=False)

@@ -7,7 +7,8 @@
     pyroflows score model.pt test.csv > logp.txt         # log p(x) per row on stdout
     pyroflows info model.pt                              # what the file holds
 
-DATA is a CSV file (with or without a header row) or a ``.npy`` array. Bad input gets one
+DATA is a CSV file (with or without a header row: ``--header`` says which when the first
+row is all numbers) or a ``.npy`` array. Bad input gets one
 line on stderr, ``pyroflows: error: ...``, and exit code 2. ``fit`` never overwrites a
 model without ``--force``; Ctrl-C during ``fit`` leaves a checkpoint in
 ``MODEL.ckpt/`` and the same command with ``--resume`` continues from it (exit code 130).
@@ -17,6 +18,7 @@ The checkpoint is removed once the model file is written.
 from __future__ import annotations
 
 import argparse
+import csv
 import inspect
 import sys
 from pathlib import Path
@@ -100,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
         "fit", help="fit a flow to DATA and write a model file", formatter_class=_Defaults
     )
     fit.add_argument("data", metavar="DATA", help="CSV (header optional) or .npy file")
+    _header_flag(fit)
     fit.add_argument("--out", "-o", required=True, metavar="MODEL", help="model file to write")
     fit.add_argument("--flow", default="nsf", choices=sorted(BUILDERS), help="flow builder")
     fit.add_argument("--transforms", type=int, default=5, help="flow layers")
@@ -155,11 +158,37 @@ def _parser() -> argparse.ArgumentParser:
     score = commands.add_parser("score", help="log-density of each row of DATA, on stdout")
     score.add_argument("model", metavar="MODEL")
     score.add_argument("data", metavar="DATA")
+    _header_flag(score)
     score.add_argument("--out", "-o", default=None, help=".csv or .npy file (default stdout)")
 
     info = commands.add_parser("info", help="describe a model file")
     info.add_argument("model", metavar="MODEL")
     return parser
+
+
+def _header_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--header",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="whether a CSV's first row is its header; auto: when none of it is a number, "
+        "or it is 0,1,...,D-1 (pandas' header for unnamed columns)",
+    )
+
+
+def _read(args: argparse.Namespace, dtype: Any) -> tuple[np.ndarray, list[str] | None]:
+    """DATA as ``--header`` says; a note on stderr when auto took 0,1,... as a header."""
+    from pyroflows.density.data import pandas_header, read_table
+
+    header = {"auto": None, "yes": True, "no": False}[args.header]
+    values, columns = read_table(args.data, dtype, _FLOAT64, header)
+    if header is None and columns is not None and pandas_header(columns):
+        print(
+            f"pyroflows: note: {args.data}: took the first row ({','.join(columns)}) as a "
+            "header, as pandas writes for unnamed columns; pass --header no if it is data",
+            file=sys.stderr,
+        )
+    return values, columns
 
 
 def _write(values: Any, out: str | None, header: list[str] | None) -> None:
@@ -172,8 +201,8 @@ def _write(values: Any, out: str | None, header: list[str] | None) -> None:
         return
     stream = sys.stdout if out is None else open(out, "w")  # noqa: SIM115
     try:
-        if header is not None:
-            stream.write(",".join(header) + "\n")
+        if header is not None:  # quoted where a name holds a comma or a quote
+            csv.writer(stream, lineterminator="\n").writerow(header)
         np.savetxt(stream, values, delimiter=",", fmt=f"%.{digits}g")
     finally:
         if stream is not sys.stdout:
@@ -183,7 +212,7 @@ def _write(values: Any, out: str | None, header: list[str] | None) -> None:
 def _fit(args: argparse.Namespace) -> None:
     import torch
 
-    from pyroflows.density import ResumeMismatch, build, distributed, fit, read_table, save
+    from pyroflows.density import ResumeMismatch, build, distributed, fit, save
     from pyroflows.density.fit import unwritable
 
     device = _device(args.device)
@@ -196,7 +225,7 @@ def _fit(args: argparse.Namespace) -> None:
     reason = unwritable(out.parent)  # now, not after the training
     if reason is not None:
         raise _Failure(f"--out {out}: its folder {out.parent} cannot be written: {reason}")
-    values, columns = read_table(args.data, getattr(torch, args.dtype), _FLOAT64)
+    values, columns = _read(args, getattr(torch, args.dtype))
     options = {
         "transforms": args.transforms,
         "hidden": args.hidden,
@@ -367,11 +396,10 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _score(args: argparse.Namespace) -> None:
-    from pyroflows.density import read_table
     from pyroflows.density.rows import as_source, log_prob
 
     flow, info = _load(args.model)
-    values, columns = read_table(args.data, flow.base_loc.dtype, _FLOAT64)
+    values, columns = _read(args, flow.base_loc.dtype)
     if values.shape[1] != info["dim"]:
         raise _Failure(
             f"{args.data} has {values.shape[1]} columns but the model was fitted to {info['dim']}"

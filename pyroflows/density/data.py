@@ -142,19 +142,27 @@ def beyond_range_message(
 
 
 def read_table(
-    path: str | os.PathLike, dtype: torch.dtype | None = None, remedy: str = _REMEDY
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    remedy: str = _REMEDY,
+    header: bool | None = None,
 ) -> tuple[np.ndarray, list[str] | None]:
     """Read a numeric table from a CSV file (with or without a header) or a ``.npy`` file.
 
-    A CSV header is recognised when no cell of the first row parses as a number. Rows and
-    columns in messages count from 1 as lines in an editor do (the header, if any, is row
-    1, and blank lines count).
+    By default a CSV's first row is its header when no cell of it parses as a number, or
+    when it is exactly ``0,1,...,D-1``: the header pandas writes for unnamed columns
+    (``DataFrame(x).to_csv(index=False)``); :func:`pandas_header` tells that case. Rows
+    and columns in messages count from 1 as lines in an editor do (the header, if any,
+    is row 1, and blank lines count).
 
     Args:
         path: the file.
         dtype: the flow's dtype: a CSV value finite in float64 but beyond its range
             (``1e39`` for float32) is refused here, where the file's line is known.
         remedy: what the overflow message suggests (the command line names its flag).
+        header: whether a CSV's first row is its header: ``None`` (the default) decides
+            as above; ``True`` or ``False`` says (a numeric header such as years needs
+            ``True``).
 
     Returns:
         The values as an ``(N, D)`` array (float64 from a CSV; from a ``.npy`` file, the
@@ -172,9 +180,16 @@ def read_table(
         raise DataError(f"{path}: is a directory, expected a CSV or .npy file")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
+    if header is not None and not isinstance(header, bool):
+        raise TypeError(f"header must be True, False or None, got {header!r}")
     if path.suffix.lower() == ".npy":
         return _read_npy(path), None
-    return _read_csv(path, dtype, remedy)
+    return _read_csv(path, dtype, remedy, header)
+
+
+def pandas_header(cells: list[str]) -> bool:
+    """Whether a first row is ``0,1,...,D-1``, the header pandas gives unnamed columns."""
+    return [cell.strip() for cell in cells] == [str(j) for j in range(len(cells))]
 
 
 def _read_npy(path: Path) -> np.ndarray:
@@ -201,7 +216,7 @@ def _number(cell: str) -> float | None:
 
 
 def _read_csv(
-    path: Path, dtype: torch.dtype | None, remedy: str
+    path: Path, dtype: torch.dtype | None, remedy: str, header_given: bool | None = None
 ) -> tuple[np.ndarray, list[str] | None]:
     # rows are numbered by their line in the file (blank lines count, as in an editor);
     # utf-8-sig drops the byte-order mark that spreadsheet exports put first
@@ -220,8 +235,11 @@ def _read_csv(
     if not rows:
         raise DataError(f"{path}: the file holds no data rows")
     header = None
-    if all(_number(cell) is None for cell in rows[0]):
-        header = [cell.strip() for cell in rows[0]]
+    first = rows[0]
+    if header_given is None:
+        header_given = all(_number(cell) is None for cell in first) or pandas_header(first)
+    if header_given:
+        header = [cell.strip() for cell in first]
         rows, lines = rows[1:], lines[1:]
         if not rows:
             raise DataError(f"{path}: the file has a header but no data rows")

@@ -456,3 +456,43 @@ def test_fit_passes_bins_to_a_spline_flow(workdir):
     flow, info = load(workdir / "bins.pt")
     assert info["options"]["bins"] == 3
     assert {t.transformer.bins for t in flow.transforms if hasattr(t, "transformer")} == {3}
+
+
+def test_a_numeric_header_is_read_as_the_header_flag_says(workdir):
+    # pandas writes 0,1 for unnamed columns; that row was read as data (an outlier row
+    # in the fit, and every score after it one row off its data)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(50, 2))
+    rows = "\n".join(",".join(f"{v:.6f}" for v in row) for row in x)
+    (workdir / "pandas.csv").write_text("0,1\n" + rows + "\n")
+    (workdir / "years.csv").write_text("2019,2020\n" + rows + "\n")
+    fitted = run("fit", "pandas.csv", "--out", "pandas.pt", *FAST, cwd=workdir)
+    assert "fitted maf to 50 rows" in fitted.stdout
+    assert "took the first row (0,1) as a header" in fitted.stderr
+    assert "columns   0, 1" in run("info", "pandas.pt", cwd=workdir).stdout
+    score = run("score", "pandas.pt", "pandas.csv", cwd=workdir)
+    assert score.stdout.splitlines()[0] == "log_prob"
+    assert len(score.stdout.splitlines()) == 51
+    as_data = run("score", "pandas.pt", "pandas.csv", "--header", "no", cwd=workdir)
+    assert len(as_data.stdout.splitlines()) == 51
+    assert "note" not in as_data.stderr
+    assert (
+        "fitted maf to 51 rows"
+        in run("fit", "years.csv", "--out", "years_data.pt", *FAST, cwd=workdir).stdout
+    )  # auto: 2019,2020 could be data
+    years = run("fit", "years.csv", "--out", "years.pt", "--header", "yes", *FAST, cwd=workdir)
+    assert "fitted maf to 50 rows" in years.stdout
+    assert "columns   2019, 2020" in run("info", "years.pt", cwd=workdir).stdout
+
+
+def test_column_names_with_commas_and_quotes_round_trip(workdir):
+    # the header of sample's CSV was joined by bare commas: "height,cm" became two names
+    x = np.random.default_rng(2).normal(size=(40, 2))
+    rows = "\n".join(",".join(f"{v:.6f}" for v in row) for row in x)
+    (workdir / "named.csv").write_text('"height,cm","w""t"\n' + rows + "\n")
+    run("fit", "named.csv", "--out", "named.pt", *FAST, cwd=workdir)
+    run("sample", "named.pt", "-n", "5", "--out", "named_draws.csv", cwd=workdir)
+    assert (workdir / "named_draws.csv").read_text().splitlines()[0] == '"height,cm","w""t"'
+    score = run("score", "named.pt", "named_draws.csv", cwd=workdir)
+    assert score.returncode == 0, score.stderr
+    assert len(score.stdout.splitlines()) == 6

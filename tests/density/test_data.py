@@ -42,6 +42,22 @@ def test_read_csv_with_and_without_header(tmp_path):
     assert np.array_equal(values, [[1, 2], [-300, 4]])
 
 
+def test_read_csv_header_argument_and_pandas_unnamed_header(tmp_path):
+    (tmp_path / "p.csv").write_text("0,1,2\n1,2,3\n")  # DataFrame(x).to_csv(index=False)
+    values, columns = read_table(tmp_path / "p.csv")
+    assert columns == ["0", "1", "2"]
+    assert values.tolist() == [[1, 2, 3]]
+    values, columns = read_table(tmp_path / "p.csv", header=False)
+    assert (columns, values.shape) == (None, (2, 3))
+    (tmp_path / "y.csv").write_text("2019,2020\n1,2\n")  # could be data: auto reads it so
+    assert read_table(tmp_path / "y.csv")[1] is None
+    assert read_table(tmp_path / "y.csv", header=True)[1] == ["2019", "2020"]
+    (tmp_path / "o.csv").write_text("0,2\n1,2\n")  # not 0..D-1: data
+    assert read_table(tmp_path / "o.csv")[1] is None
+    with pytest.raises(TypeError, match="header must be True, False or None, got 'yes'"):
+        read_table(tmp_path / "y.csv", header="yes")
+
+
 def test_read_npy_one_and_two_d(tmp_path):
     np.save(tmp_path / "a.npy", np.arange(4.0))
     assert read_table(tmp_path / "a.npy")[0].shape == (4, 1)

@@ -41,7 +41,14 @@ from pyroflows.density import model_file
 from pyroflows.density.data import as_rows
 from pyroflows.density.fit import CHECKPOINT
 from pyroflows.density.fit import fit as fit_flow
-from pyroflows.density.rows import FIT_ADVICE, TensorRows, log_prob, refuse_fractions, sample
+from pyroflows.density.rows import (
+    FIT_ADVICE,
+    TensorRows,
+    log_prob,
+    refuse_fractions,
+    refuse_too_large,
+    sample,
+)
 
 
 class FlowDensity(BaseEstimator):
@@ -189,6 +196,9 @@ class FlowDensity(BaseEstimator):
             )
         if check_bool(self.dequantize, "dequantize"):  # named X, as the caller knows it
             refuse_fractions(X, "X", 0, FIT_ADVICE)  # X may be read-only (pandas)
+            dtype = model_file.DTYPES.get(self._builder_options()["dtype"])
+            if dtype is not None and X.size:
+                refuse_too_large(float(np.abs(X).max()), dtype, "X")
         seed = _seed(self.random_state, "random_state")
         # a fit resumed from its checkpoint takes the checkpoint's seed (its split and
         # batches): a seed drawn from random_state=None would differ on every call

@@ -238,12 +238,45 @@ def refuse_fractions(x: torch.Tensor | np.ndarray, name: str, start: int, advice
         )
 
 
+#: The coarsest step of the flow's dtype, near the data's largest value, that dequantization
+#: takes: the noise :math:`U[0, 1)` must keep some resolution inside each unit cell.
+DEQUANTIZE_STEP = 1 / 16
+
+
 def check_integers(rows: Rows) -> None:
-    """Stream ``rows`` (a whole source, not a split view) and refuse a fractional value."""
-    start = 0
+    """Stream ``rows`` (a whole source, not a split view) and refuse a fractional value.
+
+    Also refuses values too large for the flow's dtype to resolve the noise in their
+    cells (see :func:`refuse_too_large`).
+    """
+    start, largest, dtype = 0, 0.0, None
     for x in rows.chunks():
         refuse_fractions(x, rows.name, start, FIT_ADVICE)
         start += x.shape[0]
+        dtype = x.dtype
+        if x.numel():
+            largest = max(largest, float(x.abs().max()))
+    if dtype is not None:
+        refuse_too_large(largest, dtype, rows.name)
+
+
+def refuse_too_large(largest: float, dtype: torch.dtype, name: str) -> None:
+    """Refuse integer data whose largest magnitude ``dtype`` cannot dequantize.
+
+    In float32 a value of :math:`2^{24}` has no neighbour within 1, so ``x + u`` rounds
+    back to ``x``, and the fit learns a density of the noise's rounding, not the data's
+    (its draws, floored, were all even in one probe). Values are refused from
+    :math:`2^{20}` up in float32, where the dtype's step reaches :data:`DEQUANTIZE_STEP`.
+    """
+    if dtype == torch.float64:
+        return
+    step = float(np.spacing(np.array(largest + 1.0, dtype=str(dtype).removeprefix("torch."))))
+    if step > DEQUANTIZE_STEP:
+        raise DataError(
+            f"{name} holds values up to {largest:.9g}, too large to dequantize in {dtype}: the "
+            f"noise U[0,1) added to them rounds to steps of {step:g}, so the fit would learn "
+            "the rounding; fit with dtype float64 (--dtype float64)"
+        )
 
 
 def log_prob(

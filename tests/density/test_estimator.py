@@ -192,6 +192,8 @@ def test_a_read_only_array_is_fitted_dequantized_without_a_warning():
     fractional.setflags(write=False)
     with pytest.raises(ValueError, match=r"X row 4, column 2 \(index \[3, 1\]\) is 0.5"):
         est.fit(fractional)
+    with pytest.raises(ValueError, match=r"X holds values up to 300000\d\d, too large to dequant"):
+        est.fit(X + 3e7)  # float32 cannot resolve the noise there
 
 
 def test_a_dequantized_model_samples_integer_rows_near_the_data():

@@ -686,3 +686,17 @@ def test_fit_refuses_a_flow_it_cannot_train():
         built = small_flow()
     with pytest.raises(ValueError, match=r"flow was built .* under torch.inference_mode\(\)"):
         fit(built, x, epochs=1, progress=False)
+
+
+def test_dequantize_refuses_integers_too_large_for_float32_to_take_the_noise():
+    # at 2e7 a float32 step is 2: x + U[0,1) rounds back to x, and the fit learnt the
+    # rounding (every floored draw even); float64 resolves the cells
+    from pyroflows.density import DataError
+
+    x = torch.tensor([[2.0e7, 3.0], [2.0e7 + 1, 4.0], [2.0e7 + 3, 4.0], [2.0e7 + 2, 5.0]] * 10)
+    with pytest.raises(DataError, match=r"up to 2000000\d, too large to dequantize in torch"):
+        fit(small_flow(), x, epochs=1, dequantize=True, progress=False)
+    below = x.clone()
+    below[:, 0] -= 2.0e7 - 2.0**20 + 10  # just under 2**20: steps of 1/16 at most
+    fit(small_flow(), below, epochs=1, dequantize=True, progress=False)
+    fit(small_flow().double(), x.double(), epochs=1, dequantize=True, progress=False)

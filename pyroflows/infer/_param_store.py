@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pyro
@@ -291,6 +291,44 @@ class MirrorsParamStore:
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[misc]
         self.__dict__["_store_passive"] = True  # a copy
+
+
+def check_identity(
+    store_name: str,
+    ours: torch.Tensor,
+    modules: Mapping[str, nn.Module],
+    mismatch: Callable[[], str],
+) -> None:
+    """Refuse a store whose ``store_name`` entry, which says what a guide is for, differs.
+
+    ``ours`` is a mirrored buffer of fixed shape that names what the guide was built
+    for (its model's latent sites); a store saved from a guide for something else holds
+    another value there, and is refused with ``mismatch()`` (a ``ValueError``) before the
+    mirror could copy its values in. A store saved before the entry existed, holding
+    values for the guide's other entries (those of ``modules``, as named for
+    :class:`StoreMirror`), gets a copy of ``ours``, so the mirror takes it whole as before.
+    """
+    if _is_module_local_param_enabled():
+        return
+    store = pyro.get_param_store()
+    entries = store.named_parameters().mapping
+    theirs = entries.get(store_name)
+    if theirs is None:
+        prefixes = tuple(param_with_module_name(name, "") for name in modules)
+        own = {id(t) for m in modules.values() for t in m.state_dict(keep_vars=True).values()}
+        if any(
+            name.startswith(prefixes) and id(t) not in own and not _mirrored(t)
+            for name, t in entries.items()
+        ):
+            copy = ours.detach().clone()
+            store.set_state(
+                {"params": {store_name: copy}, "constraints": {store_name: constraints.real}}
+            )
+        return
+    if theirs is ours or _mirrored(theirs):
+        return  # its own, or another guide's that the mirror takes over without its values
+    if theirs.shape != ours.shape or not torch.equal(theirs.to(ours.device), ours):
+        raise ValueError(mismatch())
 
 
 def register(modules: Mapping[str, nn.Module]) -> None:

@@ -49,6 +49,7 @@ References:
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -60,6 +61,7 @@ from pyro import poutine
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn.module import _make_name
+from pyro.params.param_store import param_with_module_name
 from torch import nn
 from torch.distributions import ComposeTransform, biject_to
 from torch.nn import functional as F
@@ -74,7 +76,7 @@ from pyroflows._checks import (
 from pyroflows._pickling import param_store_links_kept
 from pyroflows.flows import BUILDERS, Flow, iaf, maf, nice, nsf, realnvp
 from pyroflows.infer import diagnostics
-from pyroflows.infer._param_store import MirrorsParamStore, register
+from pyroflows.infer._param_store import MirrorsParamStore, check_identity, register
 from pyroflows.nn.mlp import ContextTrunk
 from pyroflows.transforms.base import FlowTransform
 from pyroflows.transforms.linear import ActNorm
@@ -284,10 +286,16 @@ class AnchoredLinear(FlowTransform):
         loc: the anchor's location :math:`m`, shape ``(D,)``.
         scale_tril: the anchor's lower triangular scale :math:`C`, shape ``(D, D)``.
         learn_linear: learn :math:`LU` too.
+        latent_sites: a fingerprint of the model's latent sites (shape ``(1,)``, int64),
+            kept as a buffer so that a saved guide's state says which model it is for.
     """
 
     def __init__(
-        self, loc: torch.Tensor, scale_tril: torch.Tensor, learn_linear: bool = False
+        self,
+        loc: torch.Tensor,
+        scale_tril: torch.Tensor,
+        learn_linear: bool = False,
+        latent_sites: torch.Tensor | None = None,
     ) -> None:
         super().__init__(loc.shape[-1])
         self.learn_linear = bool(learn_linear)
@@ -296,6 +304,15 @@ class AnchoredLinear(FlowTransform):
         self.bias = nn.Parameter(torch.zeros_like(loc))
         self.register_buffer("anchor_loc", loc.detach().clone())
         self.register_buffer("anchor_scale_tril", scale_tril.detach().clone())
+        if latent_sites is not None:
+            self.register_buffer("latent_sites", latent_sites.to(loc.device))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a state saved before the fingerprint existed: this layer's own is kept
+        key = prefix + "latent_sites"
+        if key not in state_dict and "latent_sites" in self._buffers:
+            state_dict[key] = self._buffers["latent_sites"]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -374,11 +391,14 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
     its next call. (Pyro's ``AutoIAFNormal`` neither restores nor, after a load, trains
     its flow.) A store must hold the whole guide: one that fits only part of it
     (another flow or size, values set for a few entries, or one saved before the
-    buffers were kept) is refused; a store of another model whose latents have the
-    same shapes cannot be told apart. Entries an earlier guide of the same name left in
-    this process are taken over, not read: a new guide starts afresh. A copy of a guide
-    (``copy.deepcopy``, ``torch.load``) leaves them to a live guide that holds them (a
-    snapshot does not disturb the guide being trained), and still trains on its own
+    buffers were kept) is refused, and so is one saved from a guide of another model,
+    even with latents of the same shapes: a buffer ``latent_sites`` fingerprints the
+    model's latent sites (names, shapes, supports). Two AutoFlow guides in one process
+    share their store names, so a store saved then holds the one called last. Entries
+    an earlier guide of the same name left in this process are taken over, not read: a
+    new guide starts afresh. A copy of a guide (``copy.deepcopy``, ``torch.load``)
+    leaves them to a live guide that holds them (a snapshot does not disturb the guide
+    being trained), and still trains on its own
     (not under ``JitTrace_ELBO``, which reads the store by name: refused); its tensors
     then have no store names, so ``pyro.optim`` cannot save its state or take
     per-parameter arguments for it (drop the original first: the copy takes the
@@ -558,7 +578,9 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             flow = self._build_flow(loc)
             self.flow = flow
             scale_tril = self._init_scale * torch.eye(self.latent_dim, dtype=loc.dtype)
-            self.linear = AnchoredLinear(loc, scale_tril.to(loc.device), self.learn_linear)
+            self.linear = AnchoredLinear(
+                loc, scale_tril.to(loc.device), self.learn_linear, self._latent_sites()[1]
+            )
             self.anchor = "init"
             _, adopted = self._mirror_store()
             if adopted:
@@ -583,8 +605,33 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         # median() and diagnose() may not make)
         prefix = self.__dict__["_pyro_name"]
         modules = {_make_name(prefix, name): self._modules[name] for name in ("flow", "linear")}
+        ours = modules[_make_name(prefix, "linear")]._buffers.get("latent_sites")  # None: old
+        if ours is not None:
+            linear = _make_name(prefix, "linear")
+            check_identity(
+                param_with_module_name(linear, "latent_sites"),
+                ours,
+                modules,
+                lambda: (
+                    "Pyro's param store holds an AutoFlow's state saved for another model "
+                    f"(its latent sites differ from this model's: {self._latent_sites()[0]}); "
+                    "call pyro.clear_param_store() before building this guide, or load the store "
+                    "that was saved with this model's guide (two AutoFlow guides in one process "
+                    "share their store names: the store keeps the one called last)"
+                ),
+            )
         adopted = self._mirror()(modules, owner="this AutoFlow")
         return modules, bool(adopted)
+
+    def _latent_sites(self) -> tuple[str, torch.Tensor]:
+        """The latent sites (name, unconstrained shape, support), as text and fingerprint."""
+        nodes = self.prototype_trace.nodes
+        text = ", ".join(
+            f"{name} {tuple(shape)} {nodes[name]['fn'].support}"
+            for name, shape in self._unconstrained_shapes.items()
+        )
+        digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+        return text, torch.tensor([int.from_bytes(digest, "little", signed=True)])
 
     def _latent_problem(self) -> str | None:
         trace = self.prototype_trace

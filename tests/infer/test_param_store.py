@@ -116,7 +116,7 @@ def test_a_store_covering_part_of_a_called_guide_is_refused(tmp_path):
     guide()
     kept = state(guide)
     pyro.get_param_store()["AutoFlow.linear$$$bias"] = torch.tensor([0.5, -0.5, 1.0])
-    with pytest.raises(ValueError, match=r"new values for 1 of this AutoFlow's 25 tensors"):
+    with pytest.raises(ValueError, match=r"new values for 1 of this AutoFlow's 26 tensors"):
         guide()
     assert_same_state(state(guide), kept)  # nothing copied before the refusal
     # a two-layer guide's store loaded into a called three-layer guide
@@ -127,7 +127,7 @@ def test_a_store_covering_part_of_a_called_guide_is_refused(tmp_path):
     bigger = AutoFlow(model, transforms=3)
     bigger()
     pyro.get_param_store().load(tmp_path / "params.pt")
-    with pytest.raises(ValueError, match=r"new values for 25 of this AutoFlow's 35 tensors"):
+    with pytest.raises(ValueError, match=r"new values for 26 of this AutoFlow's 36 tensors"):
         bigger()
 
 
@@ -279,7 +279,7 @@ def test_a_flow_using_one_layer_twice(tmp_path):
 def test_a_store_of_another_flow_is_refused(tmp_path):
     train(AutoFlow(model, flow="iaf"), 2)
     restart(tmp_path)
-    refused = r"new values for 25 of this AutoFlow's 35 tensors.*clear_param_store"
+    refused = r"new values for 26 of this AutoFlow's 36 tensors.*clear_param_store"
     guide = AutoFlow(model, flow="iaf", transforms=3)  # a third layer the store lacks
     for _ in range(2):  # and again: a refused guide is not left half set up
         with pytest.raises(ValueError, match=refused):
@@ -296,8 +296,43 @@ def test_a_store_of_another_flow_is_refused(tmp_path):
 def test_a_store_of_another_model_is_refused(tmp_path):
     train(AutoFlow(other_model), 2, the_model=other_model)
     restart(tmp_path)
-    with pytest.raises(ValueError, match=r"shapes differ for 'AutoFlow\..*clear_param_store"):
+    with pytest.raises(ValueError, match=r"saved for another model .*a \(3,\).*clear_param_store"):
         AutoFlow(model)()
+
+
+def same_shapes_model():  # model's shapes, other sites: a store of it fits shape for shape
+    c = pyro.sample("c", dist.HalfNormal(torch.ones(3)).to_event(1))
+    pyro.sample("b", dist.Normal(c.sum(), 0.5), obs=torch.tensor(2.0))
+
+
+def test_a_store_of_another_model_with_the_same_shapes_is_refused_by_its_sites(tmp_path):
+    # it was taken (anchor "param store"): the other model's fitted flow, as this one's
+    train(AutoFlow(same_shapes_model), 2, the_model=same_shapes_model)
+    restart(tmp_path)
+    sites = r"saved for another model .*: a \(3,\) IndependentConstraint\(Real\(\), 1\)\)"
+    with pytest.raises(ValueError, match=sites):
+        AutoFlow(model)()
+    restored = AutoFlow(same_shapes_model)  # its own model takes it
+    restored()
+    assert restored.anchor == "param store"
+
+
+def test_a_store_and_a_state_saved_before_the_latent_sites_were_kept_still_restore(tmp_path):
+    pyro.set_rng_seed(0)
+    guide = AutoFlow(model)
+    train(guide, 5)
+    saved = {k: v for k, v in state(guide).items() if "latent_sites" not in k}
+    restart(tmp_path)
+    del pyro.get_param_store()["AutoFlow.linear$$$latent_sites"]  # as stores were saved
+    restored = AutoFlow(model)
+    restored()
+    assert restored.anchor == "param store"
+    assert_same_state({k: v for k, v in state(restored).items() if k in saved}, saved)
+    pyro.clear_param_store()
+    fresh = AutoFlow(model)
+    fresh()
+    fresh.load_state_dict(saved)  # a guide's state_dict of before: no key missing
+    assert_same_state({k: v for k, v in state(fresh).items() if k in saved}, saved)
 
 
 def test_a_guide_with_store_entries_read_still_pickles(tmp_path):

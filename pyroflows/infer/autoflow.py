@@ -506,6 +506,9 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         check_choice(warm_start, "warm_start", WARM_STARTS)
         check_choice(estimator, "estimator", ESTIMATORS)
         super().__init__(model, init_loc_fn=init_loc_fn)
+        # the model without Pyro's InitMessenger, which draws (init_to_median: from the
+        # prior) at every site it sees unset: a run that draws is then the model's own
+        self.__dict__["_plain_model"] = model
         self._flow_spec = flow
         self._flow_kwargs = flow_kwargs
         self._init_scale = float(init_scale)
@@ -531,6 +534,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             state = dict(super().__getstate__())
         finally:
             self._model, self.master = model, master
+        state.pop("_plain_model", None)
         return state
 
     def _the_model(self) -> Callable[..., Any]:
@@ -805,8 +809,10 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
 
     # ------------------------------------------------------------------ warm start
 
-    def _log_joint(self, latent: torch.Tensor, args, kwargs) -> torch.Tensor:
+    def _log_joint(self, latent: torch.Tensor, args, kwargs, model=None) -> torch.Tensor:
         r"""The unconstrained log joint at one packed vector ``latent``, shape ``(D,)``.
+
+        ``model``: another form of the model to run (default: the guide's).
 
         :math:`\log p(x, \text{constrain}(z)) + \log|\det J_{\text{constrain}}(z)|`.
         """
@@ -816,10 +822,9 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             value = transform(unconstrained)
             values[site["name"]] = value
             log_det = log_det + transform.log_abs_det_jacobian(unconstrained, value).sum()
+        model = self.model if model is None else model
         with poutine.block():
-            trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(
-                *args, **kwargs
-            )
+            trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
         return trace.log_prob_sum() + log_det
 
     def _model_trace(self, args, kwargs):
@@ -831,10 +836,21 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         return diagnostics._subsampled_frame(self._model_trace(args, kwargs)) is not None
 
     def _log_joint_is_random(self, latent: torch.Tensor, args, kwargs) -> bool:
-        """Whether two runs of the model at ``latent`` give two log densities."""
+        """Whether the model draws anything with every latent of this guide set to ``latent``.
+
+        Two runs that give two log densities say so; so does a run that takes random
+        numbers (a site hidden with ``poutine.block(model, expose=[...])`` is drawn, and
+        hidden with its observed child, which leaves the log density the prior's alone).
+        """
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                first, second = (self._log_joint(latent, args, kwargs) for _ in range(2))
+                before = torch.get_rng_state()
+                # without the InitMessenger, whose init_loc_fn may draw at every site
+                plain = self.__dict__.get("_plain_model")
+                first = self._log_joint(latent, args, kwargs, plain)
+                if plain is not None and not torch.equal(torch.get_rng_state(), before):
+                    return True
+                second = self._log_joint(latent, args, kwargs, plain)
         except (RuntimeError, ValueError):
             return False  # the Laplace fit reports the model's own error
         if not (torch.isfinite(first) and torch.isfinite(second)):
@@ -949,10 +965,11 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         loc = self.anchor_loc.clone()
         if self._log_joint_is_random(loc, args, kwargs):
             warn_from_caller(
-                "AutoFlow: the model's log density at one point changes from run to run (it "
-                "draws latent sites this guide does not cover, such as sites hidden with "
-                "poutine.block for another guide), so the Laplace warm start is skipped (it "
-                "would fit the noise); starting at init_loc_fn"
+                "AutoFlow: the model draws random values with every latent site of this "
+                "guide fixed (latent sites this guide does not cover, such as sites hidden "
+                "with poutine.block for another guide, or a subsample), so the Laplace warm "
+                "start is skipped (it would fit their draws, or the prior alone where the "
+                "data are hidden too); starting at init_loc_fn"
             )
             return
         eye = torch.eye(self.latent_dim, dtype=loc.dtype, device=loc.device)

@@ -913,3 +913,9 @@ def test_warm_start_is_skipped_for_a_model_with_latents_it_does_not_cover():
         guide(y)
     assert guide.anchor == "init"
     assert caught[0].filename == __file__
+    # expose= hides the data too: the log density is the prior's alone, the same at every
+    # run, and the "Laplace" anchor was the prior's (scale 5 for mu, posterior sd 0.07)
+    exposed = AutoFlow(pyro.poutine.block(model, expose=["mu", "tau"]))
+    with pytest.warns(UserWarning, match="draws random values with every latent site"):
+        exposed(y)
+    assert exposed.anchor == "init"

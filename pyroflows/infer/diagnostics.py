@@ -1091,7 +1091,9 @@ def to_arviz(
     points the model masks out (``poutine.mask``, ``obs_mask``) or scales by 0 are NaN.
     ``observed_data`` holds the observed values (broadcast to the points). ``az.loo``
     and ``az.waic`` then run on it, but take the guide's draws for posterior draws;
-    :func:`loo` corrects for the guide with the importance weights. The group holds
+    :func:`loo` corrects for the guide with the importance weights. Where the model
+    masks points out, their NaN make ``az.loo`` and ``az.waic`` NaN: a ``UserWarning``
+    says so, and :func:`loo` leaves them out. The group holds
     ``num_samples`` values per point: ``log_likelihood=False`` leaves it out.
 
     With ``posterior_predictive`` (the default), the ``posterior_predictive`` group holds
@@ -1144,6 +1146,14 @@ def to_arviz(
                 )[None]
                 for name, data in sites.items()
             }
+            masked = [name for name, data in sites.items() if not bool(data.points.all())]
+            if masked:
+                warn_from_caller(
+                    f"to_arviz: the model masks out points of {', '.join(map(repr, masked))} "
+                    "(poutine.mask, obs_mask or a scale of 0), which the log_likelihood group "
+                    "holds as NaN, so az.loo and az.waic on it give NaN; "
+                    "pyroflows.infer.loo(model, guide, ...) leaves them out"
+                )
         groups["observed_data"] = {name: points(name, _numpy(d.value)) for name, d in sites.items()}
         if posterior_predictive:
             replicates = _replicates(model, args, kwargs, draws, pointwise)

@@ -1,6 +1,7 @@
 import math
 import warnings
 
+import arviz as az
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -928,10 +929,18 @@ def test_masked_points_are_not_data():
     assert results[0]["loo_i"].dims == ("y_point",)
     np.testing.assert_allclose(results[0]["loo_i"].values, results[1]["loo_i"].values, rtol=1e-6)
     assert results[0]["se"] == pytest.approx(results[1]["se"], rel=1e-6)
-    idata = to_arviz(masked, guide, y, num_samples=20)
+    # NaN where masked, and a warning: az.loo and az.waic of NaN points give NaN
+    with pytest.warns(UserWarning, match=r"masks out points of 'y'.*az\.loo and az\.waic"):
+        idata = to_arviz(masked, guide, y, num_samples=20)
     np.testing.assert_array_equal(
         np.isnan(idata.log_likelihood["y"].values[0]), ~kept.expand(20, 6).numpy()
     )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ArviZ's own, on 20 draws
+        assert np.isnan(az.loo(idata).elpd_loo)  # what the warning says
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        to_arviz(conjugate_model, guide, y[kept], num_samples=20)  # nothing masked: quiet
 
 
 @pytest.mark.parametrize("broadcast", [True, False])

@@ -1019,7 +1019,9 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         scalar support (positive, interval) that is the quantile of the constrained
         value; for a simplex or a Cholesky factor it is a point of the support (the
         median of a Dirichlet site sums to 1), which ``init_to_value`` or
-        ``poutine.condition`` can take.
+        ``poutine.condition`` can take. The draws leave the global random state as it
+        was, so a call gives the same values each time (and, between SVI steps, leaves
+        the training's draws alone).
 
         Returns:
             A dict of tensors of shape ``(len(quantiles), *site_shape)``, in each site's
@@ -1029,7 +1031,12 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         q = torch.as_tensor(quantiles, dtype=self.anchor_loc.dtype, device=self.anchor_loc.device)
         if q.dim() != 1 or ((q < 0) | (q > 1)).any():
             raise ValueError(f"quantiles must be a list of numbers in [0, 1], got {quantiles!r}")
-        latent = self.get_posterior().sample((self.num_quantile_samples,))
+        device = self.anchor_loc.device
+        # the draws leave the caller's random state as it was (as Pyro's AutoNormal, whose
+        # quantiles draw nothing): the same values at every call, and a call between SVI
+        # steps does not change the training's draws
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            latent = self.get_posterior().sample((self.num_quantile_samples,))
         result: dict[str, list[torch.Tensor]] = {}
         for row in torch.quantile(latent, q, dim=0):  # one packed (D,) vector per quantile
             for site, unconstrained in self._unpack_latent(row):

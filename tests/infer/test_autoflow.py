@@ -581,6 +581,17 @@ def test_quantiles_match_the_lognormal():
     assert torch.allclose(q, true, rtol=0.05)
 
 
+def test_median_and_quantiles_leave_the_random_state_alone():
+    guide = AutoFlow(gaussian_model)
+    guide()  # set up (its warm start draws, as a first SVI step's would)
+    state = torch.get_rng_state()
+    first = guide.median()["x"]
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(guide.median()["x"], first, rtol=0, atol=0)  # the same draws
+    guide.quantiles([0.2, 0.8])
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_to_arviz_names_and_shapes():
     guide = AutoFlow(constrained_model)
     guide()

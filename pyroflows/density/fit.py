@@ -37,10 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pyroflows._checks import check_bool, check_number, check_positive_int
+from pyroflows._checks import check_bool, check_number, check_positive_int, warn_from_caller
 from pyroflows.density import distributed
 from pyroflows.density.rows import CHUNK, Rows, as_source, check_integers, chunk_noise
-from pyroflows.density.standardize import add_standardization, settle
+from pyroflows.density.standardize import add_standardization, constant_columns, settle
 from pyroflows.flows import Flow
 
 CHECKPOINT = "checkpoint.pt"
@@ -523,6 +523,15 @@ def fit(
     # the training noise is drawn where the batches are (no CPU tensor per batch on CUDA)
     noise = torch.Generator(like.device).manual_seed(seed % 2**31 + 2)
     mean, var, total = train.moments()  # one streaming pass; checks every value
+    constant = [] if dequantize else constant_columns(mean, var, like.dtype)
+    if constant and rank == 0:
+        shown = ", ".join(f"{j + 1} ({float(mean[j]):.6g})" for j in constant[:5])
+        warn_from_caller(
+            f"fit: data column(s) {shown}{' ...' if len(constant) > 5 else ''} hold one value "
+            "in every training row: a flow has no density there (it fits an ever narrower "
+            "spike as it trains, and its draws spread around the value); drop such columns "
+            "and put the value back after sampling"
+        )
     held_out = None
     if valid is not None:  # the validation rows too, before any epoch (and on every rank)
         held_out = [len(valid), valid.moments()[2], _signature(valid)]

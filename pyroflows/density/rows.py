@@ -291,7 +291,8 @@ def log_prob(
     (Theis et al. 2016), comparable with the validation NLL of the fit. Without, it is
     :math:`\log p(x)`. Every row gets the same ``draws`` noise vectors, so a row's score
     does not depend on where it stands among the rows (scored alone, in another order or
-    in a subset, it is the same number). A fractional value is refused under
+    in a subset, it is the same number, to the float rounding of batched matrix products:
+    about 1e-6 in float32). A fractional value is refused under
     ``dequantize`` (it has no integer cell). The rows are finite (checked as they are
     read), so a NaN can only come from an overflow inside the flow, for a point so far out
     that its density is 0: it is reported as ``-inf``.

@@ -112,5 +112,18 @@ def settle(
         var = var + 1.0 / 12.0
     sd = var.sqrt()
     # constant columns (sd at rounding level relative to the mean) keep sd 1
-    tiny = (torch.finfo(dtype).eps * mean.abs()).clamp_min(torch.finfo(dtype).tiny)
-    return mean.to(dtype), torch.where(sd > tiny, sd, torch.ones_like(sd)).to(dtype)
+    constant = _constant(mean, sd, dtype)
+    return mean.to(dtype), torch.where(constant, torch.ones_like(sd), sd).to(dtype)
+
+
+def constant_columns(mean: torch.Tensor, var: torch.Tensor, dtype: torch.dtype) -> list[int]:
+    """The columns whose spread is at ``dtype``'s rounding level of their mean (0-based)."""
+    mean, var = mean.to(torch.float64), var.to(torch.float64)
+    return _constant(mean, var.sqrt(), dtype).nonzero().flatten().tolist()
+
+
+def _constant(mean: torch.Tensor, sd: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # the float64 sums of a constant column leave an sd of ~1e-15 of the mean, not 0
+    relative = max(torch.finfo(dtype).eps, 1024 * torch.finfo(torch.float64).eps)
+    tiny = (relative * mean.abs()).clamp_min(torch.finfo(dtype).tiny)
+    return ~(sd > tiny)

@@ -274,6 +274,7 @@ def _fit(args: argparse.Namespace) -> None:
             checkpoint_dir=checkpoints,
             checkpoint_every=args.checkpoint_every,
             resume=args.resume,
+            name=str(args.data),
         )
     except ResumeMismatch as error:
         raise _Failure(_mismatch(error)) from None

@@ -224,6 +224,7 @@ class FlowDensity(BaseEstimator):
             progress=self.progress,
             checkpoint_dir=self.checkpoint_dir,
             resume=self.resume,
+            name="X",
         )
         self.flow_ = flow
         self._options = options

@@ -368,6 +368,7 @@ def fit(
     checkpoint_every: int = 10,
     resume: bool = False,
     callback: Callable[[int, History], bool | None] | None = None,
+    name: str = "data",
 ) -> History:
     r"""Fit ``flow`` to the rows of ``data`` by maximum likelihood; return the history.
 
@@ -421,6 +422,8 @@ def fit(
             :class:`ResumeMismatch`). A finished fit's checkpoint gives its result back as
             it is.
         callback: ``callback(epoch, history)`` after each epoch; returning ``True`` stops.
+        name: what messages about ``data``'s values call it (the estimator's ``"X"``, a
+            file's name); rows and columns in them count from 1.
 
     Returns:
         The :class:`History` (also complete when resumed).
@@ -496,7 +499,9 @@ def fit(
 
     like = flow.base_loc
     rank, world = distributed.setup(like.device)
-    source = as_source(data, "data", like, flow.dim, fitting=True)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
+    source = as_source(data, name, like, flow.dim, fitting=True)
     path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     state = None
     if resume and path.exists():

@@ -335,6 +335,13 @@ def test_a_dequantized_model_samples_integers(workdir):
     values = np.loadtxt(drawn.stdout.splitlines(), delimiter=",")
     assert values.shape == (200, 2)
     assert np.array_equal(values, np.floor(values))
+    counts = counts.astype(float)
+    counts[4, 1] = 2.5
+    np.savetxt(workdir / "fractions.csv", counts, delimiter=",")
+    one_line_error(  # the file named, where the message said "data"
+        run("fit", "fractions.csv", "--out", "f.pt", *FAST, "--dequantize", cwd=workdir),
+        "fractions.csv row 5, column 2 (index [4, 1]) is 2.5, not a whole number",
+    )
 
 
 def test_a_float64_models_csv_output_round_trips_float64(workdir):

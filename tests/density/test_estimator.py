@@ -114,6 +114,13 @@ def test_save_and_load(tmp_path):
     assert again.options == {"bound": 4.0}
 
 
+def test_messages_about_the_values_call_them_x():
+    rng = np.random.default_rng(0)
+    X = np.c_[rng.normal(size=300), rng.normal(1e8, 10.0, size=300)]  # float32 steps of 8
+    with pytest.raises(ValueError, match=r"^X column 2 \(index 1\) has mean 1e\+08"):
+        FlowDensity(flow="maf", transforms=1, epochs=1).fit(X)
+
+
 def test_set_params_after_a_fit_changes_nothing_until_the_next_fit(tmp_path):
     # scoring, sampling and saving read the fitted model, not parameters set since:
     # dequantize=True made the scores a dequantized bound and the draws integers, and a

@@ -332,6 +332,8 @@ def test_progress_bar_goes_to_stderr(capsys):
         ({"seed": 1.5}, TypeError, "seed must be an int"),
         ({"seed": "3"}, TypeError, "seed must be an int"),
         ({"seed": 2**64}, ValueError, "seed must be in"),
+        ({"name": ""}, TypeError, "name must be a non-empty str"),
+        ({"name": 3}, TypeError, "name must be a non-empty str, got 3"),
     ],
 )
 def test_bad_arguments(kwargs, error, message):

@@ -81,7 +81,8 @@ def test_autoflow_on_the_device(device):
 
     masked_guide = AutoFlow(masked, warm_start=None)
     masked_guide(data)
-    idata = masked_guide.to_arviz(data, num_samples=200)
+    with pytest.warns(UserWarning, match="masks out points of 'y'"):
+        idata = masked_guide.to_arviz(data, num_samples=200)
     assert idata.posterior_predictive["y"].shape == (1, 200, 20)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # an untrained guide's k-hats

@@ -21,6 +21,7 @@ import argparse
 import csv
 import inspect
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -178,16 +179,14 @@ def _header_flag(parser: argparse.ArgumentParser) -> None:
 
 def _read(args: argparse.Namespace, dtype: Any) -> tuple[np.ndarray, list[str] | None]:
     """DATA as ``--header`` says; a note on stderr when auto took 0,1,... as a header."""
-    from pyroflows.density.data import pandas_header, read_table
+    from pyroflows.density.data import read_table
 
     header = {"auto": None, "yes": True, "no": False}[args.header]
-    values, columns = read_table(args.data, dtype, _FLOAT64, header)
-    if header is None and columns is not None and pandas_header(columns):
-        print(
-            f"pyroflows: note: {args.data}: took the first row ({','.join(columns)}) as a "
-            "header, as pandas writes for unnamed columns; pass --header no if it is data",
-            file=sys.stderr,
-        )
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        values, columns = read_table(args.data, dtype, _FLOAT64, header)
+    for warning in said:  # the pandas header taken: one note line
+        print(f"pyroflows: note: {warning.message}", file=sys.stderr)
     return values, columns
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -150,8 +151,9 @@ def read_table(
     """Read a numeric table from a CSV file (with or without a header) or a ``.npy`` file.
 
     By default a CSV's first row is its header when no cell of it parses as a number, or
-    when it is exactly ``0,1,...,D-1``: the header pandas writes for unnamed columns
-    (``DataFrame(x).to_csv(index=False)``); :func:`pandas_header` tells that case. Rows
+    when it is exactly ``0,1,...,D-1`` with ``D >= 2``: the header pandas writes for
+    unnamed columns (``DataFrame(x).to_csv(index=False)``), taken with a ``UserWarning``
+    that says so. Rows
     and columns in messages count from 1 as lines in an editor do (the header, if any,
     is row 1, and blank lines count).
 
@@ -188,8 +190,11 @@ def read_table(
 
 
 def pandas_header(cells: list[str]) -> bool:
-    """Whether a first row is ``0,1,...,D-1``, the header pandas gives unnamed columns."""
-    return [cell.strip() for cell in cells] == [str(j) for j in range(len(cells))]
+    """Whether a first row is ``0,1,...,D-1`` (``D >= 2``): pandas' unnamed columns.
+
+    One column's ``0`` is as likely a count, so a single column never matches.
+    """
+    return len(cells) >= 2 and [c.strip() for c in cells] == [str(j) for j in range(len(cells))]
 
 
 def _read_npy(path: Path) -> np.ndarray:
@@ -237,7 +242,16 @@ def _read_csv(
     header = None
     first = rows[0]
     if header_given is None:
-        header_given = all(_number(cell) is None for cell in first) or pandas_header(first)
+        header_given = all(_number(cell) is None for cell in first)
+        if not header_given and pandas_header(first):
+            header_given = True
+            warnings.warn(
+                f"{path}: took the first row ({','.join(c.strip() for c in first)}) as a "
+                "header, as pandas writes for unnamed columns; pass header=False (--header "
+                "no) if it is data",
+                UserWarning,
+                stacklevel=3,
+            )
     if header_given:
         header = [cell.strip() for cell in first]
         rows, lines = rows[1:], lines[1:]

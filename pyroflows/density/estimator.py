@@ -243,12 +243,13 @@ class FlowDensity(BaseEstimator):
             "validation": validation,
             "patience": _plain(self.patience),
             "clip_grad": _plain(self.clip_grad),
-            "schedule": self.schedule,
+            # a callable cannot be kept: "callable" says so (a refit of a loaded
+            # estimator then asks for it, where "plateau" would have trained another)
+            "schedule": self.schedule if not callable(self.schedule) else "callable",
             "seed": None if resuming else seed,
             "random_state": _plain(self.random_state) if _is_int(self.random_state) else None,
         }
-        # a file holds plain values: a callable schedule is left out
-        plain = (bool, int, float, str)
+        plain = (bool, int, float, str)  # what a file holds
         self._training = {k: v for k, v in training.items() if v is None or isinstance(v, plain)}
         return self
 
@@ -335,8 +336,8 @@ class FlowDensity(BaseEstimator):
         ``get_params()`` and a refit describe that fit, not the defaults. ``random_state``
         is the one the fit had if it was an int, else ``None`` (a NumPy generator's state
         is not kept; nor is it for files written by ``pyroflows fit``, which seeds by
-        ``--seed``). A setting a file cannot hold (a callable ``schedule``) keeps its
-        default.
+        ``--seed``). A callable ``schedule`` is recorded as ``"callable"``: a refit needs
+        it set again (``set_params(schedule=...)``), and says so.
         """
         flow, info = model_file.load(path)
         options = dict(info["options"])

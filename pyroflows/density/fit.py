@@ -312,7 +312,7 @@ def _signature(rows: Rows) -> list[float]:
     """
     sums, start = None, 0
     for chunk in rows.chunks():
-        x = chunk.double()
+        x = chunk.to("cpu", torch.float64)  # summed on the CPU: the same on any device
         weight = torch.arange(start + 1, start + 1 + x.shape[0], dtype=x.dtype, device=x.device)
         part = torch.stack([x.sum(0), (x * x).sum(0), weight @ x])
         sums = part if sums is None else sums + part
@@ -532,14 +532,16 @@ def fit(
     if constant and rank == 0:
         shown = ", ".join(f"{j + 1} ({float(mean[j]):.6g})" for j in constant[:5])
         warn_from_caller(
-            f"fit: data column(s) {shown}{' ...' if len(constant) > 5 else ''} hold one value "
+            f"fit: {name} column(s) {shown}{' ...' if len(constant) > 5 else ''} hold one value "
             "in every training row: a flow has no density there (it fits an ever narrower "
             "spike as it trains, and its draws spread around the value); drop such columns "
             "and put the value back after sampling"
         )
     held_out = None
     if valid is not None:  # the validation rows too, before any epoch (and on every rank)
-        held_out = [len(valid), valid.moments()[2], _signature(valid)]
+        held_out = [len(valid), valid.moments()[2]]
+        if path is not None:  # a resume's check of the rows: only with checkpoints
+            held_out.append(_signature(valid))
     if path is not None and rank == 0:
         reason = unwritable(path.parent)
         if reason is not None:  # found now, not after the epochs up to the first checkpoint
@@ -553,7 +555,9 @@ def fit(
     history = History()
     best_state: dict[str, torch.Tensor] | None = None
     bad_epochs, start_epoch, start_batch, order, partial = 0, 0, 0, None, [0.0, 0]
-    fingerprint = [len(train), int(flow.dim), int(batch_size), total, _signature(train)]
+    fingerprint = [len(train), int(flow.dim), int(batch_size), total]
+    if path is not None:
+        fingerprint.append(_signature(train))
     # what else decides the fit: resuming under other values would not continue it
     options = {
         "epochs": int(epochs),

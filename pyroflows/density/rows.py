@@ -268,9 +268,10 @@ def refuse_too_large(largest: float, dtype: torch.dtype, name: str) -> None:
     (its draws, floored, were all even in one probe). Values are refused from
     :math:`2^{20}` up in float32, where the dtype's step reaches :data:`DEQUANTIZE_STEP`.
     """
-    if dtype == torch.float64:
+    if dtype == torch.float64 or largest < 1:
         return
-    step = float(np.spacing(np.array(largest + 1.0, dtype=str(dtype).removeprefix("torch."))))
+    # the dtype's step between neighbours in [2^e, 2^(e+1)), which holds `largest`
+    step = 2.0 ** math.floor(math.log2(largest)) * torch.finfo(dtype).eps
     if step > DEQUANTIZE_STEP:
         raise DataError(
             f"{name} holds values up to {largest:.9g}, too large to dequantize in {dtype}: the "

@@ -124,6 +124,6 @@ def constant_columns(mean: torch.Tensor, var: torch.Tensor, dtype: torch.dtype) 
 
 def _constant(mean: torch.Tensor, sd: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # the float64 sums of a constant column leave an sd of ~1e-15 of the mean, not 0
-    relative = max(torch.finfo(dtype).eps, 1024 * torch.finfo(torch.float64).eps)
+    relative = max(torch.finfo(dtype).eps, 16 * torch.finfo(torch.float64).eps)
     tiny = (relative * mean.abs()).clamp_min(torch.finfo(dtype).tiny)
     return ~(sd > tiny)

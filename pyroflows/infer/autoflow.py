@@ -82,6 +82,25 @@ from pyroflows.transforms.base import FlowTransform
 from pyroflows.transforms.linear import ActNorm
 
 
+def _support_text(support: Any) -> str:
+    """A support as text that names its kind and its bounds' values, not how they print.
+
+    ``str`` of a support with tensor bounds is the tensors' printout, which changes with
+    ``torch.set_printoptions``, the device and the dtype: bounds are written as their
+    values to 6 significant digits instead.
+    """
+    fields = []
+    for key, value in sorted(vars(support).items()):
+        if isinstance(value, torch.distributions.constraints.Constraint):
+            fields.append(f"{key}={_support_text(value)}")
+        elif isinstance(value, torch.Tensor):
+            values = value.detach().cpu().double().flatten().tolist()
+            fields.append(f"{key}=[{' '.join(f'{v:.6g}' for v in values)}]")
+        elif isinstance(value, (bool, int, float)):
+            fields.append(f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}")
+    return f"{type(support).__name__}({', '.join(fields)})"
+
+
 def _hidden(dim: int) -> tuple[int, int]:
     r"""Two hidden layers of ``max(16, 4 D)`` units (``D``: the latent dimension).
 
@@ -308,10 +327,13 @@ class AnchoredLinear(FlowTransform):
             self.register_buffer("latent_sites", latent_sites.to(loc.device))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # a state saved before the fingerprint existed: this layer's own is kept
+        # a state saved before the fingerprint existed: this layer's own is kept; and
+        # a layer unpickled from before it existed takes the state's
         key = prefix + "latent_sites"
         if key not in state_dict and "latent_sites" in self._buffers:
             state_dict[key] = self._buffers["latent_sites"]
+        elif key in state_dict and "latent_sites" not in self._buffers:
+            self.register_buffer("latent_sites", state_dict[key].detach().clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -631,7 +653,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         """The latent sites (name, unconstrained shape, support), as text and fingerprint."""
         nodes = self.prototype_trace.nodes
         text = ", ".join(
-            f"{name} {tuple(shape)} {nodes[name]['fn'].support}"
+            f"{name} {tuple(shape)} {_support_text(nodes[name]['fn'].support)}"
             for name, shape in self._unconstrained_shapes.items()
         )
         digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
@@ -838,17 +860,31 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
     def _log_joint_is_random(self, latent: torch.Tensor, args, kwargs) -> bool:
         """Whether the model draws anything with every latent of this guide set to ``latent``.
 
-        Two runs that give two log densities say so; so does a run that takes random
-        numbers (a site hidden with ``poutine.block(model, expose=[...])`` is drawn, and
-        hidden with its observed child, which leaves the log density the prior's alone).
+        Two runs that give two log densities say so. So does a run that takes random
+        numbers when the model shows no observed site: ``poutine.block(model,
+        expose=[...])`` hides the data with the sites it draws, which leaves the log
+        density the prior's alone. (A model with data that takes random numbers without
+        a site, as ``pyro.param("b", torch.randn(()))`` does, is not taken for one.)
         """
+        device = latent.device
+        cuda = [device] if device.type == "cuda" else []
+
+        def states() -> list[torch.Tensor]:
+            return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in cuda]
+
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                before = torch.get_rng_state()
+            with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+                before = states()
                 # without the InitMessenger, whose init_loc_fn may draw at every site
                 plain = self.__dict__.get("_plain_model")
                 first = self._log_joint(latent, args, kwargs, plain)
-                if plain is not None and not torch.equal(torch.get_rng_state(), before):
+                drew = plain is not None and any(
+                    not torch.equal(now, then) for now, then in zip(states(), before, strict=True)
+                )
+                if drew and not any(
+                    site["type"] == "sample" and site["is_observed"]
+                    for site in self._model_trace(args, kwargs).nodes.values()
+                ):
                     return True
                 second = self._log_joint(latent, args, kwargs, plain)
         except (RuntimeError, ValueError):

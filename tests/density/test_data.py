@@ -44,7 +44,8 @@ def test_read_csv_with_and_without_header(tmp_path):
 
 def test_read_csv_header_argument_and_pandas_unnamed_header(tmp_path):
     (tmp_path / "p.csv").write_text("0,1,2\n1,2,3\n")  # DataFrame(x).to_csv(index=False)
-    values, columns = read_table(tmp_path / "p.csv")
+    with pytest.warns(UserWarning, match=r"took the first row \(0,1,2\) as a header"):
+        values, columns = read_table(tmp_path / "p.csv")
     assert columns == ["0", "1", "2"]
     assert values.tolist() == [[1, 2, 3]]
     values, columns = read_table(tmp_path / "p.csv", header=False)
@@ -54,6 +55,9 @@ def test_read_csv_header_argument_and_pandas_unnamed_header(tmp_path):
     assert read_table(tmp_path / "y.csv", header=True)[1] == ["2019", "2020"]
     (tmp_path / "o.csv").write_text("0,2\n1,2\n")  # not 0..D-1: data
     assert read_table(tmp_path / "o.csv")[1] is None
+    (tmp_path / "c.csv").write_text("0\n3\n1\n")  # one column's 0 is as likely a count
+    values, columns = read_table(tmp_path / "c.csv")
+    assert (columns, values.ravel().tolist()) == (None, [0, 3, 1])
     with pytest.raises(TypeError, match="header must be True, False or None, got 'yes'"):
         read_table(tmp_path / "y.csv", header="yes")
 

@@ -119,6 +119,9 @@ def test_messages_about_the_values_call_them_x():
     X = np.c_[rng.normal(size=300), rng.normal(1e8, 10.0, size=300)]  # float32 steps of 8
     with pytest.raises(ValueError, match=r"^X column 2 \(index 1\) has mean 1e\+08"):
         FlowDensity(flow="maf", transforms=1, epochs=1).fit(X)
+    X[:, 1] = 7.0
+    with pytest.warns(UserWarning, match=r"fit: X column\(s\) 2 \(7\) hold one value"):
+        FlowDensity(flow="maf", transforms=1, epochs=1).fit(X)
 
 
 def test_set_params_after_a_fit_changes_nothing_until_the_next_fit(tmp_path):
@@ -153,6 +156,16 @@ def test_a_loaded_estimator_has_the_settings_of_the_fit_and_refits_the_same(tmp_
     assert {k: again.get_params()[k] for k in settings} == settings
     refit = clone(again).fit(X)
     np.testing.assert_allclose(refit.score_samples(X), est.score_samples(X), atol=1e-5)
+
+    # a callable schedule cannot be kept: "callable" says so, and a refit asks for it
+    def halving(optimizer):
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+
+    FlowDensity(flow="maf", transforms=1, epochs=1, schedule=halving).fit(X).save(tmp_path / "c.pt")
+    loaded = FlowDensity.load(tmp_path / "c.pt")
+    assert loaded.schedule == "callable"
+    with pytest.raises(ValueError, match="schedule must be None, 'cosine', 'plateau' or a call"):
+        loaded.fit(X)
     # a NumPy generator cannot be kept: the loaded estimator says None, not a made-up int
     rng = np.random.default_rng(0)
     FlowDensity(flow="maf", transforms=1, epochs=1, random_state=rng).fit(X).save(tmp_path / "g.pt")

@@ -702,3 +702,16 @@ def test_dequantize_refuses_integers_too_large_for_float32_to_take_the_noise():
     below[:, 0] -= 2.0e7 - 2.0**20 + 10  # just under 2**20: steps of 1/16 at most
     fit(small_flow(), below, epochs=1, dequantize=True, progress=False)
     fit(small_flow().double(), x.double(), epochs=1, dequantize=True, progress=False)
+
+
+def test_the_dequantization_bound_is_2_to_the_20_in_float32_and_any_dtype_is_taken():
+    from pyroflows.density import DataError
+    from pyroflows.density.rows import refuse_too_large
+
+    refuse_too_large(2.0**20 - 1, torch.float32, "X")  # steps of 1/16 below 2^20
+    with pytest.raises(DataError, match="up to 1048576, too large to dequantize"):
+        refuse_too_large(2.0**20, torch.float32, "X")
+    refuse_too_large(15.0, torch.bfloat16, "X")  # NumPy has no bfloat16: a TypeError was
+    with pytest.raises(DataError, match=r"in torch\.bfloat16: .* steps of 0\.125"):
+        refuse_too_large(16.0, torch.bfloat16, "X")
+    refuse_too_large(1e300, torch.float64, "X")

@@ -134,6 +134,20 @@ def test_a_memory_mapped_column_float32_cannot_resolve_is_refused(tmp_path):
     fit(flow64, np.load(tmp_path / "rounded.npy", mmap_mode="r"), epochs=1, progress=False)
 
 
+def test_a_float64_column_with_a_tiny_relative_spread_is_not_taken_for_constant():
+    import numpy as np
+
+    from pyroflows.density import fit
+
+    rng = np.random.default_rng(0)
+    stamps = 1.7e18 + rng.uniform(0, 1e6, 300)  # nanosecond timestamps: 300 distinct values
+    flow = pyroflows.maf(2, transforms=1, hidden=(8,)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(flow, np.c_[rng.normal(size=300), stamps], epochs=1, progress=False)
+    assert standardization_of(flow).scale[1].item() == pytest.approx(stamps.std(), rel=0.1)
+
+
 def test_in_memory_and_memory_mapped_data_get_the_same_rounding_decision(tmp_path):
     import numpy as np
 

@@ -930,3 +930,16 @@ def test_warm_start_is_skipped_for_a_model_with_latents_it_does_not_cover():
     with pytest.warns(UserWarning, match="draws random values with every latent site"):
         exposed(y)
     assert exposed.anchor == "init"
+
+    def with_a_random_init(y):  # takes random numbers at every run, but draws no site
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        shift = pyro.param("shift", torch.randn(()))
+        with pyro.plate("units", len(y)):
+            pyro.sample("y", dist.Normal(mu + shift, 0.3), obs=y)
+
+    pyro.clear_param_store()
+    plain = AutoFlow(with_a_random_init)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain(y)
+    assert plain.anchor == "laplace"

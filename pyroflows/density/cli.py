@@ -185,8 +185,15 @@ def _read(args: argparse.Namespace, dtype: Any) -> tuple[np.ndarray, list[str] |
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         values, columns = read_table(args.data, dtype, _FLOAT64, header)
-    for warning in said:  # the pandas header taken: one note line
-        print(f"pyroflows: note: {warning.message}", file=sys.stderr)
+    for warning in said:
+        text = str(warning.message)
+        if "as a header" in text:  # the pandas header taken: one note, in the flag's terms
+            text = text.replace("header=False (--header no)", "--header no")
+            print(f"pyroflows: note: {text}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
     return values, columns
 
 

@@ -199,6 +199,12 @@ class FlowDensity(BaseEstimator):
             dtype = model_file.DTYPES.get(self._builder_options()["dtype"])
             if dtype is not None and X.size:
                 refuse_too_large(float(np.abs(X).max()), dtype, "X")
+        if isinstance(self.schedule, str) and self.schedule == "callable":
+            raise ValueError(
+                "schedule is 'callable': this estimator was loaded from a file fitted with a "
+                "callable schedule, which a file cannot hold; set it again with "
+                "set_params(schedule=...) to refit"
+            )
         seed = _seed(self.random_state, "random_state")
         # a fit resumed from its checkpoint takes the checkpoint's seed (its split and
         # batches): a seed drawn from random_state=None would differ on every call

@@ -265,11 +265,13 @@ def refuse_too_large(largest: float, dtype: torch.dtype, name: str) -> None:
 
     In float32 a value of :math:`2^{24}` has no neighbour within 1, so ``x + u`` rounds
     back to ``x``, and the fit learns a density of the noise's rounding, not the data's
-    (its draws, floored, were all even in one probe). Values are refused from
-    :math:`2^{20}` up in float32, where the dtype's step reaches :data:`DEQUANTIZE_STEP`.
+    (its draws, floored, were all even in one probe). Values are refused where the
+    dtype's step exceeds :data:`DEQUANTIZE_STEP`: from :math:`2^{20}` up in float32 (step
+    1/8 there), :math:`2^7` in float16 and :math:`2^4` in bfloat16.
     """
-    if dtype == torch.float64 or largest < 1:
-        return
+    largest = abs(largest)
+    if dtype == torch.float64 or not math.isfinite(largest) or largest < 1:
+        return  # a non-finite value is refused where the values are checked
     # the dtype's step between neighbours in [2^e, 2^(e+1)), which holds `largest`
     step = 2.0 ** math.floor(math.log2(largest)) * torch.finfo(dtype).eps
     if step > DEQUANTIZE_STEP:

@@ -52,9 +52,11 @@ import copy
 import hashlib
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import pyro.distributions as dist
 import torch
 from pyro import poutine
@@ -86,19 +88,38 @@ def _support_text(support: Any) -> str:
     """A support as text that names its kind and its bounds' values, not how they print.
 
     ``str`` of a support with tensor bounds is the tensors' printout, which changes with
-    ``torch.set_printoptions``, the device and the dtype: bounds are written as their
-    values to 6 significant digits instead.
+    ``torch.set_printoptions``, the device and the dtype. Here every attribute is written:
+    numbers (Python, NumPy or tensors) through float32, to the 9 digits that tell every
+    float32 apart, so a bound given in float32 or float64, as an int or a float, reads the
+    same; constraints and lists of them recursively; anything else by ``repr``.
     """
-    fields = []
-    for key, value in sorted(vars(support).items()):
-        if isinstance(value, torch.distributions.constraints.Constraint):
-            fields.append(f"{key}={_support_text(value)}")
-        elif isinstance(value, torch.Tensor):
-            values = value.detach().cpu().double().flatten().tolist()
-            fields.append(f"{key}=[{' '.join(f'{v:.6g}' for v in values)}]")
-        elif isinstance(value, (bool, int, float)):
-            fields.append(f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}")
-    return f"{type(support).__name__}({', '.join(fields)})"
+    return f"{type(support).__name__}({', '.join(_fields(support))})"
+
+
+def _fields(support: Any) -> list[str]:
+    try:
+        items = sorted(vars(support).items())
+    except TypeError:  # __slots__
+        names = getattr(type(support), "__slots__", ())
+        items = sorted((n, getattr(support, n)) for n in names if hasattr(support, n))
+    return [f"{key}={_value_text(value)}" for key, value in items]
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, torch.distributions.constraints.Constraint):
+        return _support_text(value)
+    if isinstance(value, (list, tuple)):
+        return f"[{' '.join(_value_text(v) for v in value)}]"
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (numbers.Number, np.ndarray, np.generic, torch.Tensor)):
+        values = torch.as_tensor(
+            np.asarray(value) if not isinstance(value, torch.Tensor) else value
+        )
+        flat = values.detach().cpu().to(torch.float32).double().flatten().tolist()
+        text = " ".join(f"{v:.9g}" for v in flat)
+        return text if values.dim() == 0 else f"[{text}]"
+    return repr(value)
 
 
 def _hidden(dim: int) -> tuple[int, int]:
@@ -650,14 +671,21 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         return modules, bool(adopted)
 
     def _latent_sites(self) -> tuple[str, torch.Tensor]:
-        """The latent sites (name, unconstrained shape, support), as text and fingerprint."""
+        """The latent sites' names and shapes as text, and their fingerprint.
+
+        The fingerprint hashes every site's name, unconstrained shape and support.
+        """
         nodes = self.prototype_trace.nodes
+        shapes = self._unconstrained_shapes
         text = ", ".join(
             f"{name} {tuple(shape)} {_support_text(nodes[name]['fn'].support)}"
-            for name, shape in self._unconstrained_shapes.items()
+            for name, shape in shapes.items()
         )
         digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
-        return text, torch.tensor([int.from_bytes(digest, "little", signed=True)])
+        # the message's form: names and shapes (the full text can run to megabytes)
+        shown = [f"{name} {tuple(shape)}" for name, shape in list(shapes.items())[:8]]
+        short = ", ".join(shown) + (f", ... ({len(shapes)} sites)" if len(shapes) > 8 else "")
+        return short, torch.tensor([int.from_bytes(digest, "little", signed=True)])
 
     def _latent_problem(self) -> str | None:
         trace = self.prototype_trace

@@ -476,6 +476,7 @@ def test_a_numeric_header_is_read_as_the_header_flag_says(workdir):
     fitted = run("fit", "pandas.csv", "--out", "pandas.pt", *FAST, cwd=workdir)
     assert "fitted maf to 50 rows" in fitted.stdout
     assert "took the first row (0,1) as a header" in fitted.stderr
+    assert "pass --header no if it is data" in fitted.stderr  # the flag, not header=False
     assert "columns   0, 1" in run("info", "pandas.pt", cwd=workdir).stdout
     score = run("score", "pandas.pt", "pandas.csv", cwd=workdir)
     assert score.stdout.splitlines()[0] == "log_prob"

@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -309,7 +310,7 @@ def test_a_store_of_another_model_with_the_same_shapes_is_refused_by_its_sites(t
     # it was taken (anchor "param store"): the other model's fitted flow, as this one's
     train(AutoFlow(same_shapes_model), 2, the_model=same_shapes_model)
     restart(tmp_path)
-    sites = r"saved for another model .*: a \(3,\) _IndependentConstraint\(base_constraint=_Real"
+    sites = r"saved for another model \(its latent sites differ from this model's: a \(3,\)\)"
     with pytest.raises(ValueError, match=sites):
         AutoFlow(model)()
     restored = AutoFlow(same_shapes_model)  # its own model takes it
@@ -344,6 +345,28 @@ def test_the_latent_sites_fingerprint_reads_bounds_by_value_not_by_their_printou
     second = AutoFlow(bounded64)  # the same bounds in another dtype
     second()
     assert torch.equal(first.linear.latent_sites, second.linear.latent_sites)
+
+
+def test_the_latent_sites_fingerprint_tells_supports_apart():
+    from torch.distributions import constraints
+
+    from pyroflows.infer.autoflow import _support_text
+
+    pairs = [  # each pair differs only where str() or a 6-digit rounding did not see it
+        (constraints.cat([constraints.real, constraints.positive]),
+         constraints.cat([constraints.positive, constraints.real])),
+        (constraints.greater_than(np.float32(2)), constraints.greater_than(np.float32(-7))),
+        (dist.Uniform(0.0, 1000001.0).support, dist.Uniform(0.0, 1000000.0).support),
+    ]  # fmt: skip
+    for a, b in pairs:
+        assert _support_text(a) != _support_text(b)
+    same = [  # and equal bounds read the same in any form
+        (constraints.greater_than(1000001), constraints.greater_than(1000001.0)),
+        (constraints.greater_than(torch.tensor(0.1000035)),
+         constraints.greater_than(torch.tensor(0.1000035, dtype=torch.float64))),
+    ]  # fmt: skip
+    for a, b in same:
+        assert _support_text(a) == _support_text(b)
 
 
 def test_a_store_and_a_state_saved_before_the_latent_sites_were_kept_still_restore(tmp_path):

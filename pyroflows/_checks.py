@@ -16,6 +16,9 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+#: The half-precision floating dtypes, which some layers compute in float32 or refuse.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
 
 def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
     """Return ``value`` as an ``int`` if it is an integer >= ``minimum``, else raise.

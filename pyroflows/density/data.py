@@ -189,7 +189,7 @@ def read_table(
     return _read_csv(path, dtype, remedy, header)
 
 
-def pandas_header(cells: list[str]) -> bool:
+def _pandas_header(cells: list[str]) -> bool:
     """Whether a first row is ``0,1,...,D-1`` (``D >= 2``): pandas' unnamed columns.
 
     One column's ``0`` is as likely a count, so a single column never matches.
@@ -243,7 +243,7 @@ def _read_csv(
     first = rows[0]
     if header_given is None:
         header_given = all(_number(cell) is None for cell in first)
-        if not header_given and pandas_header(first):
+        if not header_given and _pandas_header(first):
             header_given = True
             warnings.warn(
                 f"{path}: took the first row ({','.join(c.strip() for c in first)}) as a "

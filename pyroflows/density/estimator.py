@@ -41,14 +41,7 @@ from pyroflows.density import model_file
 from pyroflows.density.data import as_rows
 from pyroflows.density.fit import CHECKPOINT
 from pyroflows.density.fit import fit as fit_flow
-from pyroflows.density.rows import (
-    FIT_ADVICE,
-    TensorRows,
-    log_prob,
-    refuse_fractions,
-    refuse_too_large,
-    sample,
-)
+from pyroflows.density.rows import TensorRows, log_prob, refuse_too_large, sample
 
 
 class FlowDensity(BaseEstimator):
@@ -140,7 +133,7 @@ class FlowDensity(BaseEstimator):
 
     def _builder_options(self) -> dict[str, Any]:
         hidden = self.hidden
-        if isinstance(hidden, numbers.Integral) and not isinstance(hidden, bool):
+        if _is_int(hidden):
             hidden = [hidden]
         options: dict[str, Any] = {
             "transforms": _plain(self.transforms),
@@ -194,10 +187,10 @@ class FlowDensity(BaseEstimator):
             raise ValueError(
                 f"validation_fraction must be a number in [0, 1) (or None), got {validation!r}"
             )
-        if check_bool(self.dequantize, "dequantize"):  # named X, as the caller knows it
-            refuse_fractions(X, "X", 0, FIT_ADVICE)  # X may be read-only (pandas)
+        if check_bool(self.dequantize, "dequantize") and X.size:
+            # before fit's check that float32 holds the values, whose message is not this
             dtype = model_file.DTYPES.get(self._builder_options()["dtype"])
-            if dtype is not None and X.size:
+            if dtype is not None:
                 refuse_too_large(float(np.abs(X).max()), dtype, "X")
         if isinstance(self.schedule, str) and self.schedule == "callable":
             raise ValueError(

@@ -217,20 +217,15 @@ SCORE_ADVICE = (
 )
 
 
-def refuse_fractions(x: torch.Tensor | np.ndarray, name: str, start: int, advice: str) -> None:
+def refuse_fractions(x: torch.Tensor, name: str, start: int, advice: str) -> None:
     """Raise a :class:`DataError` at the first cell of ``x`` that is not a whole number.
 
-    ``x`` (a tensor or a NumPy array, read-only ones too) holds rows ``start, start + 1,
-    ...`` of ``name``. Dequantization models integer cells :math:`[x, x + 1)`: a
-    fractional value has no cell.
+    ``x`` holds rows ``start, start + 1, ...`` of ``name``. Dequantization models integer
+    cells :math:`[x, x + 1)`: a fractional value has no cell.
     """
-    bad = x != (np.floor(x) if isinstance(x, np.ndarray) else x.floor())
+    bad = x != x.floor()
     if bad.any():
-        i, j = (
-            (int(v) for v in bad.nonzero()[0])
-            if isinstance(x, torch.Tensor)
-            else (int(v[0]) for v in bad.nonzero())
-        )
+        i, j = (int(v) for v in bad.nonzero()[0])
         row = start + i
         raise DataError(
             f"{name} row {row + 1}, column {j + 1} (index [{row}, {j}]) is {x[i, j].item()!r}, "

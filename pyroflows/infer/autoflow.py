@@ -652,9 +652,9 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         # median() and diagnose() may not make)
         prefix = self.__dict__["_pyro_name"]
         modules = {_make_name(prefix, name): self._modules[name] for name in ("flow", "linear")}
-        ours = modules[_make_name(prefix, "linear")]._buffers.get("latent_sites")  # None: old
+        linear = _make_name(prefix, "linear")
+        ours = modules[linear]._buffers.get("latent_sites")  # None: a guide of before
         if ours is not None:
-            linear = _make_name(prefix, "linear")
             check_identity(
                 param_with_module_name(linear, "latent_sites"),
                 ours,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyroflows._checks import check_bool, check_permutation
+from pyroflows._checks import HALF_DTYPES, check_bool, check_permutation
 from pyroflows._torch_modes import is_vmap_batch
 from pyroflows.transforms.base import FlowTransform
 
@@ -110,14 +110,11 @@ class LULinear(FlowTransform):
     def _backward(self, x, context):
         lower, upper = self._factors()
         rhs = (x - self.bias).reshape(-1, self.dim).T
-        if rhs.dtype in _HALF:  # torch has no triangular solve in half precision
+        if rhs.dtype in HALF_DTYPES:  # torch has no triangular solve in half precision
             lower, upper, rhs = lower.float(), upper.float(), rhs.float()
         y = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)
         u = torch.linalg.solve_triangular(upper, y, upper=True).T.reshape(x.shape)
         return u.to(x.dtype), self.log_diag.sum().expand(x.shape[:-1])
-
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 class ActNorm(FlowTransform):

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyroflows._checks import check_number, check_positive_int
+from pyroflows._checks import HALF_DTYPES, check_number, check_positive_int
 from pyroflows._torch_modes import forward_ad_active, functorch_active
 from pyroflows.transforms.autoregressive import _Autoregressive
 from pyroflows.transforms.base import ConditionalFlowTransform, FlowTransform
@@ -170,7 +170,7 @@ def rational_quadratic_spline(
 
 def _spline(value, widths, heights, derivatives, bound: float, inverse: bool):
     """:func:`rational_quadratic_spline` without its argument checks (the layers' call)."""
-    if value.dtype in _HALF:
+    if value.dtype in HALF_DTYPES:
         raise TypeError(
             f"the spline needs float32 or float64, got {value.dtype}: its smallest bins "
             f"(1e-3 of the interval) are below half precision's resolution, so it gives "
@@ -179,9 +179,6 @@ def _spline(value, widths, heights, derivatives, bound: float, inverse: bool):
     if inverse or not _fused_applies(value, widths, heights, derivatives):
         return _spline_autograd(value, widths, heights, derivatives, bound, inverse)
     return _RationalSpline.apply(value, widths, heights, derivatives, float(bound))
-
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def _fused_applies(*tensors: torch.Tensor) -> bool:

@@ -177,14 +177,20 @@ def _header_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _read(args: argparse.Namespace, dtype: Any) -> tuple[np.ndarray, list[str] | None]:
-    """DATA as ``--header`` says; a note on stderr when auto took 0,1,... as a header."""
+def _read(
+    args: argparse.Namespace, dtype: Any, whole_numbers: str | None = None
+) -> tuple[np.ndarray, list[str] | None]:
+    """DATA as ``--header`` says; a note on stderr when auto took 0,1,... as a header.
+
+    ``whole_numbers``: the advice when a value of integer data is a fraction (the CSV's
+    line is named; the fit's own check counts data rows, not lines).
+    """
     from pyroflows.density.data import read_table
 
     header = {"auto": None, "yes": True, "no": False}[args.header]
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
-        values, columns = read_table(args.data, dtype, _FLOAT64, header)
+        values, columns = read_table(args.data, dtype, _FLOAT64, header, whole_numbers)
     for warning in said:
         text = str(warning.message)
         if "as a header" in text:  # the pandas header taken: one note, in the flag's terms
@@ -220,6 +226,7 @@ def _fit(args: argparse.Namespace) -> None:
 
     from pyroflows.density import ResumeMismatch, build, distributed, fit, save
     from pyroflows.density.fit import unwritable
+    from pyroflows.density.rows import FIT_ADVICE
 
     device = _device(args.device)
     rank, _ = distributed.setup(device)  # under torchrun: join the process group
@@ -231,7 +238,9 @@ def _fit(args: argparse.Namespace) -> None:
     reason = unwritable(out.parent)  # now, not after the training
     if reason is not None:
         raise _Failure(f"--out {out}: its folder {out.parent} cannot be written: {reason}")
-    values, columns = _read(args, getattr(torch, args.dtype))
+    values, columns = _read(
+        args, getattr(torch, args.dtype), FIT_ADVICE if args.dequantize else None
+    )
     options = {
         "transforms": args.transforms,
         "hidden": args.hidden,
@@ -403,10 +412,10 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _score(args: argparse.Namespace) -> None:
-    from pyroflows.density.rows import as_source, log_prob
+    from pyroflows.density.rows import SCORE_ADVICE, as_source, log_prob
 
     flow, info = _load(args.model)
-    values, columns = _read(args, flow.base_loc.dtype)
+    values, columns = _read(args, flow.base_loc.dtype, SCORE_ADVICE if info["dequantize"] else None)
     if values.shape[1] != info["dim"]:
         raise _Failure(
             f"{args.data} has {values.shape[1]} columns but the model was fitted to {info['dim']}"

@@ -147,6 +147,7 @@ def read_table(
     dtype: torch.dtype | None = None,
     remedy: str = _REMEDY,
     header: bool | None = None,
+    whole_numbers: str | None = None,
 ) -> tuple[np.ndarray, list[str] | None]:
     """Read a numeric table from a CSV file (with or without a header) or a ``.npy`` file.
 
@@ -165,6 +166,10 @@ def read_table(
         header: whether a CSV's first row is its header: ``None`` (the default) decides
             as above; ``True`` or ``False`` says (a numeric header such as years needs
             ``True``).
+        whole_numbers: for integer data (to be dequantized, or scored by a model fitted
+            to it): refuse a CSV value that is not a whole number, naming its line, with
+            this text as the advice that ends the message. A ``.npy`` file's values are
+            checked when a fit or score streams them (its rows are its lines).
 
     Returns:
         The values as an ``(N, D)`` array (float64 from a CSV; from a ``.npy`` file, the
@@ -173,7 +178,8 @@ def read_table(
 
     Raises:
         DataError: missing or empty file, ragged rows, a non-numeric cell (row and column
-            named), NaN or inf, or a ``.npy`` array that is not 2-D numeric.
+            named), NaN or inf, a fraction under ``whole_numbers``, or a ``.npy`` array
+            that is not 2-D numeric.
     """
     path = Path(path)
     if not path.exists():
@@ -186,7 +192,16 @@ def read_table(
         raise TypeError(f"header must be True, False or None, got {header!r}")
     if path.suffix.lower() == ".npy":
         return _read_npy(path), None
-    return _read_csv(path, dtype, remedy, header)
+    values, names, lines = _read_csv(path, dtype, remedy, header)
+    if whole_numbers is not None:
+        fractional = values != np.floor(values)
+        if fractional.any():
+            row, col = (int(i) for i in np.argwhere(fractional)[0])
+            raise DataError(
+                f"{path}: row {lines[row]}, column {col + 1}: {float(values[row, col])!r} is "
+                f"not a whole number: {whole_numbers}"
+            )
+    return values, names
 
 
 def _pandas_header(cells: list[str]) -> bool:
@@ -222,7 +237,7 @@ def _number(cell: str) -> float | None:
 
 def _read_csv(
     path: Path, dtype: torch.dtype | None, remedy: str, header_given: bool | None = None
-) -> tuple[np.ndarray, list[str] | None]:
+) -> tuple[np.ndarray, list[str] | None, list[int]]:
     # rows are numbered by their line in the file (blank lines count, as in an editor);
     # utf-8-sig drops the byte-order mark that spreadsheet exports put first
     try:
@@ -274,7 +289,7 @@ def _read_csv(
                 )
             values[i, j] = number
     _check_finite(values, path, lines, dtype, remedy)
-    return values, header
+    return values, header, lines
 
 
 def _separator_hint(first: list[str]) -> str:

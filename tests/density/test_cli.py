@@ -337,10 +337,23 @@ def test_a_dequantized_model_samples_integers(workdir):
     assert np.array_equal(values, np.floor(values))
     counts = counts.astype(float)
     counts[4, 1] = 2.5
-    np.savetxt(workdir / "fractions.csv", counts, delimiter=",")
-    one_line_error(  # the file named, where the message said "data"
+    # a header and a blank line: the message names the line an editor shows (7), not the
+    # data row (5)
+    text = "a,b\n" + "\n".join(f"{u:g},{v:g}" for u, v in counts[:3]) + "\n\n"
+    text += "\n".join(f"{u:g},{v:g}" for u, v in counts[3:]) + "\n"
+    (workdir / "fractions.csv").write_text(text)
+    one_line_error(
         run("fit", "fractions.csv", "--out", "f.pt", *FAST, "--dequantize", cwd=workdir),
-        "fractions.csv row 5, column 2 (index [4, 1]) is 2.5, not a whole number",
+        "fractions.csv: row 7, column 2: 2.5 is not a whole number: dequantize=True is for",
+    )
+    one_line_error(  # and where a dequantized model scores it
+        run("score", "counts.pt", "fractions.csv", cwd=workdir),
+        "fractions.csv: row 7, column 2: 2.5 is not a whole number: the model was fitted",
+    )
+    np.save(workdir / "fractions.npy", counts)  # no lines: the data row and its index
+    one_line_error(
+        run("fit", "fractions.npy", "--out", "f.pt", *FAST, "--dequantize", cwd=workdir),
+        "fractions.npy row 5, column 2 (index [4, 1]) is 2.5, not a whole number",
     )
 
 

@@ -65,7 +65,7 @@ class _Autoregressive:
             activation,
             params_first=transformer.params_first,
         )
-        self._order_cache: tuple[tuple[int, int], list[int]] | None = None
+        self._order_cache: tuple[torch.Tensor, int, list[int]] | None = None
 
     def _order_list(self) -> list[int]:
         """The order buffer as a list, re-read whenever the buffer changes.
@@ -77,10 +77,12 @@ class _Autoregressive:
         order = self.conditioner.order
         if order.is_inference():  # built under inference mode: no version counter
             return order.tolist()
-        key = (id(order), order._version)
-        if self._order_cache is None or self._order_cache[0] != key:
-            self._order_cache = (key, order.tolist())
-        return self._order_cache[1]
+        cached = self._order_cache
+        # the tensor itself is kept (not its id, which a later tensor could reuse once
+        # this one is freed), so `is` cannot match another tensor
+        if cached is None or cached[0] is not order or cached[1] != order._version:
+            cached = self._order_cache = (order, order._version, order.tolist())
+        return cached[2]
 
     def _iterate(self, step, y: torch.Tensor, context: torch.Tensor | None):
         """Solve ``v = step(y, theta(v))`` for ``v`` in ``D`` passes (triangular system).

@@ -136,15 +136,21 @@ class _CachedBijection:
     ``with_cache`` returns the layer itself: it caches already (Pyro's
     ``ComposeTransformModule(..., cache_size=1)`` and ``UnitJacobianReparam`` ask for it).
 
-    Writes that bypass version counters (through ``.data``, as Pyro's ``ClippedAdam``
-    does, or a fused optimizer, ``Adam(fused=True)``) are not seen: draw anew, or call
-    :meth:`clear_cache`, before scoring an earlier draw after one (SVI draws anew at
-    every step).
+    A parameter given new data (``p.data = ...``, as torch's ``vector_to_parameters``
+    does) is seen by where its data live. Writes *into* the data that bypass version
+    counters (``p.data.copy_(...)``, Pyro's ``ClippedAdam``, a fused optimizer such as
+    ``Adam(fused=True)``) are not seen: draw anew, or call :meth:`clear_cache`, before
+    scoring an earlier draw after one (SVI draws anew at every step).
     """
 
     domain = constraints.real_vector
     codomain = constraints.real_vector
     bijective = True
+    #: the sign of the Jacobian's determinant: positive for every layer here but a
+    #: permutation (monotone elementwise maps, positive scales, LU with a positive
+    #: diagonal); torch's default raises, which stops ``torch.jit.trace`` of a module
+    #: holding a layer (it reads the attributes with ``hasattr``)
+    sign = +1
 
     _cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[Any, ...]] | None
 
@@ -164,12 +170,15 @@ class _CachedBijection:
     def _key(self) -> tuple[Any, ...] | None:
         # the tensors the layer computes with now, their version counters and whether
         # they require grad (requires_grad_() moves no counter, and a log-det cached with
-        # frozen weights has no graph to them), one int each: 2 * version + requires_grad
+        # frozen weights has no graph to them), one int each: 2 * version + requires_grad;
+        # and where their data live: `p.data = ...` (torch's vector_to_parameters does
+        # it) swaps the storage without moving the counter
         tensors = _tensors(self._owner())
         try:
-            return (tensors, tuple([2 * t._version + t.requires_grad for t in tensors]))
+            states = [2 * t._version + t.requires_grad for t in tensors]
         except RuntimeError:  # a layer built under inference mode: nothing to watch
             return None
+        return (tensors, (*states, *_storages(tensors)))
 
     def _lookup(self, u: torch.Tensor | None, x: torch.Tensor | None):
         entry = self._cache
@@ -248,6 +257,18 @@ class _CachedBijection:
         for kept in _KEPT:  # rebuilt on first use
             state.pop(kept, None)
         return state
+
+
+def _storages(tensors: tuple[torch.Tensor, ...]) -> list[int]:
+    """Where each tensor's data live; none for tensors that have no storage to point to.
+
+    (``torch.func`` wrappers and fake tensors; their functions are pure, and a hit
+    needs the same tensor objects anyway.)
+    """
+    try:
+        return [t.data_ptr() for t in tensors]
+    except RuntimeError:
+        return []
 
 
 def _states(u: torch.Tensor, x: torch.Tensor, ladj: torch.Tensor) -> tuple[Any, ...]:
@@ -364,7 +385,8 @@ class ConditionedTransform(_CachedBijection, Transform):
         if key is None:
             return None
         generation = self.owner.__dict__.get("_generation", 0)  # .to(), .double(), loads
-        return (key[0], (*key[1], generation, context._version, context.requires_grad))
+        where = _storages((context,))
+        return (key[0], (*key[1], generation, context._version, context.requires_grad, *where))
 
     def _broadcast(self, value: torch.Tensor, name: str) -> torch.Tensor:
         check_event(value, name, self.owner.dim, _reference(self.owner))
@@ -372,11 +394,20 @@ class ConditionedTransform(_CachedBijection, Transform):
         shape = check_context_broadcast(batch, name, self.context.shape[:-1])
         return value if shape == batch else value.expand(*shape, value.shape[-1])
 
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        """Map base-side ``u`` (broadcast against the context) to data-side ``x``."""
+        # broadcast before the cache: the pair cached, and what a hit of t.inv returns,
+        # is the expanded u a fresh inverse would give (u itself when nothing expands)
+        return super().__call__(self._broadcast(u, "u"))
+
+    def _inv_call(self, x: torch.Tensor) -> torch.Tensor:
+        return super()._inv_call(self._broadcast(x, "x"))
+
     def _fwd(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.owner._forward(self._broadcast(u, "u"), self.context)
+        return self.owner._forward(u, self.context)  # broadcast by __call__
 
     def _bwd(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.owner._backward(self._broadcast(x, "x"), self.context)
+        return self.owner._backward(x, self.context)  # broadcast by _inv_call
 
     def _ladj(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.owner._log_abs_det(

@@ -61,6 +61,19 @@ class Permutation(FlowTransform):
     def _log_abs_det(self, u, x, context):
         return u.new_zeros(u.shape[:-1])
 
+    @property
+    def sign(self) -> int:
+        """The determinant of the permutation matrix: ``(-1) ** (D - number of cycles)``."""
+        perm, seen, cycles = self.permutation.tolist(), set(), 0
+        for start in range(len(perm)):
+            if start not in seen:
+                cycles += 1
+                i = start
+                while i not in seen:
+                    seen.add(i)
+                    i = perm[i]
+        return -1 if (len(perm) - cycles) % 2 else 1
+
 
 class LULinear(FlowTransform):
     r"""Learnable invertible linear map in LU form, base ``u`` to data ``x``.

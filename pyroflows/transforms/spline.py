@@ -460,12 +460,13 @@ class RationalQuadratic:
     side: str = "base"
 
     def __init__(self, bins: int = 8, bound: float = 5.0, side: str = "base") -> None:
-        self.bins = check_positive_int(bins, "bins")
-        if self.bins < 2:
+        try:
+            self.bins = check_positive_int(bins, "bins", minimum=2)
+        except ValueError as error:
             raise ValueError(
-                "bins must be at least 2: one bin, whose end derivatives are fixed at 1 to "
-                "meet the linear tails, can only be the identity"
-            )
+                f"{error}: one bin, whose end derivatives are fixed at 1 to meet the linear "
+                "tails, can only be the identity"
+            ) from None
         most = math.ceil(1 / max(MIN_BIN_WIDTH, MIN_BIN_HEIGHT)) - 1
         if self.bins > most:
             raise ValueError(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
+import pyroflows
 from pyroflows.transforms import AffineAutoregressive, ConditionalAffineCoupling
 from tests.helpers import perturb
 
@@ -75,3 +78,37 @@ def test_repr_shows_the_layers_sizes_and_conditioner():
     assert "MaskedLinear(in_features=3, out_features=8" in text
     conditional = repr(pyroflows.realnvp(4, transforms=1, hidden=(8,), context=2))
     assert "ConditionalAffineCoupling(\n      dim=4, context=2" in conditional
+
+
+def test_layers_have_the_sign_of_their_jacobians_determinant():
+    import itertools
+
+    from pyroflows.transforms import Permutation
+
+    for perm in itertools.permutations(range(4)):
+        t = Permutation(4, list(perm))
+        jacobian = torch.autograd.functional.jacobian(t, torch.randn(4))
+        assert t.sign == int(torch.det(jacobian).sign())
+    flow = pyroflows.realnvp(3, transforms=2, hidden=(8,), permutation="random")
+    signs = [t.sign for t in flow().transforms]
+    assert all(s in (-1, 1) for s in signs)
+
+
+def test_a_module_holding_flow_layers_can_be_traced():
+    # torch.jit.trace reads every attribute with hasattr; torch's Transform.sign raised
+    torch.manual_seed(0)
+
+    class Score(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.flow = pyroflows.realnvp(3, transforms=2, hidden=(8,))
+
+        def forward(self, x):
+            return self.flow().log_prob(x)
+
+    module = Score()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation and shape-check tracer warnings
+        traced = torch.jit.trace(module, (torch.randn(5, 3),), check_trace=False)
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(traced(x), module(x))

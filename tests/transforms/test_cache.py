@@ -427,3 +427,61 @@ def test_an_input_made_to_require_grad_after_the_call_is_not_served_a_graphless_
         again = u.detach().clone().requires_grad_()
         (fresh,) = torch.autograd.grad(t(again).sum(), [again])
     torch.testing.assert_close(grad, fresh)
+
+
+@pytest.mark.parametrize("builder", [iaf, maf, realnvp])
+def test_parameters_given_new_data_are_not_served_from_the_cache(builder):
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    torch.manual_seed(0)
+    flow = builder(3, transforms=2, hidden=(8,))
+    d = flow()
+    x = d.rsample((4,))
+    # vector_to_parameters sets p.data: new storage, no version counter moved
+    vector_to_parameters(parameters_to_vector(flow.parameters()).detach() + 0.3, flow.parameters())
+    torch.testing.assert_close(d.log_prob(x), flow().log_prob(x.detach().clone()))
+    x = d.rsample((4,))
+    for p in flow.parameters():
+        p.data = p.data - 0.2
+    torch.testing.assert_close(d.log_prob(x), flow().log_prob(x.detach().clone()))
+
+
+def test_a_context_given_new_data_is_not_served_from_the_cache():
+    from pyroflows.transforms import ConditionalAffineAutoregressive
+
+    torch.manual_seed(0)
+    t = ConditionalAffineAutoregressive(3, 2, "iaf", hidden=(8,))
+    context = torch.randn(4, 2)
+    conditioned = t.condition(context)
+    u = torch.randn(4, 3)
+    x = conditioned(u)
+    context.data = context.data + 1.0
+    torch.testing.assert_close(conditioned.inv(x), t.condition(context.clone()).inv(x.clone()))
+
+
+def test_a_conditioned_layers_cached_inverse_has_the_shape_of_a_fresh_one():
+    from pyroflows.transforms import ConditionalAffineAutoregressive
+
+    torch.manual_seed(0)
+    t = ConditionalAffineAutoregressive(3, 2, "iaf", hidden=(8, 8))
+    conditioned = t.condition(torch.randn(4, 2))
+    u = torch.randn(3)  # broadcast against the context's batch (4,)
+    x = conditioned(u)
+    assert x.shape == (4, 3)
+    cached = conditioned.inv(x)
+    # the pair still scores for free: the log-det of the expanded pair is served
+    assert conditioned.log_abs_det_jacobian(cached, x) is conditioned._cache[2]
+    fresh = conditioned.inv(x.clone())
+    assert cached.shape == fresh.shape == (4, 3)
+    torch.testing.assert_close(cached, fresh)
+    torch.testing.assert_close(cached, u.expand(4, 3))
+
+
+def test_the_order_list_is_not_taken_from_a_freed_tensor():
+    torch.manual_seed(0)
+    t = AffineAutoregressive(4, form="maf", hidden=(8,))
+    assert t._order_list() == [0, 1, 2, 3]
+    # a new order tensor (even one that reuses a freed tensor's address) is read anew
+    for order in ([3, 2, 1, 0], [1, 0, 3, 2], [2, 3, 0, 1]):
+        t.conditioner.order = torch.tensor(order)
+        assert t._order_list() == order

@@ -343,7 +343,7 @@ def test_hypothesis_inverse_then_forward(w, h, d, y):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"bins": 0}, ValueError, "bins must be an int >= 1"),
+        ({"bins": 0}, ValueError, "bins must be an int >= 2, got 0: one bin"),
         ({"bins": 2.5}, TypeError, "bins must be an int"),
         ({"bound": 0.0}, ValueError, "bound must be a positive finite number"),
         ({"bound": "5"}, ValueError, "bound must be a positive finite number"),
@@ -431,7 +431,7 @@ def test_spline_settings_that_cannot_make_a_monotone_map_are_refused():
         pyroflows.nsf(2, bound=float("inf"))
     with pytest.raises(ValueError, match="bins must be at most 999"):
         pyroflows.nsf(2, bins=1500)
-    with pytest.raises(ValueError, match="bins must be at least 2: one bin"):
+    with pytest.raises(ValueError, match="bins must be an int >= 2, got 1: one bin"):
         pyroflows.nsf(2, bins=1)  # it was accepted, and stayed the identity whatever it learnt
     assert pyroflows.nsf(2, bins=999, transforms=1, hidden=(4,)).dim == 2
 

@@ -230,9 +230,19 @@ class AmortizedPosterior(DropsParamStoreLinks, nn.Module):
         """Size ``d`` of ``z``."""
         return self.encoder.latent_dim
 
-    def forward(self, x: torch.Tensor) -> dist.TorchDistribution:
-        """The distribution q(z | x), ``batch_shape == x``'s leading dims."""
+    def forward(self, x: torch.Tensor, nesting: int = 0) -> dist.TorchDistribution:
+        """The distribution q(z | x), ``batch_shape`` the encoder's batch of ``x``.
+
+        ``nesting``: singleton batch dims put after the data points (``batch + (1,) *
+        nesting``), for a data plate at ``dim = -1 - nesting`` with plates nested inside
+        it. The encoder's outputs are reshaped, not ``x``, so an image encoder works too.
+        """
         loc, scale, context = self.encoder(x)
+        if nesting:
+            loc, scale, context = (
+                None if t is None else t.reshape(*t.shape[:-1], *([1] * nesting), t.shape[-1])
+                for t in (loc, scale, context)
+            )
         base = dist.Normal(loc, scale).to_event(1)
         if self.flow is None:
             return base
@@ -271,8 +281,19 @@ def amortized_posterior(
     """
     check_choice(flow, "flow", POSTERIOR_FLOWS)
     if flow is None:
-        if flow_options:
-            raise ValueError(f"flow options {sorted(flow_options)} given without a flow")
+        shaping = [
+            name
+            for name, given in (
+                ("transforms", transforms != 2),
+                ("flow_hidden", flow_hidden is not None),
+            )
+            if given
+        ]
+        if flow_options or shaping:
+            raise ValueError(
+                f"flow options {sorted([*flow_options, *shaping])} given without a flow "
+                f"(flow=None is a diagonal Gaussian)"
+            )
         encoder = Encoder(input_dim, latent_dim, hidden, 0, activation)
         return AmortizedPosterior(encoder)
     check_positive_int(context, "context")
@@ -301,11 +322,12 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
 
     * ``size=None`` (default): ``x`` is the batch, the plate has ``len(x)`` rows, and the
       ELBO is that of the batch.
-    * ``size=N`` and ``len(x) < N``: ``x`` is a mini-batch of an ``N``-row data set; the
-      plate is ``pyro.plate(plate, N, subsample=torch.arange(len(x)))``, so the ELBO is
-      scaled by ``N / len(x)`` (an unbiased estimate of the full data set's when the
-      batch is drawn at random). The model's plate must scale the same way, e.g.
-      ``pyro.plate(plate, N, subsample=torch.arange(len(x)))``.
+    * ``size=N`` and ``len(x) < N``: ``x`` is a mini-batch of an ``N``-row data set, drawn
+      by the caller; the guide's plate has ``N`` rows and ``len(x)`` in the batch, so the
+      ELBO is scaled by ``N / len(x)`` (an unbiased estimate of the full data set's when
+      the batch is drawn at random). The model opens its plate with the batch's own
+      indices, ``pyro.plate(plate, N, subsample=idx)``, and keeps them: the guide, which
+      does not know them, records none for the model to replay.
     * ``size=N``, ``len(x) == N`` and ``subsample_size=B``: the guide draws ``B`` row
       indices, ``with pyro.plate(plate, N, subsample_size=B) as idx``, and encodes
       ``x[idx]``; the model's plate of the same name gets the same ``idx``.
@@ -314,6 +336,11 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
     other local latents, e.g. the label of a semi-supervised VAE), it samples in that
     plate, which does the scaling and subsampling: ``x`` must hold that plate's rows
     (``x[idx]`` when it subsamples), and ``size`` and ``subsample_size`` are not used.
+    There ``x`` may have batch dims left of the rows (an enumerated label, or particles,
+    broadcast into the encoder's input): ``z`` then has them too.
+
+    The rows of ``x`` are the encoder's batch: ``x`` of shape ``(rows, features)`` for an
+    MLP encoder, ``(rows, C, H, W)`` for an image encoder, whatever the plate's ``dim``.
 
     Args:
         posterior: the :class:`AmortizedPosterior`.
@@ -373,6 +400,11 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
             check_positive_int(subsample_size, "subsample_size")
             if size is None:
                 raise ValueError("subsample_size needs size, the number of rows of the data set")
+            if subsample_size > size:
+                raise ValueError(
+                    f"subsample_size={subsample_size} is more than size={size}, the rows of "
+                    f"the data set"
+                )
         self.posterior = posterior
         self.site, self.plate, self.dim = site, plate, dim
         self.size, self.subsample_size, self.name = size, subsample_size, name
@@ -397,23 +429,35 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
             raise ValueError(f"x has no rows (shape {tuple(x.shape)}): nothing to sample z for")
         enclosing = _active_plate(self.plate)
         if enclosing is not None:  # the caller's own data plate, shared with its latents
-            self._check_enclosing(enclosing, rows)
-            return pyro.sample(self.site, self._posterior(x))
+            self._check_enclosing(enclosing)
+            return pyro.sample(self.site, self._posterior(x, enclosing.subsample_size, True))
         if self.size is None:
             with pyro.plate(self.plate, rows, dim=self.dim):
-                return pyro.sample(self.site, self._posterior(x))
+                return pyro.sample(self.site, self._posterior(x, rows))
         if rows > self.size:
             raise ValueError(f"x has {rows} rows but the guide was told size={self.size}")
-        if rows < self.size:  # a mini-batch: scaled by size / rows, no indices drawn
+        if rows < self.size:  # a mini-batch: scaled by size / rows
+            if self.subsample_size is not None:
+                raise ValueError(
+                    f"x has {rows} rows, fewer than size={self.size}: a mini-batch, but the "
+                    f"guide was built with subsample_size={self.subsample_size} to draw its "
+                    f"own from the whole data set; pass all {self.size} rows, or build it "
+                    f"without subsample_size"
+                )
+            # the batch's indices are the model's (the guide does not know them): its plate
+            # site is hidden, or the model, replayed, would be handed 0..rows-1 instead
             index = torch.arange(rows, device=x.device)
-            with pyro.plate(self.plate, self.size, subsample=index, dim=self.dim):
-                return pyro.sample(self.site, self._posterior(x))
+            with (
+                poutine.block(hide=[self.plate]),
+                pyro.plate(self.plate, self.size, subsample=index, dim=self.dim),
+            ):
+                return pyro.sample(self.site, self._posterior(x, rows))
         with pyro.plate(
             self.plate, self.size, subsample_size=self.subsample_size, dim=self.dim
         ) as index:
-            return pyro.sample(self.site, self._posterior(x[index]))
+            return pyro.sample(self.site, self._posterior(x[index], len(index)))
 
-    def _check_enclosing(self, plate: Any, rows: int) -> None:
+    def _check_enclosing(self, plate: Any) -> None:
         if self.subsample_size is not None:
             raise ValueError(
                 f"the guide was built with subsample_size={self.subsample_size} but is called "
@@ -425,35 +469,29 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
                 f"the enclosing plate {self.plate!r} has dim={plate.dim} but the guide was "
                 f"built with dim={self.dim}"
             )
-        if plate.subsample_size != rows:
-            raise ValueError(
-                f"x has {rows} rows but the enclosing plate {self.plate!r} has "
-                f"{plate.subsample_size}: pass that plate's rows (x[idx] when it subsamples)"
-            )
 
-    def _posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
-        """q(z | x) for the rows of ``x``, checked to have one batch entry per row."""
-        d = self.posterior(self._rows(x))
-        batch, dim = d.batch_shape, self.dim
-        if tuple(batch) != (x.shape[0],) + (1,) * (-dim - 1):
+    def _posterior(
+        self, x: torch.Tensor, rows: int, leading: bool = False
+    ) -> dist.TorchDistribution:
+        """q(z | x), checked to have ``rows`` batch entries at the plate's dim.
+
+        ``leading``: batch dims left of the rows are allowed (inside the caller's plate:
+        an enumerated or particle dim broadcast into ``x``).
+        """
+        nesting = -self.dim - 1
+        d = self.posterior(x, nesting)
+        batch = tuple(d.batch_shape)
+        at = len(batch) - 1 - nesting  # where the data points are
+        if at < 0 or batch[at] != rows or (at > 0 and not leading):
+            where = "the enclosing plate" if leading else "the plate"
             raise ValueError(
-                f"x of shape {tuple(x.shape)} gives q(z | x) with batch shape {tuple(batch)}: "
-                f"the guide needs the data points along x's first dim ({x.shape[0]} of them "
-                f"here), each giving one batch entry at the plate's dim {dim}; for a single "
-                f"data point pass x[None]"
+                f"x of shape {tuple(x.shape)} gives q(z | x) with batch shape {batch}: "
+                f"{where} {self.plate!r} has {rows} rows, and the guide needs the data "
+                f"points along x's first dim"
+                f"{' (after any enumerated or particle dims)' if leading else ''}, one per "
+                f"row (x[idx] when the plate subsamples); for a single data point pass x[None]"
             )
         return d
-
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` with the data rows at the plate's dim (``(rows, 1, ..., features)``)."""
-        if self.dim == -1:
-            return x
-        if x.dim() != 2:
-            raise ValueError(
-                f"a guide with dim={self.dim} takes x of shape (rows, features), got "
-                f"{tuple(x.shape)}"
-            )
-        return x.reshape(x.shape[0], *([1] * (-self.dim - 1)), x.shape[1])
 
 
 def _under_svi_step(module: nn.Module) -> bool:
@@ -578,6 +616,13 @@ def iwae_log_likelihood(
     """
     check_positive_int(num_samples, "num_samples")
     check_positive_int(max_batch, "max_batch")
+    if isinstance(guide, AmortizedGuide) and guide.size is not None:
+        raise ValueError(
+            f"guide was built with size={guide.size}, which scales (and with "
+            f"subsample_size subsamples) the rows; iwae_log_likelihood scores every row of x "
+            f"once: pass a guide without size, AmortizedGuide(guide.posterior, "
+            f"register=False) with the same site, plate and dim"
+        )
     n = _row_count(x)
     if n == 0:
         raise ValueError("x has no rows")

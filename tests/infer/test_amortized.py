@@ -393,7 +393,9 @@ def test_guide_samples_inside_the_callers_data_plate():
 def test_guide_inside_a_callers_plate_checks_rows_and_options():
     q = amortized_posterior(4, 2, flow="iaf", hidden=(8,), context=2)
     x = torch.randn(6, 4)
-    with pytest.raises(ValueError, match=r"x has 6 rows but the enclosing plate 'data' has 2"):
+    with pytest.raises(
+        ValueError, match=r"batch shape \(6,\): the enclosing plate 'data' has 2 rows"
+    ):
         with pyro.plate("data", 6, subsample_size=2):
             AmortizedGuide(q)(x)
     with pytest.raises(ValueError, match="built with subsample_size=2"):
@@ -574,3 +576,97 @@ def test_the_encoder_scale_never_falls_below_min_scale():
     # an untrained encoder: softplus(head) == 1, plus the default floor 1e-3
     _, scale, _ = Encoder(D, LATENT, hidden=(4,), context=0)(torch.randn(3, D))
     torch.testing.assert_close(scale, torch.full((3, LATENT), 1.0 + 1e-3))
+
+
+def test_a_mini_batch_keeps_the_models_own_indices():
+    # size=N with a mini-batch: the guide does not know the batch's indices and must not
+    # hand the model 0..B-1 in their place (a model reading covariates by them got the
+    # wrong rows)
+    n = 100
+    covariate = torch.arange(n, dtype=torch.float32)
+    data = torch.randn(n, 3)
+    seen = {}
+
+    def model(x, idx):
+        with pyro.plate("data", n, subsample=idx) as i:
+            seen["i"] = i
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            loc = z.sum(-1, keepdim=True) + covariate[i, None]
+            pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x)
+
+    guide = AmortizedGuide(amortized_posterior(3, 2, flow="iaf", hidden=(8,)), size=n)
+    idx = torch.arange(90, 98)
+    pyro.clear_param_store()
+    loss = Trace_ELBO().loss(model, guide, data[idx], idx)
+    assert seen["i"].tolist() == idx.tolist()
+    assert math.isfinite(loss)
+    guide_trace = poutine.trace(guide).get_trace(data[idx], idx)
+    assert guide_trace.nodes["z"]["scale"] == pytest.approx(n / 8)
+    assert "data" not in guide_trace.nodes  # no indices recorded for the model to replay
+
+
+def test_a_semi_supervised_guide_enumerates_the_label_around_the_flow_posterior():
+    from pyro.infer import TraceEnum_ELBO, config_enumerate
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 1) * 1.5
+    q = amortized_posterior(3, 1, flow="iaf", hidden=(8,), context=2)
+    guide_z = AmortizedGuide(q, register=False)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            y = pyro.sample("y", dist.Categorical(logits=torch.zeros(2)))
+            z = pyro.sample("z", dist.Normal(torch.zeros(1), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z + y.unsqueeze(-1).float(), 1.0).to_event(1), obs=x)
+
+    def x_and_label(x, y):  # q(z | x, y): x broadcast against y's enumerated dim
+        onehot = torch.nn.functional.one_hot(y, 2).float()
+        shape = torch.broadcast_shapes(onehot.shape[:-1], x.shape[:-1])
+        return torch.cat([x.expand(*shape, 1), onehot.expand(*shape, 2)], -1)
+
+    def guide_with(sample_z, enumerate=True):
+        def guide(x):
+            with pyro.plate("data", x.shape[0]):
+                y = pyro.sample("y", dist.Categorical(logits=torch.zeros(x.shape[0], 2)))
+                return sample_z(x_and_label(x, y))
+
+        return config_enumerate(guide) if enumerate else guide
+
+    elbo = TraceEnum_ELBO(max_plate_nesting=1)
+    torch.manual_seed(1)
+    ours = elbo.loss(model, guide_with(guide_z), x)
+    torch.manual_seed(1)
+    direct = elbo.loss(model, guide_with(lambda v: pyro.sample("z", q(v))), x)
+    assert ours == pytest.approx(direct, rel=1e-6)
+    particles = Trace_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=1)
+    assert math.isfinite(particles.loss(model, guide_with(guide_z, enumerate=False), x))
+
+
+def test_a_nested_plate_guide_takes_an_image_encoder():
+    # dim=-2 took only (rows, features): the singleton dims now go into the encoder's
+    # outputs, so any encoder body works
+    body = torch.nn.Flatten(-3)
+    encoder = Encoder(None, 2, context=0, body=body, body_features=25)
+    guide = AmortizedGuide(AmortizedPosterior(encoder), dim=-2, register=False)
+    images = torch.randn(4, 1, 5, 5)
+    z = guide(images)
+    assert z.shape == (4, 1, 2)
+
+
+def test_subsampling_options_that_cannot_hold_are_refused():
+    q = amortized_posterior(3, 2, flow="iaf", hidden=(8,))
+    with pytest.raises(ValueError, match="subsample_size=10 is more than size=4"):
+        AmortizedGuide(q, size=4, subsample_size=10)
+    guide = AmortizedGuide(q, size=10, subsample_size=4, register=False)
+    with pytest.raises(ValueError, match="x has 3 rows, fewer than size=10: a mini-batch"):
+        guide(torch.randn(3, 3))
+
+    def model(x):
+        with pyro.plate("data", 10, subsample_size=4):
+            pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    for max_batch in (2**15, 8, 3):  # the same message however x is cut into passes
+        with pytest.raises(ValueError, match="guide was built with size=10"):
+            iwae_log_likelihood(model, guide, torch.randn(10, 3), 4, max_batch=max_batch)
+    with pytest.raises(ValueError, match=r"flow options \['flow_hidden', 'transforms'\]"):
+        amortized_posterior(10, 8, flow=None, transforms=5, flow_hidden=(3,))

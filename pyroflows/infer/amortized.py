@@ -45,8 +45,9 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
+from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.plate_messenger import PlateMessenger
-from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.runtime import _ENUM_ALLOCATOR, _PYRO_STACK
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.trace_messenger import TraceMessenger
 from torch import nn
@@ -482,7 +483,8 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
         d = self.posterior(x, nesting)
         batch = tuple(d.batch_shape)
         at = len(batch) - 1 - nesting  # where the data points are
-        if at < 0 or batch[at] != rows or (at > 0 and not leading):
+        outer_ok = at == 0 or (leading and _outer(batch[:at], self.dim))
+        if at < 0 or batch[at] != rows or not outer_ok:
             where = "the enclosing plate" if leading else "the plate"
             raise ValueError(
                 f"x of shape {tuple(x.shape)} gives q(z | x) with batch shape {batch}: "
@@ -492,6 +494,24 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
                 f"row (x[idx] when the plate subsamples); for a single data point pass x[None]"
             )
         return d
+
+
+def _outer(dims: tuple[int, ...], plate_dim: int) -> bool:
+    """Whether batch dims left of the data points are Pyro's, not a wrongly shaped ``x``.
+
+    Each must be of size 1, or at the dim of an open plate of its size (vectorized
+    particles, the caller's outer plates), or at an enumeration dim (``TraceEnum_ELBO``).
+    Pyro itself would not catch another left of ``max_plate_nesting``.
+    """
+    plates = {m.dim: m.size for m in _PYRO_STACK if isinstance(m, PlateMessenger)}
+    # the allocator keeps its dims after the run: they count while an enumeration runs
+    enumerating = any(isinstance(m, EnumMessenger) for m in _PYRO_STACK)
+    enumerated = getattr(_ENUM_ALLOCATOR, "dim_to_id", {}) if enumerating else {}
+    for i, size in enumerate(dims):
+        dim = plate_dim - len(dims) + i  # the dims just left of the data plate's
+        if size != 1 and plates.get(dim) != size and dim not in enumerated:
+            return False
+    return True
 
 
 def _under_svi_step(module: nn.Module) -> bool:
@@ -616,12 +636,12 @@ def iwae_log_likelihood(
     """
     check_positive_int(num_samples, "num_samples")
     check_positive_int(max_batch, "max_batch")
-    if isinstance(guide, AmortizedGuide) and guide.size is not None:
+    if isinstance(guide, AmortizedGuide) and guide.subsample_size is not None:
         raise ValueError(
-            f"guide was built with size={guide.size}, which scales (and with "
-            f"subsample_size subsamples) the rows; iwae_log_likelihood scores every row of x "
-            f"once: pass a guide without size, AmortizedGuide(guide.posterior, "
-            f"register=False) with the same site, plate and dim"
+            f"guide was built with subsample_size={guide.subsample_size}, which draws rows; "
+            f"iwae_log_likelihood scores every row of x once: pass a guide without it, "
+            f"AmortizedGuide(guide.posterior, register=False) with the same site, plate "
+            f"and dim"
         )
     n = _row_count(x)
     if n == 0:

@@ -137,7 +137,9 @@ class _CachedBijection:
     ``ComposeTransformModule(..., cache_size=1)`` and ``UnitJacobianReparam`` ask for it).
 
     A parameter given new data (``p.data = ...``, as torch's ``vector_to_parameters``
-    does) is seen by where its data live. Writes *into* the data that bypass version
+    does) is seen by where its data live (unless, after several such swaps with no call
+    of the layer between, the new data land where the cached ones were; call
+    :meth:`clear_cache` after such swaps to be sure). Writes *into* the data that bypass version
     counters (``p.data.copy_(...)``, Pyro's ``ClippedAdam``, a fused optimizer such as
     ``Adam(fused=True)``) are not seen: draw anew, or call :meth:`clear_cache`, before
     scoring an earlier draw after one (SVI draws anew at every step).

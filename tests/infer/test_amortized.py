@@ -666,7 +666,39 @@ def test_subsampling_options_that_cannot_hold_are_refused():
             pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
 
     for max_batch in (2**15, 8, 3):  # the same message however x is cut into passes
-        with pytest.raises(ValueError, match="guide was built with size=10"):
+        with pytest.raises(ValueError, match="guide was built with subsample_size=4"):
             iwae_log_likelihood(model, guide, torch.randn(10, 3), 4, max_batch=max_batch)
     with pytest.raises(ValueError, match=r"flow options \['flow_hidden', 'transforms'\]"):
         amortized_posterior(10, 8, flow=None, transforms=5, flow_hidden=(3,))
+
+
+def test_a_guide_built_with_size_alone_scores_every_row_in_iwae():
+    q = amortized_posterior(3, 2, flow="iaf", hidden=(8,))
+    x = torch.randn(10, 3)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x)
+
+    sized, plain = AmortizedGuide(q, size=10, register=False), AmortizedGuide(q, register=False)
+    for max_batch in (2**15, 20):
+        torch.manual_seed(0)
+        a = iwae_log_likelihood(model, sized, x, 8, max_batch=max_batch)
+        torch.manual_seed(0)
+        b = iwae_log_likelihood(model, plain, x, 8, max_batch=max_batch)
+        torch.testing.assert_close(a, b)
+
+
+def test_inside_the_callers_plate_a_wrongly_shaped_x_is_still_refused():
+    # batch dims left of the rows are taken only where Pyro put them (an open plate of
+    # that size, an enumeration dim) or of size 1: x stacked twice over counted the ELBO
+    q = amortized_posterior(4, 2, flow="iaf", hidden=(8,), context=2)
+    guide = AmortizedGuide(q, register=False)
+    x = torch.randn(6, 4)
+    with pyro.plate("data", 6):
+        assert guide(x[None]).shape == (1, 6, 2)
+        with pytest.raises(ValueError, match=r"batch shape \(2, 6\): the enclosing plate"):
+            guide(torch.stack([x, x]))
+    with pyro.plate("particles", 2, dim=-2), pyro.plate("data", 6):
+        assert guide(torch.stack([x, x])).shape == (2, 6, 2)

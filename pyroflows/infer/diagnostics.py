@@ -49,6 +49,7 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.infer.autoguide import (
     AutoDiagonalNormal,
     AutoIAFNormal,
@@ -57,6 +58,7 @@ from pyro.infer.autoguide import (
 )
 from pyro.infer.importance import vectorized_importance_weights
 from pyro.infer.util import plate_log_prob_sum
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.uncondition_messenger import UnconditionMessenger
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
@@ -394,10 +396,19 @@ def importance_draws(
     draws are scored again one at a time: when they disagree with the batch, every
     draw is scored one at a time.
 
+    The weight is that of the guide's proposal: a latent site the model masks
+    (``poutine.mask``, or the ``*_unobserved`` site of ``obs_mask``) but the guide draws
+    and scores whole counts with the model's own density at the masked entries (their
+    draws are the guide's, so the model's density there is needed for a weight whose
+    mean is :math:`p(x)`); a latent the guide does not draw (hidden with
+    ``poutine.block``, or enumerated in training) is drawn from the model's prior, whose
+    density cancels from the weight.
+
     Raises:
         ValueError: if the model subsamples a plate (the weights need the full data),
-            or if every draw of the guide is the same point (a point mass such as
-            ``AutoDelta`` has no density to weigh).
+            if the guide's sites are scaled (``poutine.scale``: a proposal's density is
+            not to be tempered), or if every draw of the guide is the same point (a
+            point mass such as ``AutoDelta`` has no density to weigh).
 
     Returns:
         ``(log_weights, samples)``: shape ``(num_samples,)``, and a dict of each latent
@@ -414,6 +425,7 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, ob
     """
     check_positive_int(num_samples, "num_samples")
     with torch.no_grad(), poutine.block():
+        model = _as_proposed(model, guide, args, kwargs)
         first = poutine.trace(model).get_trace(*args, **kwargs)
         _refuse_subsampling(first)
         nesting = _nesting(first)
@@ -443,7 +455,7 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, ob
                 parts += [run(size, shapes) for size in _chunks(num_samples - trial)]
                 joined = _joined(parts)
                 batched = agrees(joined)  # the first and the last of them all
-        except (RuntimeError, ValueError):
+        except _NOT_BROADCAST:
             # the model does not broadcast over a particle plate: one draw at a time
             # (if that fails too, its error is the model's own, and it is raised: the
             # particle-plate error above stays attached as its context)
@@ -477,6 +489,69 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, ob
             "for every latent site"
         )
     return log_w.detach(), {n: v.detach() for n, v in samples.items()}, pointwise
+
+
+#: what a model that does not run under a particle plate raises (an ``assert`` on a
+#: shape included)
+_NOT_BROADCAST = (RuntimeError, ValueError, AssertionError)
+
+
+class _Proposed(Messenger):
+    """The model as the importance weights of a guide's draws need it.
+
+    ``whole``: latent sites the guide draws and scores at every entry: the model's masks
+    on them are lifted. ``drawn``: every site the guide draws; a latent of the model's
+    outside it is drawn from its prior by the model, and masked out of the weight.
+    Observed sites and plates' index draws are left alone.
+    """
+
+    def __init__(self, whole: frozenset[str], drawn: frozenset[str]) -> None:
+        super().__init__()
+        self.whole, self.drawn = whole, drawn
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] != "sample" or msg["is_observed"] or site_is_subsample(msg):
+            return
+        if msg["name"] in self.whole:
+            msg["mask"] = None
+            while isinstance(msg["fn"], MaskedDistribution):
+                msg["fn"] = msg["fn"].base_dist
+        elif msg["name"] not in self.drawn:
+            msg["mask"] = False
+
+
+def _as_proposed(model, guide, args, kwargs):
+    """``model`` under :class:`_Proposed` for ``guide``'s sites (one run of the guide).
+
+    Also refuses a guide whose sites are scaled: its density is the proposal's, and
+    ``poutine.scale`` on model and guide alike (a loss scale for SVI) would flatten every
+    weight by that factor.
+    """
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):  # the draws to come are as they were
+        single = poutine.trace(guide).get_trace(*args, **kwargs)
+    drawn = _guide_sites(single)
+    scaled = sorted(n for n in drawn if not _is_one(single.nodes[n]["scale"]))
+    if scaled:
+        raise ValueError(
+            f"the guide's sites {', '.join(map(repr, scaled))} are scaled (poutine.scale, "
+            "or a subsampled plate): the weights need the guide's own density; pass the "
+            "model and guide unscaled (a scale on both is a loss scale for SVI, which "
+            "leaves the posterior as it is)"
+        )
+    whole = frozenset(
+        n
+        for n in drawn
+        if single.nodes[n]["mask"] is None
+        and not isinstance(single.nodes[n]["fn"], MaskedDistribution)
+    )
+    return _Proposed(whole, frozenset(drawn))(model)
+
+
+def _is_one(scale: object) -> bool:
+    if isinstance(scale, torch.Tensor):
+        return bool((scale == 1).all())
+    return scale == 1
 
 
 #: draws of the first run under the particle plate, checked one at a time before any
@@ -790,14 +865,15 @@ def _batch_agrees(
             single, trace = _single_log_weight(model, guide, args, kwargs, values, q_s)
             if s == 0:
                 again, _ = _single_log_weight(model, guide, args, kwargs, values, q_s)
-        except (RuntimeError, ValueError):
+        except _NOT_BROADCAST:
             return False
         if s == 0 and not torch.isclose(single, again, rtol=1e-6, atol=1e-6, equal_nan=True):
             warn_from_caller(
                 "the model's log density at one draw of the guide changes from run to run: "
                 "it draws latent sites the guide does not set (sites hidden with "
-                "poutine.block for another guide, say), so every weight carries their prior "
-                "noise; diagnose the guide that covers every latent site (the AutoGuideList)"
+                "poutine.block for another guide, or enumerated in training), from their "
+                "prior, so every weight carries their noise (a valid weight, but a noisier "
+                "one); diagnose the guide that covers every latent site (the AutoGuideList)"
             )
             return False
         pairs = [(trace.nodes[name]["value"], samples[name][s]) for name in derived]
@@ -812,24 +888,32 @@ def _batch_agrees(
                 one, batch, rtol=1e-4, atol=1e-6, equal_nan=True
             ):
                 return False
+        magnitude = 0.0  # of the terms the weight sums, which set its rounding
         for name, sums in site_sums.items():
             node = trace.nodes.get(name)
             if node is None or node["type"] != "sample":
                 return False
             if not _sums_close(torch.as_tensor(node["log_prob_sum"]), sums[s]):
                 return False
-        if not _sums_close(single, log_w[s]):
+            magnitude += abs(float(sums[s])) if torch.isfinite(sums[s]) else 0.0
+        if not _sums_close(single, log_w[s], magnitude):
             return False
     return True
 
 
-def _sums_close(single: torch.Tensor, batch: torch.Tensor) -> bool:
-    """Whether a log-density summed one draw at a time matches the batch's sum."""
+def _sums_close(single: torch.Tensor, batch: torch.Tensor, magnitude: float = 0.0) -> bool:
+    """Whether a log-density summed one draw at a time matches the batch's sum.
+
+    ``magnitude``: the size of the terms summed, when larger than the sum itself (a
+    weight is a difference of two log-densities).
+    """
     if not torch.isfinite(single) and not torch.isfinite(batch):
         return bool(single == batch) or bool(single.isnan() and batch.isnan())
-    # float32 sums of many terms in another order differ in the last digits
-    relative = 1e-6 if single.dtype == torch.float64 else 1e-3
-    tolerance = relative * (1.0 + abs(single.item()))
+    # sums of many terms in another order differ in the last digits: in float32 about
+    # 1e-6 of their size (pairwise sums of 10^5 terms); a model that mixes the draws up
+    # is off by whole terms. 1e-3 let 22 nats of mixing pass in a sum of 28,000
+    relative = 1e-6 if single.dtype == torch.float64 else 2e-5
+    tolerance = relative * (1.0 + max(abs(single.item()), magnitude))
     return abs(single.item() - batch.item()) <= tolerance
 
 
@@ -964,7 +1048,7 @@ def _guide_batch(guide, args, kwargs, num_samples: int, nesting: int, shapes: di
         with particles:
             guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
         guide_trace.compute_log_prob()
-    except (RuntimeError, ValueError):  # the guide does not run under the plate
+    except _NOT_BROADCAST:  # the guide does not run under the plate
         return None
     # the plates' index draws (the guide enters the model's plates) are not the guide's
     # draws, and their log-density (a 0) has no particle dim

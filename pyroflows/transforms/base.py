@@ -136,13 +136,15 @@ class _CachedBijection:
     ``with_cache`` returns the layer itself: it caches already (Pyro's
     ``ComposeTransformModule(..., cache_size=1)`` and ``UnitJacobianReparam`` ask for it).
 
-    A parameter given new data (``p.data = ...``, as torch's ``vector_to_parameters``
-    does) is seen by where its data live (unless, after several such swaps with no call
-    of the layer between, the new data land where the cached ones were; call
-    :meth:`clear_cache` after such swaps to be sure). Writes *into* the data that bypass version
-    counters (``p.data.copy_(...)``, Pyro's ``ClippedAdam``, a fused optimizer such as
-    ``Adam(fused=True)``) are not seen: draw anew, or call :meth:`clear_cache`, before
-    scoring an earlier draw after one (SVI draws anew at every step).
+    Parameters given new data all at once (``p.data = ...`` for each, as torch's
+    ``vector_to_parameters`` does) are seen by where the layer's first parameter's data
+    live (unless, after several such swaps with no call of the layer between, the new
+    data land where the cached ones were). New data for some other parameter alone is
+    not seen; call :meth:`clear_cache` after such swaps to be sure. Writes *into* the data
+    that bypass version counters (``p.data.copy_(...)``, Pyro's ``ClippedAdam``, a fused
+    optimizer such as ``Adam(fused=True)``) are not seen: draw anew, or call
+    :meth:`clear_cache`, before scoring an earlier draw after one (SVI draws anew at
+    every step).
     """
 
     domain = constraints.real_vector
@@ -173,14 +175,15 @@ class _CachedBijection:
         # the tensors the layer computes with now, their version counters and whether
         # they require grad (requires_grad_() moves no counter, and a log-det cached with
         # frozen weights has no graph to them), one int each: 2 * version + requires_grad;
-        # and where their data live: `p.data = ...` (torch's vector_to_parameters does
-        # it) swaps the storage without moving the counter
+        # and where the first parameter's data live: `p.data = ...` on every parameter
+        # (torch's vector_to_parameters) swaps the storage without moving a counter. One
+        # address, not all: reading each costs about 1% of an MAF training step
         tensors = _tensors(self._owner())
         try:
             states = [2 * t._version + t.requires_grad for t in tensors]
         except RuntimeError:  # a layer built under inference mode: nothing to watch
             return None
-        return (tensors, (*states, *_storages(tensors)))
+        return (tensors, (*states, *_storages(tensors[:1])))
 
     def _lookup(self, u: torch.Tensor | None, x: torch.Tensor | None):
         entry = self._cache

@@ -425,9 +425,10 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, ob
     """
     check_positive_int(num_samples, "num_samples")
     with torch.no_grad(), poutine.block():
+        with _rng_forked():  # the subsampling refusal first; the draws as they were
+            _refuse_subsampling(poutine.trace(model).get_trace(*args, **kwargs))
         model = _as_proposed(model, guide, args, kwargs)
         first = poutine.trace(model).get_trace(*args, **kwargs)
-        _refuse_subsampling(first)
         nesting = _nesting(first)
         derived = _deterministic_names(first) if deterministic else []
         sites = _data_sites(first) if observed else {}
@@ -527,8 +528,7 @@ def _as_proposed(model, guide, args, kwargs):
     ``poutine.scale`` on model and guide alike (a loss scale for SVI) would flatten every
     weight by that factor.
     """
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=cuda):  # the draws to come are as they were
+    with _rng_forked():  # the draws to come are as they were
         single = poutine.trace(guide).get_trace(*args, **kwargs)
     drawn = _guide_sites(single)
     scaled = sorted(n for n in drawn if not _is_one(single.nodes[n]["scale"]))
@@ -546,6 +546,12 @@ def _as_proposed(model, guide, args, kwargs):
         and not isinstance(single.nodes[n]["fn"], MaskedDistribution)
     )
     return _Proposed(whole, frozenset(drawn))(model)
+
+
+def _rng_forked():
+    """Fork torch's CPU generator, and the CUDA ones if CUDA is in use."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=cuda)
 
 
 def _is_one(scale: object) -> bool:

@@ -1273,3 +1273,17 @@ def test_a_model_asserting_a_shape_is_scored_a_draw_at_a_time():
     log_w, _ = importance_draws(model, guide, num_samples=20)
     truth = dist.Normal(0.0, 2**0.5).log_prob(torch.tensor(0.5))
     torch.testing.assert_close(log_w, truth.expand(20), rtol=1e-5, atol=1e-5)
+
+
+def test_a_subsampling_model_is_named_before_its_scaled_local_guide_sites():
+    def model(y, size=None):
+        with pyro.plate("rows", len(y), subsample_size=size) as rows:
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("obs", dist.Normal(z, 1.0), obs=y[rows])
+
+    def guide(y, size=None):
+        with pyro.plate("rows", len(y), subsample_size=size):
+            pyro.sample("z", dist.Normal(0.0, 1.0))  # scaled by 100 / 10 in the plate
+
+    with pytest.raises(ValueError, match=r"subsamples plate 'rows' \(10 of 100 rows\)"):
+        diagnose(model, guide, torch.randn(100), 10, num_samples=50)

@@ -503,7 +503,8 @@ def _outer(dims: tuple[int, ...], plate_dim: int) -> bool:
     particles, the caller's outer plates), or at an enumeration dim (``TraceEnum_ELBO``).
     Pyro itself would not catch another left of ``max_plate_nesting``.
     """
-    plates = {m.dim: m.size for m in _PYRO_STACK if isinstance(m, PlateMessenger)}
+    # a subsampled plate's batch dim is its subsample's size
+    plates = {m.dim: m.subsample_size for m in _PYRO_STACK if isinstance(m, PlateMessenger)}
     # the allocator keeps its dims after the run: they count while an enumeration runs
     enumerating = any(isinstance(m, EnumMessenger) for m in _PYRO_STACK)
     enumerated = getattr(_ENUM_ALLOCATOR, "dim_to_id", {}) if enumerating else {}

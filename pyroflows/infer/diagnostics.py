@@ -396,13 +396,11 @@ def importance_draws(
     draws are scored again one at a time: when they disagree with the batch, every
     draw is scored one at a time.
 
-    The weight is that of the guide's proposal: a latent site the model masks
-    (``poutine.mask``, or the ``*_unobserved`` site of ``obs_mask``) but the guide draws
-    and scores whole counts with the model's own density at the masked entries (their
-    draws are the guide's, so the model's density there is needed for a weight whose
-    mean is :math:`p(x)`); a latent the guide does not draw (hidden with
-    ``poutine.block``, or enumerated in training) is drawn from the model's prior, whose
-    density cancels from the weight.
+    A latent the model enumerates in training and the guide does not draw is drawn from
+    its prior, which is its proposal: its density cancels from the weight. A latent the
+    model masks (``obs_mask``'s ``*_unobserved`` site, ``poutine.mask``) but the guide
+    draws whole gets a ``UserWarning``: the masked entries have no density in the model
+    unless a factor gives them one, and then the weights mean nothing.
 
     Raises:
         ValueError: if the model subsamples a plate (the weights need the full data),
@@ -500,24 +498,20 @@ _NOT_BROADCAST = (RuntimeError, ValueError, AssertionError)
 class _Proposed(Messenger):
     """The model as the importance weights of a guide's draws need it.
 
-    ``whole``: latent sites the guide draws and scores at every entry: the model's masks
-    on them are lifted. ``drawn``: every site the guide draws; a latent of the model's
-    outside it is drawn from its prior by the model, and masked out of the weight.
-    Observed sites and plates' index draws are left alone.
+    A latent the model enumerates in training (``infer={"enumerate": ...}``) and the
+    guide does not draw (``drawn``) is drawn from its prior by the model: that is its
+    proposal, so its density is masked out of the weight (it would otherwise stay in
+    every weight, with no proposal density to cancel it). Other sites are left alone.
     """
 
-    def __init__(self, whole: frozenset[str], drawn: frozenset[str]) -> None:
+    def __init__(self, drawn: frozenset[str]) -> None:
         super().__init__()
-        self.whole, self.drawn = whole, drawn
+        self.drawn = drawn
 
     def _process_message(self, msg) -> None:
         if msg["type"] != "sample" or msg["is_observed"] or site_is_subsample(msg):
             return
-        if msg["name"] in self.whole:
-            msg["mask"] = None
-            while isinstance(msg["fn"], MaskedDistribution):
-                msg["fn"] = msg["fn"].base_dist
-        elif msg["name"] not in self.drawn:
+        if msg["infer"].get("enumerate") and msg["name"] not in self.drawn:
             msg["mask"] = False
 
 
@@ -526,10 +520,12 @@ def _as_proposed(model, guide, args, kwargs):
 
     Also refuses a guide whose sites are scaled: its density is the proposal's, and
     ``poutine.scale`` on model and guide alike (a loss scale for SVI) would flatten every
-    weight by that factor.
+    weight by that factor. And warns when the model masks entries of a latent that the
+    guide draws whole (see :func:`_warn_masked_latents`).
     """
     with _rng_forked():  # the draws to come are as they were
         single = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=single)).get_trace(*args, **kwargs)
     drawn = _guide_sites(single)
     scaled = sorted(n for n in drawn if not _is_one(single.nodes[n]["scale"]))
     if scaled:
@@ -539,13 +535,50 @@ def _as_proposed(model, guide, args, kwargs):
             "model and guide unscaled (a scale on both is a loss scale for SVI, which "
             "leaves the posterior as it is)"
         )
-    whole = frozenset(
+    _warn_masked_latents(model_trace, single, drawn)
+    return _Proposed(frozenset(drawn))(model)
+
+
+def _masked(site: dict) -> bool:
+    """Whether a site's density leaves some of its entries out (a mask, anywhere in it)."""
+    mask = site["mask"]
+    if mask is not None and not (mask is True or (torch.is_tensor(mask) and bool(mask.all()))):
+        return True
+    fn = site["fn"]
+    while fn is not None:
+        if isinstance(fn, MaskedDistribution):
+            return True
+        fn = getattr(fn, "base_dist", None)
+    return False
+
+
+def _warn_masked_latents(model_trace, guide_trace, drawn) -> None:
+    """Warn when the model masks entries of a latent that the guide draws and scores whole.
+
+    Those entries have no density in the model (``obs_mask``'s ``*_unobserved`` site at
+    the observed entries, ``poutine.mask``) unless a factor elsewhere gives them one (a
+    flat prior made by ``.mask(False)`` and a ``pyro.factor``), while the guide's density
+    counts them: for the former the posterior there is flat, and the weights mean
+    nothing.
+    """
+    names = [
         n
         for n in drawn
-        if single.nodes[n]["mask"] is None
-        and not isinstance(single.nodes[n]["fn"], MaskedDistribution)
-    )
-    return _Proposed(whole, frozenset(drawn))(model)
+        if n in model_trace.nodes
+        and model_trace.nodes[n]["type"] == "sample"
+        and not model_trace.nodes[n]["is_observed"]
+        and _masked(model_trace.nodes[n])
+        and not _masked(guide_trace.nodes[n])
+    ]
+    if names:
+        warn_from_caller(
+            f"the model masks entries of the latent site(s) {', '.join(map(repr, names))} "
+            "(obs_mask, poutine.mask) that the guide draws and scores whole: unless a "
+            "factor elsewhere gives those entries a density (a .mask(False) prior with a "
+            "pyro.factor), the posterior is flat there and the weights (k-hat, ESS, the "
+            "bound on log p(x)) mean nothing; mask the guide's site the same way (for "
+            "obs_mask, poutine.mask(mask=~obs_mask) around the guide's *_unobserved site)"
+        )
 
 
 def _rng_forked():

@@ -702,3 +702,14 @@ def test_inside_the_callers_plate_a_wrongly_shaped_x_is_still_refused():
             guide(torch.stack([x, x]))
     with pyro.plate("particles", 2, dim=-2), pyro.plate("data", 6):
         assert guide(torch.stack([x, x])).shape == (2, 6, 2)
+
+
+def test_inside_a_subsampled_outer_plate_the_guide_takes_the_subsample():
+    q = amortized_posterior(3, 2, flow="iaf", hidden=(8,), context=2)
+    guide = AmortizedGuide(q, register=False)
+    x = torch.randn(100, 5, 3)
+    with pyro.plate("groups", 100, subsample_size=10, dim=-2) as idx, pyro.plate("data", 5):
+        assert guide(x[idx]).shape == (10, 5, 2)
+    index = torch.arange(7)
+    with pyro.plate("groups", 100, subsample=index, dim=-2), pyro.plate("data", 5):
+        assert guide(x[index]).shape == (7, 5, 2)

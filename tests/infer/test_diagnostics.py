@@ -1175,10 +1175,9 @@ def _masked_data_model(y, m):
         pyro.sample("y", dist.Normal(z, 1.0), obs=y, obs_mask=m)
 
 
-def test_a_guide_drawing_the_entries_the_model_masks_gets_valid_weights():
-    # obs_mask: the model scores y_unobserved only where m is False; a guide that draws
-    # every entry (as an autoguide does) put -log q of the observed entries into the
-    # weights (log p(x) >= 2.15 against a true -4.32). Exact guide: constant weights
+def test_a_guide_drawing_entries_the_model_masks_is_warned_about():
+    # obs_mask: the model gives y_unobserved no density where m is True, a guide that
+    # draws every entry (as an autoguide does) scores them: the weights mean nothing
     y = torch.tensor([0.3, -1.2, 2.0, 0.5, 1.1], dtype=torch.float64)
     m = torch.tensor([True, True, False, True, False])
     seen = y[m]
@@ -1192,23 +1191,44 @@ def test_a_guide_drawing_the_entries_the_model_masks_gets_valid_weights():
         with pyro.plate("d", len(y)):
             pyro.sample("y_unobserved", dist.Normal(z, 1.0))
 
-    def masked_guide(y, m):  # a guide that masks the same entries: as it was
+    def masked_guide(y, m):  # the cure: the guide masks the same entries
         z = pyro.sample("z", dist.Normal(loc, scale))
         with pyro.plate("d", len(y)), poutine.mask(mask=~m):
             pyro.sample("y_unobserved", dist.Normal(z, 1.0))
 
-    for g in (guide, masked_guide):
-        log_w, _ = importance_draws(_masked_data_model, g, y, m, num_samples=200)
-        torch.testing.assert_close(log_w, torch.full_like(log_w, truth))
+    with pytest.warns(UserWarning, match=r"masks entries of the latent site\(s\) 'y_unobserved'"):
+        importance_draws(_masked_data_model, guide, y, m, num_samples=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        log_w, _ = importance_draws(_masked_data_model, masked_guide, y, m, num_samples=200)
+    torch.testing.assert_close(log_w, torch.full_like(log_w, truth))
+
+
+def test_a_flat_prior_with_a_factor_keeps_its_weights():
+    # Pyro's pattern for a prior given by factors: .mask(False) and pyro.factor; the
+    # masked density must not be counted (the factor is the prior)
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).mask(False))
+        pyro.factor("prior", dist.Normal(0.0, 1.0).log_prob(z))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor(0.5))
+
+    def guide():
+        pyro.sample("z", dist.Normal(0.25, 0.5**0.5))
+
+    truth = dist.Normal(0.0, 2**0.5).log_prob(torch.tensor(0.5))
+    with pytest.warns(UserWarning, match="unless a factor elsewhere"):
+        log_w, _ = importance_draws(model, guide, num_samples=50)
+    torch.testing.assert_close(log_w, truth.expand(50), rtol=1e-5, atol=1e-5)
 
 
 def test_a_latent_the_guide_does_not_draw_is_proposed_by_its_prior():
-    # an enumerated (or hidden) site the guide leaves to the model: its prior density
-    # cancels; before, it stayed in every weight (log p(x) >= -2.09 against -1.52)
+    # a site the model enumerates in training, which the guide leaves to it: its prior
+    # density cancels; before, it stayed in every weight (log p(x) >= -2.09 against -1.52)
     x = torch.tensor(0.7, dtype=torch.float64)
 
     def model(x):
-        pyro.sample("c", dist.Bernoulli(torch.tensor(0.3, dtype=torch.float64)))
+        c = dist.Bernoulli(torch.tensor(0.3, dtype=torch.float64))
+        pyro.sample("c", c, infer={"enumerate": "parallel"})
         z = pyro.sample("z", dist.Normal(torch.tensor(0.0).double(), 1.0))
         pyro.sample("x", dist.Normal(z, 1.0), obs=x)
 

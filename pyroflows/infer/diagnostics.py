@@ -540,16 +540,36 @@ def _as_proposed(model, guide, args, kwargs):
 
 
 def _masked(site: dict) -> bool:
-    """Whether a site's density leaves some of its entries out (a mask, anywhere in it)."""
-    mask = site["mask"]
-    if mask is not None and not (mask is True or (torch.is_tensor(mask) and bool(mask.all()))):
-        return True
+    """Whether a site's density leaves some entries of its value out (a mask anywhere)."""
     fn = site["fn"]
+    if _masks_out(site["mask"], fn.batch_shape):
+        return True
     while fn is not None:
-        if isinstance(fn, MaskedDistribution):
+        if isinstance(fn, MaskedDistribution) and _masks_out(fn._mask, fn.base_dist.batch_shape):
             return True
         fn = getattr(fn, "base_dist", None)
     return False
+
+
+def _masks_out(mask: object, batch_shape: torch.Size) -> bool:
+    """Whether ``mask`` is False at every place some entry of a ``batch_shape`` value is.
+
+    A mask broadcast up over a site (a global latent inside ``poutine.mask`` over the
+    data points) weighs its density, but leaves none of its entries out.
+    """
+    if mask is None or mask is True:
+        return False
+    if mask is False:
+        return True
+    m = torch.as_tensor(mask, dtype=torch.bool)
+    extra = m.dim() - len(batch_shape)
+    if extra > 0:
+        m = m.reshape(-1, *m.shape[extra:]).any(0)
+    offset = len(batch_shape) - m.dim()
+    for i in range(m.dim()):
+        if batch_shape[offset + i] == 1 and m.shape[i] > 1:
+            m = m.any(i, keepdim=True)
+    return not bool(m.all())
 
 
 def _warn_masked_latents(model_trace, guide_trace, drawn) -> None:

@@ -1307,3 +1307,26 @@ def test_a_subsampling_model_is_named_before_its_scaled_local_guide_sites():
 
     with pytest.raises(ValueError, match=r"subsamples plate 'rows' \(10 of 100 rows\)"):
         diagnose(model, guide, torch.randn(100), 10, num_samples=50)
+
+
+def test_a_mask_over_the_data_points_is_not_taken_for_masked_latents():
+    # poutine.mask around a whole model weighs its global latents by the points kept, but
+    # leaves none of their entries without density: no warning
+    y = torch.randn(10)
+    mask = torch.arange(10) % 5 != 0
+
+    def model(y):
+        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(loc, 1.0), obs=y)
+
+    def masked(y):
+        with poutine.mask(mask=mask):
+            model(y)
+
+    def guide(y):
+        pyro.sample("loc", dist.Normal(0.0, 1.0))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        importance_draws(masked, guide, y, num_samples=20)

@@ -423,8 +423,6 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, ob
     """
     check_positive_int(num_samples, "num_samples")
     with torch.no_grad(), poutine.block():
-        with _rng_forked():  # the subsampling refusal first; the draws as they were
-            _refuse_subsampling(poutine.trace(model).get_trace(*args, **kwargs))
         model = _as_proposed(model, guide, args, kwargs)
         first = poutine.trace(model).get_trace(*args, **kwargs)
         nesting = _nesting(first)
@@ -516,16 +514,18 @@ class _Proposed(Messenger):
 
 
 def _as_proposed(model, guide, args, kwargs):
-    """``model`` under :class:`_Proposed` for ``guide``'s sites (one run of the guide).
+    """``model`` under :class:`_Proposed` for ``guide``'s sites (one run of each).
 
-    Also refuses a guide whose sites are scaled: its density is the proposal's, and
+    That run first refuses a model that subsamples (see :func:`_refuse_subsampling`),
+    then a guide whose sites are scaled: its density is the proposal's, and
     ``poutine.scale`` on model and guide alike (a loss scale for SVI) would flatten every
     weight by that factor. And warns when the model masks entries of a latent that the
     guide draws whole (see :func:`_warn_masked_latents`).
     """
-    with _rng_forked():  # the draws to come are as they were
+    with _rng_kept():  # the draws to come are as they were
         single = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=single)).get_trace(*args, **kwargs)
+    _refuse_subsampling(model_trace)  # named before the guide's sites it scales
     drawn = _guide_sites(single)
     scaled = sorted(n for n in drawn if not _is_one(single.nodes[n]["scale"]))
     if scaled:
@@ -599,12 +599,6 @@ def _warn_masked_latents(model_trace, guide_trace, drawn) -> None:
             "bound on log p(x)) mean nothing; mask the guide's site the same way (for "
             "obs_mask, poutine.mask(mask=~obs_mask) around the guide's *_unobserved site)"
         )
-
-
-def _rng_forked():
-    """Fork torch's CPU generator, and the CUDA ones if CUDA is in use."""
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    return torch.random.fork_rng(devices=cuda)
 
 
 def _is_one(scale: object) -> bool:
@@ -976,9 +970,16 @@ def _sums_close(single: torch.Tensor, batch: torch.Tensor, magnitude: float = 0.
     return abs(single.item() - batch.item()) <= tolerance
 
 
-def _rng_kept(device: torch.device):
-    """Fork torch's generators (the CPU's, and ``device``'s if it is a CUDA device)."""
-    devices = [device] if device.type == "cuda" else []
+def _rng_kept(device: torch.device | None = None):
+    """Fork torch's generators: the CPU's, and ``device``'s if it is a CUDA device.
+
+    Without ``device``, every CUDA device's once CUDA is in use.
+    """
+    if device is None:
+        initialized = torch.cuda.is_initialized()
+        devices = list(range(torch.cuda.device_count())) if initialized else []
+    else:
+        devices = [device] if device.type == "cuda" else []
     return torch.random.fork_rng(devices=devices)
 
 

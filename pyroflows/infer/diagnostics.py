@@ -61,6 +61,7 @@ from pyro.infer.util import plate_log_prob_sum
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.uncondition_messenger import UnconditionMessenger
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from torch.distributions import constraints
 
 from pyroflows._checks import check_positive_int, warn_from_caller
 
@@ -452,6 +453,8 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, ob
                 parts += [run(size, shapes) for size in _chunks(num_samples - trial)]
                 joined = _joined(parts)
                 batched = agrees(joined)  # the first and the last of them all
+        except _OutsideSupport:
+            raise
         except _NOT_BROADCAST:
             # the model does not broadcast over a particle plate: one draw at a time
             # (if that fails too, its error is the model's own, and it is raised: the
@@ -512,6 +515,45 @@ class _Proposed(Messenger):
         if msg["infer"].get("enumerate") and msg["name"] not in self.drawn:
             msg["mask"] = False
 
+    def _postprocess_message(self, msg) -> None:
+        # with validation on, a guide value outside the site's support is named here,
+        # before the model goes on to compute with it (and fails somewhere else)
+        if (
+            msg["type"] == "sample"
+            and not msg["is_observed"]
+            and msg["name"] in self.drawn
+            and getattr(msg["fn"], "_validate_args", False)
+        ):
+            _check_support(msg["name"], msg["fn"], msg["value"])
+
+
+class _OutsideSupport(ValueError):
+    """A guide's draw outside its model site's support (not a broadcasting failure)."""
+
+
+def _check_support(name: str, fn: Any, value: torch.Tensor) -> None:
+    """Raise :class:`_OutsideSupport` if a guide's ``value`` at ``name`` leaves ``fn``'s support."""
+    try:
+        support = fn.support
+    except NotImplementedError:  # a distribution that declares none
+        return
+    if support is None or constraints.is_dependent(support):
+        return  # nothing to check against (Pyro's own validation skips these too)
+    inside = support.check(value)
+    if bool(inside.all()):
+        return
+    outside = ~inside
+    count, total = int(outside.sum()), outside.numel()
+    example = value.expand(*outside.shape, *value.shape[outside.dim() :])[outside][0]
+    shown = f"{example.item():.4g}" if example.numel() == 1 else "a point"
+    raise _OutsideSupport(
+        f"the guide drew site {name!r} outside the model's support ({support}): "
+        f"{count} of {total} values, e.g. {shown}. The model has no density there, so "
+        "those draws cannot be weighed (with validation on, the model would fail on them); "
+        "give the guide's site the model's support: a distribution on it, or a Normal "
+        "mapped through biject_to(support) as Pyro's autoguides do"
+    )
+
 
 def _as_proposed(model, guide, args, kwargs):
     """``model`` under :class:`_Proposed` for ``guide``'s sites (one run of each).
@@ -524,9 +566,10 @@ def _as_proposed(model, guide, args, kwargs):
     """
     with _rng_kept():  # the draws to come are as they were
         single = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=single)).get_trace(*args, **kwargs)
+        drawn = _guide_sites(single)
+        proposed = poutine.replay(_Proposed(frozenset(drawn))(model), trace=single)
+        model_trace = poutine.trace(proposed).get_trace(*args, **kwargs)
     _refuse_subsampling(model_trace)  # named before the guide's sites it scales
-    drawn = _guide_sites(single)
     scaled = sorted(n for n in drawn if not _is_one(single.nodes[n]["scale"]))
     if scaled:
         raise ValueError(
@@ -918,6 +961,8 @@ def _batch_agrees(
             single, trace = _single_log_weight(model, guide, args, kwargs, values, q_s)
             if s == 0:
                 again, _ = _single_log_weight(model, guide, args, kwargs, values, q_s)
+        except _OutsideSupport:
+            raise
         except _NOT_BROADCAST:
             return False
         if s == 0 and not torch.isclose(single, again, rtol=1e-6, atol=1e-6, equal_nan=True):

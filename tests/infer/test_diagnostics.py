@@ -1330,3 +1330,34 @@ def test_a_mask_over_the_data_points_is_not_taken_for_masked_latents():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         importance_draws(masked, guide, y, num_samples=20)
+
+
+def _wide_guide_model():
+    def model():
+        s = pyro.sample("s", dist.Gamma(2.0, 2.0))
+        pyro.sample("y", dist.Normal(0.0, s), obs=torch.tensor(0.5))
+
+    def guide():
+        pyro.sample("s", dist.Normal(1.0, 1.0))  # negative 16% of the time
+
+    return model, guide
+
+
+@pytest.mark.parametrize("call", [diagnose, importance_resample, to_arviz])
+def test_a_guide_drawing_outside_the_models_support_is_named(call, sequential_runs):
+    model, guide = _wide_guide_model()
+    pyro.set_rng_seed(0)
+    with pyro.validation_enabled(True):
+        # named at the site, not the model's later Normal(0, s < 0) failure
+        with pytest.raises(ValueError, match=r"guide drew site 's' outside the model's support"):
+            call(model, guide, num_samples=500)
+    assert sequential_runs == []  # not taken for a model that does not broadcast
+
+
+def test_a_guide_outside_the_support_without_validation_is_not_trusted():
+    model, guide = _wide_guide_model()
+    pyro.set_rng_seed(0)
+    with pyro.validation_enabled(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        report = diagnose(model, guide, num_samples=500)
+    assert not report.trustworthy

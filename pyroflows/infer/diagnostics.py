@@ -469,10 +469,16 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, ob
                 log_w, samples, pointwise = _sequential_draws(
                     model, guide, args, kwargs, num_samples, derived, sites, first
                 )
+    # a discrete site may well take one value in every draw (a guide's Bernoulli(0.9999)),
+    # and a point mass on it is a proposal with a density all the same (on its values)
+    discrete = {n for n in samples if _is_discrete(first.nodes.get(n))}
     fixed = [
         name
         for name, v in samples.items()
-        if name not in derived and v[0].numel() and bool((v == v[:1]).all())
+        if name not in derived
+        and name not in discrete
+        and v[0].numel()
+        and bool((v == v[:1]).all())
     ]
     if num_samples > 1 and fixed:
         latents = [name for name in samples if name not in derived]
@@ -489,6 +495,16 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, ob
             "for every latent site"
         )
     return log_w.detach(), {n: v.detach() for n, v in samples.items()}, pointwise
+
+
+def _is_discrete(site: dict | None) -> bool:
+    """Whether a model's sample site has a discrete support."""
+    if site is None or site["type"] != "sample":
+        return False
+    try:
+        return bool(getattr(site["fn"].support, "is_discrete", False))
+    except NotImplementedError:  # a distribution that declares no support
+        return False
 
 
 #: what a model that does not run under a particle plate raises (an ``assert`` on a

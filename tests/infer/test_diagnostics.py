@@ -1361,3 +1361,27 @@ def test_a_guide_outside_the_support_without_validation_is_not_trusted():
         warnings.simplefilter("ignore", RuntimeWarning)
         report = diagnose(model, guide, num_samples=500)
     assert not report.trustworthy
+
+
+def test_a_discrete_site_drawn_alike_every_time_is_not_taken_for_a_point_mass():
+    def model():
+        b = pyro.sample("b", dist.Bernoulli(0.5))
+        m = pyro.sample("m", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(m + 3 * b, 1.0), obs=torch.tensor(4.0))
+
+    def guide():
+        pyro.sample("b", dist.Bernoulli(0.9999))  # a density on {0, 1}, all ones in 500
+        pyro.sample("m", dist.Normal(1.0, 1.0))
+
+    pyro.set_rng_seed(0)
+    log_w, draws = importance_draws(model, guide, num_samples=500)
+    assert bool((draws["b"] == 1).all())
+    # the weight is p(x, b=1, m) / (0.9999 q(m)): the guide's Bernoulli is in it
+    m = draws["m"]
+    joint = (
+        dist.Bernoulli(0.5).log_prob(torch.tensor(1.0))
+        + dist.Normal(0.0, 1.0).log_prob(m)
+        + dist.Normal(m + 3, 1.0).log_prob(torch.tensor(4.0))
+    )
+    q = math.log(0.9999) + dist.Normal(1.0, 1.0).log_prob(m)
+    assert torch.allclose(log_w, joint - q, atol=1e-5)

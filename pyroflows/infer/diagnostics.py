@@ -406,8 +406,10 @@ def importance_draws(
     Raises:
         ValueError: if the model subsamples a plate (the weights need the full data),
             if the guide's sites are scaled (``poutine.scale``: a proposal's density is
-            not to be tempered), or if every draw of the guide is the same point (a
-            point mass such as ``AutoDelta`` has no density to weigh).
+            not to be tempered), if every draw of the guide is the same point (a
+            point mass such as ``AutoDelta`` has no density to weigh), or if a site is
+            in only some of the draws (a model whose structure changes from draw to
+            draw: :func:`diagnose`, which needs no samples, takes it).
 
     Returns:
         ``(log_weights, samples)``: shape ``(num_samples,)``, and a dict of each latent
@@ -416,11 +418,16 @@ def importance_draws(
     return _draws(model, guide, args, kwargs, num_samples, deterministic=False)[:2]
 
 
-def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, observed=False):
+def _draws(
+    model, guide, args, kwargs, num_samples: int, deterministic: bool, observed=False, stacked=True
+):
     """:func:`importance_draws`, with the model's ``pyro.deterministic`` sites if asked.
 
     Returns ``(log_w, samples, pointwise)``: with ``observed``, ``pointwise`` is the
     :class:`_Pointwise` log-likelihood of the model's data sites at each draw, else None.
+    With ``stacked`` (for callers that use ``samples``), a site that only some draws
+    have (a model whose structure changes) is refused; without, it is left out of
+    ``samples``.
     """
     check_positive_int(num_samples, "num_samples")
     with torch.no_grad(), poutine.block():
@@ -459,14 +466,15 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, ob
             # the model does not broadcast over a particle plate: one draw at a time
             # (if that fails too, its error is the model's own, and it is raised: the
             # particle-plate error above stays attached as its context)
-            log_w, samples, pointwise = _sequential_draws(
+            log_w, samples, pointwise, partial = _sequential_draws(
                 model, guide, args, kwargs, num_samples, derived, sites, first
             )
         else:
             if batched:
                 log_w, _, samples, pointwise, _, _ = joined
+                partial = {}
             else:
-                log_w, samples, pointwise = _sequential_draws(
+                log_w, samples, pointwise, partial = _sequential_draws(
                     model, guide, args, kwargs, num_samples, derived, sites, first
                 )
     # a discrete site may well take one value in every draw (a guide's Bernoulli(0.9999)),
@@ -493,6 +501,14 @@ def _draws(model, guide, args, kwargs, num_samples: int, deterministic: bool, ob
             "to weigh against the posterior, so k-hat, the ESS and the bound on log p(x) "
             "would mean nothing; use a guide with a density (AutoNormal, AutoFlow, ...) "
             "for every latent site"
+        )
+    if partial and stacked:
+        name, count = next(iter(partial.items()))
+        raise ValueError(
+            f"the model's structure changes from draw to draw: site {name!r} is in {count} "
+            f"of the {num_samples} draws, so its draws make no one array (per site, as "
+            f"samples or ArviZ variables need them); diagnose() needs only the weights and "
+            f"takes such a model"
         )
     return log_w.detach(), {n: v.detach() for n, v in samples.items()}, pointwise
 
@@ -1074,12 +1090,19 @@ def _sequential_draws(model, guide, args, kwargs, num_samples, derived=(), sites
             )
             rest = model_trace.log_prob_sum(lambda name, _: name not in sites)
             rests.append(torch.as_tensor(rest - log_q))
-    samples = {n: torch.stack([d[n] for d in draws]) for n in draws[0]}
+    # a model whose structure changes from draw to draw has sites in some draws only:
+    # their weights are as valid as any, but those sites' draws make no one array
+    counts: dict[str, int] = {}
+    for draw in draws:
+        for n in draw:
+            counts[n] = counts.get(n, 0) + 1
+    samples = {n: torch.stack([d[n] for d in draws]) for n, c in counts.items() if c == len(draws)}
+    partial = {n: c for n, c in counts.items() if c < len(draws)}
     pointwise = None
     if sites:
         log_lik = {n: torch.stack([lik[n] for lik in liks]) for n in sites}
         pointwise = _Pointwise(sites, log_lik, torch.stack(rests), False)
-    return torch.stack(log_ws), samples, pointwise
+    return torch.stack(log_ws), samples, pointwise, partial
 
 
 def _runs_with_the_guide(model, guide, args, kwargs, num_samples):
@@ -1205,7 +1228,7 @@ def diagnose(
         True
     """
     check_positive_int(num_samples, "num_samples", minimum=2)
-    log_w, _ = importance_draws(model, guide, *args, num_samples=num_samples, **kwargs)
+    log_w = _draws(model, guide, args, kwargs, num_samples, deterministic=False, stacked=False)[0]
     return summarize(log_w)
 
 

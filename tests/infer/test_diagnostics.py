@@ -1385,3 +1385,44 @@ def test_a_discrete_site_drawn_alike_every_time_is_not_taken_for_a_point_mass():
     )
     q = math.log(0.9999) + dist.Normal(1.0, 1.0).log_prob(m)
     assert torch.allclose(log_w, joint - q, atol=1e-5)
+
+
+def _dynamic_model_and_guide():
+    """A site ('e') that only the draws with k = 1 have: the structure changes."""
+
+    def model():
+        k = pyro.sample("k", dist.Bernoulli(0.5))
+        m = pyro.sample("m", dist.Normal(0.0, 1.0))
+        if k.item() == 1:
+            m = m + pyro.sample("e", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(m, 1.0), obs=torch.tensor(1.0))
+
+    def guide():
+        k = pyro.sample("k", dist.Bernoulli(0.5))
+        pyro.sample("m", dist.Normal(0.5, 0.8))
+        if k.item() == 1:
+            pyro.sample("e", dist.Normal(0.0, 1.0))
+
+    return model, guide
+
+
+@pytest.mark.parametrize("seed", range(4))  # the first draw with and without 'e'
+def test_diagnose_takes_a_model_whose_structure_changes(seed):
+    model, guide = _dynamic_model_and_guide()
+    pyro.set_rng_seed(seed)
+    report = diagnose(model, guide, num_samples=1000)
+    # log p(y = 1) = log(N(1; 0, 2) / 2 + N(1; 0, 3) / 2), variances 2 and 3
+    exact = math.log(
+        0.5 * math.exp(-1 / 4) / math.sqrt(4 * math.pi)
+        + 0.5 * math.exp(-1 / 6) / math.sqrt(6 * math.pi)
+    )
+    assert report.log_evidence == pytest.approx(exact, abs=0.05)
+    assert report.khat < 0.7
+
+
+@pytest.mark.parametrize("call", [importance_draws, importance_resample, to_arviz])
+def test_samples_of_a_model_whose_structure_changes_are_refused_by_site(call):
+    model, guide = _dynamic_model_and_guide()
+    pyro.set_rng_seed(0)
+    with pytest.raises(ValueError, match=r"structure changes .* site 'e' is in \d+ of the 300"):
+        call(model, guide, num_samples=300)

@@ -87,7 +87,7 @@ def main() -> None:
         print(
             f"{likelihood:9s} elpd_loo {results[likelihood]['elpd_loo']:8.2f} "
             f"(se {results[likelihood]['se']:.2f}), k-hat > 0.7 at {int((k > 0.7).sum())} "
-            f"of {k.size} points, largest {k.max():.2f}"
+            f"of {k.size} points, largest {k.max():.3f}"
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ArviZ's use of a pandas method pandas deprecates

@@ -15,6 +15,7 @@ Calling a :class:`Flow` (with a context if it is conditional) returns a
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -50,9 +51,20 @@ from pyroflows.transforms import (
     SplineAutoregressive,
     SplineCoupling,
 )
+from pyroflows.transforms.base import _forget_tensor_lists
 
 PERMUTATIONS = ("reverse", "random", None)
 _LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))  # torch's Normal.log_prob constant, as it is
+
+
+def _sample_shape(shape: Any) -> Any:
+    """``shape`` as torch takes it; an int (``d.sample(5)``) is named, not left to fail."""
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+        raise TypeError(
+            f"sample_shape must be a tuple of ints, such as ({int(shape)},) for "
+            f"{int(shape)} draws, got the int {int(shape)}"
+        )
+    return shape
 
 
 class FlowDistribution(dist.TransformedDistribution):
@@ -111,6 +123,14 @@ class FlowDistribution(dist.TransformedDistribution):
         offset = scale.log() + _LOG_SQRT_2PI
         return ((u - normal.loc).square() * (-0.5 / scale.square()) - offset).sum(-1)
 
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
+        """Draws of shape ``(*sample_shape, *batch_shape, D)``, without gradient."""
+        return super().sample(_sample_shape(sample_shape))
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
+        """Reparametrized draws of shape ``(*sample_shape, *batch_shape, D)``."""
+        return super().rsample(_sample_shape(sample_shape))
+
     def _validate_sample(self, value: torch.Tensor) -> None:
         # torch's check, run by log_prob when validation is on (unless turned off): its
         # shape checks are log_prob's own above; its support (R^D) check is this one,
@@ -128,7 +148,11 @@ class Flow(DropsParamStoreLinks, nn.Module):
 
     Cost: sampling runs every transform forward (``t(u)``), scoring runs every inverse
     (``t.inv(x)``); see each transform for the passes that takes. A distribution caches
-    the last sample per layer, so ``d.log_prob(d.rsample())`` costs no inverse.
+    the last sample per layer, so ``d.log_prob(d.rsample())`` costs no inverse. A kept
+    sample is scored afresh once the weights change: after any ``torch.optim`` step
+    (fused ones and Pyro's ``ClippedAdam`` included), a load, or an in-place change.
+    Writes into the weights outside an optimizer that torch does not count
+    (``p.data.add_(...)``) are not seen: call :meth:`clear_cache` after them.
 
     The distribution reads the layers' parameters when it is used, not when it is made.
     So with ``torch.func.functional_call``, score inside the call: ``functional_call(flow,
@@ -200,6 +224,14 @@ class Flow(DropsParamStoreLinks, nn.Module):
         state = dict(super().__getstate__())
         state.pop("_base_cache", None)  # rebuilt on first use
         return state
+
+    def clear_cache(self) -> None:
+        """Forget every layer's kept sample, the conditioned layers' of past calls too.
+
+        Needed only after writing into the weights past torch's version counters and
+        outside an optimizer's step (``p.data.add_(...)``, ``p.data.copy_(...)``).
+        """
+        _forget_tensor_lists(self)
 
     @property
     def conditional(self) -> bool:

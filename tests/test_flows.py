@@ -563,3 +563,12 @@ def test_log_prob_reads_a_moved_base_and_layers_of_other_event_dims():
         torch.distributions.Laplace(0.0, x.new_ones(3)), 1
     )
     assert torch.allclose(d.log_prob(x), _torch_log_prob(d, x.clone()))
+
+
+@pytest.mark.parametrize("method", ["sample", "rsample"])
+def test_an_int_sample_shape_is_named(method):
+    d = small("maf", dim=2)()
+    with pytest.raises(TypeError, match=r"sample_shape must be a tuple of ints, such as \(5,\)"):
+        getattr(d, method)(5)
+    assert getattr(d, method)((5,)).shape == (5, 2)
+    assert getattr(d, method)(torch.Size([2, 3])).shape == (2, 3, 2)

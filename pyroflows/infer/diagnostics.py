@@ -205,7 +205,7 @@ class Diagnosis:
     def __str__(self) -> str:
         """One line a user can print."""
         return (
-            f"k-hat {self.khat:.2f} | ESS {self.ess:.0f}/{self.num_samples} | "
+            f"k-hat {_khat_text(self.khat)} | ESS {self.ess:.0f}/{self.num_samples} | "
             f"ELBO {self.elbo:.2f} | log p(x) >= {self.log_evidence:.2f} | {self.verdict}"
         )
 
@@ -1285,7 +1285,7 @@ def importance_resample(
         )
     if not report.khat <= USABLE_KHAT:
         warn_from_caller(
-            f"importance_resample: k-hat {report.khat:.2f} > {USABLE_KHAT} (ESS "
+            f"importance_resample: k-hat {_khat_text(report.khat)} > {USABLE_KHAT} (ESS "
             f"{report.ess:.0f} of {report.num_samples} proposals): the resampled draws repeat "
             "a few proposals and do not represent the posterior; improve the guide first"
         )
@@ -1650,8 +1650,8 @@ def loo(
     if warning:
         warn_from_caller(
             f"loo: {int(np.sum(khats > good_k))} of {n} data points have Pareto k-hat above "
-            f"{good_k:.2f} (largest {np.max(khats):.2f}): their leave-one-out estimates do not "
-            "hold (a poor guide, too few draws, or highly influential points)"
+            f"{good_k:.2f} (largest {_khat_text(float(np.max(khats)))}): their leave-one-out "
+            "estimates do not hold (a poor guide, too few draws, or highly influential points)"
         )
     import xarray as xr
 

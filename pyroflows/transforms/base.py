@@ -25,9 +25,24 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 from torch.distributions import Transform, constraints
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from pyroflows._checks import check_context_broadcast, check_event, check_positive_int
 from pyroflows._pickling import DropsParamStoreLinks, drop_param_store_links
+
+#: optimizer steps taken in this process, by any ``torch.optim`` optimizer: a cached
+#: triple is served only under the count it was made under. Version counters see most
+#: steps, but not those that write through ``.data`` (Pyro's ``ClippedAdam``) or in a
+#: fused kernel (``Adam(fused=True)``); torch calls this hook after every step of every
+#: optimizer (a subclass's too), so those are seen as well.
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def _forget_tensor_lists(module: nn.Module, incompatible_keys: Any = None) -> None:
@@ -129,9 +144,11 @@ class _CachedBijection:
     tensor objects (``is``), unchanged in place and in ``requires_grad`` since (their
     version counters, the cached log-det's too), the layer's parameters and buffers the
     same objects and unchanged (their version counters, which ``optimizer.step()`` and
-    ``load_state_dict`` bump, so the cache never goes stale after a step, unlike
-    pyro#2542, nor after parameters are swapped in), and, if grad mode is on now, grad
-    mode on when the entry was made (else its ``ladj`` would carry no graph).
+    ``load_state_dict`` bump), no optimizer step since (of any ``torch.optim`` optimizer,
+    counted by a step hook: fused ones and Pyro's ``ClippedAdam`` write past the version
+    counters), so the cache never goes stale after a step, unlike pyro#2542, nor after
+    parameters are swapped in, and, if grad mode is on now, grad mode on when the entry
+    was made (else its ``ladj`` would carry no graph).
 
     ``with_cache`` returns the layer itself: it caches already (Pyro's
     ``ComposeTransformModule(..., cache_size=1)`` and ``UnitJacobianReparam`` ask for it).
@@ -141,10 +158,9 @@ class _CachedBijection:
     live (unless, after several such swaps with no call of the layer between, the new
     data land where the cached ones were). New data for some other parameter alone is
     not seen; call :meth:`clear_cache` after such swaps to be sure. Writes *into* the data
-    that bypass version counters (``p.data.copy_(...)``, Pyro's ``ClippedAdam``, a fused
-    optimizer such as ``Adam(fused=True)``) are not seen: draw anew, or call
-    :meth:`clear_cache`, before scoring an earlier draw after one (SVI draws anew at
-    every step).
+    outside an optimizer's step that bypass version counters (``p.data.copy_(...)``,
+    ``p.data.add_(...)``) are not seen: draw anew, or call :meth:`clear_cache`, before
+    scoring an earlier draw after one (SVI draws anew at every step).
     """
 
     domain = constraints.real_vector
@@ -175,15 +191,16 @@ class _CachedBijection:
         # the tensors the layer computes with now, their version counters and whether
         # they require grad (requires_grad_() moves no counter, and a log-det cached with
         # frozen weights has no graph to them), one int each: 2 * version + requires_grad;
-        # and where the first parameter's data live: `p.data = ...` on every parameter
-        # (torch's vector_to_parameters) swaps the storage without moving a counter. One
-        # address, not all: reading each costs about 1% of an MAF training step
+        # where the first parameter's data live: `p.data = ...` on every parameter
+        # (torch's vector_to_parameters) swaps the storage without moving a counter (one
+        # address, not all: reading each costs about 1% of an MAF training step); and the
+        # optimizer steps so far, for the steps that move no counter
         tensors = _tensors(self._owner())
         try:
             states = [2 * t._version + t.requires_grad for t in tensors]
         except RuntimeError:  # a layer built under inference mode: nothing to watch
             return None
-        return (tensors, (*states, *_storages(tensors[:1])))
+        return (tensors, (*states, *_storages(tensors[:1]), _OPTIMIZER_STEPS[0]))
 
     def _lookup(self, u: torch.Tensor | None, x: torch.Tensor | None):
         entry = self._cache

@@ -485,3 +485,55 @@ def test_the_order_list_is_not_taken_from_a_freed_tensor():
     for order in ([3, 2, 1, 0], [1, 0, 3, 2], [2, 3, 0, 1]):
         t.conditioner.order = torch.tensor(order)
         assert t._order_list() == order
+
+
+def _pyro_clipped_adam(params):
+    from pyro.optim.clipped_adam import ClippedAdam
+
+    return ClippedAdam(params, lr=0.1)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.Adam(p, lr=0.1, fused=True),  # writes in a fused kernel
+        _pyro_clipped_adam,  # writes through .data
+        lambda p: torch.optim.SGD(p, lr=0.1),
+    ],
+    ids=["fused-adam", "pyro-clipped-adam", "sgd"],
+)
+@pytest.mark.parametrize("builder", [iaf, maf, realnvp])
+def test_an_earlier_draw_is_scored_with_the_weights_after_any_optimizer_step(builder, make):
+    torch.manual_seed(0)
+    flow = builder(2, transforms=2, hidden=(16,))
+    optimizer = make(list(flow.parameters()))
+    d = flow()
+    x = d.rsample((64,))
+    log_q = d.log_prob(x)
+    before = log_q.detach().clone()
+    loss = (log_q + 0.5 * ((x - 3) ** 2).sum(-1)).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        again = flow().log_prob(x)  # x is still the layers' kept draw
+        fresh = flow().log_prob(x.detach().clone())
+    assert (fresh - before).abs().max() > 0.05  # the step moved the density
+    torch.testing.assert_close(again, fresh)
+
+
+@pytest.mark.parametrize("context", [None, 2])
+@pytest.mark.parametrize("builder", [iaf, realnvp])
+def test_flow_clear_cache_after_a_write_outside_any_optimizer(builder, context):
+    torch.manual_seed(0)
+    flow = builder(3, transforms=2, hidden=(8,), context=context)
+    c = None if context is None else torch.randn(5, context)
+    d = flow(c)
+    x = d.rsample()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.data.add_(0.2)  # no version counter moves, no optimizer step
+        fresh = copy.deepcopy(flow)(c).log_prob(x.detach().clone())  # leaves d's layers
+        assert (d.log_prob(x) - fresh).abs().max() > 0.01  # kept: not seen, as documented
+        flow.clear_cache()
+        torch.testing.assert_close(d.log_prob(x), fresh)

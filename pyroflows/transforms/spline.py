@@ -38,14 +38,13 @@ References:
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyroflows._checks import HALF_DTYPES, check_number, check_positive_int
+from pyroflows._checks import HALF_DTYPES, check_bool, check_number, check_positive_int
 from pyroflows._torch_modes import forward_ad_active, functorch_active
 from pyroflows.transforms.autoregressive import _Autoregressive
 from pyroflows.transforms.base import ConditionalFlowTransform, FlowTransform
@@ -54,6 +53,13 @@ from pyroflows.transforms.coupling import _Coupling
 MIN_BIN_WIDTH = 1e-3
 MIN_BIN_HEIGHT = 1e-3
 MIN_DERIVATIVE = 1e-3
+#: the most bins a spline takes: each keeps its minimum width and height, so past this
+#: the minimums alone overfill the interval and the knots run backwards
+MAX_BINS = math.ceil(1 / max(MIN_BIN_WIDTH, MIN_BIN_HEIGHT)) - 1
+_MAX_BINS_REASON = (
+    f"a spline takes at most {MAX_BINS} bins, as each keeps a minimum width and height of "
+    f"{MIN_BIN_WIDTH} of the interval"
+)
 
 
 def _softmax(raw: torch.Tensor) -> torch.Tensor:
@@ -141,6 +147,11 @@ def rational_quadratic_spline(
     for name, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if not tensor.is_floating_point():
+            raise TypeError(
+                f"{name} must be a floating-point tensor (float32 or float64), got "
+                f"{tensor.dtype}; no silent cast is made"
+            )
         if tensor.dtype != value.dtype:
             raise TypeError(
                 f"{name} has dtype {tensor.dtype} but value has {value.dtype}; no silent cast "
@@ -151,6 +162,8 @@ def rational_quadratic_spline(
             f"widths must have shape (*batch, D, K), K >= 1, got {tuple(widths.shape)}"
         )
     k = widths.shape[-1]
+    if k > MAX_BINS:
+        raise ValueError(f"widths has {k} bins (its last dim): {_MAX_BINS_REASON}")
     for name, tensor, size in (("heights", heights, k), ("derivatives", derivatives, k - 1)):
         if tuple(tensor.shape) != (*widths.shape[:-1], size):
             raise ValueError(
@@ -164,8 +177,20 @@ def rational_quadratic_spline(
             f"{(*value.shape, k)} for value of shape {tuple(value.shape)}, got widths of "
             f"shape {tuple(widths.shape)}"
         )
-    bound = check_number(bound, "bound", 0.0)
+    bound = _check_bound(bound)
+    inverse = check_bool(inverse, "inverse")
     return _spline(value, widths, heights, derivatives, bound, inverse)
+
+
+def _check_bound(bound: object) -> float:
+    """``bound`` as a positive finite float (a real or a 0-d real tensor), else ``ValueError``."""
+    try:
+        return check_number(bound, "bound", 0.0)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"bound must be a positive finite number, got {bound!r} ({type(bound).__name__}): "
+            "the half-width of the interval the spline covers"
+        ) from None
 
 
 def _spline(value, widths, heights, derivatives, bound: float, inverse: bool):
@@ -467,21 +492,11 @@ class RationalQuadratic:
                 f"{error}: one bin, whose end derivatives are fixed at 1 to meet the linear "
                 "tails, can only be the identity"
             ) from None
-        most = math.ceil(1 / max(MIN_BIN_WIDTH, MIN_BIN_HEIGHT)) - 1
-        if self.bins > most:
+        if self.bins > MAX_BINS:
             raise ValueError(
-                f"bins must be at most {most} (each bin keeps a minimum width of "
-                f"{MIN_BIN_WIDTH} of the interval), got {self.bins}"
+                f"bins must be at most {MAX_BINS}, got {self.bins}: {_MAX_BINS_REASON}"
             )
-        if isinstance(bound, torch.Tensor) and bound.dim() == 0 and bound.is_floating_point():
-            bound = bound.item()  # a 0-d tensor, as the other number options take
-        if (
-            isinstance(bound, bool)
-            or not isinstance(bound, numbers.Real)
-            or not 0 < bound < math.inf
-        ):
-            raise ValueError(f"bound must be a positive finite number, got {bound!r}")
-        self.bound = float(bound)
+        self.bound = _check_bound(bound)
         if side not in SIDES:
             raise ValueError(f"side must be 'base' or 'data', got {side!r}")
         self.side = side

@@ -503,12 +503,34 @@ def test_half_precision_is_refused_not_turned_into_nan(dtype):
             ValueError,
             r"derivatives must have shape \(3, 1, 7\)",
         ),
-        ({"bound": -1.0}, ValueError, "bound must be a finite number > 0"),
+        ({"bound": -1.0}, ValueError, "bound must be a positive finite number"),
         ({"widths": torch.zeros(3, 1, 8, dtype=torch.float64)}, TypeError, "widths has dtype"),
         ({"value": torch.zeros(4, 1)}, ValueError, r"must have value's shape and K: \(4, 1, 8\)"),
         # shapes that broadcast but that the spline cannot take
         ({"value": torch.zeros(5, 3, 1)}, ValueError, "must have value's shape and K"),
         ({"widths": torch.zeros(())}, ValueError, "widths must have shape"),
+        # past 999 bins the minimum sizes overfill the interval: the knots ran backwards
+        (
+            {
+                "widths": torch.zeros(3, 1, 1000),
+                "heights": torch.zeros(3, 1, 1000),
+                "derivatives": torch.zeros(3, 1, 999),
+            },
+            ValueError,
+            "widths has 1000 bins .* at most 999 bins",
+        ),
+        ({"inverse": "no"}, TypeError, "inverse must be True or False, got 'no'"),
+        ({"bound": True}, ValueError, "bound must be a positive finite number, got True"),
+        (
+            {
+                "value": torch.zeros(3, 1, dtype=torch.long),
+                "widths": torch.zeros(3, 1, 8, dtype=torch.long),
+                "heights": torch.zeros(3, 1, 8, dtype=torch.long),
+                "derivatives": torch.zeros(3, 1, 7, dtype=torch.long),
+            },
+            TypeError,
+            r"value must be a floating-point tensor .* got torch.int64",
+        ),
     ],
 )
 def test_the_spline_function_checks_its_arguments(change, error, message):
@@ -558,3 +580,12 @@ def test_a_zero_d_tensor_bound_is_a_number_bound():
     assert torch.equal(a().log_prob(x), b().log_prob(x))
     with pytest.raises(ValueError, match="bound must be a positive finite number"):
         pyroflows.nsf(2, bound=torch.tensor([3.0, 4.0]))
+
+
+def test_the_layers_take_the_bound_the_function_takes():
+    from pyroflows.transforms import RationalQuadratic
+
+    assert RationalQuadratic(8, torch.tensor(5)).bound == 5.0  # a 0-d integer tensor
+    for bad in (True, "5", float("nan")):
+        with pytest.raises(ValueError, match="bound must be a positive finite number"):
+            RationalQuadratic(8, bad)

@@ -115,6 +115,14 @@ def _parser() -> argparse.ArgumentParser:
         "autoregressive nsf: at least D-1 wide)",
     )
     fit.add_argument("--bins", type=int, default=8, help="spline bins (nsf only)")
+    fit.add_argument(
+        "--autoregressive",
+        choices=["maf", "iaf"],
+        default=None,
+        help="nsf only: autoregressive spline layers instead of coupling ones, in MAF form "
+        "(one pass to score, D to sample: the better density fit) or IAF form (default: "
+        "coupling)",
+    )
     fit.add_argument("--activation", default="relu", help="relu, elu, tanh, gelu or silu")
     fit.add_argument("--epochs", type=int, default=200, help="the most epochs")
     fit.add_argument("--batch-size", type=int, default=256, help="rows per mini-batch")
@@ -249,6 +257,13 @@ def _fit(args: argparse.Namespace) -> None:
     }
     if args.flow == "nsf":
         options["bins"] = args.bins
+        if args.autoregressive is not None:
+            options["autoregressive"] = args.autoregressive
+    elif args.autoregressive is not None:
+        raise _Failure(
+            f"--autoregressive applies to --flow nsf only (its spline layers), got --flow "
+            f"{args.flow}; {args.flow} has one form"
+        )
     torch.manual_seed(0 if args.seed is None else args.seed)  # resumed: the checkpoint's weights
     try:
         flow = build(args.flow, values.shape[1], options).to(device)
@@ -344,7 +359,8 @@ _FLAGS = {
 _OTHERS = {
     "data": "other DATA",
     "validation_rows": "other DATA (the rows --validation holds out differ)",
-    "flow": "another flow (--flow, --transforms, --hidden, --bins, --activation or --dtype)",
+    "flow": "another flow (--flow, --transforms, --hidden, --bins, --autoregressive, "
+    "--activation or --dtype)",
 }
 
 

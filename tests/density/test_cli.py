@@ -517,3 +517,28 @@ def test_column_names_with_commas_and_quotes_round_trip(workdir):
     score = run("score", "named.pt", "named_draws.csv", cwd=workdir)
     assert score.returncode == 0, score.stderr
     assert len(score.stdout.splitlines()) == 6
+
+
+def test_the_autoregressive_spline_is_reachable_and_only_for_nsf(workdir):
+    args = ("fit", "data.csv", "--flow", "nsf", "--autoregressive", "maf", "--transforms", "1")
+    result = run(*args, "--hidden", "8", "--epochs", "2", "--quiet", "--out", "ar.pt", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    model = FlowDensity.load(workdir / "ar.pt")
+    layers = [type(t).__name__ for t in model.flow_.transforms]
+    assert "SplineAutoregressive" in layers
+    assert "'autoregressive': 'maf'" in run("info", "ar.pt", cwd=workdir).stdout
+    assert run("score", "ar.pt", "data.csv", cwd=workdir).returncode == 0
+    one_line_error(
+        run(
+            "fit",
+            "data.csv",
+            "--out",
+            "x.pt",
+            "--flow",
+            "maf",
+            "--autoregressive",
+            "maf",
+            cwd=workdir,
+        ),
+        "--autoregressive applies to --flow nsf only",
+    )

@@ -114,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
         help="hidden layer sizes, comma-separated (default: 64,64; maf, iaf and "
         "autoregressive nsf: at least D-1 wide)",
     )
-    fit.add_argument("--bins", type=int, default=8, help="spline bins (nsf only)")
+    fit.add_argument("--bins", type=int, default=None, help="spline bins (nsf only; default: 8)")
     fit.add_argument(
         "--autoregressive",
         choices=["maf", "iaf"],
@@ -256,14 +256,15 @@ def _fit(args: argparse.Namespace) -> None:
         "dtype": args.dtype,
     }
     if args.flow == "nsf":
-        options["bins"] = args.bins
+        options["bins"] = 8 if args.bins is None else args.bins
         if args.autoregressive is not None:
             options["autoregressive"] = args.autoregressive
-    elif args.autoregressive is not None:
-        raise _Failure(
-            f"--autoregressive applies to --flow nsf only (its spline layers), got --flow "
-            f"{args.flow}; {args.flow} has one form"
-        )
+    else:
+        for flag, given in (("--bins", args.bins), ("--autoregressive", args.autoregressive)):
+            if given is not None:
+                raise _Failure(
+                    f"{flag} applies to --flow nsf only (its spline layers), got --flow {args.flow}"
+                )
     torch.manual_seed(0 if args.seed is None else args.seed)  # resumed: the checkpoint's weights
     try:
         flow = build(args.flow, values.shape[1], options).to(device)

@@ -542,3 +542,7 @@ def test_the_autoregressive_spline_is_reachable_and_only_for_nsf(workdir):
         ),
         "--autoregressive applies to --flow nsf only",
     )
+    one_line_error(  # not ignored: the user asked for something the flow does not have
+        run("fit", "data.csv", "--out", "x.pt", "--flow", "realnvp", "--bins", "16", cwd=workdir),
+        "--bins applies to --flow nsf only",
+    )

@@ -148,11 +148,13 @@ class Flow(DropsParamStoreLinks, nn.Module):
 
     Cost: sampling runs every transform forward (``t(u)``), scoring runs every inverse
     (``t.inv(x)``); see each transform for the passes that takes. A distribution caches
-    the last sample per layer, so ``d.log_prob(d.rsample())`` costs no inverse. A kept
-    sample is scored afresh once the weights change: after any ``torch.optim`` step
-    (fused ones and Pyro's ``ClippedAdam`` included), a load, or an in-place change.
-    Writes into the weights outside an optimizer that torch does not count
-    (``p.data.add_(...)``) are not seen: call :meth:`clear_cache` after them.
+    the last sample per layer, so ``d.log_prob(d.rsample())`` costs no inverse. In this
+    library's layers a kept sample is scored afresh once the weights change: after any
+    ``torch.optim`` step (fused ones and Pyro's ``ClippedAdam`` included), a load, or an
+    in-place change. Writes into the weights outside an optimizer that torch does not
+    count (``p.data.add_(...)``) are not seen: call :meth:`clear_cache` after them. (A
+    Pyro transform in the list keeps torch's cache, which sees no change of weights,
+    pyro#2542: draw anew, or call :meth:`clear_cache`, before scoring an earlier draw.)
 
     The distribution reads the layers' parameters when it is used, not when it is made.
     So with ``torch.func.functional_call``, score inside the call: ``functional_call(flow,
@@ -228,10 +230,15 @@ class Flow(DropsParamStoreLinks, nn.Module):
     def clear_cache(self) -> None:
         """Forget every layer's kept sample, the conditioned layers' of past calls too.
 
-        Needed only after writing into the weights past torch's version counters and
-        outside an optimizer's step (``p.data.add_(...)``, ``p.data.copy_(...)``).
+        For this library's layers it is needed only after writing into the weights past
+        torch's version counters and outside an optimizer's step (``p.data.add_(...)``,
+        ``p.data.copy_(...)``); a Pyro transform in the flow keeps torch's cache of its
+        last pair through any change of weights, and this empties it too.
         """
         _forget_tensor_lists(self)
+        for t in self.transforms:
+            if "_cached_x_y" in t.__dict__:  # torch's own one-pair cache (Pyro's layers)
+                t._cached_x_y = None, None
 
     @property
     def conditional(self) -> bool:

@@ -90,15 +90,16 @@ FLAT_ESS_FRACTION = 0.9
 CLOSE_ESS_FRACTION = 0.5
 
 
-def _khat_text(khat: float) -> str:
-    """k-hat to two decimals, or more where two would put it on a threshold's other side."""
+def _khat_text(khat: float, thresholds: tuple[float, ...] = ()) -> str:
+    """k-hat to two decimals, or more where two would put it on a threshold's other side.
+
+    The thresholds are 0.5 and 0.7, and any given.
+    """
+    bounds = (GOOD_KHAT, USABLE_KHAT, *thresholds)
     for digits in (2, 3, 4, 6):
         text = f"{khat:.{digits}f}"
         shown = float(text)
-        if all(
-            (shown < t) == (khat < t) and (shown <= t) == (khat <= t)
-            for t in (GOOD_KHAT, USABLE_KHAT)
-        ):
+        if all((shown < t) == (khat < t) and (shown <= t) == (khat <= t) for t in bounds):
             return text
     return repr(khat)
 
@@ -477,17 +478,17 @@ def _draws(
                 log_w, samples, pointwise, partial = _sequential_draws(
                     model, guide, args, kwargs, num_samples, derived, sites, first
                 )
-    # a discrete site may well take one value in every draw (a guide's Bernoulli(0.9999)),
-    # and a point mass on it is a proposal with a density all the same (on its values)
-    discrete = {n for n in samples if _is_discrete(first.nodes.get(n))}
     fixed = [
         name
         for name, v in samples.items()
-        if name not in derived
-        and name not in discrete
-        and v[0].numel()
-        and bool((v == v[:1]).all())
+        if name not in derived and v[0].numel() and bool((v == v[:1]).all())
     ]
+    # a discrete site may well take one value in every draw (a guide's Bernoulli(0.9999)):
+    # only a guide that gives that value probability 1 there (a Delta) is a point mass
+    discrete = [n for n in fixed if _is_discrete(first.nodes.get(n))]
+    if num_samples > 1 and discrete:
+        certain = _certain(guide, args, kwargs, discrete)
+        fixed = [n for n in fixed if n not in discrete or n in certain]
     if num_samples > 1 and fixed:
         latents = [name for name in samples if name not in derived]
         which = (
@@ -504,13 +505,29 @@ def _draws(
         )
     if partial and stacked:
         name, count = next(iter(partial.items()))
+        how = (
+            f"is in {count} of the {num_samples} draws"
+            if count < num_samples
+            else "changes shape from draw to draw"
+        )
         raise ValueError(
-            f"the model's structure changes from draw to draw: site {name!r} is in {count} "
-            f"of the {num_samples} draws, so its draws make no one array (per site, as "
-            f"samples or ArviZ variables need them); diagnose() needs only the weights and "
-            f"takes such a model"
+            f"the model's structure changes from draw to draw: site {name!r} {how}, so its "
+            f"draws make no one array (per site, as samples or ArviZ variables need them); "
+            f"diagnose() and loo() need only the weights and take such a model"
         )
     return log_w.detach(), {n: v.detach() for n, v in samples.items()}, pointwise
+
+
+def _certain(guide, args, kwargs, names: list[str]) -> set[str]:
+    """Those of the guide's sites ``names`` whose value has probability 1 (one guide run)."""
+    with torch.no_grad(), poutine.block(), _rng_kept():
+        trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    certain = set()
+    for name in names:
+        site = trace.nodes.get(name)
+        if site is not None and bool((site["fn"].log_prob(site["value"]) == 0).all()):
+            certain.add(name)
+    return certain
 
 
 def _is_discrete(site: dict | None) -> bool:
@@ -554,9 +571,31 @@ class _Proposed(Messenger):
             msg["type"] == "sample"
             and not msg["is_observed"]
             and msg["name"] in self.drawn
-            and getattr(msg["fn"], "_validate_args", False)
+            and msg["mask"] is not False
+            and _validates(msg["fn"])
         ):
             _check_support(msg["name"], msg["fn"], msg["value"])
+
+
+#: the wrappers whose ``log_prob`` is their base's: Pyro's validation is the base's
+_WRAPPERS = (torch.distributions.Independent, pyro.distributions.ExpandedDistribution)
+
+
+def _validates(fn: Any) -> bool:
+    """Whether Pyro's ``log_prob`` would check a value's support, as this site's runs.
+
+    It would not under a mask of ``False`` (``.mask(False)``: the density is taken as 0
+    unseen), nor where the distribution that scores was built with
+    ``validate_args=False`` (behind ``to_event`` and ``expand``, whose own flag is not
+    the one that counts).
+    """
+    while True:
+        if isinstance(fn, MaskedDistribution):
+            if fn._mask is False:
+                return False
+        elif not isinstance(fn, _WRAPPERS):
+            return bool(getattr(fn, "_validate_args", False))
+        fn = fn.base_dist
 
 
 class _OutsideSupport(ValueError):
@@ -576,11 +615,19 @@ def _check_support(name: str, fn: Any, value: torch.Tensor) -> None:
         return
     outside = ~inside
     count, total = int(outside.sum()), outside.numel()
-    example = value.expand(*outside.shape, *value.shape[outside.dim() :])[outside][0]
-    shown = f"{example.item():.4g}" if example.numel() == 1 else "a point"
+    example = None
+    if support.event_dim == 0:  # one number per entry: show the first one outside
+        try:
+            example = f"{torch.broadcast_to(value, outside.shape)[outside][0].item():.4g}"
+        except RuntimeError:  # a value the constraint broadcast in another way
+            pass
+    if total > 1:
+        what = f"{count} of the {total} values checked" + (f", e.g. {example}" if example else "")
+    else:
+        what = f"the value drawn, {example}" if example else "the value drawn"
     raise _OutsideSupport(
         f"the guide drew site {name!r} outside the model's support ({support}): "
-        f"{count} of {total} values, e.g. {shown}. The model has no density there, so "
+        f"{what}. The model has no density there, so "
         "those draws cannot be weighed (with validation on, the model would fail on them); "
         "give the guide's site the model's support: a distribution on it, or a Normal "
         "mapped through biject_to(support) as Pyro's autoguides do"
@@ -1093,11 +1140,14 @@ def _sequential_draws(model, guide, args, kwargs, num_samples, derived=(), sites
     # a model whose structure changes from draw to draw has sites in some draws only:
     # their weights are as valid as any, but those sites' draws make no one array
     counts: dict[str, int] = {}
+    shapes: dict[str, set[torch.Size]] = {}
     for draw in draws:
-        for n in draw:
+        for n, v in draw.items():
             counts[n] = counts.get(n, 0) + 1
-    samples = {n: torch.stack([d[n] for d in draws]) for n, c in counts.items() if c == len(draws)}
-    partial = {n: c for n, c in counts.items() if c < len(draws)}
+            shapes.setdefault(n, set()).add(v.shape)
+    # a site of several shapes (its size drawn too) makes no one array either
+    partial = {n: c for n, c in counts.items() if c < len(draws) or len(shapes[n]) > 1}
+    samples = {n: torch.stack([d[n] for d in draws]) for n in counts if n not in partial}
     pointwise = None
     if sites:
         log_lik = {n: torch.stack([lik[n] for lik in liks]) for n in sites}
@@ -1578,8 +1628,8 @@ def loo(
     check_positive_int(num_samples, "num_samples", minimum=2)
     if var_name is not None and not isinstance(var_name, str):
         raise TypeError(f"var_name must be a site name (str) or None, got {var_name!r}")
-    log_w, _, pointwise = _draws(
-        model, guide, args, kwargs, num_samples, deterministic=False, observed=True
+    log_w, _, pointwise = _draws(  # no samples: a model whose structure changes is taken
+        model, guide, args, kwargs, num_samples, deterministic=False, observed=True, stacked=False
     )
     sites = pointwise.sites if pointwise is not None else {}
     if not sites:
@@ -1650,8 +1700,9 @@ def loo(
     if warning:
         warn_from_caller(
             f"loo: {int(np.sum(khats > good_k))} of {n} data points have Pareto k-hat above "
-            f"{good_k:.2f} (largest {_khat_text(float(np.max(khats)))}): their leave-one-out "
-            "estimates do not hold (a poor guide, too few draws, or highly influential points)"
+            f"{good_k:.4g} (largest {_khat_text(float(np.max(khats)), (good_k,))}): their "
+            "leave-one-out estimates do not hold (a poor guide, too few draws, or highly "
+            "influential points)"
         )
     import xarray as xr
 

@@ -537,3 +537,26 @@ def test_flow_clear_cache_after_a_write_outside_any_optimizer(builder, context):
         assert (d.log_prob(x) - fresh).abs().max() > 0.01  # kept: not seen, as documented
         flow.clear_cache()
         torch.testing.assert_close(d.log_prob(x), fresh)
+
+
+def test_flow_clear_cache_empties_a_pyro_layers_cache_too():
+    import pyro.distributions.transforms as T
+
+    from pyroflows import Flow
+
+    def make():
+        torch.manual_seed(0)
+        return Flow(4, [*maf(4, transforms=1, hidden=(8,)).transforms, T.Spline(4)])
+
+    flow, twin = make(), make()
+    optimizer = torch.optim.Adam(flow.parameters(), lr=0.1)
+    d = flow()
+    x = d.rsample((8,))
+    (-d.log_prob(x).mean()).backward()
+    optimizer.step()
+    twin.load_state_dict(flow.state_dict())
+    with torch.no_grad():
+        fresh = twin().log_prob(x.detach().clone())
+        assert (d.log_prob(x) - fresh).abs().max() > 0.01  # torch's cache: pyro#2542
+        flow.clear_cache()
+        torch.testing.assert_close(d.log_prob(x), fresh)

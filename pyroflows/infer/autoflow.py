@@ -1115,10 +1115,30 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
 
     # ------------------------------------------------------------------ diagnostics
 
+    def _weighs_the_whole_posterior(self, what: str, args, kwargs) -> None:
+        """Warn when the model this guide holds is part of one (``poutine.block``).
+
+        Its weights then compare the guide with that part alone, or with the prior where
+        the data are hidden too, and nothing in them shows it (the warm start's check).
+        """
+        if self._subsampled(args, kwargs):  # refused next, by the diagnostics
+            return
+        with torch.no_grad():
+            partial = self._log_joint_is_random(self.anchor_loc.clone(), args, kwargs)
+        if partial:
+            warn_from_caller(
+                f"AutoFlow.{what}: the model draws random values with every latent site of "
+                "this guide fixed (sites hidden with poutine.block for another guide, or the "
+                "data hidden too): the weights compare this guide with part of the "
+                "posterior, or with the prior alone; diagnose the whole guide (the "
+                "AutoGuideList) against the whole model instead"
+            )
+
     def diagnose(self, *args: Any, num_samples: int = 2000, **kwargs: Any):
         r"""PSIS :math:`\hat k`, ESS and a verdict; see :func:`pyroflows.infer.diagnose`."""
         model = self._the_model()
         self._ensure_setup(args, kwargs)
+        self._weighs_the_whole_posterior("diagnose", args, kwargs)
         return diagnostics.diagnose(model, self, *args, num_samples=num_samples, **kwargs)
 
     def importance_resample(
@@ -1131,6 +1151,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         """PSIS-resampled posterior draws; see :func:`pyroflows.infer.importance_resample`."""
         model = self._the_model()
         self._ensure_setup(args, kwargs)
+        self._weighs_the_whole_posterior("importance_resample", args, kwargs)
         return diagnostics.importance_resample(
             model,
             self,
@@ -1151,6 +1172,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         """Draws and log weights as ArviZ data, as :func:`~pyroflows.infer.to_arviz`."""
         model = self._the_model()
         self._ensure_setup(args, kwargs)
+        self._weighs_the_whole_posterior("to_arviz", args, kwargs)
         return diagnostics.to_arviz(
             model,
             self,
@@ -1165,6 +1187,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         """PSIS-LOO corrected by the importance weights; see :func:`pyroflows.infer.loo`."""
         model = self._the_model()
         self._ensure_setup(args, kwargs)
+        self._weighs_the_whole_posterior("loo", args, kwargs)
         return diagnostics.loo(
             model, self, *args, num_samples=num_samples, var_name=var_name, **kwargs
         )

@@ -350,9 +350,33 @@ def _subsampled_frame(trace) -> Any | None:
     return None
 
 
-def _refuse_subsampling(trace) -> None:
-    """Raise for a model trace whose plates score a mini-batch of their rows."""
+def _refuse_subsampling(trace, guide_trace=None) -> None:
+    """Raise for a model trace whose plates score a mini-batch of their rows.
+
+    With the ``guide_trace`` it was replayed on, a plate the guide holds with other rows
+    (Pyro replays the guide's plate indices into the model) is named as the guide's.
+    """
     frame = _subsampled_frame(trace)
+    if frame is None:
+        return
+    site = None if guide_trace is None else guide_trace.nodes.get(frame.name)
+    if site is not None and site["type"] == "sample" and site_is_subsample(site):
+        size, drawn = site["fn"].size, site["fn"].subsample_size
+        if size != frame.full_size:
+            raise ValueError(
+                f"the guide's plate {frame.name!r} has {size} rows, the model's "
+                f"{frame.full_size}: a guide built (or trained) on other data, whose plate "
+                "Pyro replays into the model; weigh it on the data it was built for, or "
+                "build and train a guide for these data"
+            )
+        if drawn is not None and drawn != size:
+            raise ValueError(
+                f"the guide subsamples plate {frame.name!r} ({drawn} of {size} rows), and "
+                "Pyro replays its rows into the model: importance weights need the full "
+                "likelihood; use a guide whose plate takes every row (an autoguide keeps "
+                "the subsample_size of the model it was first run with: build one with "
+                "subsample_size=None and load the trained parameters into it)"
+            )
     if frame is not None:
         raise ValueError(
             f"the model subsamples plate {frame.name!r} ({frame.size} of "
@@ -648,7 +672,7 @@ def _as_proposed(model, guide, args, kwargs):
         drawn = _guide_sites(single)
         proposed = poutine.replay(_Proposed(frozenset(drawn))(model), trace=single)
         model_trace = poutine.trace(proposed).get_trace(*args, **kwargs)
-    _refuse_subsampling(model_trace)  # named before the guide's sites it scales
+    _refuse_subsampling(model_trace, single)  # named before the guide's sites it scales
     scaled = sorted(n for n in drawn if not _is_one(single.nodes[n]["scale"]))
     if scaled:
         raise ValueError(
@@ -883,7 +907,10 @@ def _data_sites(trace) -> dict[str, _DataSite]:
         if mask is not None:
             weight = weight * torch.as_tensor(mask, device=weight.device)
         weight = weight.expand(shape)
-        value = site["value"].expand(shape + site["fn"].event_shape)
+        # the data as they broadcast with the density's shape (an event of 1 taking a
+        # data row of 3, say: a Gamma of shape (N, 1) scoring (N, 3) data)
+        full = torch.broadcast_shapes(site["value"].shape, shape + site["fn"].event_shape)
+        value = site["value"].expand(full)
         unscaled = site["unscaled_log_prob"].shape
         out[name] = _DataSite(shape, weight, weight != 0, value, unscaled)
     return out

@@ -943,3 +943,33 @@ def test_warm_start_is_skipped_for_a_model_with_latents_it_does_not_cover():
         warnings.simplefilter("error")
         plain(y)
     assert plain.anchor == "laplace"
+
+
+def _hierarchy(y):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.LogNormal(0.0, 1.0))
+    with pyro.plate("s", len(y)):
+        th = pyro.sample("th", dist.Normal(mu, tau))
+        pyro.sample("obs", dist.Normal(th, 0.5), obs=y)
+
+
+def test_diagnostics_of_a_guide_for_part_of_a_model_warn():
+    from pyro import poutine
+    from pyro.infer.autoguide import AutoGuideList
+
+    y = torch.randn(8, generator=torch.Generator().manual_seed(0))
+    pyro.set_rng_seed(0)
+    guide = AutoGuideList(_hierarchy)
+    guide.append(AutoFlow(poutine.block(_hierarchy, expose=["mu", "tau"])))
+    guide.append(AutoNormal(poutine.block(_hierarchy, hide=["mu", "tau"])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the warm start's own note
+        guide(y)
+    # its model hides the data and 'th': its weights would weigh the prior alone
+    with pytest.warns(UserWarning, match=r"AutoFlow.diagnose: the model draws random values"):
+        guide[0].diagnose(y, num_samples=50)
+    whole = AutoFlow(_hierarchy)
+    whole(y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none for a guide of the whole model
+        whole.diagnose(y, num_samples=50)

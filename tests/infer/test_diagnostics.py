@@ -1527,3 +1527,48 @@ def test_loo_takes_a_model_whose_structure_changes():
         warnings.simplefilter("ignore", UserWarning)  # prior proposal: high k-hats
         result = loo(model, guide, num_samples=400)
     assert math.isfinite(float(result["elpd_loo"]))
+
+
+def test_to_arviz_takes_data_that_broadcast_against_the_event():
+    # a Gamma of shape (N, 1) scoring rows of 3: torch broadcasts, the density is per row
+    x = torch.rand(6, 3, generator=torch.Generator().manual_seed(0)) + 0.5
+
+    def model(x):
+        s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+        with pyro.plate("rows", 6):
+            pyro.sample("obs", dist.Gamma(s * torch.ones(6, 1), 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.sample("s", dist.LogNormal(0.0, 0.3))
+
+    pyro.set_rng_seed(0)
+    idata = to_arviz(model, guide, x, num_samples=50)
+    assert idata.observed_data["obs"].shape == (6, 3)
+    s = torch.as_tensor(idata.posterior["s"].values[0])  # (draws,)
+    expected = dist.Gamma(s[:, None, None], 1.0).log_prob(x).sum(-1)  # (draws, 6)
+    got = torch.as_tensor(idata.log_likelihood["obs"].values[0])
+    assert torch.allclose(got, expected.to(got.dtype), atol=1e-4)
+
+
+def _plate_model(y, subsample_size=None):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    with pyro.plate("g", len(y), subsample_size=subsample_size) as idx:
+        th = pyro.sample("th", dist.Normal(mu, 1.0))
+        pyro.sample("obs", dist.Normal(th, 0.5), obs=y[idx])
+
+
+def test_a_guide_built_on_other_data_is_named_not_the_model():
+    guide = AutoNormal(_plate_model)
+    pyro.set_rng_seed(0)
+    guide(torch.arange(5.0))  # its plate 'g' has 5 rows from now on
+    with pytest.raises(ValueError, match="the guide's plate 'g' has 5 rows, the model's 7"):
+        diagnose(_plate_model, guide, torch.arange(7.0), num_samples=20)
+
+
+def test_a_guide_that_subsamples_is_named_not_the_model():
+    y = torch.randn(8)
+    guide = AutoNormal(_plate_model)
+    pyro.set_rng_seed(0)
+    guide(y, 4)  # the autoguide's plate keeps subsample_size=4
+    with pytest.raises(ValueError, match=r"the guide subsamples plate 'g' \(4 of 8 rows\)"):
+        diagnose(_plate_model, guide, y, None, num_samples=20)

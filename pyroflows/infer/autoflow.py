@@ -716,6 +716,25 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                 "global latents behind poutine.block), or an amortized guide "
                 "(pyroflows.infer.AmortizedGuide), or do not subsample"
             )
+        unmapped = []
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site["is_observed"]:
+                continue
+            support = site["fn"].support
+            if support.is_discrete or site["infer"].get("enumerate"):
+                continue
+            try:
+                biject_to(support)
+            except NotImplementedError:
+                unmapped.append(f"{name!r} ({type(site['fn']).__name__}, support {support})")
+        if unmapped and not bad:
+            return (
+                "AutoFlow maps each latent site to unconstrained space with torch's biject_to, "
+                f"which has no map for the support of {', '.join(unmapped)}; parametrize the "
+                "site by one that has (a positive-definite matrix by its Cholesky factor, "
+                "e.g. LKJCholesky and a scale vector) or register a transform with "
+                "torch.distributions.biject_to.register"
+            )
         if bad:
             return (
                 "AutoFlow needs continuous latent sites, but the model has discrete or "

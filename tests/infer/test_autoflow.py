@@ -973,3 +973,15 @@ def test_diagnostics_of_a_guide_for_part_of_a_model_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # none for a guide of the whole model
         whole.diagnose(y, num_samples=50)
+
+
+def test_a_latent_support_without_a_map_to_the_reals_is_named():
+    def model():
+        w = pyro.sample("W", dist.Wishart(df=torch.tensor(6.0), covariance_matrix=torch.eye(2)))
+        pyro.sample("y", dist.MultivariateNormal(torch.zeros(2), w), obs=torch.ones(2))
+
+    pyro.set_rng_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's check of Wishart draws
+        with pytest.raises(ValueError, match=r"no map for the support of 'W' \(Wishart"):
+            AutoFlow(model)()

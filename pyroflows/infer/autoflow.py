@@ -1100,8 +1100,9 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         The quantiles are taken coordinate by coordinate in the unconstrained space and
         then mapped by each site's ``biject_to``, as Pyro's own autoguides do: for a
         scalar support (positive, interval) that is the quantile of the constrained
-        value; for a simplex or a Cholesky factor it is a point of the support (the
-        median of a Dirichlet site sums to 1), which ``init_to_value`` or
+        value; for a vector support (a simplex, an ordered vector, a Cholesky factor)
+        it is a point of the support, not the vector of marginal quantiles (the median
+        of a Dirichlet site sums to 1), which ``init_to_value`` or
         ``poutine.condition`` can take. The draws leave the global random state as it
         was, so a call gives the same values each time (and, between SVI steps, leaves
         the training's draws alone).

@@ -236,7 +236,7 @@ class Flow(DropsParamStoreLinks, nn.Module):
         last pair through any change of weights, and this empties it too.
         """
         _forget_tensor_lists(self)
-        for t in self.transforms:
+        for t in self.modules():  # a ComposeTransformModule's parts too
             if "_cached_x_y" in t.__dict__:  # torch's own one-pair cache (Pyro's layers)
                 t._cached_x_y = None, None
 

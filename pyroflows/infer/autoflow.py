@@ -732,7 +732,8 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                 "AutoFlow maps each latent site to unconstrained space with torch's biject_to, "
                 f"which has no map for the support of {', '.join(unmapped)}; parametrize the "
                 "site by one that has (a positive-definite matrix by its Cholesky factor, "
-                "e.g. LKJCholesky and a scale vector) or register a transform with "
+                "e.g. LKJCholesky and a scale vector; a direction on the sphere by "
+                "pyro.infer.reparam.ProjectedNormalReparam), or register a transform with "
                 "torch.distributions.biject_to.register"
             )
         if bad:
@@ -1141,9 +1142,12 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         Its weights then compare the guide with that part alone, or with the prior where
         the data are hidden too, and nothing in them shows it (the warm start's check).
         """
-        if self._subsampled(args, kwargs):  # refused next, by the diagnostics
-            return
-        with torch.no_grad():
+        device = self.anchor_loc.device
+        cuda = [device] if device.type == "cuda" else []
+        # the model's runs here draw (init_loc_fn): the caller's random state is kept
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            if self._subsampled(args, kwargs):  # refused next, by the diagnostics
+                return
             partial = self._log_joint_is_random(self.anchor_loc.clone(), args, kwargs)
         if partial:
             warn_from_caller(

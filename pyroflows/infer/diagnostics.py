@@ -38,6 +38,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import warnings
@@ -543,13 +544,17 @@ def _draws(
 
 
 def _certain(guide, args, kwargs, names: list[str]) -> set[str]:
-    """Those of the guide's sites ``names`` whose value has probability 1 (one guide run)."""
+    """Those of the guide's sites ``names`` whose value has probability 1 (one guide run).
+
+    To within 1e-5 of its log (a ``Bernoulli(0.9999)``, at -1e-4, is a density).
+    """
     with torch.no_grad(), poutine.block(), _rng_kept():
         trace = poutine.trace(guide).get_trace(*args, **kwargs)
     certain = set()
     for name in names:
         site = trace.nodes.get(name)
-        if site is not None and bool((site["fn"].log_prob(site["value"]) == 0).all()):
+        # torch clamps probabilities: Categorical([1, 0, 0]) scores -1.2e-7, not 0
+        if site is not None and bool((site["fn"].log_prob(site["value"]) > -1e-5).all()):
             certain.add(name)
     return certain
 
@@ -595,7 +600,6 @@ class _Proposed(Messenger):
             msg["type"] == "sample"
             and not msg["is_observed"]
             and msg["name"] in self.drawn
-            and msg["mask"] is not False
             and _validates(msg["fn"])
         ):
             _check_support(msg["name"], msg["fn"], msg["value"])
@@ -867,6 +871,9 @@ class _DataSite:
     points: torch.Tensor
     value: torch.Tensor
     unscaled_shape: torch.Size
+    #: whether a draw of the site has the data's event shape (not so when the data
+    #: broadcast a smaller event: one draw would be copied across the data's entries)
+    replicable: bool = True
 
 
 @dataclass(frozen=True)
@@ -887,18 +894,23 @@ class _Pointwise:
     vectorized: bool
 
 
+def _is_data(site: dict) -> bool:
+    """Whether a trace's site is observed data (not ``pyro.deterministic`` or ``pyro.factor``)."""
+    return (
+        site["type"] == "sample"
+        and site["is_observed"]
+        and not site["infer"].get("_deterministic")
+        and not site["infer"].get("is_auxiliary")  # pyro.factor
+        and not site_is_subsample(site)
+    )
+
+
 def _data_sites(trace) -> dict[str, _DataSite]:
     """The model's observed data sites (not ``pyro.deterministic`` or ``pyro.factor``)."""
     trace.compute_log_prob()
     out = {}
     for name, site in trace.nodes.items():
-        if (
-            site["type"] != "sample"
-            or not site["is_observed"]
-            or site["infer"].get("_deterministic")
-            or site["infer"].get("is_auxiliary")  # pyro.factor
-            or site_is_subsample(site)
-        ):
+        if not _is_data(site):
             continue
         shape = site["log_prob"].shape  # the unscaled one, broadcast with scale and mask
         log_prob = site["log_prob"]
@@ -909,10 +921,12 @@ def _data_sites(trace) -> dict[str, _DataSite]:
         weight = weight.expand(shape)
         # the data as they broadcast with the density's shape (an event of 1 taking a
         # data row of 3, say: a Gamma of shape (N, 1) scoring (N, 3) data)
-        full = torch.broadcast_shapes(site["value"].shape, shape + site["fn"].event_shape)
+        event = site["fn"].event_shape
+        full = torch.broadcast_shapes(site["value"].shape, shape + event)
         value = site["value"].expand(full)
         unscaled = site["unscaled_log_prob"].shape
-        out[name] = _DataSite(shape, weight, weight != 0, value, unscaled)
+        replicable = full[len(full) - len(event) :] == event
+        out[name] = _DataSite(shape, weight, weight != 0, value, unscaled, replicable)
     return out
 
 
@@ -1159,6 +1173,15 @@ def _sequential_draws(model, guide, args, kwargs, num_samples, derived=(), sites
         draws.append(draw)
         if sites:
             nodes = model_trace.nodes
+            # (the latents count as observed where the model runs conditioned on them)
+            here = {n for n, site in nodes.items() if _is_data(site) and n not in draw}
+            if here != set(sites):
+                changed = ", ".join(map(repr, sorted(here.symmetric_difference(sites))))
+                raise ValueError(
+                    f"the model's data sites change from draw to draw ({changed} in some "
+                    "draws only): leave-one-out needs the same data points at every draw; "
+                    "diagnose() takes such a model"
+                )
             liks.append(
                 {n: nodes[n]["unscaled_log_prob"].expand(d.shape) for n, d in sites.items()}
             )
@@ -1508,7 +1531,17 @@ def _replicates(model, args, kwargs, draws, pointwise) -> dict[str, torch.Tensor
     else, or when that fails, one draw at a time. (Pyro's ``Predictive`` in parallel
     takes a latent's event dims for batch dims, so it is not used.)
     """
-    names = list(pointwise.sites)
+    names = [n for n, d in pointwise.sites.items() if d.replicable]
+    if len(names) < len(pointwise.sites):
+        left = [n for n in pointwise.sites if n not in names]
+        warn_from_caller(
+            f"to_arviz: no posterior predictive for {', '.join(map(repr, left))}: the data "
+            "broadcast against a smaller event of the site's distribution, so a draw of it "
+            "does not have the data's shape (give the distribution the data's event shape)"
+        )
+        if not names:
+            return None
+        pointwise = dataclasses.replace(pointwise, sites={n: pointwise.sites[n] for n in names})
     with torch.no_grad(), poutine.block():
         first = poutine.trace(model).get_trace(*args, **kwargs)
         latents = {

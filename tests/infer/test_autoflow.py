@@ -985,3 +985,22 @@ def test_a_latent_support_without_a_map_to_the_reals_is_named():
         warnings.simplefilter("ignore", UserWarning)  # torch's check of Wishart draws
         with pytest.raises(ValueError, match=r"no map for the support of 'W' \(Wishart"):
             AutoFlow(model)()
+
+
+def test_autoflow_diagnostics_leave_the_random_state_alone():
+    data = torch.tensor([0.3, -1.2, 0.8, 1.5, 0.1])
+
+    def model(data):
+        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+        with pyro.plate("n", len(data)):
+            pyro.sample("x", dist.Normal(mu, s), obs=data)
+
+    pyro.set_rng_seed(0)
+    guide = AutoFlow(model, warm_start=None)
+    guide(data)
+    # the check that the guide's model is the whole model runs it (its init_loc_fn
+    # draws): the draws diagnose then makes must be those it made without the check
+    state = torch.get_rng_state()
+    guide._weighs_the_whole_posterior("diagnose", (data,), {})
+    assert torch.equal(torch.get_rng_state(), state)

@@ -1542,7 +1542,8 @@ def test_to_arviz_takes_data_that_broadcast_against_the_event():
         pyro.sample("s", dist.LogNormal(0.0, 0.3))
 
     pyro.set_rng_seed(0)
-    idata = to_arviz(model, guide, x, num_samples=50)
+    with pytest.warns(UserWarning, match="no posterior predictive for 'obs'"):
+        idata = to_arviz(model, guide, x, num_samples=50)
     assert idata.observed_data["obs"].shape == (6, 3)
     s = torch.as_tensor(idata.posterior["s"].values[0])  # (draws,)
     expected = dist.Gamma(s[:, None, None], 1.0).log_prob(x).sum(-1)  # (draws, 6)
@@ -1572,3 +1573,80 @@ def test_a_guide_that_subsamples_is_named_not_the_model():
     guide(y, 4)  # the autoguide's plate keeps subsample_size=4
     with pytest.raises(ValueError, match=r"the guide subsamples plate 'g' \(4 of 8 rows\)"):
         diagnose(_plate_model, guide, y, None, num_samples=20)
+
+
+def test_a_guide_certain_up_to_torchs_clamp_is_a_point_mass():
+    data = torch.tensor([0.5, 1.0, 2.0, -0.3])
+
+    def model():
+        k = pyro.sample("k", dist.Categorical(torch.ones(3) / 3))
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("n", 4):
+            pyro.sample("y", dist.Normal(mu + k, 1.0), obs=data)
+
+    def guide():  # log_prob of its one value is -1.2e-7, not 0: torch clamps probs
+        pyro.sample("k", dist.Categorical(torch.tensor([1.0, 0.0, 0.0])))
+        pyro.sample("mu", dist.Normal(0.5, 0.5))
+
+    pyro.set_rng_seed(0)
+    with pytest.raises(ValueError, match="draws of 'k' are all the same value"):
+        diagnose(model, guide, num_samples=100)
+
+
+def test_a_latent_under_a_site_mask_is_still_held_to_its_support():
+    # poutine.mask(False) leaves Pyro's validation on (only .mask(False) skips it)
+    def model():
+        with poutine.mask(mask=False):
+            z = pyro.sample("z", dist.Gamma(torch.ones(3), 1.0).to_event(1))
+        pyro.factor("f", -(z**2).sum())
+
+    def guide():
+        pyro.sample("z", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+
+    pyro.set_rng_seed(0)
+    with pyro.validation_enabled(True), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the masked-latent warning
+        with pytest.raises(ValueError, match="guide drew site 'z' outside the model's support"):
+            diagnose(model, guide, num_samples=40)
+
+
+def test_no_posterior_predictive_for_data_broadcast_against_a_smaller_event():
+    x = torch.rand(4, 3, generator=torch.Generator().manual_seed(0)) + 0.5
+
+    def model(x):
+        a = pyro.sample("a", dist.LogNormal(0.0, 1.0))
+        with pyro.plate("n", 4):
+            pyro.sample("y", dist.Gamma(a * torch.ones(4, 1), 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.sample("a", dist.LogNormal(0.0, 0.3))
+
+    pyro.set_rng_seed(0)
+    # a draw of the (4, 1) Gamma copied over 3 entries is no replicate of the data
+    with pytest.warns(UserWarning, match="no posterior predictive for 'y'"):
+        idata = to_arviz(model, guide, x, num_samples=50)
+    assert "posterior_predictive" not in idata.groups()
+    assert "log_likelihood" in idata.groups()
+
+
+def test_loo_refuses_data_sites_that_only_some_draws_have():
+    from pyroflows.infer import loo
+
+    data = torch.tensor([0.3, -0.1, 0.8, 0.2])
+
+    def model():
+        b = pyro.sample("b", dist.Bernoulli(0.5))
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("n", 4):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=data)
+            if b.item() == 1:
+                pyro.sample("y2", dist.Normal(mu, 2.0), obs=data)
+
+    def guide():
+        pyro.sample("b", dist.Bernoulli(0.5))
+        pyro.sample("mu", dist.Normal(0.0, 1.0))
+
+    for seed in range(4):  # the first draw with and without 'y2'
+        pyro.set_rng_seed(seed)
+        with pytest.raises(ValueError, match=r"data sites change from draw to draw \('y2'"):
+            loo(model, guide, num_samples=100)

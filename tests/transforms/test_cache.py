@@ -560,3 +560,20 @@ def test_flow_clear_cache_empties_a_pyro_layers_cache_too():
         assert (d.log_prob(x) - fresh).abs().max() > 0.01  # torch's cache: pyro#2542
         flow.clear_cache()
         torch.testing.assert_close(d.log_prob(x), fresh)
+
+
+def test_flow_clear_cache_reaches_pyro_layers_inside_a_compose():
+    import pyro.distributions.transforms as T
+    from pyro.distributions.torch_transform import ComposeTransformModule
+
+    from pyroflows import Flow
+
+    torch.manual_seed(0)
+    parts = [T.affine_autoregressive(2, hidden_dims=[8]) for _ in range(2)]
+    flow = Flow(2, [ComposeTransformModule(parts)])
+    x = flow().rsample((4,))
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.data.add_(0.3 * torch.randn_like(p))
+        flow.clear_cache()
+        torch.testing.assert_close(flow().log_prob(x), flow().log_prob(x.detach().clone()))

@@ -691,13 +691,19 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         trace = self.prototype_trace
         if trace is None:
             return None
-        bad = []
+        bad, unmapped = [], []  # discrete or enumerated; without a map to the reals
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site["is_observed"]:
                 continue
             support = site["fn"].support
+            named = f"{name!r} ({type(site['fn']).__name__}, support {support})"
             if support.is_discrete or site["infer"].get("enumerate"):
-                bad.append(f"{name!r} ({type(site['fn']).__name__}, support {support})")
+                bad.append(named)
+                continue
+            try:
+                biject_to(support)
+            except NotImplementedError:
+                unmapped.append(named)
         local = sorted(
             {
                 f"{name!r} (plate {frame.name!r}: {frame.size} of {frame.full_size} rows)"
@@ -716,17 +722,6 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                 "global latents behind poutine.block), or an amortized guide "
                 "(pyroflows.infer.AmortizedGuide), or do not subsample"
             )
-        unmapped = []
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample" or site["is_observed"]:
-                continue
-            support = site["fn"].support
-            if support.is_discrete or site["infer"].get("enumerate"):
-                continue
-            try:
-                biject_to(support)
-            except NotImplementedError:
-                unmapped.append(f"{name!r} ({type(site['fn']).__name__}, support {support})")
         if unmapped and not bad:
             return (
                 "AutoFlow maps each latent site to unconstrained space with torch's biject_to, "

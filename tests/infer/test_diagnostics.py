@@ -1542,8 +1542,10 @@ def test_to_arviz_takes_data_that_broadcast_against_the_event():
         pyro.sample("s", dist.LogNormal(0.0, 0.3))
 
     pyro.set_rng_seed(0)
+    # a draw of the (6, 1) Gamma copied over 3 entries is no replicate of the data
     with pytest.warns(UserWarning, match="no posterior predictive for 'obs'"):
         idata = to_arviz(model, guide, x, num_samples=50)
+    assert "posterior_predictive" not in idata.groups()
     assert idata.observed_data["obs"].shape == (6, 3)
     s = torch.as_tensor(idata.posterior["s"].values[0])  # (draws,)
     expected = dist.Gamma(s[:, None, None], 1.0).log_prob(x).sum(-1)  # (draws, 6)
@@ -1608,25 +1610,6 @@ def test_a_latent_under_a_site_mask_is_still_held_to_its_support():
         warnings.simplefilter("ignore", UserWarning)  # the masked-latent warning
         with pytest.raises(ValueError, match="guide drew site 'z' outside the model's support"):
             diagnose(model, guide, num_samples=40)
-
-
-def test_no_posterior_predictive_for_data_broadcast_against_a_smaller_event():
-    x = torch.rand(4, 3, generator=torch.Generator().manual_seed(0)) + 0.5
-
-    def model(x):
-        a = pyro.sample("a", dist.LogNormal(0.0, 1.0))
-        with pyro.plate("n", 4):
-            pyro.sample("y", dist.Gamma(a * torch.ones(4, 1), 1.0).to_event(1), obs=x)
-
-    def guide(x):
-        pyro.sample("a", dist.LogNormal(0.0, 0.3))
-
-    pyro.set_rng_seed(0)
-    # a draw of the (4, 1) Gamma copied over 3 entries is no replicate of the data
-    with pytest.warns(UserWarning, match="no posterior predictive for 'y'"):
-        idata = to_arviz(model, guide, x, num_samples=50)
-    assert "posterior_predictive" not in idata.groups()
-    assert "log_likelihood" in idata.groups()
 
 
 def test_loo_refuses_data_sites_that_only_some_draws_have():

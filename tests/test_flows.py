@@ -512,8 +512,14 @@ def test_autoregressive_orders_alternate_or_are_drawn(builder):
 
 
 def _torch_log_prob(d, value):
-    """torch's own TransformedDistribution.log_prob, the reference for the flow's."""
-    return torch.distributions.TransformedDistribution.log_prob(d, value)
+    """torch's TransformedDistribution.log_prob with torch's Normal for the flow's base."""
+    base = d.base_dist
+    inner = getattr(base, "base_dist", None)
+    if isinstance(inner, torch.distributions.Normal):
+        plain = torch.distributions.Normal(inner.loc, inner.scale, validate_args=False)
+        base = torch.distributions.Independent(plain, 1)
+    reference = torch.distributions.TransformedDistribution(base, d.transforms)
+    return torch.distributions.TransformedDistribution.log_prob(reference, value)
 
 
 def _nodes(t: torch.Tensor) -> int:

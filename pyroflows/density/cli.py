@@ -9,8 +9,10 @@
 
 DATA is a CSV file (with or without a header row: ``--header`` says which when the first
 row is all numbers) or a ``.npy`` array. Bad input gets one
-line on stderr, ``pyroflows: error: ...``, and exit code 2. ``fit`` never overwrites a
-model without ``--force``; Ctrl-C during ``fit`` leaves a checkpoint in
+line on stderr, ``pyroflows: error: ...``, and exit code 2; warnings are one line each,
+``pyroflows: warning: ...``. No command overwrites a file without ``--force``, nor, even
+with it, one of its inputs; ``sample`` always writes a header (``x1,x2,...`` for a model
+fitted without column names). Ctrl-C during ``fit`` leaves a checkpoint in
 ``MODEL.ckpt/`` and the same command with ``--resume`` continues from it (exit code 130).
 The checkpoint is removed once the model file is written.
 """
@@ -163,12 +165,14 @@ def _parser() -> argparse.ArgumentParser:
         "--seed", type=_seed, default=None, help="seeds the draws (default: a fresh seed)"
     )
     sample.add_argument("--out", "-o", default=None, help=".csv or .npy file (default: stdout)")
+    sample.add_argument("--force", action="store_true", help="overwrite an existing --out file")
 
     score = commands.add_parser("score", help="log-density of each row of DATA, on stdout")
     score.add_argument("model", metavar="MODEL")
     score.add_argument("data", metavar="DATA")
     _header_flag(score)
     score.add_argument("--out", "-o", default=None, help=".csv or .npy file (default stdout)")
+    score.add_argument("--force", action="store_true", help="overwrite an existing --out file")
 
     info = commands.add_parser("info", help="describe a model file")
     info.add_argument("model", metavar="MODEL")
@@ -211,6 +215,30 @@ def _read(
     return values, columns
 
 
+def _check_out(out: str | None, force: bool, inputs: list[str]) -> None:
+    """Refuse an ``--out`` that exists (unless ``force``) or that is one of the inputs.
+
+    Checked before any work: a slip of the shell must not replace a model or the data
+    (not even with ``--force``: the command reads them).
+    """
+    if out is None:
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise _Failure(f"{out} is a directory; --out takes a file name")
+    if not path.exists():
+        return
+    for given in inputs:
+        try:
+            same = path.samefile(given)
+        except OSError:  # an input that is not there is named by its own check
+            same = False
+        if same:
+            raise _Failure(f"--out {out} is the input {given}: write the output elsewhere")
+    if not force:
+        raise _Failure(f"{out} exists; pass --force to overwrite it")
+
+
 def _write(values: Any, out: str | None, header: list[str] | None) -> None:
     """A tensor's values as .npy, or as CSV with the digits that round-trip its dtype."""
     digits = 17 if values.dtype.itemsize == 8 else 9  # float64, float32
@@ -239,10 +267,7 @@ def _fit(args: argparse.Namespace) -> None:
     device = _device(args.device)
     rank, _ = distributed.setup(device)  # under torchrun: join the process group
     out = Path(args.out)
-    if out.is_dir():
-        raise _Failure(f"{out} is a directory; --out takes a file name")
-    if out.exists() and not args.force:
-        raise _Failure(f"{out} exists; pass --force to overwrite it")
+    _check_out(args.out, args.force, [args.data])
     reason = unwritable(out.parent)  # now, not after the training
     if reason is not None:
         raise _Failure(f"--out {out}: its folder {out.parent} cannot be written: {reason}")
@@ -422,15 +447,21 @@ def _sample(args: argparse.Namespace) -> None:
 
     if args.num_samples < 1:
         raise _Failure(f"-n must be a positive int, got {args.num_samples}")
+    _check_out(args.out, args.force, [args.model])
     flow, info = _load(args.model)
     generator_seed = args.seed if args.seed is not None else int(torch.seed() % 2**31)
     draws = sample(flow, args.num_samples, generator_seed, info["dequantize"])
-    _write(draws, args.out, info["columns"])
+    # always a header (x1, x2, ... for a model fitted without one): integer draws of a
+    # dequantized model could otherwise start with 0,1,..., which `score` and `fit`
+    # would take for pandas' header and drop
+    columns = info["columns"] or [f"x{j + 1}" for j in range(info["dim"])]
+    _write(draws, args.out, columns)
 
 
 def _score(args: argparse.Namespace) -> None:
     from pyroflows.density.rows import SCORE_ADVICE, as_source, log_prob
 
+    _check_out(args.out, args.force, [args.model, args.data])
     flow, info = _load(args.model)
     values, columns = _read(args, flow.base_loc.dtype, SCORE_ADVICE if info["dequantize"] else None)
     if values.shape[1] != info["dim"]:
@@ -510,16 +541,24 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as the command line shows it: ``pyroflows: warning: ...`` on stderr."""
+    print(f"pyroflows: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (0, 2 for bad input, 130 on Ctrl-C)."""
     args = _parser().parse_args(argv)
     from pyroflows.density import DataError, ModelFileError
 
     command = {"fit": _fit, "sample": _sample, "score": _score, "info": _info}[args.command]
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning  # one line each, not Python's two with a path
     try:
         try:
             command(args)
         finally:
+            warnings.showwarning = shown
             _leave_process_group()
     except (_Failure, DataError, ModelFileError, FileExistsError) as error:
         print(f"pyroflows: error: {error}", file=sys.stderr)

@@ -289,7 +289,21 @@ def _read_csv(
                 )
             values[i, j] = number
     _check_finite(values, path, lines, dtype, remedy)
+    if header is not None and _pandas_index(header, values):
+        raise DataError(
+            f"{path}: column 1 has no name and holds distinct whole numbers: the row index "
+            f"pandas writes unless told not to (DataFrame.to_csv(path, index=False)); write "
+            f"the file without it, or drop that column"
+        )
     return values, header, lines
+
+
+def _pandas_index(header: list[str], values: np.ndarray) -> bool:
+    """Whether column 1 is pandas' index: unnamed, the others named, distinct integers."""
+    if len(header) < 2 or header[0] or not all(header[1:]):
+        return False
+    first = values[:, 0]
+    return bool((first == np.floor(first)).all()) and len(np.unique(first)) == len(first)
 
 
 def _separator_hint(first: list[str]) -> str:

@@ -39,7 +39,7 @@ except ImportError as error:  # scikit-learn before 1.6
 from pyroflows._checks import check_bool
 from pyroflows.density import model_file
 from pyroflows.density.data import as_rows
-from pyroflows.density.fit import CHECKPOINT
+from pyroflows.density.fit import CHECKPOINT, ResumeMismatch
 from pyroflows.density.fit import fit as fit_flow
 from pyroflows.density.rows import TensorRows, log_prob, refuse_too_large, sample
 
@@ -67,7 +67,8 @@ class FlowDensity(BaseEstimator):
             :func:`~pyroflows.density.fit` (but ``progress`` is off by default here: an
             estimator inside ``GridSearchCV`` would print a bar per fit).
         validation_fraction: share of the training rows held out for early stopping.
-        dtype: ``"float32"`` or ``"float64"`` (or ``torch.float32``, ``torch.float64``).
+        dtype: ``"float32"`` or ``"float64"`` (or ``torch.float32``, ``torch.float64``, or
+            NumPy's ``np.float32``, ``np.float64``).
         random_state: seeds the initial weights, the split, the batches and the noise
             (an int, a NumPy ``RandomState`` or ``Generator``, or ``None``).
 
@@ -103,7 +104,7 @@ class FlowDensity(BaseEstimator):
         schedule: str | None = "plateau",
         standardize: bool = True,
         dequantize: bool = False,
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype | type | np.dtype = "float32",
         random_state: int | np.random.RandomState | np.random.Generator | None = None,
         progress: bool = False,
         checkpoint_dir: str | os.PathLike | None = None,
@@ -139,10 +140,8 @@ class FlowDensity(BaseEstimator):
             "transforms": _plain(self.transforms),
             "hidden": [_plain(size) for size in hidden] if _is_sequence(hidden) else hidden,
             "activation": self.activation,
-            # torch.float64 as the model file's plain "float64"
-            "dtype": str(self.dtype).removeprefix("torch.")
-            if isinstance(self.dtype, torch.dtype)
-            else self.dtype,
+            # torch.float64 and numpy's float64 as the model file's plain "float64"
+            "dtype": _dtype_name(self.dtype),
         }
         if self.flow == "nsf":
             options["bins"] = _plain(self.bins)
@@ -163,6 +162,10 @@ class FlowDensity(BaseEstimator):
 
     def fit(self, X, y=None) -> FlowDensity:  # noqa: N803 (scikit-learn's names)
         """Fit the flow to the rows of ``X`` (``(n_samples, n_features)``); ``y`` is ignored.
+
+        All or nothing: an error or an interrupt (Ctrl-C, a notebook's stop) leaves the
+        estimator as it was before the call. To keep a long fit's progress through an
+        interrupt, give ``checkpoint_dir`` and fit again with ``resume=True``.
 
         Returns:
             The fitted estimator.
@@ -200,31 +203,47 @@ class FlowDensity(BaseEstimator):
             )
         seed = _seed(self.random_state, "random_state")
         # a fit resumed from its checkpoint takes the checkpoint's seed (its split and
-        # batches): a seed drawn from random_state=None would differ on every call
+        # batches): a seed drawn from random_state=None (or a RandomState, a Generator)
+        # would differ on every call; an int's seed is the same on every call, so fit
+        # refuses a checkpoint written under another int
         resuming = self.resume and self._checkpoint_exists()
+        given = seed if not resuming or _is_int(self.random_state) else None
         options = self._builder_options()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             flow = model_file.build(self.flow, X.shape[1], options, standardize=self.standardize)
-        self.history_ = fit_flow(
-            flow,
-            X,
-            validation=validation,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            schedule=self.schedule,
-            clip_grad=self.clip_grad,
-            patience=self.patience,
-            standardize=self.standardize,
-            dequantize=self.dequantize,
-            seed=None if resuming else seed,
-            progress=self.progress,
-            checkpoint_dir=self.checkpoint_dir,
-            resume=self.resume,
-            name="X",
-        )
+        try:
+            history = fit_flow(
+                flow,
+                X,
+                validation=validation,
+                epochs=self.epochs,
+                batch_size=self.batch_size,
+                lr=self.lr,
+                weight_decay=self.weight_decay,
+                schedule=self.schedule,
+                clip_grad=self.clip_grad,
+                patience=self.patience,
+                standardize=self.standardize,
+                dequantize=self.dequantize,
+                seed=given,
+                progress=self.progress,
+                checkpoint_dir=self.checkpoint_dir,
+                resume=self.resume,
+                name="X",
+            )
+        except ResumeMismatch as error:
+            if "seed" not in error.changed:
+                raise
+            raise ResumeMismatch(
+                f"random_state={self.random_state!r} gives another seed than the checkpoint "
+                f"in {self.checkpoint_dir} was written with (the seed fixes the split and the "
+                f"batches); pass the random_state that fit started with, or None, to resume, "
+                f"or resume=False to start afresh",
+                error.path,
+                error.changed,
+            ) from None
+        self.history_ = history
         self.flow_ = flow
         self._options = options
         self._fitted_as = {
@@ -245,7 +264,7 @@ class FlowDensity(BaseEstimator):
             # a callable cannot be kept: "callable" says so (a refit of a loaded
             # estimator then asks for it, where "plateau" would have trained another)
             "schedule": self.schedule if not callable(self.schedule) else "callable",
-            "seed": None if resuming else seed,
+            "seed": given,
             "random_state": _plain(self.random_state) if _is_int(self.random_state) else None,
         }
         plain = (bool, int, float, str)  # what a file holds
@@ -398,6 +417,15 @@ def _seed(random_state: Any, name: str) -> int:
             f"{type(random_state).__name__} {random_state!r}"
         ) from None
     return int(state.randint(2**31 - 1))
+
+
+def _dtype_name(dtype: Any) -> Any:
+    """A torch or NumPy dtype by its name (``"float64"``); anything else as it is."""
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).removeprefix("torch.")
+    if isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic)):
+        return np.dtype(dtype).name
+    return dtype
 
 
 def _plain(value: Any) -> Any:

@@ -40,7 +40,12 @@ from torch import nn
 from pyroflows._checks import check_bool, check_number, check_positive_int, warn_from_caller
 from pyroflows.density import distributed
 from pyroflows.density.rows import CHUNK, Rows, as_source, check_integers, chunk_noise
-from pyroflows.density.standardize import add_standardization, constant_columns, settle
+from pyroflows.density.standardize import (
+    add_standardization,
+    constant_columns,
+    refuse_unscalable,
+    settle,
+)
 from pyroflows.flows import Flow
 
 CHECKPOINT = "checkpoint.pt"
@@ -504,6 +509,16 @@ def fit(
     source = as_source(data, name, like, flow.dim, fitting=True)
     path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     state = None
+    if not resume and path is not None and path.exists() and rank == 0:
+        try:
+            unfinished = not read_checkpoint(path).get("done", False)
+        except ValueError:  # unreadable: replaced without a word, as resume=True refuses it
+            unfinished = False
+        if unfinished:
+            warn_from_caller(
+                f"fit: {path} holds an unfinished fit, which resume=False starts afresh over "
+                f"(its first checkpoint replaces that one); pass resume=True to continue it"
+            )
     if resume and path.exists():
         state = read_checkpoint(path)
         if seed is None:
@@ -522,12 +537,20 @@ def fit(
     if dequantize:  # the whole source: rows numbered as the caller's
         check_integers(source)
     train, valid = _split(source, validation, generator, like)
+    if len(train) < 2:
+        held = f", of which the validation split took {len(valid)}" if valid is not None else ""
+        raise ValueError(
+            f"fit needs at least 2 training rows, got {len(source)} row(s) in {name}{held}; "
+            f"give more rows{' or validation=None' if valid is not None else ''}"
+        )
     if dequantize and valid is not None and not isinstance(validation, numbers.Real):
         check_integers(valid)  # validation rows of their own
     noise_seed = seed % 2**31 + 1 if dequantize else None
     # the training noise is drawn where the batches are (no CPU tensor per batch on CUDA)
     noise = torch.Generator(like.device).manual_seed(seed % 2**31 + 2)
     mean, var, total = train.moments()  # one streaming pass; checks every value
+    if standardize and not dequantize:
+        refuse_unscalable(mean, var, like.dtype, name)
     constant = [] if dequantize else constant_columns(mean, var, like.dtype)
     if constant and rank == 0:
         shown = ", ".join(f"{j + 1} ({float(mean[j]):.6g})" for j in constant[:5])

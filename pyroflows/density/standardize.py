@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from pyroflows.density.data import DataError
 from pyroflows.flows import Flow
 from pyroflows.transforms import FlowTransform
 
@@ -120,6 +121,26 @@ def constant_columns(mean: torch.Tensor, var: torch.Tensor, dtype: torch.dtype) 
     """The columns whose spread is at ``dtype``'s rounding level of their mean (0-based)."""
     mean, var = mean.to(torch.float64), var.to(torch.float64)
     return _constant(mean, var.sqrt(), dtype).nonzero().flatten().tolist()
+
+
+def refuse_unscalable(mean: torch.Tensor, var: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    """Refuse a column whose spread is below ``dtype``'s smallest normal number.
+
+    Such a column (sd 1e-39 in float32, say: cross-sections in cm^2) is not constant, but
+    its standardisation cannot be held in ``dtype`` (``1 / sd`` overflows): a flow would
+    take it for a constant column and score it nats off.
+    """
+    mean, sd = mean.to(torch.float64), var.to(torch.float64).sqrt()
+    bad = (sd < torch.finfo(dtype).tiny) & ~_constant(mean, sd, torch.float64)
+    if bad.any():
+        j = int(bad.nonzero()[0])
+        kind = str(dtype).removeprefix("torch.")
+        raise DataError(
+            f"{name} column {j + 1} (index {j}) has sd {float(sd[j]):.3g}, below the smallest "
+            f"normal {kind} number ({torch.finfo(dtype).tiny:.3g}): {kind} cannot hold its "
+            f"standardisation; use a float64 flow (dtype='float64', --dtype float64) or "
+            f"rescale the column"
+        )
 
 
 def _constant(mean: torch.Tensor, sd: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

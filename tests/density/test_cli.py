@@ -1,5 +1,6 @@
 """The command line, run for real: ``python -m pyroflows`` in a subprocess."""
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -332,9 +333,18 @@ def test_a_dequantized_model_samples_integers(workdir):
     assert fitted.returncode == 0, fitted.stderr
     drawn = run("sample", "counts.pt", "-n", "200", "--seed", "0", cwd=workdir)
     assert drawn.returncode == 0, drawn.stderr
-    values = np.loadtxt(drawn.stdout.splitlines(), delimiter=",")
+    lines = drawn.stdout.splitlines()
+    # a header even for a model fitted without one: integer draws that start 0,1 would
+    # otherwise be taken for pandas' header when read back
+    assert lines[0] == "x1,x2"
+    values = np.loadtxt(lines[1:], delimiter=",")
     assert values.shape == (200, 2)
     assert np.array_equal(values, np.floor(values))
+    (workdir / "drawn_with_header.csv").write_text("x1,x2\n0,1\n" + "\n".join(lines[1:]) + "\n")
+    scored = run("score", "counts.pt", "drawn_with_header.csv", cwd=workdir)
+    assert scored.returncode == 0, scored.stderr
+    assert "201 rows" in scored.stderr
+    assert "as a header" not in scored.stderr
     counts = counts.astype(float)
     counts[4, 1] = 2.5
     # a header and a blank line: the message names the line an editor shows (7), not the
@@ -546,3 +556,59 @@ def test_the_autoregressive_spline_is_reachable_and_only_for_nsf(workdir):
         run("fit", "data.csv", "--out", "x.pt", "--flow", "realnvp", "--bins", "16", cwd=workdir),
         "--bins applies to --flow nsf only",
     )
+
+
+def test_sample_and_score_never_write_over_their_inputs_and_ask_before_overwriting(workdir):
+    shutil.copy(workdir / "model.pt", workdir / "victim.pt")
+    model = (workdir / "victim.pt").read_bytes()
+    data = (workdir / "plain.csv").read_bytes()
+    for force in ([], ["--force"]):  # not even with --force: the command reads them
+        onto_model = run("sample", "victim.pt", "-n", "3", "-o", "victim.pt", *force, cwd=workdir)
+        assert onto_model.returncode == 2
+        assert "--out victim.pt is the input victim.pt" in onto_model.stderr
+        onto_data = run("score", "victim.pt", "plain.csv", "-o", "plain.csv", *force, cwd=workdir)
+        assert onto_data.returncode == 2
+        assert "is the input plain.csv" in onto_data.stderr
+        fit_onto_data = run("fit", "plain.csv", "--out", "plain.csv", *force, *FAST, cwd=workdir)
+        assert fit_onto_data.returncode == 2
+    assert "is the input plain.csv" in fit_onto_data.stderr
+    assert (workdir / "victim.pt").read_bytes() == model
+    assert (workdir / "plain.csv").read_bytes() == data
+    (workdir / "old.csv").write_text("keep\n")
+    for command in (["sample", "victim.pt", "-n", "3"], ["score", "victim.pt", "plain.csv"]):
+        kept = run(*command, "-o", "old.csv", cwd=workdir)
+        assert kept.returncode == 2
+        assert "old.csv exists; pass --force to overwrite it" in kept.stderr
+    assert (workdir / "old.csv").read_text() == "keep\n"
+    forced = run("score", "victim.pt", "plain.csv", "-o", "old.csv", "--force", cwd=workdir)
+    assert forced.returncode == 0, forced.stderr
+    assert len((workdir / "old.csv").read_text().splitlines()) == 400
+
+
+def test_a_pandas_index_column_is_refused(workdir):
+    x = np.random.default_rng(3).normal(size=(50, 2))
+    lines = [",x,y"] + [f"{i},{a},{b}" for i, (a, b) in enumerate(x)]  # DataFrame.to_csv()
+    (workdir / "indexed.csv").write_text("\n".join(lines) + "\n")
+    result = run("fit", "indexed.csv", "--out", "indexed.pt", *FAST, cwd=workdir)
+    assert result.returncode == 2
+    assert "column 1 has no name and holds distinct whole numbers" in result.stderr
+    assert "index=False" in result.stderr
+    assert not (workdir / "indexed.pt").exists()
+    (workdir / "named.csv").write_text("\n".join(["id" + lines[0]] + lines[1:]) + "\n")
+    named = run("fit", "named.csv", "--out", "named.pt", *FAST, cwd=workdir)
+    assert named.returncode == 0, named.stderr  # a named column is the user's choice
+
+
+def test_warnings_are_one_line_each_and_a_one_row_table_is_refused(workdir):
+    x = np.random.default_rng(4).normal(size=(100, 2))
+    x[:, 1] = 7.0
+    np.savetxt(workdir / "constant.csv", x, delimiter=",")
+    warned = run("fit", "constant.csv", "--out", "constant.pt", *FAST, cwd=workdir)
+    assert warned.returncode == 0, warned.stderr
+    assert "pyroflows: warning: fit: constant.csv column(s) 2 (7) hold one value" in warned.stderr
+    assert "UserWarning" not in warned.stderr
+    assert "sys.exit" not in warned.stderr
+    (workdir / "one.csv").write_text("1.0,2.0\n")
+    one = run("fit", "one.csv", "--out", "one.pt", *FAST, cwd=workdir)
+    assert one.returncode == 2
+    assert "at least 2 training rows, got 1 row(s) in one.csv" in one.stderr

@@ -371,11 +371,24 @@ def test_random_state_may_be_a_numpy_generator():
         first.sample(4, random_state="seven")
 
 
-def test_dtype_may_be_a_torch_dtype(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float64, np.float64, np.dtype("float64")])
+def test_dtype_may_be_a_torch_or_numpy_dtype(tmp_path, dtype):
     X, _ = mixture_rows(100, 11)
-    est = FlowDensity(flow="maf", dtype=torch.float64, **SMALL).fit(X)
+    est = FlowDensity(flow="maf", dtype=dtype, **SMALL).fit(X)
     assert est.flow_.base_loc.dtype == torch.float64
+    assert est.get_params()["dtype"] is dtype  # the parameter as given (clone needs it)
     est.save(tmp_path / "m.pt")  # the file holds the plain name
     assert FlowDensity.load(tmp_path / "m.pt").dtype == "float64"
     with pytest.raises(ValueError, match="dtype must be one of float32, float64; got 'float16'"):
         FlowDensity(flow="maf", dtype=torch.float16, **SMALL).fit(X)
+
+
+def test_resume_refuses_another_int_random_state_and_takes_the_same(tmp_path):
+    X, _ = mixture_rows(300, 6)
+    small = {"flow": "maf", "transforms": 1, "hidden": (8,), "epochs": 3, "progress": False}
+    first = FlowDensity(checkpoint_dir=tmp_path, random_state=1, **small).fit(X)
+    other = FlowDensity(checkpoint_dir=tmp_path, resume=True, random_state=5, **small)
+    with pytest.raises(ValueError, match="random_state=5 gives another seed than the checkpoint"):
+        other.fit(X)  # it returned the old fit and recorded random_state=5 in its model file
+    same = FlowDensity(checkpoint_dir=tmp_path, resume=True, random_state=1, **small).fit(X)
+    assert np.array_equal(same.score_samples(X), first.score_samples(X))

@@ -715,3 +715,37 @@ def test_the_dequantization_bound_is_2_to_the_20_in_float32_and_any_dtype_is_tak
     with pytest.raises(DataError, match=r"in torch\.bfloat16: .* steps of 0\.125"):
         refuse_too_large(16.0, torch.bfloat16, "X")
     refuse_too_large(1e300, torch.float64, "X")
+
+
+def test_starting_afresh_over_an_unfinished_checkpoint_warns(tmp_path):
+    torch.manual_seed(12)
+    x = torch.randn(300, 2)
+    options = {"epochs": 4, "batch_size": 64, "progress": False, "seed": 0}
+    with pytest.raises(KeyboardInterrupt):
+        fit(small_flow(), x, checkpoint_dir=tmp_path, callback=_interrupt_after_epoch(2), **options)
+    with pytest.warns(UserWarning, match="holds an unfinished fit.*pass resume=True"):
+        fit(small_flow(), x, checkpoint_dir=tmp_path, **options)
+    # a finished checkpoint is replaced without a word
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["done"]
+    fit(small_flow(), x, checkpoint_dir=tmp_path, **options)
+
+
+@pytest.mark.parametrize(("rows", "validation", "split"), [(1, 0.1, False), (2, 0.1, True)])
+def test_fewer_than_two_training_rows_are_refused(rows, validation, split):
+    x = torch.randn(rows, 2)
+    with pytest.raises(ValueError, match="at least 2 training rows") as error:
+        fit(small_flow(), x, validation=validation, epochs=1, progress=False)
+    assert ("the validation split took 1" in str(error.value)) == split
+
+
+def test_a_spread_below_float32s_normal_range_is_refused_not_taken_as_constant():
+    torch.manual_seed(13)
+    x = (torch.randn(300, 2, dtype=torch.float64) * 1e-39).numpy()
+    below = r"column 1 \(index 0\) has sd 1.04e-39, below the smallest normal float32.*float64"
+    with pytest.raises(ValueError, match=below):
+        fit(small_flow(), x, epochs=1, progress=False)
+    # in float64 the same column fits, in its own units: log p near -log(1e-39) per dim
+    flow = small_flow().double()
+    fit(flow, x, epochs=2, progress=False)
+    logp = flow().log_prob(torch.from_numpy(x)).mean().item()
+    assert abs(logp - 2 * (math.log(1e39) - 0.5 * math.log(2 * math.pi * math.e))) < 1.0

@@ -594,8 +594,8 @@ def test_a_pandas_index_column_is_refused(workdir):
     assert "column 1 has no name and holds distinct whole numbers" in result.stderr
     assert "index=False" in result.stderr
     assert not (workdir / "indexed.pt").exists()
-    (workdir / "named.csv").write_text("\n".join(["id" + lines[0]] + lines[1:]) + "\n")
-    named = run("fit", "named.csv", "--out", "named.pt", *FAST, cwd=workdir)
+    (workdir / "id_named.csv").write_text("\n".join(["id" + lines[0]] + lines[1:]) + "\n")
+    named = run("fit", "id_named.csv", "--out", "id_named.pt", *FAST, cwd=workdir)
     assert named.returncode == 0, named.stderr  # a named column is the user's choice
 
 

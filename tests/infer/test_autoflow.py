@@ -575,7 +575,15 @@ def test_median_quantiles_and_predictive():
 
 
 def test_quantiles_match_the_lognormal():
-    guide = train(constrained_model, AutoFlow(constrained_model), 1500)
+    # 8 particles a step: with one, the end of the fit wanders by 2-6% in these quantiles
+    # from seed to seed (and with the CPU's rounding), about the tolerance
+    guide = AutoFlow(constrained_model)
+    steps, lr = 1500, 1e-2
+    optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": (1e-3 / lr) ** (1 / steps)})
+    elbo = Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=0)
+    svi = SVI(constrained_model, guide, optim, elbo)
+    for _ in range(steps):
+        svi.step()
     q = guide.quantiles([0.1, 0.5, 0.9])["scale"]
     true = torch.exp(0.5 + 0.4 * torch.tensor([-1.2816, 0.0, 1.2816]))
     assert torch.allclose(q, true, rtol=0.05)
@@ -607,11 +615,15 @@ def test_to_arviz_names_and_shapes():
 def test_diagnose_with_model_arguments_and_plates():
     data = torch.randn(50) * 2.0 + 1.0
 
+    # a Gaussian posterior, which the guide holds exactly: its k-hat is low on every seed.
+    # (With the scale unknown too, the fitted guide's k-hat at 5000 draws was above 0.7
+    # on 4 of 5 seeds: a tail the fit misses, which the guide's diagnostics report.)
     def model(data):
         loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
-        scale = pyro.sample("scale", dist.HalfNormal(5.0))
+        offset = pyro.sample("offset", dist.Normal(1.0, 0.5))  # not in the likelihood
         with pyro.plate("data", len(data)):
-            pyro.sample("obs", dist.Normal(loc, scale), obs=data)
+            pyro.sample("obs", dist.Normal(loc, 2.0), obs=data)
+        return offset
 
     guide = train(model, AutoFlow(model), 1000, 1e-2, 1e-3, data)
     report = guide.diagnose(data, num_samples=1000)

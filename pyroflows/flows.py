@@ -24,6 +24,7 @@ import torch
 from pyro.distributions.conditional import ConditionalTransformModule
 from torch import nn
 from torch.distributions import Distribution, Transform
+from torch.distributions.utils import _sum_rightmost
 
 from pyroflows._checks import (
     check_bool,
@@ -50,7 +51,7 @@ from pyroflows.transforms import (
     SplineAutoregressive,
     SplineCoupling,
 )
-from pyroflows.transforms.base import _forget_tensor_lists
+from pyroflows.transforms.base import _CachedBijection, _forget_tensor_lists
 
 PERMUTATIONS = ("reverse", "random", None)
 _LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))  # torch's Normal.log_prob constant, as it is
@@ -103,7 +104,26 @@ class FlowDistribution(dist.TransformedDistribution):
         shape = check_context_broadcast(value.shape[:-1], "value", self.batch_shape)
         if 0 in shape or value.numel() == 0:  # no rows: torch's reshapes cannot infer a size
             return value.new_zeros(shape)
-        return super().log_prob(value)
+        # torch's loop, in the same operations, with one call per pyroflows layer for its
+        # inverse and log-det (torch's two calls look the pair up in the cache twice, and
+        # keep a pair that is not needed again)
+        if self._validate_args:
+            self._validate_sample(value)
+        event_dim = len(self.event_shape)
+        log_prob: torch.Tensor | float = 0.0
+        y = value
+        for transform in reversed(self.transforms):
+            if isinstance(transform, _CachedBijection):
+                x, ladj = transform.inv_and_log_abs_det(y)
+            else:
+                x = transform.inv(y)
+                ladj = transform.log_abs_det_jacobian(x, y)
+            event_dim += transform.domain.event_dim - transform.codomain.event_dim
+            log_prob = log_prob - _sum_rightmost(ladj, event_dim - transform.domain.event_dim)
+            y = x
+        return log_prob + _sum_rightmost(
+            self.base_dist.log_prob(y), event_dim - len(self.base_dist.event_shape)
+        )
 
     def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
         """Draws of shape ``(*sample_shape, *batch_shape, D)``, without gradient."""

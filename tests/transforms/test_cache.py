@@ -577,3 +577,25 @@ def test_flow_clear_cache_reaches_pyro_layers_inside_a_compose():
             p.data.add_(0.3 * torch.randn_like(p))
         flow.clear_cache()
         torch.testing.assert_close(flow().log_prob(x), flow().log_prob(x.detach().clone()))
+
+
+@pytest.mark.parametrize("builder", [iaf, maf, realnvp])
+def test_scoring_data_keeps_the_last_draws_pair_and_scores_it_afresh(builder):
+    # a flow's log_prob computes a data batch's pairs without keeping them, so the last
+    # draw's pairs stay: an IAF scores its draw free after scoring data in between
+    torch.manual_seed(1)
+    flow = builder(4, transforms=2, hidden=(8,))
+    calls = _count_conditioner_calls(flow.transforms)
+    d = flow()
+    x = d.rsample((5,))
+    drawn = calls[0]
+    data = torch.randn(6, 4)
+    expected = fresh_scores(flow, [data])[0]
+    scored = calls[0]
+    assert scored - drawn == (2 * 4 if builder is iaf else 2)  # D passes a layer for an IAF
+    torch.testing.assert_close(d.log_prob(data), expected, rtol=0, atol=0)
+    assert calls[0] - scored == scored - drawn  # data are computed afresh each time
+    before = calls[0]
+    score = d.log_prob(x)
+    assert calls[0] == before  # the draw's pairs, still there
+    torch.testing.assert_close(score, fresh_scores(flow, [x.detach()])[0])

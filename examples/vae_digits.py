@@ -85,7 +85,9 @@ def train(vae: VAE, x: torch.Tensor, epochs: int, batch: int = 128, lr: float = 
 def evaluate(vae: VAE, x: torch.Tensor, k: int = 1000) -> dict[str, float]:
     """Test ELBO (1000 particles) and IWAE log-likelihood (k samples), nats per digit.
 
-    Both in passes of at most 100 rows (x 1000 particles), so a larger test set fits too.
+    The ELBO in passes of at most 100 rows (x 1000 particles), and the IWAE estimate in
+    passes of at most ``2**15`` row-particle pairs (its ``max_batch``), so a larger test
+    set fits too.
     """
     elbo = Trace_ELBO(num_particles=1000, vectorize_particles=True, max_plate_nesting=1)
     with torch.no_grad():

@@ -194,7 +194,27 @@ class StoreMirror:
             )
             _mark(tensor)
             _HOLDERS[store_name] = self
+        if taken:
+            self._drop_leftovers(modules, tensors)
         return [store_name for store_name, _, _ in foreign]
+
+    @staticmethod
+    def _drop_leftovers(modules: Mapping[str, nn.Module], tensors: list) -> None:
+        """Remove entries under this guide's names that an earlier guide of them put there.
+
+        A guide of the same name with another architecture (a flow, then none; fewer
+        layers) leaves entries this one does not have: the store, saved, would hold them
+        and could not be loaded into this guide. Entries no guide put there (a loaded
+        store) are left for :meth:`_check` to refuse.
+        """
+        store = pyro.get_param_store()
+        prefixes = tuple(param_with_module_name(name, "") for name in modules)
+        mine = {store_name for store_name, _ in tensors}
+        entries = store.named_parameters().mapping
+        for name in [n for n in entries if n.startswith(prefixes) and n not in mine]:
+            if _mirrored(entries[name]):
+                del store[name]
+                _HOLDERS.pop(name, None)
 
     def _held_by_another(self, tensors: list[tuple[str, torch.Tensor]]) -> bool:
         holders = {_HOLDERS.get(store_name) for store_name, _ in tensors} - {None, self}

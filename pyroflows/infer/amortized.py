@@ -50,6 +50,7 @@ from pyro.poutine.plate_messenger import PlateMessenger
 from pyro.poutine.runtime import _ENUM_ALLOCATOR, _PYRO_STACK
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.trace_messenger import TraceMessenger
+from pyro.util import check_model_guide_match
 from torch import nn
 from torch.nn import functional as F
 
@@ -328,7 +329,10 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
       ELBO is scaled by ``N / len(x)`` (an unbiased estimate of the full data set's when
       the batch is drawn at random). The model opens its plate with the batch's own
       indices, ``pyro.plate(plate, N, subsample=idx)``, and keeps them: the guide, which
-      does not know them, records none for the model to replay.
+      does not know them, records none for the model to replay. The model must do so:
+      a model whose plate is ``pyro.plate(plate, len(x))`` scores the batch at scale 1
+      while the guide scales it by ``N / len(x)``, and SVI, which cannot see the
+      difference, fits a posterior too wide (about ``sqrt(N / len(x))`` times), silently.
     * ``size=N``, ``len(x) == N`` and ``subsample_size=B``: the guide draws ``B`` row
       indices, ``with pyro.plate(plate, N, subsample_size=B) as idx``, and encodes
       ``x[idx]``; the model's plate of the same name gets the same ``idx``.
@@ -709,6 +713,10 @@ def _log_weights(model, guide, x, particles, plate, particle_dim, kwargs) -> tor
             f"the model's latent sites {sorted(latent)} and the guide's sites {sorted(drawn)} "
             f"differ: importance weights need the guide to draw every latent of the model"
         )
+    # the shapes, as SVI's losses check them (the particle dim left of the plates aside):
+    # a guide whose plate has another dim would broadcast against the model into a grid
+    # of rows, and the weights would sum the wrong axis (~100 nats off)
+    check_model_guide_match(model_trace, guide_trace, max_plate_nesting=-particle_dim - 1)
     log_w = x.new_zeros(particles, rows)
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
         for site in trace.nodes.values():

@@ -713,3 +713,25 @@ def test_inside_a_subsampled_outer_plate_the_guide_takes_the_subsample():
     index = torch.arange(7)
     with pyro.plate("groups", 100, subsample=index, dim=-2), pyro.plate("data", 5):
         assert guide(x[index]).shape == (7, 5, 2)
+
+
+def test_iwae_refuses_a_guide_whose_plate_has_another_dim():
+    # the rows broadcast into an 8 x 8 grid: the estimate was ~94 nats off, silently,
+    # where SVI's loss refuses the same pair
+    torch.manual_seed(0)
+    x = torch.randn(8, 6)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            z = pyro.sample("z", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+            loc = z.sum(-1, keepdim=True).expand(z.shape[:-1] + (6,))
+            pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x.unsqueeze(-2))
+
+    posterior = amortized_posterior(6, 3, flow="iaf", hidden=(16,))
+    wrong = AmortizedGuide(posterior, register=False)  # dim=-1
+    with pytest.raises(ValueError, match="Model and guide shapes disagree at site 'z'"):
+        iwae_log_likelihood(model, wrong, x, num_samples=20)
+    right = AmortizedGuide(posterior, dim=-2, register=False)
+    exact = dist.MultivariateNormal(torch.zeros(6), 3 * torch.ones(6, 6) + torch.eye(6))
+    estimate = iwae_log_likelihood(model, right, x, num_samples=2000)
+    assert abs(estimate.mean().item() - exact.log_prob(x).mean().item()) < 0.3

@@ -524,3 +524,35 @@ def test_a_guide_renamed_after_its_first_call_moves_its_entries(tmp_path):
     again.append(AutoFlow(model))
     again()
     assert_same_state(state(again[0]), saved)
+
+
+@pytest.mark.parametrize("before", ["iaf", "nsf"])
+def test_a_guide_of_the_same_name_and_another_architecture_leaves_a_store_that_loads(
+    tmp_path, before
+):
+    # a flow posterior, then a diagonal one under the same default name, store not
+    # cleared: the flow's entries went into the saved store, which the diagonal guide
+    # then refused to load ("holds 28 entries under its names that it does not have")
+    x = torch.randn(16, 3)
+    flow = AmortizedGuide(amortized_posterior(3, latent_dim=2, flow=before, hidden=(8,)))
+    svi = SVI(amortized_model, flow, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    svi.step(x)
+    diagonal = AmortizedGuide(amortized_posterior(3, latent_dim=2, flow=None, hidden=(8,)))
+    svi = SVI(amortized_model, diagonal, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    for _ in range(3):
+        svi.step(x)
+    expected = {f"guide$$${key}" for key in diagonal.posterior.state_dict()}
+    assert set(pyro.get_param_store().keys()) == expected
+    saved = state(diagonal)
+    restart(tmp_path)
+    restored = AmortizedGuide(amortized_posterior(3, latent_dim=2, flow=None, hidden=(8,)))
+    restored(x)
+    assert_same_state(state(restored), saved)
+    # the flow guide, run again, takes its names back (and trains)
+    before_state = state(flow)
+    svi = SVI(amortized_model, flow, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    svi.step(x)
+    assert moved(before_state, flow) > 0
+    assert {f"guide$$${key}" for key in flow.posterior.state_dict()} <= set(
+        pyro.get_param_store().keys()
+    )

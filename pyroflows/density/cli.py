@@ -261,7 +261,7 @@ def _fit(args: argparse.Namespace) -> None:
     import torch
 
     from pyroflows.density import ResumeMismatch, build, distributed, fit, save
-    from pyroflows.density.fit import unwritable
+    from pyroflows.density.fit import checkpoint_finished, unwritable
     from pyroflows.density.rows import FIT_ADVICE
 
     device = _device(args.device)
@@ -297,7 +297,7 @@ def _fit(args: argparse.Namespace) -> None:
         raise _Failure(str(error)) from None
     checkpoints = out.with_name(out.name + ".ckpt")
     previous = checkpoints / "checkpoint.pt"
-    finished = _finished(previous) if previous.exists() else False
+    finished = checkpoint_finished(previous) if previous.exists() else False
     if finished is None and (args.resume or not args.force):  # every rank looks
         raise _Failure(
             f"{previous} is not a readable pyroflows checkpoint; run without --resume and "
@@ -422,16 +422,6 @@ def _discard(checkpoint: Path) -> None:
         checkpoint.parent.rmdir()
     except OSError:  # the user's own files are in it: leave them
         pass
-
-
-def _finished(checkpoint: Path) -> bool | None:
-    """Whether a checkpoint file records a completed fit; ``None`` if it is unreadable."""
-    from pyroflows.density.fit import read_checkpoint
-
-    try:
-        return bool(read_checkpoint(checkpoint).get("done", False))
-    except ValueError:
-        return None
 
 
 def _load(path: str):

@@ -196,6 +196,14 @@ def damaged_member(path: str | os.PathLike) -> str | None:
         return archive.testzip()
 
 
+def checkpoint_finished(path: str | os.PathLike) -> bool | None:
+    """Whether a checkpoint file records a completed fit; ``None`` if it is unreadable."""
+    try:
+        return bool(read_checkpoint(path).get("done", False))
+    except ValueError:
+        return None
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint written by :func:`fit` (``weights_only``: it cannot run code).
 
@@ -509,12 +517,9 @@ def fit(
     source = as_source(data, name, like, flow.dim, fitting=True)
     path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     state = None
+    # an unreadable checkpoint (None) is replaced without a word, as resume=True refuses it
     if not resume and path is not None and path.exists() and rank == 0:
-        try:
-            unfinished = not read_checkpoint(path).get("done", False)
-        except ValueError:  # unreadable: replaced without a word, as resume=True refuses it
-            unfinished = False
-        if unfinished:
+        if checkpoint_finished(path) is False:
             warn_from_caller(
                 f"fit: {path} holds an unfinished fit, which resume=False starts afresh over "
                 f"(its first checkpoint replaces that one); pass resume=True to continue it"

@@ -208,10 +208,9 @@ class StoreMirror:
         store) are left for :meth:`_check` to refuse.
         """
         store = pyro.get_param_store()
-        prefixes = tuple(param_with_module_name(name, "") for name in modules)
-        mine = {store_name for store_name, _ in tensors}
         entries = store.named_parameters().mapping
-        for name in [n for n in entries if n.startswith(prefixes) and n not in mine]:
+        mine = {store_name for store_name, _ in tensors}
+        for name in _entries_beside(modules, entries, mine):
             if _mirrored(entries[name]):
                 del store[name]
                 _HOLDERS.pop(name, None)
@@ -279,14 +278,18 @@ class StoreMirror:
                 f"guide keeps all its tensors; to set some values, use the guide's "
                 f"load_state_dict): {_ADVICE}"
             )
-        prefixes = tuple(param_with_module_name(name, "") for name in modules)
-        known = {name for name, _, _ in foreign}
-        extra = [name for name in entries if name.startswith(prefixes) and name not in known]
+        extra = _entries_beside(modules, entries, {name for name, _, _ in foreign})
         if extra:
             raise ValueError(
                 f"Pyro's param store holds {len(extra)} entries under {owner}'s names that "
                 f"it does not have ({', '.join(map(repr, extra[:2]))}, ...): {_ADVICE}"
             )
+
+
+def _entries_beside(modules: Mapping[str, nn.Module], entries, known: set[str]) -> list[str]:
+    """The store's entries under the modules' names (``name$$$...``) that are not ``known``."""
+    prefixes = tuple(param_with_module_name(name, "") for name in modules)
+    return [name for name in entries if name.startswith(prefixes) and name not in known]
 
 
 class MirrorsParamStore:

@@ -5,6 +5,7 @@
 """
 
 import os
+import warnings
 
 import pyro
 import pytest
@@ -16,6 +17,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # one process; two workers 795 s with two threads each, 283 s with one (--dist loadfile).
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # the controller, before any worker starts
+        # ArviZ (0.23) writes a once-a-day stamp file on import, and two workers importing
+        # it at once on the day's first run race on that file: one fails with
+        # FileNotFoundError and its test file errors. Importing it here first writes the
+        # stamp before the workers start (on a fresh machine, every run is the first).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # its once-a-day notice
+            import arviz  # noqa: F401
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -205,11 +206,17 @@ def read_table(
 
 
 def _pandas_header(cells: list[str]) -> bool:
-    """Whether a first row is ``0,1,...,D-1`` (``D >= 2``): pandas' unnamed columns.
+    """Whether a first row is pandas' header of unnamed columns: ``0,1,...,D-1``.
 
-    One column's ``0`` is as likely a count, so a single column never matches.
+    That is ``DataFrame(array).to_csv(path, index=False)``; with the row index it is
+    ``,0,1,...,D-2`` (an empty cell over the index). One column's ``0`` is as likely a
+    count, so a single column without the index never matches.
     """
-    return len(cells) >= 2 and [c.strip() for c in cells] == [str(j) for j in range(len(cells))]
+    cells = [c.strip() for c in cells]
+    if cells and cells[0] == "":  # over pandas' row index (refused once the rows are read)
+        cells = cells[1:]
+        return len(cells) >= 1 and cells == [str(j) for j in range(len(cells))]
+    return len(cells) >= 2 and cells == [str(j) for j in range(len(cells))]
 
 
 def _read_npy(path: Path) -> np.ndarray:
@@ -256,17 +263,11 @@ def _read_csv(
         raise DataError(f"{path}: the file holds no data rows")
     header = None
     first = rows[0]
+    guessed = False  # the first row taken for pandas' header of unnamed columns
     if header_given is None:
         header_given = all(_number(cell) is None for cell in first)
-        if not header_given and _pandas_header(first):
-            header_given = True
-            warnings.warn(
-                f"{path}: took the first row ({','.join(c.strip() for c in first)}) as a "
-                "header, as pandas writes for unnamed columns; pass header=False (--header "
-                "no) if it is data",
-                UserWarning,
-                stacklevel=3,
-            )
+        guessed = not header_given and _pandas_header(first)
+        header_given = header_given or guessed
     if header_given:
         header = [cell.strip() for cell in first]
         rows, lines = rows[1:], lines[1:]
@@ -291,19 +292,41 @@ def _read_csv(
     _check_finite(values, path, lines, dtype, remedy)
     if header is not None and _pandas_index(header, values):
         raise DataError(
-            f"{path}: column 1 has no name and holds distinct whole numbers: the row index "
-            f"pandas writes unless told not to (DataFrame.to_csv(path, index=False)); write "
-            f"the file without it, or drop that column"
+            f"{path}: column 1 is named {header[0]!r} and holds whole numbers that number the "
+            f"rows: the row index pandas writes unless told not to "
+            f"(DataFrame.to_csv(path, index=False)); write the file without it, or drop that "
+            f"column"
+        )
+    if guessed:  # said once the file is known to be read, not before a refusal
+        warnings.warn(
+            f"{path}: took the first row ({','.join(c.strip() for c in first)}) as a "
+            "header, as pandas writes for unnamed columns; pass header=False (--header "
+            "no) if it is data",
+            UserWarning,
+            stacklevel=3,
         )
     return values, header, lines
 
 
 def _pandas_index(header: list[str], values: np.ndarray) -> bool:
-    """Whether column 1 is pandas' index: unnamed, the others named, distinct integers."""
-    if len(header) < 2 or header[0] or not all(header[1:]):
+    """Whether column 1 is pandas' row index.
+
+    Its header cell is empty (or ``Unnamed: 0``, pandas' name for it when a file with an
+    index is read and written again), the other columns are named, and it holds whole
+    numbers that number the rows: distinct (a frame as built, or shuffled, or a subset),
+    or runs ``0, 1, 2, ...`` one after another (frames joined by ``pd.concat``).
+    """
+    if len(header) < 2 or not all(header[1:]):
+        return False
+    if header[0] and re.fullmatch(r"Unnamed: \d+", header[0]) is None:
         return False
     first = values[:, 0]
-    return bool((first == np.floor(first)).all()) and len(np.unique(first)) == len(first)
+    if not (first == np.floor(first)).all():
+        return False
+    if len(np.unique(first)) == len(first):
+        return True
+    steps = np.diff(first)
+    return bool(first[0] == 0 and ((steps == 1) | (first[1:] == 0)).all())
 
 
 def _separator_hint(first: list[str]) -> str:

@@ -543,20 +543,25 @@ def fit(
         check_integers(source)
     train, valid = _split(source, validation, generator, like)
     if len(train) < 2:
-        held = f", of which the validation split took {len(valid)}" if valid is not None else ""
+        split = valid is not None and train is not source  # a fraction held out, not rows
+        held = f", of which the validation split took {len(valid)}" if split else ""
+        remedy = (
+            " or hold none out (validation=None; --validation 0 on the command line; "
+            "validation_fraction=None for FlowDensity)"
+        )
         raise ValueError(
             f"fit needs at least 2 training rows, got {len(source)} row(s) in {name}{held}; "
-            f"give more rows{' or validation=None' if valid is not None else ''}"
+            f"give more rows{remedy if split else ''}"
         )
     if dequantize and valid is not None and not isinstance(validation, numbers.Real):
         check_integers(valid)  # validation rows of their own
     noise_seed = seed % 2**31 + 1 if dequantize else None
     # the training noise is drawn where the batches are (no CPU tensor per batch on CUDA)
     noise = torch.Generator(like.device).manual_seed(seed % 2**31 + 2)
-    mean, var, total = train.moments()  # one streaming pass; checks every value
-    if standardize and not dequantize:
-        refuse_unscalable(mean, var, like.dtype, name)
-    constant = [] if dequantize else constant_columns(mean, var, like.dtype)
+    mean, sd, total = train.moments()  # one streaming pass; checks every value
+    if not dequantize:  # dequantized columns have an sd of at least 1/sqrt(12)
+        refuse_unscalable(mean, sd, like.dtype, name)
+    constant = [] if dequantize else constant_columns(mean, sd, like.dtype)
     if constant and rank == 0:
         shown = ", ".join(f"{j + 1} ({float(mean[j]):.6g})" for j in constant[:5])
         warn_from_caller(
@@ -576,7 +581,7 @@ def fit(
             raise ValueError(f"checkpoint_dir {checkpoint_dir} cannot be written: {reason}")
     if standardize:  # a layer the optimizer steps around: never an inference tensor
         with torch.inference_mode(False):
-            add_standardization(flow).set(*settle(mean, var, dequantize, like.dtype))
+            add_standardization(flow).set(*settle(mean, sd, dequantize, like.dtype))
 
     optimizer = _adam(flow.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = _make_schedule(schedule, optimizer, epochs)

@@ -15,7 +15,11 @@ LeVeque 1983):
     \bar x = \bar x_a + \delta\, n_b / n,\quad
     M_2 = M_{2,a} + M_{2,b} + \delta^2 n_a n_b / n,
 
-with the variance :math:`M_2 / n`; each chunk is also checked for NaN and inf.
+with the variance :math:`M_2 / n`; each chunk is also checked for NaN and inf. A column
+whose variance is near float64's underflow (an sd below about :math:`10^{-146}`: its
+squares leave float64's range) gets its sd from a second pass that sums the squares of
+the deviations scaled by their largest (as LAPACK's ``dnrm2``), so the sd is exact to
+rounding however small; the moments are given as sd, never squared again.
 """
 
 from __future__ import annotations
@@ -97,12 +101,30 @@ class Rows:
             yield self.take(torch.arange(start, min(start + size, len(self))))
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Column mean and (population) variance in float64, and the sum of every value."""
+        """Column mean and (population) sd in float64, and the sum of every value."""
         stats = None
         for chunk in self.chunks():
             stats = _merge_moments(stats, chunk.double())
         count, mean, m2 = stats
-        return mean, m2 / count, float((mean * count).sum())
+        sd = (m2 / count).sqrt()
+        # squares below this have lost bits to float64's subnormals, or all of them
+        low = m2 / count < torch.finfo(torch.float64).tiny / torch.finfo(torch.float64).eps
+        if low.any():
+            sd = torch.where(low, self._scaled_sd(mean, count), sd)
+        return mean, sd, float((mean * count).sum())
+
+    def _scaled_sd(self, mean: torch.Tensor, count: int) -> torch.Tensor:
+        """The sd of every column by scaled squares: no square leaves float64's range."""
+        scale = torch.zeros_like(mean)  # the largest |x - mean| so far, per column
+        total = torch.zeros_like(mean)  # the sum of ((x - mean) / scale)^2
+        for chunk in self.chunks():
+            deviation = chunk.double() - mean
+            top = deviation.abs().amax(0)
+            new = torch.maximum(scale, top)
+            safe = torch.where(new > 0, new, torch.ones_like(new))
+            total = total * (scale / safe) ** 2 + ((deviation / safe) ** 2).sum(0)
+            scale = new
+        return scale * (total / count).sqrt()
 
 
 class TensorRows(Rows):
@@ -162,13 +184,19 @@ class MappedRows(Rows):
         # (the spread to compare the error with, as the in-memory check has it)
         self._rounding = [np.zeros(self.dim), None]
         try:
-            mean, var, total = super().moments()
+            mean, sd, total = super().moments()
             error, (count, original_mean, m2) = self._rounding
         finally:
             self._rounding = None
-        sd = np.sqrt(m2 / count)
-        refuse_rounding(self.name, error, original_mean, sd, self.like.dtype)
-        return mean, var, total
+        refuse_rounding(self.name, error, original_mean, np.sqrt(m2 / count), self.like.dtype)
+        return mean, sd, total
+
+    def _scaled_sd(self, mean: torch.Tensor, count: int) -> torch.Tensor:
+        rounding, self._rounding = self._rounding, None  # the first pass measured the cast
+        try:
+            return super()._scaled_sd(mean, count)
+        finally:
+            self._rounding = rounding
 
     @property
     def dim(self) -> int:  # noqa: D102

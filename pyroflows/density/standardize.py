@@ -95,51 +95,52 @@ def moments(data: torch.Tensor, dequantize: bool = False) -> tuple[torch.Tensor,
     stays invertible.
     """
     mean = data.mean(0)
-    var = data.var(0, unbiased=False) if data.shape[0] > 1 else torch.zeros_like(mean)
-    return settle(mean, var, dequantize, data.dtype)
+    sd = data.std(0, unbiased=False) if data.shape[0] > 1 else torch.zeros_like(mean)
+    return settle(mean, sd, dequantize, data.dtype)
 
 
 def settle(
-    mean: torch.Tensor, var: torch.Tensor, dequantize: bool, dtype: torch.dtype
+    mean: torch.Tensor, sd: torch.Tensor, dequantize: bool, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Location and scale of the layer from column moments (see :func:`moments`).
+    """Location and scale of the layer from column mean and sd (see :func:`moments`).
 
     Worked in float64 and only then cast to ``dtype``: the variance of a column with an
     sd of 1e20 is beyond float32's range, its sd is not.
     """
-    mean, var = mean.to(torch.float64), var.to(torch.float64)
-    if dequantize:
+    mean, sd = mean.to(torch.float64), sd.to(torch.float64)
+    if dequantize:  # the sd of x + U[0, 1): sqrt(sd^2 + 1/12), without squaring sd
         mean = mean + 0.5
-        var = var + 1.0 / 12.0
-    sd = var.sqrt()
+        sd = torch.hypot(sd, torch.tensor(12.0, dtype=torch.float64).rsqrt())
     # constant columns (sd at rounding level relative to the mean) keep sd 1
     constant = _constant(mean, sd, dtype)
     return mean.to(dtype), torch.where(constant, torch.ones_like(sd), sd).to(dtype)
 
 
-def constant_columns(mean: torch.Tensor, var: torch.Tensor, dtype: torch.dtype) -> list[int]:
+def constant_columns(mean: torch.Tensor, sd: torch.Tensor, dtype: torch.dtype) -> list[int]:
     """The columns whose spread is at ``dtype``'s rounding level of their mean (0-based)."""
-    mean, var = mean.to(torch.float64), var.to(torch.float64)
-    return _constant(mean, var.sqrt(), dtype).nonzero().flatten().tolist()
+    mean, sd = mean.to(torch.float64), sd.to(torch.float64)
+    return _constant(mean, sd, dtype).nonzero().flatten().tolist()
 
 
-def refuse_unscalable(mean: torch.Tensor, var: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+def refuse_unscalable(mean: torch.Tensor, sd: torch.Tensor, dtype: torch.dtype, name: str) -> None:
     """Refuse a column whose spread is below ``dtype``'s smallest normal number.
 
     Such a column (sd 1e-39 in float32, say: cross-sections in cm^2) is not constant, but
-    its standardisation cannot be held in ``dtype`` (``1 / sd`` overflows): a flow would
-    take it for a constant column and score it nats off.
+    ``dtype`` cannot resolve it: its standardisation cannot be held (``1 / sd``
+    overflows), and unstandardized its values are subnormal numbers a flow's layers,
+    bounded in scale, cannot spread to unit size. A flow would take it for a constant
+    column and score it nats off.
     """
-    mean, sd = mean.to(torch.float64), var.to(torch.float64).sqrt()
+    mean, sd = mean.to(torch.float64), sd.to(torch.float64)
     bad = (sd < torch.finfo(dtype).tiny) & ~_constant(mean, sd, torch.float64)
     if bad.any():
         j = int(bad.nonzero()[0])
         kind = str(dtype).removeprefix("torch.")
         raise DataError(
             f"{name} column {j + 1} (index {j}) has sd {float(sd[j]):.3g}, below the smallest "
-            f"normal {kind} number ({torch.finfo(dtype).tiny:.3g}): {kind} cannot hold its "
-            f"standardisation; use a float64 flow (dtype='float64', --dtype float64) or "
-            f"rescale the column"
+            f"normal {kind} number ({torch.finfo(dtype).tiny:.3g}): {kind} cannot resolve "
+            f"it (nor hold its standardisation); use a float64 flow (dtype='float64', "
+            f"--dtype float64) or rescale the column"
         )
 
 

@@ -591,7 +591,7 @@ def test_a_pandas_index_column_is_refused(workdir):
     (workdir / "indexed.csv").write_text("\n".join(lines) + "\n")
     result = run("fit", "indexed.csv", "--out", "indexed.pt", *FAST, cwd=workdir)
     assert result.returncode == 2
-    assert "column 1 has no name and holds distinct whole numbers" in result.stderr
+    assert "column 1 is named '' and holds whole numbers that number the rows" in result.stderr
     assert "index=False" in result.stderr
     assert not (workdir / "indexed.pt").exists()
     (workdir / "id_named.csv").write_text("\n".join(["id" + lines[0]] + lines[1:]) + "\n")
@@ -612,3 +612,8 @@ def test_warnings_are_one_line_each_and_a_one_row_table_is_refused(workdir):
     one = run("fit", "one.csv", "--out", "one.pt", *FAST, cwd=workdir)
     assert one.returncode == 2
     assert "at least 2 training rows, got 1 row(s) in one.csv" in one.stderr
+    (workdir / "two.csv").write_text("1.0,2.0\n3.0,4.0\n")
+    two = run("fit", "two.csv", "--out", "two.pt", *FAST, cwd=workdir)
+    assert two.returncode == 2
+    assert "the validation split took 1; give more rows or hold none out" in two.stderr
+    assert "--validation 0 on the command line" in two.stderr

@@ -62,6 +62,43 @@ def test_read_csv_header_argument_and_pandas_unnamed_header(tmp_path):
         read_table(tmp_path / "y.csv", header="yes")
 
 
+def _frame_csv(path, header, index, x):
+    lines = [header] + [f"{i:g},{a},{b}" for i, (a, b) in zip(index, x, strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("header", "index"),
+    [
+        (",x,y", list(range(20))),  # DataFrame.to_csv(path)
+        (",x,y", list(range(40, 0, -2))),  # sorted otherwise, a subset
+        (",x,y", list(range(12)) + list(range(8))),  # pd.concat of two frames
+        ("Unnamed: 0,x,y", list(range(20))),  # read with its index, written again
+        (",0,1", list(range(20))),  # DataFrame(array).to_csv(path): columns named 0, 1
+    ],
+)
+def test_read_csv_refuses_pandas_row_index(tmp_path, header, index):
+    x = np.random.default_rng(0).normal(size=(len(index), 2))
+    path = _frame_csv(tmp_path / "f.csv", header, index, x)
+    with pytest.raises(DataError, match=r"f.csv: column 1 is named .* the row index pandas"):
+        read_table(path)
+
+
+def test_read_csv_keeps_a_first_column_that_does_not_number_the_rows(tmp_path):
+    x = np.random.default_rng(0).normal(size=(6, 2))
+    counts = [3, 1, 3, 0, 2, 2]  # whole numbers with repeats, not runs from 0: data
+    values, columns = read_table(_frame_csv(tmp_path / "c.csv", ",x,y", counts, x))
+    assert columns == ["", "x", "y"]
+    assert values[:, 0].tolist() == counts
+    # over real-valued data, pandas' header of unnamed columns is taken, with a warning
+    reals = [0.5, 1.5, 2.5, 3.5, 4.5, 5.5]
+    with pytest.warns(UserWarning, match=r"took the first row \(,0,1\) as a header"):
+        values, columns = read_table(_frame_csv(tmp_path / "r.csv", ",0,1", reals, x))
+    assert columns == ["", "0", "1"]
+    assert values.shape == (6, 3)
+
+
 def test_read_npy_one_and_two_d(tmp_path):
     np.save(tmp_path / "a.npy", np.arange(4.0))
     assert read_table(tmp_path / "a.npy")[0].shape == (4, 1)
@@ -78,9 +115,9 @@ def test_streamed_rows_check_values_and_give_the_moments(tmp_path):
     x = np.random.default_rng(0).normal(size=(20_000, 3)) * [1.0, 1e3, 1e-3] + [5.0, -7.0, 1e4]
     np.save(tmp_path / "x.npy", x)
     rows = as_source(read_table(tmp_path / "x.npy")[0], "data", LIKE.double(), 3)
-    mean, var, total = rows.moments()
+    mean, sd, total = rows.moments()
     assert np.allclose(mean.numpy(), x.mean(0), rtol=1e-12)
-    assert np.allclose(var.numpy(), x.var(0), rtol=1e-9)
+    assert np.allclose(sd.numpy(), x.std(0), rtol=1e-9)
     assert total == pytest.approx(x.sum(), rel=1e-12)
     index = torch.tensor([19_999, 3, 7])
     assert np.array_equal(rows.take(index).numpy(), x[[19_999, 3, 7]])

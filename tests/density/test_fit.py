@@ -1,6 +1,7 @@
 import copy
 import math
 import signal
+import warnings
 
 import numpy as np
 import pyro.distributions as dist
@@ -736,6 +737,12 @@ def test_fewer_than_two_training_rows_are_refused(rows, validation, split):
     with pytest.raises(ValueError, match="at least 2 training rows") as error:
         fit(small_flow(), x, validation=validation, epochs=1, progress=False)
     assert ("the validation split took 1" in str(error.value)) == split
+    # the remedy in the terms of each way in: fit, the command line, FlowDensity
+    for way in ("validation=None", "--validation 0", "validation_fraction=None"):
+        assert (way in str(error.value)) == split
+    if rows == 1:  # validation rows of their own: nothing was split off the one row
+        with pytest.raises(ValueError, match=r"got 1 row\(s\) in data; give more rows$"):
+            fit(small_flow(), x, validation=torch.randn(5, 2), epochs=1, progress=False)
 
 
 def test_a_spread_below_float32s_normal_range_is_refused_not_taken_as_constant():
@@ -749,3 +756,24 @@ def test_a_spread_below_float32s_normal_range_is_refused_not_taken_as_constant()
     fit(flow, x, epochs=2, progress=False)
     logp = flow().log_prob(torch.from_numpy(x)).mean().item()
     assert abs(logp - 2 * (math.log(1e39) - 0.5 * math.log(2 * math.pi * math.e))) < 1.0
+    # unstandardized, float32 cannot resolve it either: refused, not called constant
+    with pytest.raises(ValueError, match=below):
+        fit(small_flow(), x, standardize=False, epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+def test_a_float64_spread_whose_variance_underflows_is_standardized_by_its_sd(tmp_path, mapped):
+    # sd 1e-160: its variance, 1e-320, is below float64's normal range (a subnormal with
+    # few bits, or 0 for smaller sds), yet float64 holds the sd and 1 / sd well
+    x = np.random.default_rng(3).normal(size=(300, 2)) * [1e-160, 1.0] + [1e-158, 0.0]
+    if mapped:
+        np.save(tmp_path / "x.npy", x)
+        x = np.load(tmp_path / "x.npy", mmap_mode="r")
+    flow = small_flow().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "holds one value" warning: it does not
+        fit(flow, x, validation=None, epochs=1, progress=False)
+    scale = standardization_of(flow).scale
+    sd = np.std(x[:, 0] * 1e160) * 1e-160  # numpy squares the deviations: scaled first
+    assert scale[0].item() == pytest.approx(sd, rel=1e-12, abs=0)
+    assert scale[1].item() == pytest.approx(np.std(x[:, 1]), rel=1e-12, abs=0)

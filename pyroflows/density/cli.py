@@ -185,7 +185,7 @@ def _header_flag(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "yes", "no"],
         default="auto",
         help="whether a CSV's first row is its header; auto: when none of it is a number, "
-        "or it is 0,1,...,D-1 (pandas' header for unnamed columns)",
+        "or it is 0,1,...,D-1 (pandas' header for unnamed columns; ,0,1,... with its index)",
     )
 
 

@@ -154,10 +154,11 @@ def read_table(
 
     By default a CSV's first row is its header when no cell of it parses as a number, or
     when it is exactly ``0,1,...,D-1`` with ``D >= 2``: the header pandas writes for
-    unnamed columns (``DataFrame(x).to_csv(index=False)``), taken with a ``UserWarning``
-    that says so. Rows
-    and columns in messages count from 1 as lines in an editor do (the header, if any,
-    is row 1, and blank lines count).
+    unnamed columns (``DataFrame(x).to_csv(index=False)``; ``,0,1,...`` with the row
+    index), taken with a ``UserWarning`` that says so. A first column that is pandas' row
+    index (an empty or ``Unnamed: 0`` header cell over whole numbers that number the rows)
+    is refused: it is not data. Rows and columns in messages count from 1 as lines in an
+    editor do (the header, if any, is row 1, and blank lines count).
 
     Args:
         path: the file.
@@ -179,8 +180,8 @@ def read_table(
 
     Raises:
         DataError: missing or empty file, ragged rows, a non-numeric cell (row and column
-            named), NaN or inf, a fraction under ``whole_numbers``, or a ``.npy`` array
-            that is not 2-D numeric.
+            named), NaN or inf, a fraction under ``whole_numbers``, pandas' row index as
+            the first column, or a ``.npy`` array that is not 2-D numeric.
     """
     path = Path(path)
     if not path.exists():
@@ -214,8 +215,7 @@ def _pandas_header(cells: list[str]) -> bool:
     """
     cells = [c.strip() for c in cells]
     if cells and cells[0] == "":  # over pandas' row index (refused once the rows are read)
-        cells = cells[1:]
-        return len(cells) >= 1 and cells == [str(j) for j in range(len(cells))]
+        cells = cells[1:]  # ",0" alone is as likely a row of data with a missing cell
     return len(cells) >= 2 and cells == [str(j) for j in range(len(cells))]
 
 
@@ -314,7 +314,8 @@ def _pandas_index(header: list[str], values: np.ndarray) -> bool:
     Its header cell is empty (or ``Unnamed: 0``, pandas' name for it when a file with an
     index is read and written again), the other columns are named, and it holds whole
     numbers that number the rows: distinct (a frame as built, or shuffled, or a subset),
-    or runs ``0, 1, 2, ...`` one after another (frames joined by ``pd.concat``).
+    or runs ``0, 1, 2, ...`` one after another, five rows long or more on average (frames
+    joined by ``pd.concat``).
     """
     if len(header) < 2 or not all(header[1:]):
         return False
@@ -325,8 +326,10 @@ def _pandas_index(header: list[str], values: np.ndarray) -> bool:
         return False
     if len(np.unique(first)) == len(first):
         return True
-    steps = np.diff(first)
-    return bool(first[0] == 0 and ((steps == 1) | (first[1:] == 0)).all())
+    steps, starts = np.diff(first), int((first == 0).sum())
+    # runs of 5 rows or more on average: a 0/1 flag or a small count starts "runs" too
+    runs = first[0] == 0 and ((steps == 1) | (first[1:] == 0)).all() and 5 * starts <= len(first)
+    return bool(runs)
 
 
 def _separator_hint(first: list[str]) -> str:

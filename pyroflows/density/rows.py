@@ -16,10 +16,11 @@ LeVeque 1983):
     M_2 = M_{2,a} + M_{2,b} + \delta^2 n_a n_b / n,
 
 with the variance :math:`M_2 / n`; each chunk is also checked for NaN and inf. A column
-whose variance is near float64's underflow (an sd below about :math:`10^{-146}`: its
-squares leave float64's range) gets its sd from a second pass that sums the squares of
-the deviations scaled by their largest (as LAPACK's ``dnrm2``), so the sd is exact to
-rounding however small; the moments are given as sd, never squared again.
+that is not one value throughout but whose variance leaves float64's normal range (an sd
+below about :math:`10^{-146}` or above :math:`10^{154}`) gets its sd from a second pass
+that sums the squares of the deviations scaled by their largest (as LAPACK's
+``dnrm2``), so the sd is exact to rounding however small or large; the moments are
+given as sd, never squared again.
 """
 
 from __future__ import annotations
@@ -102,15 +103,22 @@ class Rows:
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Column mean and (population) sd in float64, and the sum of every value."""
-        stats = None
+        stats, lowest, highest = None, None, None
         for chunk in self.chunks():
-            stats = _merge_moments(stats, chunk.double())
+            block = chunk.double()
+            stats = _merge_moments(stats, block)
+            low_b, high_b = block.amin(0), block.amax(0)
+            lowest = low_b if lowest is None else torch.minimum(lowest, low_b)
+            highest = high_b if highest is None else torch.maximum(highest, high_b)
         count, mean, m2 = stats
-        sd = (m2 / count).sqrt()
-        # squares below this have lost bits to float64's subnormals, or all of them
-        low = m2 / count < torch.finfo(torch.float64).tiny / torch.finfo(torch.float64).eps
-        if low.any():
-            sd = torch.where(low, self._scaled_sd(mean, count), sd)
+        var = m2 / count
+        sd = var.sqrt()
+        # a variance whose squares lost bits to float64's subnormals (or all of them), or
+        # overflowed (sd above ~1e154), in a column that is not one value throughout
+        tiny = torch.finfo(torch.float64).tiny / torch.finfo(torch.float64).eps
+        redo = ((var < tiny) | ~torch.isfinite(var)) & (highest > lowest)
+        if redo.any():
+            sd = torch.where(redo, self._scaled_sd(mean, count), sd)
         return mean, sd, float((mean * count).sum())
 
     def _scaled_sd(self, mean: torch.Tensor, count: int) -> torch.Tensor:
@@ -190,13 +198,6 @@ class MappedRows(Rows):
             self._rounding = None
         refuse_rounding(self.name, error, original_mean, np.sqrt(m2 / count), self.like.dtype)
         return mean, sd, total
-
-    def _scaled_sd(self, mean: torch.Tensor, count: int) -> torch.Tensor:
-        rounding, self._rounding = self._rounding, None  # the first pass measured the cast
-        try:
-            return super()._scaled_sd(mean, count)
-        finally:
-            self._rounding = rounding
 
     @property
     def dim(self) -> int:  # noqa: D102

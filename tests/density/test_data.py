@@ -85,18 +85,35 @@ def test_read_csv_refuses_pandas_row_index(tmp_path, header, index):
         read_table(path)
 
 
-def test_read_csv_keeps_a_first_column_that_does_not_number_the_rows(tmp_path):
+@pytest.mark.parametrize(
+    "first",
+    [
+        [3, 1, 3, 0, 2, 2],  # whole numbers with repeats, not runs from 0
+        [0, 0, 0, 0, 0, 0],  # all one value
+        [0, 0, 0, 1, 0, 0, 1, 0, 0, 0],  # a rare-event count: "runs" of 1 or 2 rows
+        [0, 1, 0, 0, 1, 0, 0, 1, 0, 1],  # a 0/1 flag
+    ],
+)
+def test_read_csv_keeps_a_first_column_that_does_not_number_the_rows(tmp_path, first):
+    x = np.random.default_rng(0).normal(size=(len(first), 2))
+    for header in (",x,y", "Unnamed: 0,x,y"):
+        values, columns = read_table(_frame_csv(tmp_path / "c.csv", header, first, x))
+        assert columns == [header.split(",")[0], "x", "y"]
+        assert values[:, 0].tolist() == first
+
+
+def test_read_csv_takes_pandas_unnamed_header_over_real_values(tmp_path):
     x = np.random.default_rng(0).normal(size=(6, 2))
-    counts = [3, 1, 3, 0, 2, 2]  # whole numbers with repeats, not runs from 0: data
-    values, columns = read_table(_frame_csv(tmp_path / "c.csv", ",x,y", counts, x))
-    assert columns == ["", "x", "y"]
-    assert values[:, 0].tolist() == counts
     # over real-valued data, pandas' header of unnamed columns is taken, with a warning
     reals = [0.5, 1.5, 2.5, 3.5, 4.5, 5.5]
     with pytest.warns(UserWarning, match=r"took the first row \(,0,1\) as a header"):
         values, columns = read_table(_frame_csv(tmp_path / "r.csv", ",0,1", reals, x))
     assert columns == ["", "0", "1"]
     assert values.shape == (6, 3)
+    # one column named 0 over the index is as likely a data row with a missing cell
+    (tmp_path / "m.csv").write_text(",0\n1.5,2\n3,4\n")
+    with pytest.raises(DataError, match=r"row 1, column 1: '' is not a number"):
+        read_table(tmp_path / "m.csv")
 
 
 def test_read_npy_one_and_two_d(tmp_path):

@@ -777,3 +777,23 @@ def test_a_float64_spread_whose_variance_underflows_is_standardized_by_its_sd(tm
     sd = np.std(x[:, 0] * 1e160) * 1e-160  # numpy squares the deviations: scaled first
     assert scale[0].item() == pytest.approx(sd, rel=1e-12, abs=0)
     assert scale[1].item() == pytest.approx(np.std(x[:, 1]), rel=1e-12, abs=0)
+
+
+def test_a_float64_spread_whose_variance_overflows_is_standardized_by_its_sd():
+    x = np.random.default_rng(4).normal(size=(300, 2)) * [1e160, 1.0]  # variance 1e320: inf
+    flow = small_flow().double()
+    fit(flow, x, validation=None, epochs=1, progress=False)
+    sd = np.std(x[:, 0] * 1e-160) * 1e160
+    assert standardization_of(flow).scale[0].item() == pytest.approx(sd, rel=1e-12, abs=0)
+
+
+def test_a_constant_column_takes_no_second_pass_over_the_rows(monkeypatch):
+    from pyroflows.density.rows import Rows
+
+    def second_pass(*_):
+        raise AssertionError("a second pass over the rows")
+
+    monkeypatch.setattr(Rows, "_scaled_sd", second_pass)
+    x = np.c_[np.random.default_rng(5).normal(size=300), np.zeros(300)]  # variance exactly 0
+    with pytest.warns(UserWarning, match="hold one value"):
+        fit(small_flow().double(), x, epochs=1, progress=False)

@@ -64,6 +64,7 @@ from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn.module import _make_name
 from pyro.params.param_store import param_with_module_name
+from pyro.poutine.util import prune_subsample_sites
 from torch import nn
 from torch.distributions import ComposeTransform, biject_to
 from torch.nn import functional as F
@@ -403,6 +404,26 @@ class AnchoredLinear(FlowTransform):
         return u, self._log_abs_det(u, x, context)
 
 
+def _shapes_of(args: tuple, kwargs: dict) -> tuple:
+    """The shapes of a call's tensor and array arguments (in lists, tuples, dicts too).
+
+    What a guide's latent sizes can follow: a model whose plate runs over ``len(x)``
+    has as many local latents as ``x`` has rows. Other values give their type alone
+    (a step counter or a temperature changes at every call; sizes rarely follow it).
+    """
+
+    def one(value: Any, depth: int = 0) -> Any:
+        if isinstance(value, torch.Tensor | np.ndarray):
+            return tuple(value.shape)
+        if depth < 2 and isinstance(value, list | tuple) and len(value) <= 64:
+            return tuple(one(v, depth + 1) for v in value)
+        if depth < 2 and isinstance(value, dict) and len(value) <= 64:
+            return tuple((repr(k), one(v, depth + 1)) for k, v in value.items())
+        return type(value).__name__
+
+    return one(tuple(args)), one(dict(sorted(kwargs.items())))
+
+
 class AutoFlow(MirrorsParamStore, AutoContinuous):
     r"""A normalizing-flow guide for any Pyro model whose latent sites are continuous.
 
@@ -421,6 +442,13 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
     :meth:`diagnose` (PSIS :math:`\hat k`, ESS, a verdict), :meth:`importance_resample`,
     :meth:`to_arviz`; and compare models with :meth:`loo` (leave-one-out
     cross-validation, corrected for the guide by the importance weights).
+
+    The guide holds the latents of the data it is fitted to, packed as its first call
+    found them: a call whose arguments give the model latents of other shapes (a latent
+    per row, and data with more rows) is refused by name, where it would return values
+    of the old shapes. Arguments of new shapes are checked by one run of the model each
+    (the first few; after that the latents evidently do not follow them); new data with
+    global latents alone (``Predictive`` on new inputs) are fine.
 
     Saving: ``torch.save(guide)`` / pickle, or ``guide.state_dict()`` into a guide built
     for the same model and called once, keep everything, the anchor :math:`(m, C)`
@@ -629,6 +657,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                 loc, scale_tril.to(loc.device), self.learn_linear, self._latent_sites()[1]
             )
             self.anchor = "init"
+            self._arg_shapes = {_shapes_of(args, kwargs)}  # calls whose latents fit
             _, adopted = self._mirror_store()
             if adopted:
                 self.anchor = "param store"
@@ -807,6 +836,8 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TorchDistribution:
         """The guide's distribution over the packed unconstrained latent vector."""
+        if args or kwargs:
+            self._check_latent_shapes(args, kwargs)
         modules, _ = self._mirror_store()
         # param sites that carry the guide's own tensors (PyroModule's attribute access
         # would give the store's, another live guide's when this guide is a copy)
@@ -1088,6 +1119,63 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         if self.prototype_trace is None:
             with poutine.block():
                 self._setup_prototype(*args, **kwargs)
+        else:
+            self._check_latent_shapes(args, kwargs)
+
+    #: distinct argument shapes whose latents matched, after which the check stops: the
+    #: latents evidently do not follow them (a last mini-batch of another size, say)
+    _SHAPES_CHECKED = 8
+
+    def _check_latent_shapes(self, args, kwargs) -> None:
+        """Refuse a call whose arguments give the model latents of other shapes.
+
+        The guide packs the latents of its first call into one vector of fixed size;
+        called with data of another size (a model with a latent per row, say), it would
+        hand back values of the old shapes, silently (``median``, ``Predictive``). A call
+        whose tensor arguments have the shapes of one seen before costs a comparison; a
+        new one costs one run of the model, without gradients, with the random state
+        kept.
+        """
+        seen = self.__dict__.get("_arg_shapes")
+        if seen is None or len(seen) >= self._SHAPES_CHECKED or self._model is None:
+            return  # a guide from before this check, or whose model is gone (a pickle)
+        if torch.jit.is_tracing():
+            return
+        shapes = _shapes_of(args, kwargs)
+        if shapes in seen:
+            return
+        device = self.anchor_loc.device
+        cuda = [device] if device.type == "cuda" else []
+        plain = self.__dict__.get("_plain_model")
+        model = self.model if plain is None else plain
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda), poutine.block():
+            trace = prune_subsample_sites(poutine.trace(model).get_trace(*args, **kwargs))
+
+        def latents(nodes) -> dict[str, tuple[int, ...]]:
+            return {
+                name: tuple(site["value"].shape)
+                for name, site in nodes.items()
+                if site["type"] == "sample" and not site["is_observed"]
+            }
+
+        # the guide's own sites only: an observed site given None (Predictive's use) is
+        # drawn by the model, not by the guide
+        before, now = latents(self.prototype_trace.nodes), latents(trace.nodes)
+        differ = [
+            f"{name!r} {shape} -> {now.get(name, 'observed' if name in trace else 'absent')}"
+            for name, shape in before.items()
+            if now.get(name) != shape
+        ]
+        if differ:
+            raise ValueError(
+                "AutoFlow was set up at its first call for the latent sites that call's "
+                f"arguments gave, packed into one vector of {self.latent_dim} numbers; these "
+                f"arguments give others ({'; '.join(differ)}), which it cannot hold (it would "
+                "return values of the old shapes, for other rows). A fitted AutoFlow "
+                "describes the posterior of the data it was fitted to: fit a new guide to "
+                "these data, or use pyroflows.infer.AmortizedGuide for local latents of new data"
+            )
+        seen.add(shapes)
 
     @torch.no_grad()
     def quantiles(self, quantiles: Sequence[float] | torch.Tensor, *args: Any, **kwargs: Any):

@@ -290,6 +290,70 @@ def test_local_latents_in_a_subsampled_plate_are_refused_by_name():
     AutoFlow(model, warm_start=None)(y)  # the whole plate: one slot per row, fine
 
 
+def rows_model(x, y=None):
+    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    with pyro.plate("rows", len(x)):
+        z = pyro.sample("z", dist.Normal(mu, 1.0))
+        pyro.sample("y", dist.Normal(z + x, 1.0), obs=y)
+
+
+def test_data_that_give_the_latents_other_shapes_are_refused_by_name():
+    x5, x7 = torch.randn(5), torch.randn(7)
+    guide = AutoFlow(rows_model, warm_start=None)
+    guide(x5, x5 + 1.0)
+    # the guide's one vector holds mu and five z: seven rows would get five values back
+    shapes = r"these arguments give others \('z' \(5,\) -> \(7,\)\)"
+    with pytest.raises(ValueError, match=shapes):
+        guide(x7, x7 + 1.0)
+    with pytest.raises(ValueError, match=shapes):
+        guide.median(x7)
+    with pytest.raises(ValueError, match="AmortizedGuide"):
+        Predictive(rows_model, guide=guide, num_samples=3)(x7)
+    assert guide(x5, x5)["z"].shape == (5,)  # its own data's shapes go on working
+    # predicting the observations of its own rows (y=None: the model draws y)
+    assert Predictive(rows_model, guide=guide, num_samples=3)(x5)["y"].shape == (3, 5)
+
+
+def test_global_latents_take_data_of_any_size_with_one_model_run_per_new_shape():
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("rows", len(x)):
+            pyro.sample("y", dist.Normal(w * x, 1.0), obs=y)
+
+    runs = []
+
+    def counted(*args, **kwargs):
+        runs.append(len(args[0]))
+        return model(*args, **kwargs)
+
+    guide = AutoFlow(counted, warm_start=None)
+    guide(torch.randn(10), torch.randn(10))
+    start = len(runs)
+    state = torch.get_rng_state()
+    guide._check_latent_shapes((torch.randn(4), torch.randn(4)), {})  # another batch size
+    assert len(runs) == start + 1  # one run of the model to check it
+    torch.set_rng_state(state)
+    guide._check_latent_shapes((torch.randn(4), torch.randn(4)), {})
+    assert len(runs) == start + 1  # a shape seen before: no run
+    for n in range(20, 40):  # after a few shapes that all fit, the check stops
+        guide(torch.randn(n))
+    assert len(runs) - start < 10
+    assert guide.median(torch.randn(3))["w"].shape == ()
+
+
+def test_the_latent_shape_check_keeps_the_random_state():
+    guide = AutoFlow(rows_model, warm_start=None)
+    guide(torch.zeros(5), torch.ones(5))
+    state = torch.get_rng_state()
+    guide._check_latent_shapes((torch.zeros(5),), {})  # y not given: a new call, checked
+    assert torch.equal(torch.get_rng_state(), state)
+    # set up with y unobserved, y is one of its latents: a call that observes it is refused
+    guide = AutoFlow(rows_model, warm_start=None)
+    guide(torch.zeros(5))
+    with pytest.raises(ValueError, match=r"'y' \(5,\) -> observed"):
+        guide(torch.zeros(5), torch.ones(5))
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
 def test_stl_refuses_a_jit_trace():
     pyro.clear_param_store()

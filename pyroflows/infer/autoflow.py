@@ -64,6 +64,8 @@ from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn.module import _make_name
 from pyro.params.param_store import param_with_module_name
+from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.util import prune_subsample_sites
 from torch import nn
 from torch.distributions import ComposeTransform, biject_to
@@ -404,16 +406,31 @@ class AnchoredLinear(FlowTransform):
         return u, self._log_abs_det(u, x, context)
 
 
-def _shapes_of(args: tuple, kwargs: dict) -> tuple:
-    """The shapes of a call's tensor and array arguments (in lists, tuples, dicts too).
+def _traced() -> bool:
+    """Whether a Pyro trace records this call (an ELBO's step, Predictive's draw)."""
+    return any(isinstance(m, TraceMessenger) for m in _PYRO_STACK)
 
-    What a guide's latent sizes can follow: a model whose plate runs over ``len(x)``
-    has as many local latents as ``x`` has rows. Other values give their type alone
-    (a step counter or a temperature changes at every call; sizes rarely follow it).
+
+def _shapes_of(args: tuple, kwargs: dict) -> tuple:
+    """What a call's arguments say about the sizes of the model's latents.
+
+    The shapes of tensors and arrays (in lists, tuples and dicts too), and the values of
+    whole numbers (Python ints, 0-d integer tensors): a model whose plate runs over
+    ``len(x)`` rows, or over ``N`` given as a number, has a latent per row. Other values
+    give their type alone (a float such as a temperature rarely sizes a latent).
     """
 
     def one(value: Any, depth: int = 0) -> Any:
-        if isinstance(value, torch.Tensor | np.ndarray):
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return ("int", int(value))
+        if isinstance(value, torch.Tensor):
+            whole = not (value.dtype.is_floating_point or value.dtype.is_complex)
+            if value.ndim == 0 and whole and value.dtype != torch.bool:
+                return ("int", int(value))
+            return tuple(value.shape)
+        if isinstance(value, np.ndarray):
+            if value.ndim == 0 and value.dtype.kind in "iu":
+                return ("int", int(value))
             return tuple(value.shape)
         if depth < 2 and isinstance(value, list | tuple) and len(value) <= 64:
             return tuple(one(v, depth + 1) for v in value)
@@ -443,12 +460,15 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
     :meth:`to_arviz`; and compare models with :meth:`loo` (leave-one-out
     cross-validation, corrected for the guide by the importance weights).
 
-    The guide holds the latents of the data it is fitted to, packed as its first call
-    found them: a call whose arguments give the model latents of other shapes (a latent
-    per row, and data with more rows) is refused by name, where it would return values
-    of the old shapes. Arguments of new shapes are checked by one run of the model each
-    (the first few; after that the latents evidently do not follow them); new data with
-    global latents alone (``Predictive`` on new inputs) are fine.
+    The guide holds the latents of the data it is fitted to, packed as its set-up call
+    found them: a call that uses the fit (``median(x)``, ``quantiles``, ``Predictive``,
+    ``guide(x)`` by hand) whose arguments give the model latents of other shapes (a
+    latent per row, and more rows, or ``N`` rows given as a number) is refused by name,
+    where it would return values of the old shapes. Arguments of new shapes are checked
+    by one run of the model each (the first few; after that the latents evidently do not
+    follow them); new data with global latents alone (``Predictive`` on new inputs) are
+    fine. Training steps are not checked: there the model's replay meets the guide's
+    values itself.
 
     Saving: ``torch.save(guide)`` / pickle, or ``guide.state_dict()`` into a guide built
     for the same model and called once, keep everything, the anchor :math:`(m, C)`
@@ -836,7 +856,9 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TorchDistribution:
         """The guide's distribution over the packed unconstrained latent vector."""
-        if args or kwargs:
+        if (args or kwargs) and not (torch.is_grad_enabled() and _traced()):
+            # a call to use the fit (Predictive, or guide(x) by hand); not a training
+            # step, where the model's replay meets the guide's values and checks them
             self._check_latent_shapes(args, kwargs)
         modules, _ = self._mirror_store()
         # param sites that carry the guide's own tensors (PyroModule's attribute access
@@ -1119,7 +1141,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         if self.prototype_trace is None:
             with poutine.block():
                 self._setup_prototype(*args, **kwargs)
-        else:
+        elif args or kwargs:  # median() and the like without arguments: nothing to check
             self._check_latent_shapes(args, kwargs)
 
     #: distinct argument shapes whose latents matched, after which the check stops: the
@@ -1129,12 +1151,14 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
     def _check_latent_shapes(self, args, kwargs) -> None:
         """Refuse a call whose arguments give the model latents of other shapes.
 
-        The guide packs the latents of its first call into one vector of fixed size;
+        The guide packs the latents of its set-up call into one vector of fixed size;
         called with data of another size (a model with a latent per row, say), it would
         hand back values of the old shapes, silently (``median``, ``Predictive``). A call
-        whose tensor arguments have the shapes of one seen before costs a comparison; a
-        new one costs one run of the model, without gradients, with the random state
-        kept.
+        whose arguments have the shapes (and whole numbers) of one seen before costs a
+        comparison; a new one costs one run of the model, without gradients, with the
+        random state kept. A model that cannot run on these arguments alone (it needs
+        an observation they leave out, say) is not checked: the check never fails a call
+        that would work without it.
         """
         seen = self.__dict__.get("_arg_shapes")
         if seen is None or len(seen) >= self._SHAPES_CHECKED or self._model is None:
@@ -1148,8 +1172,12 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         cuda = [device] if device.type == "cuda" else []
         plain = self.__dict__.get("_plain_model")
         model = self.model if plain is None else plain
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda), poutine.block():
-            trace = prune_subsample_sites(poutine.trace(model).get_trace(*args, **kwargs))
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=cuda), poutine.block():
+                trace = prune_subsample_sites(poutine.trace(model).get_trace(*args, **kwargs))
+        except Exception:  # the model's own business: this call goes on as before
+            seen.add(shapes)
+            return
 
         def latents(nodes) -> dict[str, tuple[int, ...]]:
             return {
@@ -1168,12 +1196,12 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         ]
         if differ:
             raise ValueError(
-                "AutoFlow was set up at its first call for the latent sites that call's "
-                f"arguments gave, packed into one vector of {self.latent_dim} numbers; these "
-                f"arguments give others ({'; '.join(differ)}), which it cannot hold (it would "
-                "return values of the old shapes, for other rows). A fitted AutoFlow "
-                "describes the posterior of the data it was fitted to: fit a new guide to "
-                "these data, or use pyroflows.infer.AmortizedGuide for local latents of new data"
+                "AutoFlow holds the latent sites of the arguments it was set up with, packed "
+                f"into one vector of {self.latent_dim} numbers; these arguments give the model "
+                f"other ones ({'; '.join(differ)}), which it cannot describe (it would return "
+                "values of the old sites and shapes). A fitted AutoFlow is the posterior of "
+                "the data it was fitted to: fit a new guide to these data (for local latents "
+                "of new data, an amortized guide: pyroflows.infer.AmortizedGuide)"
             )
         seen.add(shapes)
 

@@ -302,7 +302,7 @@ def test_data_that_give_the_latents_other_shapes_are_refused_by_name():
     guide = AutoFlow(rows_model, warm_start=None)
     guide(x5, x5 + 1.0)
     # the guide's one vector holds mu and five z: seven rows would get five values back
-    shapes = r"these arguments give others \('z' \(5,\) -> \(7,\)\)"
+    shapes = r"these arguments give the model other ones \('z' \(5,\) -> \(7,\)\)"
     with pytest.raises(ValueError, match=shapes):
         guide(x7, x7 + 1.0)
     with pytest.raises(ValueError, match=shapes):
@@ -339,6 +339,52 @@ def test_global_latents_take_data_of_any_size_with_one_model_run_per_new_shape()
         guide(torch.randn(n))
     assert len(runs) - start < 10
     assert guide.median(torch.randn(3))["w"].shape == ()
+
+
+def test_the_latent_shape_check_reads_sizes_given_as_numbers():
+    def model(n):
+        with pyro.plate("rows", n):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    guide = AutoFlow(model, warm_start=None)
+    guide(5)
+    with pytest.raises(ValueError, match=r"'z' \(5,\) -> \(7,\)"):
+        guide.median(7)
+    with pytest.raises(ValueError, match=r"'z' \(5,\) -> \(7,\)"):
+        guide(torch.tensor(7))
+    assert guide.median(torch.tensor(5))["z"].shape == (5,)
+
+
+def test_the_latent_shape_check_never_fails_a_call_that_worked():
+    def model(x, y):  # y is required: the model cannot run on x alone
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("rows", len(x)):
+            pyro.sample("y", dist.Normal(w * x, 1.0), obs=y)
+
+    x = torch.randn(10)
+    guide = train(model, AutoFlow(model, warm_start=None), 2, 1e-2, 1e-3, x, 2 * x)
+    assert guide.median()["w"].shape == ()  # no arguments: nothing to check
+    assert guide.median(x)["w"].shape == ()  # the model needs y: not checked, as before
+    assert guide.quantiles([0.5], x[:4])["w"].shape == (1,)
+
+
+def test_training_steps_are_not_checked():
+    runs = []
+
+    def model(x, y=None):
+        runs.append(len(x))
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("rows", len(x)):
+            pyro.sample("y", dist.Normal(w * x, 1.0), obs=y)
+
+    x = torch.randn(30)
+    guide = AutoFlow(model, warm_start=None)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    svi.step(x, 2 * x)
+    start = len(runs)
+    for size in (10, 20, 25):  # mini-batches of other sizes: the step's own model run only
+        svi.step(x[:size], 2 * x[:size])
+    assert len(runs) == start + 3
 
 
 def test_the_latent_shape_check_keeps_the_random_state():

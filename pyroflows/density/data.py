@@ -91,6 +91,11 @@ def check_rounding(name: str, array: np.ndarray, tensor: torch.Tensor) -> None:
     refuse_rounding(name, error, array.mean(axis=0), array.std(axis=0), tensor.dtype)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype by its short name, as messages and model files give it: ``"float32"``."""
+    return str(dtype).removeprefix("torch.")
+
+
 def refuse_rounding(
     name: str, error: np.ndarray, mean: np.ndarray, sd: np.ndarray, dtype: torch.dtype
 ) -> None:
@@ -99,7 +104,7 @@ def refuse_rounding(
     bad = ~constant & (error > ROUNDING * sd)
     if bad.any():
         j = int(np.flatnonzero(bad)[0])
-        kind = str(dtype).removeprefix("torch.")
+        kind = dtype_name(dtype)
         raise DataError(
             f"{name} column {j + 1} (index {j}) has mean {mean[j]:.6g} and sd {sd[j]:.3g}, but "
             f"{kind} rounds its values by up to {error[j]:.3g} ({error[j] / sd[j]:.2g} sd), so "

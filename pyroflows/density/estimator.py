@@ -38,7 +38,7 @@ except ImportError as error:  # scikit-learn before 1.6
 
 from pyroflows._checks import check_bool
 from pyroflows.density import model_file
-from pyroflows.density.data import as_rows
+from pyroflows.density.data import as_rows, dtype_name
 from pyroflows.density.fit import CHECKPOINT, ResumeMismatch
 from pyroflows.density.fit import fit as fit_flow
 from pyroflows.density.rows import TensorRows, log_prob, refuse_too_large, sample
@@ -422,7 +422,7 @@ def _seed(random_state: Any, name: str) -> int:
 def _dtype_name(dtype: Any) -> Any:
     """A torch or NumPy dtype by its name (``"float64"``); anything else as it is."""
     if isinstance(dtype, torch.dtype):
-        return str(dtype).removeprefix("torch.")
+        return dtype_name(dtype)
     if isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic)):
         return np.dtype(dtype).name
     return dtype

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from pyroflows.density.data import DataError
+from pyroflows.density.data import DataError, dtype_name
 from pyroflows.flows import Flow
 from pyroflows.transforms import FlowTransform
 
@@ -135,7 +135,7 @@ def refuse_unscalable(mean: torch.Tensor, sd: torch.Tensor, dtype: torch.dtype, 
     bad = (sd < torch.finfo(dtype).tiny) & ~_constant(mean, sd, torch.float64)
     if bad.any():
         j = int(bad.nonzero()[0])
-        kind = str(dtype).removeprefix("torch.")
+        kind = dtype_name(dtype)
         raise DataError(
             f"{name} column {j + 1} (index {j}) has sd {float(sd[j]):.3g}, below the smallest "
             f"normal {kind} number ({torch.finfo(dtype).tiny:.3g}): {kind} cannot resolve "

@@ -465,10 +465,11 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
     ``guide(x)`` by hand) whose arguments give the model latents of other shapes (a
     latent per row, and more rows, or ``N`` rows given as a number) is refused by name,
     where it would return values of the old shapes. Arguments of new shapes are checked
-    by one run of the model each (the first few; after that the latents evidently do not
-    follow them); new data with global latents alone (``Predictive`` on new inputs) are
-    fine. Training steps are not checked: there the model's replay meets the guide's
-    values itself.
+    by one run of the model each (the last 64 that fitted are remembered); new data with
+    global latents alone (``Predictive`` on new inputs) are fine. Training steps are not
+    checked (there the model's replay meets the guide's values itself), and so neither
+    is any call under a Pyro trace with gradients on, as ``poutine.trace(guide)`` by
+    hand: draw under ``torch.no_grad()``, or with ``Predictive``.
 
     Saving: ``torch.save(guide)`` / pickle, or ``guide.state_dict()`` into a guide built
     for the same model and called once, keep everything, the anchor :math:`(m, C)`
@@ -677,7 +678,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                 loc, scale_tril.to(loc.device), self.learn_linear, self._latent_sites()[1]
             )
             self.anchor = "init"
-            self._arg_shapes = {_shapes_of(args, kwargs)}  # calls whose latents fit
+            self._arg_shapes = {_shapes_of(args, kwargs): None}  # calls whose latents fit
             _, adopted = self._mirror_store()
             if adopted:
                 self.anchor = "param store"
@@ -1144,9 +1145,14 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         elif args or kwargs:  # median() and the like without arguments: nothing to check
             self._check_latent_shapes(args, kwargs)
 
-    #: distinct argument shapes whose latents matched, after which the check stops: the
-    #: latents evidently do not follow them (a last mini-batch of another size, say)
-    _SHAPES_CHECKED = 8
+    #: argument signatures whose latents matched, kept to skip the model run next time;
+    #: past this many the oldest are forgotten (checked again when they come back)
+    _SHAPES_KEPT = 64
+
+    def _remember(self, seen: dict, shapes: tuple) -> None:
+        seen[shapes] = None
+        if len(seen) > self._SHAPES_KEPT:
+            del seen[next(iter(seen))]
 
     def _check_latent_shapes(self, args, kwargs) -> None:
         """Refuse a call whose arguments give the model latents of other shapes.
@@ -1161,7 +1167,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         that would work without it.
         """
         seen = self.__dict__.get("_arg_shapes")
-        if seen is None or len(seen) >= self._SHAPES_CHECKED or self._model is None:
+        if seen is None or self._model is None:
             return  # a guide from before this check, or whose model is gone (a pickle)
         if torch.jit.is_tracing():
             return
@@ -1176,7 +1182,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             with torch.no_grad(), torch.random.fork_rng(devices=cuda), poutine.block():
                 trace = prune_subsample_sites(poutine.trace(model).get_trace(*args, **kwargs))
         except Exception:  # the model's own business: this call goes on as before
-            seen.add(shapes)
+            self._remember(seen, shapes)
             return
 
         def latents(nodes) -> dict[str, tuple[int, ...]]:
@@ -1203,7 +1209,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                 "the data it was fitted to: fit a new guide to these data (for local latents "
                 "of new data, an amortized guide: pyroflows.infer.AmortizedGuide)"
             )
-        seen.add(shapes)
+        self._remember(seen, shapes)
 
     @torch.no_grad()
     def quantiles(self, quantiles: Sequence[float] | torch.Tensor, *args: Any, **kwargs: Any):

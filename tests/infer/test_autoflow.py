@@ -335,10 +335,26 @@ def test_global_latents_take_data_of_any_size_with_one_model_run_per_new_shape()
     torch.set_rng_state(state)
     guide._check_latent_shapes((torch.randn(4), torch.randn(4)), {})
     assert len(runs) == start + 1  # a shape seen before: no run
-    for n in range(20, 40):  # after a few shapes that all fit, the check stops
+    for n in range(20, 40):  # one run for each new shape, none for one seen before
         guide(torch.randn(n))
-    assert len(runs) - start < 10
+        guide(torch.randn(n))
+    assert len(runs) == start + 1 + 20
     assert guide.median(torch.randn(3))["w"].shape == ()
+
+
+def test_the_latent_shape_check_never_switches_off():
+    def model(x, epoch):  # an epoch counter: a new whole number at every evaluation
+        with pyro.plate("rows", len(x)):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    guide = AutoFlow(model, warm_start=None)
+    x5 = torch.randn(5)
+    guide(x5, 0)
+    for epoch in range(100):
+        guide.median(x5, epoch)
+    with pytest.raises(ValueError, match=r"'z' \(5,\) -> \(7,\)"):
+        guide.median(torch.randn(7), 0)
+    assert len(guide._arg_shapes) <= guide._SHAPES_KEPT
 
 
 def test_the_latent_shape_check_reads_sizes_given_as_numbers():

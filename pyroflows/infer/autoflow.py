@@ -857,7 +857,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TorchDistribution:
         """The guide's distribution over the packed unconstrained latent vector."""
-        if (args or kwargs) and not (torch.is_grad_enabled() and _traced()):
+        if not (torch.is_grad_enabled() and _traced()):
             # a call to use the fit (Predictive, or guide(x) by hand); not a training
             # step, where the model's replay meets the guide's values and checks them
             self._check_latent_shapes(args, kwargs)
@@ -946,10 +946,14 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
         return trace.log_prob_sum() + log_det
 
-    def _model_trace(self, args, kwargs):
-        """A trace of the model with its observed sites (the prototype hides them)."""
+    def _model_trace(self, args, kwargs, model=None):
+        """A trace of the model with its observed sites (the prototype hides them).
+
+        ``model``: another form of the model to run (default: the guide's).
+        """
+        model = self.model if model is None else model
         with poutine.block():
-            return poutine.trace(self.model).get_trace(*args, **kwargs)
+            return poutine.trace(model).get_trace(*args, **kwargs)
 
     def _subsampled(self, args, kwargs) -> bool:
         return diagnostics._subsampled_frame(self._model_trace(args, kwargs)) is not None
@@ -1142,7 +1146,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         if self.prototype_trace is None:
             with poutine.block():
                 self._setup_prototype(*args, **kwargs)
-        elif args or kwargs:  # median() and the like without arguments: nothing to check
+        else:
             self._check_latent_shapes(args, kwargs)
 
     #: argument signatures whose latents matched, kept to skip the model run next time;
@@ -1167,8 +1171,10 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         that would work without it.
         """
         seen = self.__dict__.get("_arg_shapes")
-        if seen is None or self._model is None:
-            return  # a guide from before this check, or whose model is gone (a pickle)
+        if not (args or kwargs) or seen is None or self._model is None:
+            # no arguments (median() and the like), a guide from before this check, or
+            # one whose model is gone (a pickle): nothing to check against
+            return
         if torch.jit.is_tracing():
             return
         shapes = _shapes_of(args, kwargs)
@@ -1176,11 +1182,9 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             return
         device = self.anchor_loc.device
         cuda = [device] if device.type == "cuda" else []
-        plain = self.__dict__.get("_plain_model")
-        model = self.model if plain is None else plain
-        try:
-            with torch.no_grad(), torch.random.fork_rng(devices=cuda), poutine.block():
-                trace = prune_subsample_sites(poutine.trace(model).get_trace(*args, **kwargs))
+        try:  # without the InitMessenger, which would draw at every site
+            with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+                trace = self._model_trace(args, kwargs, self.__dict__.get("_plain_model"))
         except Exception:  # the model's own business: this call goes on as before
             self._remember(seen, shapes)
             return
@@ -1194,6 +1198,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
 
         # the guide's own sites only: an observed site given None (Predictive's use) is
         # drawn by the model, not by the guide
+        trace = prune_subsample_sites(trace)
         before, now = latents(self.prototype_trace.nodes), latents(trace.nodes)
         differ = [
             f"{name!r} {shape} -> {now.get(name, 'observed' if name in trace else 'absent')}"

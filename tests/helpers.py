@@ -9,11 +9,30 @@ import torch
 from torch import nn
 
 
+def weights_and_biases(module: nn.Module) -> list[torch.Tensor]:
+    """Every parameter, a packed network's ``flat`` as its layers' weights and biases.
+
+    In the order ``module.parameters()`` gave when each layer held its own parameters,
+    so noise drawn tensor by tensor is the same whether the networks are packed or not.
+    """
+    from pyroflows.nn.mlp import ContextTrunk
+    from pyroflows.nn.packed import split_flat
+
+    found = []
+    for m in module.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if isinstance(m, ContextTrunk) and name == "flat":
+                found += [t for pair in split_flat(m) for t in pair if t is not None]
+            else:
+                found.append(p)
+    return found
+
+
 def perturb(module: nn.Module, scale: float = 0.3, seed: int = 0) -> nn.Module:
-    """Add seeded noise to every parameter so the module is far from its identity init."""
+    """Add seeded noise to every weight so the module is far from its identity init."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in module.parameters():
+        for p in weights_and_biases(module):
             noise = torch.randn(p.shape, generator=generator, dtype=torch.float64)
             p.add_(scale * noise.to(p.dtype))
     return module

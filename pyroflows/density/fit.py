@@ -104,6 +104,24 @@ def _same_option(then: Any, now: Any) -> bool:
     return then == now
 
 
+def _optimizer_tensors(state: dict) -> list[tuple[int, tuple[int, ...]]] | None:
+    """``(index, shape)`` of each parameter an optimizer's state dict holds, in order.
+
+    The shape is that of its first per-parameter state tensor (Adam's moments), ``()``
+    for one the optimizer has not stepped yet; None for a state dict of another form.
+    """
+    try:
+        indices = [i for group in state["param_groups"] for i in group["params"]]
+        held = state["state"]
+    except (KeyError, TypeError):
+        return None
+    shapes = []
+    for i in indices:
+        tensors = [v for v in held.get(i, {}).values() if torch.is_tensor(v) and v.dim() > 0]
+        shapes.append((i, tuple(tensors[0].shape) if tensors else ()))
+    return shapes
+
+
 def _architecture(flow: Flow) -> str:
     """The flow's layers, sizes and options as its ``repr`` shows them (no addresses)."""
     return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(flow))
@@ -666,6 +684,27 @@ def fit(
                 f"start afresh",
                 path,
                 {"flow": (then, architecture)},
+            )
+        kept = _optimizer_tensors(state["optimizer"])
+        now = [tuple(p.shape) for group in optimizer.param_groups for p in group["params"]]
+        if kept is not None and len(kept) != len(now):
+            differs = f"for {len(kept)} parameter tensors, but this flow has {len(now)}"
+        else:
+            wrong = [k for k, (_, shape) in enumerate(kept or ()) if shape and shape != now[k]]
+            differs = (
+                f"with parameter {wrong[0]} of shape {kept[wrong[0]][1]}, but this flow's "
+                f"is {now[wrong[0]]}"
+                if wrong
+                else ""
+            )
+        if differs:  # refused before any weight is loaded
+            raise ResumeMismatch(
+                f"the checkpoint in {checkpoint_dir} holds the optimizer's state {differs} "
+                f"(a checkpoint written by an earlier pyroflows, whose networks held a "
+                f"weight and a bias per layer, or for another flow): pass resume=False to "
+                f"start afresh",
+                path,
+                {"flow": (None, architecture)},
             )
         try:
             flow.load_state_dict(state["flow"])

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from pyroflows._checks import (
@@ -17,10 +17,11 @@ from pyroflows._checks import (
     warn_from_caller,
 )
 from pyroflows.nn.mlp import ContextTrunk
+from pyroflows.nn.packed import PackedLinear
 
 
-class MaskedLinear(nn.Linear):
-    """``nn.Linear`` whose weight is multiplied by a fixed mask (a registered buffer).
+class MaskedLinear(PackedLinear):
+    """A linear layer whose weight is multiplied by a fixed mask (a registered buffer).
 
     The mask is 0 where a connection is cut and 1 where it is kept, or a constant
     :math:`c < 1` on the kept entries after :meth:`~pyroflows.nn.mlp.ContextTrunk.scale_updates`.
@@ -28,7 +29,6 @@ class MaskedLinear(nn.Linear):
 
     #: inside :meth:`MADE.masked_weights_held`, the id of the thread that holds the masked
     #: weight (other threads compute their own) and the weight, kept from its first use
-    #: (made in ``forward``, after any pre-hook such as pruning's has set ``weight``)
     _holding: int | None = None
     _held: torch.Tensor | None = None
 
@@ -37,7 +37,7 @@ class MaskedLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.register_buffer("mask", mask.to(self.weight.dtype))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+    def _adopt(self, state_dict: dict, prefix: str) -> None:
         # a state saved before the layer was scaled (kept entries 1) into a scaled layer
         # (kept entries c): stored as W / c with the mask c, so the outputs are the
         # state's and the steps stay scaled, as for a ScaledLinear
@@ -47,17 +47,15 @@ class MaskedLinear(nn.Linear):
             if float(state_dict[mask].max()) == 1.0 and now not in (0.0, 1.0):
                 state_dict[weight] = state_dict[weight] / now
                 state_dict[mask] = state_dict[mask] * now
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the masked affine map."""
+    def _map(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         holder = self._holding
         if holder is None or holder != threading.get_ident():
-            return F.linear(x, self.weight * self.mask, self.bias)
-        weight = self._held
-        if weight is None:
-            weight = self._held = self.weight * self.mask
-        return F.linear(x, weight, self.bias)
+            return F.linear(x, weight * self.mask, bias)
+        held = self._held
+        if held is None:
+            held = self._held = weight * self.mask
+        return F.linear(x, held, bias)
 
 
 def _order(order: Sequence[int] | None, features: int) -> torch.Tensor:

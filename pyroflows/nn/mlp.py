@@ -5,15 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from pyroflows._checks import check_hidden, check_positive_int
 from pyroflows._pickling import DropsParamStoreLinks
+from pyroflows.nn import packed
+from pyroflows.nn.packed import PackedLinear
 
 
-class ScaledLinear(nn.Linear):
-    """``nn.Linear`` whose weight is used times a constant ``scale`` (a scalar buffer).
+class ScaledLinear(PackedLinear):
+    """A linear layer whose weight is used times a constant ``scale`` (a scalar buffer).
 
     What :meth:`ContextTrunk.scale_updates` makes of a wide dense layer: the stored
     weight is :math:`W' = W / c`, so an optimizer step on it moves :math:`W` by ``c``
@@ -24,26 +26,24 @@ class ScaledLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.register_buffer("scale", torch.ones((), dtype=self.weight.dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the scaled affine map."""
-        return F.linear(x, self.weight * self.scale, self.bias)
+    def _map(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight * self.scale, bias)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # the state of a plain nn.Linear (saved before the layer was scaled) holds the
+    def _adopt(self, state_dict: dict, prefix: str) -> None:
+        # the state of a plain layer (saved before the layer was scaled) holds the
         # weight W itself: stored as W / scale, so the outputs and the step scaling stay
         weight, scale = prefix + "weight", prefix + "scale"
         if scale not in state_dict and weight in state_dict:
             state_dict[weight] = state_dict[weight] / self.scale.to(state_dict[weight])
             state_dict[scale] = self.scale.detach().clone()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def _made_scaled(layer: nn.Linear) -> ScaledLinear:
+def _made_scaled(layer: PackedLinear) -> ScaledLinear:
     """``layer`` turned into a :class:`ScaledLinear` of factor 1, in place.
 
-    The module and its ``Parameter`` objects stay the same, so an optimizer or Pyro's
-    param store that holds them goes on stepping them (new parameters would be left
-    out of both, silently).
+    The module and the ``Parameter`` objects that hold its weight (the network's flat
+    one, or its own) stay the same, so an optimizer or Pyro's param store that holds
+    them goes on stepping them (new parameters would be left out of both, silently).
     """
     layer.__class__ = ScaledLinear
     layer.register_buffer(
@@ -58,12 +58,20 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
     ``hidden_layers`` and ``output_layer`` are built by the subclass (dense or masked);
     this class adds the context projections, the zero initialisation of the output and
     the forward pass, so the MLP and MADE differ only in their masks.
+
+    The weights and biases of all its layers live in one parameter, ``flat``
+    (:mod:`pyroflows.nn.packed`): an optimizer steps one tensor per network instead of
+    two per layer, which on the CPU makes a small flow's training step about a tenth
+    faster. ``layer.weight`` and ``layer.bias`` read as views of it, a state dict holds
+    ``flat`` (and a state saved with a weight and bias per layer loads as well).
+    :meth:`unpack` gives each layer its own parameters back, for pruning,
+    ``parametrize``, per-layer parameter groups or freezing; :meth:`pack` undoes it.
     """
 
     def __init__(
         self,
-        hidden_layers: Sequence[nn.Linear],
-        output_layer: nn.Linear,
+        hidden_layers: Sequence[PackedLinear],
+        output_layer: PackedLinear,
         out_shape: tuple[int, int],
         context: int,
         activation: Callable[[], nn.Module],
@@ -75,11 +83,11 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
         self.hidden_layers = nn.ModuleList(hidden_layers)
         self.output_layer = output_layer
         self.context_layers = nn.ModuleList(
-            nn.Linear(context, layer.out_features, bias=False)
+            PackedLinear(context, layer.out_features, bias=False)
             for layer in (hidden_layers if context else ())
         )
         self.context_output = (
-            nn.Linear(context, output_layer.out_features, bias=False)
+            PackedLinear(context, output_layer.out_features, bias=False)
             if context and not hidden_layers
             else None
         )
@@ -105,26 +113,82 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
             nn.init.zeros_(self.output_layer.bias)
             if self.context_output is not None:
                 nn.init.zeros_(self.context_output.weight)
+        packed.pack(self)
+
+    def _named_layers(self) -> list[tuple[str, PackedLinear]]:
+        """Every linear layer with its state-dict prefix: the order of ``flat``'s parts."""
+        layers = [(f"hidden_layers.{k}.", m) for k, m in enumerate(self.hidden_layers)]
+        layers.append(("output_layer.", self.output_layer))
+        layers += [(f"context_layers.{k}.", m) for k, m in enumerate(self.context_layers)]
+        if self.context_output is not None:
+            layers.append(("context_output.", self.context_output))
+        return layers
+
+    def pack(self) -> ContextTrunk:
+        """Put every layer's weight and bias into one parameter ``flat`` (as built).
+
+        New parameter objects: make the optimizer again (and, under Pyro, clear the
+        param store's entries for this network). Returns the network.
+        """
+        packed.pack(self)
+        self.__dict__.pop("_tensor_slots", None)
+        return self
+
+    def unpack(self) -> ContextTrunk:
+        """Give every layer its own ``weight`` and ``bias`` parameters again.
+
+        For what needs a layer's own ``Parameter``: pruning, ``parametrize``, weight
+        norm, a parameter group per layer, freezing one layer. The map is the same; the
+        parameters are new objects, so make the optimizer again. Returns the network.
+        """
+        packed.unpack(self)
+        self.__dict__.pop("_tensor_slots", None)
+        return self
+
+    def layer_tensors(self, flat: Tensor | None = None) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """Each layer's ``(weight, bias)`` as views of ``flat``, by name.
+
+        ``flat`` is laid out as the network's ``flat`` parameter, which it defaults to:
+        pass ``net.flat.grad`` for the layers' gradients. Names as in the state dict of
+        an unpacked network (``"hidden_layers.0"``, ``"output_layer"``, ...); the bias is
+        None for a layer without one (the context projections).
+        """
+        if "flat" not in self._parameters:
+            raise ValueError("this network is unpacked: its layers hold their own parameters")
+        if flat is not None and flat.shape != self.flat.shape:
+            raise ValueError(
+                f"flat must have the shape of the network's flat parameter, "
+                f"{tuple(self.flat.shape)}, got {tuple(flat.shape)}"
+            )
+        names = [name.removesuffix(".") for name, _ in self._named_layers()]
+        return dict(zip(names, packed.split_flat(self, flat), strict=True))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Return the parameters, shape ``(*batch, *out_shape)``."""
         self._check(x, context)
         try:
+            pieces = packed.split_flat(self)  # one split for all the layers (None unpacked)
+            hidden = len(self.hidden_layers)
             h = x
             for i, layer in enumerate(self.hidden_layers):
-                h = layer(h)
+                h = layer(h, *pieces[i]) if pieces else layer(h)
                 if context is not None:
-                    h = h + self.context_layers[i](context)
+                    projection = self.context_layers[i]
+                    j = hidden + 1 + i
+                    h = h + (projection(context, *pieces[j]) if pieces else projection(context))
                 h = self.activation(h)
-            out = self.output_layer(h)
+            out = self.output_layer(h, *pieces[hidden]) if pieces else self.output_layer(h)
             if self.context_output is not None and context is not None:
-                out = out + self.context_output(context)
+                projection = self.context_output
+                out = out + (projection(context, *pieces[-1]) if pieces else projection(context))
         except RuntimeError as error:  # no cost on the happy path: explain, then re-raise
             self._explain(x, error)
             raise
         return out.unflatten(-1, self.out_shape)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         # a scaled network's state (a factor beside a dense layer's weight) loads into a
         # fresh one: its dense layers become ScaledLinear first (the children load next)
         from pyroflows.nn.made import MaskedLinear  # made.py builds on this module
@@ -134,7 +198,18 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
             plain = not isinstance(layer, (ScaledLinear, MaskedLinear))
             if plain and isinstance(layer, nn.Linear) and prefix + name + "scale" in state_dict:
                 _made_scaled(layer)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # the state's weights as a weight and bias per layer, rewritten from an older
+        # layout where need be (a state saved before its layers were scaled), then
+        # packed again if this network is packed (states of either kind load into both)
+        packed.scatter_state(self, state_dict, prefix)
+        if "flat" in self._parameters:
+            for name, layer in self._named_layers():
+                if isinstance(layer, PackedLinear):
+                    layer._adopt(state_dict, prefix + name)
+            packed.gather_state(self, state_dict, prefix, missing_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     @torch.no_grad()
     def scale_updates(self, reference_fan_in: int = 64) -> None:
@@ -294,8 +369,8 @@ class MLP(ContextTrunk):
         context = check_positive_int(context, "context", minimum=0)
         sizes = (in_features, *check_hidden(hidden))
         super().__init__(
-            [nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)],
-            nn.Linear(sizes[-1], out_features * params),
+            [PackedLinear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)],
+            PackedLinear(sizes[-1], out_features * params),
             (params, out_features) if params_first else (out_features, params),
             context,
             activation,

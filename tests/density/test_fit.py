@@ -797,3 +797,23 @@ def test_a_constant_column_takes_no_second_pass_over_the_rows(monkeypatch):
     x = np.c_[np.random.default_rng(5).normal(size=300), np.zeros(300)]  # variance exactly 0
     with pytest.warns(UserWarning, match="hold one value"):
         fit(small_flow().double(), x, epochs=1, progress=False)
+
+
+def test_resume_refuses_a_checkpoint_of_a_flow_with_a_parameter_per_layer(tmp_path):
+    # as an earlier version wrote it: its networks held a weight and a bias per layer, so
+    # its optimizer state fits no packed flow, though the weights alone would load
+    from pyroflows.density import ResumeMismatch
+
+    x = torch.randn(100, 2)
+    options = {"epochs": 3, "seed": 0, "checkpoint_dir": tmp_path, "progress": False}
+    old = small_flow()
+    for t in old.transforms:
+        t.conditioner.unpack()
+    with pytest.raises(KeyboardInterrupt):
+        fit(old, x, callback=_interrupt_after_epoch(1), **options)
+    flow = small_flow()
+    before = copy.deepcopy(flow.state_dict())
+    with pytest.raises(ResumeMismatch, match="state for 8 parameter tensors, but this flow has 2"):
+        fit(flow, x, resume=True, **options)
+    after = flow.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)  # no weight was loaded

@@ -258,3 +258,23 @@ def test_training_settings_are_written_checked_and_read_back(tmp_path):
     with pytest.raises(ValueError, match=r"training: holds unknown settings \['speed'\]"):
         save(tmp_path / "n.pt", flow, **common, training={"speed": 1})
     assert not (tmp_path / "n.pt").exists()
+
+
+@pytest.mark.parametrize("name", ["maf", "realnvp", "nsf"])
+def test_files_with_a_weight_per_layer_still_load(tmp_path, name):
+    # files written before each network's weights were packed into one 'flat' tensor
+    torch.manual_seed(0)
+    options = {"transforms": 2, "hidden": [8]}
+    flow = build(name, 3, options)
+    x = torch.randn(50, 3)
+    fit(flow, x, epochs=1, seed=0, progress=False)
+    expected = flow().log_prob(x).detach()
+    for t in flow.transforms:
+        if hasattr(t, "conditioner"):
+            t.conditioner.unpack()
+    path = save(tmp_path / "m.pt", flow, name=name, options=options, standardize=True)
+    assert not any(key.endswith(".flat") for key in torch.load(path)["state_dict"])
+    loaded, _ = load(path)
+    assert any(key.endswith(".flat") for key in loaded.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded().log_prob(x), expected)

@@ -161,7 +161,7 @@ def test_held_weights_belong_to_the_thread_that_holds_them():
 
     def train():  # another thread, while this one holds the weights without gradients
         made(x).sum().backward()
-        grads.append(made.hidden_layers[0].weight.grad)
+        grads.append(made.layer_tensors(made.flat.grad)["hidden_layers.0"][0])
 
     with torch.no_grad(), made.masked_weights_held():
         made(x)  # held, without a graph

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pyroflows.nn import MADE, MLP
+from pyroflows.nn.packed import PackedLinear
 from tests.helpers import one_adam_step_moves_outputs_by
 
 
@@ -21,8 +22,11 @@ def test_context_reaches_every_hidden_layer():
     assert len(net.context_layers) == 3
     out = net(torch.randn(5, 3), torch.randn(5, 4)).sum()
     out.backward()
-    for layer in net.context_layers:
-        assert layer.weight.grad.abs().sum() > 0
+    grads = net.layer_tensors(net.flat.grad)
+    for k in range(3):
+        weight, bias = grads[f"context_layers.{k}"]
+        assert weight.abs().sum() > 0
+        assert bias is None  # the context enters without a bias of its own
 
 
 def test_context_without_hidden_layers_still_counts():
@@ -96,11 +100,11 @@ def test_scaled_updates_of_a_dense_network_keep_its_outputs_and_its_context():
             mlp.scale_updates(reference)
             torch.testing.assert_close(mlp(x.double(), c.double()), plain)
             first, *wide = mlp.hidden_layers
-            assert type(first) is torch.nn.Linear  # fan-in 8: left as it was
+            assert type(first) is PackedLinear  # fan-in 8: left as it was
             assert all(isinstance(m, ScaledLinear) for m in [*wide, mlp.output_layer])
             assert mlp.output_layer.scale.item() == 64 / 512
             assert mlp.output_layer.scale.dtype == torch.float64
-            assert all(type(m) is torch.nn.Linear for m in mlp.context_layers)
+            assert all(type(m) is PackedLinear for m in mlp.context_layers)
             mlp.scale_updates(64)  # again: nothing changes
             assert mlp.output_layer.scale.item() == 64 / 512
             mlp.scale_updates(128)  # another reference: from the current factor

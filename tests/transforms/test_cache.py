@@ -322,6 +322,8 @@ def test_pruning_a_used_layer_relists_its_tensors():
     d = flow()
     d.log_prob(d.rsample((2,)))  # the layer lists where its tensors are
     (layer,) = flow.transforms
+    layer.conditioner.unpack()  # the layers' own parameters ('flat' leaves: listed anew)
+    torch.testing.assert_close(d.log_prob(z := d.rsample((3,))), d.log_prob(z.clone()))
     first = layer.conditioner.hidden_layers[0]
     prune.l1_unstructured(first, "weight", amount=0.3)  # moves 'weight' to 'weight_orig'
     z = d.rsample((5,))  # no KeyError: listed anew

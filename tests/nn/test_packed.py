@@ -1,0 +1,139 @@
+"""A network's weights packed in one parameter: the same map, gradients, states and errors."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import pyroflows
+from pyroflows.nn import MADE, MLP
+from pyroflows.nn.packed import PackedLinear
+from tests.helpers import perturb, weights_and_biases
+
+
+def _nets():
+    return [
+        MADE(4, params=2, hidden=(8, 8), context=3, zero_init=False),
+        MLP(3, 2, params=2, hidden=(8,), context=3, zero_init=False),
+        MLP(3, 2, params=1, hidden=(), context=3, zero_init=False),  # context_output
+    ]
+
+
+@pytest.mark.parametrize("k", range(3))
+def test_packed_and_unpacked_compute_the_same_map_and_gradients(k):
+    torch.manual_seed(0)
+    net = perturb(_nets()[k]).double()
+    twin = copy.deepcopy(net).unpack()
+    assert [n for n, _ in net.named_parameters()] == ["flat"]
+    biases = [b for _, b in net.layer_tensors().values() if b is not None]
+    assert len(list(twin.parameters())) == len(net.layer_tensors()) + len(biases)
+    x = torch.randn(5, net.hidden_layers[0].in_features if net.hidden_layers else 3)
+    x, c = x.double(), torch.randn(5, 3, dtype=torch.float64)
+    torch.testing.assert_close(twin(x, c), net(x, c), rtol=0, atol=0)
+    net(x, c).square().sum().backward()
+    twin(x, c).square().sum().backward()
+    grads = net.layer_tensors(net.flat.grad)
+    for name, layer in twin._named_layers():
+        weight, bias = grads[name.removesuffix(".")]
+        torch.testing.assert_close(weight, layer.weight.grad)
+        if bias is not None:
+            torch.testing.assert_close(bias, layer.bias.grad)
+
+
+def test_a_flow_steps_one_tensor_per_network():
+    flow = pyroflows.maf(6, transforms=5, hidden=(16, 16))
+    assert len(list(flow.parameters())) == 5
+    layer = flow.transforms[0].conditioner.hidden_layers[0]
+    assert layer.weight.shape == (16, 6)
+    assert layer.bias.shape == (16,)
+    assert layer.weight.data_ptr() == flow.transforms[0].conditioner.flat.data_ptr()
+    assert len(list(layer.parameters())) == 0
+
+
+def test_writes_through_a_layers_weight_reach_the_network_and_follow_dtype_moves():
+    torch.manual_seed(0)
+    net = MLP(3, 2, params=1, hidden=(8,), zero_init=False)
+    x = torch.randn(4, 3)
+    before = net(x)
+    with torch.no_grad():
+        nn.init.zeros_(net.output_layer.weight)
+        net.output_layer.bias.fill_(2.0)
+    torch.testing.assert_close(net(x), torch.full_like(before, 2.0))
+    net.double()
+    assert net.output_layer.weight.dtype == torch.float64
+    assert net.flat.dtype == torch.float64
+
+
+def test_states_load_across_layouts():
+    torch.manual_seed(0)
+    source = perturb(MADE(4, params=2, hidden=(8,), context=2, zero_init=False))
+    x, c = torch.randn(5, 4), torch.randn(5, 2)
+    unpacked = copy.deepcopy(source).unpack()
+    per_layer = unpacked.state_dict()  # as an older version saved it: a weight per layer
+    assert "hidden_layers.0.weight" in per_layer
+    assert "flat" not in per_layer
+    fresh = MADE(4, params=2, hidden=(8,), context=2)
+    fresh.load_state_dict(per_layer)
+    torch.testing.assert_close(fresh(x, c), source(x, c))
+    assert set(fresh.state_dict()) == set(source.state_dict())
+    other = MADE(4, params=2, hidden=(8,), context=2).unpack()
+    other.load_state_dict(source.state_dict())  # a packed state into unpacked layers
+    torch.testing.assert_close(other(x, c), source(x, c))
+
+
+def test_a_state_missing_a_layer_or_of_another_size_is_reported_by_name():
+    net = MADE(4, params=2, hidden=(8,))
+    state = copy.deepcopy(net).unpack().state_dict()
+    del state["output_layer.bias"]
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "output_layer.bias"'):
+        net.load_state_dict(state)
+    wider = MADE(4, params=2, hidden=(9,)).unpack().state_dict()
+    with pytest.raises(RuntimeError, match=r"size mismatch for hidden_layers.0.weight"):
+        net.load_state_dict(wider)
+    with pytest.raises(RuntimeError, match=r"size mismatch for flat"):
+        net.load_state_dict(MADE(4, params=2, hidden=(9,)).state_dict())
+
+
+def test_what_needs_a_layers_own_parameters_says_to_unpack():
+    from torch.nn.utils import prune
+
+    net = MLP(3, 2, params=1, hidden=(8,))
+    with pytest.raises(TypeError, match=r"call unpack\(\) on the network"):
+        prune.l1_unstructured(net.hidden_layers[0], "weight", amount=0.5)
+    with pytest.raises(ValueError, match=r"requires_grad_\(\) on one layer.*unpack\(\)"):
+        net.hidden_layers[0].requires_grad_(False)
+    with pytest.raises(ValueError, match=r"flat must have the shape .*\(50,\), got \(3,\)"):
+        net.layer_tensors(torch.zeros(3))
+    net.unpack()
+    net.hidden_layers[0].requires_grad_(False)  # its own parameters now
+    assert [p.requires_grad for p in net.parameters()] == [False, False, True, True]
+    with pytest.raises(ValueError, match="this network is unpacked"):
+        net.layer_tensors()
+
+
+def test_a_network_pickled_with_a_parameter_per_layer_works_and_packs():
+    # an older version pickled its dense layers as plain nn.Linear holding their own
+    torch.manual_seed(0)
+    net = perturb(MLP(3, 2, params=2, hidden=(8,), context=2, zero_init=False))
+    x, c = torch.randn(4, 3), torch.randn(4, 2)
+    expected = net(x, c)
+    old = copy.deepcopy(net).unpack()
+    for _, layer in old._named_layers():
+        layer.__class__ = nn.Linear
+    back = pickle.loads(pickle.dumps(old))
+    torch.testing.assert_close(back(x, c), expected)
+    back.pack()
+    assert all(type(layer) is PackedLinear for _, layer in back._named_layers())
+    assert [n for n, _ in back.named_parameters()] == ["flat"]
+    torch.testing.assert_close(back(x, c), expected)
+
+
+def test_the_test_helper_lists_weights_in_the_unpacked_order():
+    net = MLP(3, 2, params=1, hidden=(8,), context=2)
+    packed = weights_and_biases(net)
+    unpacked = list(copy.deepcopy(net).unpack().parameters())
+    assert [t.shape for t in packed] == [t.shape for t in unpacked]

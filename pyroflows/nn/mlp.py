@@ -115,6 +115,11 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
                 nn.init.zeros_(self.context_output.weight)
         packed.pack(self)
 
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.pop("_flat_views", None)  # views of flat kept for calls without gradients
+        return state
+
     def _named_layers(self) -> list[tuple[str, PackedLinear]]:
         """Every linear layer with its state-dict prefix: the order of ``flat``'s parts."""
         layers = [(f"hidden_layers.{k}.", m) for k, m in enumerate(self.hidden_layers)]

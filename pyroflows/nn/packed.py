@@ -189,26 +189,58 @@ def unpack(trunk: ContextTrunk) -> None:
         if b is not None:
             layer.bias = nn.Parameter(parts[b].clone(), flat.requires_grad)
     del trunk._parameters["flat"]
-    for key in ("_pack_sizes", "_pack_shapes", "_pack_plan"):
-        trunk.__dict__.pop(key)
+    for key in ("_pack_sizes", "_pack_shapes", "_pack_plan", "_flat_views"):
+        trunk.__dict__.pop(key, None)
 
 
-def split_flat(
-    trunk: ContextTrunk, tensor: Tensor | None = None
-) -> list[tuple[Tensor, Tensor | None]] | None:
+#: a layer's weight and bias (None for a layer without one)
+Pieces = tuple[Tensor, Tensor | None]
+
+
+def split_flat(trunk: ContextTrunk, tensor: Tensor | None = None) -> list[Pieces] | None:
     """Each layer's ``(weight, bias)`` as views of ``tensor``, by default ``trunk.flat``.
 
     One ``split`` for all the layers; None for an unpacked network. ``tensor`` is any
     tensor laid out as ``flat`` (its gradient, an optimizer's state for it).
+
+    Without gradients to record (sampling, scoring under ``no_grad``), the views of
+    ``flat`` are made once and kept: they see every in-place write (an optimizer step, a
+    load), and new data for ``flat`` (``.to()``, ``p.data = ...``, a swapped tensor)
+    makes them anew. A D-pass inverse calls the network ``D`` times per layer, and the
+    split would otherwise cost as much as a small layer's product.
     """
     flat = trunk._parameters.get("flat")
     if flat is None:
         return None
-    parts = (flat if tensor is None else tensor).split(trunk.__dict__["_pack_sizes"])
+    if tensor is not None:
+        return _split(trunk, tensor)
+    if (flat.requires_grad and torch.is_grad_enabled()) or not _keepable(flat):
+        return _split(trunk, flat)
+    kept = trunk.__dict__.get("_flat_views")
+    if kept is not None and kept[0] is flat and kept[1] == flat.data_ptr():
+        return kept[2]
+    with torch.no_grad():
+        views = _split(trunk, flat)
+    trunk.__dict__["_flat_views"] = (flat, flat.data_ptr(), views)
+    return views
+
+
+def _split(trunk: ContextTrunk, tensor: Tensor) -> list[Pieces]:
+    parts = tensor.split(trunk.__dict__["_pack_sizes"])
     return [
         (parts[w].view(shape), None if b is None else parts[b])
         for w, shape, b in trunk.__dict__["_pack_plan"]
     ]
+
+
+def _keepable(flat: Tensor) -> bool:
+    """Whether views of ``flat`` may be kept past this call (a plain eager parameter)."""
+    return (
+        isinstance(flat, nn.Parameter)  # not a tensor swapped in by functional_call or vmap
+        and not torch.is_inference_mode_enabled()
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+    )
 
 
 def gather_state(

@@ -137,3 +137,30 @@ def test_the_test_helper_lists_weights_in_the_unpacked_order():
     packed = weights_and_biases(net)
     unpacked = list(copy.deepcopy(net).unpack().parameters())
     assert [t.shape for t in packed] == [t.shape for t in unpacked]
+
+
+def test_views_kept_for_calls_without_gradients_follow_steps_moves_and_new_data():
+    torch.manual_seed(0)
+    net = MADE(3, params=2, hidden=(8,), zero_init=False)
+    x = torch.randn(4, 3)
+
+    def fresh_result():  # the same weights, split anew
+        return copy.deepcopy(net).unpack()(x)
+
+    with torch.no_grad():
+        net(x)
+    kept = net.__dict__["_flat_views"]
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
+    net(x).square().sum().backward()  # with gradients: split anew, recorded
+    optimizer.step()  # in place: the kept views see it
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), fresh_result())
+    assert net.__dict__["_flat_views"] is kept
+    with torch.no_grad():
+        net.flat.data = net.flat.data * 2.0  # new data: new views
+        torch.testing.assert_close(net(x), fresh_result())
+        assert net.__dict__["_flat_views"] is not kept
+        net.double()
+        assert net(x.double()).dtype == torch.float64
+    assert "_flat_views" not in pickle.loads(pickle.dumps(net)).__dict__
+    assert "_flat_views" not in net.unpack().__dict__

@@ -122,6 +122,11 @@ def _optimizer_tensors(state: dict) -> list[tuple[int, tuple[int, ...]]] | None:
     return shapes
 
 
+def _packed_names(architecture: str) -> str:
+    """``architecture`` with each network's dense layers named as before packing."""
+    return re.sub(r"\bPackedLinear\(", "Linear(", architecture)
+
+
 def _architecture(flow: Flow) -> str:
     """The flow's layers, sizes and options as its ``repr`` shows them (no addresses)."""
     return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(flow))
@@ -677,7 +682,8 @@ def fit(
                 {"validation_rows": (then, held_out)},
             )
         then = state.get("architecture", architecture)
-        if then != architecture:
+        # an earlier pyroflows showed a dense layer of a network as Linear: the same flow
+        if _packed_names(then) != _packed_names(architecture):
             raise ResumeMismatch(
                 f"the checkpoint in {checkpoint_dir} was written for another flow:\n{then}\n"
                 f"now:\n{architecture}\nbuild the flow as it was, or pass resume=False to "

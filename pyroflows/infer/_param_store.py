@@ -52,6 +52,9 @@ from pyro.poutine.trace_messenger import TraceMessenger
 from torch import nn
 from torch.distributions import constraints
 
+from pyroflows.nn import packed
+from pyroflows.nn.mlp import ContextTrunk
+
 # id(tensor) -> (a weak reference to it, the store's generation when it was put there):
 # every tensor some mirror put in the store
 _MIRRORED: dict[int, tuple[weakref.ref, int]] = {}
@@ -125,6 +128,7 @@ class StoreMirror:
         self._collected = False
         self._built_for: tuple[tuple[str, int], ...] = ()
         self._slots: list[tuple[str, dict, str]] = []
+        self._packed: list[tuple[str, ContextTrunk]] = []
 
     def _tensors(self, modules: Mapping[str, nn.Module]) -> list[tuple[str, torch.Tensor]]:
         identity = tuple((name, id(module)) for name, module in modules.items())
@@ -141,7 +145,17 @@ class StoreMirror:
                                 seen.add(id(tensor))
                                 slots.append((param_with_module_name(name, key), table, attr))
             self._slots, self._built_for = slots, identity
-        return [(store_name, table[attr]) for store_name, table, attr in self._slots]
+            self._packed = [
+                (param_with_module_name(name, f"{prefix}." if prefix else ""), module)
+                for name, root in modules.items()
+                for prefix, module in root.named_modules()
+                if isinstance(module, ContextTrunk) and "flat" in module._parameters
+            ]
+        try:
+            return [(store_name, table[attr]) for store_name, table, attr in self._slots]
+        except KeyError:  # a slot emptied: a network packed or unpacked (new tensors)
+            self._built_for = ()
+            return self._tensors(modules)
 
     def _forget_stale(self) -> None:
         """Remove the store entries this mirror holds under its previous names."""
@@ -166,6 +180,12 @@ class StoreMirror:
         entries = store.named_parameters().mapping
         if self.passive and self._held_by_another(tensors):
             return []  # a copy leaves the store to the live guide that holds the names
+        for store_prefix, trunk in self._packed:
+            if (
+                store_prefix + "flat" not in entries
+                and store_prefix + "output_layer.weight" in entries
+            ):
+                _pack_store_entries(store, entries, store_prefix, trunk)
         taken, foreign = [], []
         generation = _generation()
         for store_name, tensor in tensors:
@@ -284,6 +304,30 @@ class StoreMirror:
                 f"Pyro's param store holds {len(extra)} entries under {owner}'s names that "
                 f"it does not have ({', '.join(map(repr, extra[:2]))}, ...): {_ADVICE}"
             )
+
+
+def _pack_store_entries(store, entries, store_prefix: str, trunk: ContextTrunk) -> None:
+    """A loaded store's weight and bias per layer, as one ``flat`` entry for the network.
+
+    What a store saved by an earlier pyroflows holds (its networks held a parameter per
+    layer). Its values are joined as :meth:`ContextTrunk.load_state_dict` joins such a
+    state; an incomplete set, or one of other sizes, is left for :meth:`StoreMirror._check`
+    to refuse with the names.
+    """
+    names = [name for name in entries if name.startswith(store_prefix)]
+    if any(_mirrored(entries[name]) for name in names):
+        return  # a live guide's entries, not a loaded store
+    state = {name[len(store_prefix) :]: entries[name].detach() for name in names}
+    missing: list[str] = []
+    errors: list[str] = []
+    packed.gather_state(trunk, state, "", missing, errors)
+    if missing or errors or "flat" not in state:
+        return
+    joined = [name for name in names if name[len(store_prefix) :] not in state]
+    for name in joined:
+        del store[name]
+    flat = store_prefix + "flat"
+    store.set_state({"params": {flat: state["flat"]}, "constraints": {flat: constraints.real}})
 
 
 def _entries_beside(modules: Mapping[str, nn.Module], entries, known: set[str]) -> list[str]:

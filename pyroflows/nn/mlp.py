@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -61,9 +62,11 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
 
     The weights and biases of all its layers live in one parameter, ``flat``
     (:mod:`pyroflows.nn.packed`): an optimizer steps one tensor per network instead of
-    two per layer, which on the CPU makes a small flow's training step about a tenth
-    faster. ``layer.weight`` and ``layer.bias`` read as views of it, a state dict holds
-    ``flat`` (and a state saved with a weight and bias per layer loads as well).
+    two per layer, which on the CPU makes a small flow's training step with torch's
+    default Adam 5-15% faster (less with ``fused=True``). ``layer.weight`` and
+    ``layer.bias`` read as views of it; a state dict holds ``flat`` and the layers'
+    sizes (``flat_layout``), and a state saved with a weight and bias per layer loads as
+    well.
     :meth:`unpack` gives each layer its own parameters back, for pruning,
     ``parametrize``, per-layer parameter groups or freezing; :meth:`pack` undoes it.
     """
@@ -172,7 +175,13 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
         """Return the parameters, shape ``(*batch, *out_shape)``."""
         self._check(x, context)
         try:
-            pieces = packed.split_flat(self)  # one split for all the layers (None unpacked)
+            held = self.__dict__.get("_held_views")  # inside MADE.masked_weights_held
+            if held is not None and held[0] == threading.get_ident():
+                pieces = held[1]
+                if pieces is None:
+                    pieces = held[1] = packed.split_flat(self)
+            else:
+                pieces = packed.split_flat(self)  # one split for all the layers (None unpacked)
             hidden = len(self.hidden_layers)
             h = x
             for i, layer in enumerate(self.hidden_layers):
@@ -206,8 +215,9 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
         # the state's weights as a weight and bias per layer, rewritten from an older
         # layout where need be (a state saved before its layers were scaled), then
         # packed again if this network is packed (states of either kind load into both)
+        fits = packed.check_layout(self, state_dict, prefix, error_msgs)
         packed.scatter_state(self, state_dict, prefix)
-        if "flat" in self._parameters:
+        if "flat" in self._parameters and fits:
             for name, layer in self._named_layers():
                 if isinstance(layer, PackedLinear):
                     layer._adopt(state_dict, prefix + name)
@@ -215,6 +225,13 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if not fits and prefix + "flat" in missing_keys:  # refused above, with the reason
+            missing_keys.remove(prefix + "flat")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if "flat" in self._parameters:  # the layers' sizes, checked when it loads
+            destination[prefix + "flat_layout"] = packed.layout(self)
 
     @torch.no_grad()
     def scale_updates(self, reference_fan_in: int = 64) -> None:

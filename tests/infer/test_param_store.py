@@ -530,6 +530,8 @@ def test_a_guide_renamed_after_its_first_call_moves_its_entries(tmp_path):
 def test_a_guide_of_the_same_name_and_another_architecture_leaves_a_store_that_loads(
     tmp_path, before
 ):
+    # (a network's flat_layout, its layers' sizes, is a state-dict entry, not a tensor
+    # of the module: not in the store)
     # a flow posterior, then a diagonal one under the same default name, store not
     # cleared: the flow's entries went into the saved store, which the diagonal guide
     # then refused to load ("holds 28 entries under its names that it does not have")
@@ -553,6 +555,78 @@ def test_a_guide_of_the_same_name_and_another_architecture_leaves_a_store_that_l
     svi = SVI(amortized_model, flow, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
     svi.step(x)
     assert moved(before_state, flow) > 0
-    assert {f"guide$$${key}" for key in flow.posterior.state_dict()} <= set(
-        pyro.get_param_store().keys()
-    )
+    tensors = [key for key in flow.posterior.state_dict() if not key.endswith(".flat_layout")]
+    assert {f"guide$$${key}" for key in tensors} <= set(pyro.get_param_store().keys())
+
+
+@pytest.mark.parametrize("clear", [False, True])
+def test_a_guide_trains_on_after_its_networks_are_unpacked_and_packed_again(clear):
+    # the layout of a network's tensors changes (one flat parameter, or a weight and a
+    # bias per layer): the guide lists its tensors anew, and the optimizer steps the new
+    import pyro.distributions as dist
+    from pyro.infer import SVI, Trace_ELBO
+
+    from pyroflows.infer import AutoFlow
+    from pyroflows.nn import ContextTrunk
+
+    def model():
+        a = pyro.sample("a", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        pyro.sample("b", dist.Normal(a.sum(), 0.5), obs=torch.tensor(2.0))
+
+    guide = AutoFlow(model, flow="iaf", transforms=2)
+    for change in ("unpack", "pack"):
+        SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO()).step()
+        trunks = [m for m in guide.modules() if isinstance(m, ContextTrunk)]
+        assert len(trunks) == 2
+        for trunk in trunks:
+            getattr(trunk, change)()
+        if clear:
+            pyro.clear_param_store()
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+        before = [p.detach().clone() for p in guide.parameters()]
+        svi.step()
+        assert not all(torch.equal(a, b) for a, b in zip(before, guide.parameters(), strict=True))
+        names = set(pyro.get_param_store().keys())
+        assert all(pyro.get_param_store()[n] is p for n, p in _store_names(guide, names))
+
+
+def _store_names(guide, names):
+    """The guide's parameters with their store names (``AutoFlow.flow$$$...``)."""
+    for key, p in guide.flow.named_parameters():
+        name = f"AutoFlow.flow$$${key}"
+        assert name in names, name
+        yield name, p
+
+
+def test_a_store_saved_with_a_weight_per_layer_loads_into_a_packed_guide():
+    # what an earlier pyroflows saved: its networks held a weight and a bias per layer
+    import pyro.distributions as dist
+    from pyro.infer import SVI, Trace_ELBO
+
+    from pyroflows.infer import AutoFlow
+    from pyroflows.nn import ContextTrunk
+    from tests.helpers import weights_and_biases
+
+    def model():
+        a = pyro.sample("a", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        pyro.sample("b", dist.Normal(a.sum(), 0.5), obs=torch.tensor(2.0))
+
+    old = AutoFlow(model, flow="iaf", transforms=2)
+    old()
+    for m in old.modules():
+        if isinstance(m, ContextTrunk):
+            m.unpack()
+    svi = SVI(model, old, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    for _ in range(3):
+        svi.step()
+    saved = pyro.get_param_store().get_state()
+    assert any(name.endswith("output_layer.weight") for name in saved["params"])
+    pyro.clear_param_store()
+    pyro.get_param_store().set_state(saved)
+    new = AutoFlow(model, flow="iaf", transforms=2)
+    new()  # takes the store's values, joined into each network's flat
+    for a, b in zip(weights_and_biases(new), old.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    names = set(pyro.get_param_store().keys())
+    assert not any(name.endswith("output_layer.weight") for name in names)
+    assert sum(name.endswith(".flat") for name in names) == 2

@@ -164,3 +164,76 @@ def test_views_kept_for_calls_without_gradients_follow_steps_moves_and_new_data(
         assert net(x.double()).dtype == torch.float64
     assert "_flat_views" not in pickle.loads(pickle.dumps(net)).__dict__
     assert "_flat_views" not in net.unpack().__dict__
+
+
+def test_a_state_of_layers_of_other_sizes_but_the_same_total_is_refused():
+    a = pyroflows.nice(4, transforms=2, hidden=(8, 16))
+    b = pyroflows.nice(4, transforms=2, hidden=(16, 8))  # the same number of weights
+    assert a.state_dict()["transforms.0.conditioner.flat"].shape == (
+        b.state_dict()["transforms.0.conditioner.flat"].shape
+    )
+    before = copy.deepcopy(b.state_dict())
+    with pytest.raises(
+        RuntimeError, match=r"size mismatch for transforms.0.conditioner.flat: the"
+    ) as caught:
+        b.load_state_dict(a.state_dict())
+    assert "Missing key" not in str(caught.value)  # said once, with the reason
+    assert all(torch.equal(b.state_dict()[k], before[k]) for k in before)
+    unpacked = copy.deepcopy(b)
+    for t in unpacked.transforms:
+        if hasattr(t, "conditioner"):
+            t.conditioner.unpack()
+    with pytest.raises(RuntimeError, match=r"size mismatch for transforms.0.conditioner.flat"):
+        unpacked.load_state_dict(a.state_dict())
+
+
+def test_a_partly_frozen_network_is_not_packed():
+    net = MLP(3, 2, params=1, hidden=(8,)).unpack()
+    net.hidden_layers[0].requires_grad_(False)
+    with pytest.raises(
+        ValueError, match=r"partly frozen \(requires_grad False in hidden_layers.0\)"
+    ):
+        net.pack()
+    assert len(list(net.parameters())) == 4  # left as it was
+    net.requires_grad_(False)
+    assert not net.pack().flat.requires_grad  # frozen as a whole: packed frozen
+
+
+def test_kept_views_do_not_stop_torch_from_swapping_flat():
+    net = MADE(3, params=2, hidden=(8,), zero_init=False)
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        expected = net(x)  # views kept
+    state = copy.deepcopy(net.state_dict())
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        net.double()
+        net.float()
+        net.load_state_dict(state)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), expected)
+
+
+class _Splits(torch.overrides.TorchFunctionMode):
+    def __init__(self, flat):
+        super().__init__()
+        self.flat, self.count = flat, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.split, torch.split) and args and args[0] is self.flat:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_d_calls_of_an_inverse_under_autograd_split_flat_once():
+    # each split's backward writes a gradient of the whole of flat: D of them, per
+    # layer, cost more than the passes at D = 96
+    from pyroflows.transforms import AffineAutoregressive
+
+    t = perturb(AffineAutoregressive(6, form="maf", hidden=(16,)))
+    with _Splits(t.conditioner.flat) as splits:
+        t(torch.randn(3, 6)).sum().backward()  # the MAF form's D-pass direction
+    assert splits.count == 1
+    assert "_held_views" not in t.conditioner.__dict__  # released after the passes

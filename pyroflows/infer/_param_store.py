@@ -181,9 +181,9 @@ class StoreMirror:
         if self.passive and self._held_by_another(tensors):
             return []  # a copy leaves the store to the live guide that holds the names
         for store_prefix, trunk in self._packed:
-            if (
-                store_prefix + "flat" not in entries
-                and store_prefix + "output_layer.weight" in entries
+            flat = entries.get(store_prefix + "flat")  # absent, or this guide's own
+            if store_prefix + "output_layer.weight" in entries and (
+                flat is None or _mirrored(flat)
             ):
                 _pack_store_entries(store, entries, store_prefix, trunk)
         taken, foreign = [], []
@@ -314,7 +314,10 @@ def _pack_store_entries(store, entries, store_prefix: str, trunk: ContextTrunk) 
     state; an incomplete set, or one of other sizes, is left for :meth:`StoreMirror._check`
     to refuse with the names.
     """
-    names = [name for name in entries if name.startswith(store_prefix)]
+    layers = tuple(store_prefix + name for name, _ in trunk._named_layers())
+    names = [
+        name for name in entries if name.startswith(layers) and name.endswith((".weight", ".bias"))
+    ]
     if any(_mirrored(entries[name]) for name in names):
         return  # a live guide's entries, not a loaded store
     state = {name[len(store_prefix) :]: entries[name].detach() for name in names}
@@ -323,10 +326,11 @@ def _pack_store_entries(store, entries, store_prefix: str, trunk: ContextTrunk) 
     packed.gather_state(trunk, state, "", missing, errors)
     if missing or errors or "flat" not in state:
         return
-    joined = [name for name in names if name[len(store_prefix) :] not in state]
-    for name in joined:
+    for name in names:
         del store[name]
     flat = store_prefix + "flat"
+    if flat in entries:  # this guide's own, from a call before the store was loaded
+        del store[flat]
     store.set_state({"params": {flat: state["flat"]}, "constraints": {flat: constraints.real}})
 
 

@@ -181,7 +181,7 @@ class MADE(ContextTrunk):
                 m._holding = threading.get_ident()
             # and one split of flat for the D calls (each split's backward writes a
             # gradient of the whole of flat: D of them cost more than the passes)
-            self.__dict__["_held_views"] = [threading.get_ident(), None]
+            self.__dict__["_held_views"] = (threading.get_ident(), {})
             yield
         finally:
             self.__dict__.pop("_held_views", None)

@@ -121,7 +121,14 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())
         state.pop("_flat_views", None)  # views of flat kept for calls without gradients
+        state.pop("_held_views", None)  # and for the D calls of an inverse
         return state
+
+    def _apply(self, fn, recurse: bool = True):
+        # kept views would hold the old data (a GPU copy after .cpu(), say) until the
+        # next call without gradients made them anew
+        self.__dict__.pop("_flat_views", None)
+        return super()._apply(fn, recurse)
 
     def _named_layers(self) -> list[tuple[str, PackedLinear]]:
         """Every linear layer with its state-dict prefix: the order of ``flat``'s parts."""
@@ -176,10 +183,11 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
         self._check(x, context)
         try:
             held = self.__dict__.get("_held_views")  # inside MADE.masked_weights_held
+            grad = torch.is_grad_enabled()
             if held is not None and held[0] == threading.get_ident():
-                pieces = held[1]
+                pieces = held[1].get(grad)  # views with a graph only where one is recorded
                 if pieces is None:
-                    pieces = held[1] = packed.split_flat(self)
+                    pieces = held[1][grad] = packed.split_flat(self)
             else:
                 pieces = packed.split_flat(self)  # one split for all the layers (None unpacked)
             hidden = len(self.hidden_layers)

@@ -142,11 +142,10 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
     def pack(self) -> ContextTrunk:
         """Put every layer's weight and bias into one parameter ``flat`` (as built).
 
-        New parameter objects: make the optimizer again (and, under Pyro, clear the
-        param store's entries for this network). Returns the network.
+        New parameter objects: make the optimizer again (pyroflows' guides list the new
+        ones in Pyro's param store themselves). Returns the network.
         """
         packed.pack(self)
-        self.__dict__.pop("_tensor_slots", None)
         return self
 
     def unpack(self) -> ContextTrunk:
@@ -157,7 +156,6 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
         parameters are new objects, so make the optimizer again. Returns the network.
         """
         packed.unpack(self)
-        self.__dict__.pop("_tensor_slots", None)
         return self
 
     def layer_tensors(self, flat: Tensor | None = None) -> dict[str, tuple[Tensor, Tensor | None]]:

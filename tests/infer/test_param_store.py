@@ -12,7 +12,9 @@ from pyro.infer.autoguide import AutoGuideList
 
 from pyroflows import Flow, iaf
 from pyroflows.infer import AmortizedGuide, AutoFlow, amortized_posterior
+from pyroflows.nn import ContextTrunk
 from pyroflows.transforms import Permutation
+from tests.helpers import weights_and_biases
 
 
 def model():
@@ -559,30 +561,26 @@ def test_a_guide_of_the_same_name_and_another_architecture_leaves_a_store_that_l
     assert {f"guide$$${key}" for key in tensors} <= set(pyro.get_param_store().keys())
 
 
+def _three_latents():
+    """Three latents whose sum is observed: a small model for the packing tests."""
+    a = pyro.sample("a", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    pyro.sample("b", dist.Normal(a.sum(), 0.5), obs=torch.tensor(2.0))
+
+
 @pytest.mark.parametrize("clear", [False, True])
 def test_a_guide_trains_on_after_its_networks_are_unpacked_and_packed_again(clear):
     # the layout of a network's tensors changes (one flat parameter, or a weight and a
     # bias per layer): the guide lists its tensors anew, and the optimizer steps the new
-    import pyro.distributions as dist
-    from pyro.infer import SVI, Trace_ELBO
-
-    from pyroflows.infer import AutoFlow
-    from pyroflows.nn import ContextTrunk
-
-    def model():
-        a = pyro.sample("a", dist.Normal(torch.zeros(3), 1.0).to_event(1))
-        pyro.sample("b", dist.Normal(a.sum(), 0.5), obs=torch.tensor(2.0))
-
-    guide = AutoFlow(model, flow="iaf", transforms=2)
+    guide = AutoFlow(_three_latents, flow="iaf", transforms=2)
     for change in ("unpack", "pack"):
-        SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO()).step()
+        SVI(_three_latents, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO()).step()
         trunks = [m for m in guide.modules() if isinstance(m, ContextTrunk)]
         assert len(trunks) == 2
         for trunk in trunks:
             getattr(trunk, change)()
         if clear:
             pyro.clear_param_store()
-        svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+        svi = SVI(_three_latents, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
         before = [p.detach().clone() for p in guide.parameters()]
         svi.step()
         assert not all(torch.equal(a, b) for a, b in zip(before, guide.parameters(), strict=True))
@@ -601,29 +599,18 @@ def _store_names(guide, names):
 @pytest.mark.parametrize("called_first", [False, True])
 def test_a_store_saved_with_a_weight_per_layer_loads_into_a_packed_guide(called_first):
     # what an earlier pyroflows saved: its networks held a weight and a bias per layer
-    import pyro.distributions as dist
-    from pyro.infer import SVI, Trace_ELBO
-
-    from pyroflows.infer import AutoFlow
-    from pyroflows.nn import ContextTrunk
-    from tests.helpers import weights_and_biases
-
-    def model():
-        a = pyro.sample("a", dist.Normal(torch.zeros(3), 1.0).to_event(1))
-        pyro.sample("b", dist.Normal(a.sum(), 0.5), obs=torch.tensor(2.0))
-
-    old = AutoFlow(model, flow="iaf", transforms=2)
+    old = AutoFlow(_three_latents, flow="iaf", transforms=2)
     old()
     for m in old.modules():
         if isinstance(m, ContextTrunk):
             m.unpack()
-    svi = SVI(model, old, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    svi = SVI(_three_latents, old, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
     for _ in range(3):
         svi.step()
     saved = pyro.get_param_store().get_state()
     assert any(name.endswith("output_layer.weight") for name in saved["params"])
     pyro.clear_param_store()
-    new = AutoFlow(model, flow="iaf", transforms=2)
+    new = AutoFlow(_three_latents, flow="iaf", transforms=2)
     if called_first:  # its own flat entries are in the store, beside the loaded ones
         new()
     pyro.get_param_store().set_state(saved)

@@ -151,6 +151,15 @@ def test_verdict_thresholds():
     assert verdict(math.nan).startswith("do not trust")
 
 
+def test_verdict_for_a_guide_that_misses_mass_names_the_remedies_that_work():
+    # measured on posteriordb's GP regression: more draws per step and the STL estimator
+    # widened an under-dispersed flow; more steps, layers or a smaller final lr did not
+    reading = verdict(0.9, 0.1)
+    assert "num_particles=16, vectorize_particles=True" in reading
+    assert "estimator='stl'" in reading
+    assert "smaller learning rate" not in reading
+
+
 def test_verdict_never_prints_a_khat_on_the_wrong_side_of_its_threshold():
     assert "k-hat 0.4996 < 0.5" in verdict(0.4996)
     assert "k-hat 0.7004 > 0.7" in verdict(0.7004)

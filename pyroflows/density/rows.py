@@ -184,20 +184,29 @@ class MappedRows(Rows):
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """As :meth:`Rows.moments`; also refuses columns the flow's dtype rounds too much."""
-        from pyroflows.density.data import refuse_rounding
+        from pyroflows.density.data import column_sd, refuse_rounding
 
         if self.like.dtype == torch.float64:
             return super().moments()
-        # the largest cast error per column, and the moments of the values before the cast
-        # (the spread to compare the error with, as the in-memory check has it)
-        self._rounding = [np.zeros(self.dim), None]
+        # the largest cast error per column, the moments of the values before the cast
+        # (the spread to compare the error with, as the in-memory check has it) and their
+        # smallest and largest values
+        self._rounding = [np.zeros(self.dim), None, np.inf, -np.inf]
         try:
             mean, sd, total = super().moments()
-            error, (count, original_mean, m2) = self._rounding
+            error, (count, original_mean, m2), lowest, highest = self._rounding
         finally:
             self._rounding = None
-        refuse_rounding(self.name, error, original_mean, np.sqrt(m2 / count), self.like.dtype)
+        original_sd = column_sd(self._originals, count, original_mean, m2, highest > lowest)
+        refuse_rounding(self.name, error, original_mean, original_sd, self.like.dtype)
         return mean, sd, total
+
+    def _originals(self):
+        """The view's rows as the file holds them (float64, before the cast), in chunks."""
+        for start in range(0, len(self), CHUNK):
+            rows = torch.arange(start, min(start + CHUNK, len(self)))
+            wanted = (rows if self.index is None else self.index[rows]).numpy()
+            yield self._read(wanted)
 
     @property
     def dim(self) -> int:  # noqa: D102
@@ -208,9 +217,7 @@ class MappedRows(Rows):
 
     def _gather(self, rows: torch.Tensor) -> torch.Tensor:
         wanted = rows.cpu().numpy()
-        order = np.argsort(wanted, kind="stable")  # read the file front to back
-        block = np.empty((len(wanted), self.dim), dtype=np.float64)
-        block[order] = self.array[wanted[order]]
+        block = self._read(wanted)
         tensor = torch.as_tensor(block, dtype=self.like.dtype)
         bad = ~torch.isfinite(tensor)  # after the cast: 1e39 is finite, but not in float32
         if bad.any():
@@ -222,7 +229,16 @@ class MappedRows(Rows):
             error = np.abs(tensor.double().numpy() - block).max(axis=0)
             np.maximum(self._rounding[0], error, out=self._rounding[0])
             self._rounding[1] = _merge_moments(self._rounding[1], block)
+            self._rounding[2] = np.minimum(self._rounding[2], block.min(axis=0))
+            self._rounding[3] = np.maximum(self._rounding[3], block.max(axis=0))
         return tensor.to(self.like.device)
+
+    def _read(self, wanted: np.ndarray) -> np.ndarray:
+        """Rows ``wanted`` of the file (its own numbering), as float64, in that order."""
+        order = np.argsort(wanted, kind="stable")  # read the file front to back
+        block = np.empty((len(wanted), self.dim), dtype=np.float64)
+        block[order] = self.array[wanted[order]]
+        return block
 
 
 def chunk_noise(shape: tuple[int, ...], seed: int, chunk: int, like: torch.Tensor) -> torch.Tensor:

@@ -162,6 +162,9 @@ def test_in_memory_and_memory_mapped_data_get_the_same_rounding_decision(tmp_pat
         "offset with sd 10": (rng.normal(1e8, 10.0, n), True),
         # float32 rounds every value to 1e8 exactly: constant after the cast, not before
         "offset with sd 1e-3": (1e8 + rng.normal(0.0, 1e-3, n), True),
+        # float32 flushes every value to zero; the variance, 1e-340, is below float64's
+        # normal range, so a sd from the plain sum of squares reads 0 ("constant")
+        "sd 1e-170": (rng.normal(0.0, 1e-170, n), True),
     }
     for column, refused in columns.values():
         data = np.c_[rng.normal(size=n), column]

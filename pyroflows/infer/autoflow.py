@@ -524,7 +524,10 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         model: a Pyro model with continuous latent sites (no discrete or enumerated ones).
         flow: a name in :data:`GUIDE_FLOWS` (``"iaf"``, ``"nsf"``, ``"realnvp"``,
             ``"maf"``, ``"nice"``), a :class:`~pyroflows.Flow` of the latent dimension, or
-            a callable ``dim -> Flow``. The IAF and coupling flows sample and score their
+            a callable ``dim -> Flow``. The default, ``"iaf"``, is two IAF layers that
+            both draw the latents in the model's site order (globals first, each later
+            latent given those before it; ``permutation="reverse"`` reverses the second
+            layer). The IAF and coupling flows sample and score their
             own draws in one pass; ``"maf"`` needs ``D`` passes to sample. A named
             flow's network layers with more than :data:`REFERENCE_FAN_IN` inputs are
             stored scaled (:meth:`~pyroflows.nn.mlp.ContextTrunk.scale_updates`), so that

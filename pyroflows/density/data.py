@@ -112,7 +112,7 @@ def column_sd(
 
     :math:`\sqrt{M_2 / n}` from the sum of squared deviations :math:`M_2`, except in a
     column that ``varies`` (its largest value above its smallest) whose variance left
-    float64's normal range (sd below about :math:`10^{-154}` or above :math:`10^{154}`):
+    float64's normal range (sd below about :math:`10^{-146}` or above :math:`10^{154}`):
     there the sd comes from a second pass over ``blocks()`` (float64 arrays of rows) that
     sums the squares of the deviations scaled by the largest one so far, as LAPACK's
     ``dnrm2``. Without it a column of values near :math:`10^{-170}`, which float32 flushes

@@ -89,49 +89,51 @@ def check_rounding(name: str, array: np.ndarray, tensor: torch.Tensor) -> None:
     already) and columns constant up to float64 rounding pass.
     """
     error = np.abs(tensor.detach().cpu().double().numpy() - array).max(axis=0)
-    mean = array.mean(axis=0)
-    m2 = ((array - mean) ** 2).sum(axis=0)
-    varies = array.max(axis=0) > array.min(axis=0)
-    sd = column_sd(lambda: [array], len(array), mean, m2, varies)
-    refuse_rounding(name, error, mean, sd, tensor.dtype)
+    values = torch.from_numpy(array)
+    mean = values.mean(0)
+    m2 = ((values - mean) ** 2).sum(0)
+    sd = column_sd(lambda: [values], len(array), mean, m2, values.amax(0) > values.amin(0))
+    refuse_rounding(name, error, mean.numpy(), sd.numpy(), tensor.dtype)
 
 
 #: A variance below this (float64's smallest normal number over its epsilon) has lost bits
 #: to subnormals, or all of them.
-TINY_VARIANCE = np.finfo(np.float64).tiny / np.finfo(np.float64).eps
+TINY_VARIANCE = torch.finfo(torch.float64).tiny / torch.finfo(torch.float64).eps
 
 
 def column_sd(
-    blocks: Callable[[], Iterable[np.ndarray]],
+    blocks: Callable[[], Iterable[torch.Tensor]],
     count: int,
-    mean: np.ndarray,
-    m2: np.ndarray,
-    varies: np.ndarray,
-) -> np.ndarray:
-    r"""Population sd of every column, exact to rounding however small or large.
+    mean: torch.Tensor,
+    m2: torch.Tensor,
+    varies: torch.Tensor,
+) -> torch.Tensor:
+    r"""Population sd of every column (float64), exact to rounding however small or large.
 
     :math:`\sqrt{M_2 / n}` from the sum of squared deviations :math:`M_2`, except in a
     column that ``varies`` (its largest value above its smallest) whose variance left
     float64's normal range (sd below about :math:`10^{-146}` or above :math:`10^{154}`):
-    there the sd comes from a second pass over ``blocks()`` (float64 arrays of rows) that
-    sums the squares of the deviations scaled by the largest one so far, as LAPACK's
-    ``dnrm2``. Without it a column of values near :math:`10^{-170}`, which float32 flushes
-    to zero, has variance 0 and would pass as constant.
+    there the sd comes from a second pass over ``blocks()`` (float64 tensors of rows, on
+    ``mean``'s device) that sums the squares of the deviations scaled by the largest one
+    so far, as LAPACK's ``dnrm2``. Without it a column of values near :math:`10^{-170}`,
+    which float32 flushes to zero, has variance 0 and would pass as constant. The
+    standardisation moments (:meth:`~pyroflows.density.rows.Rows.moments`) and the
+    rounding checks both take their sd from here.
     """
     var = m2 / count
-    sd = np.sqrt(var)
-    redo = ((var < TINY_VARIANCE) | ~np.isfinite(var)) & varies
+    sd = var.sqrt()
+    redo = ((var < TINY_VARIANCE) | ~torch.isfinite(var)) & varies
     if not redo.any():
         return sd
-    scale = np.zeros_like(mean)  # the largest |x - mean| so far, per column
-    total = np.zeros_like(mean)  # the sum of ((x - mean) / scale)^2
+    scale = torch.zeros_like(mean)  # the largest |x - mean| so far, per column
+    total = torch.zeros_like(mean)  # the sum of ((x - mean) / scale)^2
     for block in blocks():
         deviation = block - mean
-        new = np.maximum(scale, np.abs(deviation).max(axis=0, initial=0.0))
-        safe = np.where(new > 0, new, 1.0)
-        total = total * (scale / safe) ** 2 + ((deviation / safe) ** 2).sum(axis=0)
+        new = torch.maximum(scale, deviation.abs().amax(0))
+        safe = torch.where(new > 0, new, torch.ones_like(new))
+        total = total * (scale / safe) ** 2 + ((deviation / safe) ** 2).sum(0)
         scale = new
-    return np.where(redo, scale * np.sqrt(total / count), sd)
+    return torch.where(redo, scale * (total / count).sqrt(), sd)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pyroflows.density.data import DataError, non_finite_message
+from pyroflows.density.data import DataError, column_sd, non_finite_message
 
 CHUNK = 8192
 
@@ -111,28 +111,11 @@ class Rows:
             lowest = low_b if lowest is None else torch.minimum(lowest, low_b)
             highest = high_b if highest is None else torch.maximum(highest, high_b)
         count, mean, m2 = stats
-        var = m2 / count
-        sd = var.sqrt()
-        # a variance whose squares lost bits to float64's subnormals (or all of them), or
-        # overflowed (sd above ~1e154), in a column that is not one value throughout
-        tiny = torch.finfo(torch.float64).tiny / torch.finfo(torch.float64).eps
-        redo = ((var < tiny) | ~torch.isfinite(var)) & (highest > lowest)
-        if redo.any():
-            sd = torch.where(redo, self._scaled_sd(mean, count), sd)
+        # a column whose variance left float64's normal range gets a second, scaled pass
+        sd = column_sd(
+            lambda: (chunk.double() for chunk in self.chunks()), count, mean, m2, highest > lowest
+        )
         return mean, sd, float((mean * count).sum())
-
-    def _scaled_sd(self, mean: torch.Tensor, count: int) -> torch.Tensor:
-        """The sd of every column by scaled squares: no square leaves float64's range."""
-        scale = torch.zeros_like(mean)  # the largest |x - mean| so far, per column
-        total = torch.zeros_like(mean)  # the sum of ((x - mean) / scale)^2
-        for chunk in self.chunks():
-            deviation = chunk.double() - mean
-            top = deviation.abs().amax(0)
-            new = torch.maximum(scale, top)
-            safe = torch.where(new > 0, new, torch.ones_like(new))
-            total = total * (scale / safe) ** 2 + ((deviation / safe) ** 2).sum(0)
-            scale = new
-        return scale * (total / count).sqrt()
 
 
 class TensorRows(Rows):
@@ -184,7 +167,7 @@ class MappedRows(Rows):
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """As :meth:`Rows.moments`; also refuses columns the flow's dtype rounds too much."""
-        from pyroflows.density.data import column_sd, refuse_rounding
+        from pyroflows.density.data import refuse_rounding
 
         if self.like.dtype == torch.float64:
             return super().moments()
@@ -197,8 +180,14 @@ class MappedRows(Rows):
             error, (count, original_mean, m2), lowest, highest = self._rounding
         finally:
             self._rounding = None
-        original_sd = column_sd(self._originals, count, original_mean, m2, highest > lowest)
-        refuse_rounding(self.name, error, original_mean, original_sd, self.like.dtype)
+        original_sd = column_sd(
+            self._originals,
+            count,
+            torch.from_numpy(original_mean),
+            torch.from_numpy(m2),
+            torch.from_numpy(highest > lowest),
+        )
+        refuse_rounding(self.name, error, original_mean, original_sd.numpy(), self.like.dtype)
         return mean, sd, total
 
     def _originals(self):
@@ -206,7 +195,7 @@ class MappedRows(Rows):
         for start in range(0, len(self), CHUNK):
             rows = torch.arange(start, min(start + CHUNK, len(self)))
             wanted = (rows if self.index is None else self.index[rows]).numpy()
-            yield self._read(wanted)
+            yield torch.from_numpy(self._read(wanted))
 
     @property
     def dim(self) -> int:  # noqa: D102

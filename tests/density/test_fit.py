@@ -789,12 +789,17 @@ def test_a_float64_spread_whose_variance_overflows_is_standardized_by_its_sd():
 
 
 def test_a_constant_column_takes_no_second_pass_over_the_rows(monkeypatch):
-    from pyroflows.density.rows import Rows
+    from pyroflows.density import rows
 
-    def second_pass(*_):
-        raise AssertionError("a second pass over the rows")
+    sd_of = rows.column_sd
 
-    monkeypatch.setattr(Rows, "_scaled_sd", second_pass)
+    def first_pass_only(blocks, *moments):
+        def second_pass():
+            raise AssertionError("a second pass over the rows")
+
+        return sd_of(second_pass, *moments)
+
+    monkeypatch.setattr(rows, "column_sd", first_pass_only)
     x = np.c_[np.random.default_rng(5).normal(size=300), np.zeros(300)]  # variance exactly 0
     with pytest.warns(UserWarning, match="hold one value"):
         fit(small_flow().double(), x, epochs=1, progress=False)

@@ -106,7 +106,11 @@ def _khat_text(khat: float, thresholds: tuple[float, ...] = ()) -> str:
 
 
 def verdict(
-    khat: float, ess_fraction: float | None = None, *, smoothed_ess_fraction: float | None = None
+    khat: float,
+    ess_fraction: float | None = None,
+    *,
+    smoothed_ess_fraction: float | None = None,
+    remedy: str | None = None,
 ) -> str:
     r"""A one-line reading of a PSIS :math:`\hat k` (Yao et al. 2018 thresholds).
 
@@ -126,6 +130,9 @@ def verdict(
         smoothed_ess_fraction: the Pareto-smoothed weights' ESS / number of draws (what
             :class:`Diagnosis` prints), used instead of ``ess_fraction`` for those two
             notes when given, so that the line quotes the ESS it prints.
+        remedy: what the "do not trust" reading of a guide that misses mass advises, in
+            place of :data:`GENERIC_REMEDY` (which names remedies for any guide); see
+            :func:`remedy_for` for the advice fitted to a given guide.
 
     The remedy the "do not trust" reading names for a flow comes from posteriordb's GP
     regression (``benchmarks/results/posterior_quality*.md``): fitted with one draw per
@@ -151,6 +158,8 @@ def verdict(
             or value > 1 + 1e-6  # rounding
         ):
             raise ValueError(f"{name} must be a fraction in [0, 1] or None, got {value!r}")
+    if remedy is not None and not isinstance(remedy, str):
+        raise TypeError(f"remedy must be a string or None, got {type(remedy).__name__}")
     spread = smoothed_ess_fraction if smoothed_ess_fraction is not None else ess_fraction
     if khat == -math.inf:
         return "good: the weights are constant, the guide matches the posterior's shape"
@@ -181,9 +190,38 @@ def verdict(
         )
     return (
         f"do not trust: k-hat {_khat_text(khat)} > {USABLE_KHAT}, the guide misses mass the "
-        "posterior has (try a flow in place of a Gaussian or mean-field guide; for a flow, "
-        "more draws per step, e.g. Trace_ELBO(num_particles=16, vectorize_particles=True), "
-        "or AutoFlow(estimator='stl'), which help more than more steps or layers)"
+        f"posterior has ({GENERIC_REMEDY if remedy is None else remedy})"
+    )
+
+
+_MORE_DRAWS = "more draws per step, e.g. Trace_ELBO(num_particles=16, vectorize_particles=True)"
+
+#: The advice of :func:`verdict` for a guide that misses mass, when the guide is not known.
+GENERIC_REMEDY = (
+    f"try a flow in place of a Gaussian or mean-field guide; for a flow, {_MORE_DRAWS}, "
+    "or AutoFlow(estimator='stl'), which help more than more steps or layers"
+)
+
+
+def remedy_for(guide: Any) -> str | None:
+    """The advice :func:`verdict` gives for ``guide`` when it misses mass.
+
+    An :class:`~pyroflows.infer.AutoFlow` is told what it can still change: more draws
+    per step, and ``estimator='stl'`` unless it already uses it. Any other guide gets
+    ``None``, :data:`GENERIC_REMEDY`.
+    """
+    from pyroflows.infer.autoflow import AutoFlow  # autoflow imports this module
+
+    if not isinstance(guide, AutoFlow):
+        return None
+    if guide.estimator == "stl":
+        return (
+            f"this AutoFlow already uses estimator='stl': try {_MORE_DRAWS}, which helps "
+            "more than more steps or layers"
+        )
+    return (
+        f"for this AutoFlow, {_MORE_DRAWS}, or estimator='stl', which help more than more "
+        "steps or layers"
     )
 
 
@@ -271,12 +309,18 @@ def psis(log_weights: torch.Tensor | np.ndarray) -> tuple[np.ndarray, float]:
     return np.asarray(smoothed), float(khat)
 
 
-def summarize(log_weights: torch.Tensor | np.ndarray) -> Diagnosis:
-    """Turn raw log importance weights (shape ``(S,)``) into a :class:`Diagnosis`."""
-    return _summarize(log_weights)[0]
+def summarize(log_weights: torch.Tensor | np.ndarray, *, remedy: str | None = None) -> Diagnosis:
+    """Turn raw log importance weights (shape ``(S,)``) into a :class:`Diagnosis`.
+
+    ``remedy``: the advice of a "do not trust" verdict for a guide that misses mass (see
+    :func:`verdict`); ``None`` for advice that fits any guide.
+    """
+    return _summarize(log_weights, remedy)[0]
 
 
-def _summarize(log_weights: torch.Tensor | np.ndarray) -> tuple[Diagnosis, np.ndarray]:
+def _summarize(
+    log_weights: torch.Tensor | np.ndarray, remedy: str | None = None
+) -> tuple[Diagnosis, np.ndarray]:
     """The :class:`Diagnosis` and the smoothed log weights, from one PSIS fit."""
     lw = _as_weights(log_weights)
     smoothed, khat = psis(lw)
@@ -291,7 +335,7 @@ def _summarize(log_weights: torch.Tensor | np.ndarray) -> tuple[Diagnosis, np.nd
         # dominant draw (a missed mode), the case the note must never excuse
         raw = np.exp(2 * (lw - log_total))
         raw_ess_fraction = float(1.0 / np.sum(raw)) / num if np.isfinite(raw).all() else 0.0
-    reading = verdict(khat, raw_ess_fraction, smoothed_ess_fraction=ess / num)
+    reading = verdict(khat, raw_ess_fraction, smoothed_ess_fraction=ess / num, remedy=remedy)
     zero = int(np.sum(lw == -math.inf))
     positive = num - zero
     if khat == math.inf and not (np.isnan(lw).any() or (lw == math.inf).any()):
@@ -1339,7 +1383,7 @@ def diagnose(
     """
     check_positive_int(num_samples, "num_samples", minimum=2)
     log_w = _draws(model, guide, args, kwargs, num_samples, deterministic=False, stacked=False)[0]
-    return summarize(log_w)
+    return summarize(log_w, remedy=remedy_for(guide))
 
 
 def importance_resample(

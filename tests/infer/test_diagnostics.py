@@ -12,6 +12,7 @@ from pyro.infer.autoguide import AutoNormal
 from torch.distributions import biject_to, constraints
 
 from pyroflows.infer import (
+    AutoFlow,
     Diagnosis,
     diagnose,
     importance_draws,
@@ -19,7 +20,7 @@ from pyroflows.infer import (
     summarize,
     to_arviz,
 )
-from pyroflows.infer.diagnostics import psis, verdict
+from pyroflows.infer.diagnostics import GENERIC_REMEDY, psis, remedy_for, verdict
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
@@ -158,6 +159,32 @@ def test_verdict_for_a_guide_that_misses_mass_names_the_remedies_that_work():
     assert "num_particles=16, vectorize_particles=True" in reading
     assert "estimator='stl'" in reading
     assert "smaller learning rate" not in reading
+
+
+def test_verdict_gives_the_remedy_it_is_told_in_place_of_the_generic_one():
+    reading = verdict(0.9, 0.1, remedy="fit it better")
+    assert reading.endswith("(fit it better)")
+    assert "estimator='stl'" not in reading
+    assert GENERIC_REMEDY in verdict(0.9, 0.1)
+    assert verdict(0.3, remedy="fit it better") == verdict(0.3)  # only a guide that misses
+    with pytest.raises(TypeError, match="remedy must be a string or None, got int"):
+        verdict(0.9, remedy=3)
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "stl"])
+def test_a_flow_guide_that_misses_mass_is_told_what_it_can_still_change(estimator):
+    def model():
+        pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+
+    # untrained and ten times too narrow: its weights have a heavy tail
+    guide = AutoFlow(model, warm_start=None, init_scale=0.1, estimator=estimator)
+    for report in (guide.diagnose(num_samples=1000), diagnose(model, guide, num_samples=1000)):
+        assert report.verdict.startswith("do not trust")
+        assert "num_particles=16, vectorize_particles=True" in report.verdict
+        assert "in place of a Gaussian" not in report.verdict  # it is a flow already
+        # an STL guide is not told to use STL
+        assert ("or estimator='stl'" in report.verdict) == (estimator == "reparam")
+    assert remedy_for(AutoNormal(model)) is None  # any other guide: the generic advice
 
 
 def test_verdict_never_prints_a_khat_on_the_wrong_side_of_its_threshold():

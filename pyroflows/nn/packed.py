@@ -15,7 +15,7 @@ per call (one ``split``, whose backward is one ``cat``) and hands each layer its
 ``layer.weight`` and ``layer.bias`` still read as tensors of the usual shapes: views of
 ``flat``, made afresh at each read, so they follow ``.to()``, loads and swaps of
 ``flat``. A write into one under ``torch.no_grad()`` writes into ``flat``; gradients
-accumulate in ``flat.grad``.
+accumulate in ``flat.grad``, and ``layer.weight.grad`` reads the layer's part of it.
 """
 
 from __future__ import annotations
@@ -65,10 +65,18 @@ class _Piece:
         index = slots[name]
         if index is None:
             return None
-        sizes = trunk.__dict__["_pack_sizes"]
-        return trunk.flat.narrow(0, sum(sizes[:index]), sizes[index]).view(
-            trunk.__dict__["_pack_shapes"][index]
-        )
+        sizes, shape = trunk.__dict__["_pack_sizes"], trunk.__dict__["_pack_shapes"][index]
+        start, flat = sum(sizes[:index]), trunk.flat
+        view = flat.narrow(0, start, sizes[index]).view(shape)
+        if isinstance(flat, nn.Parameter) and view.requires_grad and not view.is_leaf:
+            # ``layer.weight.grad`` reads the layer's slice of ``flat.grad`` (a view's own
+            # ``grad`` is never filled by backward, and reading it would warn)
+            grad = flat.grad
+            if grad is None:
+                view.retain_grad()  # reads None without torch's non-leaf warning
+            else:
+                view.grad = grad.narrow(0, start, sizes[index]).view(shape)
+        return view
 
     def __set__(self, layer: nn.Module, value: Tensor | None) -> None:
         if "_packed" in layer.__dict__:

@@ -207,8 +207,8 @@ def remedy_for(guide: Any) -> str | None:
     """The advice :func:`verdict` gives for ``guide`` when it misses mass.
 
     An :class:`~pyroflows.infer.AutoFlow` is told what it can still change: more draws
-    per step, and ``estimator='stl'`` unless it already uses it. Any other guide gets
-    ``None``, :data:`GENERIC_REMEDY`.
+    per step, and ``estimator='stl'`` unless it already uses it. For any other guide
+    this returns ``None``, and the verdict gives :data:`GENERIC_REMEDY`.
     """
     from pyroflows.infer.autoflow import AutoFlow  # autoflow imports this module
 

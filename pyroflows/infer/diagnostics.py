@@ -141,7 +141,7 @@ def verdict(
     per step raised it to about 0.8, and ``estimator="stl"`` to about 0.65 (with the
     second IAF layer reversing the variable order, as the default did then; with both
     layers in the model's order, the default since, one draw gives 0.65 and
-    ``estimator="stl"`` 0.75).
+    ``estimator="stl"`` 0.75, and 16 draws 0.83 and, with ``estimator="stl"``, 0.91).
     """
     if isinstance(khat, torch.Tensor) and khat.dim() == 0:
         khat = khat.item()

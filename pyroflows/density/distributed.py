@@ -14,8 +14,13 @@ import torch
 import torch.distributed as dist
 
 
-def setup(device: torch.device) -> tuple[int, int]:
-    """Join (or find) the process group; return ``(rank, world_size)``, ``(0, 1)`` alone."""
+def setup(device: torch.device, enabled: bool = True) -> tuple[int, int]:
+    """Join (or find) the process group; return ``(rank, world_size)``, ``(0, 1)`` alone.
+
+    ``enabled=False``: ``(0, 1)`` whatever the environment or an existing group says.
+    """
+    if not enabled:
+        return 0, 1
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -34,6 +39,22 @@ def setup(device: torch.device) -> tuple[int, int]:
     else:
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def disagreeing(values: list[float], device: torch.device) -> list[int]:
+    """The ranks whose ``values`` differ from rank 0's (``[]`` when alone, or all agree).
+
+    Every rank gets the same answer, so all of them can raise, none left waiting.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return []
+    mine = torch.tensor(values, dtype=torch.float64, device=device)
+    theirs = mine.clone()
+    dist.broadcast(theirs, src=0)
+    flags = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=device)
+    flags[dist.get_rank()] = float(not torch.equal(mine, theirs))
+    dist.all_reduce(flags)
+    return [rank for rank, flag in enumerate(flags.tolist()) if flag > 0]
 
 
 def is_main() -> bool:

@@ -37,6 +37,7 @@ except ImportError as error:  # scikit-learn before 1.6
     ) from error
 
 from pyroflows._checks import check_bool
+from pyroflows.density import distributed as parallel
 from pyroflows.density import model_file
 from pyroflows.density.data import as_rows, dtype_name
 from pyroflows.density.fit import CHECKPOINT, ResumeMismatch
@@ -71,6 +72,11 @@ class FlowDensity(BaseEstimator):
             NumPy's ``np.float32``, ``np.float64``).
         random_state: seeds the initial weights, the split, the batches and the noise
             (an int, a NumPy ``RandomState`` or ``Generator``, or ``None``).
+        distributed: ``True`` (default): under ``torchrun``, or in a script that made a
+            process group, every process fits the same rows and each takes its share of
+            every batch (see :func:`~pyroflows.density.fit`; with a ``random_state`` that
+            is not an int, rank 0's draw seeds them all). ``False``: this process fits
+            alone: a fit of each process's own rows, or one made by rank 0 alone.
 
     Attributes:
         flow_: the fitted :class:`~pyroflows.Flow` (its last layer is the standardisation).
@@ -109,6 +115,7 @@ class FlowDensity(BaseEstimator):
         progress: bool = False,
         checkpoint_dir: str | os.PathLike | None = None,
         resume: bool = False,
+        distributed: bool = True,
     ) -> None:
         self.flow = flow
         self.transforms = transforms
@@ -131,6 +138,7 @@ class FlowDensity(BaseEstimator):
         self.progress = progress
         self.checkpoint_dir = checkpoint_dir
         self.resume = resume
+        self.distributed = distributed
 
     def _builder_options(self) -> dict[str, Any]:
         hidden = self.hidden
@@ -202,6 +210,11 @@ class FlowDensity(BaseEstimator):
                 "set_params(schedule=...) to refit"
             )
         seed = _seed(self.random_state, "random_state")
+        if check_bool(self.distributed, "distributed") and not _is_int(self.random_state):
+            # one split and one batch order for every process of a data-parallel fit
+            cpu = torch.device("cpu")
+            if parallel.setup(cpu)[1] > 1:
+                seed = parallel.broadcast_int(seed, cpu)
         # a fit resumed from its checkpoint takes the checkpoint's seed (its split and
         # batches): a seed drawn from random_state=None (or a RandomState, a Generator)
         # would differ on every call; an int's seed is the same on every call, so fit
@@ -231,6 +244,7 @@ class FlowDensity(BaseEstimator):
                 checkpoint_dir=self.checkpoint_dir,
                 resume=self.resume,
                 name="X",
+                distributed=self.distributed,
             )
         except ResumeMismatch as error:
             if "seed" not in error.changed:
@@ -409,6 +423,10 @@ def _seed(random_state: Any, name: str) -> int:
     """
     if isinstance(random_state, np.random.Generator):
         return int(random_state.integers(2**31 - 1))
+    if _is_int(random_state) and not 0 <= random_state < 2**32:
+        raise ValueError(
+            f"{name} must be in [0, 2**32) (NumPy's seeds) when an int, got {random_state}"
+        )
     try:
         state = check_random_state(random_state)
     except ValueError:

@@ -19,6 +19,7 @@ cell :math:`[x, x + 1)` bounds the probability of :math:`x` from below (Theis et
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import os
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 
 from pyroflows._checks import check_bool, check_number, check_positive_int, warn_from_caller
-from pyroflows.density import distributed
+from pyroflows.density import distributed as parallel
 from pyroflows.density.rows import CHUNK, Rows, as_source, check_integers, chunk_noise
 from pyroflows.density.standardize import (
     add_standardization,
@@ -289,8 +290,33 @@ def _mean_nll(
             if noise_seed is not None:
                 x = x + chunk_noise(x.shape, noise_seed, c, like)
             total -= d.log_prob(x).sum().item()
-    (total,) = distributed.sum_all([total], like.device)
+    if world > 1:
+        (total,) = parallel.sum_all([total], like.device)
     return total / len(data)
+
+
+def _check_ranks_agree(
+    fingerprint: list, held_out: list | None, seed: int, options: dict, architecture: str, device
+) -> None:
+    """Refuse, on every rank, a data-parallel fit whose ranks were given different fits.
+
+    Each rank takes its share of every batch of *its* rows, and the gradients are
+    averaged: ranks holding other data, seeds or options would mix unrelated fits.
+    """
+    described = repr((sorted(options.items()), architecture)).encode()
+    digest = int.from_bytes(hashlib.blake2b(described, digest_size=6).digest(), "big")
+    rows, dim, batch_size, total = fingerprint
+    held = held_out[:2] if held_out is not None else [-1, math.nan]
+    values = [rows, dim, batch_size, total, held[0], held[1], seed % 2**52, digest]
+    values = [0.0 if isinstance(v, float) and math.isnan(v) else float(v) for v in values]
+    others = parallel.disagreeing(values, device)
+    if others:
+        raise ValueError(
+            f"fit: this fit is data-parallel (torchrun, or the script's process group), and "
+            f"every process must pass the same data, seed and options, but process(es) "
+            f"{', '.join(map(str, others))} passed others than process 0; to fit each "
+            f"process on its own data, or in one process alone, pass distributed=False"
+        )
 
 
 def _split(
@@ -405,6 +431,7 @@ def fit(
     resume: bool = False,
     callback: Callable[[int, History], bool | None] | None = None,
     name: str = "data",
+    distributed: bool = True,
 ) -> History:
     r"""Fit ``flow`` to the rows of ``data`` by maximum likelihood; return the history.
 
@@ -417,9 +444,14 @@ def fit(
 
     Launched by ``torchrun`` (``WORLD_SIZE`` > 1), the fit is data-parallel: it joins the
     process group unless the script already has (gloo on the CPU, nccl on CUDA), each
-    process takes its share of every batch, and only rank 0 writes checkpoints. The
-    script should end with ``torch.distributed.destroy_process_group()``, as the command
-    line does: a group still alive when Python exits can abort the process.
+    process takes its share of every batch, and only rank 0 writes checkpoints. Every
+    process must then call ``fit`` with the same data and options (checked before the
+    first epoch: a process that differs is named). The script should end with
+    ``torch.distributed.destroy_process_group()``, as the command line does: a group still
+    alive when Python exits can abort the process. ``distributed=False`` fits in this
+    process alone, whatever the environment: for a fit of each process's own data, or
+    one made by rank 0 alone (the others would not join it, and the fit would wait for
+    them).
 
     Args:
         flow: an unconditional :class:`~pyroflows.Flow` of size ``D``.
@@ -460,6 +492,8 @@ def fit(
         callback: ``callback(epoch, history)`` after each epoch; returning ``True`` stops.
         name: what messages about ``data``'s values call it (the estimator's ``"X"``, a
             file's name); rows and columns in them count from 1.
+        distributed: ``True`` (default): data-parallel under ``torchrun`` or in the
+            script's process group, as above; ``False``: this process alone.
 
     Returns:
         The :class:`History` (also complete when resumed).
@@ -534,7 +568,7 @@ def fit(
         seed = int(seed)
 
     like = flow.base_loc
-    rank, world = distributed.setup(like.device)
+    rank, world = parallel.setup(like.device, check_bool(distributed, "distributed"))
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str, got {name!r}")
     source = as_source(data, name, like, flow.dim, fitting=True)
@@ -560,7 +594,9 @@ def fit(
                 {"seed": (state["seed"], seed)},
             )
     if seed is None:  # one seed for every rank: rank 0's
-        seed = distributed.broadcast_int(int(torch.randint(2**62, ()).item()), like.device)
+        seed = int(torch.randint(2**62, ()).item())
+        if world > 1:
+            seed = parallel.broadcast_int(seed, like.device)
     generator = torch.Generator().manual_seed(seed)
     if dequantize:  # the whole source: rows numbered as the caller's
         check_integers(source)
@@ -634,6 +670,8 @@ def fit(
         ),
     }
     architecture = _architecture(flow)
+    if world > 1:
+        _check_ranks_agree(fingerprint[:4], held_out, seed, options, architecture, like.device)
 
     if state is not None:
         then = state.get("options", options)  # checkpoints before this record none
@@ -821,10 +859,14 @@ def fit(
                     finite, stopping = bool(torch.isfinite(loss)), interrupt.raised
                     # every rank must take the same decision, or the others would wait
                     # for it forever: the flags are or-ed while the backward pass runs
-                    flags = distributed.PendingFlags([not finite, stopping], like.device)
+                    flags = (
+                        parallel.PendingFlags([not finite, stopping], like.device)
+                        if world > 1
+                        else None
+                    )
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    bad, stopping = flags.wait()
+                    bad, stopping = (not finite, stopping) if flags is None else flags.wait()
                     if bad:
                         restore_best()
                         raise FloatingPointError(
@@ -839,7 +881,7 @@ def fit(
                     if stopping or (world == 1 and interrupt.raised):
                         raise KeyboardInterrupt  # after a whole step: the checkpoint is exact
                 start_batch = 0
-                partial = distributed.sum_all(partial, like.device) if world > 1 else partial
+                partial = parallel.sum_all(partial, like.device) if world > 1 else partial
                 history.train_nll.append(partial[0] / partial[1])
                 history.lr.append(optimizer.param_groups[0]["lr"])
                 score = history.train_nll[-1]
@@ -872,7 +914,7 @@ def fit(
                 if callback is not None and callback(epoch + 1, history):
                     stop = True
                 if world > 1:
-                    (stop,) = distributed.PendingFlags([stop], like.device).wait()
+                    (stop,) = parallel.PendingFlags([stop], like.device).wait()
                 if stop or epoch + 1 == epochs:
                     break
                 if (epoch + 1) % checkpoint_every == 0:
@@ -884,7 +926,7 @@ def fit(
     except KeyboardInterrupt:
         tick()
         if world > 1 and not interrupt.forced:  # every rank stopped at the same batch
-            partial = distributed.sum_all(partial, like.device)
+            partial = parallel.sum_all(partial, like.device)
         if not interrupt.forced:  # a forced stop keeps the last checkpoint, which is exact
             checkpoint(*position)
         restore_best()

@@ -371,6 +371,18 @@ def test_random_state_may_be_a_numpy_generator():
         first.sample(4, random_state="seven")
 
 
+@pytest.mark.parametrize("seed", [2**40, -1])
+def test_an_int_random_state_outside_numpys_seeds_is_refused_for_its_range(seed):
+    X, _ = mixture_rows(100, 10)
+    small = {k: v for k, v in SMALL.items() if k != "random_state"}
+    message = r"random_state must be in \[0, 2\*\*32\) \(NumPy's seeds\) when an int, got"
+    with pytest.raises(ValueError, match=message):
+        FlowDensity(flow="maf", random_state=seed, **small).fit(X)
+    est = FlowDensity(flow="maf", random_state=0, **small).fit(X)
+    with pytest.raises(ValueError, match=message):
+        est.sample(2, random_state=seed)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, np.float64, np.dtype("float64")])
 def test_dtype_may_be_a_torch_or_numpy_dtype(tmp_path, dtype):
     X, _ = mixture_rows(100, 11)

@@ -336,6 +336,7 @@ def test_progress_bar_goes_to_stderr(capsys):
         ({"seed": 2**64}, ValueError, "seed must be in"),
         ({"name": ""}, TypeError, "name must be a non-empty str"),
         ({"name": 3}, TypeError, "name must be a non-empty str, got 3"),
+        ({"distributed": "no"}, TypeError, "distributed must be True or False"),
     ],
 )
 def test_bad_arguments(kwargs, error, message):

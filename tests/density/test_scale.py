@@ -140,3 +140,73 @@ def test_a_memory_mapped_file_larger_than_the_cap_is_streamed(tmp_path):
     assert lines[0].startswith("fitted 1")
     assert abs(float(lines[0].split()[2]) - 64 * 1.4189) < 1.0  # N(0, I_64): 90.81 nats
     assert lines[1] == "loading it whole is refused"
+
+
+def test_processes_given_other_fits_are_refused_and_distributed_false_fits_each_alone(tmp_path):
+    # Under torchrun each process takes its share of every batch of its own rows and the
+    # gradients are averaged: two processes holding different rows mixed two fits into
+    # one, silently. They are now refused on every rank (none left waiting), by name.
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import json, os
+            import numpy as np, torch
+            import torch.distributed as dist
+            import pyroflows
+            from pyroflows.density import FlowDensity, fit
+
+            rank = int(os.environ["RANK"])
+            dist.init_process_group("gloo")
+            mine = np.random.default_rng(rank).normal(size=(200, 2)) * (1 + 3 * rank)
+            same = np.random.default_rng(7).normal(size=(200, 2))
+            report = {}
+            torch.manual_seed(0)
+            flow = pyroflows.maf(2, transforms=1, hidden=(8,))
+            try:
+                fit(flow, mine, epochs=2, seed=0, progress=False)
+                report["refused"] = None
+            except ValueError as error:
+                report["refused"] = str(error)
+            torch.manual_seed(0)
+            flow = pyroflows.maf(2, transforms=1, hidden=(8,))
+            alone = fit(flow, mine, epochs=3, seed=0, progress=False, distributed=False)
+            report["alone"] = alone.val_nll
+            est = FlowDensity(flow="maf", transforms=1, hidden=(8,), epochs=2).fit(same)
+            report["estimator"] = est.history_.val_nll
+            dist.destroy_process_group()
+            with open(f"rank{rank}.json", "w") as out:
+                json.dump(report, out)
+            """
+        )
+    )
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    result = subprocess.run(
+        [*launcher, "--nproc_per_node=2", str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    import json
+
+    import torch
+
+    import pyroflows
+    from pyroflows.density import fit
+
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for report in reports:
+        assert report["refused"] is not None
+        assert "process(es) 1 passed others" in report["refused"]
+        assert "distributed=False" in report["refused"]
+    # distributed=False: each process fits its own rows as a process alone would
+    for rank, report in enumerate(reports):
+        mine = np.random.default_rng(rank).normal(size=(200, 2)) * (1 + 3 * rank)
+        torch.manual_seed(0)
+        flow = pyroflows.maf(2, transforms=1, hidden=(8,))
+        alone = fit(flow, mine, epochs=3, seed=0, progress=False)
+        np.testing.assert_allclose(report["alone"], alone.val_nll, rtol=1e-4)
+    # FlowDensity with random_state=None: one seed (rank 0's) for both, so one split
+    assert reports[0]["estimator"] == reports[1]["estimator"]

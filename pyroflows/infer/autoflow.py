@@ -53,6 +53,7 @@ import hashlib
 import inspect
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -1036,7 +1037,10 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         def closure():
             optimizer.zero_grad()
             try:
-                loss = -self._log_joint(z, args, kwargs)
+                with warnings.catch_warnings():
+                    if best[0] is not None:  # a probe: a NaN is handled below, not news
+                        warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)
+                    loss = -self._log_joint(z, args, kwargs)
             except ValueError:  # a distribution refused its parameters (validation)
                 if best[0] is None:
                     raise  # at the starting point: the model's own error, as it is
@@ -1256,10 +1260,12 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
 
         Returns:
             A dict of tensors of shape ``(len(quantiles), *site_shape)``, in each site's
-            constrained space.
+            constrained space (``(1, *site_shape)`` for one number).
         """
         self._ensure_setup(args, kwargs)
         q = torch.as_tensor(quantiles, dtype=self.anchor_loc.dtype, device=self.anchor_loc.device)
+        if q.dim() == 0:  # one number: one quantile, as Pyro's AutoNormal takes it
+            q = q.reshape(1)
         if q.dim() != 1 or ((q < 0) | (q > 1)).any():
             raise ValueError(f"quantiles must be a list of numbers in [0, 1], got {quantiles!r}")
         device = self.anchor_loc.device

@@ -114,6 +114,10 @@ def verdict(
 ) -> str:
     r"""A one-line reading of a PSIS :math:`\hat k` (Yao et al. 2018 thresholds).
 
+    :math:`\hat k` reads the weights of the guide's own draws: posterior mass far from
+    every draw (a second mode the guide never visits) leaves no trace in them, so a
+    "good" reading cannot rule it out (and says so).
+
     Args:
         khat: the Pareto shape estimate.
         ess_fraction: the raw (unsmoothed) weights' ESS / number of draws, if known.
@@ -173,7 +177,10 @@ def verdict(
             "importance_resample() corrects them"
         )
     if khat < GOOD_KHAT:
-        return f"good: k-hat {_khat_text(khat)} < {GOOD_KHAT}, the guide is close to the posterior"
+        return (
+            f"good: k-hat {_khat_text(khat)} < {GOOD_KHAT}, the guide is close to the posterior "
+            "wherever its draws go (a mode no draw comes near stays unseen)"
+        )
     if khat <= USABLE_KHAT:
         wide = ""
         if spread is not None and spread < CLOSE_ESS_FRACTION:

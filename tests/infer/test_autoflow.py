@@ -722,6 +722,12 @@ def test_median_quantiles_and_predictive():
     assert predictive["probs"].shape == (7, 3)
     with pytest.raises(ValueError, match="quantiles"):
         guide.quantiles([0.5, 1.5])
+    # one number, as Pyro's AutoNormal takes it: one quantile, the list's leading axis
+    one, three = guide.quantiles(0.95), guide.quantiles([0.05, 0.5, 0.95])
+    assert one["probs"].shape == (1, 3)
+    torch.testing.assert_close(one["scale"], three["scale"][2:])  # the same draws
+    with pytest.raises(ValueError, match="quantiles"):
+        guide.quantiles(1.5)
 
 
 def test_quantiles_match_the_lognormal():
@@ -1012,6 +1018,34 @@ def test_laplace_warm_start_survives_line_search_probes_far_out(seed):
     mode = guide.anchor_loc
     assert abs(mode[0] - x.mean()) < 0.01  # the prior on mu is flat at this scale
     assert abs(mode[1].exp() - x.std()) < 0.1 * x.std()
+
+
+def test_the_laplace_warm_starts_probes_print_no_nan_warning():
+    # a line-search probe at an overflowed scale makes Pyro warn "Encountered NaN:
+    # log_prob_sum at site 'B'": the warm start handles that point, and the user can do
+    # nothing about the warning
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    groups, n = 6, 40
+    member, x, y = torch.arange(n) % groups, torch.randn(n, 2), torch.randn(n)
+
+    def model(x, member, y=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        tau = pyro.sample("tau", dist.HalfNormal(1.0))
+        with pyro.plate("groups", groups):
+            b = pyro.sample("B", dist.Normal(mu, tau).to_event(1))
+            m = pyro.sample("M", dist.Normal(0.0, 1.0).expand([groups, 3, 2]).to_event(2))
+        with pyro.plate("data", n):
+            loc = (b[..., member, :] * x).sum(-1) + m[..., member, 0, 0]
+            pyro.sample("y", dist.Normal(loc, 1.0), obs=y)
+
+    guide = AutoFlow(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        guide(x, member, y)
+    assert not [w for w in caught if "Encountered NaN" in str(w.message)]
+    # its mode has tau -> 0 (a funnel's neck): the warm start says it keeps a plain start
+    assert [w for w in caught if "Laplace warm start failed" in str(w.message)]
 
 
 @pytest.mark.parametrize("flow", ["realnvp", "iaf"])

@@ -199,6 +199,8 @@ def test_verdict_never_prints_a_khat_on_the_wrong_side_of_its_threshold():
     assert "ESS 5.0% of the draws" in wide
     assert "close to the posterior" not in wide
     assert "close to the posterior" in verdict(0.3, 0.8)
+    # PSIS cannot see a mode that no draw visits, and the good verdict says so
+    assert "a mode no draw comes near stays unseen" in verdict(0.3, 0.8)
     assert "(ESS 6.5% of the draws: the raw draws are far from it)" in verdict(0.65, 0.065)
     assert "ESS" not in verdict(0.65, 0.8)
 

@@ -54,7 +54,7 @@ import inspect
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from typing import Any
 
 import numpy as np
@@ -436,28 +436,48 @@ def _traced() -> bool:
 def _shapes_of(args: tuple, kwargs: dict) -> tuple:
     """What a call's arguments say about the sizes of the model's latents.
 
-    The shapes of tensors and arrays (in lists, tuples and dicts too), and the values of
-    whole numbers (Python ints, 0-d integer tensors): a model whose plate runs over
-    ``len(x)`` rows, or over ``N`` given as a number, has a latent per row. Other values
-    give their type alone (a float such as a temperature rarely sizes a latent).
+    The shapes of tensors, arrays and anything else with an integer ``shape`` (a data
+    frame), the values of whole numbers (Python ints, 0-d integer tensors), flags and
+    short strings (``hetero=True`` may add a latent), the lengths of long sequences, and
+    the same of what lists, tuples, dicts and plain objects (a dataclass) hold: a model
+    whose plate runs over ``len(x)`` rows, or over ``N`` given as a number, has a latent
+    per row. Other values give their type alone (a float such as a temperature rarely
+    sizes a latent).
     """
 
     def one(value: Any, depth: int = 0) -> Any:
-        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        if isinstance(value, bool | np.bool_):
+            return ("bool", bool(value))
+        if isinstance(value, numbers.Integral):
             return ("int", int(value))
+        if isinstance(value, str):
+            return ("str", value if len(value) <= 64 else len(value))
         if isinstance(value, torch.Tensor):
             whole = not (value.dtype.is_floating_point or value.dtype.is_complex)
-            if value.ndim == 0 and whole and value.dtype != torch.bool:
-                return ("int", int(value))
+            if value.ndim == 0 and whole:
+                return ("int", int(value)) if value.dtype != torch.bool else ("bool", bool(value))
             return tuple(value.shape)
         if isinstance(value, np.ndarray):
-            if value.ndim == 0 and value.dtype.kind in "iu":
+            if value.ndim == 0 and value.dtype.kind in "iub":
                 return ("int", int(value))
             return tuple(value.shape)
-        if depth < 2 and isinstance(value, list | tuple) and len(value) <= 64:
-            return tuple(one(v, depth + 1) for v in value)
-        if depth < 2 and isinstance(value, dict) and len(value) <= 64:
-            return tuple((repr(k), one(v, depth + 1)) for k, v in value.items())
+        shape = getattr(value, "shape", None)
+        if isinstance(shape, tuple) and all(isinstance(n, numbers.Integral) for n in shape):
+            return (type(value).__name__, tuple(int(n) for n in shape))
+        if isinstance(value, list | tuple):
+            if depth < 2 and len(value) <= 64:
+                return tuple(one(v, depth + 1) for v in value)
+            return (type(value).__name__, len(value))
+        if isinstance(value, dict):
+            if depth < 2 and len(value) <= 64:
+                return tuple((repr(k), one(v, depth + 1)) for k, v in value.items())
+            return (type(value).__name__, len(value))
+        fields = getattr(value, "__dict__", None)
+        plain = not (callable(value) or isinstance(value, type | nn.Module))
+        if plain and depth < 2 and isinstance(fields, dict) and len(fields) <= 64:
+            return (type(value).__name__, one(dict(fields), depth))
+        if isinstance(value, Sized):
+            return (type(value).__name__, len(value))
         return type(value).__name__
 
     return one(tuple(args)), one(dict(sorted(kwargs.items())))

@@ -1147,12 +1147,23 @@ def _batch_agrees(
         except _NOT_BROADCAST:
             return False
         if s == 0 and not torch.isclose(single, again, rtol=1e-6, atol=1e-6, equal_nan=True):
+            undrawn = [
+                repr(name)
+                for name, site in trace.nodes.items()
+                if site["type"] == "sample"
+                and not site["is_observed"]
+                and not site_is_subsample(site)
+                and name not in values
+            ]
+            which = f" ({', '.join(undrawn)})" if undrawn else ""
             warn_from_caller(
                 "the model's log density at one draw of the guide changes from run to run: "
-                "it draws latent sites the guide does not set (sites hidden with "
-                "poutine.block for another guide, or enumerated in training), from their "
-                "prior, so every weight carries their noise (a valid weight, but a noisier "
-                "one); diagnose the guide that covers every latent site (the AutoGuideList)"
+                f"it draws latent sites the guide does not set{which}, from their prior, so "
+                "every weight carries their noise (a valid weight, but a noisier one). "
+                "Observed data left out of the arguments (a site given None) is drawn so: "
+                "pass it. For sites hidden with poutine.block for another guide, diagnose "
+                "the guide that covers every latent site (the AutoGuideList); enumerated "
+                "ones stay drawn from their prior"
             )
             return False
         pairs = [(trace.nodes[name]["value"], samples[name][s]) for name in derived]

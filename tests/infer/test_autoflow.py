@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import warnings
 
 import pyro
@@ -393,6 +394,33 @@ def test_the_latent_shape_check_reads_sizes_given_as_numbers():
     with pytest.raises(ValueError, match=r"'z' \(5,\) -> \(7,\)"):
         guide(torch.tensor(7))
     assert guide.median(torch.tensor(5))["z"].shape == (5,)
+
+
+@dataclasses.dataclass
+class _Rows:
+    x: torch.Tensor
+
+
+def test_the_latent_shape_check_reads_flags_long_lists_and_plain_objects():
+    # these arguments were each summed up by their type alone, so new data of another
+    # size passed the check unseen: median() gave values of the old shapes, silently
+    def model(x, per_row=False):
+        x = torch.as_tensor(x.x if isinstance(x, _Rows) else x)
+        scale = pyro.sample("s", dist.LogNormal(0.0, 1.0).expand([len(x) if per_row else 1]))
+        with pyro.plate("rows", len(x)):
+            pyro.sample("z", dist.Normal(x, scale))
+
+    guide = AutoFlow(model, warm_start=None)
+    guide(torch.randn(5))
+    with pytest.raises(ValueError, match=r"'s' \(1,\) -> \(5,\)"):
+        guide.median(torch.randn(5), per_row=True)  # a flag
+    for make in (lambda n: torch.randn(n).tolist(), lambda n: _Rows(torch.randn(n))):
+        pyro.clear_param_store()  # a long list, a dataclass
+        guide = AutoFlow(model, warm_start=None)
+        guide(make(70))
+        with pytest.raises(ValueError, match=r"'z' \(70,\) -> \(80,\)"):
+            guide.median(make(80))
+        assert guide.median(make(70))["z"].shape == (70,)
 
 
 def test_the_latent_shape_check_never_fails_a_call_that_worked():

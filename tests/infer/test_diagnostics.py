@@ -441,6 +441,24 @@ def test_a_model_with_latents_the_guide_does_not_set_is_reported():
         diagnose(blocked, guide, num_samples=50)
 
 
+def test_observed_data_left_out_of_the_arguments_is_named():
+    # y=None (as for Predictive) makes the model draw y: the weights carry its noise,
+    # and the warning names the site and says to pass the data
+    def model(y=None):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(z, 0.1), obs=y)
+
+    def guide(y=None):
+        pyro.sample("z", dist.Normal(0.3, 0.1))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        diagnose(model, guide, num_samples=50)
+    told = [str(w.message) for w in caught if "does not set ('y')" in str(w.message)]
+    assert told, [str(w.message) for w in caught]
+    assert "Observed data left out of the arguments" in told[0]
+
+
 def test_weights_of_another_shape_than_one_per_draw_are_refused():
     with pytest.raises(ValueError, match=r"log_weights must have shape \(S,\).*got \(4, 50\)"):
         summarize(torch.randn(4, 50))

@@ -190,19 +190,23 @@ def _header_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _read(
-    args: argparse.Namespace, dtype: Any, whole_numbers: str | None = None
+    args: argparse.Namespace,
+    dtype: Any,
+    whole_numbers: str | None = None,
+    names: list[str] | None = None,
 ) -> tuple[np.ndarray, list[str] | None]:
     """DATA as ``--header`` says; a note on stderr when auto took 0,1,... as a header.
 
     ``whole_numbers``: the advice when a value of integer data is a fraction (the CSV's
-    line is named; the fit's own check counts data rows, not lines).
+    line is named; the fit's own check counts data rows, not lines). ``names``: a
+    model's columns, which auto takes for the header when the first row is exactly them.
     """
     from pyroflows.density.data import read_table
 
     header = {"auto": None, "yes": True, "no": False}[args.header]
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
-        values, columns = read_table(args.data, dtype, _FLOAT64, header, whole_numbers)
+        values, columns = read_table(args.data, dtype, _FLOAT64, header, whole_numbers, names)
     for warning in said:
         text = str(warning.message)
         if "as a header" in text:  # the pandas header taken: one note, in the flag's terms
@@ -379,6 +383,7 @@ _FLAGS = {
     "dequantize": "--dequantize",
     "validation": "--validation",
     "batch_size": "--batch-size",
+    "dtype": "--dtype",
 }
 
 #: what else a refusal can name, without values (whole tables, a flow's layers)
@@ -453,7 +458,8 @@ def _score(args: argparse.Namespace) -> None:
 
     _check_out(args.out, args.force, [args.model, args.data])
     flow, info = _load(args.model)
-    values, columns = _read(args, flow.base_loc.dtype, SCORE_ADVICE if info["dequantize"] else None)
+    advice = SCORE_ADVICE if info["dequantize"] else None
+    values, columns = _read(args, flow.base_loc.dtype, advice, info["columns"])
     if values.shape[1] != info["dim"]:
         raise _Failure(
             f"{args.data} has {values.shape[1]} columns but the model was fitted to {info['dim']}"

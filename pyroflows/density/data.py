@@ -12,7 +12,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +199,7 @@ def read_table(
     remedy: str = _REMEDY,
     header: bool | None = None,
     whole_numbers: str | None = None,
+    names: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, list[str] | None]:
     """Read a numeric table from a CSV file (with or without a header) or a ``.npy`` file.
 
@@ -222,6 +223,9 @@ def read_table(
             to it): refuse a CSV value that is not a whole number, naming its line, with
             this text as the advice that ends the message. A ``.npy`` file's values are
             checked when a fit or score streams them (its rows are its lines).
+        names: the column names a model was fitted with: with ``header=None``, a first
+            row that is exactly these names is the header too (numbers such as years,
+            which the rule above would take for data).
 
     Returns:
         The values as an ``(N, D)`` array (float64 from a CSV; from a ``.npy`` file, the
@@ -244,6 +248,8 @@ def read_table(
         raise TypeError(f"header must be True, False or None, got {header!r}")
     if path.suffix.lower() == ".npy":
         return _read_npy(path), None
+    if header is None and names is not None and _first_row(path) == [str(n) for n in names]:
+        header = True  # the model's own columns (a file that its sample wrote, say)
     values, names, lines = _read_csv(path, dtype, remedy, header)
     if whole_numbers is not None:
         fractional = values != np.floor(values)
@@ -254,6 +260,18 @@ def read_table(
                 f"not a whole number: {whole_numbers}"
             )
     return values, names
+
+
+def _first_row(path: Path) -> list[str] | None:
+    """A CSV's first non-blank row, its cells stripped (``None`` if unreadable)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            for row in csv.reader(handle):
+                if any(cell.strip() for cell in row):
+                    return [cell.strip() for cell in row]
+    except (UnicodeDecodeError, csv.Error):
+        return None  # the full read names what is wrong
+    return None
 
 
 def _pandas_header(cells: list[str]) -> bool:

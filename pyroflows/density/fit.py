@@ -295,6 +295,34 @@ def _mean_nll(
     return total / len(data)
 
 
+def _warn_if_discrete(rows: Rows, name: str) -> None:
+    """Warn when the rows look like integer data fitted without dequantisation.
+
+    Every value of the first chunk a whole number, and every column's values repeated
+    (fewer distinct values than half the rows): a density can put ever narrower spikes
+    on the values, and as the validation rows take the same values, its NLL falls
+    without bound with the training NLL (early stopping cannot see it).
+    """
+    chunk = next(iter(rows.chunks()), None)
+    if chunk is None or len(chunk) < 20:
+        return
+    chunk = chunk.to("cpu", torch.float64)
+    if not bool((chunk == chunk.floor()).all()):
+        return
+    distinct = [int(torch.unique(chunk[:, j]).numel()) for j in range(chunk.shape[1])]
+    if max(distinct) > len(chunk) // 2:
+        return
+    shown = ", ".join(str(k) for k in distinct[:5]) + (" ..." if len(distinct) > 5 else "")
+    warn_from_caller(
+        f"fit: every value in the first {len(chunk)} rows of {name} is a whole number, and "
+        f"each column repeats its values ({shown} distinct value(s) per column): a flow "
+        "fitted to such data puts ever narrower spikes on the values, and its validation "
+        "NLL falls without bound (the held-out rows take the same values); for integer "
+        "data pass dequantize=True (--dequantize on the command line), which fits the "
+        "mass of each cell"
+    )
+
+
 def _check_ranks_agree(
     fingerprint: list, held_out: list | None, seed: int, options: dict, architecture: str, device
 ) -> None:
@@ -629,6 +657,8 @@ def fit(
             "spike as it trains, and its draws spread around the value); drop such columns "
             "and put the value back after sampling"
         )
+    if not dequantize and rank == 0:
+        _warn_if_discrete(train, name)
     held_out = None
     if valid is not None:  # the validation rows too, before any epoch (and on every rank)
         held_out = [len(valid), valid.moments()[2]]
@@ -663,6 +693,7 @@ def fit(
         "patience": None if patience is None else int(patience),
         "standardize": bool(standardize),
         "dequantize": bool(dequantize),
+        "dtype": str(like.dtype).removeprefix("torch."),  # the data's fingerprint's too
         "validation": (
             "rows"
             if valid is not None and not isinstance(validation, numbers.Real)
@@ -871,7 +902,8 @@ def fit(
                         restore_best()
                         raise FloatingPointError(
                             f"the training loss is {loss.item()} at epoch {epoch + 1}, batch "
-                            f"{batch + 1}; try a smaller lr, clip_grad, or standardize=True"
+                            f"{batch + 1}; try a smaller lr or clip_grad"
+                            + ("" if standardize else ", or standardize=True")
                         )
                     if clip_grad is not None:
                         torch.nn.utils.clip_grad_norm_(flow.parameters(), clip_grad)
@@ -935,4 +967,6 @@ def fit(
         if bar is not None:
             bar.close()
         flow.eval()
+    if interrupt.raised:  # after the last batch (validation, callback, the checkpoint's
+        raise KeyboardInterrupt  # write): the fit is done and saved, but the Ctrl-C stands
     return history

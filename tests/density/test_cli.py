@@ -415,6 +415,7 @@ def test_a_checkpoint_of_another_fit_is_refused_in_the_command_lines_terms(workd
         (["--validation", "0.2"], ["with --validation 0.1; now --validation 0.2"]),
         (["--activation", "tanh"], ["for another flow (--flow, --transforms"]),
         (["--batch-size", "32"], ["with --batch-size 256; now --batch-size 32"]),
+        (["--dtype", "float64"], ["with --dtype float32; now --dtype float64"]),
     ):
         one_line_error(run(*resume, *extra, cwd=workdir), "mis.pt.ckpt", *fragments)
     resumed = run(*resume, cwd=workdir)  # no --seed: the checkpoint's
@@ -514,6 +515,16 @@ def test_a_numeric_header_is_read_as_the_header_flag_says(workdir):
     years = run("fit", "years.csv", "--out", "years.pt", "--header", "yes", *FAST, cwd=workdir)
     assert "fitted maf to 50 rows" in years.stdout
     assert "columns   2019, 2020" in run("info", "years.pt", cwd=workdir).stdout
+    # sample writes the model's names as its header: score reads them back as the
+    # header (the first row 2019,2020 was scored as a row of data)
+    run("sample", "years.pt", "-n", "3", "--out", "drawn.csv", "--seed", "0", cwd=workdir)
+    assert (workdir / "drawn.csv").read_text().splitlines()[0] == "2019,2020"
+    scored = run("score", "years.pt", "drawn.csv", cwd=workdir)
+    assert scored.stdout.splitlines()[0] == "log_prob"
+    assert len(scored.stdout.splitlines()) == 4
+    assert "3 rows" in scored.stderr
+    other = run("score", "years_data.pt", "drawn.csv", cwd=workdir)  # a model without names
+    assert "4 rows" in other.stderr  # auto, as before: 2019,2020 could be data
 
 
 def test_column_names_with_commas_and_quotes_round_trip(workdir):

@@ -1,5 +1,6 @@
 import copy
 import math
+import os
 import signal
 import warnings
 
@@ -11,6 +12,7 @@ from torch import nn
 
 import pyroflows
 from pyroflows.density import History, fit
+from pyroflows.density.fit import CHECKPOINT, checkpoint_finished
 from pyroflows.density.standardize import standardization_of
 from pyroflows.nn import PackedLinear
 from tests.helpers import flip_a_weight_bit
@@ -186,6 +188,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     assert same_weights(again, whole)
 
 
+@pytest.mark.filterwarnings("ignore:fit. every value in the first")  # counts, on purpose
 @pytest.mark.parametrize(
     ("schedule", "dequantize", "patience", "lr"),
     [("cosine", True, 2, 2e-2), ("plateau", False, 7, 5e-2)],
@@ -302,6 +305,9 @@ def test_resume_refuses_other_options_and_returns_a_finished_fit_as_it_was(tmp_p
         options = {"epochs": 3, "seed": 0, "checkpoint_dir": tmp_path, "progress": False}
         with pytest.raises(ValueError, match=f"written by a fit with .*{shown}"):
             fit(small_flow(), x, resume=True, **{**options, **changed})  # it ran 3 epochs
+    # the flow (and so the data) in float64: the dtype is named, not "other data"
+    with pytest.raises(ValueError, match="dtype='float32'; now dtype='float64'"):
+        fit(small_flow().double(), x.double(), resume=True, **options)
     flow = small_flow(seed=1)
     again = fit(flow, x, epochs=3, seed=0, checkpoint_dir=tmp_path, resume=True, progress=False)
     assert again.epochs == first.epochs == 3
@@ -376,7 +382,7 @@ def test_non_finite_loss_restores_best_weights():
 
         return Explode()
 
-    with pytest.raises(FloatingPointError, match="epoch 3"):
+    with pytest.raises(FloatingPointError, match="epoch 3.*clip_grad, or standardize=True"):
         fit(
             flow,
             x,
@@ -389,6 +395,25 @@ def test_non_finite_loss_restores_best_weights():
         )
     assert all(torch.isfinite(p).all() for p in flow.parameters())
     assert torch.isfinite(flow().log_prob(x)).all()
+    epochs["n"] = 0  # standardized already: the advice does not offer it again
+    with pytest.raises(FloatingPointError, match=r"smaller lr or clip_grad$"):
+        fit(flow, x, validation=None, epochs=10, batch_size=32, schedule=schedule, progress=False)
+
+
+def test_a_ctrl_c_after_the_last_batch_is_not_swallowed(tmp_path):
+    # it lands in the last epoch's validation, callback or checkpoint write, after the
+    # last check between batches: the fit finished (and is saved), but the script went
+    # on as if no Ctrl-C had been pressed
+    def callback(epoch, history):
+        if epoch == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    x = torch.randn(100, 2, generator=torch.Generator().manual_seed(0))
+    options = {"epochs": 3, "seed": 0, "checkpoint_dir": tmp_path, "progress": False}
+    with pytest.raises(KeyboardInterrupt):
+        fit(small_flow(), x, callback=callback, **options)
+    assert checkpoint_finished(tmp_path / CHECKPOINT) is True
+    assert fit(small_flow(), x, resume=True, **options).epochs == 3  # its result, as saved
 
 
 def test_resume_without_a_seed_reuses_the_checkpoints_seed(tmp_path):
@@ -831,3 +856,20 @@ def test_resume_refuses_a_checkpoint_of_a_flow_with_a_parameter_per_layer(tmp_pa
     assert "written by an earlier pyroflows" in str(caught.value)
     after = flow.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)  # no weight was loaded
+
+
+def test_integer_data_fitted_without_dequantization_is_warned_about():
+    # counts fitted as they are: the flow grows spikes on the values, and the validation
+    # NLL (the held-out rows take the same values) falls with it, past the entropy of
+    # the counts: early stopping cannot guard, so the fit says so before it starts
+    g = torch.Generator().manual_seed(0)
+    counts = torch.randint(0, 4, (400, 2), generator=g).float()
+    options = {"epochs": 1, "seed": 0, "progress": False}
+    with pytest.warns(UserWarning, match=r"whole number.*\(4, 4 distinct.*dequantize=True"):
+        fit(small_flow(), counts, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(small_flow(), counts, dequantize=True, **options)  # the remedy: no warning
+        fit(small_flow(), torch.randn(400, 2, generator=g), **options)  # real values
+        spread = torch.randint(0, 10**6, (400, 2), generator=g).float()  # few repeats
+        fit(small_flow(), spread, **options)

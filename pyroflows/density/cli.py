@@ -265,7 +265,7 @@ def _fit(args: argparse.Namespace) -> None:
     import torch
 
     from pyroflows.density import ResumeMismatch, build, distributed, fit, save
-    from pyroflows.density.fit import checkpoint_finished, unwritable
+    from pyroflows.density.fit import checkpoint_finished, read_checkpoint, unwritable
     from pyroflows.density.rows import FIT_ADVICE
 
     device = _device(args.device)
@@ -318,7 +318,7 @@ def _fit(args: argparse.Namespace) -> None:
             previous.unlink()  # a fresh fit starts a fresh series
     seed = args.seed
     if seed is None:  # resuming a checkpoint: its seed (its split and batches); else 0
-        seed = None if args.resume and previous.exists() else 0
+        seed = read_checkpoint(previous)["seed"] if args.resume and previous.exists() else 0
     try:
         history = fit(
             flow,
@@ -517,7 +517,7 @@ def _training(args: argparse.Namespace, seed: int | None) -> dict[str, Any]:
         "patience": args.patience or None,
         "clip_grad": defaults["clip_grad"].default,
         "schedule": defaults["schedule"].default,
-        "seed": seed,  # None: resumed, with the checkpoint's seed
+        "seed": seed,  # resumed: the checkpoint's seed
     }
 
 

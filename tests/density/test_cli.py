@@ -10,7 +10,7 @@ from importlib.metadata import entry_points
 import numpy as np
 import pytest
 
-from pyroflows.density import FlowDensity
+from pyroflows.density import FlowDensity, load
 from pyroflows.density.cli import main
 
 FAST = ["--flow", "maf", "--transforms", "1", "--hidden", "8", "--epochs", "3", "--quiet"]
@@ -226,6 +226,8 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(workdir):
     a = run("score", "whole.pt", "big.csv", cwd=workdir).stdout
     b = run("score", "parted.pt", "big.csv", cwd=workdir).stdout
     assert a == b
+    # the resumed fit's model file records the seed it ran with (the checkpoint's)
+    assert load(workdir / "parted.pt")[1]["training"]["seed"] == 0
 
 
 def test_bad_device_and_seed_get_exit_code_2(workdir):

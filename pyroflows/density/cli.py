@@ -316,6 +316,8 @@ def _fit(args: argparse.Namespace) -> None:
         distributed.barrier()  # every rank has looked before rank 0 removes it
         if rank == 0:
             previous.unlink()  # a fresh fit starts a fresh series
+    if args.patience is not None and args.patience < 0:
+        raise _Failure(f"--patience must be >= 0 (0: never stop early), got {args.patience}")
     seed = args.seed
     if seed is None:  # resuming a checkpoint: its seed (its split and batches); else 0
         seed = read_checkpoint(previous)["seed"] if args.resume and previous.exists() else 0
@@ -339,7 +341,7 @@ def _fit(args: argparse.Namespace) -> None:
     except ResumeMismatch as error:
         raise _Failure(_mismatch(error)) from None
     except (TypeError, ValueError, FloatingPointError) as error:
-        raise _Failure(str(error)) from None
+        raise _Failure(_in_flag_terms(str(error))) from None
     except KeyboardInterrupt:
         print(
             f"pyroflows: interrupted; checkpoint in {checkpoints}/: run the same command "
@@ -393,6 +395,23 @@ _OTHERS = {
     "flow": "another flow (--flow, --transforms, --hidden, --bins, --autoregressive, "
     "--activation or --dtype)",
 }
+
+
+#: fit's argument names as the command line spells them, for its messages
+_SPELLED = {
+    **{name: flag for name, flag in _FLAGS.items() if name != "dequantize"},
+    "checkpoint_every": "--checkpoint-every",
+}
+
+
+def _in_flag_terms(text: str) -> str:
+    """A message of ``fit`` about one of its arguments, naming the flag instead."""
+    name = text.split(" ", 1)[0]
+    if name in _SPELLED and text.startswith(f"{name} must "):
+        text = _SPELLED[name] + text[len(name) :]
+        if name == "validation":  # rows of their own cannot be given here
+            text = text.replace(" or rows,", ",")
+    return text
 
 
 def _mismatch(error: Any) -> str:

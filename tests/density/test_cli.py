@@ -630,3 +630,20 @@ def test_warnings_are_one_line_each_and_a_one_row_table_is_refused(workdir):
     assert two.returncode == 2
     assert "the validation split took 1; give more rows or hold none out" in two.stderr
     assert "--validation 0 on the command line" in two.stderr
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        (["--epochs", "0"], "--epochs must be an int >= 1, got 0"),
+        (["--batch-size", "0"], "--batch-size must be an int >= 1, got 0"),
+        (["--checkpoint-every", "0"], "--checkpoint-every must be an int >= 1, got 0"),
+        (["--patience", "-1"], "--patience must be >= 0 (0: never stop early), got -1"),
+        (["--validation", "1.5"], "--validation must be a fraction in [0, 1), got 1.5"),
+    ],
+)
+def test_bad_flag_values_are_named_by_their_flag(workdir, given, said):
+    # fit's own messages named its Python arguments ("batch_size must be ..."), and
+    # --patience -1 was told ">= 1" although 0 is taken (never stop early)
+    result = run("fit", "data.csv", "--out", "flagged.pt", "--force", *FAST, *given, cwd=workdir)
+    one_line_error(result, said)

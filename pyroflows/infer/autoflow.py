@@ -1152,9 +1152,10 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             warn_from_caller(
                 "AutoFlow: the model draws random values with every latent site of this "
                 "guide fixed (latent sites this guide does not cover, such as sites hidden "
-                "with poutine.block for another guide, or a subsample), so the Laplace warm "
-                "start is skipped (it would fit their draws, or the prior alone where the "
-                "data are hidden too); starting at init_loc_fn"
+                "with poutine.block for another guide or for TraceEnum_ELBO to sum out, or "
+                "a subsample), so the Laplace warm start is skipped (it would fit their "
+                "draws, or the prior alone where the data are hidden too); starting at "
+                "init_loc_fn"
             )
             return
         eye = torch.eye(self.latent_dim, dtype=loc.dtype, device=loc.device)
@@ -1327,7 +1328,10 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                 "this guide fixed (sites hidden with poutine.block for another guide, or the "
                 "data hidden too): the weights compare this guide with part of the "
                 "posterior, or with the prior alone; diagnose the whole guide (the "
-                "AutoGuideList) against the whole model instead"
+                "AutoGuideList) against the whole model instead. Discrete sites hidden for "
+                "TraceEnum_ELBO to sum out are drawn from their prior here, and k-hat reads "
+                "the noise of those draws, not the guide (whatever the verdict advises): "
+                "weigh the guide against a model with them summed out by hand"
             )
 
     def diagnose(self, *args: Any, num_samples: int = 2000, **kwargs: Any):

@@ -1199,6 +1199,28 @@ def test_diagnostics_of_a_guide_for_part_of_a_model_warn():
         whole.diagnose(y, num_samples=50)
 
 
+def test_diagnostics_of_a_guide_whose_model_hides_enumerated_sites_say_so():
+    # the workflow AutoFlow's refusal of discrete sites advises: block them for
+    # TraceEnum_ELBO; the weights then draw them from their prior, and k-hat reads that
+    # noise, which more draws per step or STL cannot help
+    from pyro import poutine
+    from pyro.infer import config_enumerate
+
+    y = torch.cat([torch.randn(15) - 2.0, torch.randn(15) + 2.0])
+
+    @config_enumerate
+    def mixture(y):
+        locs = pyro.sample("locs", dist.Normal(0.0, 5.0).expand([2]).to_event(1))
+        with pyro.plate("rows", len(y)):
+            z = pyro.sample("z", dist.Categorical(torch.ones(2) / 2))
+            pyro.sample("y", dist.Normal(locs[z], 1.0), obs=y)
+
+    guide = AutoFlow(poutine.block(mixture, hide=["z"]), warm_start=None)
+    guide(y)
+    with pytest.warns(UserWarning, match="TraceEnum_ELBO to sum out are drawn from their prior"):
+        guide.diagnose(y, num_samples=50)
+
+
 def test_a_latent_support_without_a_map_to_the_reals_is_named():
     def model():
         w = pyro.sample("W", dist.Wishart(df=torch.tensor(6.0), covariance_matrix=torch.eye(2)))

@@ -1144,7 +1144,10 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         if self._subsampled(args, kwargs):
             warn_from_caller(
                 "AutoFlow: the model subsamples data, so the Laplace warm start is skipped "
-                "(the mode of a mini-batch is not the mode); starting at init_loc_fn"
+                "(the mode of a mini-batch is not the mode); starting at init_loc_fn, from "
+                "where a flow can take thousands of steps to settle. To warm-start it, make "
+                "the guide's first call on the full data (guide(x, y) with no subsample, "
+                "before the mini-batch steps): the warm start runs once, on that call"
             )
             return
         loc = self.anchor_loc.clone()

@@ -525,9 +525,37 @@ def test_warm_start_skipped_with_subsampling():
             pyro.sample("obs", dist.Normal(loc, 1.0), obs=data[i])
 
     guide = AutoFlow(model)
-    with pytest.warns(UserWarning, match="subsamples"):
+    with pytest.warns(UserWarning, match="subsamples.*first call on the full data"):
         guide(data)
     assert guide.anchor == "init"
+
+
+def test_a_first_call_on_the_full_data_warm_starts_a_mini_batch_fit():
+    # what the skipped warm start's warning advises: the warm start runs on the first
+    # call, and the mini-batch steps after it start from the full data's Laplace fit
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, generator=g) + 3.0
+    y = 1.0 + 2.0 * x + 0.5 * torch.randn(1000, generator=g)
+
+    def model(x, y, batch=None):
+        a = pyro.sample("a", dist.Normal(0.0, 10.0))
+        b = pyro.sample("b", dist.Normal(0.0, 10.0))
+        with pyro.plate("rows", len(x), subsample_size=batch) as i:
+            pyro.sample("y", dist.Normal(a + b * x[i], 0.5), obs=y[i])
+
+    pyro.set_rng_seed(0)
+    guide = AutoFlow(model)
+    guide(x, y)  # the full data: no warning, the Laplace anchor
+    assert guide.anchor == "laplace"
+    design = torch.stack([torch.ones(1000), x], 1)
+    covariance = torch.linalg.inv(design.T @ design / 0.25 + torch.eye(2) / 100)
+    sd = covariance.diag().sqrt()  # about 0.049 and 0.015, correlation -0.95
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.005}), Trace_ELBO())
+    for _ in range(300):
+        svi.step(x, y, 100)  # mini-batches from here on
+    draws = Predictive(model, guide=guide, num_samples=4000, return_sites=["a", "b"])(x, y, 100)
+    fitted = torch.stack([draws["a"].flatten(), draws["b"].flatten()]).std(1)
+    assert ((fitted / sd - 1).abs() < 0.25).all(), (fitted, sd)  # cold: 7x and 3x after 3000
 
 
 def test_float64_model_gives_a_float64_guide():

@@ -184,6 +184,14 @@ def test_a_flow_guide_that_misses_mass_is_told_what_it_can_still_change(estimato
         assert "in place of a Gaussian" not in report.verdict  # it is a flow already
         # an STL guide is not told to use STL
         assert ("or estimator='stl'" in report.verdict) == (estimator == "reparam")
+        # nor a cold guide (no Laplace warm start) left to think more steps of the
+        # same would do (a mini-batched model's first call skips the warm start)
+        assert "started cold" in report.verdict
+        assert "first call on the full data" in report.verdict
+    warm = AutoFlow(model, estimator=estimator)
+    warm()
+    assert warm.anchor == "laplace"
+    assert "started cold" not in remedy_for(warm)
     assert remedy_for(AutoNormal(model)) is None  # any other guide: the generic advice
 
 

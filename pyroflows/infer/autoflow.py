@@ -714,6 +714,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             ]
             problem = problem.replace("{observed}", ", ".join(map(repr, observed)) or "none")
             raise ValueError(problem) from error
+        self._warn_masked_latents()
         try:
             loc = self._init_loc()
             flow = self._build_flow(loc)
@@ -764,6 +765,42 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             )
         adopted = self._mirror()(modules, owner="this AutoFlow")
         return modules, bool(adopted)
+
+    def _warn_masked_latents(self) -> None:
+        """Warn, at set-up, of latent sites the model masks entries of (``obs_mask``).
+
+        The guide draws every entry, and the masked ones have no density in the model:
+        with no density to hold them, their spread grows through training, and in a flow
+        (where every latent is drawn given the others) that disturbs the other latents
+        until they are far out: early fits are wrong, with no sign of it in the loss.
+        """
+
+        def partly(site: dict) -> bool:  # some entries masked, not all: obs_mask's kind
+            masks, fn = [site["mask"]], site["fn"]
+            while fn is not None:
+                masks.append(getattr(fn, "_mask", None))
+                fn = getattr(fn, "base_dist", None)
+            return any(
+                isinstance(m, torch.Tensor) and m.dtype == torch.bool and 0 < m.sum() < m.numel()
+                for m in masks
+            )
+
+        # (a whole site masked, .mask(False), is the idiom of a prior given by a factor)
+        masked = [
+            name for name, site in self.prototype_trace.iter_stochastic_nodes() if partly(site)
+        ]
+        if masked:
+            warn_from_caller(
+                f"AutoFlow: the model masks entries of the latent site(s) "
+                f"{', '.join(map(repr, masked))} (obs_mask, poutine.mask), which the guide "
+                "draws whole: unless a pyro.factor gives them one, the masked entries have "
+                "no density in the model, so their spread grows without bound in training, "
+                "and through the flow it disturbs "
+                "the other latents (early fits are wrong). Give the guide only the entries "
+                "that have a density: a latent site of its own for the missing values, "
+                "e.g. pyro.sample('y_missing', ...) over the unobserved rows, and obs= for "
+                "the observed ones"
+            )
 
     def _latent_sites(self) -> tuple[str, torch.Tensor]:
         """The latent sites' names and shapes as text, and their fingerprint.
@@ -1131,7 +1168,9 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         """
         self.linear.set_anchor(loc, scale_tril)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                # masked latents: said once, at set-up, in the guide's terms
+                warnings.filterwarnings("ignore", "the model masks entries", UserWarning)
                 log_w, _ = diagnostics.importance_draws(
                     self.model, self, *args, num_samples=num_samples, **kwargs
                 )

@@ -1278,3 +1278,35 @@ def test_autoflow_diagnostics_leave_the_random_state_alone():
     state = torch.get_rng_state()
     guide._weighs_the_whole_posterior("diagnose", (data,), {})
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_model_that_masks_entries_of_a_latent_is_warned_about_at_set_up():
+    # obs_mask: the guide draws 'y_unobserved' whole, and its observed entries have no
+    # density in the model; their spread grew without bound and, through the flow,
+    # threw the other latents off early on. The only word of it came from the warm
+    # start's importance draws (five times), and none at all with warm_start=None
+    y = torch.tensor([0.3, -1.2, 2.0, 0.5, 1.1, 0.9])
+    seen = torch.tensor([True, True, False, True, False, True])
+
+    def model(y, seen):
+        mu = pyro.sample("mu", dist.Normal(0.0, 3.0))
+        with pyro.plate("rows", len(y)):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y, obs_mask=seen)
+
+    for warm_start in ("laplace", None):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            AutoFlow(model, warm_start=warm_start)(y, seen)
+        told = [str(w.message) for w in caught if "masks entries" in str(w.message)]
+        assert len(told) == 1, told
+        assert "'y_unobserved'" in told[0]
+        assert "a latent site of its own for the missing values" in told[0]
+
+    def prior_by_a_factor():  # Pyro's idiom: .mask(False) and a factor, no warning
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).mask(False))
+        pyro.factor("prior", dist.Normal(0.0, 1.0).log_prob(z))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor(0.5))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AutoFlow(prior_by_a_factor)()

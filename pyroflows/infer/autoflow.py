@@ -786,8 +786,11 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             )
 
         # (a whole site masked, .mask(False), is the idiom of a prior given by a factor)
+        # and diagnostics' test of an entry masked out, not a mask broadcast over it
         masked = [
-            name for name, site in self.prototype_trace.iter_stochastic_nodes() if partly(site)
+            name
+            for name, site in self.prototype_trace.iter_stochastic_nodes()
+            if partly(site) and diagnostics._masked(site)
         ]
         if masked:
             warn_from_caller(

@@ -1310,3 +1310,14 @@ def test_a_model_that_masks_entries_of_a_latent_is_warned_about_at_set_up():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         AutoFlow(prior_by_a_factor)()
+
+    def whole_model_masked(y, seen):  # a mask over the rows, broadcast over mu: no entry
+        with pyro.poutine.mask(mask=seen):  # of mu is masked out
+            mu = pyro.sample("mu", dist.Normal(0.0, 3.0))
+            with pyro.plate("rows", len(y)):
+                pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        AutoFlow(whole_model_masked, warm_start=None)(y, seen)
+    assert not [w for w in caught if "masks entries" in str(w.message)]

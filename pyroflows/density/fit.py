@@ -476,7 +476,9 @@ def fit(
     process must then call ``fit`` with the same data and options (checked before the
     first epoch: a process that differs is named). The script should end with
     ``torch.distributed.destroy_process_group()``, as the command line does: a group still
-    alive when Python exits can abort the process. ``distributed=False`` fits in this
+    alive when Python exits can abort the process (and a script that makes the group
+    itself should ``import torch._dynamo`` first: imported while a group exists, it keeps
+    the group alive past its destruction, seen with torch 2.13). ``distributed=False`` fits in this
     process alone, whatever the environment: for a fit of each process's own data, or
     one made by rank 0 alone (the others would not join it, and the fit would wait for
     them).

@@ -156,6 +156,7 @@ def test_processes_given_other_fits_are_refused_and_distributed_false_fits_each_
             import pyroflows
             from pyroflows.density import FlowDensity, fit
 
+            import torch._dynamo  # before the group: see pyroflows.density.distributed.setup
             rank = int(os.environ["RANK"])
             dist.init_process_group("gloo")
             mine = np.random.default_rng(rank).normal(size=(200, 2)) * (1 + 3 * rank)

@@ -41,18 +41,48 @@ def setup(device: torch.device, enabled: bool = True) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def disagreeing(values: list[float], device: torch.device) -> list[int]:
-    """The ranks whose ``values`` differ from rank 0's (``[]`` when alone, or all agree).
+def backend() -> str | None:
+    """The process group's backend (``"gloo"``, ``"nccl"``), or ``None`` alone."""
+    if dist.is_available() and dist.is_initialized():
+        return str(dist.get_backend())
+    return None
 
-    Every rank gets the same answer, so all of them can raise, none left waiting.
+
+def _for_group(device: torch.device) -> torch.device:
+    """Where the group's collectives take their tensors: this GPU for nccl, else ``device``.
+
+    nccl reduces CUDA tensors only: the small tensors of these helpers go to the GPU, so
+    that a CPU flow in an nccl group reaches ``fit``'s refusal, which says what to do.
+    """
+    if (
+        dist.is_available()
+        and dist.is_initialized()
+        and dist.get_backend() == "nccl"
+        and device.type != "cuda"
+    ):
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def disagreeing(exact: list[float], close: list[float], device: torch.device) -> list[int]:
+    """The ranks whose values differ from rank 0's (``[]`` when alone, or all agree).
+
+    ``exact`` must be equal (counts, seeds, digests); ``close`` equal up to a relative
+    ``1e-9`` (sums of the data, which another device may round otherwise). Every rank
+    gets the same answer, so all of them can raise, none left waiting.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return []
-    mine = torch.tensor(values, dtype=torch.float64, device=device)
+    device = _for_group(device)
+    mine = torch.tensor([*exact, *close], dtype=torch.float64, device=device)
     theirs = mine.clone()
     dist.broadcast(theirs, src=0)
+    n = len(exact)
+    same = torch.equal(mine[:n], theirs[:n]) and bool(
+        torch.isclose(mine[n:], theirs[n:], rtol=1e-9, atol=0.0).all()
+    )
     flags = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=device)
-    flags[dist.get_rank()] = float(not torch.equal(mine, theirs))
+    flags[dist.get_rank()] = float(not same)
     dist.all_reduce(flags)
     return [rank for rank, flag in enumerate(flags.tolist()) if flag > 0]
 
@@ -66,7 +96,7 @@ def sum_all(values: list[float], device: torch.device) -> list[float]:
     """Sum ``values`` over every rank (float64); the values themselves when alone."""
     if not (dist.is_available() and dist.is_initialized()):
         return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    tensor = torch.tensor(values, dtype=torch.float64, device=_for_group(device))
     dist.all_reduce(tensor)
     return tensor.tolist()
 
@@ -75,7 +105,7 @@ class PendingFlags:
     """Flags being or-ed over every rank in the background; :meth:`wait` gives them."""
 
     def __init__(self, flags: list[bool], device: torch.device) -> None:
-        self._tensor = torch.tensor([float(f) for f in flags], device=device)
+        self._tensor = torch.tensor([float(f) for f in flags], device=_for_group(device))
         self._work = None
         if dist.is_available() and dist.is_initialized():
             self._work = dist.all_reduce(self._tensor, async_op=True)
@@ -91,7 +121,7 @@ def broadcast_int(value: int, device: torch.device) -> int:
     """Rank 0's ``value`` on every rank (``value`` itself when alone)."""
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    tensor = torch.tensor([value], dtype=torch.int64, device=_for_group(device))
     dist.broadcast(tensor, src=0)
     return int(tensor.item())
 

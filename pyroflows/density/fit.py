@@ -334,10 +334,9 @@ def _check_ranks_agree(
     described = repr((sorted(options.items()), architecture)).encode()
     digest = int.from_bytes(hashlib.blake2b(described, digest_size=6).digest(), "big")
     rows, dim, batch_size, total = fingerprint
-    held = held_out[:2] if held_out is not None else [-1, math.nan]
-    values = [rows, dim, batch_size, total, held[0], held[1], seed % 2**52, digest]
-    values = [0.0 if isinstance(v, float) and math.isnan(v) else float(v) for v in values]
-    others = parallel.disagreeing(values, device)
+    held_rows, held_total = held_out[:2] if held_out is not None else (-1, 0.0)
+    exact = [float(v) for v in (rows, dim, batch_size, held_rows, seed % 2**52, digest)]
+    others = parallel.disagreeing(exact, [float(total), float(held_total)], device)
     if others:
         raise ValueError(
             f"fit: this fit is data-parallel (torchrun, or the script's process group), and "
@@ -476,12 +475,12 @@ def fit(
     process must then call ``fit`` with the same data and options (checked before the
     first epoch: a process that differs is named). The script should end with
     ``torch.distributed.destroy_process_group()``, as the command line does: a group still
-    alive when Python exits can abort the process (and a script that makes the group
-    itself should ``import torch._dynamo`` first: imported while a group exists, it keeps
-    the group alive past its destruction, seen with torch 2.13). ``distributed=False`` fits in this
-    process alone, whatever the environment: for a fit of each process's own data, or
-    one made by rank 0 alone (the others would not join it, and the fit would wait for
-    them).
+    alive when Python exits can abort the process. A script that makes the group itself
+    should ``import torch._dynamo`` before it: imported while a group exists, it keeps the
+    group alive past its destruction (seen with torch 2.13). ``distributed=False`` fits in
+    this process alone, whatever the environment: for a fit of each process's own data,
+    or one made by rank 0 alone (the others would not join it, and the fit would wait
+    for them).
 
     Args:
         flow: an unconditional :class:`~pyroflows.Flow` of size ``D``.
@@ -599,6 +598,12 @@ def fit(
 
     like = flow.base_loc
     rank, world = parallel.setup(like.device, check_bool(distributed, "distributed"))
+    if world > 1 and like.device.type != "cuda" and parallel.backend() == "nccl":
+        raise ValueError(
+            f"fit: the process group is nccl, which reduces CUDA tensors only, and this flow "
+            f"is on the {like.device.type}: move the flow (and the data) to this process's "
+            f"GPU, or pass distributed=False to fit in this process alone"
+        )
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str, got {name!r}")
     source = as_source(data, name, like, flow.dim, fitting=True)

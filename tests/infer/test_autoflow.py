@@ -1321,3 +1321,24 @@ def test_a_model_that_masks_entries_of_a_latent_is_warned_about_at_set_up():
         warnings.simplefilter("always")
         AutoFlow(whole_model_masked, warm_start=None)(y, seen)
     assert not [w for w in caught if "masks entries" in str(w.message)]
+
+
+def test_diagnostics_with_the_observed_data_left_out_name_the_site():
+    # y=None (Predictive's way) left out by mistake: the model draws y, and the warning
+    # spoke of sites hidden with poutine.block and of AutoGuideList
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("rows", len(x)):
+            pyro.sample("y", dist.Normal(w * x, 0.5), obs=y)
+
+    x = torch.linspace(-1.0, 1.0, 10)
+    guide = AutoFlow(model)
+    guide(x, 0.5 * x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        guide.diagnose(x, num_samples=50)
+    told = [str(w.message) for w in caught if str(w.message).startswith("AutoFlow.diagnose")]
+    assert len(told) == 1, told
+    assert "draws latent site(s) 'y', which this guide does not" in told[0]
+    assert "pass the data" in told[0]
+    assert "poutine.block" not in told[0]

@@ -724,10 +724,11 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                 loc, scale_tril.to(loc.device), self.learn_linear, self._latent_sites()[1]
             )
             self.anchor = "init"
+            self._cold_start = True  # until a warm start (or a loaded store) sets it
             self._arg_shapes = {_shapes_of(args, kwargs): None}  # calls whose latents fit
             _, adopted = self._mirror_store()
             if adopted:
-                self.anchor = "param store"
+                self.anchor, self._cold_start = "param store", False
             elif self.warm_start == "laplace":
                 self._laplace_warm_start(args, kwargs)
         except BaseException:
@@ -1225,6 +1226,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         # ties (all -inf, say) go to the candidate nearest the plain init_scale start
         best = max(range(len(candidates)), key=lambda i: (elbos[i], -abs(i - self._GRID_HOME)))
         self.anchor, loc_best, scale_tril_best = candidates[best]
+        self._cold_start = False  # a start chosen by ELBO, the plain one ("init") too
         self.linear.set_anchor(loc_best, scale_tril_best)
 
     #: the plain start's scale is searched over init_scale * 10 ** k for these k

@@ -214,16 +214,17 @@ def remedy_for(guide: Any) -> str | None:
     """The advice :func:`verdict` gives for ``guide`` when it misses mass.
 
     An :class:`~pyroflows.infer.AutoFlow` is told what it can still change: more draws
-    per step, and ``estimator='stl'`` unless it already uses it; one that started cold
-    (``anchor == "init"``), to warm-start it first. For any other guide this returns
-    ``None``, and the verdict gives :data:`GENERIC_REMEDY`.
+    per step, and ``estimator='stl'`` unless it already uses it; one whose warm start
+    did not run (``warm_start=None``, a first call that subsampled), to warm-start it.
+    For any other guide this returns ``None``, and the verdict gives
+    :data:`GENERIC_REMEDY`.
     """
     from pyroflows.infer.autoflow import AutoFlow  # autoflow imports this module
 
     if not isinstance(guide, AutoFlow):
         return None
     cold = ""
-    if guide.anchor == "init":  # no Laplace warm start: a flow then settles slowly
+    if getattr(guide, "_cold_start", False):  # no warm start ran: a flow settles slowly
         cold = (
             "this AutoFlow started cold (warm_start=None, or its first call subsampled the "
             "data or hid latent sites), and a cold flow can take thousands of steps to "

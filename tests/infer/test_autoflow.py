@@ -203,11 +203,18 @@ def test_laplace_warm_start_is_exact_for_a_gaussian():
 
 
 def test_laplace_warm_start_keeps_the_plain_start_on_a_funnel():
+    from pyroflows.infer.diagnostics import remedy_for
+
     guide = AutoFlow(funnel_model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         guide()
     assert guide.anchor == "init"
+    # the plain start, chosen by ELBO: warm-started, so not told to warm-start it
+    assert "started cold" not in remedy_for(guide)
+    cold = AutoFlow(funnel_model, warm_start=None)
+    cold()
+    assert "started cold" in remedy_for(cold)
 
 
 def test_warm_start_picks_the_plain_scale_with_the_best_elbo():

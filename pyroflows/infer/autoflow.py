@@ -67,7 +67,7 @@ from pyro.nn.module import _make_name
 from pyro.params.param_store import param_with_module_name
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.trace_messenger import TraceMessenger
-from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.poutine.util import prune_subsample_sites
 from torch import nn
 from torch.distributions import ComposeTransform, biject_to
 from torch.nn import functional as F
@@ -1374,20 +1374,13 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             trace = self._model_trace(args, kwargs)
         mine = {name for name, _ in self.prototype_trace.iter_stochastic_nodes()}
-        drawn = [
-            repr(name)
-            for name, site in trace.nodes.items()
-            if site["type"] == "sample"
-            and not site["is_observed"]
-            and not site_is_subsample(site)
-            and name not in mine
-        ]
+        drawn = diagnostics._undrawn_latents(trace, mine)
         if drawn:  # visible to this guide's model, so not hidden by poutine.block
             warn_from_caller(
                 f"AutoFlow.{what}: with these arguments the model draws latent site(s) "
-                f"{', '.join(drawn)}, which this guide does not: observed data left out of "
-                "the arguments (a site given None, as for Predictive) is drawn so, and "
-                "weights that draw the data say nothing of the fit: pass the data"
+                f"{', '.join(map(repr, drawn))}, which this guide does not: observed data "
+                "left out of the arguments (a site given None, as for Predictive) is drawn "
+                "so, and weights that draw the data say nothing of the fit: pass the data"
             )
         else:
             warn_from_caller(

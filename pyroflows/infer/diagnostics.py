@@ -469,6 +469,18 @@ def _latent_names(model_trace, guide_trace) -> list[str]:
     ]
 
 
+def _undrawn_latents(model_trace, drawn) -> list[str]:
+    """The model's latent sites (not a plate's index draw) whose names are not in ``drawn``."""
+    return [
+        name
+        for name, site in model_trace.nodes.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and not site_is_subsample(site)
+        and name not in drawn
+    ]
+
+
 def _guide_sites(guide_trace) -> list[str]:
     """The guide's own draws (latent and auxiliary), which fix one joint draw."""
     return [
@@ -1156,15 +1168,8 @@ def _batch_agrees(
         except _NOT_BROADCAST:
             return False
         if s == 0 and not torch.isclose(single, again, rtol=1e-6, atol=1e-6, equal_nan=True):
-            undrawn = [
-                repr(name)
-                for name, site in trace.nodes.items()
-                if site["type"] == "sample"
-                and not site["is_observed"]
-                and not site_is_subsample(site)
-                and name not in values
-            ]
-            which = f" ({', '.join(undrawn)})" if undrawn else ""
+            undrawn = _undrawn_latents(trace, values)
+            which = f" ({', '.join(map(repr, undrawn))})" if undrawn else ""
             warn_from_caller(
                 "the model's log density at one draw of the guide changes from run to run: "
                 f"it draws latent sites the guide does not set{which}, from their prior, so "

@@ -15,13 +15,21 @@ FIT = ["--flow", "maf", "--transforms", "2", "--hidden", "16", "--epochs", "15",
 FIT += ["--patience", "100", "--batch-size", "128", "--checkpoint-every", "5"]
 
 
+LAUNCHER = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
 def pyroflows(*args, cwd, processes: int = 1) -> subprocess.CompletedProcess:
     if processes == 1:
         command = [sys.executable, "-m", "pyroflows", *map(str, args)]
     else:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        command = [*launcher, f"--nproc_per_node={processes}", "-m", "pyroflows"]
+        command = [*LAUNCHER, f"--nproc_per_node={processes}", "-m", "pyroflows"]
         command += list(map(str, args))
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def torchrun(script, cwd) -> subprocess.CompletedProcess:
+    """``script`` run by two gloo processes under torchrun."""
+    command = [*LAUNCHER, "--nproc_per_node=2", str(script)]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
@@ -84,14 +92,7 @@ def test_the_command_line_tears_down_its_process_group_before_exit(data):
             """
         )
     )
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    result = subprocess.run(
-        [*launcher, "--nproc_per_node=2", str(script)],
-        cwd=data,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = torchrun(script, cwd=data)
     assert result.returncode == 0, result.stderr
     for rank in (0, 1):
         assert (data / f"threads{rank}.txt").read_text() == "exit 0 gloo threads 0"
@@ -181,14 +182,7 @@ def test_processes_given_other_fits_are_refused_and_distributed_false_fits_each_
             """
         )
     )
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    result = subprocess.run(
-        [*launcher, "--nproc_per_node=2", str(script)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = torchrun(script, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     import json
 

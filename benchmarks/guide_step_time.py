@@ -1,0 +1,133 @@
+"""Time per SVI step of AutoFlow against Pyro's AutoIAFNormal, interleaved in one process.
+
+``posterior_quality.py`` reports each fit's CPU time per step, but its fits run in two
+worker processes beside whatever job the other worker has, and that neighbour moves a
+guide's time by a third from one run to the next (eight schools' ``AutoIAFNormal`` took
+3.4 ms a step in one run and 4.8 ms in another). This script measures the ratio the
+issue's target is about under the same conditions for both guides: for each posteriordb
+posterior it sets up ``AutoIAFNormal`` (Pyro's defaults) and ``AutoFlow`` (ours, with its
+defaults) on one torch thread in float64, takes 50 steps of each, then alternates
+``--reps`` rounds of ``--steps`` steps of each guide (the same optimiser as the quality
+benchmark), and reports the median over rounds of the CPU ms per step and their ratio.
+
+Run::
+
+    python benchmarks/guide_step_time.py --posteriordb ../shared/posteriordb
+
+Writes ``benchmarks/results/guide_step_time.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import posteriors  # noqa: E402
+
+GUIDES = ("AutoIAFNormal", "AutoFlow")
+
+
+def make(name: str, model):
+    """The guide ``name`` for ``model``, as a user builds it."""
+    from pyro.infer.autoguide import AutoIAFNormal
+
+    from pyroflows.infer import AutoFlow
+
+    return AutoIAFNormal(model) if name == "AutoIAFNormal" else AutoFlow(model)
+
+
+def time_posterior(name: str, root: str, steps: int, reps: int) -> dict:
+    """Median CPU ms per step of each guide on posterior ``name``, rounds interleaved."""
+    import pyro
+    from pyro.infer import SVI, Trace_ELBO
+
+    post = posteriors.load(name, root)
+    pyro.clear_param_store()  # the two guides' parameters have different names
+    svis = {}
+    for guide in GUIDES:
+        pyro.set_rng_seed(0)
+        optim = pyro.optim.ClippedAdam({"lr": 0.01, "clip_norm": 10.0})
+        svis[guide] = SVI(post.model, make(guide, post.model), optim, Trace_ELBO())
+        for _ in range(50):  # set-up (AutoFlow's warm start) and warm-up, not timed
+            svis[guide].step()
+    times: dict[str, list[float]] = {guide: [] for guide in GUIDES}
+    for _ in range(reps):
+        for guide, svi in svis.items():
+            start = time.process_time()
+            for _ in range(steps):
+                svi.step()
+            times[guide].append(1000 * (time.process_time() - start) / steps)
+    ms = {guide: statistics.median(v) for guide, v in times.items()}
+    return {
+        "posterior": name,
+        "dim": post.dim,
+        "ms_per_step": ms,
+        "rounds": times,
+        "ratio": ms["AutoFlow"] / ms["AutoIAFNormal"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--posteriordb", default="../shared/posteriordb")
+    parser.add_argument("--steps", type=int, default=100, help="steps per round")
+    parser.add_argument("--reps", type=int, default=15, help="rounds per guide")
+    parser.add_argument("--only", nargs="+", choices=posteriors.NAMES)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "guide_step_time"))
+    args = parser.parse_args()
+    for flag in ("steps", "reps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+
+    import pyro
+    import torch
+
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    warnings.simplefilter("ignore")
+    rows = []
+    for name in args.only or posteriors.NAMES:
+        row = time_posterior(name, args.posteriordb, args.steps, args.reps)
+        rows.append(row)
+        ms = row["ms_per_step"]
+        print(
+            f"{name:40s} IAF {ms['AutoIAFNormal']:.2f} ms  AutoFlow {ms['AutoFlow']:.2f} ms  "
+            f"{row['ratio']:.2f}x",
+            flush=True,
+        )
+    lines = [
+        "# Time per SVI step: AutoFlow against AutoIAFNormal, interleaved in one process",
+        "",
+        f"Median over {args.reps} alternating rounds of {args.steps} steps (after 50 untimed), "
+        "CPU ms per step, 1 torch thread, float64, ClippedAdam, Trace_ELBO 1 particle.",
+        "",
+        "| posterior | D | AutoIAFNormal ms | AutoFlow ms | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ms = r["ms_per_step"]
+        lines.append(
+            f"| {r['posterior']} | {r['dim']} | {ms['AutoIAFNormal']:.2f} | "
+            f"{ms['AutoFlow']:.2f} | {r['ratio']:.2f}x |"
+        )
+    lines += [
+        "",
+        f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}; "
+        f"pyro {pyro.__version__}, torch {torch.__version__}.",
+    ]
+    out = Path(args.out)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

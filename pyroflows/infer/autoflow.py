@@ -392,11 +392,11 @@ class AnchoredLinear(FlowTransform):
             self.register_buffer("latent_sites", latent_sites.to(loc.device))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # a state saved before the fingerprint existed: this layer's own is kept; and
-        # a layer unpickled from before it existed takes the state's
         skew = prefix + "skew"
         if skew not in state_dict and self.learn_skew:  # saved before the skew existed
             state_dict[skew] = torch.zeros_like(self.skew)
+        # a state saved before the fingerprint existed: this layer's own is kept; and
+        # a layer unpickled from before it existed takes the state's
         key = prefix + "latent_sites"
         if key not in state_dict and "latent_sites" in self._buffers:
             state_dict[key] = self._buffers["latent_sites"]
@@ -437,20 +437,31 @@ class AnchoredLinear(FlowTransform):
             log_det = log_det + self.lu.diagonal().sum()
         return log_det.expand(shape)
 
+    @staticmethod
+    def _skew_log_det(u, root, cosh, sinh) -> torch.Tensor:
+        r""":math:`\sum_i \log(\cosh a_i + \sinh a_i\, u_i / r_i)`, :math:`r = \sqrt{1 + u^2}`."""
+        return torch.log(cosh + (u / root) * sinh).sum(-1)
+
     def _skewed(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r""":math:`S(u) = u\cosh a + \sqrt{1 + u^2}\sinh a` and its log-det."""
         cosh, sinh = torch.cosh(self.skew), torch.sinh(self.skew)
         root = torch.sqrt(1 + u * u)
-        y = u * cosh + root * sinh
-        return y, torch.log(cosh + (u / root) * sinh).sum(-1)
+        return u * cosh + root * sinh, self._skew_log_det(u, root, cosh, sinh)
 
-    def _unskewed(self, y: torch.Tensor) -> torch.Tensor:
-        r""":math:`S^{-1}(y) = y\cosh a - \sqrt{1 + y^2}\sinh a`."""
-        return y * torch.cosh(self.skew) - torch.sqrt(1 + y * y) * torch.sinh(self.skew)
+    def _unskewed(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r""":math:`u = S^{-1}(y) = y\cosh a - \sqrt{1 + y^2}\sinh a` and :math:`S`'s log-det.
+
+        The log-det is taken at :math:`u` by the same operations as :meth:`_skewed`'s.
+        """
+        cosh, sinh = torch.cosh(self.skew), torch.sinh(self.skew)
+        u = y * cosh - torch.sqrt(1 + y * y) * sinh
+        return u, self._skew_log_det(u, torch.sqrt(1 + u * u), cosh, sinh)
 
     def _log_abs_det(self, u, x, context):
         if self.learn_skew:
-            return self._skewed(u)[1] + self._linear_log_abs_det(u.shape[:-1])
+            cosh, sinh = torch.cosh(self.skew), torch.sinh(self.skew)
+            skew = self._skew_log_det(u, torch.sqrt(1 + u * u), cosh, sinh)
+            return skew + self._linear_log_abs_det(u.shape[:-1])
         return self._linear_log_abs_det(u.shape[:-1])
 
     def _forward(self, u, context):
@@ -470,8 +481,9 @@ class AnchoredLinear(FlowTransform):
             y = torch.linalg.solve_triangular(upper, y, upper=True)
         u = y.T.reshape(x.shape)
         if self.learn_skew:
-            u = self._unskewed(u)
-        return u, self._log_abs_det(u, x, context)
+            u, log_det = self._unskewed(u)
+            return u, log_det + self._linear_log_abs_det(u.shape[:-1])
+        return u, self._linear_log_abs_det(u.shape[:-1])
 
 
 def _traced() -> bool:

@@ -10,11 +10,13 @@ defaults) on one torch thread in float64, takes 50 steps of each, then alternate
 ``--reps`` rounds of ``--steps`` steps of each guide (built by the quality benchmark's
 ``make_guide``; its ``ClippedAdam(clip_norm=10)`` at lr 0.01, without the decay, which
 does not change a step's cost), and reports the median over rounds of the CPU ms per
-step and their ratio.
+step and their ratio. ``--guides`` times other guides of the quality benchmark in the
+same rounds (each against the same ``AutoIAFNormal``), such as ``AutoFlow-iaf+stl``.
 
 Run::
 
     python benchmarks/guide_step_time.py --posteriordb ../shared/posteriordb
+    python benchmarks/guide_step_time.py --guides AutoFlow AutoFlow-iaf+stl --out /tmp/t
 
 Writes ``benchmarks/results/guide_step_time.{json,md}``.
 """
@@ -33,40 +35,45 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import posteriors  # noqa: E402
-from posterior_quality import make_guide  # noqa: E402
+from posterior_quality import check_guide_name, make_guide  # noqa: E402
 
-#: the names of the report, and the names ``make_guide`` builds them by
-GUIDES = {"AutoIAFNormal": "IAF", "AutoFlow": "AutoFlow"}
+#: the reference every ratio is taken against, and the name ``make_guide`` builds it by
+REFERENCE = ("AutoIAFNormal", "IAF")
 
 
-def time_posterior(name: str, root: str, steps: int, reps: int) -> dict:
+def time_posterior(name: str, root: str, steps: int, reps: int, guides=("AutoFlow",)) -> dict:
     """Median CPU ms per step of each guide on posterior ``name``, rounds interleaved."""
     import pyro
     from pyro.infer import SVI, Trace_ELBO
 
     post = posteriors.load(name, root)
-    pyro.clear_param_store()  # the two guides' parameters have different names
-    svis = {}
-    for guide, spec in GUIDES.items():
-        pyro.set_rng_seed(0)
-        optim = pyro.optim.ClippedAdam({"lr": 0.01, "clip_norm": 10.0})
-        svis[guide] = SVI(post.model, make_guide(spec, post.model, post.dim), optim, Trace_ELBO())
-        for _ in range(50):  # set-up (AutoFlow's warm start) and warm-up, not timed
-            svis[guide].step()
-    times: dict[str, list[float]] = {guide: [] for guide in GUIDES}
+    specs = dict([REFERENCE, *((g, g) for g in guides)])
+    store = pyro.get_param_store()
+    svis, scopes = {}, {}
+    for guide, spec in specs.items():
+        # a param store per guide: two AutoFlows would share their parameters' names
+        with store.scope() as scopes[guide]:
+            pyro.set_rng_seed(0)
+            optim = pyro.optim.ClippedAdam({"lr": 0.01, "clip_norm": 10.0})
+            model, built = post.model, make_guide(spec, post.model, post.dim)
+            svis[guide] = SVI(model, built, optim, Trace_ELBO())
+            for _ in range(50):  # set-up (AutoFlow's warm start) and warm-up, not timed
+                svis[guide].step()
+    times: dict[str, list[float]] = {guide: [] for guide in specs}
     for _ in range(reps):
         for guide, svi in svis.items():
-            start = time.process_time()
-            for _ in range(steps):
-                svi.step()
-            times[guide].append(1000 * (time.process_time() - start) / steps)
+            with store.scope(scopes[guide]):
+                start = time.process_time()
+                for _ in range(steps):
+                    svi.step()
+                times[guide].append(1000 * (time.process_time() - start) / steps)
     ms = {guide: statistics.median(v) for guide, v in times.items()}
     return {
         "posterior": name,
         "dim": post.dim,
         "ms_per_step": ms,
         "rounds": times,
-        "ratio": ms["AutoFlow"] / ms["AutoIAFNormal"],
+        "ratio": {g: ms[g] / ms[REFERENCE[0]] for g in guides},
     }
 
 
@@ -76,11 +83,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="steps per round")
     parser.add_argument("--reps", type=int, default=15, help="rounds per guide")
     parser.add_argument("--only", nargs="+", choices=posteriors.NAMES)
+    parser.add_argument(
+        "--guides",
+        nargs="+",
+        default=["AutoFlow"],
+        help="guides of posterior_quality.py to time against AutoIAFNormal",
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "guide_step_time"))
     args = parser.parse_args()
     for flag in ("steps", "reps"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    for guide in args.guides:
+        try:
+            check_guide_name(guide)
+        except ValueError as error:
+            parser.error(f"--guides: {error}")
 
     import pyro
     import torch
@@ -90,29 +108,26 @@ def main() -> None:
     warnings.simplefilter("ignore")
     rows = []
     for name in args.only or posteriors.NAMES:
-        row = time_posterior(name, args.posteriordb, args.steps, args.reps)
+        row = time_posterior(name, args.posteriordb, args.steps, args.reps, args.guides)
         rows.append(row)
         ms = row["ms_per_step"]
-        print(
-            f"{name:40s} IAF {ms['AutoIAFNormal']:.2f} ms  AutoFlow {ms['AutoFlow']:.2f} ms  "
-            f"{row['ratio']:.2f}x",
-            flush=True,
-        )
+        times = "  ".join(f"{g} {ms[g]:.2f} ms ({row['ratio'][g]:.2f}x)" for g in args.guides)
+        print(f"{name:40s} IAF {ms[REFERENCE[0]]:.2f} ms  {times}", flush=True)
+    heads = " | ".join(f"{g} ms | ratio" for g in args.guides)
     lines = [
-        "# Time per SVI step: AutoFlow against AutoIAFNormal, interleaved in one process",
+        f"# Time per SVI step: {', '.join(args.guides)} against AutoIAFNormal, interleaved "
+        "in one process",
         "",
         f"Median over {args.reps} alternating rounds of {args.steps} steps (after 50 untimed), "
         "CPU ms per step, 1 torch thread, float64, ClippedAdam, Trace_ELBO 1 particle.",
         "",
-        "| posterior | D | AutoIAFNormal ms | AutoFlow ms | ratio |",
-        "|---|---|---|---|---|",
+        f"| posterior | D | AutoIAFNormal ms | {heads} |",
+        "|---|---|---|" + "---|---|" * len(args.guides),
     ]
     for r in rows:
         ms = r["ms_per_step"]
-        lines.append(
-            f"| {r['posterior']} | {r['dim']} | {ms['AutoIAFNormal']:.2f} | "
-            f"{ms['AutoFlow']:.2f} | {r['ratio']:.2f}x |"
-        )
+        cells = " | ".join(f"{ms[g]:.2f} | {r['ratio'][g]:.2f}x" for g in args.guides)
+        lines.append(f"| {r['posterior']} | {r['dim']} | {ms[REFERENCE[0]]:.2f} | {cells} |")
     lines += [
         "",
         f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}; "

@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import posteriors  # noqa: E402
-from posterior_quality import check_guide_name, make_guide  # noqa: E402
+from posterior_quality import check_guide_names, make_guide  # noqa: E402
 
 #: the reference every ratio is taken against, and the name ``make_guide`` builds it by
 REFERENCE = ("AutoIAFNormal", "IAF")
@@ -94,11 +94,7 @@ def main() -> None:
     for flag in ("steps", "reps"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    for guide in args.guides:
-        try:
-            check_guide_name(guide)
-        except ValueError as error:
-            parser.error(f"--guides: {error}")
+    check_guide_names(parser, args.guides)
 
     import pyro
     import torch

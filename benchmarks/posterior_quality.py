@@ -95,6 +95,15 @@ def check_guide_name(name: str) -> str:
     )
 
 
+def check_guide_names(parser: argparse.ArgumentParser, guides: list[str]) -> None:
+    """Exit through ``parser.error`` naming ``--guides`` if any name is unknown."""
+    for guide in guides:
+        try:
+            check_guide_name(guide)
+        except ValueError as error:
+            parser.error(f"--guides: {error}")
+
+
 def _mvn_from_anchor(model):
     """Pyro's ``AutoMultivariateNormal`` set to AutoFlow's starting Gaussian."""
     import pyro
@@ -459,11 +468,7 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("steps", "particles", "draws", "psis_draws", "seeds", "workers"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    for guide in args.guides:
-        try:
-            check_guide_name(guide)
-        except ValueError as error:
-            parser.error(f"--guides: {error}")
+    check_guide_names(parser, args.guides)
     root = Path(args.posteriordb)
     if not root.is_dir():
         parser.error(f"--posteriordb {root} is not a directory")

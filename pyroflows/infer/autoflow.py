@@ -641,7 +641,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             to 0.45.
         learn_skew: learn a skew of each coordinate after the flow (:math:`S` above;
             ``D`` numbers, an elementwise map: about 0.5 ms more per SVI step; with it
-            the guide's step is 1.12-1.27x ``AutoIAFNormal``'s on posteriordb,
+            the guide's step is 1.12-1.36x ``AutoIAFNormal``'s on posteriordb (two runs),
             ``benchmarks/guide_step_time.py``). On by default: an affine IAF draws each
             latent given the ones before it as a Gaussian, and a latent drawn early
             cannot be skewed. On eight schools, whose :math:`\log\tau` is left-skewed,

@@ -633,12 +633,13 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             longer has mean zero, and the gradient is biased.
         learn_linear: also learn a full-rank linear map after the flow (an LU-factorized
             :math:`D \times D` matrix). Off by default: the anchor already carries the
-            Laplace correlations, and on posteriordb (3 seeds,
-            ``benchmarks/results/posterior_quality_lu_ablation.md``) the learnt map made
-            two posteriors worse and the others about level (within the seeds' spread):
-            eight schools diverged on one seed (one draw's loss of 1.6e6 at step 2907
-            threw the map off), and the GP regression's smallest sd ratio fell from 0.57
-            to 0.45.
+            Laplace correlations, and on posteriordb (3 seeds, without the skew
+            ``benchmarks/results/posterior_quality_lu_ablation.md``, with it
+            ``..._lu_ablation_skew.md``) the learnt map made two posteriors worse and
+            the others about level (within the seeds' spread): eight schools diverged
+            on seed 2 in both runs (without the skew one draw's loss of 1.6e6 at step
+            2907 threw the map off), and the GP regression's smallest sd ratio fell
+            from 0.57 to 0.45 (without the skew) and from 0.62 to 0.44 (with it).
         learn_skew: learn a skew of each coordinate after the flow (:math:`S` above;
             ``D`` numbers, an elementwise map: about 0.5 ms more per SVI step; with it
             the guide's step is 1.12-1.36x ``AutoIAFNormal``'s on posteriordb (two runs),

@@ -55,6 +55,19 @@ def test_guide_examples_run(script):
     assert "AutoFlow" in out
 
 
+def test_mixture_example_sums_the_assignments_out():
+    out = example("mixture.py", "--steps", "700", "--draws", "200")  # fitted enough
+    elbo = {
+        line.split("|")[0].strip(): float(re.search(r"ELBO (-?[0-9.]+)", line).group(1))
+        for line in out.splitlines()
+        if "| k-hat" in line
+    }
+    assert set(elbo) == {"whole model", "blocked model"}
+    # summed out, the weights are log p(x, z) with every assignment counted; drawn from
+    # the prior, each draw's assignments miss most points
+    assert elbo["whole model"] > elbo["blocked model"] + 50
+
+
 def test_vae_example_runs():
     out = example("vae_digits.py", "--epochs", "2")
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}

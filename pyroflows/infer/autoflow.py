@@ -1467,6 +1467,13 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                 "so, and weights that draw the data say nothing of the fit: pass the data"
             )
         else:
+            summing = (
+                "pyroflows.infer.loo(model, guide, ...) cannot sum them out, but diagnose, "
+                "importance_resample and to_arviz can"
+                if what == "loo"
+                else f"pyroflows.infer.{what}(model, guide, ...), which sums out the sites "
+                "the model enumerates in parallel (config_enumerate)"
+            )
             warn_from_caller(
                 f"AutoFlow.{what}: the model draws random values with every latent site of "
                 "this guide fixed (sites hidden with poutine.block for another guide, or the "
@@ -1475,7 +1482,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                 "AutoGuideList) against the whole model instead. Discrete sites hidden for "
                 "TraceEnum_ELBO to sum out are drawn from their prior here, and k-hat reads "
                 "the noise of those draws, not the guide (whatever the verdict advises): "
-                "weigh the guide against a model with them summed out by hand"
+                f"weigh it against the whole model instead: {summing}"
             )
 
     def diagnose(self, *args: Any, num_samples: int = 2000, **kwargs: Any):

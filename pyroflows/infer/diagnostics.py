@@ -23,6 +23,17 @@ draws under the plate, up to 1024 draws a run, and only the model runs once a dr
 need the model's full likelihood and a guide with a density: a model that subsamples a
 plate, and a point-mass guide (``AutoDelta``), are refused.
 
+A discrete latent that the model enumerates in parallel (``infer={"enumerate":
+"parallel"}``, as ``config_enumerate`` sets for ``TraceEnum_ELBO``) and the guide does
+not draw is summed out of the weight, as the ELBO sums it out in training:
+
+.. math::
+    \log w_s = \log \sum_{c} p(x, z_s, c) - \log q(z_s),
+
+by Pyro's tensor contraction over the enumerated dims (``poutine.enum``), one model run
+per draw. Pointwise log-likelihoods (:func:`loo`, ``to_arviz``'s ``log_likelihood``
+group) are not computed for such a model.
+
 The same weights turn guide draws into leave-one-out cross-validation (:func:`loo`), and
 :func:`to_arviz` writes the pointwise log-likelihood that ArviZ's ``loo`` and ``waic``
 read.
@@ -42,6 +53,7 @@ import dataclasses
 import math
 import numbers
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +71,7 @@ from pyro.infer.autoguide import (
 )
 from pyro.infer.importance import vectorized_importance_weights
 from pyro.infer.util import plate_log_prob_sum
+from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.uncondition_messenger import UnconditionMessenger
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
@@ -505,8 +518,11 @@ def importance_draws(
     draws are scored again one at a time: when they disagree with the batch, every
     draw is scored one at a time.
 
-    A latent the model enumerates in training and the guide does not draw is drawn from
-    its prior, which is its proposal: its density cancels from the weight. A latent the
+    A discrete latent the model enumerates in parallel in training (``config_enumerate``)
+    and the guide does not draw is summed out of each weight: :math:`\log w_s = \log
+    \sum_c p(x, z_s, c) - \log q(z_s)`, one model run per draw. One the model enumerates
+    sequentially is drawn from its prior, which is its proposal: its density cancels
+    from the weight. A latent the
     model masks (``obs_mask``'s ``*_unobserved`` site, ``poutine.mask``) but the guide
     draws whole gets a ``UserWarning``: the masked entries have no density in the model
     unless a factor gives them one, and then the weights mean nothing.
@@ -527,7 +543,15 @@ def importance_draws(
 
 
 def _draws(
-    model, guide, args, kwargs, num_samples: int, deterministic: bool, observed=False, stacked=True
+    model,
+    guide,
+    args,
+    kwargs,
+    num_samples: int,
+    deterministic: bool,
+    observed=False,
+    stacked=True,
+    pointwise_for: str | None = None,
 ):
     """:func:`importance_draws`, with the model's ``pyro.deterministic`` sites if asked.
 
@@ -535,56 +559,73 @@ def _draws(
     :class:`_Pointwise` log-likelihood of the model's data sites at each draw, else None.
     With ``stacked`` (for callers that use ``samples``), a site that only some draws
     have (a model whose structure changes) is refused; without, it is left out of
-    ``samples``.
+    ``samples``. ``pointwise_for`` (a caller's name, with ``observed``): the caller needs
+    the pointwise log-likelihoods, so a model with sites to sum out is refused before
+    any draw.
     """
     check_positive_int(num_samples, "num_samples")
     with torch.no_grad(), poutine.block():
-        model = _as_proposed(model, guide, args, kwargs)
+        whole = model
+        model, drawn = _as_proposed(model, guide, args, kwargs)
         first = poutine.trace(model).get_trace(*args, **kwargs)
         nesting = _nesting(first)
         derived = _deterministic_names(first) if deterministic else []
         sites = _data_sites(first) if observed else {}
-
-        def run(size, shapes):
-            return _vectorized_draws(
-                model, guide, args, kwargs, size, nesting, first, shapes, derived, sites
+        summed = _summed_sites(first, drawn)
+        if summed and pointwise_for is not None:
+            raise ValueError(
+                f"{pointwise_for}: the model enumerates latent site(s) "
+                f"{', '.join(map(repr, sorted(summed)))} that the guide does not draw; the "
+                "weights sum them out, but the pointwise log-likelihood log p(y_i | z) with "
+                "them summed out is not computed here. Have the guide draw them, or compare "
+                "models by another criterion"
             )
-
-        def agrees(part) -> bool:
-            # the check's runs may draw (a model wrapped by an autoguide's init_loc_fn draws
-            # from the prior before the condition applies): seeded results stay as they were
-            with _rng_kept(part[0].device):
-                return _batch_agrees(model, guide, args, kwargs, *part, derived)
-
-        try:
-            shapes = _guide_shapes(guide, args, kwargs)  # once for all the chunks
-            # a few draws first, checked one at a time: a model that mixes the draws up
-            # shows it here, before a run of 256 can make (256, 256, n) tensors of it
-            trial = min(num_samples, _TRIAL)
-            parts = [run(trial, shapes)]
-            joined = parts[0]
-            batched = agrees(joined)
-            if batched and num_samples > trial:
-                parts += [run(size, shapes) for size in _chunks(num_samples - trial)]
-                joined = _joined(parts)
-                batched = agrees(joined)  # the first and the last of them all
-        except _OutsideSupport:
-            raise
-        except _NOT_BROADCAST:
-            # the model does not broadcast over a particle plate: one draw at a time
-            # (if that fails too, its error is the model's own, and it is raised: the
-            # particle-plate error above stays attached as its context)
-            log_w, samples, pointwise, partial = _sequential_draws(
-                model, guide, args, kwargs, num_samples, derived, sites, first
+        if summed:
+            log_w, samples, pointwise, partial = _summed_draws(
+                whole, guide, args, kwargs, num_samples, drawn, summed, first, derived, sites
             )
         else:
-            if batched:
-                log_w, _, samples, pointwise, _, _ = joined
-                partial = {}
-            else:
+
+            def run(size, shapes):
+                return _vectorized_draws(
+                    model, guide, args, kwargs, size, nesting, first, shapes, derived, sites
+                )
+
+            def agrees(part) -> bool:
+                # the check's runs may draw (a model wrapped by an autoguide's init_loc_fn draws
+                # from the prior before the condition applies): seeded results stay as they were
+                with _rng_kept(part[0].device):
+                    return _batch_agrees(model, guide, args, kwargs, *part, derived)
+
+            try:
+                shapes = _guide_shapes(guide, args, kwargs)  # once for all the chunks
+                # a few draws first, checked one at a time: a model that mixes the draws up
+                # shows it here, before a run of 256 can make (256, 256, n) tensors of it
+                trial = min(num_samples, _TRIAL)
+                parts = [run(trial, shapes)]
+                joined = parts[0]
+                batched = agrees(joined)
+                if batched and num_samples > trial:
+                    parts += [run(size, shapes) for size in _chunks(num_samples - trial)]
+                    joined = _joined(parts)
+                    batched = agrees(joined)  # the first and the last of them all
+            except _OutsideSupport:
+                raise
+            except _NOT_BROADCAST:
+                # the model does not broadcast over a particle plate: one draw at a time
+                # (if that fails too, its error is the model's own, and it is raised: the
+                # particle-plate error above stays attached as its context)
                 log_w, samples, pointwise, partial = _sequential_draws(
                     model, guide, args, kwargs, num_samples, derived, sites, first
                 )
+            else:
+                if batched:
+                    log_w, _, samples, pointwise, _, _ = joined
+                    partial = {}
+                else:
+                    log_w, samples, pointwise, partial = _sequential_draws(
+                        model, guide, args, kwargs, num_samples, derived, sites, first
+                    )
     fixed = [
         name
         for name, v in samples.items()
@@ -662,17 +703,20 @@ class _Proposed(Messenger):
     A latent the model enumerates in training (``infer={"enumerate": ...}``) and the
     guide does not draw (``drawn``) is drawn from its prior by the model: that is its
     proposal, so its density is masked out of the weight (it would otherwise stay in
-    every weight, with no proposal density to cancel it). Other sites are left alone.
+    every weight, with no proposal density to cancel it). Those named in ``summed`` are
+    left to ``poutine.enum`` to sum out (:func:`_summed_draws`). Other sites are left alone.
     """
 
-    def __init__(self, drawn: frozenset[str]) -> None:
+    def __init__(self, drawn: frozenset[str], summed: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.drawn = drawn
+        self.summed = summed
 
     def _process_message(self, msg) -> None:
         if msg["type"] != "sample" or msg["is_observed"] or site_is_subsample(msg):
             return
-        if msg["infer"].get("enumerate") and msg["name"] not in self.drawn:
+        name = msg["name"]
+        if msg["infer"].get("enumerate") and name not in self.drawn and name not in self.summed:
             msg["mask"] = False
 
     def _postprocess_message(self, msg) -> None:
@@ -745,7 +789,7 @@ def _check_support(name: str, fn: Any, value: torch.Tensor) -> None:
 
 
 def _as_proposed(model, guide, args, kwargs):
-    """``model`` under :class:`_Proposed` for ``guide``'s sites (one run of each).
+    """``model`` under :class:`_Proposed` for ``guide``'s sites (one run of each), and those sites.
 
     That run first refuses a model that subsamples (see :func:`_refuse_subsampling`),
     then a guide whose sites are scaled: its density is the proposal's, and
@@ -768,7 +812,70 @@ def _as_proposed(model, guide, args, kwargs):
             "leaves the posterior as it is)"
         )
     _warn_masked_latents(model_trace, single, drawn)
-    return _Proposed(frozenset(drawn))(model)
+    drawn = frozenset(drawn)
+    return _Proposed(drawn)(model), drawn
+
+
+def _summed_sites(trace, drawn: frozenset[str]) -> frozenset[str]:
+    """The latent sites of a model ``trace`` to sum out of the weights.
+
+    Those the model enumerates in parallel (``config_enumerate``'s default) whose
+    distribution can enumerate its support, and which the guide does not draw.
+    """
+    nodes = trace.nodes
+    return frozenset(
+        name
+        for name in _undrawn_latents(trace, drawn)
+        if nodes[name]["infer"].get("enumerate") == "parallel"
+        and getattr(nodes[name]["fn"], "has_enumerate_support", False)
+    )
+
+
+def _summed_log_joint(trace) -> torch.Tensor:
+    r""":math:`\log \sum_c p(x, z, c)` of a model trace run under ``poutine.enum``.
+
+    Each site's log-density is a factor on the plates it sits in; the enumerated dims
+    (those of the trace's symbols that are not plates) are summed out and the plates
+    multiplied out by Pyro's contraction, as ``TraceEnum_ELBO`` and ``NUTS`` do.
+    """
+    trace.compute_log_prob()
+    trace.pack_tensors()
+    plates = set(trace.plate_to_symbol.values())
+    factors: OrderedDict[frozenset, list[torch.Tensor]] = OrderedDict()
+    for _, site in _sampled(trace):
+        if site_is_subsample(site):
+            continue
+        ordinal = frozenset(
+            trace.plate_to_symbol[frame.name]
+            for frame in site["cond_indep_stack"]
+            if frame.vectorized
+        )
+        factors.setdefault(ordinal, []).append(site["packed"]["log_prob"])
+    return contract_to_tensor(factors, set(trace.symbol_to_dim) - plates)
+
+
+def _summed_draws(model, guide, args, kwargs, num_samples, drawn, summed, first, derived, sites):
+    """:func:`_sequential_draws` with the ``summed`` sites summed out of each weight.
+
+    ``model`` is the model as given; it runs under ``poutine.enum`` left of its plates,
+    once a draw. A deterministic site that varies with a summed site (it has the
+    enumerated dims) is left out of the samples. With ``sites`` (the data), the
+    pointwise log-likelihoods are not computed: the returned :class:`_Pointwise` holds
+    the sites and names the summed ones.
+    """
+    proposed = _Proposed(drawn, summed)(model)
+    enumerated = poutine.enum(proposed, first_available_dim=-1 - _nesting(first))
+    log_w, samples, _, partial = _sequential_draws(
+        enumerated, guide, args, kwargs, num_samples, derived, None, first, _summed_log_joint
+    )
+    for name in derived:
+        shape = first.nodes[name]["value"].shape
+        if name in samples and samples[name].shape[1:] != shape:
+            del samples[name]
+    pointwise = None
+    if sites:
+        pointwise = _Pointwise(sites, {}, log_w.new_zeros(num_samples), False, tuple(summed))
+    return log_w, samples, pointwise, partial
 
 
 def _masked(site: dict) -> bool:
@@ -974,6 +1081,9 @@ class _Pointwise:
     log_lik: dict[str, torch.Tensor]
     rest: torch.Tensor
     vectorized: bool
+    #: latent sites summed out of the weights (:func:`_summed_draws`): then ``log_lik``
+    #: is empty, and ``rest`` is not computed (zeros)
+    summed: tuple[str, ...] = ()
 
 
 def _is_data(site: dict) -> bool:
@@ -1234,8 +1344,13 @@ def _rng_kept(device: torch.device | None = None):
     return torch.random.fork_rng(devices=devices)
 
 
-def _sequential_draws(model, guide, args, kwargs, num_samples, derived=(), sites=None, first=None):
+def _sequential_draws(
+    model, guide, args, kwargs, num_samples, derived=(), sites=None, first=None, log_joint=None
+):
     r"""One model run per draw, for models that do not broadcast.
+
+    ``log_joint`` (a model trace -> :math:`\log p(x, z)`) defaults to the trace's
+    ``log_prob_sum``.
 
     The guide runs once per draw too, unless it batches its draws as a distribution does
     (:func:`_batches_like_a_distribution`) and ``first`` (a trace of the model) is given:
@@ -1253,7 +1368,8 @@ def _sequential_draws(model, guide, args, kwargs, num_samples, derived=(), sites
     for model_trace, log_q, latents in runs:
         if sites:  # pointwise too: log_prob_sum then sums these, not the sites again
             model_trace.compute_log_prob()
-        log_ws.append(model_trace.log_prob_sum() - log_q)
+        joint = model_trace.log_prob_sum() if log_joint is None else log_joint(model_trace)
+        log_ws.append(joint - log_q)
         draw = dict(latents)
         draw.update((n, model_trace.nodes[n]["value"]) for n in derived)
         draws.append(draw)
@@ -1508,7 +1624,11 @@ def to_arviz(
     :func:`loo` corrects for the guide with the importance weights. Where the model
     masks points out, their NaN make ``az.loo`` and ``az.waic`` NaN: a ``UserWarning``
     says so, and :func:`loo` leaves them out. The group holds
-    ``num_samples`` values per point: ``log_likelihood=False`` leaves it out.
+    ``num_samples`` values per point: ``log_likelihood=False`` leaves it out. A model
+    with discrete sites summed out of the weights (see the module's notes) gets no
+    ``log_likelihood`` group, and a ``UserWarning`` unless ``log_likelihood=False``;
+    its ``posterior`` group has the guide's sites (and the deterministic sites that do
+    not vary with a summed site), not the summed ones.
 
     With ``posterior_predictive`` (the default), the ``posterior_predictive`` group holds
     a replicate of each observed site drawn from the model at each draw (the model run
@@ -1553,7 +1673,15 @@ def to_arviz(
             # observed value a dim of 1, and loo_pit wants the groups to match)
             return array[..., None] if sites[name].value.dim() == 0 else array
 
-        if log_likelihood:
+        if log_likelihood and pointwise.summed:
+            warn_from_caller(
+                f"to_arviz: the model enumerates latent site(s) "
+                f"{', '.join(map(repr, sorted(pointwise.summed)))} that the guide does not "
+                "draw; the weights sum them out, but the pointwise log-likelihood with them "
+                "summed out is not computed, so the log_likelihood group is left out "
+                "(log_likelihood=False says so without this warning)"
+            )
+        elif log_likelihood:
             groups["log_likelihood"] = {
                 name: points(
                     name, np.where(_numpy(data.points), _numpy(pointwise.log_lik[name]), np.nan)
@@ -1775,7 +1903,15 @@ def loo(
     if var_name is not None and not isinstance(var_name, str):
         raise TypeError(f"var_name must be a site name (str) or None, got {var_name!r}")
     log_w, _, pointwise = _draws(  # no samples: a model whose structure changes is taken
-        model, guide, args, kwargs, num_samples, deterministic=False, observed=True, stacked=False
+        model,
+        guide,
+        args,
+        kwargs,
+        num_samples,
+        deterministic=False,
+        observed=True,
+        stacked=False,
+        pointwise_for="loo",
     )
     sites = pointwise.sites if pointwise is not None else {}
     if not sites:

@@ -1331,6 +1331,20 @@ def test_diagnostics_of_a_guide_whose_model_hides_enumerated_sites_say_so():
     guide(y)
     with pytest.warns(UserWarning, match="TraceEnum_ELBO to sum out are drawn from their prior"):
         guide.diagnose(y, num_samples=50)
+    with pytest.warns(UserWarning, match=r"pyroflows.infer.diagnose\(model, guide, ...\), which"):
+        guide.diagnose(y, num_samples=50)
+    # against the whole model, z is summed out: each weight is log sum_z p(y, locs, z)
+    # - log q(locs), whose mean is the ELBO that TraceEnum_ELBO computes
+    from pyro.infer import TraceEnum_ELBO
+
+    from pyroflows.infer import importance_draws
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Pyro's "vars in model but not guide"
+        log_w, samples = importance_draws(mixture, guide, y, num_samples=100)
+        elbo = -TraceEnum_ELBO(num_particles=100).loss(mixture, guide, y)
+    assert set(samples) == {"locs"}
+    assert abs(log_w.mean().item() - elbo) < 4 * (2 * log_w.var().item() / 100) ** 0.5
 
 
 def test_a_latent_support_without_a_map_to_the_reals_is_named():

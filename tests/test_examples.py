@@ -57,15 +57,13 @@ def test_guide_examples_run(script):
 
 def test_mixture_example_sums_the_assignments_out():
     out = example("mixture.py", "--steps", "700", "--draws", "200")  # fitted enough
-    elbo = {
-        line.split("|")[0].strip(): float(re.search(r"ELBO (-?[0-9.]+)", line).group(1))
-        for line in out.splitlines()
-        if "| k-hat" in line
-    }
-    assert set(elbo) == {"whole model", "blocked model"}
-    # summed out, the weights are log p(x, z) with every assignment counted; drawn from
-    # the prior, each draw's assignments miss most points
-    assert elbo["whole model"] > elbo["blocked model"] + 50
+    diagnosed = float(re.search(r"\| ELBO (-?[0-9.]+) \|", out).group(1))
+    enumerated = float(
+        re.search(r"TraceEnum_ELBO's ELBO, 200 particles: (-?[0-9.]+)", out).group(1)
+    )
+    # the weights sum the assignments out as the ELBO does; drawn from their prior, the
+    # assignments took the diagnosed ELBO 400 nats lower on this fit
+    assert abs(diagnosed - enumerated) < 5
 
 
 def test_vae_example_runs():

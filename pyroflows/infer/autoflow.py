@@ -53,6 +53,7 @@ References:
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import inspect
 import math
@@ -66,9 +67,10 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer.autoguide import AutoContinuous
-from pyro.infer.autoguide.initialization import init_to_median
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from pyro.nn.module import _make_name
 from pyro.params.param_store import param_with_module_name
+from pyro.poutine.block_messenger import BlockMessenger
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.util import prune_subsample_sites
@@ -211,6 +213,34 @@ REFERENCE_FAN_IN = 64
 
 ESTIMATORS = ("reparam", "stl")
 WARM_STARTS = (None, "laplace")
+
+
+def _handler_and_model(fn: Any) -> tuple[Any, Callable[..., Any]] | None:
+    """``(handler, model)`` of a model wrapped in one Pyro handler, else ``None``.
+
+    Pyro wraps a function in a handler as a ``functools.partial`` of its context
+    wrapper, the handler and the function.
+    """
+    parts = getattr(fn, "args", None)
+    if isinstance(fn, functools.partial) and isinstance(parts, tuple) and len(parts) == 2:
+        if callable(parts[1]):
+            return parts[0], parts[1]
+    return None
+
+
+def _blocked(model: Callable[..., Any]) -> Callable[..., Any] | None:
+    """The model inside ``poutine.block(model, ...)``, or ``None`` for any other callable.
+
+    ``model`` is an autoguide's (its ``init_loc_fn`` handler, ``InitMessenger``, around
+    what the user gave). Anything but a block there (a nested wrapper, a later Pyro that
+    wraps otherwise) gives ``None``, and the diagnostics keep the model as it is.
+    """
+    wrapped = _handler_and_model(model)
+    if wrapped is not None and isinstance(wrapped[0], InitMessenger):
+        wrapped = _handler_and_model(wrapped[1])
+    if wrapped is not None and isinstance(wrapped[0], BlockMessenger):
+        return wrapped[1]
+    return None
 
 
 def _jacobian_route(layers: Sequence[nn.Module]) -> bool:
@@ -1440,24 +1470,37 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
 
     # ------------------------------------------------------------------ diagnostics
 
-    def _weighs_the_whole_posterior(self, what: str, args, kwargs) -> None:
-        """Warn when the model this guide holds is part of one (``poutine.block``).
+    def _weighed_model(self, what: str, args, kwargs) -> Callable[..., Any]:
+        """The model the diagnostics weigh this guide against (after the set-up).
 
-        Its weights then compare the guide with that part alone, or with the prior where
-        the data are hidden too, and nothing in them shows it (the warm start's check).
+        The guide's model, or, when that is ``poutine.block(model, ...)`` hiding only
+        discrete sites that ``model`` enumerates in parallel (the sites
+        ``TraceEnum_ELBO`` sums out in training), ``model`` itself, whose weights sum
+        them out. Warns when the guide's model is otherwise part of one: its weights then
+        compare the guide with that part alone, or with the prior where the data are
+        hidden too, and nothing in them shows it (the warm start's check).
         """
+        model = self._the_model()
+        self._ensure_setup(args, kwargs)
         device = self.anchor_loc.device
         cuda = [device] if device.type == "cuda" else []
         # the model's runs here draw (init_loc_fn): the caller's random state is kept
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             if self._subsampled(args, kwargs):  # refused next, by the diagnostics
-                return
+                return model
             partial = self._log_joint_is_random(self.anchor_loc.clone(), args, kwargs)
         if not partial:
-            return
+            return model
+        mine = frozenset(name for name, _ in self.prototype_trace.iter_stochastic_nodes())
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             trace = self._model_trace(args, kwargs)
-        mine = {name for name, _ in self.prototype_trace.iter_stochastic_nodes()}
+            whole = _blocked(model)
+            if whole is not None:
+                with poutine.block():
+                    outer = poutine.trace(whole).get_trace(*args, **kwargs)
+                hidden = diagnostics._undrawn_latents(outer, mine)
+                if hidden and set(hidden) == diagnostics._summed_sites(outer, mine):
+                    return whole
         drawn = diagnostics._undrawn_latents(trace, mine)
         if drawn:  # visible to this guide's model, so not hidden by poutine.block
             warn_from_caller(
@@ -1480,16 +1523,17 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                 "data hidden too): the weights compare this guide with part of the "
                 "posterior, or with the prior alone; diagnose the whole guide (the "
                 "AutoGuideList) against the whole model instead. Discrete sites hidden for "
-                "TraceEnum_ELBO to sum out are drawn from their prior here, and k-hat reads "
-                "the noise of those draws, not the guide (whatever the verdict advises): "
-                f"weigh it against the whole model instead: {summing}"
+                "TraceEnum_ELBO to sum out are drawn from their prior here (AutoFlow sums "
+                "them out itself only when its model is poutine.block(model, ...) of a model "
+                "that enumerates them in parallel), and k-hat reads the noise of those "
+                "draws, not the guide (whatever the verdict advises): weigh it against the "
+                f"whole model instead: {summing}"
             )
+        return model
 
     def diagnose(self, *args: Any, num_samples: int = 2000, **kwargs: Any):
         r"""PSIS :math:`\hat k`, ESS and a verdict; see :func:`pyroflows.infer.diagnose`."""
-        model = self._the_model()
-        self._ensure_setup(args, kwargs)
-        self._weighs_the_whole_posterior("diagnose", args, kwargs)
+        model = self._weighed_model("diagnose", args, kwargs)
         return diagnostics.diagnose(model, self, *args, num_samples=num_samples, **kwargs)
 
     def importance_resample(
@@ -1500,9 +1544,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         **kwargs: Any,
     ) -> dict[str, torch.Tensor]:
         """PSIS-resampled posterior draws; see :func:`pyroflows.infer.importance_resample`."""
-        model = self._the_model()
-        self._ensure_setup(args, kwargs)
-        self._weighs_the_whole_posterior("importance_resample", args, kwargs)
+        model = self._weighed_model("importance_resample", args, kwargs)
         return diagnostics.importance_resample(
             model,
             self,
@@ -1521,9 +1563,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         **kwargs: Any,
     ):
         """Draws and log weights as ArviZ data, as :func:`~pyroflows.infer.to_arviz`."""
-        model = self._the_model()
-        self._ensure_setup(args, kwargs)
-        self._weighs_the_whole_posterior("to_arviz", args, kwargs)
+        model = self._weighed_model("to_arviz", args, kwargs)
         return diagnostics.to_arviz(
             model,
             self,
@@ -1536,9 +1576,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
 
     def loo(self, *args: Any, num_samples: int = 4000, var_name: str | None = None, **kwargs: Any):
         """PSIS-LOO corrected by the importance weights; see :func:`pyroflows.infer.loo`."""
-        model = self._the_model()
-        self._ensure_setup(args, kwargs)
-        self._weighs_the_whole_posterior("loo", args, kwargs)
+        model = self._weighed_model("loo", args, kwargs)
         return diagnostics.loo(
             model, self, *args, num_samples=num_samples, var_name=var_name, **kwargs
         )

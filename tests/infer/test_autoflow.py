@@ -1311,12 +1311,13 @@ def test_diagnostics_of_a_guide_for_part_of_a_model_warn():
         whole.diagnose(y, num_samples=50)
 
 
-def test_diagnostics_of_a_guide_whose_model_hides_enumerated_sites_say_so():
+def test_diagnostics_of_a_guide_whose_model_hides_enumerated_sites_sum_them_out():
     # the workflow AutoFlow's refusal of discrete sites advises: block them for
-    # TraceEnum_ELBO; the weights then draw them from their prior, and k-hat reads that
-    # noise, which more draws per step or STL cannot help
+    # TraceEnum_ELBO. The diagnostics weigh the guide against the model inside the block,
+    # with the sites summed out; before, they were drawn from their prior, and k-hat
+    # read that noise, which more draws per step or STL cannot help
     from pyro import poutine
-    from pyro.infer import config_enumerate
+    from pyro.infer import TraceEnum_ELBO, config_enumerate
 
     y = torch.cat([torch.randn(15) - 2.0, torch.randn(15) + 2.0])
 
@@ -1329,22 +1330,31 @@ def test_diagnostics_of_a_guide_whose_model_hides_enumerated_sites_say_so():
 
     guide = AutoFlow(poutine.block(mixture, hide=["z"]), warm_start=None)
     guide(y)
-    with pytest.warns(UserWarning, match="TraceEnum_ELBO to sum out are drawn from their prior"):
-        guide.diagnose(y, num_samples=50)
-    with pytest.warns(UserWarning, match=r"pyroflows.infer.diagnose\(model, guide, ...\), which"):
-        guide.diagnose(y, num_samples=50)
-    # against the whole model, z is summed out: each weight is log sum_z p(y, locs, z)
-    # - log q(locs), whose mean is the ELBO that TraceEnum_ELBO computes
-    from pyro.infer import TraceEnum_ELBO
-
-    from pyroflows.infer import importance_draws
-
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # Pyro's "vars in model but not guide"
-        log_w, samples = importance_draws(mixture, guide, y, num_samples=100)
-        elbo = -TraceEnum_ELBO(num_particles=100).loss(mixture, guide, y)
-    assert set(samples) == {"locs"}
-    assert abs(log_w.mean().item() - elbo) < 4 * (2 * log_w.var().item() / 100) ** 0.5
+        warnings.filterwarnings("error", message="AutoFlow")  # none: nothing is drawn
+        warnings.filterwarnings("ignore", message="importance_resample: k-hat")  # untrained
+        resampled = guide.importance_resample(y, num_samples=10, num_proposals=100)
+        diagnosis = guide.diagnose(y, num_samples=100)
+        with pytest.raises(ValueError, match=r"loo: the model enumerates latent site\(s\) 'z'"):
+            guide.loo(y, num_samples=100)
+    assert set(resampled) == {"locs"}  # the summed sites have no draws
+    # each weight is log sum_z p(y, locs, z) - log q(locs): their mean is the ELBO that
+    # TraceEnum_ELBO computes
+    elbo = -TraceEnum_ELBO(num_particles=100).loss(mixture, guide, y)
+    assert abs(diagnosis.elbo - elbo) < 0.03 * abs(elbo)
+
+    def hidden(y):  # hidden in a way the diagnostics cannot see through: they say so
+        with poutine.block(hide=["z"]):
+            mixture(y)
+
+    other = AutoFlow(hidden, warm_start=None)
+    other(y)
+    with pytest.warns(UserWarning, match="TraceEnum_ELBO to sum out are drawn from their prior"):
+        other.diagnose(y, num_samples=50)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="loo: ")  # an untrained guide's k-hats
+        with pytest.warns(UserWarning, match=r"pyroflows.infer.loo\(model, guide, ...\) cannot"):
+            other.loo(y, num_samples=50)
 
 
 def test_a_latent_support_without_a_map_to_the_reals_is_named():

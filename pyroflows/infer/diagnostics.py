@@ -694,7 +694,7 @@ def _is_discrete(site: dict | None) -> bool:
 
 #: what a model that does not run under a particle plate raises (an ``assert`` on a
 #: shape included)
-_NOT_BROADCAST = (RuntimeError, ValueError, AssertionError)
+_NOT_BROADCAST = (RuntimeError, ValueError, AssertionError, IndexError)
 
 
 class _Proposed(Messenger):

@@ -1399,6 +1399,37 @@ def test_summed_latents_leave_the_pointwise_likelihood_out():
     np.testing.assert_allclose(idata.posterior["z2"], 2 * idata.posterior["z"])
 
 
+def test_a_model_that_indexes_by_group_is_scored_one_draw_at_a_time():
+    # a[g] (not a[..., g]) raises an IndexError under the particle plate, which was
+    # taken for the model's own error: AutoFlow's warm start and every diagnostic failed
+    groups = torch.arange(12) % 6  # index 5: past a 3-draw particle dim
+    y = torch.randn(12, dtype=torch.float64) + groups
+
+    def model(groups, y):
+        with pyro.plate("groups", 6):
+            a = pyro.sample("a", dist.Normal(torch.zeros(6).double(), 1.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(a[groups], 1.0), obs=y)
+
+    q = dist.Normal(torch.arange(6.0).double(), 0.5)
+
+    def guide(groups, y):
+        with pyro.plate("groups", 6):
+            pyro.sample("a", q)
+
+    log_w, samples = importance_draws(model, guide, groups, y, num_samples=20)
+    a = samples["a"]
+    expected = (
+        dist.Normal(0.0, 1.0).log_prob(a).sum(-1)
+        + dist.Normal(a[:, groups], 1.0).log_prob(y).sum(-1)
+        - q.log_prob(a).sum(-1)
+    )
+    torch.testing.assert_close(log_w, expected)
+    guided = AutoFlow(model)
+    guided(groups, y)  # its warm start weighs Gaussians with these diagnostics
+    assert guided.diagnose(groups, y, num_samples=50).ess > 0
+
+
 def test_a_scaled_guide_is_refused():
     # poutine.scale on model and guide (a loss scale for SVI) flattened every weight:
     # a bad guide was called good

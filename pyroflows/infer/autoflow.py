@@ -794,7 +794,18 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                 "importance_resample(model, guide, ...), to_arviz(model, guide, ...) or "
                 "loo(model, guide, ...)"
             )
-        return self.model
+        return self._plain()
+
+    def _plain(self) -> Callable[..., Any]:
+        """The model as given, without Pyro's ``InitMessenger`` (see ``__init__``).
+
+        The one to score: inside ``poutine.reparam`` Pyro applies an enclosing
+        ``InitMessenger`` first (pyro issue 2878), so the wrapped model's reparametrized
+        sites take ``init_loc_fn``'s draws instead of their values, and its log density
+        is random (eight schools with ``LocScaleReparam``: k-hat 0.68 against 0.30).
+        """
+        plain = self.__dict__.get("_plain_model")
+        return self.model if plain is None else plain
 
     # ------------------------------------------------------------------ set-up
 
@@ -1141,7 +1152,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             value = transform(unconstrained)
             values[site["name"]] = value
             log_det = log_det + transform.log_abs_det_jacobian(unconstrained, value).sum()
-        model = self.model if model is None else model
+        model = self._plain() if model is None else model
         with poutine.block():
             trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
         return trace.log_prob_sum() + log_det
@@ -1151,7 +1162,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
 
         ``model``: another form of the model to run (default: the guide's).
         """
-        model = self.model if model is None else model
+        model = self._plain() if model is None else model
         with poutine.block():
             return poutine.trace(model).get_trace(*args, **kwargs)
 
@@ -1290,7 +1301,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                 # masked latents: said once, at set-up, in the guide's terms
                 warnings.filterwarnings("ignore", "the model masks entries", UserWarning)
                 log_w, _ = diagnostics.importance_draws(
-                    self.model, self, *args, num_samples=num_samples, **kwargs
+                    self._plain(), self, *args, num_samples=num_samples, **kwargs
                 )
         except (RuntimeError, ValueError, FloatingPointError) as error:  # LinAlgError too
             return -math.inf, error

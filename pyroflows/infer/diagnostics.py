@@ -1087,13 +1087,35 @@ class _Pointwise:
 
 
 def _is_data(site: dict) -> bool:
-    """Whether a trace's site is observed data (not ``pyro.deterministic`` or ``pyro.factor``)."""
+    """Whether a trace's site is observed data (not ``pyro.deterministic`` or ``pyro.factor``).
+
+    Nor a site that ``poutine.reparam`` made of a latent (:func:`_is_derived`).
+    """
     return (
         site["type"] == "sample"
         and site["is_observed"]
-        and not site["infer"].get("_deterministic")
+        and not _is_derived(site)
         and not site["infer"].get("is_auxiliary")  # pyro.factor
         and not site_is_subsample(site)
+    )
+
+
+def _is_derived(site: dict) -> bool:
+    """Whether a trace's site is a value computed from the latents, not data.
+
+    A ``pyro.deterministic`` site, or a latent that ``poutine.reparam`` replaced by a
+    function of new latents (``LocScaleReparam``, ``TransformReparam``, ...): Pyro makes
+    both an observed ``Delta`` masked out, ``Delta(value).mask(False)``, which scores 0.
+    """
+    if site["type"] != "sample" or not site["is_observed"]:
+        return False
+    if site["infer"].get("_deterministic"):
+        return True
+    fn = site["fn"]
+    return (
+        isinstance(fn, MaskedDistribution)
+        and fn._mask is False
+        and isinstance(fn.base_dist, pyro.distributions.Delta)
     )
 
 
@@ -1156,12 +1178,8 @@ def _vectorized_pointwise(model_trace, guide_trace, sites, num_samples, nesting)
 
 
 def _deterministic_names(trace) -> list[str]:
-    """The model's ``pyro.deterministic`` sites, in the order it makes them."""
-    return [
-        name
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample" and site["infer"].get("_deterministic")
-    ]
+    """The model's ``pyro.deterministic`` and reparametrized sites, in the order it makes them."""
+    return [name for name, site in trace.nodes.items() if _is_derived(site)]
 
 
 def _stacked(value: torch.Tensor, shape: torch.Size, num_samples: int) -> torch.Tensor | None:
@@ -1286,8 +1304,9 @@ def _batch_agrees(
                 "every weight carries their noise (a valid weight, but a noisier one). "
                 "Observed data left out of the arguments (a site given None) is drawn so: "
                 "pass it. For sites hidden with poutine.block for another guide, diagnose "
-                "the guide that covers every latent site (the AutoGuideList); enumerated "
-                "ones stay drawn from their prior"
+                "the guide that covers every latent site (the AutoGuideList); discrete "
+                "ones the model enumerates in parallel (config_enumerate) are summed out "
+                "when they are visible to the diagnostics (not hidden by poutine.block)"
             )
             return False
         pairs = [(trace.nodes[name]["value"], samples[name][s]) for name in derived]

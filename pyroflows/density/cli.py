@@ -405,7 +405,11 @@ _SPELLED = {
 
 
 def _in_flag_terms(text: str) -> str:
-    """A message of ``fit`` about one of its arguments, naming the flag instead."""
+    """A message of ``fit`` about one of its arguments, naming the flag instead.
+
+    And its advice on a loss gone non-finite: the command line has no ``clip_grad``.
+    """
+    text = text.replace("try a smaller lr or clip_grad", "try a smaller --lr")
     name = text.split(" ", 1)[0]
     if name in _SPELLED and text.startswith(f"{name} must "):
         text = _SPELLED[name] + text[len(name) :]

@@ -260,14 +260,23 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 class _NegativeLogLikelihood(nn.Module):
-    """The mean NLL of a batch as a module's forward, so DDP can hook its backward."""
+    """The NLL of a batch over ``divisor`` as a module's forward, so DDP can hook its backward.
+
+    One process: ``divisor`` is the batch's size (the mean NLL). Data-parallel over
+    ``W`` processes, each holding its share of a global batch of ``B`` rows, it is
+    ``B / W``: DDP averages the ``W`` gradients, which then make the gradient of the
+    global batch's mean NLL, however unevenly its rows were shared.
+    """
 
     def __init__(self, flow: Flow) -> None:
         super().__init__()
         self.flow = flow
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return -self.flow().log_prob(x).mean()
+    def forward(self, x: torch.Tensor, divisor: float) -> torch.Tensor:
+        if x.shape[0] == 0:  # a share of no rows (a last batch of fewer rows than ranks):
+            # zero, but through every parameter, for DDP's reduction to wait on
+            return sum(p.sum() for p in self.parameters()) * 0.0
+        return -self.flow().log_prob(x).sum() / divisor
 
 
 def _mean_nll(
@@ -856,15 +865,14 @@ def fit(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=epochs, initial=start_epoch, desc="fit", unit="epoch", leave=False)
-    # each rank takes every world-th row of the epoch's order (the last n_train % world
-    # rows of an epoch wait for the next) in batches of batch_size / world rows, so the
-    # averaged gradient is that of one batch of batch_size rows
+    # the batches are a one-process fit's (batch_size rows of the epoch's order, the last
+    # one shorter), and each rank takes every world-th row of each, with those rows' noise
+    # out of the noise drawn for the whole batch (the same on every rank), so the averaged
+    # gradient is that of the one-process fit's batch
     n_train = len(train)
     if n_train < world:
         raise ValueError(f"{n_train} training rows cannot be shared by {world} processes")
-    n_used = n_train - n_train % world
-    per_rank = math.ceil(batch_size / world)
-    n_batches = math.ceil(n_used // world / per_rank)
+    n_batches = math.ceil(n_train / batch_size)
     objective: nn.Module = _NegativeLogLikelihood(flow)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -885,15 +893,21 @@ def fit(
             for epoch in range(start_epoch, epochs):
                 if order is None:  # the same order on every rank (same generator)
                     order = torch.randperm(n_train, generator=generator)
-                mine = order if world == 1 else order[:n_used].view(-1, world)[:, rank]
-                mine = mine.to(train.device)  # once an epoch, not a copy per batch
+                mine = order.to(train.device)  # once an epoch, not a copy per batch
                 for batch in range(start_batch, n_batches):
-                    x = train.take(mine[batch * per_rank : (batch + 1) * per_rank])
+                    rows = mine[batch * batch_size : (batch + 1) * batch_size]
+                    size = len(rows)
+                    x = train.take(rows if world == 1 else rows[rank::world])
                     if dequantize:
-                        x = x + torch.rand(
-                            x.shape, generator=noise, dtype=like.dtype, device=like.device
+                        u = torch.rand(
+                            (size, x.shape[-1]),
+                            generator=noise,
+                            dtype=like.dtype,
+                            device=like.device,
                         )
-                    loss = objective(x)
+                        x = x + (u if world == 1 else u[rank::world])
+                    divisor = size / world
+                    loss = objective(x, divisor)
                     finite, stopping = bool(torch.isfinite(loss)), interrupt.raised
                     # every rank must take the same decision, or the others would wait
                     # for it forever: the flags are or-ed while the backward pass runs
@@ -915,7 +929,7 @@ def fit(
                     if clip_grad is not None:
                         torch.nn.utils.clip_grad_norm_(flow.parameters(), clip_grad)
                     optimizer.step()
-                    partial = [partial[0] + loss.item() * x.shape[0], partial[1] + x.shape[0]]
+                    partial = [partial[0] + loss.item() * divisor, partial[1] + x.shape[0]]
                     position = (epoch, batch + 1)
                     if stopping or (world == 1 and interrupt.raised):
                         raise KeyboardInterrupt  # after a whole step: the checkpoint is exact

@@ -752,7 +752,9 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         # the model without Pyro's InitMessenger, which draws (init_to_median: from the
         # prior) at every site it sees unset: a run that draws is then the model's own
         self.__dict__["_plain_model"] = model
-        self._flow_spec = flow
+        # kept out of the submodules: a Flow given here becomes the registered `flow` at
+        # set-up, and registered twice its weights were in state_dict() twice
+        self.__dict__["_flow_spec"] = flow
         self._flow_kwargs = flow_kwargs
         self._init_scale = float(init_scale)
         self.warm_start = warm_start
@@ -768,6 +770,14 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
 
     #: a guide pickled before the skew existed has none (its instance dict lacks this)
     learn_skew = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a state saved when a Flow given as `flow=` was also registered as `_flow_spec`
+        # (the same weights as `flow`'s, twice)
+        if "_flow_spec" not in self._modules:
+            for key in [k for k in state_dict if k.startswith(prefix + "_flow_spec.")]:
+                del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
         """The state to pickle, without the model (as Pyro's autoguides), left in place.

@@ -1396,6 +1396,35 @@ def test_a_reparametrized_model_is_scored_as_given():
     )
 
 
+def test_a_flow_given_as_an_instance_is_in_the_state_once():
+    # it was registered twice (as `_flow_spec` and as `flow`): its weights were in
+    # state_dict() twice, and that state would not load into a guide built by a callable
+    def model():
+        pyro.sample("a", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    guide = AutoFlow(model, flow=pyroflows.iaf(2, transforms=1))
+    guide()
+    state = guide.state_dict()
+    assert not [k for k in state if k.startswith("_flow_spec")]
+    assert [name for name, _ in guide.named_children()] == ["flow", "linear"]
+    pyro.clear_param_store()
+    other = AutoFlow(model, flow=lambda d: pyroflows.iaf(d, transforms=1))
+    other()
+    old = dict(
+        state,
+        **{f"_flow_spec.{k[len('flow.') :]}": v for k, v in state.items() if k.startswith("flow.")},
+    )
+    other.load_state_dict(old)  # a state saved with the duplicates loads too
+    for key, value in state.items():
+        torch.testing.assert_close(other.state_dict()[key], value)
+    twin = copy.deepcopy(guide)
+    assert twin.flow is twin._flow_spec  # one module, as given
+    torch.manual_seed(0)
+    drawn = guide.sample_latent()
+    torch.manual_seed(0)
+    torch.testing.assert_close(twin.sample_latent(), drawn)
+
+
 def test_a_latent_support_without_a_map_to_the_reals_is_named():
     def model():
         w = pyro.sample("W", dist.Wishart(df=torch.tensor(6.0), covariance_matrix=torch.eye(2)))

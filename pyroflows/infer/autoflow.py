@@ -1279,10 +1279,10 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                     z.copy_(best[1])
                 optimizer.state.clear()
         mode = best[1]
-        hessian = torch.autograd.functional.hessian(
-            lambda v: -self._log_joint(v, args, kwargs), mode
-        )
-        hessian = 0.5 * (hessian + hessian.T)
+        hessian = self._hessian(mode, args, kwargs)
+        polished = self._newton_polish(mode, hessian, args, kwargs)
+        if polished is not mode:
+            mode, hessian = polished, self._hessian(polished, args, kwargs)
         precision = hessian.double()
         if not torch.isfinite(precision).all():
             raise FloatingPointError("the Hessian at the mode is not finite")
@@ -1294,6 +1294,42 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         if info.item() != 0 or not torch.isfinite(scale_tril).all():
             raise FloatingPointError("the Laplace covariance has no Cholesky factor")
         return mode, scale_tril.to(mode.dtype)
+
+    def _hessian(self, z: torch.Tensor, args, kwargs) -> torch.Tensor:
+        r"""The Hessian of :math:`-\log p(x, z)` at ``z`` (symmetrized)."""
+        hessian = torch.autograd.functional.hessian(lambda v: -self._log_joint(v, args, kwargs), z)
+        return 0.5 * (hessian + hessian.T)
+
+    def _newton_polish(self, mode, hessian, args, kwargs, steps: int = 3) -> torch.Tensor:
+        r"""Newton steps from L-BFGS's stopping point, with its Hessian, while they gain.
+
+        :math:`z \leftarrow z - H^{-1} \nabla_z(-\log p(x, z))`, solved in float64, each
+        kept only if it raises :math:`\log p(x, z)` by more than rounding. L-BFGS in
+        float32 can stop far from the mode where the curvatures differ by orders of
+        magnitude: a regression on an uncentred predictor (years 1990-2020, correlation
+        -0.99998) stopped 21 posterior sds off, 225 nats below the mode, and one Newton
+        step took it to 0.03 sd. Returns ``mode`` itself when no step gained.
+        """
+        precision = hessian.double()
+        point = mode
+        for _ in range(steps):
+            z = point.detach().clone().requires_grad_(True)
+            try:
+                value = -self._log_joint(z, args, kwargs)
+                (grad,) = torch.autograd.grad(value, z, allow_unused=True)
+                if grad is None or not bool(torch.isfinite(grad).all()):
+                    break
+                step = torch.linalg.solve(precision, grad.double())
+                candidate = (point.double() - step).to(point.dtype)
+                with torch.no_grad():
+                    new = -self._log_joint(candidate, args, kwargs)
+            except (RuntimeError, ValueError):  # a singular H, a refused parameter
+                break
+            gain = value.item() - new.item()
+            if not (math.isfinite(gain) and gain > 1e-6 * (1.0 + abs(value.item()))):
+                break
+            point = candidate
+        return point
 
     def _gaussian_elbo(
         self, loc, scale_tril, args, kwargs, num_samples: int = 256

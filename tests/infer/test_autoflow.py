@@ -1425,6 +1425,35 @@ def test_a_flow_given_as_an_instance_is_in_the_state_once():
     torch.testing.assert_close(twin.sample_latent(), drawn)
 
 
+def test_the_float32_warm_start_reaches_the_mode_of_a_near_singular_regression():
+    # an uncentred predictor (years): correlation -0.99998, curvatures 1e6 apart. L-BFGS
+    # in float32 stopped 21 posterior sds from the mode (225 nats below it), and 1000
+    # SVI steps later the means were still 0.49 sd off and the sds 1.47x too wide
+    from pyro.infer import Predictive
+
+    torch.manual_seed(0)
+    x = torch.arange(1990.0, 2021.0)
+    y = 3 + 0.5 * (x - 2000) + torch.randn(len(x))
+
+    def model(x, y):
+        a = pyro.sample("a", dist.Normal(0.0, 1000.0))
+        b = pyro.sample("b", dist.Normal(0.0, 10.0))
+        with pyro.plate("rows", len(y)):
+            pyro.sample("y", dist.Normal(a + b * x, 1.0), obs=y)
+
+    design = torch.stack([torch.ones(len(x)), x], -1).double()
+    precision = design.T @ design + torch.diag(torch.tensor([1e-6, 1e-2]).double())
+    covariance = torch.linalg.inv(precision)
+    mean, sd = covariance @ design.T @ y.double(), covariance.diag().sqrt()
+    guide = AutoFlow(model)
+    guide(x, y)  # the warm start alone, no training
+    assert guide.anchor == "laplace"
+    draws = Predictive(model, guide=guide, num_samples=4000, return_sites=["a", "b"])(x, y)
+    ab = torch.stack([draws["a"].flatten(), draws["b"].flatten()], -1).double()
+    assert ((ab.mean(0) - mean).abs() / sd).max() < 0.1
+    assert ((ab.std(0) / sd).log().abs()).max() < 0.1
+
+
 def test_a_latent_support_without_a_map_to_the_reals_is_named():
     def model():
         w = pyro.sample("W", dist.Wishart(df=torch.tensor(6.0), covariance_matrix=torch.eye(2)))

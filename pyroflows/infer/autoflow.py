@@ -525,7 +525,9 @@ def _shapes_of(args: tuple, kwargs: dict) -> tuple:
     """What a call's arguments say about the sizes of the model's latents.
 
     The shapes of tensors, arrays and anything else with an integer ``shape`` (a data
-    frame), the values of whole numbers (Python ints, 0-d integer tensors), flags and
+    frame), and the largest entry of an integer tensor or array (an index of groups:
+    a model may have ``group.max() + 1`` of them), the values of whole numbers (Python
+    ints, 0-d integer tensors), flags and
     short strings (``hetero=True`` may add a latent), the lengths of long sequences, and
     the same of what lists, tuples, dicts and plain objects (a dataclass) hold: a model
     whose plate runs over ``len(x)`` rows, or over ``N`` given as a number, has a latent
@@ -544,10 +546,14 @@ def _shapes_of(args: tuple, kwargs: dict) -> tuple:
             whole = not (value.dtype.is_floating_point or value.dtype.is_complex)
             if value.ndim == 0 and whole:
                 return ("int", int(value)) if value.dtype != torch.bool else ("bool", bool(value))
+            if whole and value.dtype != torch.bool and value.numel():
+                return (tuple(value.shape), int(value.max()))
             return tuple(value.shape)
         if isinstance(value, np.ndarray):
             if value.ndim == 0 and value.dtype.kind in "iub":
                 return ("int", int(value))
+            if value.dtype.kind in "iu" and value.size:
+                return (tuple(value.shape), int(value.max()))
             return tuple(value.shape)
         shape = getattr(value, "shape", None)
         if isinstance(shape, tuple) and all(isinstance(n, numbers.Integral) for n in shape):

@@ -2,6 +2,7 @@ import copy
 import dataclasses
 import warnings
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -1452,6 +1453,29 @@ def test_the_float32_warm_start_reaches_the_mode_of_a_near_singular_regression()
     ab = torch.stack([draws["a"].flatten(), draws["b"].flatten()], -1).double()
     assert ((ab.mean(0) - mean).abs() / sd).max() < 0.1
     assert ((ab.std(0) / sd).log().abs()).max() < 0.1
+
+
+def test_an_index_with_other_groups_but_the_same_shape_is_refused_by_name():
+    # the check keyed on the arguments' shapes: 3 groups indexed by a tensor of the shape
+    # that indexed 5 passed it, median() gave alpha of the 5 groups, and Predictive
+    # failed on a reshape
+    group = torch.arange(30) % 5
+    y = torch.randn(30) + group.float()
+
+    def model(group, y=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        with pyro.plate("groups", int(group.max()) + 1):
+            alpha = pyro.sample("alpha", dist.Normal(mu, 2.0))
+        with pyro.plate("data", len(group)):
+            pyro.sample("y", dist.Normal(alpha[..., group], 1.0), obs=y)
+
+    guide = AutoFlow(model, warm_start=None)
+    guide(group, y)
+    assert guide.median(group, y)["alpha"].shape == (5,)
+    with pytest.raises(ValueError, match=r"'alpha' \(5,\) -> \(3,\)"):
+        guide.median(torch.arange(30) % 3, y)
+    with pytest.raises(ValueError, match=r"'alpha' \(5,\) -> \(3,\)"):
+        guide.median(np.arange(30) % 3, y.numpy())
 
 
 def test_a_latent_support_without_a_map_to_the_reals_is_named():

@@ -577,15 +577,17 @@ def fit(
     checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
     if patience is not None:
         patience = check_positive_int(patience, "patience")
-    if not (isinstance(lr, numbers.Real) and not isinstance(lr, bool) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    # finite: an lr or weight decay of inf passed here and made the loss non-finite at
+    # the first step, whose advice (a smaller lr) then read as a riddle
+    if not (isinstance(lr, numbers.Real) and not isinstance(lr, bool) and 0 < lr < math.inf):
+        raise ValueError(f"lr must be a finite positive number, got {lr!r}")
     lr = float(lr)
     if not (
         isinstance(weight_decay, numbers.Real)
         and not isinstance(weight_decay, bool)
-        and weight_decay >= 0
+        and 0 <= weight_decay < math.inf
     ):
-        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     weight_decay = float(weight_decay)
     if clip_grad is not None:
         clip_grad = check_number(clip_grad, "clip_grad (or None)")

@@ -644,8 +644,11 @@ def test_numpy_scalar_options_give_a_resumable_checkpoint(tmp_path):
     first = fit(small_flow(), x, **options)
     again = fit(small_flow(), x, resume=True, **options)  # reads the checkpoint back
     assert again.epochs == first.epochs == 3
-    with pytest.raises(ValueError, match="weight_decay must be a number >= 0"):
+    with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):
         fit(small_flow(), x, epochs=1, weight_decay=-1.0, progress=False)
+    for name in ("lr", "weight_decay"):  # inf made the first step's loss non-finite
+        with pytest.raises(ValueError, match=f"{name} must be a finite"):
+            fit(small_flow(), x, epochs=1, progress=False, **{name: math.inf})
 
 
 def test_adam_is_fused_where_the_device_has_the_kernel_and_steps_as_adam_does():

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -359,6 +360,10 @@ def _split(
     data: Rows, validation: object, generator: torch.Generator, like: torch.Tensor
 ) -> tuple[Rows, Rows | None]:
     """Training rows and validation rows (drawn with ``generator`` from a fraction)."""
+    if isinstance(validation, bool | np.bool_):  # not 1 or 0 rows, nor a fraction of 1
+        raise TypeError(
+            f"validation must be a fraction in [0, 1), rows (M, D) or None, got {validation!r}"
+        )
     if (
         validation is None
         or isinstance(validation, numbers.Real)

@@ -876,3 +876,11 @@ def test_integer_data_fitted_without_dequantization_is_warned_about():
         fit(small_flow(), torch.randn(400, 2, generator=g), **options)  # real values
         spread = torch.randint(0, 10**6, (400, 2), generator=g).float()  # few repeats
         fit(small_flow(), spread, **options)
+
+
+@pytest.mark.parametrize("flag", [True, np.bool_(False)])
+def test_a_bool_for_validation_is_named(flag):
+    # it was taken for rows, and refused as "validation must have shape (N, D), got ()"
+    x = np.random.default_rng(0).normal(size=(50, 2))
+    with pytest.raises(TypeError, match=r"validation must be a fraction in \[0, 1\), rows"):
+        fit(small_flow(), x, validation=flag, epochs=1, progress=False)

@@ -51,9 +51,17 @@ def as_rows(
         array = None
     else:
         try:
-            array = np.asarray(data, dtype=np.float64)
+            array = np.asarray(data)  # no copy of an array
+            kind = array.dtype.kind
+            if kind != "c":
+                array = np.asarray(array, dtype=np.float64)
         except (TypeError, ValueError) as error:
             raise DataError(f"{name} must be numeric rows of shape (N, D): {error}") from None
+        if kind == "c":  # float64 would drop the imaginary parts, silently
+            raise TypeError(
+                f"{name} must be real numbers, got complex ({array.dtype}); pass the parts "
+                f"as columns of their own (np.c_[x.real, x.imag]) if both matter"
+            )
         # torch wants writable memory (not a read-only memmap) and no negative strides
         # (X[::-1]); np.asarray copies neither when the array is float64 already
         if not array.flags.writeable or any(step < 0 for step in array.strides):

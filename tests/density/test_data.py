@@ -31,6 +31,13 @@ def test_as_rows_errors(data, message):
         as_rows(data, "data", LIKE, dim=2)
 
 
+@pytest.mark.parametrize("data", [np.ones((3, 2)) + 1j, [[1 + 2j, 0.0], [0.0, 1.0]]])
+def test_complex_rows_are_refused_not_cut_to_their_real_parts(data):
+    # float64 took the real parts, with only NumPy's ComplexWarning to say so
+    with pytest.raises(TypeError, match=r"data must be real numbers, got complex"):
+        as_rows(data, "data", LIKE, dim=2)
+
+
 def test_read_csv_with_and_without_header(tmp_path):
     (tmp_path / "h.csv").write_text("x,y\n1,2\n3,4.5\n\n")
     values, columns = read_table(tmp_path / "h.csv")

@@ -493,7 +493,9 @@ def _score(args: argparse.Namespace) -> None:
         )
     rows = as_source(values, args.data, flow.base_loc, info["dim"])  # .npy: streamed
     logp = log_prob(flow, rows, dequantize=info["dequantize"])  # integer cells: the bound
-    _write(logp[:, None], args.out, ["log_prob"] if columns else None)
+    npy = args.out is not None and args.out.lower().endswith(".npy")
+    # one number a row: a CSV column, a vector in .npy (as log_prob gives it)
+    _write(logp if npy else logp[:, None], args.out, ["log_prob"] if columns else None)
     mean = logp.double().mean().item()
     print(
         f"{len(rows)} rows: mean log p(x) {mean:.4f} nats ({mean / info['dim']:.4f} per dim)",

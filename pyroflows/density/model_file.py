@@ -218,6 +218,8 @@ def load(path: str | os.PathLike) -> tuple[Flow, dict[str, Any]]:
     from pyroflows.density.fit import damaged_member
 
     path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"{path} is a directory, not a model file")
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
     try:

@@ -150,6 +150,8 @@ def test_bad_data_for_score(workdir):
     (workdir / "nan2.csv").write_text("1,2\nnan,4\n")
     one_line_error(run("score", "model.pt", "nan2.csv", cwd=workdir), "NaN at row 2, column 1")
     one_line_error(run("score", "nothere.pt", "plain.csv", cwd=workdir), "no such model file")
+    (workdir / "adir").mkdir(exist_ok=True)
+    one_line_error(run("info", "adir", cwd=workdir), "adir is a directory, not a model file")
     (workdir / "fake.pt").write_text("not a model")
     one_line_error(run("info", "fake.pt", cwd=workdir), "not a readable pyroflows model file")
 
@@ -381,9 +383,9 @@ def test_a_float64_models_csv_output_round_trips_float64(workdir):
         assert csv_out.returncode == npy_out.returncode == 0, csv_out.stderr + npy_out.stderr
         lines = [line for line in csv_out.stdout.splitlines() if line[0] in "-0123456789"]
         from_csv = np.loadtxt(lines, delimiter=",")
-        assert np.array_equal(
-            from_csv.reshape(-1), np.load(workdir / f"{command[0]}.npy").reshape(-1)
-        )
+        saved = np.load(workdir / f"{command[0]}.npy")
+        assert np.array_equal(from_csv.reshape(-1), saved.reshape(-1))
+        assert saved.shape == ((20, 2) if command[0] == "sample" else (400,))  # one per row
 
 
 def test_a_checkpoint_of_another_fit_is_refused_in_the_command_lines_terms(workdir):

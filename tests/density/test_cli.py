@@ -150,8 +150,8 @@ def test_bad_data_for_score(workdir):
     (workdir / "nan2.csv").write_text("1,2\nnan,4\n")
     one_line_error(run("score", "model.pt", "nan2.csv", cwd=workdir), "NaN at row 2, column 1")
     one_line_error(run("score", "nothere.pt", "plain.csv", cwd=workdir), "no such model file")
-    (workdir / "adir").mkdir(exist_ok=True)
-    one_line_error(run("info", "adir", cwd=workdir), "adir is a directory, not a model file")
+    (workdir / "folder.pt").mkdir(exist_ok=True)  # a name of its own: workdir is shared
+    one_line_error(run("info", "folder.pt", cwd=workdir), "folder.pt is a directory, not a model")
     (workdir / "fake.pt").write_text("not a model")
     one_line_error(run("info", "fake.pt", cwd=workdir), "not a readable pyroflows model file")
 

@@ -56,13 +56,14 @@ def test_guide_examples_run(script):
 
 
 def test_mixture_example_sums_the_assignments_out():
-    out = example("mixture.py", "--steps", "700", "--draws", "200")  # fitted enough
+    out = example("mixture.py", "--steps", "100", "--draws", "200")
+    assert "started from: laplace" in out  # the assignments summed out for the warm start too
     diagnosed = float(re.search(r"\| ELBO (-?[0-9.]+) \|", out).group(1))
     enumerated = float(
         re.search(r"TraceEnum_ELBO's ELBO, 200 particles: (-?[0-9.]+)", out).group(1)
     )
     # the weights sum the assignments out as the ELBO does; drawn from their prior, the
-    # assignments took the diagnosed ELBO 400 nats lower on this fit
+    # assignments took the diagnosed ELBO 400 nats lower on a fitted guide
     assert abs(diagnosed - enumerated) < 5
 
 

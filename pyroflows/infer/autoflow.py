@@ -1158,7 +1158,9 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
     def _log_joint(self, latent: torch.Tensor, args, kwargs, model=None) -> torch.Tensor:
         r"""The unconstrained log joint at one packed vector ``latent``, shape ``(D,)``.
 
-        ``model``: another form of the model to run (default: the guide's).
+        ``model``: another form of the model to run (default: the guide's, or during the
+        warm start the model it scores, :meth:`_summing_model`'s, whose hidden discrete
+        sites are then summed out).
 
         :math:`\log p(x, \text{constrain}(z)) + \log|\det J_{\text{constrain}}(z)|`.
         """
@@ -1168,10 +1170,39 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             value = transform(unconstrained)
             values[site["name"]] = value
             log_det = log_det + transform.log_abs_det_jacobian(unconstrained, value).sum()
+        summing = self.__dict__.get("_summing") if model is None else None
+        if summing is not None:
+            whole, nesting = summing
+            conditioned = poutine.enum(
+                poutine.condition(whole, data=values), first_available_dim=-1 - nesting
+            )
+            with poutine.block():
+                trace = poutine.trace(conditioned).get_trace(*args, **kwargs)
+            return diagnostics._summed_log_joint(trace) + log_det
         model = self._plain() if model is None else model
         with poutine.block():
             trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
         return trace.log_prob_sum() + log_det
+
+    def _summing_model(self, args, kwargs) -> tuple[Callable[..., Any], int] | None:
+        """The model inside this guide's ``poutine.block``, if it hides only sites to sum out.
+
+        ``(model, nesting)`` when the guide's model is ``poutine.block(model, ...)``
+        hiding only discrete sites that ``model`` enumerates in parallel, else ``None``.
+        ``nesting``: the model's plate dims, left of which ``poutine.enum`` puts the
+        enumerated ones. One run of ``model`` (it draws the hidden sites: the caller
+        keeps its random state).
+        """
+        whole = _blocked(self._plain())
+        if whole is None:
+            return None
+        mine = frozenset(name for name, _ in self.prototype_trace.iter_stochastic_nodes())
+        with poutine.block():
+            outer = poutine.trace(whole).get_trace(*args, **kwargs)
+        hidden = diagnostics._undrawn_latents(outer, mine)
+        if hidden and set(hidden) == diagnostics._summed_sites(outer, mine):
+            return whole, diagnostics._nesting(outer)
+        return None
 
     def _model_trace(self, args, kwargs, model=None):
         """A trace of the model with its observed sites (the prototype hides them).
@@ -1352,8 +1383,10 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             with torch.no_grad(), warnings.catch_warnings():
                 # masked latents: said once, at set-up, in the guide's terms
                 warnings.filterwarnings("ignore", "the model masks entries", UserWarning)
+                summing = self.__dict__.get("_summing")
+                scored = self._plain() if summing is None else summing[0]
                 log_w, _ = diagnostics.importance_draws(
-                    self._plain(), self, *args, num_samples=num_samples, **kwargs
+                    scored, self, *args, num_samples=num_samples, **kwargs
                 )
         except (RuntimeError, ValueError, FloatingPointError) as error:  # LinAlgError too
             return -math.inf, error
@@ -1372,15 +1405,34 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             return
         loc = self.anchor_loc.clone()
         if self._log_joint_is_random(loc, args, kwargs):
+            device = loc.device
+            with (
+                torch.no_grad(),
+                torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            ):
+                summing = self._summing_model(args, kwargs)
+            if summing is not None:  # sites hidden for TraceEnum_ELBO: summed out here too
+                self.__dict__["_summing"] = summing
+                try:
+                    self._warm_start_from(loc, args, kwargs)
+                finally:
+                    del self.__dict__["_summing"]
+                return
             warn_from_caller(
                 "AutoFlow: the model draws random values with every latent site of this "
                 "guide fixed (latent sites this guide does not cover, such as sites hidden "
                 "with poutine.block for another guide or for TraceEnum_ELBO to sum out, or "
                 "a subsample), so the Laplace warm start is skipped (it would fit their "
                 "draws, or the prior alone where the data are hidden too); starting at "
-                "init_loc_fn"
+                "init_loc_fn. (A guide of poutine.block(model, hide=[...]) hiding only "
+                "sites that model enumerates in parallel is warm-started on model, with "
+                "them summed out.)"
             )
             return
+        self._warm_start_from(loc, args, kwargs)
+
+    def _warm_start_from(self, loc: torch.Tensor, args, kwargs) -> None:
+        """Pick the anchor by ELBO among the plain starts around ``loc`` and the Laplace one."""
         eye = torch.eye(self.latent_dim, dtype=loc.dtype, device=loc.device)
         candidates = [("init", loc, scale * eye) for scale in self._scale_grid()]
         try:
@@ -1557,13 +1609,9 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         mine = frozenset(name for name, _ in self.prototype_trace.iter_stochastic_nodes())
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             trace = self._model_trace(args, kwargs)
-            whole = _blocked(model)
-            if whole is not None:
-                with poutine.block():
-                    outer = poutine.trace(whole).get_trace(*args, **kwargs)
-                hidden = diagnostics._undrawn_latents(outer, mine)
-                if hidden and set(hidden) == diagnostics._summed_sites(outer, mine):
-                    return whole
+            summing = self._summing_model(args, kwargs)
+        if summing is not None:
+            return summing[0]
         drawn = diagnostics._undrawn_latents(trace, mine)
         if drawn:  # visible to this guide's model, so not hidden by poutine.block
             warn_from_caller(

@@ -1478,6 +1478,42 @@ def test_an_index_with_other_groups_but_the_same_shape_is_refused_by_name():
         guide.median(np.arange(30) % 3, y.numpy())
 
 
+def test_a_guide_whose_model_hides_enumerated_sites_is_warm_started_with_them_summed_out():
+    # the warm start was skipped, with a warning: the blocked model's log density drew
+    # the hidden sites. It now scores the model inside the block, the sites summed out
+    from pyro import poutine
+    from pyro.infer import config_enumerate
+
+    torch.manual_seed(0)
+    y = torch.cat([torch.randn(20) - 2.0, torch.randn(20) + 2.0]).double()
+    weights = torch.tensor([0.5, 0.5]).double()
+
+    @config_enumerate
+    def mixture(y):
+        locs = pyro.sample("locs", dist.Normal(torch.zeros(2).double(), 5.0).to_event(1))
+        with pyro.plate("rows", len(y)):
+            z = pyro.sample("z", dist.Categorical(weights))
+            pyro.sample("y", dist.Normal(locs[z], 1.0), obs=y)
+
+    guide = AutoFlow(
+        poutine.block(mixture, hide=["z"]),
+        init_loc_fn=lambda site: torch.tensor([-1.0, 1.0]).double(),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guide(y)
+    assert guide.anchor == "laplace"
+    point = torch.tensor([-1.5, 2.5]).double()
+    rows = dist.Normal(point, 1.0).log_prob(y[:, None]) + weights.log()
+    exact = dist.Normal(0.0, 5.0).log_prob(point).sum() + torch.logsumexp(rows, -1).sum()
+    guide.__dict__["_summing"] = guide._summing_model((y,), {})
+    torch.testing.assert_close(guide._log_joint(point, (y,), {}), exact)
+    del guide.__dict__["_summing"]
+    # the Laplace mode: the maximum of that density, near each cluster's mean
+    means = torch.stack([y[:20].mean(), y[20:].mean()])
+    assert (guide.anchor_loc - means).abs().max() < 0.3
+
+
 def test_a_latent_support_without_a_map_to_the_reals_is_named():
     def model():
         w = pyro.sample("W", dist.Wishart(df=torch.tensor(6.0), covariance_matrix=torch.eye(2)))

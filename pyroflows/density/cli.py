@@ -298,7 +298,7 @@ def _fit(args: argparse.Namespace) -> None:
     try:
         flow = build(args.flow, values.shape[1], options).to(device)
     except (TypeError, ValueError) as error:
-        raise _Failure(str(error)) from None
+        raise _Failure(_builder_in_flag_terms(str(error), args.flow, values.shape[1])) from None
     checkpoints = out.with_name(out.name + ".ckpt")
     previous = checkpoints / "checkpoint.pt"
     finished = checkpoint_finished(previous) if previous.exists() else False
@@ -402,6 +402,29 @@ _SPELLED = {
     **{name: flag for name, flag in _FLAGS.items() if name != "dequantize"},
     "checkpoint_every": "--checkpoint-every",
 }
+
+
+#: a builder's options, as the command line spells them
+_BUILDER_FLAGS = {
+    "transforms": "--transforms",
+    "hidden": "--hidden",
+    "bins": "--bins",
+    "activation": "--activation",
+    "autoregressive": "--autoregressive",
+}
+
+
+def _builder_in_flag_terms(text: str, flow: str, dim: int) -> str:
+    """A flow builder's refusal, naming the flag (and the command line's remedy)."""
+    name = text.split(" ", 1)[0]
+    if name in _BUILDER_FLAGS and text.startswith(f"{name} must "):
+        text = _BUILDER_FLAGS[name] + text[len(name) :]
+    if text.startswith("dim must be >= 2 for a coupling flow"):
+        text = (
+            f"--flow {flow} is a coupling flow, which splits the columns in two: it needs "
+            f"at least 2 columns, and the data have {dim}; use --flow maf, iaf or nsf"
+        )
+    return text
 
 
 def _in_flag_terms(text: str) -> str:

@@ -642,6 +642,8 @@ def test_warnings_are_one_line_each_and_a_one_row_table_is_refused(workdir):
         (["--checkpoint-every", "0"], "--checkpoint-every must be an int >= 1, got 0"),
         (["--patience", "-1"], "--patience must be >= 0 (0: never stop early), got -1"),
         (["--validation", "1.5"], "--validation must be a fraction in [0, 1), got 1.5"),
+        (["--transforms", "0"], "--transforms must be an int >= 1, got 0"),
+        (["--flow", "nsf", "--bins", "1"], "--bins must be an int >= 2, got 1"),
     ],
 )
 def test_bad_flag_values_are_named_by_their_flag(workdir, given, said):
@@ -649,3 +651,10 @@ def test_bad_flag_values_are_named_by_their_flag(workdir, given, said):
     # --patience -1 was told ">= 1" although 0 is taken (never stop early)
     result = run("fit", "data.csv", "--out", "flagged.pt", "--force", *FAST, *given, cwd=workdir)
     one_line_error(result, said)
+
+
+def test_a_coupling_flow_on_one_column_is_refused_in_the_command_lines_terms(workdir):
+    # the builder's advice was Python: "nsf(1, autoregressive='maf' or 'iaf')"
+    (workdir / "one.csv").write_text("\n".join(str(v) for v in range(1, 40)) + "\n")
+    result = run("fit", "one.csv", "--out", "one.pt", *FAST, "--flow", "realnvp", cwd=workdir)
+    one_line_error(result, "--flow realnvp is a coupling flow", "use --flow maf, iaf or nsf")

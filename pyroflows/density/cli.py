@@ -537,7 +537,12 @@ def _info(args: argparse.Namespace) -> None:
         f"standardized {info['standardize']}, dequantized {info['dequantize']}",
     ]
     if info["columns"] is not None:
-        lines.append(f"columns   {', '.join(info['columns'])}")
+        # quoted where a name would read as two (a comma) or hides its spaces
+        shown = [
+            repr(c) if ("," in c or "'" in c or '"' in c or c != c.strip() or not c) else c
+            for c in info["columns"]
+        ]
+        lines.append(f"columns   {', '.join(shown)}")
     if history:
         kind = "validation" if history.get("val_nll") else "training"  # as fit printed it
         lines.append(

@@ -312,6 +312,13 @@ def _read_npy(path: Path) -> np.ndarray:
 
 
 def _number(cell: str) -> float | None:
+    """The cell as a number, or ``None`` for text.
+
+    Python's ``float`` reads ``1_000`` as 1000 (its literals' digit grouping): in a
+    table that is text, such as a code ``2020_01``, not a number.
+    """
+    if "_" in cell:
+        return None
     try:
         return float(cell)
     except ValueError:

@@ -519,6 +519,10 @@ def test_a_numeric_header_is_read_as_the_header_flag_says(workdir):
     years = run("fit", "years.csv", "--out", "years.pt", "--header", "yes", *FAST, cwd=workdir)
     assert "fitted maf to 50 rows" in years.stdout
     assert "columns   2019, 2020" in run("info", "years.pt", cwd=workdir).stdout
+    # a name with a comma is quoted: 'a, x', b is two columns, not three
+    (workdir / "comma.csv").write_text('"a, x",b\n' + rows + "\n")
+    run("fit", "comma.csv", "--out", "comma.pt", *FAST, cwd=workdir)
+    assert "columns   'a, x', b\n" in run("info", "comma.pt", cwd=workdir).stdout
     # sample writes the model's names as its header: score reads them back as the
     # header (the first row 2019,2020 was scored as a row of data)
     run("sample", "years.pt", "-n", "3", "--out", "drawn.csv", "--seed", "0", cwd=workdir)

@@ -159,6 +159,8 @@ def test_streamed_rows_check_values_and_give_the_moments(tmp_path):
         ("h.csv", "a,b\n", "header but no data rows"),
         ("r.csv", "1,2\n3\n", "row 2 has 1 column"),
         ("c.csv", "a,b\n1,2\n3,oops\n", r"row 3, column 2: 'oops' is not a number"),
+        # Python's float() groups digits: '2020_01' was read as 202001
+        ("u.csv", "a,b\n1,2\n2020_01,4\n", r"row 3, column 1: '2020_01' is not a number"),
         ("n.csv", "1,2\n3,nan\n", "NaN at row 2, column 2"),
         ("i.csv", "1,inf\n", "inf at row 1, column 2"),
     ],

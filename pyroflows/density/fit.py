@@ -308,19 +308,35 @@ def _mean_nll(
 def _warn_if_discrete(rows: Rows, name: str) -> None:
     """Warn when the rows look like integer data fitted without dequantisation.
 
-    Every value of the first chunk a whole number, and every column's values repeated
-    (fewer distinct values than half the rows): a density can put ever narrower spikes
-    on the values, and as the validation rows take the same values, its NLL falls
-    without bound with the training NLL (early stopping cannot see it).
+    A column whose values in the first chunk are whole numbers that repeat (fewer
+    distinct values than half the rows): a density can put ever narrower spikes on the
+    values, and as the validation rows take the same values, its NLL falls without
+    bound with the training NLL (early stopping cannot see it). Every column so: the
+    remedy is ``dequantize=True``. Some columns only (a count beside measurements):
+    ``dequantize`` is for whole tables, so the warning names the columns and the remedy
+    by hand (on a normal column beside a Poisson one, 4000 rows, nsf, the validation NLL
+    fell from 3.08 to 2.31 by epoch 21, below the true 3.12, with no word of it).
     """
     chunk = next(iter(rows.chunks()), None)
     if chunk is None or len(chunk) < 20:
         return
     chunk = chunk.to("cpu", torch.float64)
-    if not bool((chunk == chunk.floor()).all()):
-        return
+    whole = (chunk == chunk.floor()).all(0)
     distinct = [int(torch.unique(chunk[:, j]).numel()) for j in range(chunk.shape[1])]
-    if max(distinct) > len(chunk) // 2:
+    spiky = [j for j in range(chunk.shape[1]) if whole[j] and distinct[j] <= len(chunk) // 2]
+    if not spiky:
+        return
+    if len(spiky) < chunk.shape[1]:
+        named = ", ".join(f"{j + 1} ({distinct[j]} distinct)" for j in spiky[:5])
+        more = " ..." if len(spiky) > 5 else ""
+        warn_from_caller(
+            f"fit: in the first {len(chunk)} rows of {name}, column(s) {named}{more} hold "
+            "whole numbers that repeat: a flow fitted to them puts ever narrower spikes on "
+            "the values, and its validation NLL falls without bound (the held-out rows take "
+            "the same values). dequantize=True is for tables of whole numbers only: add "
+            "U[0, 1) noise to these columns yourself (x[:, j] + uniform draws), so the flow "
+            "fits the mass of each cell"
+        )
         return
     shown = ", ".join(str(k) for k in distinct[:5]) + (" ..." if len(distinct) > 5 else "")
     warn_from_caller(

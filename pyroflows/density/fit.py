@@ -327,6 +327,9 @@ def _warn_if_discrete(rows: Rows, name: str) -> None:
     if not spiky:
         return
     if len(spiky) < chunk.shape[1]:
+        spiky = [j for j in spiky if distinct[j] > 1]  # a constant one is warned of apart
+        if not spiky:
+            return
         named = ", ".join(f"{j + 1} ({distinct[j]} distinct)" for j in spiky[:5])
         more = " ..." if len(spiky) > 5 else ""
         warn_from_caller(

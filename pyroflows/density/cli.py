@@ -401,24 +401,14 @@ _OTHERS = {
 _SPELLED = {
     **{name: flag for name, flag in _FLAGS.items() if name != "dequantize"},
     "checkpoint_every": "--checkpoint-every",
-}
-
-
-#: a builder's options, as the command line spells them
-_BUILDER_FLAGS = {
-    "transforms": "--transforms",
-    "hidden": "--hidden",
-    "bins": "--bins",
-    "activation": "--activation",
-    "autoregressive": "--autoregressive",
+    # the flow builder's options
+    **{n: f"--{n}" for n in ("transforms", "hidden", "bins", "activation", "autoregressive")},
 }
 
 
 def _builder_in_flag_terms(text: str, flow: str, dim: int) -> str:
     """A flow builder's refusal, naming the flag (and the command line's remedy)."""
-    name = text.split(" ", 1)[0]
-    if name in _BUILDER_FLAGS and text.startswith(f"{name} must "):
-        text = _BUILDER_FLAGS[name] + text[len(name) :]
+    text = _in_flag_terms(text)
     if text.startswith("dim must be >= 2 for a coupling flow"):
         text = (
             f"--flow {flow} is a coupling flow, which splits the columns in two: it needs "

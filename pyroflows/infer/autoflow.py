@@ -1405,11 +1405,8 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             return
         loc = self.anchor_loc.clone()
         if self._log_joint_is_random(loc, args, kwargs):
-            device = loc.device
-            with (
-                torch.no_grad(),
-                torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
-            ):
+            cuda = [loc.device] if loc.device.type == "cuda" else []
+            with torch.no_grad(), torch.random.fork_rng(devices=cuda):
                 summing = self._summing_model(args, kwargs)
             if summing is not None:  # sites hidden for TraceEnum_ELBO: summed out here too
                 self.__dict__["_summing"] = summing
@@ -1621,7 +1618,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                 "so, and weights that draw the data say nothing of the fit: pass the data"
             )
         else:
-            summing = (
+            remedy = (
                 "pyroflows.infer.loo(model, guide, ...) cannot sum them out, but diagnose, "
                 "importance_resample and to_arviz can"
                 if what == "loo"
@@ -1638,7 +1635,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                 "them out itself only when its model is poutine.block(model, ...) of a model "
                 "that enumerates them in parallel), and k-hat reads the noise of those "
                 "draws, not the guide (whatever the verdict advises): weigh it against the "
-                f"whole model instead: {summing}"
+                f"whole model instead: {remedy}"
             )
         return model
 

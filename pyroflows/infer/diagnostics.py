@@ -568,7 +568,6 @@ def _draws(
         whole = model
         model, drawn = _as_proposed(model, guide, args, kwargs)
         first = poutine.trace(model).get_trace(*args, **kwargs)
-        nesting = _nesting(first)
         derived = _deterministic_names(first) if deterministic else []
         sites = _data_sites(first) if observed else {}
         summed = _summed_sites(first, drawn)
@@ -585,47 +584,9 @@ def _draws(
                 whole, guide, args, kwargs, num_samples, drawn, summed, first, derived, sites
             )
         else:
-
-            def run(size, shapes):
-                return _vectorized_draws(
-                    model, guide, args, kwargs, size, nesting, first, shapes, derived, sites
-                )
-
-            def agrees(part) -> bool:
-                # the check's runs may draw (a model wrapped by an autoguide's init_loc_fn draws
-                # from the prior before the condition applies): seeded results stay as they were
-                with _rng_kept(part[0].device):
-                    return _batch_agrees(model, guide, args, kwargs, *part, derived)
-
-            try:
-                shapes = _guide_shapes(guide, args, kwargs)  # once for all the chunks
-                # a few draws first, checked one at a time: a model that mixes the draws up
-                # shows it here, before a run of 256 can make (256, 256, n) tensors of it
-                trial = min(num_samples, _TRIAL)
-                parts = [run(trial, shapes)]
-                joined = parts[0]
-                batched = agrees(joined)
-                if batched and num_samples > trial:
-                    parts += [run(size, shapes) for size in _chunks(num_samples - trial)]
-                    joined = _joined(parts)
-                    batched = agrees(joined)  # the first and the last of them all
-            except _OutsideSupport:
-                raise
-            except _NOT_BROADCAST:
-                # the model does not broadcast over a particle plate: one draw at a time
-                # (if that fails too, its error is the model's own, and it is raised: the
-                # particle-plate error above stays attached as its context)
-                log_w, samples, pointwise, partial = _sequential_draws(
-                    model, guide, args, kwargs, num_samples, derived, sites, first
-                )
-            else:
-                if batched:
-                    log_w, _, samples, pointwise, _, _ = joined
-                    partial = {}
-                else:
-                    log_w, samples, pointwise, partial = _sequential_draws(
-                        model, guide, args, kwargs, num_samples, derived, sites, first
-                    )
+            log_w, samples, pointwise, partial = _plain_draws(
+                model, guide, args, kwargs, num_samples, first, derived, sites
+            )
     fixed = [
         name
         for name, v in samples.items()
@@ -664,6 +625,57 @@ def _draws(
             f"diagnose() and loo() need only the weights and take such a model"
         )
     return log_w.detach(), {n: v.detach() for n, v in samples.items()}, pointwise
+
+
+def _plain_draws(model, guide, args, kwargs, num_samples, first, derived, sites):
+    """The weights of a model with nothing to sum out, as :func:`_summed_draws` returns them.
+
+    Under the particle plate where the model broadcasts and keeps the draws apart, else
+    one draw at a time. ``model`` is the model under :class:`_Proposed`; ``first`` one run of it.
+    """
+    nesting = _nesting(first)
+
+    def run(size, shapes):
+        return _vectorized_draws(
+            model, guide, args, kwargs, size, nesting, first, shapes, derived, sites
+        )
+
+    def agrees(part) -> bool:
+        # the check's runs may draw (a model wrapped by an autoguide's init_loc_fn draws
+        # from the prior before the condition applies): seeded results stay as they were
+        with _rng_kept(part[0].device):
+            return _batch_agrees(model, guide, args, kwargs, *part, derived)
+
+    try:
+        shapes = _guide_shapes(guide, args, kwargs)  # once for all the chunks
+        # a few draws first, checked one at a time: a model that mixes the draws up
+        # shows it here, before a run of 256 can make (256, 256, n) tensors of it
+        trial = min(num_samples, _TRIAL)
+        parts = [run(trial, shapes)]
+        joined = parts[0]
+        batched = agrees(joined)
+        if batched and num_samples > trial:
+            parts += [run(size, shapes) for size in _chunks(num_samples - trial)]
+            joined = _joined(parts)
+            batched = agrees(joined)  # the first and the last of them all
+    except _OutsideSupport:
+        raise
+    except _NOT_BROADCAST:
+        # the model does not broadcast over a particle plate: one draw at a time
+        # (if that fails too, its error is the model's own, and it is raised: the
+        # particle-plate error above stays attached as its context)
+        log_w, samples, pointwise, partial = _sequential_draws(
+            model, guide, args, kwargs, num_samples, derived, sites, first
+        )
+    else:
+        if batched:
+            log_w, _, samples, pointwise, _, _ = joined
+            partial = {}
+        else:
+            log_w, samples, pointwise, partial = _sequential_draws(
+                model, guide, args, kwargs, num_samples, derived, sites, first
+            )
+    return log_w, samples, pointwise, partial
 
 
 def _certain(guide, args, kwargs, names: list[str]) -> set[str]:

@@ -1619,11 +1619,8 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             )
         else:
             remedy = (
-                "pyroflows.infer.loo(model, guide, ...) cannot sum them out, but diagnose, "
-                "importance_resample and to_arviz can"
-                if what == "loo"
-                else f"pyroflows.infer.{what}(model, guide, ...), which sums out the sites "
-                "the model enumerates in parallel (config_enumerate)"
+                f"pyroflows.infer.{what}(model, guide, ...), which sums out the sites the "
+                "model enumerates in parallel (config_enumerate)"
             )
             warn_from_caller(
                 f"AutoFlow.{what}: the model draws random values with every latent site of "

@@ -31,8 +31,13 @@ not draw is summed out of the weight, as the ELBO sums it out in training:
     \log w_s = \log \sum_{c} p(x, z_s, c) - \log q(z_s),
 
 by Pyro's tensor contraction over the enumerated dims (``poutine.enum``), one model run
-per draw. Pointwise log-likelihoods (:func:`loo`, ``to_arviz``'s ``log_likelihood``
-group) are not computed for such a model.
+per draw. The pointwise log-likelihoods (:func:`loo`, ``to_arviz``'s ``log_likelihood``
+group) sum them out of each point too,
+:math:`\log p(y_i \mid z_s) = \log \sum_{c_i} p(c_i \mid z_s)\, p(y_i \mid c_i, z_s)`,
+where the model's factors fall apart by point: each summed site shares the plates of
+the one data site that depends on it (a mixture's assignment of each row). A summed
+site shared by several points or data sites (a global switch) ties them together:
+:func:`loo` is then refused, and ``to_arviz`` leaves the group out, saying why.
 
 The same weights turn guide draws into leave-one-out cross-validation (:func:`loo`), and
 :func:`to_arviz` writes the pointwise log-likelihood that ArviZ's ``loo`` and ``waic``
@@ -50,6 +55,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import warnings
@@ -571,17 +577,18 @@ def _draws(
         derived = _deterministic_names(first) if deterministic else []
         sites = _data_sites(first) if observed else {}
         summed = _summed_sites(first, drawn)
-        if summed and pointwise_for is not None:
-            raise ValueError(
-                f"{pointwise_for}: the model enumerates latent site(s) "
-                f"{', '.join(map(repr, sorted(summed)))} that the guide does not draw; the "
-                "weights sum them out, but the pointwise log-likelihood log p(y_i | z) with "
-                "them summed out is not computed here. Have the guide draw them, or compare "
-                "models by another criterion"
-            )
         if summed:
             log_w, samples, pointwise, partial = _summed_draws(
-                whole, guide, args, kwargs, num_samples, drawn, summed, first, derived, sites
+                whole,
+                guide,
+                args,
+                kwargs,
+                num_samples,
+                (drawn, summed),
+                first,
+                derived,
+                sites,
+                pointwise_for,
             )
         else:
             log_w, samples, pointwise, partial = _plain_draws(
@@ -866,28 +873,159 @@ def _summed_log_joint(trace) -> torch.Tensor:
     return contract_to_tensor(factors, set(trace.symbol_to_dim) - plates)
 
 
-def _summed_draws(model, guide, args, kwargs, num_samples, drawn, summed, first, derived, sites):
-    """:func:`_sequential_draws` with the ``summed`` sites summed out of each weight.
+def _summed_draws(
+    model, guide, args, kwargs, num_samples, latents, first, derived, sites, pointwise_for=None
+):
+    """:func:`_sequential_draws` with the summed sites summed out of each weight.
 
-    ``model`` is the model as given; it runs under ``poutine.enum`` left of its plates,
-    once a draw. A deterministic site that varies with a summed site (it has the
-    enumerated dims) is left out of the samples. With ``sites`` (the data), the
-    pointwise log-likelihoods are not computed: the returned :class:`_Pointwise` holds
-    the sites and names the summed ones.
+    ``latents``: ``(drawn, summed)``, the guide's sites and those to sum out. ``model``
+    is the model as given; it runs under ``poutine.enum`` left of its plates, once a
+    draw. A deterministic site that varies with a summed site (it has the enumerated
+    dims) is left out of the samples. With ``sites`` (the data), the pointwise
+    log-likelihoods have the summed sites summed out too (:func:`_summed_pointwise`)
+    where the model's factors allow it (:func:`_not_pointwise`); where they do not, a
+    caller that needs them (``pointwise_for``, its name) is refused before any draw, and
+    for others the returned :class:`_Pointwise` holds the sites and says why not.
     """
+    drawn, summed = latents
     proposed = _Proposed(drawn, summed)(model)
     enumerated = poutine.enum(proposed, first_available_dim=-1 - _nesting(first))
-    log_w, samples, _, partial = _sequential_draws(
-        enumerated, guide, args, kwargs, num_samples, derived, None, first, _summed_log_joint
+    why_not = None
+    if sites:
+        with _rng_kept():  # one run for the model's factors: the draws to come are as they were
+            trial = poutine.trace(enumerated).get_trace(*args, **kwargs)
+        why_not = _not_pointwise(trial, sites, summed)
+        if why_not is not None and pointwise_for is not None:
+            raise ValueError(
+                f"{pointwise_for}: the model enumerates latent site(s) "
+                f"{', '.join(map(repr, sorted(summed)))} that the guide does not draw; the "
+                f"weights sum them out, but the pointwise log-likelihood log p(y_i | z) "
+                f"cannot have them summed out: {why_not}. Have the guide draw them, or "
+                "compare models by another criterion"
+            )
+    log_w, samples, pointwise, partial = _sequential_draws(
+        enumerated,
+        guide,
+        args,
+        kwargs,
+        num_samples,
+        derived,
+        sites if why_not is None else None,
+        first,
+        _summed_log_joint,
+        functools.partial(_summed_pointwise, summed=summed) if why_not is None else None,
     )
     for name in derived:
         shape = first.nodes[name]["value"].shape
         if name in samples and samples[name].shape[1:] != shape:
             del samples[name]
-    pointwise = None
-    if sites:
-        pointwise = _Pointwise(sites, {}, log_w.new_zeros(num_samples), False, tuple(summed))
+    if sites and why_not is not None:
+        pointwise = _Pointwise(
+            sites, {}, log_w.new_zeros(num_samples), False, tuple(sorted(summed)), why_not
+        )
     return log_w, samples, pointwise, partial
+
+
+def _enumerated_dims(site: dict, dims: set[int]) -> set[int]:
+    """Which of the enumerated ``dims`` a site's log-density varies along."""
+    log_prob = site["unscaled_log_prob"]
+    return {d for d in dims if -d <= log_prob.dim() and log_prob.shape[d] > 1}
+
+
+def _plates_of(site: dict) -> frozenset[str]:
+    return frozenset(frame.name for frame in site["cond_indep_stack"] if frame.vectorized)
+
+
+def _summed_groups(trace, sites, summed) -> dict[str, tuple[set[str], set[int]]]:
+    """Per data site that varies with a summed site: the sites linked to it, and their dims.
+
+    The sites linked to a data site are those whose densities vary along an enumerated
+    dim it varies along, and so on (the summed sites it depends on, the other sites
+    that depend on those, ...): the factors a sum over those dims has to take together.
+    ``trace``: a run under ``poutine.enum``, its log-densities computed.
+    """
+    trace.compute_log_prob()
+    dims = {trace.nodes[name]["infer"]["_enumerate_dim"] for name in summed}
+    varies = {
+        name: _enumerated_dims(site, dims)
+        for name, site in _sampled(trace)
+        if not site_is_subsample(site)
+    }
+    groups = {}
+    for name in sites:
+        linked, along = {name}, set(varies.get(name, ()))
+        grew = bool(along)
+        while grew:
+            grew = False
+            for other, its in varies.items():
+                if other not in linked and its & along:
+                    linked.add(other)
+                    along |= its
+                    grew = True
+        if along:
+            groups[name] = (linked, along)
+    return groups
+
+
+def _not_pointwise(trace, sites, summed) -> str | None:
+    r"""Why the pointwise log-likelihoods cannot have the summed sites summed out, or None.
+
+    They can when :math:`\log \sum_c p(y, z, c)` falls apart into one term per data
+    point: every data site that varies with a summed site is linked
+    (:func:`_summed_groups`) to no other data site, and to sites that all sit in its
+    plates (a summed site local to each point, as a mixture's assignment of each row,
+    or a global one that only a single global observation depends on), none of them
+    scaled or masked but the data site itself (whose masked points are left out).
+    """
+    for name, (linked, _) in _summed_groups(trace, sites, summed).items():
+        nodes = trace.nodes
+        others = sorted(n for n in linked if n in sites and n != name)
+        if others:
+            return (
+                f"data sites {name!r} and {', '.join(map(repr, others))} depend on the same "
+                "summed site, so their points are not apart"
+            )
+        plates = _plates_of(nodes[name])
+        strays = sorted(n for n in linked if _plates_of(nodes[n]) != plates)
+        if strays:
+            return (
+                f"{', '.join(map(repr, strays))} and data site {name!r} are not in the same "
+                "plates (a summed site shared by several data points ties them together)"
+            )
+        weighed = sorted(
+            n
+            for n in linked
+            if not _is_one(nodes[n]["scale"]) or (n != name and nodes[n]["mask"] is not None)
+        )
+        if weighed:
+            return f"{', '.join(map(repr, weighed))} are scaled or masked"
+    return None
+
+
+def _summed_pointwise(trace, sites, joint, summed):
+    r"""Each data site's :math:`\log p(y_i \mid z)` with the summed sites summed out, and the rest.
+
+    For a data site that varies with no summed site, its own log-density; for one
+    that does, :math:`\log \sum_c \prod_{s} p(s_i \mid \dots)` over the sites linked
+    to it (:func:`_summed_groups`; :func:`_not_pointwise` has checked they allow it),
+    for a mixture :math:`\log \sum_k \pi_k p(y_i \mid k, z)`. The rest is the summed
+    log joint ``joint`` less the data's weighed terms.
+    """
+    groups = _summed_groups(trace, sites, summed)
+    log_lik, rest = {}, joint
+    for name, data in sites.items():
+        if name in groups:
+            linked, along = groups[name]
+            terms = sum(trace.nodes[n]["unscaled_log_prob"] for n in linked)
+            terms = torch.logsumexp(terms, dim=sorted(along), keepdim=True)
+        else:
+            terms = trace.nodes[name]["unscaled_log_prob"]
+        # the enumerated dims, summed to size 1, and any plate dims left of the data's
+        terms = terms.reshape(terms.shape[terms.dim() - len(data.shape) :])
+        log_lik[name] = terms.expand(data.shape)
+        weight = data.weight.to(terms.device, terms.dtype)
+        rest = rest - torch.where(data.points.to(terms.device), weight * log_lik[name], 0.0).sum()
+    return log_lik, rest
 
 
 def _masked(site: dict) -> bool:
@@ -1093,9 +1231,12 @@ class _Pointwise:
     log_lik: dict[str, torch.Tensor]
     rest: torch.Tensor
     vectorized: bool
-    #: latent sites summed out of the weights (:func:`_summed_draws`): then ``log_lik``
-    #: is empty, and ``rest`` is not computed (zeros)
+    #: latent sites summed out of the weights (:func:`_summed_draws`)
     summed: tuple[str, ...] = ()
+    #: why the pointwise log-likelihoods could not have the ``summed`` sites summed out
+    #: (:func:`_not_pointwise`): then ``log_lik`` is empty, and ``rest`` not computed
+    #: (zeros)
+    why_not: str | None = None
 
 
 def _is_data(site: dict) -> bool:
@@ -1376,12 +1517,23 @@ def _rng_kept(device: torch.device | None = None):
 
 
 def _sequential_draws(
-    model, guide, args, kwargs, num_samples, derived=(), sites=None, first=None, log_joint=None
+    model,
+    guide,
+    args,
+    kwargs,
+    num_samples,
+    derived=(),
+    sites=None,
+    first=None,
+    log_joint=None,
+    pointwise_of=None,
 ):
     r"""One model run per draw, for models that do not broadcast.
 
     ``log_joint`` (a model trace -> :math:`\log p(x, z)`) defaults to the trace's
-    ``log_prob_sum``.
+    ``log_prob_sum``; ``pointwise_of`` (a model trace, ``sites`` and that log joint ->
+    each data site's unscaled pointwise log-density and the log joint less the data's
+    weighed terms) defaults to the sites' own log-densities and the other sites' sum.
 
     The guide runs once per draw too, unless it batches its draws as a distribution does
     (:func:`_batches_like_a_distribution`) and ``first`` (a trace of the model) is given:
@@ -1415,10 +1567,12 @@ def _sequential_draws(
                     "draws only): leave-one-out needs the same data points at every draw; "
                     "diagnose() takes such a model"
                 )
-            liks.append(
-                {n: nodes[n]["unscaled_log_prob"].expand(d.shape) for n, d in sites.items()}
-            )
-            rest = model_trace.log_prob_sum(lambda name, _: name not in sites)
+            if pointwise_of is None:
+                lik = {n: nodes[n]["unscaled_log_prob"].expand(d.shape) for n, d in sites.items()}
+                rest = model_trace.log_prob_sum(lambda name, _: name not in sites)
+            else:
+                lik, rest = pointwise_of(model_trace, sites, joint)
+            liks.append(lik)
             rests.append(torch.as_tensor(rest - log_q))
     # a model whose structure changes from draw to draw has sites in some draws only:
     # their weights are as valid as any, but those sites' draws make no one array
@@ -1655,11 +1809,13 @@ def to_arviz(
     :func:`loo` corrects for the guide with the importance weights. Where the model
     masks points out, their NaN make ``az.loo`` and ``az.waic`` NaN: a ``UserWarning``
     says so, and :func:`loo` leaves them out. The group holds
-    ``num_samples`` values per point: ``log_likelihood=False`` leaves it out. A model
-    with discrete sites summed out of the weights (see the module's notes) gets no
-    ``log_likelihood`` group, and a ``UserWarning`` unless ``log_likelihood=False``;
-    its ``posterior`` group has the guide's sites (and the deterministic sites that do
-    not vary with a summed site), not the summed ones.
+    ``num_samples`` values per point: ``log_likelihood=False`` leaves it out. For a model
+    with discrete sites summed out of the weights (see the module's notes), each point's
+    log-likelihood has them summed out too where they are local to it; where not (a
+    summed site shared by several points), the group is left out, with a
+    ``UserWarning`` unless ``log_likelihood=False``. Its ``posterior`` group has the
+    guide's sites (and the deterministic sites that do not vary with a summed site),
+    not the summed ones.
 
     With ``posterior_predictive`` (the default), the ``posterior_predictive`` group holds
     a replicate of each observed site drawn from the model at each draw (the model run
@@ -1704,13 +1860,13 @@ def to_arviz(
             # observed value a dim of 1, and loo_pit wants the groups to match)
             return array[..., None] if sites[name].value.dim() == 0 else array
 
-        if log_likelihood and pointwise.summed:
+        if log_likelihood and pointwise.why_not is not None:
             warn_from_caller(
                 f"to_arviz: the model enumerates latent site(s) "
                 f"{', '.join(map(repr, sorted(pointwise.summed)))} that the guide does not "
-                "draw; the weights sum them out, but the pointwise log-likelihood with them "
-                "summed out is not computed, so the log_likelihood group is left out "
-                "(log_likelihood=False says so without this warning)"
+                "draw; the weights sum them out, but the pointwise log-likelihood cannot have "
+                f"them summed out ({pointwise.why_not}), so the log_likelihood group is left "
+                "out (log_likelihood=False says so without this warning)"
             )
         elif log_likelihood:
             groups["log_likelihood"] = {
@@ -1905,8 +2061,12 @@ def loo(
     ``pareto_k`` are then flat over the points kept. A site the model scales
     (``poutine.scale``) enters the ratios as the model weighs it (the fit is of the
     tempered posterior) and the predictive density :math:`p(y_i \mid z_s)` unscaled.
-    The other observed sites stay in every fit. Memory: a few ``num_samples`` by ``n``
-    float64 arrays (160 MB each for 5,000 points and 4,000 draws).
+    The other observed sites stay in every fit. A discrete site the model enumerates
+    and the guide does not draw is summed out of each point's density where it is local
+    to that point (a mixture's assignment of each row:
+    :math:`p(y_i \mid z_s) = \sum_k p(k \mid z_s)\, p(y_i \mid k, z_s)`); a model whose
+    summed site is shared by several points is refused (``ValueError``). Memory: a few
+    ``num_samples`` by ``n`` float64 arrays (160 MB each for 5,000 points and 4,000 draws).
 
     Args:
         model: the Pyro model; it must score the whole data set (no subsampled plate).

@@ -1380,23 +1380,124 @@ def test_enumerated_latents_in_a_plate_are_summed_out_row_by_row():
         assert diagnose(model, lambda y: pyro.sample("locs", wider), y, num_samples=500).khat < 0.5
 
 
-def test_summed_latents_leave_the_pointwise_likelihood_out():
+def test_summed_latents_are_summed_out_of_the_pointwise_likelihood():
+    # log p(x | z) = log sum_c p(c) p(x | z, c): before, the log_likelihood group was
+    # left out (with a warning) and loo refused any model with a summed site
     x = torch.tensor(1.7, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # Pyro's "vars in model but not guide"
         warnings.filterwarnings("error", message="to_arviz")
-        with pytest.raises(UserWarning, match="enumerates latent site.*'c'.*log_likelihood group"):
-            to_arviz(_mixture_point, _mixture_point_guide, x, num_samples=20)
-        idata = to_arviz(
-            _mixture_point, _mixture_point_guide, x, num_samples=20, log_likelihood=False
-        )
-        with pytest.raises(ValueError, match=r"loo: the model enumerates latent site\(s\) 'c'"):
-            loo(_mixture_point, _mixture_point_guide, x, num_samples=20)
+        idata = to_arviz(_mixture_point, _mixture_point_guide, x, num_samples=20)
     # z2 does not vary with c; shift does, and has no one value a draw
     assert set(idata.posterior.data_vars) == {"z", "z2"}
-    assert "log_likelihood" not in idata.groups()
-    assert idata.posterior_predictive["x"].shape == (1, 20, 1)  # a scalar site: one point
     np.testing.assert_allclose(idata.posterior["z2"], 2 * idata.posterior["z"])
+    assert idata.posterior_predictive["x"].shape == (1, 20, 1)  # a scalar site: one point
+    z = torch.as_tensor(idata.posterior["z"].values[0])
+    expected = torch.logsumexp(
+        torch.stack(
+            [
+                math.log(0.7) + dist.Normal(z, 1.0).log_prob(x),
+                math.log(0.3) + dist.Normal(z + 2, 1.0).log_prob(x),
+            ]
+        ),
+        0,
+    )
+    np.testing.assert_allclose(idata.log_likelihood["x"].values[0, :, 0], expected.numpy())
+
+
+def _grid_loo(y, locs_shift, prior_sd, weights):
+    """elpd_i = log p(y_i | y_-i) of a 1-D mixture location model, on a fine grid."""
+    mu = torch.linspace(-12.0, 12.0, 24001, dtype=torch.float64)
+    comps = dist.Normal(mu[:, None, None] + locs_shift, 1.0).log_prob(y[None, :, None])
+    ll = torch.logsumexp(comps + weights.log(), -1)  # (grid, n)
+    prior = dist.Normal(torch.tensor(0.0).double(), prior_sd).log_prob(mu)
+    total = prior + ll.sum(1)
+    elpd = []
+    for i in range(len(y)):
+        without = total - ll[:, i]
+        elpd.append(torch.logsumexp(without + ll[:, i], 0) - torch.logsumexp(without, 0))
+    return torch.stack(elpd), total
+
+
+def test_loo_of_a_mixture_with_its_assignments_summed_out_matches_the_exact_leave_one_out():
+    # each row's assignment k_i is summed out of log p(y_i | mu); the guide draws mu only.
+    # The reference: p(y_i | y_-i) by quadrature over mu
+    y = torch.tensor([-1.4, -0.3, 0.5, 2.2, 3.1, 3.9, 6.0], dtype=torch.float64)
+    shift = torch.tensor([0.0, 3.0], dtype=torch.float64)
+    weights = torch.tensor([0.5, 0.5], dtype=torch.float64)
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0).double(), 3.0))
+        with pyro.plate("rows", len(y)):
+            k = pyro.sample("k", dist.Categorical(weights), infer={"enumerate": "parallel"})
+            pyro.sample("y", dist.Normal(mu + shift[k], 1.0), obs=y)
+
+    exact, total = _grid_loo(y, shift, 3.0, weights)
+    mu = torch.linspace(-12.0, 12.0, 24001, dtype=torch.float64)
+    post = torch.softmax(total, 0)
+    mean = (post * mu).sum()
+    sd = ((post * (mu - mean) ** 2).sum()).sqrt()
+    q = dist.Normal(mean, 1.3 * sd)  # a little wider than the posterior
+
+    def guide(y):
+        pyro.sample("mu", q)
+
+    pyro.set_rng_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Pyro's "vars in model but not guide"
+        result = loo(model, guide, y, num_samples=4000)
+    # Monte Carlo error: at most 0.05 a point and 0.05 in all over seeds 0-5; a pointwise
+    # term without the mixture's weights would be off by log 2 a point
+    np.testing.assert_allclose(result.loo_i.values, exact.numpy(), atol=0.08)
+    assert abs(result.elpd_loo - exact.sum().item()) < 0.1
+
+
+def test_a_summed_site_shared_by_data_sites_leaves_the_pointwise_likelihood_out():
+    # one global c behind two observations: p(y1, y2 | z) does not fall apart per site
+    y = torch.tensor([0.3, 1.2], dtype=torch.float64)
+
+    def model(y):
+        c = pyro.sample(
+            "c", dist.Bernoulli(torch.tensor(0.3).double()), infer={"enumerate": "parallel"}
+        )
+        z = pyro.sample("z", dist.Normal(torch.tensor(0.0).double(), 1.0))
+        pyro.sample("y1", dist.Normal(z + c, 1.0), obs=y[0])
+        pyro.sample("y2", dist.Normal(z - c, 1.0), obs=y[1])
+
+    def guide(y):
+        pyro.sample("z", dist.Normal(torch.tensor(0.5).double(), 0.8))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Pyro's "vars in model but not guide"
+        warnings.filterwarnings("error", message="to_arviz")
+        with pytest.raises(UserWarning, match="'c'.*'y1' and 'y2' depend on the same summed"):
+            to_arviz(model, guide, y, num_samples=20)
+        idata = to_arviz(model, guide, y, num_samples=20, log_likelihood=False)
+        with pytest.raises(ValueError, match=r"loo: .*'c'.*'y1' and 'y2' depend on the same"):
+            loo(model, guide, y, num_samples=20, var_name="y1")
+    assert "log_likelihood" not in idata.groups()
+    assert set(idata.posterior.data_vars) == {"z"}
+
+
+def test_a_summed_site_outside_the_data_plate_leaves_the_pointwise_likelihood_out():
+    # a global switch c behind every row: p(y | z) does not fall apart per row
+    y = torch.tensor([0.3, 1.2, -0.4], dtype=torch.float64)
+
+    def model(y):
+        c = pyro.sample(
+            "c", dist.Bernoulli(torch.tensor(0.3).double()), infer={"enumerate": "parallel"}
+        )
+        z = pyro.sample("z", dist.Normal(torch.tensor(0.0).double(), 1.0))
+        with pyro.plate("rows", len(y)):
+            pyro.sample("y", dist.Normal(z + c, 1.0), obs=y)
+
+    def guide(y):
+        pyro.sample("z", dist.Normal(torch.tensor(0.5).double(), 0.8))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Pyro's "vars in model but not guide"
+        with pytest.raises(ValueError, match=r"loo: .*'c' and data site 'y' are not in the same"):
+            loo(model, guide, y, num_samples=20)
 
 
 def test_a_model_that_indexes_by_group_is_scored_one_draw_at_a_time():

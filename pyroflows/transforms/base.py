@@ -17,6 +17,7 @@ context tensor.
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any
 
@@ -126,29 +127,55 @@ def _same_key(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
 _MADE_FORWARD, _MADE_INVERSE = 0, 1
 
 
+def _claim_until_backward(x: torch.Tensor, claim: list[bool]) -> bool:
+    """Whether a cached output ``x`` may be served again for its ``u``; until a backward.
+
+    A backward through ``x`` frees its graph: ``t(u)`` served after that would hand back
+    an output that cannot be differentiated again (a loop that checks ``t.inv(t(u))``
+    between two passes over a fixed ``u``). A hook on ``x`` lifts the claim then, for
+    good. Where no hook can go on (a tensor of a ``torch.func`` transform), no claim is
+    made. ``claim``: the entry's ``[claimed, spent, hooked]``.
+    """
+    if not x.requires_grad:  # no graph to free
+        return True
+    if claim[1]:
+        return False
+    if not claim[2]:
+        try:
+            x.register_hook(functools.partial(_spend, claim))
+        except RuntimeError:
+            return False
+        claim[2] = True
+    return True
+
+
+def _spend(claim: list[bool], grad: torch.Tensor) -> None:
+    claim[0], claim[1] = False, True
+
+
 class _CachedBijection:
     """Caching for the last ``(u, x, ladj)`` triple, in either direction.
 
-    A hit is served for ``t.inv(x)`` of the ``x`` its last ``t(u)`` returned, for
-    ``t(u)`` of the ``u`` its last ``t.inv(x)`` returned, for ``t(u)`` of the ``u`` its
-    last ``t(u)`` was given once ``t.inv`` has been served that call's output and until
-    the pair's log-det is served (torch's ``ComposeTransform`` re-applies each part to
-    find the log-det while scoring), and for ``log_abs_det_jacobian`` of the cached
-    pair. So ``d.log_prob(d.rsample())`` runs no inverse and no second network pass (an
-    IAF layer scores its own samples for free, in a list of layers or a
-    ``ComposeTransform``), while a tensor the caller passes in is computed afresh: a
-    data batch to score, and a base draw pushed through again, also after its output
-    was scored (in a loop over a fixed ``u``, a hit would hand back a graph already
-    freed by ``backward``, or, after an optimizer that writes through ``.data`` such as
-    Pyro's ``ClippedAdam``, an output of the old weights). A hit also needs the same
+    A hit is served for ``t.inv(x)`` of the ``x`` its last ``t(u)`` returned, for ``t(u)``
+    of the ``u`` its last ``t.inv(x)`` returned, for ``t(u)`` of the ``u`` its last ``t(u)``
+    was given once ``t.inv`` has been served that call's output and until the pair's log-det
+    is served or a backward passes through that output (torch's ``ComposeTransform``
+    re-applies each part to find the log-det while scoring), and for
+    ``log_abs_det_jacobian`` of the cached pair. So ``d.log_prob(d.rsample())`` runs no
+    inverse and no second network pass (an IAF layer scores its own samples for free, in a
+    list of layers or a ``ComposeTransform``), while a tensor the caller passes in is
+    computed afresh: a data batch to score, and a base draw pushed through again, also after
+    its output was scored (in a loop over a fixed ``u``, a hit would hand back a graph
+    already freed by ``backward``, or, after an optimizer that writes through ``.data`` such
+    as Pyro's ``ClippedAdam``, an output of the old weights). A hit also needs the same
     tensor objects (``is``), unchanged in place and in ``requires_grad`` since (their
-    version counters, the cached log-det's too), the layer's parameters and buffers the
-    same objects and unchanged (their version counters, which ``optimizer.step()`` and
+    version counters, the cached log-det's too), the layer's parameters and buffers the same
+    objects and unchanged (their version counters, which ``optimizer.step()`` and
     ``load_state_dict`` bump), no optimizer step since (of any ``torch.optim`` optimizer,
     counted by a step hook: fused ones and Pyro's ``ClippedAdam`` write past the version
     counters), so the cache never goes stale after a step, unlike pyro#2542, nor after
-    parameters are swapped in, and, if grad mode is on now, grad mode on when the entry
-    was made (else its ``ladj`` would carry no graph).
+    parameters are swapped in, and, if grad mode is on now, grad mode on when the entry was
+    made (else its ``ladj`` would carry no graph).
 
     ``with_cache`` returns the layer itself: it caches already (Pyro's
     ``ComposeTransformModule(..., cache_size=1)`` and ``UnitJacobianReparam`` ask for it).
@@ -222,14 +249,14 @@ class _CachedBijection:
         now = self._key()
         if now is None or not _same_key(key, now):
             return None
-        if u is None:  # its own output scored: the pair is in a chain of layers
-            claimed[0] = True
+        if u is None and not claimed[0]:  # its own output scored: the pair is in a chain
+            claimed[0] = _claim_until_backward(cx, claimed)
         return entry
 
     def _store(self, u: torch.Tensor, x: torch.Tensor, ladj: torch.Tensor, made: int) -> None:
         # inference-mode tensors have no version counter to watch: not cached
         if self._use_cache and not (u.is_inference() or x.is_inference()):
-            meta = (made, _states(u, x, ladj), self._key(), torch.is_grad_enabled(), [False])
+            meta = (made, _states(u, x, ladj), self._key(), torch.is_grad_enabled(), [False] * 3)
             # straight into __dict__: nn.Module.__setattr__ costs more than the rest of this
             self.__dict__["_cache"] = (u, x, ladj, meta)
 

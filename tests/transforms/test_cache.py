@@ -351,6 +351,36 @@ def test_a_fixed_base_draw_pushed_again_after_its_output_was_scored_is_computed_
     (again**2).mean().backward()  # a graph of its own, not the freed one
 
 
+@pytest.mark.parametrize("layer", ["coupling", "iaf", "spline", "conditioned"])
+def test_a_fixed_base_draw_pushed_again_after_a_round_trip_check_is_computed_afresh(layer):
+    # t.inv(t(u)) between passes (a round-trip check) left the layer claimed: the next
+    # t(u) was served the output whose graph the backward had freed
+    from pyroflows.transforms import (
+        AffineCoupling,
+        ConditionalAffineCoupling,
+        SplineCoupling,
+    )
+
+    torch.manual_seed(0)
+    t = {
+        "coupling": lambda: AffineCoupling(4, hidden=(8,)),
+        "iaf": lambda: AffineAutoregressive(4, "iaf", hidden=(8,)),
+        "spline": lambda: SplineCoupling(4, hidden=(8,)),
+        "conditioned": lambda: ConditionalAffineCoupling(4, 2, hidden=(8,)).condition(
+            torch.randn(10, 2)
+        ),
+    }[layer]()
+    u = torch.randn(10, 4)
+    for _ in range(2):
+        x = t(u)
+        t.inv(x)
+        x.pow(2).sum().backward()
+        t.inv(x)  # a second check after the backward claims nothing either
+    again = t(u)
+    assert again is not x
+    again.pow(2).sum().backward()
+
+
 def test_a_log_det_edited_in_place_is_not_served_again():
     torch.manual_seed(0)
     t = AffineAutoregressive(4, hidden=(8,))

@@ -36,6 +36,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -314,6 +315,11 @@ def amortized_posterior(
     return AmortizedPosterior(Encoder(input_dim, latent_dim, hidden, context, activation), built)
 
 
+#: set while :func:`iwae_log_likelihood` runs: every AmortizedGuide then takes the rows
+#: it is given as they are, once each (its ``size`` and ``subsample_size`` aside)
+_EVERY_ROW_ONCE = [False]
+
+
 class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
     r"""A Pyro guide that samples ``z ~ q(z | x)`` for every row of ``x`` in a plate.
 
@@ -323,13 +329,15 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
     arguments (the model's) are ignored. Three ways to batch:
 
     * ``size=None`` (default): ``x`` is the batch, the plate has ``len(x)`` rows, and the
-      ELBO is that of the batch.
-    * ``size=N`` and ``len(x) < N``: ``x`` is a mini-batch of an ``N``-row data set, drawn
+      ELBO is that of the batch (a model that subsamples its plate scales its own
+      sites by ``N / len(x)`` and this guide's not: give ``size``).
+    * ``size=N`` and ``len(x) <= N``: ``x`` is a mini-batch of an ``N``-row data set, drawn
       by the caller; the guide's plate has ``N`` rows and ``len(x)`` in the batch, so the
       ELBO is scaled by ``N / len(x)`` (an unbiased estimate of the full data set's when
       the batch is drawn at random). The model opens its plate with the batch's own
       indices, ``pyro.plate(plate, N, subsample=idx)``, and keeps them: the guide, which
-      does not know them, records none for the model to replay. The model must do so:
+      does not know them, records none for the model to replay (with any ``size``, a
+      shuffled batch of all ``N`` rows included). The model must do so:
       a model whose plate is ``pyro.plate(plate, len(x))`` scores the batch at scale 1
       while the guide scales it by ``N / len(x)``, and SVI, which cannot see the
       difference, fits a posterior too wide (about ``sqrt(N / len(x))`` times), silently.
@@ -436,22 +444,31 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
         if enclosing is not None:  # the caller's own data plate, shared with its latents
             self._check_enclosing(enclosing)
             return pyro.sample(self.site, self._posterior(x, enclosing.subsample_size, True))
-        if self.size is None:
-            with pyro.plate(self.plate, rows, dim=self.dim):
+        # the rows' indices are the model's (the guide does not know them): its plate site
+        # is hidden, or the model, replayed, would be handed 0..rows-1 for its own (a
+        # shuffled batch of all N rows too)
+        index = torch.arange(rows, device=x.device)
+        if self.size is None or _EVERY_ROW_ONCE[0]:
+            with (
+                poutine.block(hide=[self.plate]),
+                pyro.plate(self.plate, rows, subsample=index, dim=self.dim),
+            ):
                 return pyro.sample(self.site, self._posterior(x, rows))
         if rows > self.size:
-            raise ValueError(f"x has {rows} rows but the guide was told size={self.size}")
-        if rows < self.size:  # a mini-batch: scaled by size / rows
-            if self.subsample_size is not None:
-                raise ValueError(
-                    f"x has {rows} rows, fewer than size={self.size}: a mini-batch, but the "
-                    f"guide was built with subsample_size={self.subsample_size} to draw its "
-                    f"own from the whole data set; pass all {self.size} rows, or build it "
-                    f"without subsample_size"
-                )
-            # the batch's indices are the model's (the guide does not know them): its plate
-            # site is hidden, or the model, replayed, would be handed 0..rows-1 instead
-            index = torch.arange(rows, device=x.device)
+            raise ValueError(
+                f"x has {rows} rows but the guide was told size={self.size}, the rows of the "
+                f"data set; for other data (a test set), use a guide without size, "
+                f"AmortizedGuide(guide.posterior, register=False) with the same site, plate "
+                f"and dim"
+            )
+        if rows < self.size and self.subsample_size is not None:
+            raise ValueError(
+                f"x has {rows} rows, fewer than size={self.size}: a mini-batch, but the "
+                f"guide was built with subsample_size={self.subsample_size} to draw its "
+                f"own from the whole data set; pass all {self.size} rows, or build it "
+                f"without subsample_size"
+            )
+        if self.subsample_size is None:  # a mini-batch (or all rows): scaled by size / rows
             with (
                 poutine.block(hide=[self.plate]),
                 pyro.plate(self.plate, self.size, subsample=index, dim=self.dim),
@@ -623,9 +640,10 @@ def iwae_log_likelihood(
     ``model(x, **kwargs)`` and ``guide(x, **kwargs)`` must put every sample site (the
     latents and the observations) in the plate named ``plate`` over the rows of ``x``,
     without subsampling. Site scales (``poutine.scale``, a subsampled plate) are ignored:
-    each row counts once. A keyword argument that is a tensor with one entry per row of
-    ``x`` (first dim ``len(x)``: labels, covariates) is sliced with ``x`` when the rows
-    take several passes.
+    each row counts once, and an :class:`AmortizedGuide` built with ``size`` (for SVI's
+    scaling) takes ``x`` as it is, more rows than ``size`` too (a test set). A keyword
+    argument that is a tensor with one entry per row of ``x`` (first dim ``len(x)``: labels,
+    covariates) is sliced with ``x`` when the rows take several passes.
 
     Args:
         model: the Pyro model.
@@ -643,15 +661,15 @@ def iwae_log_likelihood(
     check_positive_int(max_batch, "max_batch")
     if isinstance(guide, AmortizedGuide) and guide.subsample_size is not None:
         raise ValueError(
-            f"guide was built with subsample_size={guide.subsample_size}, which draws rows; "
-            f"iwae_log_likelihood scores every row of x once: pass a guide without it, "
-            f"AmortizedGuide(guide.posterior, register=False) with the same site, plate "
-            f"and dim"
+            f"guide was built with subsample_size={guide.subsample_size}, which draws rows "
+            f"for the model's plate; iwae_log_likelihood scores every row of x once: pass "
+            f"a guide without it, AmortizedGuide(guide.posterior, register=False) with the "
+            f"same site, plate and dim, and a model whose plate takes every row"
         )
     n = _row_count(x)
     if n == 0:
         raise ValueError("x has no rows")
-    with torch.no_grad():
+    with torch.no_grad(), _every_row_once():  # a guide's size is for SVI's scaling
         rows_per_pass = max(1, min(n, max_batch))
         first = _row_kwargs(kwargs, 0, rows_per_pass, n)
         nesting = _plate_nesting(model, guide, x[:rows_per_pass], first)
@@ -672,6 +690,17 @@ def iwae_log_likelihood(
                 done += m
             out.append(total - math.log(num_samples))
         return torch.cat(out)
+
+
+@contextlib.contextmanager
+def _every_row_once():
+    """While it lasts, an :class:`AmortizedGuide` scores the rows it is given once each."""
+    before = _EVERY_ROW_ONCE[0]
+    _EVERY_ROW_ONCE[0] = True
+    try:
+        yield
+    finally:
+        _EVERY_ROW_ONCE[0] = before
 
 
 def _row_kwargs(kwargs: dict[str, Any], start: int, stop: int, n: int) -> dict[str, Any]:

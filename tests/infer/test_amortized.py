@@ -672,6 +672,50 @@ def test_subsampling_options_that_cannot_hold_are_refused():
         amortized_posterior(10, 8, flow=None, transforms=5, flow_hidden=(3,))
 
 
+@pytest.mark.parametrize("size", [6, None])
+def test_a_shuffled_batch_of_every_row_keeps_the_models_own_indices(size):
+    # all N rows in shuffled order (randperm(N).split(B) with B >= N): the guide recorded
+    # 0..N-1 and the model, replayed, read its covariates by those instead of its own; a
+    # guide without size did the same to any batch
+    n = 6
+    covariate = torch.arange(n, dtype=torch.float32)
+    data = torch.randn(n, 3)
+    seen = {}
+
+    def model(x, idx):
+        with pyro.plate("data", n, subsample=idx) as i:
+            seen["i"] = i
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            loc = z.sum(-1, keepdim=True) + covariate[i, None]
+            pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x)
+
+    guide = AmortizedGuide(amortized_posterior(3, 2, hidden=(8,)), size=size, register=False)
+    for idx in (torch.tensor([5, 2, 0, 4, 1, 3]), torch.tensor([4, 1, 3])):
+        Trace_ELBO().loss(model, guide, data[idx], idx)
+        assert seen["i"].tolist() == idx.tolist()
+
+
+def test_iwae_takes_more_rows_than_a_guides_size():
+    # a guide trained on N rows, scored on a larger test set: refused or not depending on
+    # max_batch (whether a pass held more than N rows)
+    q = amortized_posterior(3, 2, flow="iaf", hidden=(8,))
+    x = torch.randn(15, 3)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x)
+
+    sized, plain = AmortizedGuide(q, size=10, register=False), AmortizedGuide(q, register=False)
+    torch.manual_seed(0)
+    a = iwae_log_likelihood(model, sized, x, 8)
+    torch.manual_seed(0)
+    b = iwae_log_likelihood(model, plain, x, 8)
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="size=10.*a guide without size"):
+        sized(x)  # outside iwae, still refused, with the remedy for a test set
+
+
 def test_a_guide_built_with_size_alone_scores_every_row_in_iwae():
     q = amortized_posterior(3, 2, flow="iaf", hidden=(8,))
     x = torch.randn(10, 3)

@@ -574,8 +574,12 @@ def _active_plate(name: str) -> Any:
     return None
 
 
-def _plate_nesting(model, guide, x, kwargs) -> int:
-    """The most plate dims any site of ``model`` or ``guide`` uses (on the rows ``x``)."""
+def _plate_nesting(model, guide, x, kwargs) -> tuple[int, frozenset[str]]:
+    """The most plate dims any site of ``model`` or ``guide`` uses (on the rows ``x``).
+
+    And the latent sites of the model to sum out: those it enumerates in parallel
+    (``config_enumerate``) that the guide does not draw.
+    """
     with poutine.block():
         guide_trace = poutine.trace(guide).get_trace(x, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, **kwargs)
@@ -586,11 +590,26 @@ def _plate_nesting(model, guide, x, kwargs) -> int:
                 for frame in site["cond_indep_stack"]:
                     if frame.vectorized:
                         deepest = max(deepest, -frame.dim)
-    return deepest
+    summed = frozenset(
+        name
+        for name, site in model_trace.nodes.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and name not in guide_trace.nodes
+        and site["infer"].get("enumerate") == "parallel"
+        and getattr(site["fn"], "has_enumerate_support", False)
+    )
+    return deepest, summed
 
 
-def _row_log_prob(site: dict, plate: str, particle_dim: int, rows: int) -> torch.Tensor:
-    """``log p`` of one site, summed to shape ``(particles, rows)`` (mask applied)."""
+def _row_log_prob(
+    site: dict, plate: str, particle_dim: int, rows: int, enumerated: int = 0
+) -> torch.Tensor:
+    """``log p`` of one site, summed to shape ``(particles, rows)`` (mask applied).
+
+    With ``enumerated`` dims left of the particle dim (``poutine.enum``'s), they are kept:
+    shape ``(*enumerated, particles, rows)``.
+    """
     frame = next((f for f in site["cond_indep_stack"] if f.name == plate), None)
     if frame is None:
         raise ValueError(
@@ -599,7 +618,7 @@ def _row_log_prob(site: dict, plate: str, particle_dim: int, rows: int) -> torch
             f"the data plate (pass plate= the name of your data plate)"
         )
     log_p = scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"])
-    width = -particle_dim
+    width = enumerated - particle_dim
     log_p = log_p.reshape((1,) * (width - log_p.dim()) + log_p.shape)
     data_axis = width + frame.dim
     if log_p.shape[data_axis] not in (1, rows):
@@ -607,7 +626,7 @@ def _row_log_prob(site: dict, plate: str, particle_dim: int, rows: int) -> torch
             f"plate {plate!r} has {log_p.shape[data_axis]} rows at site {site['name']!r} but "
             f"x has {rows}: evaluate without subsampling (size=None)"
         )
-    keep = (0, data_axis)
+    keep = (*range(enumerated + 1), data_axis)
     other = tuple(i for i in range(width) if i not in keep)
     if other:
         log_p = log_p.sum(other)
@@ -643,7 +662,10 @@ def iwae_log_likelihood(
     each row counts once, and an :class:`AmortizedGuide` built with ``size`` (for SVI's
     scaling) takes ``x`` as it is, more rows than ``size`` too (a test set). A keyword
     argument that is a tensor with one entry per row of ``x`` (first dim ``len(x)``: labels,
-    covariates) is sliced with ``x`` when the rows take several passes.
+    covariates) is sliced with ``x`` when the rows take several passes. A discrete latent
+    the model enumerates in parallel (``config_enumerate``, for ``TraceEnum_ELBO``) and the
+    guide does not draw is summed out of each row's weight, :math:`\log \sum_c p(x_n, z_i,
+    c) - \log q(z_i \mid x_n)`; it must sit in the data plate.
 
     Args:
         model: the Pyro model.
@@ -672,8 +694,10 @@ def iwae_log_likelihood(
     with torch.no_grad(), _every_row_once():  # a guide's size is for SVI's scaling
         rows_per_pass = max(1, min(n, max_batch))
         first = _row_kwargs(kwargs, 0, rows_per_pass, n)
-        nesting = _plate_nesting(model, guide, x[:rows_per_pass], first)
+        nesting, summed = _plate_nesting(model, guide, x[:rows_per_pass], first)
         particle_dim = -(nesting + 1)
+        if summed:  # summed out of each row's weight, left of the particles
+            model = poutine.enum(model, first_available_dim=particle_dim - 1)
         out = []
         for start in range(0, n, rows_per_pass):
             chunk = x[start : start + rows_per_pass]
@@ -725,12 +749,18 @@ def _log_weights(model, guide, x, particles, plate, particle_dim, kwargs) -> tor
     with pyro.plate("_iwae_particles", particles, dim=particle_dim):
         guide_trace = poutine.trace(guide).get_trace(x, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, **kwargs)
+    enumerated = {
+        site["infer"]["_enumerate_dim"]
+        for site in model_trace.nodes.values()
+        if site["type"] == "sample" and site["infer"].get("_enumerate_dim") is not None
+    }
     latent = {
         name
         for name, site in model_trace.nodes.items()
         if site["type"] == "sample"
         and not site["is_observed"]
         and not isinstance(site["fn"], _Subsample)
+        and site["infer"].get("_enumerate_dim") is None
     }
     drawn = {
         name
@@ -740,13 +770,16 @@ def _log_weights(model, guide, x, particles, plate, particle_dim, kwargs) -> tor
     if latent != drawn:
         raise ValueError(
             f"the model's latent sites {sorted(latent)} and the guide's sites {sorted(drawn)} "
-            f"differ: importance weights need the guide to draw every latent of the model"
+            f"differ: importance weights need the guide to draw every latent of the model "
+            f"(a discrete one the model enumerates in parallel, config_enumerate, it may "
+            f"leave to be summed out)"
         )
     # the shapes, as SVI's losses check them (the particle dim left of the plates aside):
     # a guide whose plate has another dim would broadcast against the model into a grid
     # of rows, and the weights would sum the wrong axis (~100 nats off)
     check_model_guide_match(model_trace, guide_trace, max_plate_nesting=-particle_dim - 1)
-    log_w = x.new_zeros(particles, rows)
+    width = -min(enumerated) + particle_dim if enumerated else 0  # enumerated dims
+    log_w = x.new_zeros((1,) * width + (particles, rows))
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
         for site in trace.nodes.values():
             if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
@@ -755,5 +788,6 @@ def _log_weights(model, guide, x, particles, plate, particle_dim, kwargs) -> tor
                 continue
             if site["infer"].get("_deterministic"):  # pyro.deterministic: log-density 0
                 continue
-            log_w = log_w + sign * _row_log_prob(site, plate, particle_dim, rows)
-    return log_w
+            log_w = log_w + sign * _row_log_prob(site, plate, particle_dim, rows, width)
+    # sum p over the enumerated values, row by row: log sum_c p(x_n, z, c) - log q(z | x_n)
+    return torch.logsumexp(log_w, tuple(range(width))) if width else log_w

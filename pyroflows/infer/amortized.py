@@ -53,6 +53,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.util import check_model_guide_match
 from torch import nn
+from torch.distributions import biject_to, constraints
 from torch.nn import functional as F
 
 from pyroflows._checks import (
@@ -363,6 +364,12 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
         size: the data set's number of rows, for scaling.
         subsample_size: rows to draw per step when the guide gets the whole data set.
         name: the prefix of the parameters' names (as ``pyro.module(name, ...)``).
+        support: the model site's support, when it is not all of :math:`\mathbb R^d`
+            (``constraints.positive`` for a Gamma or LogNormal ``z``,
+            ``constraints.simplex`` for a Dirichlet one): ``z`` is then the posterior's
+            draw mapped onto it by ``biject_to(support)``, with the change of variables in
+            :math:`\log q` (``exp`` for positive; stick-breaking for the simplex, whose
+            ``z`` has ``latent_dim + 1`` entries). Default: ``z`` on :math:`\mathbb R^d`.
         register: state the parameters as Pyro param sites at every call, as
             ``pyro.module`` does (needed by ``SVI`` with a ``pyro.optim`` optimizer);
             ``False`` when a torch optimizer steps ``guide.parameters()`` itself, which
@@ -396,8 +403,22 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
         subsample_size: int | None = None,
         name: str = "guide",
         register: bool = True,
+        support: constraints.Constraint | None = None,
     ) -> None:
         super().__init__()
+        if support is not None:
+            if not isinstance(support, constraints.Constraint):
+                raise TypeError(
+                    f"support must be a torch.distributions.constraints.Constraint (the model "
+                    f"site's, e.g. constraints.positive) or None, got {support!r}"
+                )
+            try:
+                biject_to(support)
+            except NotImplementedError:
+                raise ValueError(
+                    f"support={support} has no bijection from the reals (biject_to): the "
+                    f"guide cannot draw on it"
+                ) from None
         if not isinstance(posterior, AmortizedPosterior):
             raise TypeError(
                 f"posterior must be an AmortizedPosterior, got {type(posterior).__name__}"
@@ -422,6 +443,7 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
         self.site, self.plate, self.dim = site, plate, dim
         self.size, self.subsample_size, self.name = size, subsample_size, name
         self.register = bool(register)
+        self.support = support
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Sample ``z`` for the rows of ``x`` (or for a subsample of them); return it."""
@@ -514,6 +536,8 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
                 f"{' (after any enumerated or particle dims)' if leading else ''}, one per "
                 f"row (x[idx] when the plate subsamples); for a single data point pass x[None]"
             )
+        if self.__dict__.get("support") is not None:  # (guides pickled before the option)
+            d = dist.TransformedDistribution(d, [biject_to(self.support)])
         return d
 
 
@@ -716,6 +740,16 @@ def iwae_log_likelihood(
         return torch.cat(out)
 
 
+def _spelled(support: constraints.Constraint) -> str:
+    """How a user writes ``support``: ``constraints.positive``, or its repr."""
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    for name in dir(constraints):
+        if getattr(constraints, name) is support:
+            return f"constraints.{name}"
+    return repr(support)
+
+
 @contextlib.contextmanager
 def _every_row_once():
     """While it lasts, an :class:`AmortizedGuide` scores the rows it is given once each."""
@@ -778,6 +812,18 @@ def _log_weights(model, guide, x, particles, plate, particle_dim, kwargs) -> tor
     # a guide whose plate has another dim would broadcast against the model into a grid
     # of rows, and the weights would sum the wrong axis (~100 nats off)
     check_model_guide_match(model_trace, guide_trace, max_plate_nesting=-particle_dim - 1)
+    for name in sorted(drawn):  # with Pyro's validation off, nothing else would say so
+        site = model_trace.nodes[name]
+        try:
+            inside = bool(site["fn"].support.check(site["value"]).all())
+        except NotImplementedError:  # a distribution that declares no support
+            inside = True
+        if not inside:
+            raise ValueError(
+                f"the guide's draws of site {name!r} fall outside its support in the model, "
+                f"{site['fn'].support}: the weights would mean nothing; draw on it, e.g. "
+                f"AmortizedGuide(..., support={_spelled(site['fn'].support)})"
+            )
     width = -min(enumerated) + particle_dim if enumerated else 0  # enumerated dims
     log_w = x.new_zeros((1,) * width + (particles, rows))
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):

@@ -741,6 +741,48 @@ def test_iwae_sums_out_a_discrete_latent_the_model_enumerates():
     torch.testing.assert_close(estimate, exact, atol=0.05, rtol=0)
 
 
+def test_a_guide_with_a_support_draws_on_it_with_the_change_of_variables():
+    from torch.distributions import constraints
+
+    torch.manual_seed(0)
+    q = amortized_posterior(5, 3, flow="iaf", hidden=(8,))
+    x = torch.randn(4, 5)
+    guide = AmortizedGuide(q, support=constraints.positive, register=False)
+    site = poutine.trace(guide).get_trace(x).nodes["z"]
+    z = site["value"]
+    assert z.shape == (4, 3)
+    assert bool((z > 0).all())
+    # log q(z) = log q_R(log z) - sum log z
+    expected = q(x).log_prob(z.log()) - z.log().sum(-1)
+    torch.testing.assert_close(site["fn"].log_prob(z), expected)
+    simplex = AmortizedGuide(q, support=constraints.simplex, register=False)
+    w = poutine.trace(simplex).get_trace(x).nodes["z"]["value"]
+    assert w.shape == (4, 4)  # stick-breaking: latent_dim + 1 entries
+    torch.testing.assert_close(w.sum(-1), torch.ones(4))
+    with pytest.raises(TypeError, match="support must be a .*Constraint"):
+        AmortizedGuide(q, support="positive")
+    with pytest.raises(ValueError, match="no bijection from the reals"):
+        AmortizedGuide(q, support=constraints.nonnegative_integer)
+
+
+def test_iwae_names_guide_draws_outside_the_models_support():
+    # a Gamma z with the guide on all of R^d: with Pyro's validation off, the weights
+    # were finite and meaningless (torch's Gamma(1) density is finite at z < 0)
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Gamma(torch.ones(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x)
+
+    guide = AmortizedGuide(amortized_posterior(1, 2, hidden=(8,)), register=False)
+    x = torch.randn(6, 1)
+    pyro.enable_validation(False)
+    try:
+        with pytest.raises(ValueError, match=r"site 'z' fall outside.*support=constraints\."):
+            iwae_log_likelihood(model, guide, x, num_samples=10)
+    finally:
+        pyro.enable_validation(True)
+
+
 def test_a_guide_built_with_size_alone_scores_every_row_in_iwae():
     q = amortized_posterior(3, 2, flow="iaf", hidden=(8,))
     x = torch.randn(10, 3)

@@ -375,6 +375,9 @@ class FlowTransform(_CachedBijection, TransformModule):
         return self._backward(x, None)
 
     def _ladj(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        like = _reference(self)
+        check_event(u, "u", self.dim, like)
+        check_event(x, "x", self.dim, like)
         return self._log_abs_det(u, x, None)
 
     def _log_abs_det(self, u: torch.Tensor, x: torch.Tensor, context: torch.Tensor | None):

@@ -88,6 +88,17 @@ def test_shapes_and_dtype(name, dim, dtype, batch):
     assert t.forward_shape(case.u.shape) == case.u.shape
 
 
+@pytest.mark.parametrize(("name", "dim"), [c for c in CASES if c.values[1] == 5])
+def test_log_abs_det_of_the_wrong_width_is_refused(name, dim):
+    # t(u) and t.inv(x) refused a wrong last dim, log_abs_det_jacobian did not: a width
+    # under dim gave a log-det of some shape unsaid, a width over it torch's broadcast error
+    t = Case(name, dim, torch.float32, (3,)).bound()
+    for width in (dim - 2, dim + 1):
+        wrong = torch.randn(3, width)
+        with pytest.raises(ValueError, match=rf"u must have shape \(\*batch, {dim}\)"):
+            t.log_abs_det_jacobian(wrong, wrong.clone())
+
+
 @pytest.mark.parametrize(("name", "dim"), CASES)
 def test_log_abs_det_matches_autograd(name, dim, dtype, batch):
     case = Case(name, dim, dtype, batch)

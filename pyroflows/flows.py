@@ -45,8 +45,10 @@ from pyroflows.transforms import (
     ConditionalAdditiveCoupling,
     ConditionalAffineAutoregressive,
     ConditionalAffineCoupling,
+    ConditionalFlowTransform,
     ConditionalSplineAutoregressive,
     ConditionalSplineCoupling,
+    FlowTransform,
     Permutation,
     SplineAutoregressive,
     SplineCoupling,
@@ -54,6 +56,20 @@ from pyroflows.transforms import (
 from pyroflows.transforms.base import _CachedBijection, _forget_tensor_lists
 
 PERMUTATIONS = ("reverse", "random", None)
+
+
+def _size_of(t: nn.Module) -> int | None:
+    """The event size a layer acts on, where it says: ``dim`` here, ``input_dim`` in Pyro.
+
+    (Pyro's ``AffineCoupling`` and ``Permute`` have a ``dim`` too: the tensor dim they
+    act along, ``-1``.)
+    """
+    if isinstance(t, (FlowTransform, ConditionalFlowTransform)):
+        return t.dim
+    size = getattr(t, "input_dim", None)
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
 _LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))  # torch's Normal.log_prob constant, as it is
 
 
@@ -174,10 +190,11 @@ class Flow(DropsParamStoreLinks, nn.Module):
     Raises:
         TypeError: a layer that is not a transform module (a Pyro ``TransformModule``,
             or a ``ConditionalTransformModule``, such as the layers of this library).
-        ValueError: a layer whose size is not ``dim``, conditional layers in a flow with
-            ``context=0``, or a missing, unexpected or mis-shaped context at call time, or
-            one holding NaN or inf (checked while distribution validation is on, torch's
-            default).
+        ValueError: a layer whose size is not ``dim`` (a Pyro layer's ``input_dim``,
+            where it has one), conditional layers in a flow with ``context=0``, no
+            conditional layer in a flow with a context, or a missing, unexpected or
+            mis-shaped context at call time, or one holding NaN or inf (checked while
+            distribution validation is on, torch's default).
 
     Example:
         >>> flow = realnvp(2, transforms=2, hidden=(16,))
@@ -209,8 +226,8 @@ class Flow(DropsParamStoreLinks, nn.Module):
                     f"ConditionalTransformModule, such as the layers in pyroflows.transforms), "
                     f"got {type(t).__name__}"
                 )
-            t_dim = getattr(t, "dim", dim)
-            if t_dim != dim:
+            t_dim = _size_of(t)
+            if t_dim is not None and t_dim != dim:
                 raise ValueError(f"transforms[{i}] acts on dim {t_dim}, expected dim {dim}")
             if isinstance(t, ConditionalTransformModule):
                 t_context = getattr(t, "context_features", context)
@@ -219,6 +236,13 @@ class Flow(DropsParamStoreLinks, nn.Module):
                         f"transforms[{i}] is conditional on a context of size {t_context}, "
                         f"but the flow was given context={context}"
                     )
+        if context and not any(isinstance(t, ConditionalTransformModule) for t in transforms):
+            raise ValueError(
+                f"the flow was given context={context}, but none of its transforms is "
+                f"conditional (a ConditionalTransformModule, such as "
+                f"pyroflows.transforms.ConditionalAffineCoupling): the context would be "
+                f"ignored; use conditional layers, or context=0"
+            )
         self.transforms = nn.ModuleList(transforms)
         self.register_buffer("base_loc", torch.zeros(self.dim))
         self.register_buffer("base_scale", torch.ones(self.dim))

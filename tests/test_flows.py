@@ -364,6 +364,23 @@ def test_flow_checks_its_layers():
         Flow(2, [ConditionalAffineCoupling(2, 4)])
     with pytest.raises(ValueError, match="conditional on a context of size 4"):
         Flow(2, [ConditionalAffineCoupling(2, 4)], context=3)
+    # a context no layer reads was accepted, and ignored: log p(x | c) the same for all c
+    with pytest.raises(ValueError, match="context=3, but none of its transforms is conditional"):
+        Flow(2, [AffineCoupling(2)], context=3)
+
+
+def test_flow_checks_the_size_of_pyro_layers():
+    import pyro.distributions.transforms as T
+    from pyro.nn import DenseNN
+
+    # Pyro's layers say their size as input_dim: a wrong one failed only at sample()
+    with pytest.raises(ValueError, match=r"transforms\[0\] acts on dim 3, expected dim 2"):
+        Flow(2, [T.Spline(3)])
+    # and Pyro's AffineCoupling has a dim of -1 (the tensor dim it acts along), for which
+    # it was refused
+    flow = Flow(2, [T.AffineCoupling(1, DenseNN(1, [8], [1, 1])), T.Spline(2)])
+    x = flow().sample((5,))
+    assert flow().log_prob(x).shape == (5,)
 
 
 @pytest.mark.parametrize("name", FLOWS)

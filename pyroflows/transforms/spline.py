@@ -634,7 +634,7 @@ class SplineAutoregressive(_Autoregressive, FlowTransform):
 
     Args:
         dim: size of the vector ``D``.
-        form: ``"iaf"`` or ``"maf"``.
+        form: ``"iaf"`` (default, as :class:`AffineAutoregressive`) or ``"maf"``.
         bins: number of spline bins ``K``.
         bound: the spline covers ``[-bound, bound]``.
         hidden: hidden layer sizes of the MADE.
@@ -652,7 +652,7 @@ class SplineAutoregressive(_Autoregressive, FlowTransform):
     def __init__(
         self,
         dim: int,
-        form: str = "maf",
+        form: str = "iaf",
         bins: int = 8,
         bound: float = 5.0,
         hidden: Sequence[int] = (64, 64),
@@ -676,7 +676,7 @@ class ConditionalSplineAutoregressive(_Autoregressive, ConditionalFlowTransform)
     Args:
         dim: size of the vector ``D``.
         context: size of the context vector.
-        form: ``"iaf"`` or ``"maf"``.
+        form: ``"iaf"`` (default, as :class:`AffineAutoregressive`) or ``"maf"``.
         bins: number of spline bins ``K``.
         bound: the spline covers ``[-bound, bound]``.
         hidden: hidden layer sizes of the MADE.
@@ -695,7 +695,7 @@ class ConditionalSplineAutoregressive(_Autoregressive, ConditionalFlowTransform)
         self,
         dim: int,
         context: int,
-        form: str = "maf",
+        form: str = "iaf",
         bins: int = 8,
         bound: float = 5.0,
         hidden: Sequence[int] = (64, 64),

@@ -67,6 +67,24 @@ def test_bad_arguments(kwargs, match):
         AffineAutoregressive(3, **kwargs)
 
 
+def test_every_autoregressive_layer_defaults_to_the_iaf_form():
+    # the spline layers defaulted to "maf": swapping AffineAutoregressive(D) for
+    # SplineAutoregressive(D) in a guide turned a one-pass draw into D passes, unsaid
+    from pyroflows.transforms import (
+        ConditionalAffineAutoregressive,
+        ConditionalSplineAutoregressive,
+        SplineAutoregressive,
+    )
+
+    layers = [
+        AffineAutoregressive(3),
+        SplineAutoregressive(3),
+        ConditionalAffineAutoregressive(3, 2),
+        ConditionalSplineAutoregressive(3, 2),
+    ]
+    assert [t.form for t in layers] == ["iaf"] * 4
+
+
 @pytest.mark.parametrize("form", ["maf", "iaf"])
 @pytest.mark.parametrize("family", ["affine", "spline"])
 def test_loaded_order_is_the_one_the_d_pass_direction_uses(form, family):

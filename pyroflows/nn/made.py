@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from pyroflows._checks import (
+    check_bool,
     check_hidden,
     check_permutation,
     check_positive_int,
@@ -128,6 +129,8 @@ class MADE(ContextTrunk):
         params = check_positive_int(params, "params")
         context = check_positive_int(context, "context", minimum=0)
         hidden = check_hidden(hidden)
+        params_first = check_bool(params_first, "params_first")
+        check_bool(zero_init, "zero_init")  # before the warning about narrow layers
         order_t = _order(order, features)
         degree_in = torch.empty(features, dtype=torch.long)
         degree_in[order_t] = torch.arange(1, features + 1)

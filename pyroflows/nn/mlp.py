@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from pyroflows._checks import check_hidden, check_positive_int
+from pyroflows._checks import check_bool, check_hidden, check_positive_int
 from pyroflows._pickling import DropsParamStoreLinks
 from pyroflows.nn import packed
 from pyroflows.nn.packed import PackedLinear
@@ -111,7 +111,7 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
             raise TypeError(
                 f"activation() must return an nn.Module, got {type(self.activation).__name__}"
             )
-        if zero_init:
+        if check_bool(zero_init, "zero_init"):
             nn.init.zeros_(self.output_layer.weight)
             nn.init.zeros_(self.output_layer.bias)
             if self.context_output is not None:
@@ -394,6 +394,7 @@ class MLP(ContextTrunk):
         in_features = check_positive_int(in_features, "in_features")
         out_features = check_positive_int(out_features, "out_features")
         params = check_positive_int(params, "params")
+        params_first = check_bool(params_first, "params_first")
         context = check_positive_int(context, "context", minimum=0)
         sizes = (in_features, *check_hidden(hidden))
         super().__init__(

@@ -189,6 +189,9 @@ def test_masks_are_buffers_that_move_with_the_module():
         ({"features": 3, "order": [0, 1]}, ValueError, "order must be a permutation"),
         ({"features": 3, "hidden": (8, 0)}, ValueError, "every entry of hidden"),
         ({"features": 3, "context": -1}, ValueError, "context must be an int >= 0"),
+        # a truthy string switched the option on
+        ({"features": 3, "zero_init": "False"}, TypeError, "zero_init must be True or False"),
+        ({"features": 3, "params_first": "no"}, TypeError, "params_first must be True or"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, error, match):

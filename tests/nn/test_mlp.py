@@ -48,6 +48,9 @@ def test_output_starts_at_zero():
         ({"in_features": 2, "out_features": "3"}, TypeError, "out_features must be an int"),
         ({"in_features": 2, "out_features": 2, "hidden": "64"}, TypeError, "hidden must be a seq"),
         ({"in_features": 2, "out_features": 2, "params": 0}, ValueError, "params must be"),
+        # a truthy string switched the option on
+        ({"in_features": 2, "out_features": 2, "zero_init": "no"}, TypeError, "zero_init must"),
+        ({"in_features": 2, "out_features": 2, "params_first": "no"}, TypeError, "params_first"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, error, match):

@@ -17,7 +17,6 @@ context tensor.
 
 from __future__ import annotations
 
-import functools
 import operator
 from typing import Any
 
@@ -127,30 +126,37 @@ def _same_key(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
 _MADE_FORWARD, _MADE_INVERSE = 0, 1
 
 
-def _claim_until_backward(x: torch.Tensor, claim: list[bool]) -> bool:
-    """Whether a cached output ``x`` may be served again for its ``u``; until a backward.
+def _watch_backward(x: torch.Tensor) -> list[bool]:
+    """``[claimed, spent]`` for a cached output ``x``, ``spent`` set by a backward through it.
 
-    A backward through ``x`` frees its graph: ``t(u)`` served after that would hand back
-    an output that cannot be differentiated again (a loop that checks ``t.inv(t(u))``
-    between two passes over a fixed ``u``). A hook on ``x`` lifts the claim then, for
-    good. Where no hook can go on (a tensor of a ``torch.func`` transform), no claim is
-    made. ``claim``: the entry's ``[claimed, spent, hooked]``.
+    ``t(u)`` may serve ``x`` again for its ``u`` (torch's ``ComposeTransform`` re-applies
+    each part while scoring) only while ``x``'s graph stands: a backward through ``x``
+    frees it, and ``x`` served after that could not be differentiated again (a loop over
+    a fixed ``u`` that checks ``t.inv(t(u))`` before or after each backward). A hook on
+    ``x``, put on when it is stored, says when. Where none can go on (a tensor of a
+    ``torch.func`` transform), ``x`` counts as spent from the start; an ``x`` with no
+    graph never is. (About 8 us a layer's draw.)
     """
-    if not x.requires_grad:  # no graph to free
-        return True
-    if claim[1]:
-        return False
-    if not claim[2]:
+    claim = [False, False]
+    if x.requires_grad:
         try:
-            x.register_hook(functools.partial(_spend, claim))
+            x.register_hook(_Spend(claim))
         except RuntimeError:
-            return False
-        claim[2] = True
-    return True
+            claim[1] = True
+    return claim
 
 
-def _spend(claim: list[bool], grad: torch.Tensor) -> None:
-    claim[0], claim[1] = False, True
+class _Spend:
+    """The hook of :func:`_watch_backward` (not saved with the tensor, and says so to torch)."""
+
+    __slots__ = ("claim",)
+    __torch_unserializable__ = True
+
+    def __init__(self, claim: list[bool]) -> None:
+        self.claim = claim
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        self.claim[0], self.claim[1] = False, True
 
 
 class _CachedBijection:
@@ -249,14 +255,15 @@ class _CachedBijection:
         now = self._key()
         if now is None or not _same_key(key, now):
             return None
-        if u is None and not claimed[0]:  # its own output scored: the pair is in a chain
-            claimed[0] = _claim_until_backward(cx, claimed)
+        if u is None:  # its own output scored: the pair is in a chain, until a backward
+            claimed[0] = not claimed[1]
         return entry
 
     def _store(self, u: torch.Tensor, x: torch.Tensor, ladj: torch.Tensor, made: int) -> None:
         # inference-mode tensors have no version counter to watch: not cached
         if self._use_cache and not (u.is_inference() or x.is_inference()):
-            meta = (made, _states(u, x, ladj), self._key(), torch.is_grad_enabled(), [False] * 3)
+            claim = _watch_backward(x) if made == _MADE_FORWARD else [False, False]
+            meta = (made, _states(u, x, ladj), self._key(), torch.is_grad_enabled(), claim)
             # straight into __dict__: nn.Module.__setattr__ costs more than the rest of this
             self.__dict__["_cache"] = (u, x, ladj, meta)
 

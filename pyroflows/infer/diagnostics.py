@@ -923,6 +923,8 @@ def _summed_draws(
         pointwise = _Pointwise(
             sites, {}, log_w.new_zeros(num_samples), False, tuple(sorted(summed)), why_not
         )
+    elif pointwise is not None:
+        pointwise = dataclasses.replace(pointwise, summed=tuple(sorted(summed)))
     return log_w, samples, pointwise, partial
 
 
@@ -974,11 +976,22 @@ def _not_pointwise(trace, sites, summed) -> str | None:
     point: every data site that varies with a summed site is linked
     (:func:`_summed_groups`) to no other data site, and to sites that all sit in its
     plates (a summed site local to each point, as a mixture's assignment of each row,
-    or a global one that only a single global observation depends on), none of them
-    scaled or masked but the data site itself (whose masked points are left out).
+    or a global one that only a single global observation depends on); none of them
+    scaled, and none masked but the data site itself (whose masked points are left
+    out); and each summed site has an enumerated dim of its own (``pyro.markov`` lets
+    sites share one).
     """
+    nodes = trace.nodes
+    dims: dict[int, str] = {}
+    for name in sorted(summed):
+        dim = nodes[name]["infer"]["_enumerate_dim"]
+        if dim in dims:
+            return (
+                f"{dims[dim]!r} and {name!r} share an enumerated dim (pyro.markov reuses "
+                "them), which this sum does not follow"
+            )
+        dims[dim] = name
     for name, (linked, _) in _summed_groups(trace, sites, summed).items():
-        nodes = trace.nodes
         others = sorted(n for n in linked if n in sites and n != name)
         if others:
             return (
@@ -992,32 +1005,50 @@ def _not_pointwise(trace, sites, summed) -> str | None:
                 f"{', '.join(map(repr, strays))} and data site {name!r} are not in the same "
                 "plates (a summed site shared by several data points ties them together)"
             )
-        weighed = sorted(
-            n
-            for n in linked
-            if not _is_one(nodes[n]["scale"]) or (n != name and nodes[n]["mask"] is not None)
-        )
-        if weighed:
-            return f"{', '.join(map(repr, weighed))} are scaled or masked"
+        scaled = sorted(n for n in linked if not _is_one(nodes[n]["scale"]))
+        if scaled:
+            return (
+                f"{_listed(scaled)} scaled (poutine.scale), and a scaled density's sum over "
+                "the summed sites is not that sum scaled; score the model unscaled"
+            )
+        masked = sorted(n for n in linked if n != name and nodes[n]["mask"] is not None)
+        if masked:
+            return f"{_listed(masked)} masked (poutine.mask), beside data site {name!r}"
     return None
+
+
+def _listed(names: list[str]) -> str:
+    """``'a' is`` or ``'a', 'b' are``."""
+    return f"{', '.join(map(repr, names))} {'is' if len(names) == 1 else 'are'}"
 
 
 def _summed_pointwise(trace, sites, joint, summed):
     r"""Each data site's :math:`\log p(y_i \mid z)` with the summed sites summed out, and the rest.
 
     For a data site that varies with no summed site, its own log-density; for one
-    that does, :math:`\log \sum_c \prod_{s} p(s_i \mid \dots)` over the sites linked
-    to it (:func:`_summed_groups`; :func:`_not_pointwise` has checked they allow it),
-    for a mixture :math:`\log \sum_k \pi_k p(y_i \mid k, z)`. The rest is the summed
-    log joint ``joint`` less the data's weighed terms.
+    that does, with :math:`G` the other sites linked to it (:func:`_summed_groups`;
+    :func:`_not_pointwise` has checked they allow it),
+
+    .. math::
+        \log p(y_i \mid z) = \log \sum_c p(y_i \mid c, z) \prod_{s \in G} p(s_i \mid \dots)
+        - \log \sum_c \prod_{s \in G} p(s_i \mid \dots),
+
+    for a mixture :math:`\log \sum_k \pi_k p(y_i \mid k, z)`; the second term takes out
+    what the other linked sites say of :math:`c` (a latent the guide draws whose
+    density varies with the assignment: :math:`p(k \mid z_i)`, not :math:`\pi_k`,
+    weighs the components). The rest is the summed log joint ``joint`` less the data's
+    weighed terms.
     """
     groups = _summed_groups(trace, sites, summed)
     log_lik, rest = {}, joint
     for name, data in sites.items():
         if name in groups:
             linked, along = groups[name]
-            terms = sum(trace.nodes[n]["unscaled_log_prob"] for n in linked)
-            terms = torch.logsumexp(terms, dim=sorted(along), keepdim=True)
+            along = sorted(along)
+            given = sum(trace.nodes[n]["unscaled_log_prob"] for n in linked if n != name)
+            terms = torch.logsumexp(
+                given + trace.nodes[name]["unscaled_log_prob"], dim=along, keepdim=True
+            ) - torch.logsumexp(given, dim=along, keepdim=True)
         else:
             terms = trace.nodes[name]["unscaled_log_prob"]
         # the enumerated dims, summed to size 1, and any plate dims left of the data's
@@ -2056,17 +2087,17 @@ def loo(
     this is ``az.loo``'s estimate.
 
     A data point is an element of the observed site's batch shape (its plates; a site's
-    event dims make one point). Points the model masks out (``poutine.mask``,
-    ``obs_mask``) are not data: they are left out of ``loo_i``, and ``loo_i`` and
-    ``pareto_k`` are then flat over the points kept. A site the model scales
-    (``poutine.scale``) enters the ratios as the model weighs it (the fit is of the
-    tempered posterior) and the predictive density :math:`p(y_i \mid z_s)` unscaled.
-    The other observed sites stay in every fit. A discrete site the model enumerates
-    and the guide does not draw is summed out of each point's density where it is local
-    to that point (a mixture's assignment of each row:
+    event dims make one point). Points the model masks out (``poutine.mask``, ``obs_mask``)
+    are not data: they are left out of ``loo_i``, and ``loo_i`` and ``pareto_k`` are then
+    flat over the points kept. A site the model scales (``poutine.scale``) enters the ratios
+    as the model weighs it (the fit is of the tempered posterior) and the predictive density
+    :math:`p(y_i \mid z_s)` unscaled. The other observed sites stay in every fit. A discrete
+    site the model enumerates and the guide does not draw is summed out of each point's
+    density where it is local to that point (a mixture's assignment of each row:
     :math:`p(y_i \mid z_s) = \sum_k p(k \mid z_s)\, p(y_i \mid k, z_s)`); a model whose
-    summed site is shared by several points is refused (``ValueError``). Memory: a few
-    ``num_samples`` by ``n`` float64 arrays (160 MB each for 5,000 points and 4,000 draws).
+    summed site is shared by several points, or whose sites that vary with it are scaled, is
+    refused (``ValueError``). Memory: a few ``num_samples`` by ``n`` float64 arrays (160 MB
+    each for 5,000 points and 4,000 draws).
 
     Args:
         model: the Pyro model; it must score the whole data set (no subsampled plate).

@@ -1452,6 +1452,58 @@ def test_loo_of_a_mixture_with_its_assignments_summed_out_matches_the_exact_leav
     assert abs(result.elpd_loo - exact.sum().item()) < 0.1
 
 
+def test_a_drawn_latent_that_depends_on_a_summed_site_weighs_the_components():
+    # z_i (drawn by the guide) depends on k_i: log p(y_i | z) = log sum_k p(k | z_i)
+    # p(y_i | k, z_i); before, log p(z_i) was folded in too (2.9 nats off)
+    y = torch.tensor([-1.0, 0.5, 3.0], dtype=torch.float64)
+    w = torch.tensor([0.4, 0.6], dtype=torch.float64)
+    locs = torch.tensor([-2.0, 2.0], dtype=torch.float64)
+    sds = torch.tensor([0.5, 1.5], dtype=torch.float64)
+
+    def model(y):
+        with pyro.plate("rows", len(y)):
+            k = pyro.sample("k", dist.Categorical(w), infer={"enumerate": "parallel"})
+            z = pyro.sample("z", dist.Normal(locs[k], 1.0))
+            pyro.sample("y", dist.Normal(z, sds[k]), obs=y)
+
+    def guide(y):
+        with pyro.plate("rows", len(y)):
+            pyro.sample("z", dist.Normal(y, 0.5))
+
+    pyro.set_rng_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Pyro's "vars in model but not guide"
+        idata = to_arviz(model, guide, y, num_samples=5, posterior_predictive=False)
+    z = torch.as_tensor(idata.posterior["z"].values[0])
+    joint = w.log() + dist.Normal(locs, 1.0).log_prob(z[..., None])  # log p(k, z_i)
+    given = joint - torch.logsumexp(joint, -1, keepdim=True)  # log p(k | z_i)
+    exact = torch.logsumexp(given + dist.Normal(z[..., None], sds).log_prob(y[:, None]), -1)
+    np.testing.assert_allclose(idata.log_likelihood["y"].values[0], exact.numpy(), atol=1e-12)
+
+
+def test_summed_sites_sharing_a_markov_dim_leave_the_pointwise_likelihood_out():
+    # pyro.markov reuses enumerated dims: c_0's and c_2's, say. Grouped by dim, c_2 was
+    # taken for y_0's assignment where no data site depended on it (a wrong value)
+    y = torch.tensor([1.0, -0.5, 0.4], dtype=torch.float64)
+    w = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    locs = torch.tensor([-2.0, 2.0], dtype=torch.float64)
+
+    def model(y):
+        z = pyro.sample("z", dist.Normal(torch.tensor(0.0).double(), 1.0))
+        for t in pyro.markov(range(3)):
+            c = pyro.sample(f"c_{t}", dist.Categorical(w), infer={"enumerate": "parallel"})
+            if t < 2:
+                pyro.sample(f"y_{t}", dist.Normal(z + locs[c], 1.0), obs=y[t])
+
+    def guide(y):
+        pyro.sample("z", dist.Normal(torch.tensor(0.2).double(), 0.7))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Pyro's "vars in model but not guide"
+        with pytest.raises(ValueError, match="'c_0' and 'c_2' share an enumerated dim"):
+            loo(model, guide, y, num_samples=20, var_name="y_0")
+
+
 def test_a_summed_site_shared_by_data_sites_leaves_the_pointwise_likelihood_out():
     # one global c behind two observations: p(y1, y2 | z) does not fall apart per site
     y = torch.tensor([0.3, 1.2], dtype=torch.float64)

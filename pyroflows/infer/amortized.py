@@ -598,11 +598,13 @@ def _active_plate(name: str) -> Any:
     return None
 
 
-def _plate_nesting(model, guide, x, kwargs) -> tuple[int, frozenset[str]]:
+def _plate_nesting(model, guide, x, kwargs, plate: str) -> tuple[int, frozenset[str]]:
     """The most plate dims any site of ``model`` or ``guide`` uses (on the rows ``x``).
 
     And the latent sites of the model to sum out: those it enumerates in parallel
-    (``config_enumerate``) that the guide does not draw.
+    (``config_enumerate``) that the guide does not draw, each in the data plate
+    ``plate`` alone (one in a plate nested in it, such as a pixel's assignment, would
+    need the sum taken inside that plate's product; refused).
     """
     with poutine.block():
         guide_trace = poutine.trace(guide).get_trace(x, **kwargs)
@@ -623,6 +625,14 @@ def _plate_nesting(model, guide, x, kwargs) -> tuple[int, frozenset[str]]:
         and site["infer"].get("enumerate") == "parallel"
         and getattr(site["fn"], "has_enumerate_support", False)
     )
+    for name in sorted(summed):
+        plates = {f.name for f in model_trace.nodes[name]["cond_indep_stack"] if f.vectorized}
+        if plates != {plate}:
+            raise ValueError(
+                f"the model enumerates site {name!r} in plate(s) {sorted(plates)}; "
+                f"iwae_log_likelihood sums such a site out of each row's weight only when it "
+                f"sits in the data plate {plate!r} alone (one per row)"
+            )
     return deepest, summed
 
 
@@ -718,7 +728,7 @@ def iwae_log_likelihood(
     with torch.no_grad(), _every_row_once():  # a guide's size is for SVI's scaling
         rows_per_pass = max(1, min(n, max_batch))
         first = _row_kwargs(kwargs, 0, rows_per_pass, n)
-        nesting, summed = _plate_nesting(model, guide, x[:rows_per_pass], first)
+        nesting, summed = _plate_nesting(model, guide, x[:rows_per_pass], first, plate)
         particle_dim = -(nesting + 1)
         if summed:  # summed out of each row's weight, left of the particles
             model = poutine.enum(model, first_available_dim=particle_dim - 1)
@@ -783,11 +793,17 @@ def _log_weights(model, guide, x, particles, plate, particle_dim, kwargs) -> tor
     with pyro.plate("_iwae_particles", particles, dim=particle_dim):
         guide_trace = poutine.trace(guide).get_trace(x, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, **kwargs)
-    enumerated = {
+    dims = [
         site["infer"]["_enumerate_dim"]
         for site in model_trace.nodes.values()
         if site["type"] == "sample" and site["infer"].get("_enumerate_dim") is not None
-    }
+    ]
+    enumerated = set(dims)
+    if len(enumerated) < len(dims):
+        raise ValueError(
+            "the model's enumerated sites share dims (pyro.markov reuses them), which "
+            "iwae_log_likelihood's sum over each row's values does not follow"
+        )
     latent = {
         name
         for name, site in model_trace.nodes.items()

@@ -783,6 +783,26 @@ def test_iwae_names_guide_draws_outside_the_models_support():
         pyro.enable_validation(True)
 
 
+def test_iwae_refuses_an_enumerated_site_in_a_plate_inside_the_data_plate():
+    # c per pixel of each row: the weight needs prod_j sum_c, and the rows' sum over the
+    # pixels came first (sum_c prod_j: 3.6 nats off on two rows), unsaid
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            with pyro.plate("pix", x.shape[1]):
+                c = pyro.sample(
+                    "c", dist.Bernoulli(torch.tensor(0.5)), infer={"enumerate": "parallel"}
+                )
+                pyro.sample("x", dist.Normal(z[..., None] + 3.0 * c, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match=r"enumerates site 'c' in plate\(s\) \['data', 'pix'\]"):
+        iwae_log_likelihood(model, guide, torch.randn(2, 3), 10)
+
+
 def test_a_guide_built_with_size_alone_scores_every_row_in_iwae():
     q = amortized_posterior(3, 2, flow="iaf", hidden=(8,))
     x = torch.randn(10, 3)

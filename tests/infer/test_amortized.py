@@ -787,17 +787,17 @@ def test_iwae_refuses_an_enumerated_site_in_a_plate_inside_the_data_plate():
     # c per pixel of each row: the weight needs prod_j sum_c, and the rows' sum over the
     # pixels came first (sum_c prod_j: 3.6 nats off on two rows), unsaid
     def model(x):
-        with pyro.plate("data", x.shape[0]):
+        with pyro.plate("data", x.shape[0], dim=-2):
             z = pyro.sample("z", dist.Normal(0.0, 1.0))
-            with pyro.plate("pix", x.shape[1]):
+            with pyro.plate("pix", x.shape[1], dim=-1):
                 c = pyro.sample(
                     "c", dist.Bernoulli(torch.tensor(0.5)), infer={"enumerate": "parallel"}
                 )
-                pyro.sample("x", dist.Normal(z[..., None] + 3.0 * c, 1.0), obs=x)
+                pyro.sample("x", dist.Normal(z + 3.0 * c, 1.0), obs=x)
 
     def guide(x):
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0], dim=-2):
+            pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 1), 1.0))
 
     with pytest.raises(ValueError, match=r"enumerates site 'c' in plate\(s\) \['data', 'pix'\]"):
         iwae_log_likelihood(model, guide, torch.randn(2, 3), 10)

@@ -37,6 +37,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -317,8 +318,11 @@ def amortized_posterior(
 
 
 #: set while :func:`iwae_log_likelihood` runs: every AmortizedGuide then takes the rows
-#: it is given as they are, once each (its ``size`` and ``subsample_size`` aside)
-_EVERY_ROW_ONCE = [False]
+#: it is given as they are, once each (its ``size`` and ``subsample_size`` aside); a
+#: context variable, so an SVI step in another thread keeps its scaling
+_EVERY_ROW_ONCE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "pyroflows_every_row_once", default=False
+)
 
 
 class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
@@ -470,7 +474,7 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
         # is hidden, or the model, replayed, would be handed 0..rows-1 for its own (a
         # shuffled batch of all N rows too)
         index = torch.arange(rows, device=x.device)
-        if self.size is None or _EVERY_ROW_ONCE[0]:
+        if self.size is None or _EVERY_ROW_ONCE.get():
             with (
                 poutine.block(hide=[self.plate]),
                 pyro.plate(self.plate, rows, subsample=index, dim=self.dim),
@@ -763,12 +767,11 @@ def _spelled(support: constraints.Constraint) -> str:
 @contextlib.contextmanager
 def _every_row_once():
     """While it lasts, an :class:`AmortizedGuide` scores the rows it is given once each."""
-    before = _EVERY_ROW_ONCE[0]
-    _EVERY_ROW_ONCE[0] = True
+    token = _EVERY_ROW_ONCE.set(True)
     try:
         yield
     finally:
-        _EVERY_ROW_ONCE[0] = before
+        _EVERY_ROW_ONCE.reset(token)
 
 
 def _row_kwargs(kwargs: dict[str, Any], start: int, stop: int, n: int) -> dict[str, Any]:

@@ -18,6 +18,9 @@ the targets, and writes JSON (and the markdown) under ``benchmarks/results/``::
     python benchmarks/density.py --workers 2            # the full run (hours on 2 cores)
     python benchmarks/density.py --quick                # a smoke test, minutes
     python benchmarks/density.py --datasets wine --contenders nsf zuko-nsf
+
+Without ``--out``, only the full run writes ``results/density.{json,md}``; ``--quick``
+writes ``density_quick`` and any other run ``density_partial``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ sys.path.insert(0, str(HERE))  # density_data
 sys.path.insert(1, str(HERE.parent))  # the pyroflows of this working tree
 
 import density_data  # noqa: E402
+from _out import default_stem  # noqa: E402
 
 OURS = ("maf", "realnvp", "nsf", "nsf-ar")
 PEERS = ("zuko-maf", "zuko-nsf", "nflows-maf")
@@ -590,13 +594,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=None, help="JSON path (.md written beside)")
     args = parser.parse_args(argv)
+    if args.out is None:  # by the flags as given (the defaults below fill some in)
+        protocol = ("datasets", "contenders", "seeds", "epochs", "patience", "ours_loop")
+        stem = default_stem(parser, args, "density", (*protocol, "schedule"), args.quick)
+        args.out = HERE / "results" / f"{stem}.json"
     if args.seeds is None:
         args.seeds = 1 if args.quick else 3
     if args.quick and args.epochs is None:
         args.epochs = 10
-    if args.out is None:
-        stem = "density_quick" if args.quick else "density"
-        args.out = HERE / "results" / f"{stem}.json"
     for name in ("seeds", "epochs", "patience", "workers"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -34,8 +34,10 @@ Run::
     python benchmarks/posterior_quality.py --particles 16 --vectorize \
         --only gp_pois_regr-gp_pois_regr --out /tmp/gp_16_particles
 
-Writes ``benchmarks/results/posterior_quality.{json,md}`` (``posterior_quality_quick.*``
-with ``--quick``).
+Writes ``benchmarks/results/posterior_quality.{json,md}`` for the full run,
+``posterior_quality_quick.*`` with ``--quick`` and ``posterior_quality_partial.*`` for any
+other run without ``--out`` (one posterior, fewer seeds, ...), so that only a full run
+replaces the results the README quotes.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import posteriors  # noqa: E402
+from _out import default_stem  # noqa: E402
 
 from pyroflows.infer.autoflow import GUIDE_FLOWS  # noqa: E402
 
@@ -441,19 +444,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--out",
         default=None,
-        help="path stem of the .json and .md (default: results/posterior_quality, or "
-        "results/posterior_quality_quick with --quick, so a smoke test never replaces the "
-        "results of a full run)",
+        help="path stem of the .json and .md (default: results/posterior_quality for the "
+        "full run; results/posterior_quality_quick with --quick, and "
+        "results/posterior_quality_partial for any other run, so neither replaces the "
+        "results of a full run; with --from-json, the tables are written only here)",
     )
     parser.add_argument(
-        "--from-json", default=None, help="re-render the tables of a saved run (fits nothing)"
+        "--from-json",
+        default=None,
+        help="re-render the tables of a saved run (fits nothing; prints them, and writes "
+        "them to --out only when given)",
     )
     args = parser.parse_args(argv)
-    if args.out is None:
-        args.out = str(
-            here / "results" / ("posterior_quality_quick" if args.quick else "posterior_quality")
-        )
     if args.from_json is not None:
+        if not Path(args.from_json).is_file():
+            parser.error(f"--from-json {args.from_json} is not a file")
         saved = json.loads(Path(args.from_json).read_text())
         for key, value in saved["meta"]["args"].items():
             if key not in ("out", "from_json"):
@@ -463,6 +468,11 @@ def main(argv: list[str] | None = None) -> None:
         names = [n for n in posteriors.NAMES if any(r["posterior"] == n for r in results)]
         report(args, results, names, total, date)
         return
+    if args.out is None:
+        protocol = ("steps", "lr", "final_lr", "particles", "vectorize", "draws")
+        protocol += ("psis_draws", "seed", "seeds", "guides", "only")
+        stem = default_stem(parser, args, "posterior_quality", protocol, args.quick)
+        args.out = str(here / "results" / stem)
     if args.quick:
         args.steps, args.draws, args.psis_draws = 500, 2000, 500
     for flag in ("steps", "particles", "draws", "psis_draws", "seeds", "workers"):
@@ -570,6 +580,8 @@ def report(args, results: list[dict], names: list[str], total: float, date: str)
     )
     text = "\n".join(md)
     print(text)
+    if args.out is None:  # --from-json without --out: printed only
+        return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text + "\n")

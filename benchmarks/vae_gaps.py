@@ -22,7 +22,8 @@ Run (about 3 minutes per seed and family)::
 
 Writes ``benchmarks/results/vae_gaps.{json,md}`` (``vae_gaps_train`` with
 ``--rows train``, the same split on the training digits: a larger amortization gap on
-the test digits than on the training ones means the encoder overfits).
+the test digits than on the training ones means the encoder overfits); a run with other
+settings and no ``--out``, as the smoke test, writes ``vae_gaps_partial`` instead.
 
 Reference:
     Cremer, Li, Duvenaud (2018). Inference Suboptimality in Variational Autoencoders. ICML.
@@ -48,6 +49,7 @@ sys.path.insert(0, str(HERE.parent / "examples"))  # vae_digits
 sys.path.insert(1, str(HERE.parent))  # the pyroflows of this working tree
 
 import vae_digits  # noqa: E402
+from _out import default_stem  # noqa: E402
 
 from pyroflows.infer import iwae_log_likelihood  # noqa: E402
 
@@ -195,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name} must be at least 1, got {getattr(args, flag)}")
     if args.out is None:
         suffix = "" if args.rows == "test" else "_train"
-        args.out = HERE / "results" / f"vae_gaps{suffix}.json"
+        protocol = ("families", "seeds", "epochs", "lr", "transforms", "k", "particles")
+        stem = default_stem(parser, args, f"vae_gaps{suffix}", (*protocol, "local_steps"))
+        args.out = HERE / "results" / f"{stem}.json"
     torch.set_num_threads(args.threads)
     data = vae_digits.digits()
     start = time.perf_counter()

@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import posteriors  # noqa: E402
-from posterior_quality import check_guide_names, make_guide  # noqa: E402
+from posterior_quality import check_guide_names, check_posteriordb, make_guide  # noqa: E402
 
 #: the reference every ratio is taken against, and the name ``make_guide`` builds it by
 REFERENCE = ("AutoIAFNormal", "IAF")
@@ -79,7 +79,8 @@ def time_posterior(name: str, root: str, steps: int, reps: int, guides=("AutoFlo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--posteriordb", default="../shared/posteriordb")
+    here = Path(__file__).resolve().parent
+    parser.add_argument("--posteriordb", default=str(here.parent.parent / "shared/posteriordb"))
     parser.add_argument("--steps", type=int, default=100, help="steps per round")
     parser.add_argument("--reps", type=int, default=15, help="rounds per guide")
     parser.add_argument("--only", nargs="+", choices=posteriors.NAMES)
@@ -95,6 +96,7 @@ def main() -> None:
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     check_guide_names(parser, args.guides)
+    check_posteriordb(parser, args.posteriordb, args.only)
 
     import pyro
     import torch

@@ -417,6 +417,21 @@ def targets(results: list[dict], summary: dict, guide: str) -> list[str]:
     return missed
 
 
+def check_posteriordb(
+    parser: argparse.ArgumentParser, path: str, only: list[str] | None = None
+) -> Path:
+    """``--posteriordb`` as a directory holding every posterior asked for, else a usage error."""
+    root = Path(path)
+    if not root.is_dir():
+        parser.error(f"--posteriordb {root} is not a directory")
+    for name in [n for n in posteriors.NAMES if only is None or n in only]:
+        try:
+            posteriors.load(name, root)
+        except (OSError, ValueError, KeyError) as error:
+            parser.error(f"--posteriordb {root}: cannot read {name} ({error})")
+    return root
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, run every (posterior, guide, seed), print and save the table."""
     here = Path(__file__).resolve().parent
@@ -478,16 +493,12 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("steps", "particles", "draws", "psis_draws", "seeds", "workers"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag in ("lr", "final_lr"):
+        if not 0 < getattr(args, flag) < math.inf:
+            parser.error(f"--{flag.replace('_', '-')} must be a positive finite number")
     check_guide_names(parser, args.guides)
-    root = Path(args.posteriordb)
-    if not root.is_dir():
-        parser.error(f"--posteriordb {root} is not a directory")
+    root = check_posteriordb(parser, args.posteriordb, args.only)
     names = [n for n in posteriors.NAMES if args.only is None or n in args.only]
-    for name in names:
-        try:
-            posteriors.load(name, root)
-        except (OSError, ValueError, KeyError) as error:
-            parser.error(f"--posteriordb {root}: cannot read {name} ({error})")
     seeds = range(args.seed, args.seed + args.seeds)
     jobs = [
         {

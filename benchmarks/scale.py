@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4096, help="global batch")
     parser.add_argument("--hidden", default="128,128", help="MADE hidden sizes")
-    parser.add_argument("--flow", default="maf")
+    parser.add_argument("--flow", default="maf", choices=["realnvp", "nice", "maf", "iaf", "nsf"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "scale.json")
     args = parser.parse_args(argv)

@@ -68,9 +68,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--draws", type=int, default=10000, help="posterior draws to summarize")
     args = parser.parse_args()
-    for flag in ("steps", "draws"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    for flag, least in (("steps", 1), ("draws", 2)):  # one draw has no spread
+        if getattr(args, flag) < least:
+            parser.error(f"--{flag} must be at least {least}, got {getattr(args, flag)}")
     torch.set_num_threads(1)
 
     guides = [

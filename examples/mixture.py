@@ -64,6 +64,9 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=1000, help="guide draws to diagnose")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    for flag, least in (("steps", 1), ("draws", 2)):  # one draw has no spread
+        if getattr(args, flag) < least:
+            parser.error(f"--{flag} must be at least {least}, got {getattr(args, flag)}")
 
     pyro.set_rng_seed(args.seed)
     x = torch.cat([torch.randn(25) - 3.0, torch.randn(25) + 3.0])

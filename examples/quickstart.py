@@ -56,6 +56,11 @@ def main() -> None:
             import matplotlib  # noqa: F401  (checked now, not after the training)
         except ImportError:
             parser.error('the figure needs matplotlib: pip install -e ".[plot]", or pass --no-plot')
+        out = Path(args.out)
+        if not out.parent.is_dir():  # found now, not after the training
+            parser.error(f"--out {args.out}: no folder {out.parent} to save the figure in")
+        if not out.suffix:  # as matplotlib saves it, so the paths printed are the files
+            args.out = str(out.with_suffix(".png"))
 
     torch.set_num_threads(1)  # the networks are tiny: more threads only add overhead
     torch.manual_seed(args.seed)  # seeds the data, the flow's initial weights, the samples

@@ -99,3 +99,25 @@ def test_quickstart_without_matplotlib_says_so_before_training(tmp_path):
     assert result.returncode == 2
     assert "needs matplotlib" in result.stderr
     assert "step" not in result.stdout  # refused before the training, not after it
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("mixture.py", ["--steps", "0"], "--steps must be at least 1"),  # crashed after a fit
+        ("mixture.py", ["--draws", "1"], "--draws must be at least 2"),
+        ("funnel.py", ["--draws", "1"], "--draws must be at least 2"),  # printed sd nan
+        ("eight_schools.py", ["--draws", "1"], "--draws must be at least 2"),
+        ("quickstart.py", ["--out", "no_such_folder/x.png"], "no folder no_such_folder"),
+    ],
+)
+def test_examples_refuse_bad_flags_before_any_work(script, args, message):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr

@@ -1,4 +1,4 @@
-"""Speed of pyroflows' MAF, IAF and RealNVP against Pyro's built-in flows, zuko and nflows.
+"""Speed of pyroflows' MAF, IAF, RealNVP and NSF against Pyro's flows, zuko and nflows.
 
 What is measured, for each event size ``D`` (default 8 and 32) and each flow, at one
 architecture (default: 5 transforms, MADE/MLP conditioners with hidden sizes (64, 64),
@@ -68,7 +68,7 @@ Fairness details:
 Run (from the repository root)::
 
     python benchmarks/speed.py                 # full run, D = 8 and 32: about 5 min on 2 cores
-    python benchmarks/speed.py --quick         # smoke test (speed_quick.json), under a minute
+    python benchmarks/speed.py --quick         # smoke test (speed_quick.json), about a minute
     python benchmarks/speed.py --dims 16 --threads 2 --device cuda --out /tmp/speed.json
 
 zuko and nflows are the optional ``bench`` extra (``pip install -e .[bench]``); if they do

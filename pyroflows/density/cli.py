@@ -494,7 +494,9 @@ def _score(args: argparse.Namespace) -> None:
 
     _check_out(args.out, args.force, [args.model, args.data])
     flow, info = _load(args.model)
-    advice = SCORE_ADVICE if info["dequantize"] else None
+    # every column whole only for a model fitted to whole tables (some columns: log_prob
+    # checks those)
+    advice = SCORE_ADVICE if info["dequantize"] is True else None
     values, columns = _read(args, flow.base_loc.dtype, advice, info["columns"])
     if values.shape[1] != info["dim"]:
         raise _Failure(

@@ -42,7 +42,13 @@ from pyroflows.density import model_file
 from pyroflows.density.data import as_rows, dtype_name
 from pyroflows.density.fit import CHECKPOINT, ResumeMismatch
 from pyroflows.density.fit import fit as fit_flow
-from pyroflows.density.rows import TensorRows, log_prob, refuse_too_large, sample
+from pyroflows.density.rows import (
+    TensorRows,
+    dequantized_columns,
+    log_prob,
+    refuse_too_large,
+    sample,
+)
 
 
 class FlowDensity(BaseEstimator):
@@ -67,6 +73,7 @@ class FlowDensity(BaseEstimator):
             standardize, dequantize, progress, checkpoint_dir, resume: as for
             :func:`~pyroflows.density.fit` (but ``progress`` is off by default here: an
             estimator inside ``GridSearchCV`` would print a bar per fit).
+            ``dequantize`` takes ``True`` or a list of 0-based column indices.
         validation_fraction: share of the training rows held out for early stopping.
         dtype: ``"float32"`` or ``"float64"`` (or ``torch.float32``, ``torch.float64``, or
             NumPy's ``np.float32``, ``np.float64``).
@@ -198,11 +205,13 @@ class FlowDensity(BaseEstimator):
             raise ValueError(
                 f"validation_fraction must be a number in [0, 1) (or None), got {validation!r}"
             )
-        if check_bool(self.dequantize, "dequantize") and X.size:
+        dequantize = dequantized_columns(self.dequantize, X.shape[1])
+        if dequantize and X.size:
             # before fit's check that float32 holds the values, whose message is not this
             dtype = model_file.DTYPES.get(self._builder_options()["dtype"])
             if dtype is not None:
-                refuse_too_large(float(np.abs(X).max()), dtype, "X")
+                columns = X if dequantize is True else X[:, dequantize]
+                refuse_too_large(float(np.abs(columns).max()), dtype, "X")
         if isinstance(self.schedule, str) and self.schedule == "callable":
             raise ValueError(
                 "schedule is 'callable': this estimator was loaded from a file fitted with a "
@@ -238,7 +247,7 @@ class FlowDensity(BaseEstimator):
                 clip_grad=self.clip_grad,
                 patience=self.patience,
                 standardize=self.standardize,
-                dequantize=self.dequantize,
+                dequantize=dequantize,
                 seed=given,
                 progress=self.progress,
                 checkpoint_dir=self.checkpoint_dir,
@@ -263,7 +272,7 @@ class FlowDensity(BaseEstimator):
         self._fitted_as = {
             "flow": self.flow,
             "standardize": self.standardize,
-            "dequantize": self.dequantize,
+            "dequantize": dequantize,
         }
         # what the fit ran with, for the model file (a resumed fit drew its split and
         # batches with the checkpoint's seed, which this estimator does not know)
@@ -328,7 +337,7 @@ class FlowDensity(BaseEstimator):
         With ``dequantize=True`` the flow is a density of :math:`x + u`,
         :math:`u \sim U[0, 1)^D`, so its draws are floored: integer rows, drawn from the
         model's probabilities of the integer cells (``flow_().sample()`` gives the
-        continuous draws).
+        continuous draws); with a list of columns, those columns are floored.
 
         Returns:
             An array of shape ``(n_samples, n_features)``.

@@ -41,7 +41,15 @@ from torch import nn
 
 from pyroflows._checks import check_bool, check_number, check_positive_int, warn_from_caller
 from pyroflows.density import distributed as parallel
-from pyroflows.density.rows import CHUNK, Rows, as_source, check_integers, chunk_noise
+from pyroflows.density.rows import (
+    CHUNK,
+    Rows,
+    as_source,
+    check_integers,
+    chunk_noise,
+    dequantized_columns,
+    noise_mask,
+)
 from pyroflows.density.standardize import (
     add_standardization,
     constant_columns,
@@ -281,13 +289,20 @@ class _NegativeLogLikelihood(nn.Module):
 
 
 def _mean_nll(
-    flow: Flow, data: Rows, noise_seed: int | None, rank: int, world: int, chunk: int = CHUNK
+    flow: Flow,
+    data: Rows,
+    noise_seed: int | None,
+    rank: int,
+    world: int,
+    chunk: int = CHUNK,
+    mask: torch.Tensor | None = None,
 ) -> float:
     """Mean NLL of the rows of ``data``; ranks share the chunks and sum their totals.
 
     With ``noise_seed`` (dequantisation) chunk ``c`` gets :math:`U[0,1)` noise from a
     generator seeded by ``(noise_seed, c)``: the same noise at every epoch and for any
-    number of ranks, without holding it in memory.
+    number of ranks, without holding it in memory; on the columns of ``mask`` only, when
+    given.
     """
     like = flow.base_loc
     total = 0.0
@@ -298,14 +313,15 @@ def _mean_nll(
                 continue
             x = data.take(torch.arange(start, min(start + chunk, len(data))))
             if noise_seed is not None:
-                x = x + chunk_noise(x.shape, noise_seed, c, like)
+                u = chunk_noise(x.shape, noise_seed, c, like)
+                x = x + (u if mask is None else u * mask)
             total -= d.log_prob(x).sum().item()
     if world > 1:
         (total,) = parallel.sum_all([total], like.device)
     return total / len(data)
 
 
-def _warn_if_discrete(rows: Rows, name: str) -> None:
+def _warn_if_discrete(rows: Rows, name: str, dequantized: bool | list[int] = False) -> None:
     """Warn when the rows look like integer data fitted without dequantisation.
 
     A column whose values in the first chunk are whole numbers that repeat (fewer
@@ -313,9 +329,10 @@ def _warn_if_discrete(rows: Rows, name: str) -> None:
     values, and as the validation rows take the same values, its NLL falls without
     bound with the training NLL (early stopping cannot see it). Every column so: the
     remedy is ``dequantize=True``. Some columns only (a count beside measurements):
-    ``dequantize`` is for whole tables, so the warning names the columns and the remedy
-    by hand (on a normal column beside a Poisson one, 4000 rows, nsf, the validation NLL
-    fell from 3.08 to 2.31 by epoch 21, below the true 3.12, with no word of it).
+    the warning names them and the remedy, ``dequantize=[...]`` those columns (on a
+    normal column beside a Poisson one, 4000 rows, nsf, the validation NLL fell from
+    3.08 to 2.31 by epoch 21, below the true 3.12, with no word of it). Columns already
+    ``dequantized`` (a list) are not named.
     """
     chunk = next(iter(rows.chunks()), None)
     if chunk is None or len(chunk) < 20:
@@ -324,6 +341,8 @@ def _warn_if_discrete(rows: Rows, name: str) -> None:
     whole = (chunk == chunk.floor()).all(0)
     distinct = [int(torch.unique(chunk[:, j]).numel()) for j in range(chunk.shape[1])]
     spiky = [j for j in range(chunk.shape[1]) if whole[j] and distinct[j] <= len(chunk) // 2]
+    if dequantized is not False:
+        spiky = [j for j in spiky if j not in dequantized]
     if not spiky:
         return
     if len(spiky) < chunk.shape[1]:
@@ -336,9 +355,8 @@ def _warn_if_discrete(rows: Rows, name: str) -> None:
             f"fit: in the first {len(chunk)} rows of {name}, column(s) {named}{more} hold "
             "whole numbers that repeat: a flow fitted to them puts ever narrower spikes on "
             "the values, and its validation NLL falls without bound (the held-out rows take "
-            "the same values). dequantize=True is for tables of whole numbers only: add "
-            "U[0, 1) noise to these columns yourself (x[:, j] + uniform draws), so the flow "
-            "fits the mass of each cell"
+            f"the same values). Pass dequantize={spiky} (0-based column indices), which "
+            "fits the mass of each cell of those columns"
         )
         return
     shown = ", ".join(str(k) for k in distinct[:5]) + (" ..." if len(distinct) > 5 else "")
@@ -538,6 +556,9 @@ def fit(
         dequantize: add fresh :math:`U[0, 1)` noise to every training batch (and fixed
             noise, the same every epoch, to the validation rows): for integer data (a
             value that is not a whole number is refused, with its row and column).
+            ``True`` for every column, or a list of 0-based column indices for some (a
+            count beside measurements): the flow is then a density of the others and of
+            those columns plus noise.
         seed: seeds the split, the batch order and the noise (``None``: drawn from
             torch's global generator). The flow's initial weights are the caller's.
         progress: show a tqdm bar; ``None`` shows it only when stderr is a terminal.
@@ -616,7 +637,7 @@ def fit(
     if clip_grad is not None:
         clip_grad = check_number(clip_grad, "clip_grad (or None)")
     standardize = check_bool(standardize, "standardize")
-    dequantize = check_bool(dequantize, "dequantize")
+    dequantize = dequantized_columns(dequantize, flow.dim)
     resume = check_bool(resume, "resume")
     if progress is not None:
         progress = check_bool(progress, "progress (or None)")
@@ -668,8 +689,9 @@ def fit(
         if world > 1:
             seed = parallel.broadcast_int(seed, like.device)
     generator = torch.Generator().manual_seed(seed)
+    mask = noise_mask(dequantize, flow.dim, like)
     if dequantize:  # the whole source: rows numbered as the caller's
-        check_integers(source)
+        check_integers(source, mask)
     train, valid = _split(source, validation, generator, like)
     if len(train) < 2:
         split = valid is not None and train is not source  # a fraction held out, not rows
@@ -683,14 +705,15 @@ def fit(
             f"give more rows{remedy if split else ''}"
         )
     if dequantize and valid is not None and not isinstance(validation, numbers.Real):
-        check_integers(valid)  # validation rows of their own
+        check_integers(valid, mask)  # validation rows of their own
     noise_seed = seed % 2**31 + 1 if dequantize else None
     # the training noise is drawn where the batches are (no CPU tensor per batch on CUDA)
     noise = torch.Generator(like.device).manual_seed(seed % 2**31 + 2)
     mean, sd, total = train.moments()  # one streaming pass; checks every value
-    if not dequantize:  # dequantized columns have an sd of at least 1/sqrt(12)
-        refuse_unscalable(mean, sd, like.dtype, name)
-    constant = [] if dequantize else constant_columns(mean, sd, like.dtype)
+    plain = torch.ones(flow.dim, dtype=torch.bool) if mask is None else mask.cpu() == 0
+    # dequantized columns have an sd of at least 1/sqrt(12): only the others are checked
+    refuse_unscalable(mean, torch.where(plain, sd, 1.0), like.dtype, name)
+    constant = [j for j in constant_columns(mean, sd, like.dtype) if plain[j]]
     if constant and rank == 0:
         shown = ", ".join(f"{j + 1} ({float(mean[j]):.6g})" for j in constant[:5])
         warn_from_caller(
@@ -699,8 +722,8 @@ def fit(
             "spike as it trains, and its draws spread around the value); drop such columns "
             "and put the value back after sampling"
         )
-    if not dequantize and rank == 0:
-        _warn_if_discrete(train, name)
+    if dequantize is not True and rank == 0:
+        _warn_if_discrete(train, name, dequantize)
     held_out = None
     if valid is not None:  # the validation rows too, before any epoch (and on every rank)
         held_out = [len(valid), valid.moments()[2]]
@@ -712,7 +735,7 @@ def fit(
             raise ValueError(f"checkpoint_dir {checkpoint_dir} cannot be written: {reason}")
     if standardize:  # a layer the optimizer steps around: never an inference tensor
         with torch.inference_mode(False):
-            add_standardization(flow).set(*settle(mean, sd, dequantize, like.dtype))
+            add_standardization(flow).set(*settle(mean, sd, mask, like.dtype))
 
     optimizer = _adam(flow.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = _make_schedule(schedule, optimizer, epochs)
@@ -734,7 +757,7 @@ def fit(
         "clip_grad": None if clip_grad is None else float(clip_grad),
         "patience": None if patience is None else int(patience),
         "standardize": bool(standardize),
-        "dequantize": bool(dequantize),
+        "dequantize": dequantize,
         "dtype": str(like.dtype).removeprefix("torch."),  # the data's fingerprint's too
         "validation": (
             "rows"
@@ -931,7 +954,7 @@ def fit(
                             dtype=like.dtype,
                             device=like.device,
                         )
-                        x = x + (u if world == 1 else u[rank::world])
+                        x = x + (u if world == 1 else u[rank::world]) * mask
                     divisor = size / world
                     loss = objective(x, divisor)
                     finite, stopping = bool(torch.isfinite(loss)), interrupt.raised
@@ -966,7 +989,7 @@ def fit(
                 score = history.train_nll[-1]
                 if valid is not None:
                     flow.eval()
-                    score = _mean_nll(flow, valid, noise_seed, rank, world)
+                    score = _mean_nll(flow, valid, noise_seed, rank, world, mask=mask)
                     flow.train()
                     history.val_nll.append(score)
                 if not math.isfinite(score):

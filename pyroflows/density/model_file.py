@@ -19,7 +19,8 @@ key                value
                    otherwise
 ``dtype``          ``"float32"`` or ``"float64"``
 ``standardize``    whether the flow ends with a :class:`Standardization` layer
-``dequantize``     whether it was fitted to dequantized integer data
+``dequantize``     whether it was fitted to dequantized integer data: True, False or
+                   the list of the dequantized columns (0-based)
 ``columns``        column names, or ``None``
 ``state_dict``     the flow's weights and buffers (masks, orders, loc and scale)
 ``history``        the fit's :class:`~pyroflows.density.History` as a dict
@@ -155,7 +156,7 @@ def save(
     name: str,
     options: dict[str, Any],
     standardize: bool,
-    dequantize: bool = False,
+    dequantize: bool | list[int] = False,
     columns: list[str] | None = None,
     history: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
@@ -194,7 +195,7 @@ def save(
         "clamp_kind": clamp_kinds.pop() if len(clamp_kinds) == 1 else None,
         "dtype": dtype,
         "standardize": bool(standardize),
-        "dequantize": bool(dequantize),
+        "dequantize": dequantize if isinstance(dequantize, list) else bool(dequantize),
         "columns": list(columns) if columns is not None else None,
         "state_dict": {k: v.detach().cpu() for k, v in flow.state_dict().items()},
         "history": history,
@@ -288,6 +289,17 @@ def load(path: str | os.PathLike) -> tuple[Flow, dict[str, Any]]:
     return flow, info
 
 
+def _column_list(value: list, dim: object) -> bool:
+    """Whether ``value`` is a sorted list of distinct column indices below ``dim``."""
+    return (
+        isinstance(dim, int)
+        and all(isinstance(j, int) and not isinstance(j, bool) for j in value)
+        and all(0 <= j < dim for j in value)
+        and value == sorted(set(value))
+        and 0 < len(value) < dim
+    )
+
+
 def _entry_problem(state: dict[str, Any]) -> str | None:
     """What is wrong with the entries beside the flow's (``None``: nothing)."""
     from pyroflows.density.fit import History
@@ -295,8 +307,12 @@ def _entry_problem(state: dict[str, Any]) -> str | None:
     for key in ("standardize", "dequantize"):
         if key not in state:
             return f"the model file lacks the entry '{key}'"
-        if not isinstance(state[key], bool):
-            return f"its entry '{key}' must be True or False, got {state[key]!r}"
+        if isinstance(state[key], bool):
+            continue
+        some = key == "dequantize" and isinstance(state[key], list)  # some columns
+        if not some or not _column_list(state[key], state.get("dim")):
+            what = "True, False or a list of column indices" if key == "dequantize" else ""
+            return f"its entry '{key}' must be {what or 'True or False'}, got {state[key]!r}"
     if state.get("dtype") not in DTYPES:
         return f"its entry 'dtype' must be one of {', '.join(DTYPES)}, got {state.get('dtype')!r}"
     columns = state.get("columns")

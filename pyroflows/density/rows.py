@@ -26,6 +26,8 @@ given as sd, never squared again.
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -240,6 +242,50 @@ def chunk_noise(shape: tuple[int, ...], seed: int, chunk: int, like: torch.Tenso
     return torch.rand(shape, generator=g, dtype=like.dtype, device=like.device)
 
 
+def dequantized_columns(dequantize: object, dim: int) -> bool | list[int]:
+    """``dequantize`` checked, in the form a fit records: which columns are integer cells.
+
+    ``True`` (every column), ``False`` (none), or a sequence of 0-based column indices
+    (negative ones count from the end), returned as ``True``, ``False`` or the sorted
+    list of some columns: a count beside measurements, say.
+    """
+    if isinstance(dequantize, (bool, np.bool_)):
+        return bool(dequantize)
+    if isinstance(dequantize, (str, bytes)) or not isinstance(dequantize, Iterable):
+        raise TypeError(
+            f"dequantize must be True, False or a sequence of column indices (0-based), got "
+            f"{dequantize!r}"
+        )
+    columns = list(dequantize)
+    for j in columns:
+        if isinstance(j, (bool, np.bool_)) or not isinstance(j, numbers.Integral):
+            raise TypeError(f"dequantize's entries must be column indices (ints), got {j!r}")
+        if not -dim <= j < dim:
+            raise ValueError(
+                f"dequantize names column {j}, but the data have {dim} column(s) "
+                f"(indices 0 to {dim - 1})"
+            )
+    chosen = sorted({int(j) % dim for j in columns})
+    if len(chosen) < len(columns):
+        raise ValueError(f"dequantize names a column twice: {columns}")
+    if not chosen:
+        return False
+    return True if len(chosen) == dim else chosen
+
+
+def noise_mask(dequantize: bool | list[int], dim: int, like: torch.Tensor) -> torch.Tensor | None:
+    """1 on the dequantized columns and 0 elsewhere, in ``like``'s dtype; None for none.
+
+    ``dequantize`` in :func:`dequantized_columns`' form.
+    """
+    if dequantize is False:
+        return None
+    mask = torch.ones(dim, dtype=like.dtype, device=like.device)
+    if dequantize is not True:
+        mask.zero_()[list(dequantize)] = 1.0
+    return mask
+
+
 #: What :func:`refuse_fractions` tells a fit, and a score, to do instead.
 FIT_ADVICE = (
     "dequantize=True is for integer-valued data (counts, pixel levels); fit continuous data "
@@ -251,13 +297,18 @@ SCORE_ADVICE = (
 )
 
 
-def refuse_fractions(x: torch.Tensor, name: str, start: int, advice: str) -> None:
+def refuse_fractions(
+    x: torch.Tensor, name: str, start: int, advice: str, mask: torch.Tensor | None = None
+) -> None:
     """Raise a :class:`DataError` at the first cell of ``x`` that is not a whole number.
 
     ``x`` holds rows ``start, start + 1, ...`` of ``name``. Dequantization models integer
-    cells :math:`[x, x + 1)`: a fractional value has no cell.
+    cells :math:`[x, x + 1)`: a fractional value has no cell. ``mask``: the dequantized
+    columns (:func:`noise_mask`; default every column).
     """
     bad = x != x.floor()
+    if mask is not None:
+        bad = bad & mask.to(x.device).bool()
     if bad.any():
         i, j = (int(v) for v in bad.nonzero()[0])
         row = start + i
@@ -272,17 +323,20 @@ def refuse_fractions(x: torch.Tensor, name: str, start: int, advice: str) -> Non
 DEQUANTIZE_STEP = 1 / 16
 
 
-def check_integers(rows: Rows) -> None:
+def check_integers(rows: Rows, mask: torch.Tensor | None = None) -> None:
     """Stream ``rows`` (a whole source, not a split view) and refuse a fractional value.
 
     Also refuses values too large for the flow's dtype to resolve the noise in their
-    cells (see :func:`refuse_too_large`).
+    cells (see :func:`refuse_too_large`). ``mask``: the dequantized columns, the only
+    ones checked (:func:`noise_mask`; default every column).
     """
     start, largest, dtype = 0, 0.0, None
     for x in rows.chunks():
-        refuse_fractions(x, rows.name, start, FIT_ADVICE)
+        refuse_fractions(x, rows.name, start, FIT_ADVICE, mask)
         start += x.shape[0]
         dtype = x.dtype
+        if mask is not None:
+            x = x[:, mask.to(x.device).bool()]
         if x.numel():
             largest = max(largest, float(x.abs().max()))
     if dtype is not None:
@@ -312,7 +366,11 @@ def refuse_too_large(largest: float, dtype: torch.dtype, name: str) -> None:
 
 
 def log_prob(
-    flow: torch.nn.Module, rows: Rows, dequantize: bool = False, draws: int = 16, seed: int = 0
+    flow: torch.nn.Module,
+    rows: Rows,
+    dequantize: bool | list[int] = False,
+    draws: int = 16,
+    seed: int = 0,
 ) -> torch.Tensor:
     r"""Log-density of every row, streamed in chunks; shape ``(N,)``.
 
@@ -321,17 +379,20 @@ def log_prob(
     noise draws, of the lower bound
     :math:`\mathbb E_u \log p(x + u) \le \log \int_{[0,1)^D} p(x + u)\,du = \log P(x)`
     (Theis et al. 2016), comparable with the validation NLL of the fit. Without, it is
-    :math:`\log p(x)`. Every row gets the same ``draws`` noise vectors, so a row's score
-    does not depend on where it stands among the rows (scored alone, in another order or
-    in a subset, it is the same number, to the float rounding of batched matrix products:
-    about 1e-6 in float32). A fractional value is refused under
-    ``dequantize`` (it has no integer cell). The rows are finite (checked as they are
-    read), so a NaN can only come from an overflow inside the flow, for a point so far out
-    that its density is 0: it is reported as ``-inf``.
+    :math:`\log p(x)`. With some columns dequantized (a list of them, as
+    :func:`dequantized_columns` gives it), the noise goes on those only: the score is a
+    density in the other columns and a probability in those. Every row gets the same
+    ``draws`` noise vectors, so a row's score does not depend on where it stands among the
+    rows (scored alone, in another order or in a subset, it is the same number, to the
+    float rounding of batched matrix products: about 1e-6 in float32). A fractional value
+    in a dequantized column is refused (it has no integer cell). The rows are finite
+    (checked as they are read), so a NaN can only come from an overflow inside the flow,
+    for a point so far out that its density is 0: it is reported as ``-inf``.
     """
     like = flow.base_loc
     parts = []
-    u = chunk_noise((draws, 1, rows.dim), seed, 0, like) if dequantize else None
+    mask = noise_mask(dequantized_columns(dequantize, rows.dim), rows.dim, like)
+    u = chunk_noise((draws, 1, rows.dim), seed, 0, like) * mask if mask is not None else None
     start = 0
     with torch.no_grad():
         d = flow()
@@ -339,23 +400,27 @@ def log_prob(
             if u is None:
                 parts.append(d.log_prob(x))
                 continue
-            refuse_fractions(x, rows.name, start, SCORE_ADVICE)
+            refuse_fractions(x, rows.name, start, SCORE_ADVICE, mask)
             start += x.shape[0]
             parts.append(d.log_prob(x + u).mean(0))
     logp = torch.cat(parts)
     return logp.masked_fill(logp.isnan(), -math.inf)
 
 
-def sample(flow: torch.nn.Module, n: int, seed: int, dequantize: bool = False) -> torch.Tensor:
+def sample(
+    flow: torch.nn.Module, n: int, seed: int, dequantize: bool | list[int] = False
+) -> torch.Tensor:
     """``n`` draws of the fitted density, seeded by ``seed`` (torch's global state kept).
 
     With ``dequantize`` the flow is a density of :math:`x + U[0, 1)`, and the draws are
-    the integer cells they fall in (their floor): the model of the integer data.
+    the integer cells they fall in (their floor): the model of the integer data. With
+    some columns dequantized (a list), those columns are floored.
     """
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         draws = flow().sample((n,))
-    return draws.floor() if dequantize else draws
+    mask = noise_mask(dequantized_columns(dequantize, draws.shape[-1]), draws.shape[-1], draws)
+    return draws if mask is None else torch.where(mask.bool(), draws.floor(), draws)
 
 
 def as_source(

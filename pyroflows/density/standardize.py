@@ -100,17 +100,27 @@ def moments(data: torch.Tensor, dequantize: bool = False) -> tuple[torch.Tensor,
 
 
 def settle(
-    mean: torch.Tensor, sd: torch.Tensor, dequantize: bool, dtype: torch.dtype
+    mean: torch.Tensor,
+    sd: torch.Tensor,
+    dequantize: bool | torch.Tensor | None,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Location and scale of the layer from column mean and sd (see :func:`moments`).
 
     Worked in float64 and only then cast to ``dtype``: the variance of a column with an
-    sd of 1e20 is beyond float32's range, its sd is not.
+    sd of 1e20 is beyond float32's range, its sd is not. ``dequantize``: every column
+    gets :math:`U[0, 1)` noise (``True``), none (``False`` or ``None``), or those where
+    a 0/1 mask of the columns is 1.
     """
     mean, sd = mean.to(torch.float64), sd.to(torch.float64)
-    if dequantize:  # the sd of x + U[0, 1): sqrt(sd^2 + 1/12), without squaring sd
-        mean = mean + 0.5
-        sd = torch.hypot(sd, torch.tensor(12.0, dtype=torch.float64).rsqrt())
+    if dequantize is not None and dequantize is not False:
+        # the sd of x + U[0, 1): sqrt(sd^2 + 1/12), without squaring sd
+        noisy = torch.ones_like(sd, dtype=torch.bool)
+        if isinstance(dequantize, torch.Tensor):
+            noisy = dequantize.to(sd.device) != 0
+        mean = torch.where(noisy, mean + 0.5, mean)
+        widened = torch.hypot(sd, torch.tensor(12.0, dtype=torch.float64).rsqrt())
+        sd = torch.where(noisy, widened, sd)
     # constant columns (sd at rounding level relative to the mean) keep sd 1
     constant = _constant(mean, sd, dtype)
     return mean.to(dtype), torch.where(constant, torch.ones_like(sd), sd).to(dtype)

@@ -879,8 +879,66 @@ def test_integer_data_fitted_without_dequantization_is_warned_about():
     # a count beside a measurement: said too, with the remedy by hand (dequantize=True
     # takes whole tables only); before, nothing was said
     mixed = torch.stack([torch.randn(400, generator=g), counts[:, 0]], -1)
-    with pytest.warns(UserWarning, match=r"column\(s\) 2 \(4 distinct\) hold whole numbers"):
+    with pytest.warns(UserWarning, match=r"column\(s\) 2 \(4 distinct\) hold .*dequantize=\[1\]"):
         fit(small_flow(), mixed, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(small_flow(), mixed, dequantize=[1], **options)  # that remedy: no warning
+
+
+def test_dequantize_takes_some_columns():
+    # a count beside a measurement: the noise goes on the count only (before, dequantize
+    # took whole tables, and the warning's remedy was to add the noise by hand)
+    from pyroflows.density.rows import TensorRows, chunk_noise, log_prob, sample
+
+    g = torch.Generator().manual_seed(0)
+    mixed = torch.stack(
+        [torch.randn(400, generator=g), torch.randint(0, 4, (400,), generator=g)], -1
+    )
+    flow = small_flow()
+    history = fit(flow, mixed, dequantize=[1], epochs=2, seed=0, progress=False)
+    assert math.isfinite(history.train_nll[-1])
+    # the fractions of column 1 are refused, those of column 0 are data
+    fractional = mixed.clone()
+    fractional[5, 1] = 0.5
+    with pytest.raises(ValueError, match=r"row 6, column 2 \(index \[5, 1\]\) is 0.5"):
+        fit(small_flow(), fractional, dequantize=[1], epochs=1, progress=False)
+    # the score: the mean over the seeded draws of log p(x + u), u on column 1 only
+    rows = TensorRows(mixed[:20], "x")
+    scores = log_prob(flow, rows, dequantize=[1], draws=16, seed=0)
+    u = chunk_noise((16, 1, 2), 0, 0, flow.base_loc) * torch.tensor([0.0, 1.0])
+    with torch.no_grad():
+        expected = flow().log_prob(mixed[:20] + u).mean(0)
+    torch.testing.assert_close(scores, expected)
+    # draws: column 1 floored, column 0 as drawn
+    draws = sample(flow, 50, 0, [1])
+    assert torch.equal(draws[:, 1], draws[:, 1].floor())
+    assert not torch.equal(draws[:, 0], draws[:, 0].floor())
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(True, True), (False, False), ([], False), ([1, 0], True), ([-1], [1]), ((0,), [0])],
+)
+def test_dequantize_columns_in_the_form_a_fit_records(value, expected):
+    from pyroflows.density.rows import dequantized_columns
+
+    assert dequantized_columns(value, 2) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        ("yes", TypeError, "dequantize must be True, False or a sequence of column indices"),
+        ([0.5], TypeError, "dequantize's entries must be column indices"),
+        ([True], TypeError, "dequantize's entries must be column indices"),
+        ([2], ValueError, r"names column 2, but the data have 2 column\(s\)"),
+        ([0, -2], ValueError, "names a column twice"),
+    ],
+)
+def test_bad_dequantize_columns_are_named(value, error, match):
+    with pytest.raises(error, match=match):
+        fit(small_flow(), torch.zeros(10, 2), dequantize=value, epochs=1, progress=False)
 
 
 @pytest.mark.parametrize("flag", [True, np.bool_(False)])

@@ -209,7 +209,9 @@ def test_a_damaged_copy_is_refused_not_loaded_with_other_weights(tmp_path):
     [
         ("version", True, "model file version True, this pyroflows reads"),
         ("version", "3", "model file version '3', this pyroflows reads"),
-        ("dequantize", "no", "entry 'dequantize' must be True or False, got 'no'"),
+        ("dequantize", "no", "entry 'dequantize' must be True, False or a list of column"),
+        ("dequantize", [2], r"entry 'dequantize' must be True, .*, got \[2\]"),
+        ("dequantize", [0, 1], r"entry 'dequantize' must be True, .*, got \[0, 1\]"),
         ("columns", ["a"], r"entry 'columns' must be None or 2 column names, got \['a'\]"),
         ("history", {"epochs": 3, "colour": 1}, "entry 'history' must be None or a fit's"),
         ("dtype", "float16", "entry 'dtype' must be one of float32, float64, got 'float16'"),

@@ -136,7 +136,18 @@ def _parser() -> argparse.ArgumentParser:
         help="stop after this many epochs without a better validation NLL (0: never)",
     )
     fit.add_argument("--validation", type=float, default=0.1, help="fraction of the rows held out")
-    fit.add_argument("--dequantize", action="store_true", help="integer data: add U[0,1) noise")
+    integer = fit.add_mutually_exclusive_group()
+    integer.add_argument(
+        "--dequantize", action="store_true", help="integer data: add U[0,1) noise to every column"
+    )
+    integer.add_argument(
+        "--dequantize-columns",
+        metavar="COLS",
+        default=None,
+        help="integer columns beside continuous ones (counts beside measurements): add U[0,1) "
+        "noise to these only; comma-separated header names (DATA with a header) or column "
+        "numbers counted from 1 (without)",
+    )
     fit.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="dtype")
     fit.add_argument(
         "--seed",
@@ -194,19 +205,23 @@ def _read(
     dtype: Any,
     whole_numbers: str | None = None,
     names: list[str] | None = None,
+    whole_columns: list[int] | None = None,
 ) -> tuple[np.ndarray, list[str] | None]:
     """DATA as ``--header`` says; a note on stderr when auto took 0,1,... as a header.
 
     ``whole_numbers``: the advice when a value of integer data is a fraction (the CSV's
-    line is named; the fit's own check counts data rows, not lines). ``names``: a
-    model's columns, which auto takes for the header when the first row is exactly them.
+    line is named; the fit's own check counts data rows, not lines), in the 0-based
+    ``whole_columns`` (default: all). ``names``: a model's columns, which auto takes for
+    the header when the first row is exactly them.
     """
     from pyroflows.density.data import read_table
 
     header = {"auto": None, "yes": True, "no": False}[args.header]
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
-        values, columns = read_table(args.data, dtype, _FLOAT64, header, whole_numbers, names)
+        values, columns = read_table(
+            args.data, dtype, _FLOAT64, header, whole_numbers, names, whole_columns
+        )
     for warning in said:
         text = str(warning.message)
         if "as a header" in text:  # the pandas header taken: one note, in the flag's terms
@@ -217,6 +232,43 @@ def _read(
                 warning.message, warning.category, warning.filename, warning.lineno
             )
     return values, columns
+
+
+def _integer_columns(given: str, names: list[str] | None, dim: int) -> bool | list[int]:
+    """``--dequantize-columns``, as fit's 0-based ``dequantize``.
+
+    Comma-separated header names when DATA has a header, column numbers from 1 to ``dim``
+    when it has none: one reading each, so a header of numbers (years, pandas' 0,1,...)
+    is never ambiguous. Unknown, repeated and empty tokens are refused. All the columns:
+    ``True``, as ``--dequantize``.
+    """
+    flag = "--dequantize-columns"
+    tokens = [token.strip() for token in given.split(",")]
+    if not all(tokens):
+        raise _Failure(f"{flag} takes comma-separated column names or numbers, got {given!r}")
+    chosen = []
+    for token in tokens:
+        if names is not None and token not in names:
+            raise _Failure(
+                f"{flag} names no column {token!r}: DATA has a header, so give its names "
+                f"({', '.join(names)})"
+            )
+        if names is None and not (token.isdigit() and 1 <= int(token) <= dim):
+            raise _Failure(
+                f"{flag} names no column {token!r}: DATA has no header, so give column "
+                f"numbers, 1 to {dim}"
+            )
+        chosen.append(names.index(token) if names is not None else int(token) - 1)
+    if len(set(chosen)) < len(chosen):
+        raise _Failure(f"{flag} names a column twice, got {given!r}")
+    return True if len(chosen) == dim else sorted(chosen)
+
+
+def _shown_columns(columns: list[int], names: list[str] | None) -> str:
+    """0-based columns as ``--dequantize-columns`` takes them: names, else 1-based numbers."""
+    if names is None:
+        return ",".join(str(j + 1) for j in columns)
+    return ",".join(names[j] for j in columns)
 
 
 def _check_out(out: str | None, force: bool, inputs: list[str]) -> None:
@@ -266,7 +318,7 @@ def _fit(args: argparse.Namespace) -> None:
 
     from pyroflows.density import ResumeMismatch, build, distributed, fit, save
     from pyroflows.density.fit import checkpoint_finished, read_checkpoint, unwritable
-    from pyroflows.density.rows import FIT_ADVICE
+    from pyroflows.density.rows import FIT_ADVICE, FIT_ADVICE_SOME
 
     device = _device(args.device)
     rank, _ = distributed.setup(device)  # under torchrun: join the process group
@@ -275,9 +327,16 @@ def _fit(args: argparse.Namespace) -> None:
     reason = unwritable(out.parent)  # now, not after the training
     if reason is not None:
         raise _Failure(f"--out {out}: its folder {out.parent} cannot be written: {reason}")
-    values, columns = _read(
-        args, getattr(torch, args.dtype), FIT_ADVICE if args.dequantize else None
-    )
+    dtype = getattr(torch, args.dtype)
+    values, columns = _read(args, dtype, FIT_ADVICE if args.dequantize else None)
+    dequantize: bool | list[int] = args.dequantize
+    if args.dequantize_columns is not None:
+        dequantize = _integer_columns(args.dequantize_columns, columns, values.shape[1])
+        part = values[:, dequantize] if isinstance(dequantize, list) else values
+        if not str(args.data).lower().endswith(".npy") and (part != np.floor(part)).any():
+            # read again, to name the fraction's line (a .npy file's rows: the fit names)
+            whole = list(range(values.shape[1])) if dequantize is True else dequantize
+            _read(args, dtype, FIT_ADVICE_SOME, whole_columns=whole)
     options = {
         "transforms": args.transforms,
         "hidden": args.hidden,
@@ -330,7 +389,7 @@ def _fit(args: argparse.Namespace) -> None:
             batch_size=args.batch_size,
             lr=args.lr,
             patience=args.patience or None,
-            dequantize=args.dequantize,
+            dequantize=dequantize,
             seed=seed,
             progress=None if not args.quiet else False,
             checkpoint_dir=checkpoints,
@@ -339,7 +398,7 @@ def _fit(args: argparse.Namespace) -> None:
             name=str(args.data),
         )
     except ResumeMismatch as error:
-        raise _Failure(_mismatch(error)) from None
+        raise _Failure(_mismatch(error, columns)) from None
     except (TypeError, ValueError, FloatingPointError) as error:
         raise _Failure(_in_flag_terms(str(error))) from None
     except KeyboardInterrupt:
@@ -358,7 +417,7 @@ def _fit(args: argparse.Namespace) -> None:
         name=args.flow,
         options=options,
         standardize=True,
-        dequantize=args.dequantize,
+        dequantize=dequantize,
         columns=columns,
         history=history.as_dict(),
         training=_training(args, seed),
@@ -431,12 +490,14 @@ def _in_flag_terms(text: str) -> str:
     return text
 
 
-def _mismatch(error: Any) -> str:
-    """A fit's refusal to resume, in the command line's terms."""
+def _mismatch(error: Any, error_names: list[str] | None = None) -> str:
+    """A fit's refusal to resume, in the command line's terms (``error_names``: DATA's)."""
 
     def shown(name: str, value: Any) -> str:
         if name == "patience" and value is None:
             value = 0
+        if name == "dequantize" and isinstance(value, list):
+            return f"--dequantize-columns {_shown_columns(value, error_names)}"
         if name == "dequantize":
             return "--dequantize" if value else "no --dequantize"
         return f"{_FLAGS[name]} {value}"
@@ -490,14 +551,16 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _score(args: argparse.Namespace) -> None:
-    from pyroflows.density.rows import SCORE_ADVICE, as_source, log_prob
+    from pyroflows.density.rows import SCORE_ADVICE, SCORE_ADVICE_SOME, as_source, log_prob
 
     _check_out(args.out, args.force, [args.model, args.data])
     flow, info = _load(args.model)
-    # every column whole only for a model fitted to whole tables (some columns: log_prob
-    # checks those)
-    advice = SCORE_ADVICE if info["dequantize"] is True else None
-    values, columns = _read(args, flow.base_loc.dtype, advice, info["columns"])
+    dequantized = info["dequantize"]
+    some = isinstance(dequantized, list)  # whole numbers in those columns only
+    advice = SCORE_ADVICE_SOME if some else SCORE_ADVICE if dequantized else None
+    values, columns = _read(
+        args, flow.base_loc.dtype, advice, info["columns"], dequantized if some else None
+    )
     if values.shape[1] != info["dim"]:
         raise _Failure(
             f"{args.data} has {values.shape[1]} columns but the model was fitted to {info['dim']}"
@@ -526,7 +589,7 @@ def _info(args: argparse.Namespace) -> None:
         f"model     {args.model}",
         f"flow      {info['flow']}, {info['dim']} columns, {params} parameters, {info['dtype']}",
         f"options   {_shown_options(flow, info['options'])}",
-        f"standardized {info['standardize']}, dequantized {info['dequantize']}",
+        f"standardized {info['standardize']}, dequantized {_dequantized(info)}",
     ]
     if info["columns"] is not None:
         # quoted where a name would read as two (a comma) or hides its spaces
@@ -546,6 +609,14 @@ def _info(args: argparse.Namespace) -> None:
     if training:
         lines.append("training  " + ", ".join(f"{k}={v}" for k, v in training.items()))
     print("\n".join(lines))
+
+
+def _dequantized(info: dict[str, Any]) -> str:
+    """``info``'s dequantize for people: True, False, or its columns as the flag names them."""
+    if not isinstance(info["dequantize"], list):
+        return str(info["dequantize"])
+    shown = _shown_columns(info["dequantize"], info["columns"])
+    return f"columns {shown} (--dequantize-columns {shown})"
 
 
 def _training(args: argparse.Namespace, seed: int | None) -> dict[str, Any]:

@@ -208,6 +208,7 @@ def read_table(
     header: bool | None = None,
     whole_numbers: str | None = None,
     names: Sequence[str] | None = None,
+    whole_columns: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, list[str] | None]:
     """Read a numeric table from a CSV file (with or without a header) or a ``.npy`` file.
 
@@ -234,6 +235,7 @@ def read_table(
         names: the column names a model was fitted with: with ``header=None``, a first
             row that is exactly these names is the header too (numbers such as years,
             which the rule above would take for data).
+        whole_columns: the 0-based columns that ``whole_numbers`` checks (default: all).
 
     Returns:
         The values as an ``(N, D)`` array (float64 from a CSV; from a ``.npy`` file, the
@@ -261,6 +263,8 @@ def read_table(
     values, names, lines = _read_csv(path, dtype, remedy, header)
     if whole_numbers is not None:
         fractional = values != np.floor(values)
+        if whole_columns is not None:
+            fractional[:, np.setdiff1d(np.arange(values.shape[1]), list(whole_columns))] = False
         if fractional.any():
             row, col = (int(i) for i in np.argwhere(fractional)[0])
             raise DataError(

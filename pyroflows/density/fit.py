@@ -355,7 +355,8 @@ def _warn_if_discrete(rows: Rows, name: str, dequantized: bool | list[int] = Fal
             f"fit: in the first {len(chunk)} rows of {name}, column(s) {named}{more} hold "
             "whole numbers that repeat: a flow fitted to them puts ever narrower spikes on "
             "the values, and its validation NLL falls without bound (the held-out rows take "
-            f"the same values). Pass dequantize={spiky} (0-based column indices), which "
+            f"the same values). Pass dequantize={spiky} (0-based column indices; on the "
+            "command line --dequantize-columns with their names, or numbers from 1), which "
             "fits the mass of each cell of those columns"
         )
         return

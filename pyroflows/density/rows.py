@@ -295,6 +295,20 @@ SCORE_ADVICE = (
     "the model was fitted to integer data (dequantize=True) and scores whole-number rows "
     "(the probabilities of their unit cells)"
 )
+#: The same, where ``dequantize`` names some columns (``--dequantize-columns``).
+FIT_ADVICE_SOME = (
+    "dequantize's columns (--dequantize-columns) are the integer-valued ones (counts, "
+    "levels); leave a continuous column out of them"
+)
+SCORE_ADVICE_SOME = (
+    "the model was fitted with this column dequantized (integer data) and scores its whole "
+    "numbers (the probabilities of their unit cells)"
+)
+
+
+def _advice(mask: torch.Tensor | None, every: str, some: str) -> str:
+    """``every`` when ``mask`` covers every column (or is None), else ``some``."""
+    return every if mask is None or bool(mask.bool().all()) else some
 
 
 def refuse_fractions(
@@ -332,7 +346,7 @@ def check_integers(rows: Rows, mask: torch.Tensor | None = None) -> None:
     """
     start, largest, dtype = 0, 0.0, None
     for x in rows.chunks():
-        refuse_fractions(x, rows.name, start, FIT_ADVICE, mask)
+        refuse_fractions(x, rows.name, start, _advice(mask, FIT_ADVICE, FIT_ADVICE_SOME), mask)
         start += x.shape[0]
         dtype = x.dtype
         if mask is not None:
@@ -393,6 +407,7 @@ def log_prob(
     parts = []
     mask = noise_mask(dequantized_columns(dequantize, rows.dim), rows.dim, like)
     u = chunk_noise((draws, 1, rows.dim), seed, 0, like) * mask if mask is not None else None
+    advice = _advice(mask, SCORE_ADVICE, SCORE_ADVICE_SOME)
     start = 0
     with torch.no_grad():
         d = flow()
@@ -400,7 +415,7 @@ def log_prob(
             if u is None:
                 parts.append(d.log_prob(x))
                 continue
-            refuse_fractions(x, rows.name, start, SCORE_ADVICE, mask)
+            refuse_fractions(x, rows.name, start, advice, mask)
             start += x.shape[0]
             parts.append(d.log_prob(x + u).mean(0))
     logp = torch.cat(parts)

@@ -662,3 +662,106 @@ def test_a_coupling_flow_on_one_column_is_refused_in_the_command_lines_terms(wor
     (workdir / "one.csv").write_text("\n".join(str(v) for v in range(1, 40)) + "\n")
     result = run("fit", "one.csv", "--out", "one.pt", *FAST, "--flow", "realnvp", cwd=workdir)
     one_line_error(result, "--flow realnvp is a coupling flow", "use --flow maf, iaf or nsf")
+
+
+def test_some_columns_dequantized_from_the_command_line(workdir, monkeypatch, capsys):
+    import torch
+
+    from pyroflows.density import build, fit, read_table
+
+    rng = np.random.default_rng(5)
+    table = np.c_[rng.normal(size=300), rng.poisson(3.0, size=300)]
+    body = "\n".join(f"{u:.6f},{v:g}" for u, v in table) + "\n"
+    (workdir / "mixed.csv").write_text("a,count\n" + body)
+    (workdir / "bare.csv").write_text(body)
+    fit_some = ["fit", *FAST, "--dequantize-columns"]
+    monkeypatch.chdir(workdir)  # in this process, quicker (other tests run the real command)
+
+    def cli(*argv):
+        code = main(list(argv))
+        said = capsys.readouterr()
+        assert code == 0, said.err
+        return said.out
+
+    cli(*fit_some, "count", "mixed.csv", "-o", "mixed.pt")
+    assert load(workdir / "mixed.pt")[1]["dequantize"] == [1]
+    assert "dequantized columns count (--dequantize-columns count)" in cli("info", "mixed.pt")
+    drawn = cli("sample", "mixed.pt", "-n", "200", "--seed", "0")
+    values = np.loadtxt(drawn.splitlines()[1:], delimiter=",")
+    assert np.array_equal(values[:, 1], np.floor(values[:, 1]))  # the count: whole
+    assert not np.array_equal(values[:, 0], np.floor(values[:, 0]))  # the other: not
+    # without a header, columns by number: the same fit
+    cli(*fit_some, "2", "bare.csv", "-o", "bare.pt")
+    assert "dequantized columns 2 (--dequantize-columns 2)" in cli("info", "bare.pt")
+    assert cli("score", "mixed.pt", "bare.csv") == cli("score", "bare.pt", "bare.csv")
+    # a fraction in the count column: named by its line, for the fit and for the score
+    lines = ["a,count", *body.splitlines()]
+    lines[3] = "0.5,2.5"
+    (workdir / "frac.csv").write_text("\n".join(lines) + "\n")
+    for argv, message in (
+        (
+            [*fit_some, "count", "frac.csv", "-o", "f.pt"],
+            "frac.csv: row 4, column 2: 2.5 is "
+            "not a whole number: dequantize's columns (--dequantize-columns) are the integer",
+        ),
+        (
+            ["score", "mixed.pt", "frac.csv"],
+            "frac.csv: row 4, column 2: 2.5 is not a whole "
+            "number: the model was fitted with this column dequantized",
+        ),
+        ([*fit_some, "a", "mixed.csv", "-o", "x.pt"], "mixed.csv: row 2, column 1"),
+        (
+            [*fit_some, "2", "mixed.csv", "-o", "x.pt"],
+            "names no column '2': DATA has a header, so give its names (a, count)",
+        ),
+        (
+            [*fit_some, "count", "bare.csv", "-o", "x.pt"],
+            "names no column 'count': DATA has no header, so give column numbers, 1 to 2",
+        ),
+        ([*fit_some, "3", "bare.csv", "-o", "x.pt"], "names no column '3': DATA has no header"),
+        (
+            [*fit_some, "count,count", "mixed.csv", "-o", "x.pt"],
+            "names a column twice, got 'count,count'",
+        ),
+        (
+            [*fit_some, "count,", "mixed.csv", "-o", "x.pt"],
+            "takes comma-separated column names or numbers, got 'count,'",
+        ),
+    ):
+        assert main(argv) == 2, argv
+        said = capsys.readouterr().err.strip().splitlines()
+        assert len(said) == 1, said
+        assert said[0].startswith("pyroflows: error: "), said
+        assert message in said[0], said
+    # a header of numbers: its names, never column numbers
+    (workdir / "years.csv").write_text("2,1\n" + body)
+    cli(*fit_some, "1", "years.csv", "-o", "y.pt", "--header", "yes")
+    assert load(workdir / "y.pt")[1]["dequantize"] == [1]
+    # an unfinished fit with the count dequantized: resuming it asks for the same columns
+    torch.manual_seed(0)
+    options = {"transforms": 1, "hidden": [8], "activation": "relu", "dtype": "float32"}
+
+    def stop(epoch, history):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(
+            build("maf", 2, options),
+            read_table(workdir / "mixed.csv", torch.float32)[0],  # as the command reads it
+            epochs=3,
+            seed=0,
+            dequantize=[1],
+            checkpoint_dir=workdir / "part.pt.ckpt",
+            progress=False,
+            callback=stop,
+        )
+    resume = ["fit", "mixed.csv", "-o", "part.pt", *FAST, "--resume"]
+    refused = run(*resume, cwd=workdir)
+    assert refused.returncode == 2, refused.stderr
+    warning, error = refused.stderr.strip().splitlines()
+    # the count, seen without noise, warned of in the command line's terms too
+    assert warning.startswith("pyroflows: warning: fit: in the first 270 rows of mixed.csv")
+    assert "--dequantize-columns with their names, or numbers from 1" in warning
+    assert "with --dequantize-columns count; now no --dequantize" in error
+    resumed = run(*resume, "--dequantize-columns", "count", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr

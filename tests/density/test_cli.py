@@ -79,6 +79,32 @@ def test_fit_info_sample_score(workdir):
     assert np.load(workdir / "s.npy").shape == (7, 2)
 
 
+def unfinished_fit(data, checkpoints, seed, **given):
+    """The checkpoint of `fit DATA *FAST --seed SEED`, stopped after its first epoch."""
+    import torch
+
+    from pyroflows.density import build, fit, read_table
+
+    values, _ = read_table(data, torch.float32)  # as the command reads it
+    torch.manual_seed(seed)
+    options = {"transforms": 1, "hidden": [8], "activation": "relu", "dtype": "float32"}
+
+    def stop(epoch, history):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(
+            build("maf", values.shape[1], options),
+            values,
+            epochs=3,
+            seed=seed,
+            checkpoint_dir=checkpoints,
+            progress=False,
+            callback=stop,
+            **given,
+        )
+
+
 def one_line_error(result, *fragments):
     assert result.returncode == 2, (result.returncode, result.stderr)
     lines = result.stderr.strip().splitlines()
@@ -389,28 +415,8 @@ def test_a_float64_models_csv_output_round_trips_float64(workdir):
 
 
 def test_a_checkpoint_of_another_fit_is_refused_in_the_command_lines_terms(workdir):
-    import torch
-
-    from pyroflows.density import build, fit, read_table
-
     # an unfinished fit of what `fit data.csv --out mis.pt *FAST --seed 3` would train
-    values, _ = read_table(workdir / "data.csv", torch.float32)
-    torch.manual_seed(3)
-    options = {"transforms": 1, "hidden": [8], "activation": "relu", "dtype": "float32"}
-
-    def stop(epoch, history):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        fit(
-            build("maf", 2, options),
-            values,
-            epochs=3,
-            seed=3,
-            checkpoint_dir=workdir / "mis.pt.ckpt",
-            progress=False,
-            callback=stop,
-        )
+    unfinished_fit(workdir / "data.csv", workdir / "mis.pt.ckpt", seed=3)
     resume = ["fit", "data.csv", "--out", "mis.pt", *FAST, "--resume"]
     for extra, fragments in (
         (["--seed", "4"], ["with --seed 3; now --seed 4", "drop --resume and add --force"]),
@@ -665,10 +671,6 @@ def test_a_coupling_flow_on_one_column_is_refused_in_the_command_lines_terms(wor
 
 
 def test_some_columns_dequantized_from_the_command_line(workdir, monkeypatch, capsys):
-    import torch
-
-    from pyroflows.density import build, fit, read_table
-
     rng = np.random.default_rng(5)
     table = np.c_[rng.normal(size=300), rng.poisson(3.0, size=300)]
     body = "\n".join(f"{u:.6f},{v:g}" for u, v in table) + "\n"
@@ -738,23 +740,7 @@ def test_some_columns_dequantized_from_the_command_line(workdir, monkeypatch, ca
     cli(*fit_some, "1", "years.csv", "-o", "y.pt", "--header", "yes")
     assert load(workdir / "y.pt")[1]["dequantize"] == [1]
     # an unfinished fit with the count dequantized: resuming it asks for the same columns
-    torch.manual_seed(0)
-    options = {"transforms": 1, "hidden": [8], "activation": "relu", "dtype": "float32"}
-
-    def stop(epoch, history):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        fit(
-            build("maf", 2, options),
-            read_table(workdir / "mixed.csv", torch.float32)[0],  # as the command reads it
-            epochs=3,
-            seed=0,
-            dequantize=[1],
-            checkpoint_dir=workdir / "part.pt.ckpt",
-            progress=False,
-            callback=stop,
-        )
+    unfinished_fit(workdir / "mixed.csv", workdir / "part.pt.ckpt", seed=0, dequantize=[1])
     resume = ["fit", "mixed.csv", "-o", "part.pt", *FAST, "--resume"]
     refused = run(*resume, cwd=workdir)
     assert refused.returncode == 2, refused.stderr

@@ -63,7 +63,9 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
     The weights and biases of all its layers live in one parameter, ``flat``
     (:mod:`pyroflows.nn.packed`): an optimizer steps one tensor per network instead of
     two per layer, which on the CPU makes a small flow's training step with torch's
-    default Adam 5-15% faster (less with ``fused=True``). ``layer.weight`` and
+    default Adam 5-15% faster (less with ``fused=True``). A network of more than
+    :data:`~pyroflows.nn.packed.PACK_LIMIT` parameters is built unpacked (the ``cat``
+    that gathers ``flat``'s gradient then costs more than it saves). ``layer.weight`` and
     ``layer.bias`` read as views of it; a state dict holds ``flat`` and the layers'
     sizes (``flat_layout``), and a state saved with a weight and bias per layer loads as
     well.
@@ -116,7 +118,8 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
             nn.init.zeros_(self.output_layer.bias)
             if self.context_output is not None:
                 nn.init.zeros_(self.context_output.weight)
-        packed.pack(self)
+        if sum(p.numel() for p in self.parameters()) <= packed.PACK_LIMIT:
+            packed.pack(self)
 
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())

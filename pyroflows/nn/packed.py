@@ -6,7 +6,9 @@ hidden layers holds 30 weight and bias tensors, and for the small networks flows
 (width 64, batch 512) those kernels cost about a fifth of a training step. Packed, the
 same flow holds five tensors, one per network, and the step is 5-15% faster (less
 with ``fused=True``, which updates all the tensors in one call); the maths and the
-numbers of the network are unchanged.
+numbers of the network are unchanged. Large networks (more than :data:`PACK_LIMIT`
+parameters) are built unpacked: for them the copy of the gradient that packing costs
+outweighs the per-tensor saving.
 
 A packed network's ``flat`` parameter is the concatenation of its layers' weights and
 biases (each flattened, in the order of :meth:`ContextTrunk._named_layers
@@ -28,6 +30,15 @@ from torch.nn import functional as F
 
 if TYPE_CHECKING:
     from pyroflows.nn.mlp import ContextTrunk
+
+
+#: The most parameters a network is packed with as built. Above it the saving per tensor
+#: is small beside the cost of ``split``'s backward, a ``cat`` that copies the whole
+#: gradient. An IAF training step (5 layers, torch's Adam, one thread) took 0.78-0.98x
+#: the unpacked time with 7k-115k parameters a network, 1.00-1.09x with 259k and
+#: 1.05-1.25x from 460k to 7.3M (``benchmarks/packing.py``, table in
+#: ``benchmarks/results/packing.md``).
+PACK_LIMIT = 2**17
 
 
 _PACKED_HINT = (

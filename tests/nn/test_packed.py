@@ -257,3 +257,21 @@ def test_the_d_calls_of_an_inverse_under_autograd_split_flat_once():
         t(torch.randn(3, 6)).sum().backward()  # the MAF form's D-pass direction
     assert splits.count == 1
     assert "_held_views" not in t.conditioner.__dict__  # released after the passes
+
+
+def test_networks_above_the_limit_are_built_unpacked():
+    from pyroflows.nn.packed import PACK_LIMIT
+
+    small = MADE(4, params=2, hidden=(8, 8))
+    assert [n for n, _ in small.named_parameters()] == ["flat"]
+    big = MADE(64, params=2, hidden=(512, 512))  # 360k parameters
+    count = sum(p.numel() for p in big.parameters())
+    assert count > PACK_LIMIT
+    names = [n for n, _ in big.named_parameters()]
+    assert "flat" not in names
+    assert "hidden_layers.0.weight" in names
+    x = torch.randn(3, 64)
+    before = big(x)
+    assert torch.equal(big.pack()(x), before)  # packed on request: the same map
+    assert [n for n, _ in big.named_parameters()] == ["flat"]
+    assert sum(p.numel() for p in big.parameters()) == count

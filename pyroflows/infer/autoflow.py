@@ -139,7 +139,8 @@ def _hidden(dim: int) -> tuple[int, int]:
     after it; ``4 D`` gives each degree four. The cost grows as the square of the width
     (about :math:`28 D^2` weights an IAF layer), so large models pay: measured on one
     thread, a 1,000-group hierarchical model (``D = 1002``) took 0.6 s a step, against
-    0.07 s for Pyro's ``AutoIAFNormal``, and 0.09-0.1 s with ``hidden=(2000, 2000)``.
+    0.07 s for Pyro's ``AutoIAFNormal``, and 0.09-0.13 s with ``hidden=(2000, 2000)``
+    (``benchmarks/results/guide_scale.md``).
     A ``2 D`` default was tried and not adopted: on 200-D and 400-D correlated Gaussians
     it fitted as well (covariance error 0.174 against 0.173, 0.241 against 0.239; 2000
     steps), but on a 200-group hierarchical model one of three seeds stalled in 5000
@@ -695,8 +696,8 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         **flow_kwargs: passed to the named builder (``transforms``, ``hidden``, ...).
             The named flows have two hidden layers of ``max(16, 4 D)`` units, whose cost
             grows as :math:`D^2`: above a few hundred latent dimensions,
-            ``hidden=(2 * D, 2 * D)`` takes about a sixth of the time per step (0.1 s
-            against 0.6 s at ``D = 1002`` on one thread).
+            ``hidden=(2 * D, 2 * D)`` takes about a fifth of the time per step (0.12 s
+            against 0.63 s at ``D = 1002`` on one thread).
 
     Raises:
         ValueError: (on the first call) a model with discrete or enumerated latent sites,

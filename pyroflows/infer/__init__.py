@@ -5,7 +5,7 @@ guide; the amortized pieces give VAEs a flow posterior q(z | x) and score them b
 importance-weighted log-likelihood.
 """
 
-from pyroflows.infer.autoflow import GUIDE_FLOWS, AutoFlow  # noqa: I001  (after diagnostics)
+from pyroflows.infer.autoflow import GUIDE_FLOWS, AutoFlow, GuideSetupError  # noqa: I001  (after diagnostics)
 from pyroflows.infer.amortized import (
     AmortizedGuide,
     AmortizedPosterior,
@@ -31,6 +31,7 @@ __all__ = [
     "iwae_log_likelihood",
     "GUIDE_FLOWS",
     "AutoFlow",
+    "GuideSetupError",
     "Diagnosis",
     "diagnose",
     "importance_draws",

@@ -132,6 +132,18 @@ def _value_text(value: Any) -> str:
     return repr(value)
 
 
+class GuideSetupError(ValueError):
+    """AutoFlow refused at its first call: the model or the flow does not suit it.
+
+    A ``ValueError``. Pyro re-raises an error from inside a traced guide as a new one of
+    the same class with the trace's shapes appended (``"Trace Shapes: ..."``); at set-up
+    that table is empty, so this class keeps the message as it was raised.
+    """
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(str(message).split("\nTrace Shapes:")[0])
+
+
 def _hidden(dim: int) -> tuple[int, int]:
     r"""Two hidden layers of ``max(16, 4 D)`` units (``D``: the latent dimension).
 
@@ -700,8 +712,9 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             against 0.63 s at ``D = 1002`` on one thread).
 
     Raises:
-        ValueError: (on the first call) a model with discrete or enumerated latent sites,
-            or with no latent site at all, naming them; a flow of the wrong size.
+        GuideSetupError: (a ``ValueError``, on the first call) a model with discrete or
+            enumerated latent sites, or with no latent site at all, naming them; a flow
+            of the wrong size, or a coupling flow for one latent dimension.
         TypeError: a flow of another dtype than the model's latents.
 
     Example:
@@ -851,7 +864,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                 if site["type"] == "sample" and site["is_observed"]
             ]
             problem = problem.replace("{observed}", ", ".join(map(repr, observed)) or "none")
-            raise ValueError(problem) from error
+            raise GuideSetupError(problem) from error
         self._warn_masked_latents()
         try:
             loc = self._init_loc()
@@ -1029,7 +1042,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         spec = self._flow_spec
         dim = self.latent_dim
         if spec in ("realnvp", "nice") and dim < 2:
-            raise ValueError(
+            raise GuideSetupError(
                 f"flow={spec!r} is a coupling flow, which needs at least 2 latent dimensions, "
                 f"but the model's unconstrained latents have dim {dim} (sites: "
                 f"{', '.join(self._unconstrained_shapes)}); use 'iaf' (the default), 'maf' "
@@ -1047,12 +1060,12 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                 f"flow(dim) must return a pyroflows.Flow, got {type(flow).__name__} for dim {dim}"
             )
         if flow.dim != dim:
-            raise ValueError(
+            raise GuideSetupError(
                 f"flow acts on dim {flow.dim}, but the model's unconstrained latents have "
                 f"dim {dim} (sites: {', '.join(self._unconstrained_shapes)})"
             )
         if flow.conditional:
-            raise ValueError("flow must be unconditional (context=0) for AutoFlow")
+            raise GuideSetupError("flow must be unconditional (context=0) for AutoFlow")
         if flow.base_loc.dtype != loc.dtype:
             raise TypeError(
                 f"flow is {flow.base_loc.dtype} but the model's latents are {loc.dtype}; "

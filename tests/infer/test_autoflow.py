@@ -11,7 +11,7 @@ from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal, init_to_value
 
 import pyroflows
-from pyroflows.infer import AutoFlow
+from pyroflows.infer import AutoFlow, GuideSetupError
 from pyroflows.nn import MADE
 
 with warnings.catch_warnings():
@@ -939,6 +939,29 @@ def test_discrete_latent_is_refused_by_name():
 
     with pytest.raises(ValueError, match="needs continuous latent sites.*'coin' .*Marginalise"):
         AutoFlow(model)()
+
+
+def test_set_up_errors_in_an_svi_step_read_as_raised():
+    # Pyro re-raises an error from inside the traced guide with the trace's (empty)
+    # shapes table appended; the set-up's refusals keep their own message
+    def discrete():
+        pyro.sample("coin", dist.Bernoulli(0.5))
+        pyro.sample("loc", dist.Normal(0.0, 1.0))
+
+    def one_dim():
+        pyro.sample("a", dist.Normal(0.0, 1.0))
+
+    for model, flow, message in (
+        (discrete, "iaf", "needs continuous latent sites"),
+        (one_dim, "realnvp", "flow='realnvp' is a coupling flow"),
+    ):
+        pyro.clear_param_store()
+        svi = SVI(model, AutoFlow(model, flow=flow), pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+        with pytest.raises(GuideSetupError, match=message) as caught:
+            svi.step()
+        assert isinstance(caught.value, ValueError)
+        assert "Trace Shapes" not in str(caught.value)
+        assert str(caught.value).endswith(("or make them continuous.", "'maf' or 'nsf'"))
 
 
 def test_enumerated_latent_is_refused_by_name():

@@ -261,12 +261,20 @@ def _integer_columns(given: str, names: list[str] | None, dim: int) -> bool | li
         chosen.append(names.index(token) if names is not None else int(token) - 1)
     if len(set(chosen)) < len(chosen):
         raise _Failure(f"{flag} names a column twice, got {given!r}")
+    moved = [t for t, j in zip(tokens, chosen, strict=True) if t.isdigit() and int(t) != j + 1]
+    if moved:  # a header of numbers (pandas' 0,1,...): its names, not positions
+        where = ", ".join(f"{t!r} is column {chosen[tokens.index(t)] + 1}" for t in moved)
+        print(f"pyroflows: note: {flag} takes DATA's header names: {where}", file=sys.stderr)
     return True if len(chosen) == dim else sorted(chosen)
 
 
 def _shown_columns(columns: list[int], names: list[str] | None) -> str:
-    """0-based columns as ``--dequantize-columns`` takes them: names, else 1-based numbers."""
-    if names is None:
+    """0-based columns as ``--dequantize-columns`` takes them: names, else 1-based numbers.
+
+    Numbers too when ``names`` (a file's header) lacks a column: a checkpoint of a wider
+    table, resumed with this one.
+    """
+    if names is None or max(columns, default=-1) >= len(names):
         return ",".join(str(j + 1) for j in columns)
     return ",".join(names[j] for j in columns)
 

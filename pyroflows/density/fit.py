@@ -349,15 +349,22 @@ def _warn_if_discrete(rows: Rows, name: str, dequantized: bool | list[int] = Fal
         spiky = [j for j in spiky if distinct[j] > 1]  # a constant one is warned of apart
         if not spiky:
             return
+        remedy = sorted(set(spiky) | set(dequantized or []))  # with those already listed
+        remedy = True if len(remedy) == chunk.shape[1] else remedy
         named = ", ".join(f"{j + 1} ({distinct[j]} distinct)" for j in spiky[:5])
         more = " ..." if len(spiky) > 5 else ""
+        flag = (
+            "--dequantize on the command line"
+            if remedy is True
+            else "0-based column indices; on the command line --dequantize-columns with "
+            "their names, or numbers from 1"
+        )
         warn_from_caller(
             f"fit: in the first {len(chunk)} rows of {name}, column(s) {named}{more} hold "
             "whole numbers that repeat: a flow fitted to them puts ever narrower spikes on "
             "the values, and its validation NLL falls without bound (the held-out rows take "
-            f"the same values). Pass dequantize={spiky} (0-based column indices; on the "
-            "command line --dequantize-columns with their names, or numbers from 1), which "
-            "fits the mass of each cell of those columns"
+            f"the same values). Pass dequantize={remedy} ({flag}), which fits the mass of "
+            "each cell of those columns"
         )
         return
     shown = ", ".join(str(k) for k in distinct[:5]) + (" ..." if len(distinct) > 5 else "")
@@ -711,7 +718,9 @@ def fit(
     # the training noise is drawn where the batches are (no CPU tensor per batch on CUDA)
     noise = torch.Generator(like.device).manual_seed(seed % 2**31 + 2)
     mean, sd, total = train.moments()  # one streaming pass; checks every value
-    plain = torch.ones(flow.dim, dtype=torch.bool) if mask is None else mask.cpu() == 0
+    # the columns without noise, on the moments' device (torch.where takes no CPU mask
+    # beside CUDA tensors)
+    plain = torch.ones_like(sd, dtype=torch.bool) if mask is None else mask.to(sd.device) == 0
     # dequantized columns have an sd of at least 1/sqrt(12): only the others are checked
     refuse_unscalable(mean, torch.where(plain, sd, 1.0), like.dtype, name)
     constant = [j for j in constant_columns(mean, sd, like.dtype) if plain[j]]
@@ -841,9 +850,9 @@ def fit(
         if differs:  # refused before any weight is loaded
             raise ResumeMismatch(
                 f"the checkpoint in {checkpoint_dir} holds the optimizer's state {differs} "
-                f"(a checkpoint written by an earlier pyroflows, whose networks held a "
-                f"weight and a bias per layer, or for another flow): pass resume=False to "
-                f"start afresh",
+                f"(a checkpoint written by an earlier pyroflows, whose networks kept their "
+                f"weights otherwise: a weight and a bias per layer, or large networks packed "
+                f"in one tensor; or for another flow): pass resume=False to start afresh",
                 path,
                 {"flow": (None, architecture)},
             )

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pyroflows.density.rows import dequantized_columns
 from pyroflows.density.standardize import add_standardization
 from pyroflows.flows import BUILDERS, Flow
 from pyroflows.transforms import Affine, Permutation, RationalQuadratic
@@ -166,7 +167,8 @@ def save(
 
     ``name``, ``options`` and ``standardize`` must be those that :func:`build` was given
     for ``flow``; ``training``, if given, the settings the fit ran with (keys among
-    :data:`TRAINING_KEYS`, plain values).
+    :data:`TRAINING_KEYS`, plain values). ``dequantize`` as :func:`fit` takes it (``True``,
+    ``False`` or column indices), stored as :func:`dequantized_columns` writes it.
     """
     from pyroflows.density.fit import _save_atomic
 
@@ -195,7 +197,7 @@ def save(
         "clamp_kind": clamp_kinds.pop() if len(clamp_kinds) == 1 else None,
         "dtype": dtype,
         "standardize": bool(standardize),
-        "dequantize": dequantize if isinstance(dequantize, list) else bool(dequantize),
+        "dequantize": dequantized_columns(dequantize, int(flow.dim)),
         "columns": list(columns) if columns is not None else None,
         "state_dict": {k: v.detach().cpu() for k, v in flow.state_dict().items()},
         "history": history,

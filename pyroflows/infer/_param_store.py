@@ -129,6 +129,7 @@ class StoreMirror:
         self._built_for: tuple[tuple[str, int], ...] = ()
         self._slots: list[tuple[str, dict, str]] = []
         self._packed: list[tuple[str, ContextTrunk]] = []
+        self._unpacked: list[tuple[str, ContextTrunk]] = []
 
     def _tensors(self, modules: Mapping[str, nn.Module]) -> list[tuple[str, torch.Tensor]]:
         identity = tuple((name, id(module)) for name, module in modules.items())
@@ -145,12 +146,14 @@ class StoreMirror:
                                 seen.add(id(tensor))
                                 slots.append((param_with_module_name(name, key), table, attr))
             self._slots, self._built_for = slots, identity
-            self._packed = [
+            trunks = [
                 (param_with_module_name(name, f"{prefix}." if prefix else ""), module)
                 for name, root in modules.items()
                 for prefix, module in root.named_modules()
-                if isinstance(module, ContextTrunk) and "flat" in module._parameters
+                if isinstance(module, ContextTrunk)
             ]
+            self._packed = [(p, m) for p, m in trunks if "flat" in m._parameters]
+            self._unpacked = [(p, m) for p, m in trunks if "flat" not in m._parameters]
         try:
             return [(store_name, table[attr]) for store_name, table, attr in self._slots]
         except KeyError:  # a slot emptied: a network packed or unpacked (new tensors)
@@ -186,6 +189,10 @@ class StoreMirror:
                 flat is None or _mirrored(flat)
             ):
                 _pack_store_entries(store, entries, store_prefix, trunk)
+        for store_prefix, trunk in self._unpacked:
+            flat = entries.get(store_prefix + "flat")
+            if flat is not None and not _mirrored(flat):
+                _unpack_store_entry(store, entries, store_prefix, trunk)
         taken, foreign = [], []
         generation = _generation()
         for store_name, tensor in tensors:
@@ -332,6 +339,31 @@ def _pack_store_entries(store, entries, store_prefix: str, trunk: ContextTrunk) 
     if flat in entries:  # this guide's own, from a call before the store was loaded
         del store[flat]
     store.set_state({"params": {flat: state["flat"]}, "constraints": {flat: constraints.real}})
+
+
+def _unpack_store_entry(store, entries, store_prefix: str, trunk: ContextTrunk) -> None:
+    """A loaded store's ``flat`` entry, as a weight and bias per layer of the network.
+
+    What a store saved from a packed network holds, loaded into the same network built
+    unpacked (more than :data:`~pyroflows.nn.packed.PACK_LIMIT` parameters, or
+    :meth:`ContextTrunk.unpack`). A ``flat`` of another size is left for
+    :meth:`StoreMirror._check` to refuse with the names.
+    """
+    flat = store_prefix + "flat"
+    state = {"flat": entries[flat].detach()}
+    packed.scatter_state(trunk, state, "")
+    if "flat" in state:  # another layout
+        return
+    for name in state:
+        if store_prefix + name in entries:  # this guide's own, from an earlier call
+            del store[store_prefix + name]
+    del store[flat]
+    store.set_state(
+        {
+            "params": {store_prefix + name: value.clone() for name, value in state.items()},
+            "constraints": {store_prefix + name: constraints.real for name in state},
+        }
+    )
 
 
 def _entries_beside(modules: Mapping[str, nn.Module], entries, known: set[str]) -> list[str]:

@@ -65,7 +65,8 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
     two per layer, which on the CPU makes a small flow's training step with torch's
     default Adam 5-15% faster (less with ``fused=True``). A network of more than
     :data:`~pyroflows.nn.packed.PACK_LIMIT` parameters is built unpacked (the ``cat``
-    that gathers ``flat``'s gradient then costs more than it saves). ``layer.weight`` and
+    that gathers ``flat``'s gradient then costs more than it saves, measured on the
+    CPU). ``layer.weight`` and
     ``layer.bias`` read as views of it; a state dict holds ``flat`` and the layers'
     sizes (``flat_layout``), and a state saved with a weight and bias per layer loads as
     well.

@@ -735,9 +735,11 @@ def test_some_columns_dequantized_from_the_command_line(workdir, monkeypatch, ca
         assert len(said) == 1, said
         assert said[0].startswith("pyroflows: error: "), said
         assert message in said[0], said
-    # a header of numbers: its names, never column numbers
+    # a header of numbers: its names, never column numbers, and a note says where
     (workdir / "years.csv").write_text("2,1\n" + body)
-    cli(*fit_some, "1", "years.csv", "-o", "y.pt", "--header", "yes")
+    assert main([*fit_some, "1", "years.csv", "-o", "y.pt", "--header", "yes"]) == 0
+    note = "note: --dequantize-columns takes DATA's header names: '1' is column 2"
+    assert note in capsys.readouterr().err
     assert load(workdir / "y.pt")[1]["dequantize"] == [1]
     # an unfinished fit with the count dequantized: resuming it asks for the same columns
     unfinished_fit(workdir / "mixed.csv", workdir / "part.pt.ckpt", seed=0, dequantize=[1])
@@ -751,3 +753,14 @@ def test_some_columns_dequantized_from_the_command_line(workdir, monkeypatch, ca
     assert "with --dequantize-columns count; now no --dequantize" in error
     resumed = run(*resume, "--dequantize-columns", "count", cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr
+
+
+def test_a_resume_refusal_names_columns_the_data_lack_by_number():
+    # a checkpoint of a wider table, resumed with a narrower one: its columns have no
+    # names here (it was an IndexError)
+    from pyroflows.density import ResumeMismatch
+    from pyroflows.density.cli import _mismatch
+
+    error = ResumeMismatch("x", "m.pt.ckpt/checkpoint.pt", {"dequantize": ([4], [0])})
+    text = _mismatch(error, ["a", "b", "c"])
+    assert "with --dequantize-columns 5; now --dequantize-columns a" in text

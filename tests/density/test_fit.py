@@ -857,6 +857,7 @@ def test_resume_refuses_a_checkpoint_of_a_flow_with_a_parameter_per_layer(tmp_pa
     with pytest.raises(ResumeMismatch, match="parameter tensors, but this flow has 2") as caught:
         fit(flow, x, resume=True, **options)
     assert "written by an earlier pyroflows" in str(caught.value)
+    assert "a weight and a bias per layer, or large networks packed" in str(caught.value)
     after = flow.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)  # no weight was loaded
 
@@ -884,6 +885,13 @@ def test_integer_data_fitted_without_dequantization_is_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fit(small_flow(), mixed, dequantize=[1], **options)  # that remedy: no warning
+    # two counts beside a measurement, one already listed: the remedy lists both (the
+    # one named alone would take the listed one's noise away)
+    two = torch.stack([counts[:, 0], torch.randn(400, generator=g), counts[:, 1]], -1)
+    with pytest.warns(UserWarning, match=r"column\(s\) 3 \(4 distinct\) .*dequantize=\[0, 2\] "):
+        fit(small_flow(dim=3), two, dequantize=[0], **options)
+    with pytest.warns(UserWarning, match=r"dequantize=True \(--dequantize on the command line\)"):
+        fit(small_flow(), two[:, [0, 2]], dequantize=[0], **options)
 
 
 def test_dequantize_takes_some_columns():

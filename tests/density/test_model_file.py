@@ -1,6 +1,7 @@
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -280,3 +281,18 @@ def test_files_with_a_weight_per_layer_still_load(tmp_path, name):
     assert any(key.endswith(".flat") for key in loaded.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(loaded().log_prob(x), expected)
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [((1,), [1]), (np.array([1]), [1]), ([2, 0], [0, 2]), ([-1], [2]), ([0, 1, 2], True)],
+)
+def test_save_stores_dequantize_as_a_fit_records_it(tmp_path, given, stored):
+    # a tuple was stored as True (every column floored and checked), and [2, 0] was
+    # written but refused by load
+    options = {"transforms": 1, "hidden": [4]}
+    flow = build("maf", 3, options)
+    path = save(
+        tmp_path / "m.pt", flow, name="maf", options=options, standardize=True, dequantize=given
+    )
+    assert load(path)[1]["dequantize"] == stored

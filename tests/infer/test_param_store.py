@@ -620,3 +620,29 @@ def test_a_store_saved_with_a_weight_per_layer_loads_into_a_packed_guide(called_
     names = set(pyro.get_param_store().keys())
     assert not any(name.endswith("output_layer.weight") for name in names)
     assert sum(name.endswith(".flat") for name in names) == 2
+
+
+def test_a_store_saved_packed_loads_into_a_guide_built_unpacked(monkeypatch):
+    # a store saved while networks of this size were packed (before PACK_LIMIT), loaded
+    # into the same guide built unpacked: each network's flat split into its layers
+    from pyroflows.nn import packed
+
+    monkeypatch.setattr(packed, "PACK_LIMIT", 10**12)
+    old = AutoFlow(_three_latents, flow="iaf", transforms=2)
+    svi = SVI(_three_latents, old, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    for _ in range(3):
+        svi.step()
+    saved = pyro.get_param_store().get_state()
+    assert sum(name.endswith(".flat") for name in saved["params"]) == 2
+    pyro.clear_param_store()
+    monkeypatch.setattr(packed, "PACK_LIMIT", 0)
+    new = AutoFlow(_three_latents, flow="iaf", transforms=2)
+    new()  # its own per-layer entries are in the store, beside the loaded flat ones
+    assert not any("flat" in m._parameters for m in new.modules() if isinstance(m, ContextTrunk))
+    pyro.get_param_store().set_state(saved)
+    new()  # takes the store's values, split into each network's layers
+    for a, b in zip(new.parameters(), weights_and_biases(old), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    names = set(pyro.get_param_store().keys())
+    assert not any(name.endswith(".flat") for name in names)
+    assert sum(name.endswith("output_layer.weight") for name in names) == 2

@@ -145,8 +145,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="COLS",
         default=None,
         help="integer columns beside continuous ones (counts beside measurements): add U[0,1) "
-        "noise to these only; comma-separated header names (DATA with a header) or column "
-        "numbers counted from 1 (without)",
+        "noise to these only; comma-separated header names (DATA with a header; quoted as "
+        "in CSV where a name holds a comma) or column numbers counted from 1 (without)",
     )
     fit.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="dtype")
     fit.add_argument(
@@ -243,8 +243,11 @@ def _integer_columns(given: str, names: list[str] | None, dim: int) -> bool | li
     ``True``, as ``--dequantize``.
     """
     flag = "--dequantize-columns"
-    tokens = [token.strip() for token in given.split(",")]
-    if not all(tokens):
+    try:  # CSV quoting: '"a, b",c' names a column whose name holds a comma
+        tokens = [token.strip() for token in next(csv.reader([given], skipinitialspace=True))]
+    except (csv.Error, StopIteration):
+        tokens = []
+    if not tokens or not all(tokens):
         raise _Failure(f"{flag} takes comma-separated column names or numbers, got {given!r}")
     chosen = []
     for token in tokens:
@@ -276,7 +279,11 @@ def _shown_columns(columns: list[int], names: list[str] | None) -> str:
     """
     if names is None or max(columns, default=-1) >= len(names):
         return ",".join(str(j + 1) for j in columns)
-    return ",".join(names[j] for j in columns)
+    # quoted as CSV where a name holds a comma or a quote (as the flag reads it back)
+    return ",".join(
+        '"' + names[j].replace('"', '""') + '"' if any(c in names[j] for c in ',"') else names[j]
+        for j in columns
+    )
 
 
 def _check_out(out: str | None, force: bool, inputs: list[str]) -> None:

@@ -764,3 +764,16 @@ def test_a_resume_refusal_names_columns_the_data_lack_by_number():
     error = ResumeMismatch("x", "m.pt.ckpt/checkpoint.pt", {"dequantize": ([4], [0])})
     text = _mismatch(error, ["a", "b", "c"])
     assert "with --dequantize-columns 5; now --dequantize-columns a" in text
+
+
+def test_dequantize_columns_reads_names_with_commas_quoted_as_in_csv():
+    from pyroflows.density.cli import _Failure, _integer_columns, _shown_columns
+
+    names = ["a, x", "b", 'q"t', "c"]
+    assert _integer_columns('"a, x", b', names, 4) == [0, 1]
+    shown = _shown_columns([0, 2], names)  # as info and a resume refusal print them
+    assert shown == '"a, x","q""t"'
+    assert _integer_columns(shown, names, 4) == [0, 2]  # and the flag reads them back
+    for given in ("", "b,,c"):
+        with pytest.raises(_Failure, match="takes comma-separated column names or numbers"):
+            _integer_columns(given, names, 4)

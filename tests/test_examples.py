@@ -12,15 +12,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def example(script: str, *args: str, cwd: Path = ROOT) -> str:
-    """Run ``examples/<script>`` with ``args`` as a user does; its stdout, once it exits 0."""
-    result = subprocess.run(
+def run(script: str, *args: str, cwd: Path = ROOT, timeout: int = 300):
+    """Run ``examples/<script>`` with ``args`` as a user does; the finished process."""
+    return subprocess.run(
         [sys.executable, str(ROOT / "examples" / script), *args],
         cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
+
+
+def example(script: str, *args: str, cwd: Path = ROOT) -> str:
+    """Run ``examples/<script>`` with ``args`` as a user does; its stdout, once it exits 0."""
+    result = run(script, *args, cwd=cwd)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -112,12 +117,6 @@ def test_quickstart_without_matplotlib_says_so_before_training(tmp_path):
     ],
 )
 def test_examples_refuse_bad_flags_before_any_work(script, args, message):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run(script, *args, timeout=120)
     assert result.returncode == 2
     assert message in result.stderr

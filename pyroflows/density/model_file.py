@@ -292,14 +292,13 @@ def load(path: str | os.PathLike) -> tuple[Flow, dict[str, Any]]:
 
 
 def _column_list(value: list, dim: object) -> bool:
-    """Whether ``value`` is a sorted list of distinct column indices below ``dim``."""
-    return (
-        isinstance(dim, int)
-        and all(isinstance(j, int) and not isinstance(j, bool) for j in value)
-        and all(0 <= j < dim for j in value)
-        and value == sorted(set(value))
-        and 0 < len(value) < dim
-    )
+    """Whether ``value`` is a list of some columns as :func:`dequantized_columns` writes it."""
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        return False
+    try:
+        return dequantized_columns(value, dim) == value
+    except (TypeError, ValueError):
+        return False
 
 
 def _entry_problem(state: dict[str, Any]) -> str | None:

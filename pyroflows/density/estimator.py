@@ -63,7 +63,9 @@ class FlowDensity(BaseEstimator):
         transforms: number of flow layers.
         hidden: hidden sizes of each conditioner (``None``: ``(64, 64)``, and for the
             MADE of maf, iaf and autoregressive nsf at least ``D - 1`` wide).
-        bins: spline bins (``nsf`` only).
+        bins: spline bins (``nsf`` only; the other flows ignore it, as scikit-learn's
+            ``SVC`` ignores ``degree`` for kernels other than ``"poly"``, so one grid can
+            search over ``flow`` and ``bins`` together).
         activation: ``"relu"``, ``"elu"``, ``"tanh"``, ``"gelu"`` or ``"silu"``.
         options: further builder keyword arguments (e.g. ``{"autoregressive": "maf"}``
             for ``nsf``, ``{"clamp": 5.0}`` for ``maf``); not those set by the

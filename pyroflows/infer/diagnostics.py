@@ -1313,9 +1313,9 @@ def _data_sites(trace) -> dict[str, _DataSite]:
         shape = site["log_prob"].shape  # the unscaled one, broadcast with scale and mask
         log_prob = site["log_prob"]
         weight = torch.as_tensor(site["scale"], dtype=log_prob.dtype, device=log_prob.device)
-        mask = site["mask"]
-        if mask is not None:
-            weight = weight * torch.as_tensor(mask, device=weight.device)
+        for mask in (site["mask"], *_distribution_masks(site["fn"])):
+            if mask is not None:
+                weight = weight * torch.as_tensor(mask, device=weight.device)
         weight = weight.expand(shape)
         # the data as they broadcast with the density's shape (an event of 1 taking a
         # data row of 3, say: a Gamma of shape (N, 1) scoring (N, 3) data)
@@ -1326,6 +1326,20 @@ def _data_sites(trace) -> dict[str, _DataSite]:
         replicable = full[len(full) - len(event) :] == event
         out[name] = _DataSite(shape, weight, weight != 0, value, unscaled, replicable)
     return out
+
+
+def _distribution_masks(fn: Any) -> list[object]:
+    """The masks of the ``MaskedDistribution`` wrappers of ``fn`` (``d.mask(m)``).
+
+    A data point so masked scores 0, as one inside ``poutine.mask`` does: both are left
+    out of the data points.
+    """
+    masks = []
+    while fn is not None:
+        if isinstance(fn, MaskedDistribution):
+            masks.append(fn._mask)
+        fn = getattr(fn, "base_dist", None)
+    return masks
 
 
 def _broadcast_draws(value: torch.Tensor, num_samples: int, shape: torch.Size) -> torch.Tensor:
@@ -1834,7 +1848,8 @@ def to_arviz(
     observed site's pointwise log-density :math:`\log p(y_i \mid z_s)` at each draw,
     shape ``(1, num_samples, *batch_shape)``: one point per element of the site's plates
     (a site's event dims make one point), unscaled, as ArviZ's ``from_pyro`` writes it;
-    points the model masks out (``poutine.mask``, ``obs_mask``) or scales by 0 are NaN.
+    points the model masks out (``poutine.mask``, ``obs_mask``, a
+    distribution's ``.mask(m)``) or scales by 0 are NaN.
     ``observed_data`` holds the observed values (broadcast to the points). ``az.loo``
     and ``az.waic`` then run on it, but take the guide's draws for posterior draws;
     :func:`loo` corrects for the guide with the importance weights. Where the model
@@ -2087,11 +2102,12 @@ def loo(
     this is ``az.loo``'s estimate.
 
     A data point is an element of the observed site's batch shape (its plates; a site's
-    event dims make one point). Points the model masks out (``poutine.mask``, ``obs_mask``)
-    are not data: they are left out of ``loo_i``, and ``loo_i`` and ``pareto_k`` are then
-    flat over the points kept. A site the model scales (``poutine.scale``) enters the ratios
-    as the model weighs it (the fit is of the tempered posterior) and the predictive density
-    :math:`p(y_i \mid z_s)` unscaled. The other observed sites stay in every fit. A discrete
+    event dims make one point). Points the model masks out (``poutine.mask``, ``obs_mask``,
+    a distribution's ``.mask(m)``) are not data: they are left out of ``loo_i``, and
+    ``loo_i`` and ``pareto_k`` are then flat over the points kept. A site the model scales
+    (``poutine.scale``) enters the ratios as the model weighs it (the fit is of the
+    tempered posterior) and the predictive density :math:`p(y_i \mid z_s)` unscaled. The
+    other observed sites stay in every fit. A discrete
     site the model enumerates and the guide does not draw is summed out of each point's
     density where it is local to that point (a mixture's assignment of each row:
     :math:`p(y_i \mid z_s) = \sum_k p(k \mid z_s)\, p(y_i \mid k, z_s)`); a model whose

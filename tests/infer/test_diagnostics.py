@@ -972,7 +972,8 @@ def test_loo_counts_draws_where_only_the_left_out_point_has_density_0():
     np.testing.assert_allclose(result["loo_i"].values, exact, atol=0.05)  # the last: -2.63
 
 
-def test_masked_points_are_not_data():
+@pytest.mark.parametrize("how", ["poutine.mask", "distribution.mask"])
+def test_masked_points_are_not_data(how):
     from pyroflows.infer import loo
 
     y = torch.tensor([0.3, -1.2, 9.9, 0.8, 9.9, 1.5])
@@ -980,8 +981,12 @@ def test_masked_points_are_not_data():
 
     def masked(y):
         mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
-        with pyro.plate("data", len(y)), poutine.mask(mask=kept):
-            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        with pyro.plate("data", len(y)):
+            if how == "poutine.mask":
+                with poutine.mask(mask=kept):
+                    pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+            else:  # the distribution's own mask: its masked points score 0 alike
+                pyro.sample("y", dist.Normal(mu, 1.0).mask(kept), obs=y)
 
     def guide(y):
         pyro.sample("mu", dist.Normal(0.35, 0.5))

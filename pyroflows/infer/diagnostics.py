@@ -102,6 +102,13 @@ USABLE_KHAT = 0.7
 #: ESS, as a fraction of the draws, above which a large k-hat gets a note (see ``verdict``).
 FLAT_ESS_FRACTION = 0.9
 
+#: Spread (max - min) of the log weights at or below which :func:`psis` takes them as
+#: constant: every weight within 1% of every other, so no estimate moves by more than
+#: that whatever the weights' tail, and the spread may be rounding alone (a float32 log
+#: joint near -3000 is rounded to 2.4e-4, and a sum of many terms more): a Pareto fit of
+#: it reads noise, and ArviZ can give k-hat inf for an exact guide.
+FLAT_LOG_WEIGHT_SPREAD = 0.01
+
 #: ESS, as a fraction of the draws, below which a small k-hat does not make the guide
 #: "close to the posterior" (see ``verdict``): a Gaussian guide 3 times as wide as a
 #: Gaussian posterior gives k-hat < 0.5 and an ESS of 46% in one dimension; on eight
@@ -185,7 +192,11 @@ def verdict(
         raise TypeError(f"remedy must be a string or None, got {type(remedy).__name__}")
     spread = smoothed_ess_fraction if smoothed_ess_fraction is not None else ess_fraction
     if khat == -math.inf:
-        return "good: the weights are constant, the guide matches the posterior's shape"
+        return (
+            "good: the weights are constant (each within 1% of the others), the guide "
+            "matches the posterior's shape wherever its draws go (a mode no draw comes near "
+            "stays unseen)"
+        )
     if not math.isfinite(khat):
         return "do not trust: the importance weights are not finite"
     if khat < GOOD_KHAT and spread is not None and spread < CLOSE_ESS_FRACTION:
@@ -316,7 +327,11 @@ def psis(log_weights: torch.Tensor | np.ndarray) -> tuple[np.ndarray, float]:
         ``(smoothed, khat)``: normalized smoothed log weights (log-sum-exp 0), shape
         ``(S,)``, and the Pareto shape. A weight of 0 (``-inf``: a draw the model gives
         density 0) stays 0 and the others are smoothed; NaN or ``+inf`` weights give
-        ``khat = inf``; constant weights (an exact guide) ``khat = -inf``.
+        ``khat = inf``; constant weights (an exact guide) ``khat = -inf``, and so do
+        weights whose logs spread over at most :data:`FLAT_LOG_WEIGHT_SPREAD` (each
+        within 1% of the others, left as they are): no tail to fit. A Pareto fit that
+        fails (ArviZ's smoothing gives NaN when the tail's weights are tied, as weights
+        rounded to a few values are) gives ``khat = inf`` and the raw weights.
     """
     lw = _as_weights(log_weights)
     if lw.size < 2:
@@ -334,14 +349,17 @@ def psis(log_weights: torch.Tensor | np.ndarray) -> tuple[np.ndarray, float]:
             return out, math.inf
         out[~zero], khat = psis(lw[~zero])
         return out, khat
-    if np.ptp(lw) <= 1e-6:
-        # constant weights: no tail to fit (ArviZ would report inf)
-        return np.full_like(lw, -math.log(lw.size)), -math.inf
+    if np.ptp(lw) <= FLAT_LOG_WEIGHT_SPREAD:
+        # constant weights, up to rounding: no tail to fit (ArviZ can report inf)
+        return lw - np.logaddexp.reduce(lw), -math.inf
     with warnings.catch_warnings():
         # ArviZ warns when k-hat is large; the Diagnosis verdict says it in words
         warnings.simplefilter("ignore")
         smoothed, khat = _arviz().psislw(lw.copy())
-    return np.asarray(smoothed), float(khat)
+    smoothed = np.asarray(smoothed)
+    if not np.isfinite(smoothed).all():  # the fit failed on a tied tail: no smoothing
+        return lw - np.logaddexp.reduce(lw), math.inf
+    return smoothed, float(khat)
 
 
 def summarize(log_weights: torch.Tensor | np.ndarray, *, remedy: str | None = None) -> Diagnosis:
@@ -387,6 +405,13 @@ def _summarize(
                 f"do not trust: k-hat cannot be estimated from {positive} draws of positive "
                 "weight (the Pareto fit needs more than 4 draws in the tail); use at least "
                 "100 draws"
+            )
+        elif raw_ess_fraction >= FLAT_ESS_FRACTION:  # no draw outweighs the others
+            reading = (
+                f"do not trust: k-hat is inf, the Pareto fit failed on weights that barely "
+                f"vary (ESS {raw_ess_fraction:.1%} of the draws) and tie in their tail, as "
+                "weights rounded to a few values do: score the model and guide in float64 "
+                "to read k-hat"
             )
         else:
             reading = (
@@ -2218,11 +2243,26 @@ def loo(
             "data set): leaving it out leaves nothing; put the points in a pyro.plate"
         )
     if warning:
+        high = khats > good_k
+        # the raw ratios' ESS per point: a large k-hat on ratios that barely vary reads
+        # the shape of a tail that holds little weight (as verdict's note on flat weights)
+        with np.errstate(invalid="ignore", over="ignore"):
+            share = np.exp(2 * (log_r - np.logaddexp.reduce(log_r, axis=1, keepdims=True)))
+            flat = high & (1.0 / share.sum(axis=1) / num_samples >= FLAT_ESS_FRACTION)
+        note = ""
+        if flat.any():
+            some = "all" if flat.sum() == high.sum() else str(int(flat.sum()))
+            note = (
+                f"; {some} of them have leave-one-out ratios that barely "
+                f"vary (ESS at least {FLAT_ESS_FRACTION:.0%} of the draws), where a large "
+                "k-hat reads a tail that holds little weight and the estimate is likely "
+                "close: check those with more draws or an exact refit without the point"
+            )
         warn_from_caller(
-            f"loo: {int(np.sum(khats > good_k))} of {n} data points have Pareto k-hat above "
+            f"loo: {int(np.sum(high))} of {n} data points have Pareto k-hat above "
             f"{good_k:.4g} (largest {_khat_text(float(np.max(khats)), (good_k,))}): their "
             "leave-one-out estimates do not hold (a poor guide, too few draws, or highly "
-            "influential points)"
+            f"influential points){note}"
         )
     import xarray as xr
 

@@ -285,6 +285,37 @@ def test_psis_normalizes():
     assert khat < 0.5
 
 
+@pytest.mark.parametrize("log_joint", [-27.2, -300.0, -3000.0])
+def test_weights_that_differ_by_rounding_are_constant(log_joint):
+    # an exact guide in float32: its log weights differ by a few units in the last place
+    # of the log joint; a Pareto fit of that reads noise (ArviZ gave k-hat inf)
+    ulp = float(np.spacing(np.float32(log_joint)))
+    g = torch.Generator().manual_seed(0)
+    lw = (torch.tensor(log_joint) + ulp * torch.randint(-3, 4, (2000,), generator=g)).float()
+    smoothed, khat = psis(lw)
+    assert khat == -math.inf
+    np.testing.assert_allclose(smoothed, lw.double() - torch.logsumexp(lw.double(), 0))
+    report = summarize(lw)
+    assert report.trustworthy
+    assert report.verdict.startswith("good: the weights are constant (each within 1%")
+    # spread beyond 1%: read by the Pareto fit as before
+    assert psis(0.02 * torch.randn(2000, generator=g))[1] > -math.inf
+
+
+def test_a_pareto_fit_that_fails_on_a_tied_tail_is_said():
+    # weights rounded to a few values, spread over more than 1%: ArviZ's smoothing gives
+    # NaN on the tied tail; the raw weights are kept, and the verdict says why
+    lw = 0.005 * np.random.default_rng(0).integers(-3, 4, 2000).astype(float)
+    smoothed, khat = psis(lw)
+    assert khat == math.inf
+    np.testing.assert_allclose(smoothed, lw - np.logaddexp.reduce(lw))
+    report = summarize(lw)
+    assert report.ess == pytest.approx(2000, rel=0.01)
+    assert "tie in their tail" in report.verdict
+    assert "float64" in report.verdict
+    assert "outweighs" not in report.verdict  # no draw does: the ESS is all of them
+
+
 def test_log_evidence_is_the_log_mean_weight_not_the_elbo():
     # q = N(2, 2.5) against p = N(1, 2) (normalized: log p(x) = 0); KL(q || p) = 0.183
     def wide_guide():
@@ -886,6 +917,42 @@ def test_loo_warns_about_points_it_cannot_estimate():
     with pytest.warns(UserWarning, match=r"20 of 20 data points have Pareto k-hat above 0\.6667"):
         result = loo(conjugate_model, narrow, y, num_samples=1000)
     assert result["warning"]
+
+
+def test_loo_notes_points_whose_large_k_hat_sits_on_flat_ratios():
+    # each point's likelihood is flat in mu below 1 (most draws): the ratios tie at their
+    # largest value, and ArviZ's k-hat is inf, though the estimates are close
+    y = torch.linspace(-2.0, 2.0, 10)
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(0.05 * torch.relu(mu - 1.0) ** 2, 1.0), obs=y)
+
+    def prior_guide(y):
+        pyro.sample("mu", dist.Normal(0.0, 1.0))
+
+    from pyroflows.infer import loo
+
+    pyro.set_rng_seed(0)
+    with pytest.warns(UserWarning, match=r"data points have Pareto k-hat") as record:
+        result = loo(model, prior_guide, y, num_samples=4000)
+    message = str(record[0].message)
+    assert "all of them have leave-one-out ratios that barely vary" in message
+    assert (result["pareto_k"].values > 0.7).any()
+    # nearly p(y_i | mu = 0): the likelihood barely depends on mu where the prior is
+    exact = dist.Normal(0.0, 1.0).log_prob(y).numpy()
+    np.testing.assert_allclose(result["loo_i"].values, exact, atol=0.01)
+    # a guide far off: large k-hats on ratios that vary, and no such note
+    pyro.set_rng_seed(0)
+    with pytest.warns(UserWarning, match=r"data points have Pareto k-hat") as record:
+        loo(
+            conjugate_model,
+            lambda y: pyro.sample("mu", dist.Normal(1.5, 0.02)),
+            y,
+            num_samples=1000,
+        )
+    assert "barely vary" not in str(record[0].message)
 
 
 @pytest.mark.parametrize("broadcast", [True, False])

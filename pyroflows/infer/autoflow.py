@@ -534,12 +534,18 @@ def _traced() -> bool:
     return any(isinstance(m, TraceMessenger) for m in _PYRO_STACK)
 
 
+def _whole(value: torch.Tensor) -> bool:
+    """Whether every entry of a floating tensor is a finite whole number."""
+    return bool((torch.isfinite(value) & (value == value.round())).all())
+
+
 def _shapes_of(args: tuple, kwargs: dict) -> tuple:
     """What a call's arguments say about the sizes of the model's latents.
 
     The shapes of tensors, arrays and anything else with an integer ``shape`` (a data
-    frame), and the largest entry of an integer tensor or array (an index of groups:
-    a model may have ``group.max() + 1`` of them), the values of whole numbers (Python
+    frame), and the largest entry of an integer tensor or array, or of a floating one
+    whose entries are all whole numbers (an index of groups, read from a table as
+    floats: a model may have ``group.max() + 1`` of them), the values of whole numbers (Python
     ints, 0-d integer tensors), flags and
     short strings (``hetero=True`` may add a latent), the lengths of long sequences, and
     the same of what lists, tuples, dicts and plain objects (a dataclass) hold: a model
@@ -561,12 +567,16 @@ def _shapes_of(args: tuple, kwargs: dict) -> tuple:
                 return ("int", int(value)) if value.dtype != torch.bool else ("bool", bool(value))
             if whole and value.dtype != torch.bool and value.numel():
                 return (tuple(value.shape), int(value.max()))
+            if value.dtype.is_floating_point and value.numel() and _whole(value.detach()):
+                return (tuple(value.shape), float(value.max()))  # indices coded as floats
             return tuple(value.shape)
         if isinstance(value, np.ndarray):
             if value.ndim == 0 and value.dtype.kind in "iub":
                 return ("int", int(value))
             if value.dtype.kind in "iu" and value.size:
                 return (tuple(value.shape), int(value.max()))
+            if value.dtype.kind == "f" and value.size and _whole(torch.from_numpy(value)):
+                return (tuple(value.shape), float(value.max()))
             return tuple(value.shape)
         shape = getattr(value, "shape", None)
         if isinstance(shape, tuple) and all(isinstance(n, numbers.Integral) for n in shape):
@@ -588,6 +598,13 @@ def _shapes_of(args: tuple, kwargs: dict) -> tuple:
         return type(value).__name__
 
     return one(tuple(args)), one(dict(sorted(kwargs.items())))
+
+
+def _is_init_strategy(fn: Any) -> bool:
+    """Whether ``fn`` is one of Pyro's ``init_to_*`` functions (or a partial of one)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return getattr(fn, "__module__", None) == "pyro.infer.autoguide.initialization"
 
 
 class AutoFlow(MirrorsParamStore, AutoContinuous):
@@ -745,6 +762,13 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
     ) -> None:
         if isinstance(flow, str):
             check_choice(flow, "flow", GUIDE_FLOWS)
+        elif _is_init_strategy(flow):
+            name = getattr(getattr(flow, "func", flow), "__name__", "an init strategy")
+            raise TypeError(
+                f"flow got {name}, one of Pyro's init_loc_fn strategies; AutoFlow's second "
+                f"positional argument is the flow: pass it by keyword, "
+                f"AutoFlow(model, init_loc_fn={name})"
+            )
         elif not (isinstance(flow, Flow) or callable(flow)):
             raise TypeError(
                 f"flow must be a name ({', '.join(GUIDE_FLOWS)}), a pyroflows.Flow or a "
@@ -1054,7 +1078,19 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                 if isinstance(module, ContextTrunk):  # the MADEs and MLPs
                     module.scale_updates(REFERENCE_FAN_IN)
             return flow.to(dtype=loc.dtype, device=loc.device)
-        flow = spec if isinstance(spec, Flow) else spec(dim)
+        if isinstance(spec, Flow):
+            flow = spec
+        else:
+            try:
+                flow = spec(dim)
+            except Exception as error:
+                if hasattr(error, "add_note"):  # Python 3.11+
+                    error.add_note(
+                        f"(raised by AutoFlow's flow={getattr(spec, '__name__', spec)!r} "
+                        f"called as flow({dim}): flow must be a callable that takes the latent "
+                        "dimension and returns a pyroflows.Flow)"
+                    )
+                raise
         if not isinstance(flow, Flow):
             raise TypeError(
                 f"flow(dim) must return a pyroflows.Flow, got {type(flow).__name__} for dim {dim}"

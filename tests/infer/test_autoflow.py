@@ -8,7 +8,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import SVI, Predictive, Trace_ELBO
-from pyro.infer.autoguide import AutoNormal, init_to_value
+from pyro.infer.autoguide import AutoNormal, init_to_mean, init_to_sample, init_to_value
 
 import pyroflows
 from pyroflows.infer import AutoFlow, GuideSetupError
@@ -1015,6 +1015,27 @@ def test_bad_flows_at_setup():
         AutoFlow(gaussian_model, flow=pyroflows.iaf(D, context=2).double())()
 
 
+@pytest.mark.parametrize(
+    "init", [init_to_mean, init_to_sample, init_to_value(values={"x": torch.zeros(D)})]
+)
+def test_an_init_strategy_given_where_the_flow_goes_is_refused_by_name(init):
+    # Pyro's AutoMultivariateNormal(model, init_to_mean) takes it as init_loc_fn; here the
+    # second positional argument is the flow, and init(dim) failed deep in Pyro
+    name = getattr(init, "func", init).__name__
+    with pytest.raises(TypeError, match=rf"flow got {name}.*AutoFlow\(model, init_loc_fn={name}\)"):
+        AutoFlow(gaussian_model, init)
+
+
+def test_a_flow_builder_that_fails_is_named_in_the_error():
+    def builder(dim):
+        raise KeyError("no such layer")
+
+    with pytest.raises(KeyError, match="no such layer") as caught:
+        AutoFlow(gaussian_model, flow=builder)()
+    if hasattr(caught.value, "add_note"):
+        assert f"called as flow({D})" in "".join(caught.value.__notes__)
+
+
 @pytest.mark.parametrize("flow", [pyroflows.iaf(3).double(), lambda dim: torch.nn.Linear(dim, dim)])
 def test_a_set_up_that_fails_fails_again_the_same_way_not_half_built(flow):
     guide = AutoFlow(gaussian_model, flow=flow)
@@ -1484,14 +1505,20 @@ def test_the_float32_warm_start_reaches_the_mode_of_a_near_singular_regression()
     assert ((ab.std(0) / sd).log().abs()).max() < 0.1
 
 
-def test_an_index_with_other_groups_but_the_same_shape_is_refused_by_name():
+@pytest.mark.parametrize("coded", ["int", "float"])
+def test_an_index_with_other_groups_but_the_same_shape_is_refused_by_name(coded):
     # the check keyed on the arguments' shapes: 3 groups indexed by a tensor of the shape
     # that indexed 5 passed it, median() gave alpha of the 5 groups, and Predictive
-    # failed on a reshape
-    group = torch.arange(30) % 5
+    # failed on a reshape; the same for an index read from a table as floats
+    def index(groups, numpy=False):
+        group = np.arange(30) % groups if numpy else torch.arange(30) % groups
+        return group if coded == "int" else group.astype(float) if numpy else group.float()
+
+    group = index(5)
     y = torch.randn(30) + group.float()
 
     def model(group, y=None):
+        group = torch.as_tensor(group).long()
         mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
         with pyro.plate("groups", int(group.max()) + 1):
             alpha = pyro.sample("alpha", dist.Normal(mu, 2.0))
@@ -1502,9 +1529,10 @@ def test_an_index_with_other_groups_but_the_same_shape_is_refused_by_name():
     guide(group, y)
     assert guide.median(group, y)["alpha"].shape == (5,)
     with pytest.raises(ValueError, match=r"'alpha' \(5,\) -> \(3,\)"):
-        guide.median(torch.arange(30) % 3, y)
+        guide.median(index(3), y)
     with pytest.raises(ValueError, match=r"'alpha' \(5,\) -> \(3,\)"):
-        guide.median(np.arange(30) % 3, y.numpy())
+        guide.median(index(3, numpy=True), y.numpy())
+    assert guide.median(index(5), y + 1.0)["alpha"].shape == (5,)  # other data: fine
 
 
 def test_a_guide_whose_model_hides_enumerated_sites_is_warm_started_with_them_summed_out():

@@ -846,6 +846,8 @@ def test_median_quantiles_and_predictive():
     torch.testing.assert_close(one["scale"], three["scale"][2:])  # the same draws
     with pytest.raises(ValueError, match="quantiles"):
         guide.quantiles(1.5)
+    with pytest.raises(ValueError, match=r"quantiles must be a list of numbers in \[0, 1\]"):
+        guide.quantiles([0.5, float("nan")])  # torch's own error before
 
 
 def test_quantiles_match_the_lognormal():
@@ -872,6 +874,11 @@ def test_median_and_quantiles_leave_the_random_state_alone():
     torch.testing.assert_close(guide.median()["x"], first, rtol=0, atol=0)  # the same draws
     guide.quantiles([0.2, 0.8])
     assert torch.equal(torch.get_rng_state(), state)
+    # whatever the random state: a draw between two calls moved the median by 0.1 sd
+    torch.randn(7)
+    torch.testing.assert_close(guide.median()["x"], first, rtol=0, atol=0)
+    torch.manual_seed(123)
+    torch.testing.assert_close(guide.median()["x"], first, rtol=0, atol=0)
 
 
 def test_to_arviz_names_and_shapes():
@@ -951,17 +958,19 @@ def test_set_up_errors_in_an_svi_step_read_as_raised():
     def one_dim():
         pyro.sample("a", dist.Normal(0.0, 1.0))
 
-    for model, flow, message in (
-        (discrete, "iaf", "needs continuous latent sites"),
-        (one_dim, "realnvp", "flow='realnvp' is a coupling flow"),
+    for model, flow, options, message in (
+        (discrete, "iaf", {}, "needs continuous latent sites"),
+        (one_dim, "realnvp", {}, "flow='realnvp' is a coupling flow"),
+        (one_dim, "iaf", {"transforms": 0}, r"flow='iaf': transforms must be an int >= 1, got 0"),
     ):
         pyro.clear_param_store()
-        svi = SVI(model, AutoFlow(model, flow=flow), pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+        guide = AutoFlow(model, flow=flow, **options)
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
         with pytest.raises(GuideSetupError, match=message) as caught:
             svi.step()
         assert isinstance(caught.value, ValueError)
         assert "Trace Shapes" not in str(caught.value)
-        assert str(caught.value).endswith(("or make them continuous.", "'maf' or 'nsf'"))
+        assert str(caught.value).endswith(("or make them continuous.", "'maf' or 'nsf'", "got 0"))
 
 
 def test_enumerated_latent_is_refused_by_name():

@@ -541,7 +541,9 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
                 f"row (x[idx] when the plate subsamples); for a single data point pass x[None]"
             )
         if self.__dict__.get("support") is not None:  # (guides pickled before the option)
-            d = dist.TransformedDistribution(d, [biject_to(self.support)])
+            # cached, so that scoring the guide's own draw inverts neither the bijection
+            # nor, with it, the flow (an IAF's inverse is D passes a layer)
+            d = dist.TransformedDistribution(d, [biject_to(self.support).with_cache(1)])
         return d
 
 

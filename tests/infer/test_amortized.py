@@ -754,7 +754,16 @@ def test_a_guide_with_a_support_draws_on_it_with_the_change_of_variables():
     assert bool((z > 0).all())
     # log q(z) = log q_R(log z) - sum log z
     expected = q(x).log_prob(z.log()) - z.log().sum(-1)
+    calls = []
+    for module in q.flow.modules():
+        if type(module).__name__ == "MADE":
+            module.register_forward_hook(lambda *_: calls.append(1))
     torch.testing.assert_close(site["fn"].log_prob(z), expected)
+    # its own draw is scored without the IAF's inverse (3 passes a layer here), as
+    # without a support: the bijection's output is cached
+    assert calls == []
+    q(x).log_prob(z.log())  # a fresh point: the inverse runs
+    assert len(calls) == 3 * len(q.flow.transforms)
     simplex = AmortizedGuide(q, support=constraints.simplex, register=False)
     w = poutine.trace(simplex).get_trace(x).nodes["z"]["value"]
     assert w.shape == (4, 4)  # stick-breaking: latent_dim + 1 entries

@@ -184,14 +184,18 @@ class Flow(DropsParamStoreLinks, nn.Module):
     Args:
         dim: event size ``D``.
         transforms: the layers, applied first to last from base to data. Conditional
-            layers (``ConditionalTransformModule``) are conditioned on the context.
+            layers (``ConditionalTransformModule``) are conditioned on the context. The
+            base takes their weights' dtype and device (layers made float64 first give a
+            float64 flow).
         context: context size ``c``, 0 for an unconditional flow.
 
     Raises:
         TypeError: a layer that is not a transform module (a Pyro ``TransformModule``,
             or a ``ConditionalTransformModule``, such as the layers of this library).
         ValueError: a layer whose size is not ``dim`` (a Pyro layer's ``input_dim``,
-            where it has one), conditional layers in a flow with ``context=0``, no
+            where it has one), layers whose weights differ in dtype or device, a
+            conditional layer of another context size (Pyro's too, by its network's
+            ``context_dim``) or in a flow with ``context=0``, no
             conditional layer in a flow with a context, or a missing, unexpected or
             mis-shaped context at call time, or one holding NaN or inf (checked while
             distribution validation is on, torch's default).
@@ -221,16 +225,24 @@ class Flow(DropsParamStoreLinks, nn.Module):
             if not (
                 isinstance(t, nn.Module) and isinstance(t, (Transform, ConditionalTransformModule))
             ):
+                hint = ""
+                if isinstance(t, Transform):  # Pyro's Permute, ExpTransform: no weights
+                    hint = (
+                        " (a Transform that is not an nn.Module; for a fixed permutation "
+                        "use pyroflows.transforms.Permutation)"
+                    )
                 raise TypeError(
                     f"transforms[{i}] must be a transform module (a Pyro TransformModule or "
                     f"ConditionalTransformModule, such as the layers in pyroflows.transforms), "
-                    f"got {type(t).__name__}"
+                    f"got {type(t).__name__}{hint}"
                 )
             t_dim = _size_of(t)
             if t_dim is not None and t_dim != dim:
                 raise ValueError(f"transforms[{i}] acts on dim {t_dim}, expected dim {dim}")
             if isinstance(t, ConditionalTransformModule):
-                t_context = getattr(t, "context_features", context)
+                t_context = getattr(t, "context_features", None)
+                if t_context is None:  # Pyro's conditional layers: their network's
+                    t_context = getattr(getattr(t, "nn", None), "context_dim", context)
                 if not context or t_context != context:
                     raise ValueError(
                         f"transforms[{i}] is conditional on a context of size {t_context}, "
@@ -243,10 +255,14 @@ class Flow(DropsParamStoreLinks, nn.Module):
                 f"pyroflows.transforms.ConditionalAffineCoupling): the context would be "
                 f"ignored; use conditional layers, or context=0"
             )
+        like = _common_weights(transforms)
         self.transforms = nn.ModuleList(transforms)
-        self.register_buffer("base_loc", torch.zeros(self.dim))
-        self.register_buffer("base_scale", torch.ones(self.dim))
+        self.register_buffer(
+            "base_loc", torch.zeros(self.dim, dtype=like.dtype, device=like.device)
+        )
+        self.register_buffer("base_scale", torch.ones_like(self.base_loc))
         self.register_load_state_dict_post_hook(_align_dtype_references)
+        _align_dtype_references(self)  # layers without weights take the others' dtype
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())
@@ -346,6 +362,31 @@ class Flow(DropsParamStoreLinks, nn.Module):
     def extra_repr(self) -> str:
         """Sizes, shown by ``repr``."""
         return f"dim={self.dim}, context={self.context_features}"
+
+
+def _common_weights(transforms: list[nn.Module]) -> torch.Tensor:
+    """An empty tensor of the layers' one floating dtype and device (the defaults if none).
+
+    Layers of several dtypes or devices are refused by name: the flow would fail on its
+    first call, with a message about the wrong layer.
+    """
+    first: dict[tuple[torch.dtype, torch.device], int] = {}
+    for i, t in enumerate(transforms):
+        for p in t.parameters():
+            if p.is_floating_point():
+                first.setdefault((p.dtype, p.device), i)
+    if len(first) > 1:
+        held = ", ".join(
+            f"{dtype} on {device} in transforms[{i}]" for (dtype, device), i in first.items()
+        )
+        raise ValueError(
+            f"the transforms hold weights of several dtypes or devices ({held}); convert "
+            "them to one (layer.double(), layer.to(device)) before building the flow"
+        )
+    if not first:
+        return torch.empty(0)
+    ((dtype, device),) = first
+    return torch.empty(0, dtype=dtype, device=device)
 
 
 def _align_dtype_references(flow: Flow, incompatible_keys: object = None) -> None:

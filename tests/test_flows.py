@@ -440,6 +440,40 @@ def test_flow_takes_any_iterable_of_layers_and_refuses_other_modules():
         assert len(Flow(3, container).transforms) == 3
 
 
+def test_flow_takes_its_layers_dtype_and_refuses_layers_of_two():
+    import pyro.distributions.transforms as pyro_transforms
+
+    from pyroflows.transforms import Permutation
+
+    torch.manual_seed(0)
+    # layers made float64 before the flow: the base follows (it stayed float32, and the
+    # first sample failed, saying the parameters were float64)
+    double = Flow(3, [AffineCoupling(3).double(), Permutation(3), AffineCoupling(3).double()])
+    assert double.base_loc.dtype == torch.float64
+    x = double().sample((4,))
+    assert x.dtype == torch.float64
+    assert torch.isfinite(double().log_prob(x)).all()
+    assert Flow(3, [Permutation(3)]).base_loc.dtype == torch.float32  # no weights: default
+    with pytest.raises(
+        ValueError,
+        match=r"several dtypes .*float64 on cpu in transforms\[0\], torch.float32 on cpu in "
+        r"transforms\[2\]",
+    ):
+        Flow(3, [AffineCoupling(3).double(), Permutation(3), AffineCoupling(3)])
+    # Pyro's weightless transforms are not modules: the message names ours
+    with pytest.raises(TypeError, match=r"got Permute \(a Transform that is not an nn.Module; "):
+        Flow(3, [AffineCoupling(3), pyro_transforms.Permute(torch.tensor([2, 0, 1]))])
+
+
+def test_flow_refuses_a_pyro_conditional_layer_of_another_context_size():
+    import pyro.distributions.transforms as pyro_transforms
+
+    layer = pyro_transforms.conditional_affine_coupling(3, 5, hidden_dims=[8])
+    with pytest.raises(ValueError, match=r"conditional on a context of size 5, but .*context=2"):
+        Flow(3, [layer], context=2)  # it failed at the first sample, in a matrix product
+    assert Flow(3, [layer], context=5)(torch.randn(4, 5)).sample().shape == (4, 3)
+
+
 @pytest.mark.parametrize("name", FLOWS)
 def test_log_prob_of_no_rows_and_of_the_wrong_dtype(name):
     d = small(name, dim=3)()

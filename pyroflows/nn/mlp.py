@@ -206,7 +206,7 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
                 projection = self.context_output
                 out = out + (projection(context, *pieces[-1]) if pieces else projection(context))
         except RuntimeError as error:  # no cost on the happy path: explain, then re-raise
-            self._explain(x, error)
+            self._explain(x, context, error)
             raise
         return out.unflatten(-1, self.out_shape)
 
@@ -291,8 +291,20 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
                 layer.weight.mul_(now / target)
                 factor.mul_(target / now)
 
-    def _explain(self, x: torch.Tensor, error: RuntimeError) -> None:
-        """Raise a clear error for an ``x`` of another dtype or device than the weights."""
+    def _explain(self, x: torch.Tensor, context: torch.Tensor | None, error: RuntimeError) -> None:
+        """Raise a clear error for what made ``F.linear`` or an addition fail.
+
+        An ``x`` of another dtype or device than the weights, or one whose batch shape
+        does not broadcast with the context's.
+        """
+        if context is not None:
+            try:
+                torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
+            except RuntimeError:
+                raise ValueError(
+                    f"x has batch shape {tuple(x.shape[:-1])}, which does not broadcast with "
+                    f"the context's batch shape {tuple(context.shape[:-1])}"
+                ) from error
         weight = (self.hidden_layers[0] if len(self.hidden_layers) else self.output_layer).weight
         if x.dtype != weight.dtype:
             raise TypeError(

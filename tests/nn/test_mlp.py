@@ -86,6 +86,8 @@ def test_bad_input_and_context_are_named(made):
         net(0)(x.double())
     with pytest.raises(TypeError, match="x has dtype torch.float32 but the network's weights"):
         net(4).double()(x, torch.randn(10, 4))
+    with pytest.raises(ValueError, match=r"x has batch shape \(10,\), which does not broadcast"):
+        net(4)(x, torch.randn(7, 4))  # torch's "size of tensor a (10) must match" before
     assert net(4)(x, torch.randn(10, 4)).shape == ((10, 3, 2) if made else (10, 2, 2))
 
 

@@ -41,7 +41,7 @@ class _Failure(Exception):
 
 def _hidden(text: str) -> list[int]:
     try:
-        sizes = [int(part) for part in text.split(",") if part.strip()]
+        sizes = [int(part) for part in text.split(",")]  # an empty part ("16,,16") too
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated layer sizes such as 64,64; got {text!r}"
@@ -196,7 +196,9 @@ def _header_flag(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "yes", "no"],
         default="auto",
         help="whether a CSV's first row is its header; auto: when none of it is a number, "
-        "or it is 0,1,...,D-1 (pandas' header for unnamed columns; ,0,1,... with its index)",
+        "or it is 0,1,...,D-1 (pandas' header for unnamed columns; ,0,1,... with its index). "
+        "Names are read without the spaces around them (pandas keeps them unless read "
+        "with pd.read_csv(path, skipinitialspace=True))",
     )
 
 
@@ -314,6 +316,8 @@ def _write(values: Any, out: str | None, header: list[str] | None) -> None:
     """A tensor's values as .npy, or as CSV with the digits that round-trip its dtype."""
     digits = 17 if values.dtype.itemsize == 8 else 9  # float64, float32
     values = values.double().numpy()
+    if out is not None:  # its folder made, as fit's --out makes the model's
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
     if out is not None and out.lower().endswith(".npy"):
         with open(out, "wb") as stream:  # np.save(name) would add ".npy" to "x.NPY"
             np.save(stream, values)
@@ -332,7 +336,12 @@ def _fit(args: argparse.Namespace) -> None:
     import torch
 
     from pyroflows.density import ResumeMismatch, build, distributed, fit, save
-    from pyroflows.density.fit import checkpoint_finished, read_checkpoint, unwritable
+    from pyroflows.density.fit import (
+        CHECKPOINT,
+        checkpoint_finished,
+        read_checkpoint,
+        unwritable,
+    )
     from pyroflows.density.rows import FIT_ADVICE, FIT_ADVICE_SOME
 
     device = _device(args.device)
@@ -348,7 +357,9 @@ def _fit(args: argparse.Namespace) -> None:
     if args.dequantize_columns is not None:
         dequantize = _integer_columns(args.dequantize_columns, columns, values.shape[1])
         part = values[:, dequantize] if isinstance(dequantize, list) else values
-        if not str(args.data).lower().endswith(".npy") and (part != np.floor(part)).any():
+        readable = Path(args.data).is_file()  # a pipe reads once: the fit names the row
+        csv_file = readable and not str(args.data).lower().endswith(".npy")
+        if csv_file and (part != np.floor(part)).any():
             # read again, to name the fraction's line (a .npy file's rows: the fit names)
             whole = list(range(values.shape[1])) if dequantize is True else dequantize
             _read(args, dtype, FIT_ADVICE_SOME, whole_columns=whole)
@@ -417,11 +428,15 @@ def _fit(args: argparse.Namespace) -> None:
     except (TypeError, ValueError, FloatingPointError) as error:
         raise _Failure(_in_flag_terms(str(error))) from None
     except KeyboardInterrupt:
-        print(
-            f"pyroflows: interrupted; checkpoint in {checkpoints}/: run the same command "
-            f"with --resume to continue",
-            file=sys.stderr,
-        )
+        if (checkpoints / CHECKPOINT).exists():
+            said = f"checkpoint in {checkpoints}/: run the same command with --resume to continue"
+        else:  # a second Ctrl-C stops at once, without one, before the first was written
+            said = (
+                "stopped before any checkpoint was written (one is written every "
+                "--checkpoint-every epochs, and at a single Ctrl-C): nothing to resume; run "
+                "the same command again"
+            )
+        print(f"pyroflows: interrupted; {said}", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
     if rank != 0:  # one model file: rank 0 writes it and reports
         distributed.barrier()
@@ -580,7 +595,13 @@ def _score(args: argparse.Namespace) -> None:
         raise _Failure(
             f"{args.data} has {values.shape[1]} columns but the model was fitted to {info['dim']}"
         )
-    if columns is not None and info["columns"] is not None and columns != info["columns"]:
+    if (
+        columns is not None
+        and info["columns"] is not None
+        # names as the CSV reader gives them, stripped: ' b' of a frame read by pandas
+        # from "a, b" is the model's column b, and its own samples' header is read so
+        and columns != [str(c).strip() for c in info["columns"]]
+    ):
         raise _Failure(
             f"{args.data} has columns {columns} but the model was fitted to {info['columns']}"
         )

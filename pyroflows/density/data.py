@@ -8,6 +8,7 @@ line can print it as one line.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import re
@@ -221,7 +222,8 @@ def read_table(
     editor do (the header, if any, is row 1, and blank lines count).
 
     Args:
-        path: the file.
+        path: the file; a pipe (``/dev/stdin``, a shell's ``<(...)``) is read once into
+            memory.
         dtype: the flow's dtype: a CSV value finite in float64 but beyond its range
             (``1e39`` for float32) is refused here, where the file's line is known.
         remedy: what the overflow message suggests (the command line names its flag).
@@ -233,8 +235,9 @@ def read_table(
             this text as the advice that ends the message. A ``.npy`` file's values are
             checked when a fit or score streams them (its rows are its lines).
         names: the column names a model was fitted with: with ``header=None``, a first
-            row that is exactly these names is the header too (numbers such as years,
-            which the rule above would take for data).
+            row that is exactly these names, or them in another order, is the header too
+            (numbers such as years, which the rule above would take for data; in another
+            order, the caller's check of the names refuses it).
         whole_columns: the 0-based columns that ``whole_numbers`` checks (default: all).
 
     Returns:
@@ -252,15 +255,26 @@ def read_table(
         raise DataError(f"{path}: no such file")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a CSV or .npy file")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: the file is empty")
     if header is not None and not isinstance(header, bool):
         raise TypeError(f"header must be True, False or None, got {header!r}")
+    stream = None  # a pipe (/dev/stdin, a shell's <(...)) is read once, into memory
+    if not path.is_file():
+        stream = path.read_bytes()
+        if not stream:
+            raise DataError(f"{path}: the stream is empty")
+    elif path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
     if path.suffix.lower() == ".npy":
-        return _read_npy(path), None
-    if header is None and names is not None and _first_row(path) == [str(n) for n in names]:
-        header = True  # the model's own columns (a file that its sample wrote, say)
-    values, names, lines = _read_csv(path, dtype, remedy, header)
+        return _read_npy(path, stream), None
+    if header is None and names is not None:
+        first, wanted = _first_row(path, stream), [str(n).strip() for n in names]
+        if first == wanted or (
+            first is not None
+            and len(set(wanted)) == len(wanted) > 1
+            and sorted(first) == sorted(wanted)
+        ):  # the model's own columns (a file its sample wrote), or them in another order
+            header = True  # (refused by the caller's check of the names, not read as data)
+    values, names, lines = _read_csv(path, dtype, remedy, header, stream)
     if whole_numbers is not None:
         fractional = values != np.floor(values)
         if whole_columns is not None:
@@ -274,10 +288,17 @@ def read_table(
     return values, names
 
 
-def _first_row(path: Path) -> list[str] | None:
+def _open_text(path: Path, stream: bytes | None):
+    """The CSV as text (a byte-order mark dropped): the file, or a pipe's bytes read."""
+    if stream is None:
+        return open(path, newline="", encoding="utf-8-sig")
+    return io.TextIOWrapper(io.BytesIO(stream), encoding="utf-8-sig", newline="")
+
+
+def _first_row(path: Path, stream: bytes | None = None) -> list[str] | None:
     """A CSV's first non-blank row, its cells stripped (``None`` if unreadable)."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
+        with _open_text(path, stream) as handle:
             for row in csv.reader(handle):
                 if any(cell.strip() for cell in row):
                     return [cell.strip() for cell in row]
@@ -299,9 +320,12 @@ def _pandas_header(cells: list[str]) -> bool:
     return len(cells) >= 2 and cells == [str(j) for j in range(len(cells))]
 
 
-def _read_npy(path: Path) -> np.ndarray:
+def _read_npy(path: Path, stream: bytes | None = None) -> np.ndarray:
     try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        if stream is None:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        else:
+            array = np.load(io.BytesIO(stream), allow_pickle=False)
     except ValueError as error:
         raise DataError(f"{path}: not a numeric .npy array ({error})") from None
     if array.dtype.kind not in "biuf":
@@ -330,12 +354,16 @@ def _number(cell: str) -> float | None:
 
 
 def _read_csv(
-    path: Path, dtype: torch.dtype | None, remedy: str, header_given: bool | None = None
+    path: Path,
+    dtype: torch.dtype | None,
+    remedy: str,
+    header_given: bool | None = None,
+    stream: bytes | None = None,
 ) -> tuple[np.ndarray, list[str] | None, list[int]]:
     # rows are numbered by their line in the file (blank lines count, as in an editor);
     # utf-8-sig drops the byte-order mark that spreadsheet exports put first
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
+        with _open_text(path, stream) as handle:
             reader = csv.reader(handle)
             rows, lines = [], []
             for row in reader:

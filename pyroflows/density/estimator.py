@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,8 @@ class FlowDensity(BaseEstimator):
             standardize, dequantize, progress, checkpoint_dir, resume: as for
             :func:`~pyroflows.density.fit` (but ``progress`` is off by default here: an
             estimator inside ``GridSearchCV`` would print a bar per fit).
-            ``dequantize`` takes ``True`` or a list of 0-based column indices.
+            ``dequantize`` takes ``True`` or a list of 0-based column indices, or of
+            column names when ``X`` is a data frame.
         validation_fraction: share of the training rows held out for early stopping.
         dtype: ``"float32"`` or ``"float64"`` (or ``torch.float32``, ``torch.float64``, or
             NumPy's ``np.float32``, ``np.float64``).
@@ -153,6 +155,11 @@ class FlowDensity(BaseEstimator):
         hidden = self.hidden
         if _is_int(hidden):
             hidden = [hidden]
+        if not (hidden is None or _is_sequence(hidden)):
+            raise TypeError(
+                f"hidden must be None, an int or a sequence of ints (the hidden sizes of "
+                f"each conditioner), got {type(hidden).__name__} {hidden!r}"
+            )
         options: dict[str, Any] = {
             "transforms": _plain(self.transforms),
             "hidden": [_plain(size) for size in hidden] if _is_sequence(hidden) else hidden,
@@ -207,7 +214,7 @@ class FlowDensity(BaseEstimator):
             raise ValueError(
                 f"validation_fraction must be a number in [0, 1) (or None), got {validation!r}"
             )
-        dequantize = dequantized_columns(self.dequantize, X.shape[1])
+        dequantize = dequantized_columns(_column_indices(self, self.dequantize), X.shape[1])
         if dequantize and X.size:
             # before fit's check that float32 holds the values, whose message is not this
             dtype = model_file.DTYPES.get(self._builder_options()["dtype"])
@@ -258,6 +265,12 @@ class FlowDensity(BaseEstimator):
                 distributed=self.distributed,
             )
         except ResumeMismatch as error:
+            if "validation" in error.changed:  # fit's argument, in the estimator's name
+                raise ResumeMismatch(
+                    re.sub(r"\bvalidation=", "validation_fraction=", str(error)),
+                    error.path,
+                    error.changed,
+                ) from None
             if "seed" not in error.changed:
                 raise
             raise ResumeMismatch(
@@ -467,6 +480,30 @@ def _plain(value: Any) -> Any:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _column_indices(est: FlowDensity, dequantize: Any) -> Any:
+    """``dequantize``'s column names (of a data frame fitted) as 0-based indices.
+
+    Anything else is returned as given, for :func:`dequantized_columns` to check.
+    """
+    if not _is_sequence(dequantize) or not any(isinstance(j, str) for j in dequantize):
+        return dequantize
+    names = getattr(est, "feature_names_in_", None)
+    if names is None:
+        raise TypeError(
+            f"dequantize names columns {list(dequantize)!r}, but X has no column names (a "
+            "pandas DataFrame has them): give 0-based column indices"
+        )
+    names = [str(n) for n in names]
+    indices = []
+    for j in dequantize:
+        if isinstance(j, str):
+            if j not in names:
+                raise ValueError(f"dequantize names no column {j!r} of X; its columns are {names}")
+            j = names.index(j)
+        indices.append(j)
+    return indices
 
 
 def _is_sequence(value: Any) -> bool:

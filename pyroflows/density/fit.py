@@ -629,6 +629,15 @@ def fit(
     batch_size = check_positive_int(batch_size, "batch_size")
     checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
     if patience is not None:
+        if (
+            isinstance(patience, numbers.Integral)
+            and not isinstance(patience, bool)
+            and patience == 0
+        ):
+            raise ValueError(
+                "patience must be an int >= 1, or None to never stop early (the command "
+                "line's --patience 0), got 0"
+            )
         patience = check_positive_int(patience, "patience")
     # finite: an lr or weight decay of inf passed here and made the loss non-finite at
     # the first step, whose advice (a smaller lr) then read as a riddle

@@ -197,9 +197,10 @@ def test_bad_options(workdir):
     one_line_error(
         run("fit", "data.csv", "--out", "x.pt", "--activation", "swish", cwd=workdir), "activation"
     )
-    bad = run("fit", "data.csv", "--out", "x.pt", "--hidden", "a,b", cwd=workdir)
-    assert bad.returncode == 2
-    assert "layer sizes" in bad.stderr
+    for hidden in ("a,b", "16,,16"):  # an empty size was dropped: 16,16
+        bad = run("fit", "data.csv", "--out", "x.pt", "--hidden", hidden, cwd=workdir)
+        assert bad.returncode == 2
+        assert f"expected comma-separated layer sizes such as 64,64; got '{hidden}'" in bad.stderr
     one_line_error(run("sample", "model.pt", "-n", "0", cwd=workdir), "-n must be")
 
 
@@ -256,6 +257,32 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(workdir):
     assert a == b
     # the resumed fit's model file records the seed it ran with (the checkpoint's)
     assert load(workdir / "parted.pt")[1]["training"]["seed"] == 0
+
+
+def test_a_second_ctrl_c_before_any_checkpoint_says_there_is_none(workdir, monkeypatch, capsys):
+    # a forced stop writes no checkpoint; before the first one, the message promised a
+    # folder that did not exist, and --resume then started afresh without a word
+    import os
+
+    import pyroflows.density as density
+
+    fit = density.fit
+
+    def impatient(*args, **kwargs):
+        def twice(epoch, history):
+            os.kill(os.getpid(), signal.SIGINT)  # the first: stop after this batch
+            os.kill(os.getpid(), signal.SIGINT)  # the second: stop now
+
+        return fit(*args, **kwargs, callback=twice)
+
+    monkeypatch.setattr(density, "fit", impatient)
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", str(workdir / "data.csv"), "--out", str(workdir / "twice.pt"), *FAST])
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err
+    assert "stopped before any checkpoint was written" in err
+    assert "--resume to continue" not in err
+    assert not (workdir / "twice.pt.ckpt" / "checkpoint.pt").exists()
 
 
 def test_bad_device_and_seed_get_exit_code_2(workdir):
@@ -539,6 +566,60 @@ def test_a_numeric_header_is_read_as_the_header_flag_says(workdir):
     assert "3 rows" in scored.stderr
     other = run("score", "years_data.pt", "drawn.csv", cwd=workdir)  # a model without names
     assert "4 rows" in other.stderr  # auto, as before: 2019,2020 could be data
+    # the model's numeric names in another order: a header, refused (it was scored as a
+    # row of data, and the columns read swapped, with exit code 0)
+    (workdir / "swapped_years.csv").write_text("2020,2019\n" + rows + "\n")
+    swapped = run("score", "years.pt", "swapped_years.csv", cwd=workdir)
+    assert swapped.returncode == 2
+    assert "has columns ['2020', '2019'] but the model was fitted to ['2019', '2020']" in (
+        swapped.stderr
+    )
+
+
+def test_data_from_a_pipe_is_read(workdir):
+    # a pipe's size is 0: "the file is empty" was said of every pipe and of /dev/stdin
+    text = (workdir / "data.csv").read_text()
+    for command in (
+        ["fit", "/dev/stdin", "--out", "piped.pt", *FAST],
+        ["score", "model.pt", "/dev/stdin"],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "pyroflows", *command],
+            cwd=workdir,
+            input=text,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+    assert "400 rows: mean log p(x)" in result.stderr
+    assert result.stdout.splitlines()[0] == "log_prob"
+    assert len(result.stdout.splitlines()) == 401
+    empty = subprocess.run(
+        [sys.executable, "-m", "pyroflows", "score", "model.pt", "/dev/stdin"],
+        cwd=workdir,
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert empty.returncode == 2
+    assert "/dev/stdin: the stream is empty" in empty.stderr
+
+
+def test_a_model_fitted_in_python_to_names_with_spaces_scores_from_the_command_line(workdir):
+    # pandas reads "a, b" as columns 'a' and ' b'; the command line reads names stripped,
+    # and refused the model's own samples: "has columns ['a', 'b'] but ... ['a', ' b']"
+    x = np.loadtxt(workdir / "data.csv", delimiter=",", skiprows=1)
+    est = FlowDensity(flow="maf", transforms=1, hidden=(8,), epochs=2, random_state=0)
+    est.fit(x)
+    est.feature_names_in_ = np.asarray(["a", " b"], dtype=object)  # as from pandas
+    est.save(workdir / "spaced.pt")
+    run("sample", "spaced.pt", "-n", "5", "--seed", "0", "--out", "new/spaced.csv", cwd=workdir)
+    shutil.copy(workdir / "new" / "spaced.csv", workdir / "spaced.csv")  # its folder made
+    for data in ("spaced.csv", "data.csv"):
+        result = run("score", "spaced.pt", data, cwd=workdir)
+        assert result.returncode == 0, result.stderr
 
 
 def test_column_names_with_commas_and_quotes_round_trip(workdir):

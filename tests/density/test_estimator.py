@@ -380,6 +380,15 @@ def test_options_may_not_set_a_named_parameter_again():
         FlowDensity(flow="maf", options=[1], **SMALL).fit(X)
 
 
+def test_hidden_of_another_type_is_refused_by_name():
+    X, _ = mixture_rows(100, 9)
+    small = {k: v for k, v in SMALL.items() if k != "hidden"}
+    with pytest.raises(
+        TypeError, match=r"hidden must be None, an int or a sequence .*got float 8\.5"
+    ):
+        FlowDensity(flow="maf", hidden=8.5, **small).fit(X)  # "'float' object is not iterable"
+
+
 @pytest.mark.parametrize("name", ["standardize", "progress", "resume"])
 def test_switches_must_be_bools(name):
     X = np.random.default_rng(0).poisson(3.0, size=(100, 2)).astype(float)
@@ -392,6 +401,23 @@ def test_dequantize_must_be_a_bool_or_columns():
     message = r"dequantize must be True, False or a sequence of column indices .*got 'no'"
     with pytest.raises(TypeError, match=message):
         FlowDensity(flow="maf", **{**SMALL, "dequantize": "no"}).fit(X)
+
+
+def test_dequantize_takes_a_data_frames_column_names():
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(0)
+    X = np.column_stack([rng.normal(size=200), rng.poisson(3.0, size=200)])
+    frame = pd.DataFrame(X, columns=["height", "count"])
+    small = {**SMALL, "epochs": 2}
+    by_name = FlowDensity(flow="maf", dequantize=["count"], **small).fit(frame)
+    by_index = FlowDensity(flow="maf", dequantize=[1], **small).fit(frame)
+    assert by_name._fitted("dequantize") == [1]
+    np.testing.assert_array_equal(by_name.score_samples(frame), by_index.score_samples(frame))
+    assert (by_name.sample(20, random_state=0)[:, 1] % 1 == 0).all()  # counts: whole
+    with pytest.raises(ValueError, match=r"dequantize names no column 'visits' of X; its col"):
+        FlowDensity(flow="maf", dequantize=["visits"], **small).fit(frame)
+    with pytest.raises(TypeError, match=r"X has no column names .*give 0-based column indices"):
+        FlowDensity(flow="maf", dequantize=["count"], **small).fit(X)
 
 
 def test_random_state_may_be_a_numpy_generator():
@@ -439,3 +465,11 @@ def test_resume_refuses_another_int_random_state_and_takes_the_same(tmp_path):
         other.fit(X)  # it returned the old fit and recorded random_state=5 in its model file
     same = FlowDensity(checkpoint_dir=tmp_path, resume=True, random_state=1, **small).fit(X)
     assert np.array_equal(same.score_samples(X), first.score_samples(X))
+    # another validation_fraction is named as the estimator's parameter, not fit()'s
+    wider = FlowDensity(
+        checkpoint_dir=tmp_path, resume=True, random_state=1, validation_fraction=0.2, **small
+    )
+    with pytest.raises(
+        ValueError, match=r"with validation_fraction=0\.1; now validation_fraction=0\.2"
+    ):
+        wider.fit(X)

@@ -337,6 +337,7 @@ def test_progress_bar_goes_to_stderr(capsys):
         ({"schedule": "linear"}, ValueError, "schedule"),
         ({"resume": True}, ValueError, "checkpoint_dir"),
         ({"clip_grad": 0}, ValueError, "clip_grad"),
+        ({"patience": 0}, ValueError, r"or None to never stop early \(the command line's"),
         ({"seed": 1.5}, TypeError, "seed must be an int"),
         ({"seed": "3"}, TypeError, "seed must be an int"),
         ({"seed": 2**64}, ValueError, "seed must be in"),

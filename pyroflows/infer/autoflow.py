@@ -908,6 +908,8 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             )
             self.anchor = "init"
             self._cold_start = True  # until a warm start (or a loaded store) sets it
+            # why, for the advice of diagnose's verdict (remedy_for)
+            self._cold_reason = "off" if self.warm_start is None else None
             self._arg_shapes = {_shapes_of(args, kwargs): None}  # calls whose latents fit
             _, adopted = self._mirror_store()
             if adopted:
@@ -1459,6 +1461,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                 "the guide's first call on the full data (guide(x, y) with no subsample, "
                 "before the mini-batch steps): the warm start runs once, on that call"
             )
+            self._cold_reason = "subsampled"
             return
         loc = self.anchor_loc.clone()
         if self._log_joint_is_random(loc, args, kwargs):
@@ -1482,6 +1485,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                 "sites that model enumerates in parallel is warm-started on model, with "
                 "them summed out.)"
             )
+            self._cold_reason = "hidden"
             return
         self._warm_start_from(loc, args, kwargs)
 

@@ -245,7 +245,9 @@ def remedy_for(guide: Any) -> str | None:
 
     An :class:`~pyroflows.infer.AutoFlow` is told what it can still change: more draws
     per step, and ``estimator='stl'`` unless it already uses it; one whose warm start
-    did not run (``warm_start=None``, a first call that subsampled), to warm-start it.
+    did not run, why and what would warm-start it (``warm_start='laplace'``, a first call
+    on the full data), or, where its model hides latent sites for another guide (an
+    ``AutoGuideList``), that none can and it needs more steps.
     For any other guide this returns ``None``, and the verdict gives
     :data:`GENERIC_REMEDY`.
     """
@@ -255,10 +257,27 @@ def remedy_for(guide: Any) -> str | None:
         return None
     cold = ""
     if getattr(guide, "_cold_start", False):  # no warm start ran: a flow settles slowly
+        why, cure = {
+            "off": ("warm_start=None", "warm-start it (warm_start='laplace')"),
+            "subsampled": (
+                "its first call subsampled the data",
+                "warm-start it with a first call on the full data, before the mini-batch "
+                "steps, where the model allows one, or give it more steps",
+            ),
+            "hidden": (
+                "its model draws latent sites it does not cover, hidden for another guide",
+                "no warm start can fit those: give it more steps",
+            ),
+        }.get(
+            getattr(guide, "_cold_reason", None),  # None: a guide pickled before it
+            (
+                "warm_start=None, or its first call subsampled the data or hid latent sites",
+                "warm-start it (warm_start='laplace', first call on the full data)",
+            ),
+        )
         cold = (
-            "this AutoFlow started cold (warm_start=None, or its first call subsampled the "
-            "data or hid latent sites), and a cold flow can take thousands of steps to "
-            "settle: warm-start it (warm_start='laplace', first call on the full data); "
+            f"this AutoFlow started cold ({why}), and a cold flow can take thousands of "
+            f"steps to settle: {cure}; "
         )
     if guide.estimator == "stl":
         return (

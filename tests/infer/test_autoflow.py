@@ -590,6 +590,10 @@ def test_warm_start_skipped_with_subsampling():
     with pytest.warns(UserWarning, match="subsamples.*first call on the full data"):
         guide(data)
     assert guide.anchor == "init"
+    from pyroflows.infer.diagnostics import remedy_for
+
+    assert "started cold (its first call subsampled the data)" in remedy_for(guide)
+    assert "with a first call on the full data" in remedy_for(guide)
 
 
 def test_a_first_call_on_the_full_data_warm_starts_a_mini_batch_fit():
@@ -1313,6 +1317,13 @@ def test_warm_start_is_skipped_for_a_model_with_latents_it_does_not_cover():
     with pytest.warns(UserWarning, match="Laplace warm start is skipped") as caught:
         guide(y)
     assert guide.anchor == "init"
+    # the verdict's advice: no warm start can run here (it said to make a first call on
+    # the full data, which does not help a guide for part of a model)
+    from pyroflows.infer.diagnostics import remedy_for
+
+    assert "draws latent sites it does not cover" in remedy_for(guide)
+    assert "no warm start can fit those: give it more steps" in remedy_for(guide)
+    assert "full data" not in remedy_for(guide)
     assert caught[0].filename == __file__
     # expose= hides the data too: the log density is the prior's alone, the same at every
     # run, and the "Laplace" anchor was the prior's (scale 5 for mu, posterior sd 0.07)

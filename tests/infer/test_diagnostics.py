@@ -187,8 +187,8 @@ def test_a_flow_guide_that_misses_mass_is_told_what_it_can_still_change(estimato
         assert ("or estimator='stl'" in report.verdict) == (estimator == "reparam")
         # nor a cold guide (no Laplace warm start) left to think more steps of the
         # same would do (a mini-batched model's first call skips the warm start)
-        assert "started cold" in report.verdict
-        assert "first call on the full data" in report.verdict
+        assert "started cold (warm_start=None)" in report.verdict
+        assert "warm-start it (warm_start='laplace')" in report.verdict
     warm = AutoFlow(model, estimator=estimator)
     warm()
     assert warm.anchor == "laplace"

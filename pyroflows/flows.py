@@ -241,8 +241,8 @@ class Flow(DropsParamStoreLinks, nn.Module):
                 raise ValueError(f"transforms[{i}] acts on dim {t_dim}, expected dim {dim}")
             if isinstance(t, ConditionalTransformModule):
                 t_context = getattr(t, "context_features", None)
-                if t_context is None:  # Pyro's conditional layers: their network's
-                    t_context = getattr(getattr(t, "nn", None), "context_dim", context)
+                if t_context is None:  # Pyro's conditional layers: by their network
+                    t_context = _pyro_context(t, context)
                 if not context or t_context != context:
                     raise ValueError(
                         f"transforms[{i}] is conditional on a context of size {t_context}, "
@@ -362,6 +362,24 @@ class Flow(DropsParamStoreLinks, nn.Module):
     def extra_repr(self) -> str:
         """Sizes, shown by ``repr``."""
         return f"dim={self.dim}, context={self.context_features}"
+
+
+def _pyro_context(layer: nn.Module, default: int) -> int:
+    """The context size of a Pyro conditional layer, read from its network ``nn``.
+
+    A ``DenseNN`` (``conditional_spline``, ``conditional_planar``, ...) takes the
+    context alone: its input size. A ``ConditionalDenseNN`` or
+    ``ConditionalAutoRegressiveNN`` (coupling, autoregressive) takes it beside x: its
+    ``context_dim``. Another network: ``default`` (not checked).
+    """
+    from pyro.nn import ConditionalAutoRegressiveNN, ConditionalDenseNN, DenseNN
+
+    network = getattr(layer, "nn", None)
+    if isinstance(network, DenseNN):
+        return int(network.input_dim)
+    if isinstance(network, (ConditionalDenseNN, ConditionalAutoRegressiveNN)):
+        return int(network.context_dim)
+    return default
 
 
 def _common_weights(transforms: list[nn.Module]) -> torch.Tensor:

@@ -465,13 +465,25 @@ def test_flow_takes_its_layers_dtype_and_refuses_layers_of_two():
         Flow(3, [AffineCoupling(3), pyro_transforms.Permute(torch.tensor([2, 0, 1]))])
 
 
-def test_flow_refuses_a_pyro_conditional_layer_of_another_context_size():
+@pytest.mark.parametrize(
+    "builder",
+    [
+        "conditional_affine_coupling",  # a ConditionalDenseNN: x beside the context
+        "conditional_affine_autoregressive",  # a ConditionalAutoRegressiveNN
+        "conditional_spline",  # a DenseNN of the context alone
+        "conditional_planar",
+    ],
+)
+def test_flow_refuses_a_pyro_conditional_layer_of_another_context_size(builder):
     import pyro.distributions.transforms as pyro_transforms
 
-    layer = pyro_transforms.conditional_affine_coupling(3, 5, hidden_dims=[8])
+    layer = getattr(pyro_transforms, builder)(3, 5)
     with pytest.raises(ValueError, match=r"conditional on a context of size 5, but .*context=2"):
         Flow(3, [layer], context=2)  # it failed at the first sample, in a matrix product
-    assert Flow(3, [layer], context=5)(torch.randn(4, 5)).sample().shape == (4, 3)
+    d = Flow(3, [layer], context=5)(torch.randn(4, 5))
+    x = d.sample()
+    assert x.shape == (4, 3)
+    assert torch.isfinite(d.log_prob(x)).all()
 
 
 @pytest.mark.parametrize("name", FLOWS)

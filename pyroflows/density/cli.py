@@ -226,8 +226,11 @@ def _read(
         )
     for warning in said:
         text = str(warning.message)
-        if "as a header" in text:  # the pandas header taken: one note, in the flag's terms
+        if "as a header" in text or "names in another order" in text:
+            # the pandas header taken, or the model's names swapped read as data: one
+            # note, in the flag's terms
             text = text.replace("header=False (--header no)", "--header no")
+            text = text.replace("header=True (--header yes)", "--header yes")
             print(f"pyroflows: note: {text}", file=sys.stderr)
         else:
             warnings.warn_explicit(
@@ -317,7 +320,14 @@ def _write(values: Any, out: str | None, header: list[str] | None) -> None:
     digits = 17 if values.dtype.itemsize == 8 else 9  # float64, float32
     values = values.double().numpy()
     if out is not None:  # its folder made, as fit's --out makes the model's
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(out).parent
+        blocked = [p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()]
+        if blocked:
+            raise _Failure(f"--out {out}: {blocked[-1]} is a file, not a folder")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise _Failure(f"--out {out}: its folder cannot be made ({error.strerror})") from None
     if out is not None and out.lower().endswith(".npy"):
         with open(out, "wb") as stream:  # np.save(name) would add ".npy" to "x.NPY"
             np.save(stream, values)

@@ -235,9 +235,11 @@ def read_table(
             this text as the advice that ends the message. A ``.npy`` file's values are
             checked when a fit or score streams them (its rows are its lines).
         names: the column names a model was fitted with: with ``header=None``, a first
-            row that is exactly these names, or them in another order, is the header too
-            (numbers such as years, which the rule above would take for data; in another
-            order, the caller's check of the names refuses it).
+            row that is exactly these names is the header too (numbers such as years,
+            which the rule above would take for data). A first row of numbers that is
+            them in another order is read as data, with a ``UserWarning`` (it may be a
+            header of swapped columns); pandas' names ``0,1,...`` excepted (a row of
+            counts).
         whole_columns: the 0-based columns that ``whole_numbers`` checks (default: all).
 
     Returns:
@@ -268,12 +270,27 @@ def read_table(
         return _read_npy(path, stream), None
     if header is None and names is not None:
         first, wanted = _first_row(path, stream), [str(n).strip() for n in names]
-        if first == wanted or (
+        if first == wanted:  # the model's own columns (a file that its sample wrote, say)
+            header = True
+        elif (
             first is not None
             and len(set(wanted)) == len(wanted) > 1
             and sorted(first) == sorted(wanted)
-        ):  # the model's own columns (a file its sample wrote), or them in another order
-            header = True  # (refused by the caller's check of the names, not read as data)
+            and wanted != [str(j) for j in range(len(wanted))]  # pandas' 0,1,...: data
+        ):
+            # the names in another order: a header whose columns are swapped, or, where
+            # the names are numbers (years), as likely a row of data; said, not guessed
+            if all(_number(cell) is None for cell in first):
+                header = True  # read as the header, and refused by the caller's check
+            else:
+                warnings.warn(
+                    f"{path}: the first row ({','.join(first)}) is the model's column "
+                    f"names in another order; it is read as data: if it is a header, its "
+                    f"columns are in another order than the fit's (pass header=True "
+                    f"(--header yes) to have the names checked)",
+                    UserWarning,
+                    stacklevel=2,
+                )
     values, names, lines = _read_csv(path, dtype, remedy, header, stream)
     if whole_numbers is not None:
         fractional = values != np.floor(values)

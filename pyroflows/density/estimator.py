@@ -265,8 +265,8 @@ class FlowDensity(BaseEstimator):
                 distributed=self.distributed,
             )
         except ResumeMismatch as error:
-            if "validation" in error.changed:  # fit's argument, in the estimator's name
-                raise ResumeMismatch(
+            if "seed" not in error.changed and "validation" in error.changed:
+                raise ResumeMismatch(  # fit's argument, in the estimator's name
                     re.sub(r"\bvalidation=", "validation_fraction=", str(error)),
                     error.path,
                     error.changed,

@@ -538,9 +538,22 @@ def _traced() -> bool:
 QUANTILE_SEED = 0
 
 
-def _whole(value: torch.Tensor) -> bool:
-    """Whether every entry of a floating tensor is a finite whole number."""
-    return bool((torch.isfinite(value) & (value == value.round())).all())
+def _whole(value: torch.Tensor | np.ndarray) -> bool:
+    """Whether every entry of a floating tensor or array is a finite whole number.
+
+    ``False`` where that cannot be read cheaply (a sparse or meta tensor; an array of a
+    byte order or precision NumPy's rounding refuses): the shape alone then keys it.
+    """
+    try:
+        if isinstance(value, np.ndarray):
+            with np.errstate(invalid="ignore"):
+                return bool(np.all(np.isfinite(value) & (value == np.round(value))))
+        if value.layout != torch.strided or value.device.type == "meta":
+            return False
+        value = value.detach()
+        return bool((torch.isfinite(value) & (value == value.round())).all())
+    except (TypeError, ValueError, RuntimeError, NotImplementedError):
+        return False
 
 
 def _shapes_of(args: tuple, kwargs: dict) -> tuple:
@@ -571,7 +584,7 @@ def _shapes_of(args: tuple, kwargs: dict) -> tuple:
                 return ("int", int(value)) if value.dtype != torch.bool else ("bool", bool(value))
             if whole and value.dtype != torch.bool and value.numel():
                 return (tuple(value.shape), int(value.max()))
-            if value.dtype.is_floating_point and value.numel() and _whole(value.detach()):
+            if value.dtype.is_floating_point and value.numel() and _whole(value):
                 return (tuple(value.shape), float(value.max()))  # indices coded as floats
             return tuple(value.shape)
         if isinstance(value, np.ndarray):
@@ -579,7 +592,7 @@ def _shapes_of(args: tuple, kwargs: dict) -> tuple:
                 return ("int", int(value))
             if value.dtype.kind in "iu" and value.size:
                 return (tuple(value.shape), int(value.max()))
-            if value.dtype.kind == "f" and value.size and _whole(torch.from_numpy(value)):
+            if value.dtype.kind == "f" and value.size and _whole(value):
                 return (tuple(value.shape), float(value.max()))
             return tuple(value.shape)
         shape = getattr(value, "shape", None)

@@ -265,7 +265,9 @@ def remedy_for(guide: Any) -> str | None:
                 "steps, where the model allows one, or give it more steps",
             ),
             "hidden": (
-                "its model draws latent sites it does not cover, hidden for another guide",
+                "its model draws random values with this guide's latent sites fixed: "
+                "latent sites it does not cover, hidden for another guide, or a subsample "
+                "drawn by hand",
                 "no warm start can fit those: give it more steps",
             ),
         }.get(
@@ -348,9 +350,10 @@ def psis(log_weights: torch.Tensor | np.ndarray) -> tuple[np.ndarray, float]:
         density 0) stays 0 and the others are smoothed; NaN or ``+inf`` weights give
         ``khat = inf``; constant weights (an exact guide) ``khat = -inf``, and so do
         weights whose logs spread over at most :data:`FLAT_LOG_WEIGHT_SPREAD` (each
-        within 1% of the others, left as they are): no tail to fit. A Pareto fit that
-        fails (ArviZ's smoothing gives NaN when the tail's weights are tied, as weights
-        rounded to a few values are) gives ``khat = inf`` and the raw weights.
+        within 1% of the others, left as they are; from more than 20 draws, enough for
+        a tail fit): no tail to fit. A Pareto fit that fails on a tied tail, as weights
+        rounded to a few values have (ArviZ then gives NaN smoothed weights, or
+        ``khat = inf`` itself), gives ``khat = inf`` and the raw weights.
     """
     lw = _as_weights(log_weights)
     if lw.size < 2:
@@ -368,8 +371,10 @@ def psis(log_weights: torch.Tensor | np.ndarray) -> tuple[np.ndarray, float]:
             return out, math.inf
         out[~zero], khat = psis(lw[~zero])
         return out, khat
-    if np.ptp(lw) <= FLAT_LOG_WEIGHT_SPREAD:
-        # constant weights, up to rounding: no tail to fit (ArviZ can report inf)
+    # constant weights, up to rounding: no tail to fit (ArviZ can report inf); where
+    # the draws are too few for a tail fit (the verdict asks for more), exactly constant
+    fits = min(0.2 * lw.size, 3 * math.sqrt(lw.size)) > 4
+    if np.ptp(lw) <= (FLAT_LOG_WEIGHT_SPREAD if fits else 1e-6):
         return lw - np.logaddexp.reduce(lw), -math.inf
     with warnings.catch_warnings():
         # ArviZ warns when k-hat is large; the Diagnosis verdict says it in words
@@ -1376,12 +1381,21 @@ def _distribution_masks(fn: Any) -> list[object]:
     """The masks of the ``MaskedDistribution`` wrappers of ``fn`` (``d.mask(m)``).
 
     A data point so masked scores 0, as one inside ``poutine.mask`` does: both are left
-    out of the data points.
+    out of the data points. A mask inside a wrapper that makes batch dims event dims
+    (``d.mask(m).to_event(1)``) is over the entries of a point: the point is left out
+    when all of its entries are masked (``any`` over those dims), each mask then of
+    ``fn``'s batch shape, or a bool.
     """
     masks = []
+    points = len(fn.batch_shape)
     while fn is not None:
         if isinstance(fn, MaskedDistribution):
-            masks.append(fn._mask)
+            mask = fn._mask
+            if isinstance(mask, torch.Tensor):
+                mask = mask.expand(fn.base_dist.batch_shape) if mask.dim() else mask
+                while mask.dim() > points:  # a point's entries, made event dims outside
+                    mask = mask.any(-1)
+            masks.append(mask)
         fn = getattr(fn, "base_dist", None)
     return masks
 
@@ -1859,7 +1873,14 @@ def importance_resample(
             "finite weight (the model gives every draw of the guide density 0, or the "
             "weights are not finite): there is nothing to resample"
         )
-    if not report.khat <= USABLE_KHAT:
+    if not report.khat <= USABLE_KHAT and report.ess >= FLAT_ESS_FRACTION * report.num_samples:
+        warn_from_caller(  # no draw dominates: the large k-hat is of a narrow tail
+            f"importance_resample: k-hat {_khat_text(report.khat)} > {USABLE_KHAT}, though "
+            f"the weights barely vary (ESS {report.ess:.0f} of {report.num_samples} "
+            "proposals): the resampled draws are about the guide's own; diagnose() says "
+            "what the k-hat may mean"
+        )
+    elif not report.khat <= USABLE_KHAT:
         warn_from_caller(
             f"importance_resample: k-hat {_khat_text(report.khat)} > {USABLE_KHAT} (ESS "
             f"{report.ess:.0f} of {report.num_samples} proposals): the resampled draws repeat "
@@ -1969,7 +1990,8 @@ def to_arviz(
             if masked:
                 warn_from_caller(
                     f"to_arviz: the model masks out points of {', '.join(map(repr, masked))} "
-                    "(poutine.mask, obs_mask or a scale of 0), which the log_likelihood group "
+                    "(poutine.mask, obs_mask, a distribution's .mask(m) or a scale of 0), "
+                    "which the log_likelihood group "
                     "holds as NaN, so az.loo and az.waic on it give NaN; "
                     "pyroflows.infer.loo(model, guide, ...) leaves them out"
                 )

@@ -161,8 +161,10 @@ def test_score_reads_npy_and_bad_paths_get_one_line(workdir):
     csv = run("score", "model.pt", "plain.csv", cwd=workdir)
     assert npy.returncode == 0
     assert npy.stdout == csv.stdout
+    # a folder that does not exist is made (as fit's --out); one under a file cannot be
     one_line_error(
-        run("sample", "model.pt", "-n", "3", "--out", "nodir/s.csv", cwd=workdir), "nodir/s.csv"
+        run("sample", "model.pt", "-n", "3", "--out", "data.csv/s.csv", cwd=workdir),
+        "--out data.csv/s.csv: data.csv is a file, not a folder",
     )
     boom = run("fit", "data.csv", "--out", "boom.pt", *FAST, "--lr", "1e30", "--force", cwd=workdir)
     # the advice in the command line's terms: it has no clip_grad to offer
@@ -566,14 +568,26 @@ def test_a_numeric_header_is_read_as_the_header_flag_says(workdir):
     assert "3 rows" in scored.stderr
     other = run("score", "years_data.pt", "drawn.csv", cwd=workdir)  # a model without names
     assert "4 rows" in other.stderr  # auto, as before: 2019,2020 could be data
-    # the model's numeric names in another order: a header, refused (it was scored as a
-    # row of data, and the columns read swapped, with exit code 0)
+    # the model's numeric names in another order: as likely data, so read as data, but
+    # said (it was scored as a row of data without a word, its columns perhaps swapped);
+    # with --header yes, refused by the names
     (workdir / "swapped_years.csv").write_text("2020,2019\n" + rows + "\n")
     swapped = run("score", "years.pt", "swapped_years.csv", cwd=workdir)
-    assert swapped.returncode == 2
-    assert "has columns ['2020', '2019'] but the model was fitted to ['2019', '2020']" in (
+    assert "51 rows" in swapped.stderr
+    assert "the first row (2020,2019) is the model's column names in another order" in (
         swapped.stderr
     )
+    assert "pass --header yes to have the names checked" in swapped.stderr
+    checked = run("score", "years.pt", "swapped_years.csv", "--header", "yes", cwd=workdir)
+    assert checked.returncode == 2
+    assert "has columns ['2020', '2019'] but the model was fitted to ['2019', '2020']" in (
+        checked.stderr
+    )
+    # pandas' names 0,1: a first row 1,0 is a row of counts, read as data without a word
+    (workdir / "counts.csv").write_text("1,0\n" + rows + "\n")
+    counts = run("score", "pandas.pt", "counts.csv", cwd=workdir)
+    assert "51 rows" in counts.stderr
+    assert "another order" not in counts.stderr
 
 
 def test_data_from_a_pipe_is_read(workdir):

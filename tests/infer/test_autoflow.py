@@ -1321,7 +1321,7 @@ def test_warm_start_is_skipped_for_a_model_with_latents_it_does_not_cover():
     # the full data, which does not help a guide for part of a model)
     from pyroflows.infer.diagnostics import remedy_for
 
-    assert "draws latent sites it does not cover" in remedy_for(guide)
+    assert "latent sites it does not cover, hidden for another guide" in remedy_for(guide)
     assert "no warm start can fit those: give it more steps" in remedy_for(guide)
     assert "full data" not in remedy_for(guide)
     assert caught[0].filename == __file__
@@ -1553,6 +1553,41 @@ def test_an_index_with_other_groups_but_the_same_shape_is_refused_by_name(coded)
     with pytest.raises(ValueError, match=r"'alpha' \(5,\) -> \(3,\)"):
         guide.median(index(3, numpy=True), y.numpy())
     assert guide.median(index(5), y + 1.0)["alpha"].shape == (5,)  # other data: fine
+
+
+def test_arguments_read_for_their_shape_alone_are_read_without_error_or_warning():
+    # the check of whole-number floats raised on a sparse tensor (at set-up) and on
+    # big-endian or long-double arrays, and warned on read-only ones
+    from pyroflows.infer.autoflow import _shapes_of
+
+    dense = torch.tensor([[0.0, 2.0], [1.0, 0.0]])
+    read_only = np.arange(6.0).reshape(2, 3)
+    read_only.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        csr = dense.to_sparse_csr()
+    arguments = (
+        dense.to_sparse(),
+        csr,
+        torch.empty(3, device="meta"),
+        np.arange(4.0).astype(">f8"),
+        np.arange(4.0).astype(np.longdouble),
+        read_only,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shapes = _shapes_of(arguments, {})
+    assert shapes[0][0] == (2, 2)  # sparse: its shape alone
+    assert shapes[0][3] == ((4,), 3.0)  # whole numbers: their largest too
+
+    def model(adjacency, y):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(w * (adjacency @ torch.ones(2)), 1.0), obs=y)
+
+    guide = AutoFlow(model)
+    guide(dense.to_sparse(), torch.randn(2))  # set up: it raised NotImplementedError
+    assert guide.median(dense.to_sparse(), torch.randn(2))["w"].shape == ()
 
 
 def test_a_guide_whose_model_hides_enumerated_sites_is_warm_started_with_them_summed_out():

@@ -2272,7 +2272,13 @@ def loo(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the k-hats are reported below, in one warning
         smoothed_r, khats = arviz.psislw(log_r, 1.0)
-        smoothed_w, _ = arviz.psislw(_numpy(lw), 1.0)
+    smoothed_r, khats = np.asarray(smoothed_r), np.array(khats, dtype=float)
+    failed = ~np.isfinite(smoothed_r).all(axis=1) & np.isfinite(log_r).all(axis=1)
+    if failed.any():  # a fit that failed on a tied tail (see psis): the raw ratios
+        raw = log_r[failed]
+        smoothed_r[failed] = raw - np.logaddexp.reduce(raw, axis=1, keepdims=True)
+        khats[failed] = math.inf
+    smoothed_w, _ = psis(_numpy(lw))
     elpd_i = np.logaddexp.reduce(smoothed_r + ll_np, axis=-1)
     lppd = float(np.logaddexp.reduce(smoothed_w[None, :] + ll_np, axis=-1).sum())
     elpd = float(elpd_i.sum())

@@ -993,6 +993,31 @@ def test_loo_notes_points_whose_large_k_hat_sits_on_flat_ratios():
     assert "barely vary" not in str(record[0].message)
 
 
+def test_loo_of_ratios_tied_in_their_tail_is_finite():
+    # weights of 17 values 0.02 apart, and data that do not depend on z: ArviZ's
+    # smoothing gave NaN, and elpd_loo and p_loo were NaN for half the seeds
+    y = torch.tensor([0.3, -0.5, 1.0])
+
+    def model(y):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        step = torch.floor(17 * dist.Normal(0.0, 1.0).cdf(z)).clamp(max=16) - 8
+        pyro.factor("steps", 0.02 * step)
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(0.0 * z, 1.0), obs=y)
+
+    def prior_guide(y):
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    exact = dist.Normal(0.0, 1.0).log_prob(y).sum().item()
+    for seed in (0, 3, 5):  # each NaN before
+        pyro.set_rng_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the failed fits' k-hat: inf
+            result = loo(model, prior_guide, y, num_samples=2000)
+        assert result["elpd_loo"] == pytest.approx(exact, abs=1e-6)
+        assert result["p_loo"] == pytest.approx(0.0, abs=1e-9)
+
+
 @pytest.mark.parametrize("broadcast", [True, False])
 def test_to_arviz_log_likelihood_is_each_points_log_density(broadcast):
     y, guide = eight_schools_guide(broadcast)

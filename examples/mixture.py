@@ -59,7 +59,10 @@ def one_gaussian(x):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--draws", type=int, default=1000, help="guide draws to diagnose")
     parser.add_argument("--seed", type=int, default=0)
@@ -67,6 +70,7 @@ def main() -> None:
     for flag, least in (("steps", 1), ("draws", 2)):  # one draw has no spread
         if getattr(args, flag) < least:
             parser.error(f"--{flag} must be at least {least}, got {getattr(args, flag)}")
+    torch.set_num_threads(1)  # small networks: more threads only add overhead
 
     pyro.set_rng_seed(args.seed)
     x = torch.cat([torch.randn(25) - 3.0, torch.randn(25) + 3.0])

@@ -68,11 +68,15 @@ def fit(model, x, y, steps: int) -> AutoFlow:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--steps", type=int, default=2000)
     args = parser.parse_args()
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
+    torch.set_num_threads(1)  # small networks: more threads only add overhead
     pyro.set_rng_seed(0)
     x, y = data()
     results = {}

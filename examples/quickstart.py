@@ -42,7 +42,10 @@ SETTINGS = {"nsf": {"lr": 1e-3, "bins": 4}}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--flow", default="maf", choices=sorted(pyroflows.BUILDERS))
     parser.add_argument("--steps", type=int, default=1000, help="Adam steps (full batch)")
     parser.add_argument("--seed", type=int, default=0)

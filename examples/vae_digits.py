@@ -97,7 +97,10 @@ def evaluate(vae: VAE, x: torch.Tensor, k: int = 1000) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument(
         "--flows", nargs="+", default=["none", "iaf"], choices=["none", "iaf", "nsf"]
     )
@@ -106,6 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    torch.set_num_threads(1)  # small networks: more threads only add overhead
     train_x, test_x = digits()
     print(f"digits: {len(train_x)} train, {len(test_x)} test, latent {LATENT}")
     print(f"{'posterior':10s} {'test ELBO':>10s} {'IWAE k=1000':>12s} {'gap':>6s} {'s/epoch':>8s}")

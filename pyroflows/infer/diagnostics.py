@@ -2173,9 +2173,9 @@ def loo(
     ``loo_i`` and ``pareto_k`` are then flat over the points kept. A site the model scales
     (``poutine.scale``) enters the ratios as the model weighs it (the fit is of the
     tempered posterior) and the predictive density :math:`p(y_i \mid z_s)` unscaled. The
-    other observed sites stay in every fit. A discrete
-    site the model enumerates and the guide does not draw is summed out of each point's
-    density where it is local to that point (a mixture's assignment of each row:
+    other observed sites stay in every fit. A discrete site the model enumerates and the
+    guide does not draw is summed out of each point's density where it is local to that
+    point (a mixture's assignment of each row:
     :math:`p(y_i \mid z_s) = \sum_k p(k \mid z_s)\, p(y_i \mid k, z_s)`); a model whose
     summed site is shared by several points, or whose sites that vary with it are scaled, is
     refused (``ValueError``). Memory: a few ``num_samples`` by ``n`` float64 arrays (160 MB

@@ -1276,6 +1276,13 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             return whole, diagnostics._nesting(outer)
         return None
 
+    def _quiet_summing_model(self, args, kwargs) -> tuple[Callable[..., Any], int] | None:
+        """:meth:`_summing_model`, or ``None`` where the model's run fails (reported later)."""
+        try:
+            return self._summing_model(args, kwargs)
+        except (RuntimeError, ValueError):
+            return None
+
     def _model_trace(self, args, kwargs, model=None):
         """A trace of the model with its observed sites (the prototype hides them).
 
@@ -1477,17 +1484,18 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             self._cold_reason = "subsampled"
             return
         loc = self.anchor_loc.clone()
+        cuda = [loc.device] if loc.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            # before the check of two runs, whose two draws of the hidden sites can agree
+            summing = self._quiet_summing_model(args, kwargs)
+        if summing is not None:  # sites hidden for TraceEnum_ELBO: summed out here too
+            self.__dict__["_summing"] = summing
+            try:
+                self._warm_start_from(loc, args, kwargs)
+            finally:
+                del self.__dict__["_summing"]
+            return
         if self._log_joint_is_random(loc, args, kwargs):
-            cuda = [loc.device] if loc.device.type == "cuda" else []
-            with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-                summing = self._summing_model(args, kwargs)
-            if summing is not None:  # sites hidden for TraceEnum_ELBO: summed out here too
-                self.__dict__["_summing"] = summing
-                try:
-                    self._warm_start_from(loc, args, kwargs)
-                finally:
-                    del self.__dict__["_summing"]
-                return
             warn_from_caller(
                 "AutoFlow: the model draws random values with every latent site of this "
                 "guide fixed (latent sites this guide does not cover, such as sites hidden "
@@ -1681,15 +1689,18 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             if self._subsampled(args, kwargs):  # refused next, by the diagnostics
                 return model
+            # first, not after a check of two runs: two draws of the hidden sites can
+            # agree (a Bernoulli(0.9) switch: 82% of the time), and the weights then drew
+            # them from their prior, with a bound above log p(x)
+            summing = self._quiet_summing_model(args, kwargs)
+            if summing is not None:
+                return summing[0]
             partial = self._log_joint_is_random(self.anchor_loc.clone(), args, kwargs)
         if not partial:
             return model
         mine = frozenset(name for name, _ in self.prototype_trace.iter_stochastic_nodes())
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             trace = self._model_trace(args, kwargs)
-            summing = self._summing_model(args, kwargs)
-        if summing is not None:
-            return summing[0]
         drawn = diagnostics._undrawn_latents(trace, mine)
         if drawn:  # visible to this guide's model, so not hidden by poutine.block
             warn_from_caller(

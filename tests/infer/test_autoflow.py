@@ -11,7 +11,7 @@ from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal, init_to_mean, init_to_sample, init_to_value
 
 import pyroflows
-from pyroflows.infer import AutoFlow, GuideSetupError
+from pyroflows.infer import AutoFlow, GuideSetupError, diagnose
 from pyroflows.nn import MADE
 
 with warnings.catch_warnings():
@@ -1624,6 +1624,43 @@ def test_a_guide_whose_model_hides_enumerated_sites_is_warm_started_with_them_su
     # the Laplace mode: the maximum of that density, near each cluster's mean
     means = torch.stack([y[:20].mean(), y[20:].mean()])
     assert (guide.anchor_loc - means).abs().max() < 0.3
+
+
+def test_a_hidden_switch_is_summed_out_even_when_two_draws_of_it_agree():
+    # whether to sum the hidden sites out was decided by two runs of the blocked model:
+    # two draws of a Bernoulli(0.9) switch agree 82% of the time, and the weights then
+    # drew the switch from its prior (guide.diagnose gave a bound above log p(y)), and
+    # the warm start fitted that noise
+    from pyro import poutine
+    from pyro.infer import TraceEnum_ELBO, config_enumerate
+
+    y = torch.tensor([2.9, 3.4, 2.2, 3.8, 3.1])
+
+    @config_enumerate
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 3.0))
+        s = pyro.sample("s", dist.Bernoulli(0.9))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(mu + 3.0 * s, 1.0), obs=y)
+
+    anchors = []
+    for seed in range(3):
+        pyro.set_rng_seed(seed)
+        guide = AutoFlow(poutine.block(model, hide=["s"]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "changes from run to run" warning
+            guide(y)
+        anchors.append(guide.anchor)
+        for call in range(3):  # the same weights as the whole model's, every call
+            pyro.set_rng_seed(10 + call)
+            own = guide.diagnose(y, num_samples=40)
+            pyro.set_rng_seed(10 + call)
+            whole = diagnose(model, guide, y, num_samples=40)
+            assert own.elbo == pytest.approx(whole.elbo, abs=1e-9)
+    assert anchors.count("laplace") >= 2
+    elbo = -TraceEnum_ELBO(num_particles=500, max_plate_nesting=1).loss(model, guide, y)
+    pyro.set_rng_seed(0)
+    assert guide.diagnose(y, num_samples=400).elbo == pytest.approx(elbo, abs=0.2)
 
 
 def test_a_latent_support_without_a_map_to_the_reals_is_named():

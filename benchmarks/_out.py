@@ -10,6 +10,10 @@ full protocol; ``--quick`` writes ``<stem>_quick`` and any other run ``<stem>_pa
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+#: Where the full runs' results are kept.
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def default_stem(
@@ -37,3 +41,20 @@ def default_stem(
             )
             return f"{stem}_partial"
     return stem
+
+
+def results_path(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    stem: str,
+    suffix: str = "",
+    ignore: tuple[str, ...] = (),
+) -> Path:
+    """``benchmarks/results/<stem><suffix>`` by :func:`default_stem`, every flag counted.
+
+    Every argument but ``out``, ``quick`` and ``ignore`` (those that change neither the
+    numbers nor what is run, such as the number of worker processes) is the protocol.
+    """
+    protocol = tuple(name for name in vars(args) if name not in ("out", "quick", *ignore))
+    quick = bool(getattr(args, "quick", False))
+    return RESULTS / f"{default_stem(parser, args, stem, protocol, quick)}{suffix}"

@@ -124,6 +124,8 @@ def main() -> None:
             parser.error(
                 f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}"
             )
+    if not 0 <= args.seed < 2**32:  # Pyro's seeds
+        parser.error(f"--seed must be in [0, 2**32), got {args.seed}")
     if not Path(args.posteriordb).is_dir():
         parser.error(f"--posteriordb {args.posteriordb} is not a folder")
 

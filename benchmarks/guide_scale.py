@@ -135,10 +135,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--groups", type=int, nargs="+", default=[100, 400, 1000])
     parser.add_argument("--steps", type=int, default=20, help="timed steps after the first")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "guide_scale.json")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (the .md beside it); default results/guide_scale.json for the full "
+        "run, results/guide_scale_partial.json for any other",
+    )
     args = parser.parse_args(argv)
     if min(args.groups) < 1 or args.steps < 1:
         parser.error("--groups and --steps must be >= 1")
+    if args.out is None:  # a partial run never replaces the results of the full one
+        sys.path.insert(0, str(HERE))
+        from _out import results_path
+
+        args.out = results_path(parser, args, "guide_scale", ".json")
     torch.set_num_threads(1)
     for name in GUIDES:  # untimed: the process's first calls into torch and Pyro cost
         measure(name, 2, 1)  # a second or so, which the first guide timed would carry

@@ -203,14 +203,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--guides", nargs="+", default=list(GUIDES))
     parser.add_argument("--only", nargs="+", default=None, choices=posteriors.NAMES)
-    parser.add_argument("--out", default=str(HERE / "results" / "loo_check"))
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="path stem of the .json and .md; default results/loo_check for the full run, "
+        "results/loo_check_partial for any other",
+    )
     args = parser.parse_args(argv)
     for flag in ("steps", "draws", "workers"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    root = Path(args.posteriordb)
-    if not root.is_dir():
-        parser.error(f"--posteriordb {root} is not a folder")
+    if args.out is None:  # a partial run never replaces the results of the full one
+        from _out import results_path
+
+        args.out = str(results_path(parser, args, "loo_check", ignore=("workers", "posteriordb")))
+    from posterior_quality import check_posteriordb
+
+    root = check_posteriordb(parser, args.posteriordb, args.only)  # a usage error, not a row
     for guide in args.guides:
         import posterior_quality
 

@@ -455,7 +455,12 @@ def main(argv: list[str] | None = None) -> None:
         "--guides", nargs="+", default=[*PYRO_GUIDES, *REFERENCE_GUIDES, *OUR_GUIDES]
     )
     parser.add_argument("--only", nargs="+", default=None, choices=posteriors.NAMES)
-    parser.add_argument("--quick", action="store_true", help="500 steps, fewer draws")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="500 steps, 2000 draws, 500 for PSIS (where --steps, --draws and --psis-draws "
+        "are not given)",
+    )
     parser.add_argument(
         "--out",
         default=None,
@@ -488,11 +493,15 @@ def main(argv: list[str] | None = None) -> None:
         protocol += ("psis_draws", "seed", "seeds", "guides", "only")
         stem = default_stem(parser, args, "posterior_quality", protocol, args.quick)
         args.out = str(here / "results" / stem)
-    if args.quick:
-        args.steps, args.draws, args.psis_draws = 500, 2000, 500
+    if args.quick:  # its budget, where the flags leave the full run's
+        for flag, value in (("steps", 500), ("draws", 2000), ("psis_draws", 500)):
+            if getattr(args, flag) == parser.get_default(flag):
+                setattr(args, flag, value)
     for flag in ("steps", "particles", "draws", "psis_draws", "seeds", "workers"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if not (0 <= args.seed and args.seed + args.seeds <= 2**32):  # Pyro's seeds
+        parser.error(f"--seed must be in [0, 2**32 - --seeds], got {args.seed}")
     for flag in ("lr", "final_lr"):
         if not 0 < getattr(args, flag) < math.inf:
             parser.error(f"--{flag.replace('_', '-')} must be a positive finite number")

@@ -85,7 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", default="128,128", help="MADE hidden sizes")
     parser.add_argument("--flow", default="maf", choices=["realnvp", "nice", "maf", "iaf", "nsf"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "scale.json")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (the .md beside it); default results/scale.json for the full run, "
+        "results/scale_partial.json for any other",
+    )
     args = parser.parse_args(argv)
     for flag in ("rows", "dim", "epochs", "batch_size"):
         if getattr(args, flag) < 1:
@@ -94,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             )
     if min(args.processes) < 1:
         parser.error(f"--processes must be at least 1 each, got {args.processes}")
+    if args.out is None:  # a partial run never replaces the results of the full one
+        sys.path.insert(0, str(HERE))
+        from _out import results_path
+
+        args.out = results_path(parser, args, "scale", ".json")
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         make_data(work / "train.npy", args.rows, args.dim, seed=0)

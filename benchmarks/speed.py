@@ -695,8 +695,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.out is None:  # a smoke test never replaces the results of a full run
-        results = Path(__file__).resolve().parent / "results"
-        args.out = results / ("speed_quick.json" if args.quick else "speed.json")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _out import results_path
+
+        args.out = results_path(parser, args, "speed", ".json")
     if args.repeats is None:
         args.repeats = 3 if args.quick else 200
     if args.sample_repeats is None:
@@ -710,6 +712,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if min(args.dims) < 1:
         parser.error(f"--dims must be >= 1 each, got {args.dims}")
+    if min(args.hidden) < 1:
+        parser.error(f"--hidden must be >= 1 each, got {args.hidden}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    for name in ("budget", "clamp"):
+        if not 0 < getattr(args, name) < float("inf"):
+            parser.error(f"--{name} must be a positive finite number, got {getattr(args, name)}")
     return args
 
 

@@ -136,11 +136,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transforms", type=int, default=vae_digits.TRANSFORMS)
     parser.add_argument("--k", type=int, default=1000, help="IWAE importance samples")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "vae.json")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (the .md beside it); default results/vae.json for the full run, "
+        "results/vae_partial.json for any other",
+    )
     args = parser.parse_args(argv)
     for flag in ("seeds", "epochs", "transforms", "k", "threads"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.out is None:  # a partial run never replaces the results of the full one
+        sys.path.insert(0, str(HERE))
+        from _out import results_path
+
+        args.out = results_path(parser, args, "vae", ".json")
     if args.lr <= 0:
         parser.error(f"--lr must be positive, got {args.lr}")
     torch.set_num_threads(args.threads)

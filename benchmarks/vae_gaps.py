@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) < 1:
             name = flag.replace("_", "-")
             parser.error(f"--{name} must be at least 1, got {getattr(args, flag)}")
+    if not 0 < args.lr < float("inf"):
+        parser.error(f"--lr must be a positive finite number, got {args.lr}")
     if args.out is None:
         suffix = "" if args.rows == "test" else "_train"
         protocol = ("families", "seeds", "epochs", "lr", "transforms", "k", "particles")

@@ -395,6 +395,18 @@ def summarize(log_weights: torch.Tensor | np.ndarray, *, remedy: str | None = No
     return _summarize(log_weights, remedy)[0]
 
 
+def _raw_ess_fraction(log_weights: np.ndarray) -> np.ndarray:
+    r"""The unsmoothed weights' ESS over the number of draws, along the last axis.
+
+    :math:`1 / (S \sum_s \bar w_s^2)` with :math:`\bar w` the self-normalized weights; 0
+    where they are not all finite (NaN or ``+inf`` log weights, or none positive).
+    """
+    with np.errstate(invalid="ignore", over="ignore"):
+        shares = np.exp(2 * (log_weights - np.logaddexp.reduce(log_weights, -1, keepdims=True)))
+        fraction = 1.0 / shares.sum(-1) / log_weights.shape[-1]
+    return np.where(np.isfinite(shares).all(-1), fraction, 0.0)
+
+
 def _summarize(
     log_weights: torch.Tensor | np.ndarray, remedy: str | None = None
 ) -> tuple[Diagnosis, np.ndarray]:
@@ -408,10 +420,9 @@ def _summarize(
         elbo = float(np.mean(lw))
         log_total = np.logaddexp.reduce(lw)
         log_evidence = float(log_total - math.log(num))
-        # the raw weights' ESS for the note on flat weights: smoothing would hide one
-        # dominant draw (a missed mode), the case the note must never excuse
-        raw = np.exp(2 * (lw - log_total))
-        raw_ess_fraction = float(1.0 / np.sum(raw)) / num if np.isfinite(raw).all() else 0.0
+    # the raw weights' ESS for the note on flat weights: smoothing would hide one
+    # dominant draw (a missed mode), the case the note must never excuse
+    raw_ess_fraction = float(_raw_ess_fraction(lw))
     reading = verdict(khat, raw_ess_fraction, smoothed_ess_fraction=ess / num, remedy=remedy)
     zero = int(np.sum(lw == -math.inf))
     positive = num - zero
@@ -2293,9 +2304,7 @@ def loo(
         high = khats > good_k
         # the raw ratios' ESS per point: a large k-hat on ratios that barely vary reads
         # the shape of a tail that holds little weight (as verdict's note on flat weights)
-        with np.errstate(invalid="ignore", over="ignore"):
-            share = np.exp(2 * (log_r - np.logaddexp.reduce(log_r, axis=1, keepdims=True)))
-            flat = high & (1.0 / share.sum(axis=1) / num_samples >= FLAT_ESS_FRACTION)
+        flat = high & (_raw_ess_fraction(log_r) >= FLAT_ESS_FRACTION)
         note = ""
         if flat.any():
             some = "all" if flat.sum() == high.sum() else str(int(flat.sum()))

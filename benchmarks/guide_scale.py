@@ -12,11 +12,13 @@ cost, not fit quality::
 
     python benchmarks/guide_scale.py                       # J = 100, 400, 1000
     python benchmarks/guide_scale.py --groups 100 --steps 5 --out /tmp/scale.json
+    python benchmarks/guide_scale.py --device cuda --out /tmp/scale_cuda.json  # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -38,20 +40,23 @@ sys.path.insert(0, str(HERE.parent))  # the pyroflows of this working tree
 
 from pyroflows.infer import AutoFlow  # noqa: E402
 
+CPU = torch.device("cpu")
+
 GUIDES = ("AutoNormal", "AutoIAFNormal", "AutoFlow", "AutoFlow 2D", "AutoFlow stl", "realnvp stl")
 
 
-def hierarchical(groups: int):
+def hierarchical(groups: int, device: torch.device = CPU):
     """The model and its data: ``y_j ~ N(mu + tau theta_j, sigma_j)``, ``theta_j ~ N(0, 1)``."""
     g = torch.Generator().manual_seed(0)
-    sigma = 0.5 + 2.0 * torch.rand(groups, generator=g)
-    y = 1.0 + 3.0 * torch.randn(groups, generator=g)
+    sigma = (0.5 + 2.0 * torch.rand(groups, generator=g)).to(device)
+    y = (1.0 + 3.0 * torch.randn(groups, generator=g)).to(device)
+    zero, one, five = (torch.tensor(v, device=device) for v in (0.0, 1.0, 5.0))
 
     def model():
-        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-        tau = pyro.sample("tau", dist.HalfCauchy(5.0))
-        with pyro.plate("groups", groups):
-            theta = pyro.sample("theta", dist.Normal(0.0, 1.0))
+        mu = pyro.sample("mu", dist.Normal(zero, five))
+        tau = pyro.sample("tau", dist.HalfCauchy(five))
+        with pyro.plate("groups", groups, device=device):
+            theta = pyro.sample("theta", dist.Normal(zero, one))
             pyro.sample("y", dist.Normal(mu + tau * theta, sigma), obs=y)
 
     return model
@@ -73,26 +78,32 @@ def make_guide(name: str, model, dim: int):
     raise ValueError(f"unknown guide {name!r}")
 
 
-def measure(name: str, groups: int, steps: int) -> dict[str, Any]:
-    """First-step and median step time of one guide on the model with ``groups`` groups."""
+def measure(name: str, groups: int, steps: int, device: torch.device = CPU) -> dict[str, Any]:
+    """First-step and median step time of one guide on the model with ``groups`` groups.
+
+    Each step's loss is read as a float, so a GPU step is timed to its end.
+    """
     dim = groups + 2
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
-    model = hierarchical(groups)
+    model = hierarchical(groups, device)
     guide = make_guide(name, model, dim)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
     row: dict[str, Any] = {"guide": name, "groups": groups, "dim": dim, "error": None}
     times, losses = [], []
+    # Pyro's AutoIAFNormal builds its network on torch's default device, at its first call
+    where = device if name == "AutoIAFNormal" else contextlib.nullcontext()
     try:
-        start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            losses.append(svi.step())
-        row["first_step_s"] = time.perf_counter() - start
-        for _ in range(steps):
+        with where:
             start = time.perf_counter()
-            losses.append(svi.step())
-            times.append(time.perf_counter() - start)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                losses.append(svi.step())
+            row["first_step_s"] = time.perf_counter() - start
+            for _ in range(steps):
+                start = time.perf_counter()
+                losses.append(svi.step())
+                times.append(time.perf_counter() - start)
     except (RuntimeError, ValueError) as error:  # a guide that fails is a result
         row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
     # trainable entries only (the store also holds buffers: masks, permutations)
@@ -142,9 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         help="JSON path (the .md beside it); default results/guide_scale.json for the full "
         "run, results/guide_scale_partial.json for any other",
     )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args(argv)
     if min(args.groups) < 1 or args.steps < 1:
         parser.error("--groups and --steps must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch.cuda.is_available() is False")
+    device = torch.device(args.device)
     if args.out is None:  # a partial run never replaces the results of the full one
         sys.path.insert(0, str(HERE))
         from _out import results_path
@@ -152,19 +167,20 @@ def main(argv: list[str] | None = None) -> int:
         args.out = results_path(parser, args, "guide_scale", ".json")
     torch.set_num_threads(1)
     for name in GUIDES:  # untimed: the process's first calls into torch and Pyro cost
-        measure(name, 2, 1)  # a second or so, which the first guide timed would carry
+        measure(name, 2, 1, device)  # a second or so, which the first guide timed would carry
     rows = []
     for groups in args.groups:
         for name in GUIDES:
-            row = measure(name, groups, args.steps)
+            row = measure(name, groups, args.steps, device)
             rows.append(row)
             print(f"  D={row['dim']} {name:14s} {row}", file=sys.stderr, flush=True)
+    where = torch.cuda.get_device_name(device) if args.device == "cuda" else platform.machine()
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = (
         "# Guides on large models: set-up and time per step\n\n"
         f"Non-centred hierarchical normal model, D = groups + 2; Trace_ELBO, 1 particle, "
         f"Adam; median of {args.steps} steps after the first; one torch thread; torch "
-        f"{torch.__version__}, pyro {pyro.__version__}, {platform.machine()}; {when}. "
+        f"{torch.__version__}, pyro {pyro.__version__}, {where}; {when}. "
         "Cost, and whether the loss descends; not fit quality.\n\n"
     )
     text = header + table(rows) + "\n"

@@ -6,6 +6,7 @@ guides, the VAE pieces and fitting keep every tensor there and give finite resul
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pyro
@@ -13,6 +14,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
+from torch.distributions import constraints
 
 import pyroflows
 from pyroflows.density import fit
@@ -105,3 +107,99 @@ def test_amortized_posterior_on_the_device(device):
     estimate = iwae_log_likelihood(model, guide, x, num_samples=16)
     assert estimate.device.type == device.type
     assert torch.isfinite(estimate).all()
+
+
+def test_quantiles_on_the_device_are_seeded_and_leave_its_rng_alone(device):
+    def model():
+        pyro.sample("w", dist.Normal(torch.zeros(3, device=device), 1.0).to_event(1))
+
+    guide = AutoFlow(model, warm_start=None)
+    guide()
+    state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    first = guide.median()["w"]
+    torch.randn(1000, device=device)  # a draw between two calls moves no quantile
+    if state is not None:
+        state = torch.cuda.get_rng_state(device)
+    again = guide.quantiles([0.25, 0.5])["w"]
+    assert first.device.type == device.type
+    assert torch.equal(first, again[1])
+    assert (again[0] < again[1]).all()
+    if state is not None:  # the device's generator is where the training left it
+        assert torch.equal(torch.cuda.get_rng_state(device), state)
+
+
+def test_a_flow_of_layers_made_on_the_device_has_its_base_there(device):
+    from pyroflows.transforms import ActNorm, AffineAutoregressive, LULinear
+
+    layers = [AffineAutoregressive(3, "maf", hidden=(8,)), LULinear(3), ActNorm(3)]
+    layers = [layer.to(device) for layer in layers]
+    flow = pyroflows.Flow(3, layers)
+    d = flow()
+    x = d.sample((4,))
+    assert x.device.type == device.type
+    assert torch.isfinite(d.log_prob(x)).all()
+
+
+def test_stl_autoflow_and_a_supported_amortized_guide_on_the_device(device):
+    data = torch.rand(12, 4, device=device) + 0.5
+
+    def model(y):
+        rate = pyro.sample(
+            "rate", dist.Gamma(torch.full((4,), 2.0, device=device), 1.0).to_event(1)
+        )
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Exponential(rate).to_event(1), obs=y)
+
+    guide = AutoFlow(model, estimator="stl")
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    assert all(math.isfinite(svi.step(data)) for _ in range(3))
+    assert guide.median(data)["rate"].device.type == device.type
+
+    def vae(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Gamma(torch.ones(2, device=device), 1.0).to_event(1))
+
+    amortized = AmortizedGuide(
+        amortized_posterior(4, 2, flow="iaf", hidden=(8,)), support=constraints.positive
+    ).to(device)
+    loss = Trace_ELBO().differentiable_loss(vae, amortized, data)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert (amortized(data) > 0).all()
+
+
+def test_the_command_line_fits_on_the_device(device, tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from pyroflows.density import FlowDensity
+    from pyroflows.density.cli import main
+
+    x = np.random.default_rng(0).normal(size=(300, 2)) * [1.0, 5.0] + [0.0, 50.0]
+    np.savetxt(tmp_path / "data.csv", x, delimiter=",", header="a,b", comments="")
+    fast = ["--flow", "nsf", "--transforms", "1", "--hidden", "8", "--epochs", "2", "--quiet"]
+    out = tmp_path / "model.pt"
+    assert main(["fit", str(tmp_path / "data.csv"), "--out", str(out), "--device", str(device),
+                 *fast]) == 0  # fmt: skip
+    model = FlowDensity.load(out)  # fitted on the device, it loads on the CPU and scores
+    assert np.isfinite(model.score_samples(pd.DataFrame(x, columns=["a", "b"]))).all()
+
+
+def test_autoflow_and_a_flow_under_the_device_as_torchs_default(device):
+    """Users of Pyro often run ``with torch.device("cuda"):`` (or set_default_device)."""
+    with device:
+        data = torch.randn(15) + 1.0
+
+        def model(y):
+            loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+            with pyro.plate("data", len(y)):
+                pyro.sample("y", dist.Normal(loc, 1.0), obs=y)
+
+        guide = AutoFlow(model)
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+        assert all(math.isfinite(svi.step(data)) for _ in range(3))
+        assert guide.median(data)["loc"].device.type == device.type
+        assert guide.diagnose(data, num_samples=100).num_samples == 100
+        flow = pyroflows.nsf(3, transforms=2, hidden=(8,), context=2)
+        x = flow(torch.randn(4, 2)).rsample()
+        assert x.device.type == device.type

@@ -34,10 +34,11 @@ if TYPE_CHECKING:
 
 #: The most parameters a network is packed with as built. Above it the saving per tensor
 #: is small beside the cost of ``split``'s backward, a ``cat`` that copies the whole
-#: gradient. An IAF training step on the CPU (5 layers, torch's Adam, one thread; GPU
-#: steps not measured) took 0.78-0.98x the unpacked time with 7k-115k parameters a
-#: network, 1.00-1.09x with 259k and 1.05-1.25x from 460k to 7.3M
-#: (``benchmarks/packing.py``, table in ``benchmarks/results/packing.md``).
+#: gradient. An IAF training step on the CPU (5 layers, torch's Adam, one thread) took
+#: 0.78-0.98x the unpacked time with 7k-115k parameters a network, 1.00-1.09x with 259k
+#: and 1.05-1.25x from 460k to 7.3M (``benchmarks/packing.py``, table in
+#: ``benchmarks/results/packing.md``). On an H200 GPU every size took 0.99-1.08x
+#: (``packing_cuda.md``): there the steps are bound by kernel launches.
 PACK_LIMIT = 2**17
 
 

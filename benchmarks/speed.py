@@ -694,11 +694,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="JSON path (default benchmarks/results/speed.json, speed_quick.json with --quick)",
     )
     args = parser.parse_args(argv)
-    if args.out is None:  # a smoke test never replaces the results of a full run
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from _out import results_path
-
-        args.out = results_path(parser, args, "speed", ".json")
+    given = argparse.Namespace(**vars(args))  # the flags as given, before derived defaults
     if args.repeats is None:
         args.repeats = 3 if args.quick else 200
     if args.sample_repeats is None:
@@ -719,6 +715,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("budget", "clamp"):
         if not 0 < getattr(args, name) < float("inf"):
             parser.error(f"--{name} must be a positive finite number, got {getattr(args, name)}")
+    if args.out is None:  # a smoke test never replaces the results of a full run
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _out import results_path
+
+        args.out = results_path(parser, given, "speed", ".json")
     return args
 
 

@@ -393,9 +393,10 @@ class AnchoredLinear(FlowTransform):
     With ``learn_skew=True`` the skews :math:`a` are learnable and start at zero (the
     identity); :math:`a_i > 0` stretches coordinate :math:`i`'s right side and squeezes
     its left (the tails stay Gaussian-like: :math:`S(y) \approx e^{a} y` far right,
-    :math:`e^{-a} y` far left), and :math:`S^{-1}(x) = x \cosh a - \sqrt{1 + x^2}\,\sinh a`
-    in closed form. Without it :math:`S(y) = y`. :math:`b` is learnable and starts at
-    zero. With ``learn_linear=True``, :math:`L` is
+    :math:`e^{-a} y` far left), and :math:`S^{-1}(x) = \sinh(\operatorname{asinh} x - a)`
+    in closed form (both directions are computed in that form, which does not cancel).
+    Without it :math:`S(y) = y`. :math:`b` is learnable and starts at zero. With
+    ``learn_linear=True``, :math:`L` is
     unit lower triangular and :math:`U` upper triangular with diagonal :math:`e^{d}`, both
     in one learnable matrix (strict lower part, strict upper part, ``d`` on the diagonal,
     since every parameter tensor costs an optimizer call per SVI step), starting at the
@@ -480,31 +481,41 @@ class AnchoredLinear(FlowTransform):
             log_det = log_det + self.lu.diagonal().sum()
         return log_det.expand(shape)
 
-    @staticmethod
-    def _skew_log_det(u, root, cosh, sinh) -> torch.Tensor:
-        r""":math:`\sum_i \log(\cosh a_i + \sinh a_i\, u_i / r_i)`, :math:`r = \sqrt{1 + u^2}`."""
-        return torch.log(cosh + (u / root) * sinh).sum(-1)
+    def _skew_log_det(self, u: torch.Tensor) -> torch.Tensor:
+        r"""The skew's log-det at ``u``: :math:`\sum_i \log S'(u_i)`.
+
+        :math:`\log S'(u_i) = \log\cosh(\operatorname{asinh} u_i + a_i) - \log\sqrt{1 + u_i^2}`,
+        the same number as :math:`\log(\cosh a_i + \sinh a_i\, u_i / \sqrt{1 + u_i^2})`,
+        which cancels where :math:`u_i / \sqrt{1 + u_i^2} \to -\operatorname{sign} a_i`
+        (a relative error of about :math:`\epsilon e^{2|a_i|}`); :math:`\log\cosh w` is
+        taken as :math:`|w| + \log(1 + e^{-2|w|}) - \log 2`, and :math:`\sqrt{1 + u^2}` by
+        ``hypot``, so neither overflows.
+        """
+        w = torch.asinh(u) + self.skew
+        log_cosh = w.abs() + torch.log1p(torch.exp(-2 * w.abs())) - math.log(2)
+        return (log_cosh - torch.log(torch.hypot(torch.ones_like(u), u))).sum(-1)
 
     def _skewed(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r""":math:`S(u) = u\cosh a + \sqrt{1 + u^2}\sinh a` and its log-det."""
-        cosh, sinh = torch.cosh(self.skew), torch.sinh(self.skew)
-        root = torch.sqrt(1 + u * u)
-        return u * cosh + root * sinh, self._skew_log_det(u, root, cosh, sinh)
+        r""":math:`S(u) = \sinh(\operatorname{asinh} u + a)` and its log-det.
+
+        In this form rather than :math:`u\cosh a + \sqrt{1 + u^2}\sinh a`, whose two terms
+        cancel on the squeezed side (far left for :math:`a > 0`).
+        """
+        return torch.sinh(torch.asinh(u) + self.skew), self._skew_log_det(u)
 
     def _unskewed(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r""":math:`u = S^{-1}(y) = y\cosh a - \sqrt{1 + y^2}\sinh a` and :math:`S`'s log-det.
+        r""":math:`u = S^{-1}(y) = \sinh(\operatorname{asinh} y - a)` and :math:`S`'s log-det.
 
         The log-det is taken at :math:`u` by the same operations as :meth:`_skewed`'s.
+        The form :math:`y\cosh a - \sqrt{1 + y^2}\sinh a` would cancel on the stretched
+        side: at :math:`a = 6` it lost :math:`4 \times 10^{-2}` of a round trip in float32.
         """
-        cosh, sinh = torch.cosh(self.skew), torch.sinh(self.skew)
-        u = y * cosh - torch.sqrt(1 + y * y) * sinh
-        return u, self._skew_log_det(u, torch.sqrt(1 + u * u), cosh, sinh)
+        u = torch.sinh(torch.asinh(y) - self.skew)
+        return u, self._skew_log_det(u)
 
     def _log_abs_det(self, u, x, context):
         if self.learn_skew:
-            cosh, sinh = torch.cosh(self.skew), torch.sinh(self.skew)
-            skew = self._skew_log_det(u, torch.sqrt(1 + u * u), cosh, sinh)
-            return skew + self._linear_log_abs_det(u.shape[:-1])
+            return self._skew_log_det(u) + self._linear_log_abs_det(u.shape[:-1])
         return self._linear_log_abs_det(u.shape[:-1])
 
     def _forward(self, u, context):

@@ -283,6 +283,31 @@ def test_the_skew_is_the_identity_at_zero_and_skews_one_way_per_sign():
     assert bool((x[41:] - x[40] > (x[40] - x[:40].flip(0))).all())
 
 
+@pytest.mark.parametrize("skew", [-6.0, 6.0])
+def test_a_large_skew_round_trips_and_scores_in_float32_as_in_float64(skew):
+    from pyroflows.infer.autoflow import AnchoredLinear
+
+    u64 = torch.linspace(-6.0, 6.0, 241, dtype=torch.float64).unsqueeze(-1)
+    layers = {}
+    for dtype in (torch.float32, torch.float64):
+        layers[dtype] = AnchoredLinear(
+            torch.zeros(1, dtype=dtype), torch.eye(1, dtype=dtype), learn_skew=True
+        )
+        with torch.no_grad():
+            layers[dtype].skew.fill_(skew)
+    u = u64.float()
+    x = layers[torch.float32](u)
+    # u cosh a + sqrt(1 + u^2) sinh a and its inverse cancel on one side: at |a| = 6
+    # they lost 4e-2 of a float32 round trip
+    back = layers[torch.float32].inv(x.detach().clone())  # a fresh inverse, not the cache
+    assert (back - u).abs().max() < 1e-4
+    log_det = layers[torch.float32].log_abs_det_jacobian(u, x)
+    exact = layers[torch.float64].log_abs_det_jacobian(u64, layers[torch.float64](u64))
+    assert torch.allclose(log_det.double(), exact, rtol=0, atol=1e-5)
+    fresh = layers[torch.float32].log_abs_det_jacobian(back, x.detach().clone())
+    assert torch.allclose(fresh.double(), exact, rtol=0, atol=1e-4)
+
+
 def test_learn_skew_reaches_the_guide_and_is_on_by_default():
     guide = AutoFlow(gaussian_model)
     guide()

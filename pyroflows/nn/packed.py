@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from pyroflows._torch_modes import functorch_active
+
 if TYPE_CHECKING:
     from pyroflows.nn.mlp import ContextTrunk
 
@@ -85,7 +87,10 @@ class _Piece:
             # ``grad`` is never filled by backward, and reading it would warn)
             grad = flat.grad
             if grad is None:
-                view.retain_grad()  # reads None without torch's non-leaf warning
+                # torch.func refuses retain_grad in its transforms (and vmap reads
+                # repr(module) as it unwraps its outputs: Linear.extra_repr reads bias)
+                if not functorch_active():
+                    view.retain_grad()  # reads None without torch's non-leaf warning
             else:
                 view.grad = grad.narrow(0, start, sizes[index]).view(shape)
         return view

@@ -275,3 +275,18 @@ def test_networks_above_the_limit_are_built_unpacked():
     assert torch.equal(big.pack()(x), before)  # packed on request: the same map
     assert [n for n, _ in big.named_parameters()] == ["flat"]
     assert sum(p.numel() for p in big.parameters()) == count
+
+
+def test_torch_func_maps_a_layer_of_a_packed_network_as_a_loop_does():
+    # vmap reads repr(module) as it unwraps its outputs (Linear.extra_repr reads bias),
+    # and a packed layer's bias once called retain_grad there, which torch.func refuses
+    flow = pyroflows.maf(2, transforms=2, hidden=(8,))
+    layer = flow.transforms[0]
+    assert len(list(layer.parameters())) == 1  # packed: one flat parameter
+    x = torch.randn(5, 2)
+    torch.testing.assert_close(torch.func.vmap(layer)(x), layer(x))
+    torch.testing.assert_close(torch.func.vmap(layer.inv)(x), layer.inv(x.clone()))
+    weight = layer.conditioner.hidden_layers[0].weight
+    grads = torch.func.grad(lambda w: (w * weight).sum())(torch.ones_like(weight))
+    torch.testing.assert_close(grads, weight.detach())
+    assert layer.conditioner.hidden_layers[0].weight.grad is None  # and, outside, no warning

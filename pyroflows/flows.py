@@ -274,8 +274,11 @@ class Flow(DropsParamStoreLinks, nn.Module):
 
         For this library's layers it is needed only after writing into the weights past
         torch's version counters and outside an optimizer's step (``p.data.add_(...)``,
-        ``p.data.copy_(...)``); a Pyro transform in the flow keeps torch's cache of its
-        last pair through any change of weights, and this empties it too.
+        ``p.data.copy_(...)``), and after changing a part of a layer's part (an activation
+        inside its conditioner, a spline's bound), which its cache does not see (a
+        conditioner assigned to the layer itself is seen); a Pyro transform in
+        the flow keeps torch's cache of its last pair through any change of weights, and
+        this empties it too.
         """
         _forget_tensor_lists(self)
         for t in self.modules():  # a ComposeTransformModule's parts too

@@ -193,7 +193,10 @@ class _CachedBijection:
     not seen; call :meth:`clear_cache` after such swaps to be sure. Writes *into* the data
     outside an optimizer's step that bypass version counters (``p.data.copy_(...)``,
     ``p.data.add_(...)``) are not seen: draw anew, or call :meth:`clear_cache`, before
-    scoring an earlier draw after one (SVI draws anew at every step).
+    scoring an earlier draw after one (SVI draws anew at every step). A part assigned to
+    the layer itself (``layer.conditioner = other``) empties the cache; a change deeper
+    in (a new activation inside the conditioner, a spline's ``bound`` changed) is not
+    seen: call :meth:`clear_cache` (or the flow's) after such surgery.
     """
 
     domain = constraints.real_vector
@@ -373,6 +376,12 @@ class FlowTransform(_CachedBijection, TransformModule):
         _forget_tensor_lists(self)
         return super()._apply(fn, recurse)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if isinstance(value, nn.Module) and "_modules" in self.__dict__:
+            # a part replaced (``layer.conditioner = other``): other tensors, another map
+            _forget_tensor_lists(self)
+
     def _fwd(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_event(u, "u", self.dim, _reference(self))
         return self._forward(u, None)
@@ -420,6 +429,12 @@ class ConditionalFlowTransform(DropsParamStoreLinks, ConditionalTransformModule)
     def _apply(self, fn, recurse: bool = True):  # .to(), .double(), .cuda(), ...
         _forget_tensor_lists(self)  # buffers are replaced by new tensors
         return super()._apply(fn, recurse)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if isinstance(value, nn.Module) and "_modules" in self.__dict__:
+            # a part replaced (``layer.conditioner = other``): other tensors, another map
+            _forget_tensor_lists(self)
 
     def condition(self, context: torch.Tensor) -> ConditionedTransform:
         """Bind ``context`` (shape ``(*batch, context)``) and return a plain transform."""

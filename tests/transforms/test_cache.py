@@ -649,3 +649,21 @@ def test_scoring_data_keeps_the_last_draws_pair_and_scores_it_afresh(builder):
     score = d.log_prob(x)
     assert calls[0] == before  # the draw's pairs, still there
     torch.testing.assert_close(score, fresh_scores(flow, [x.detach()])[0])
+
+
+@pytest.mark.parametrize("context", [None, 2])
+def test_a_conditioner_assigned_to_a_layer_empties_its_cache(context):
+    torch.manual_seed(0)
+    flow = iaf(3, transforms=1, hidden=(8,), context=context)
+    c = None if context is None else torch.randn(4, context)
+    d = flow(c)
+    x = d.rsample()
+    layer = flow.transforms[0]
+    other = copy.deepcopy(layer.conditioner)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    layer.conditioner = other  # new tensors and another map; the old ones stay alive
+    fresh = copy.deepcopy(flow)(c).log_prob(x.detach().clone())
+    assert (fresh - flow(c).log_prob(x.detach().clone())).abs().max() < 1e-5
+    torch.testing.assert_close(d.log_prob(x), fresh)  # not the triple of the old map

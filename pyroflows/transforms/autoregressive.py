@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from pyroflows._checks import check_choice
+from pyroflows._torch_modes import is_vmap_batch
 from pyroflows.nn import MADE
 from pyroflows.transforms.base import ConditionalFlowTransform, FlowTransform
 from pyroflows.transforms.elementwise import Affine
@@ -75,6 +76,14 @@ class _Autoregressive:
         would go stale and the ``D``-pass inverse would solve in the wrong order.
         """
         order = self.conditioner.order
+        if is_vmap_batch(order):
+            raise RuntimeError(
+                "the D-pass direction of an autoregressive layer solves in the order of its "
+                "'order' buffer, which it reads as a Python list, and here 'order' is batched "
+                "by torch.func.vmap (a stack_module_state ensemble); pass the buffers "
+                "unbatched (in_dims None) when every member has the same orders (the builders "
+                "give every flow of one dim the same orders, unless permutation='random')"
+            )
         if order.is_inference():  # built under inference mode: no version counter
             return order.tolist()
         cached = self._order_cache

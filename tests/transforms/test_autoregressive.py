@@ -139,3 +139,39 @@ def test_the_d_pass_direction_masks_each_weight_once(form):
     # and the one-pass direction (inverse of the D-pass one) still recovers y
     back = t(out.detach().clone()) if form == "iaf" else t.inv(out.detach().clone())
     torch.testing.assert_close(back, y, rtol=1e-4, atol=1e-4)
+
+
+def test_an_ensemble_batched_by_vmap_names_its_order_buffer_in_the_d_pass_direction():
+    import copy
+
+    from torch.func import functional_call, stack_module_state, vmap
+
+    import pyroflows
+
+    class Scorer(torch.nn.Module):
+        def __init__(self, flow):
+            super().__init__()
+            self.flow = flow
+
+        def forward(self, x):
+            return self.flow().log_prob(x)
+
+    members = [pyroflows.iaf(3, transforms=2, hidden=(8,)) for _ in range(3)]
+    params, buffers = stack_module_state(members)
+    template = Scorer(copy.deepcopy(members[0]).to("meta"))
+    x = torch.randn(5, 3)
+
+    def score(p, b, x):
+        state = {f"flow.{name}": value for name, value in {**p, **b}.items()}
+        return functional_call(template, state, (x,))
+
+    with pytest.raises(RuntimeError, match="'order' is batched by torch.func.vmap"):
+        vmap(score, in_dims=(0, 0, None))(params, buffers, x)
+    # the orders are the same for every member: unbatched buffers give each its score
+    got = vmap(score, in_dims=(0, None, None))(params, buffers_of(members[0]), x)
+    for k, member in enumerate(members):
+        torch.testing.assert_close(got[k], member().log_prob(x.clone()), atol=1e-5, rtol=1e-5)
+
+
+def buffers_of(module):
+    return dict(module.named_buffers())

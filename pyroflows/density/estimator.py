@@ -12,7 +12,7 @@ from __future__ import annotations
 import numbers
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +107,7 @@ class FlowDensity(BaseEstimator):
         self,
         flow: str = "nsf",
         transforms: int = 5,
-        hidden: tuple[int, ...] | None = None,
+        hidden: int | Sequence[int] | None = None,
         bins: int = 8,
         activation: str = "relu",
         options: dict[str, Any] | None = None,
@@ -115,12 +115,12 @@ class FlowDensity(BaseEstimator):
         batch_size: int = 256,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
-        validation_fraction: float = 0.1,
+        validation_fraction: float | None = 0.1,
         patience: int | None = 20,
         clip_grad: float | None = None,
-        schedule: str | None = "plateau",
+        schedule: str | Callable[[torch.optim.Optimizer], Any] | None = "plateau",
         standardize: bool = True,
-        dequantize: bool = False,
+        dequantize: bool | Sequence[int | str] = False,
         dtype: str | torch.dtype | type | np.dtype = "float32",
         random_state: int | np.random.RandomState | np.random.Generator | None = None,
         progress: bool = False,

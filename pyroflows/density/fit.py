@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -509,7 +509,7 @@ def fit(
     clip_grad: float | None = None,
     patience: int | None = 20,
     standardize: bool = True,
-    dequantize: bool = False,
+    dequantize: bool | Sequence[int] = False,
     seed: int | None = None,
     progress: bool | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
@@ -553,9 +553,10 @@ def fit(
         lr: Adam's learning rate (torch's fused Adam where the device has it, else its
             multi-tensor update).
         weight_decay: Adam's (L2) weight decay.
-        schedule: ``"plateau"`` (default: halve the rate after 5 epochs without a better
-            validation NLL), ``"cosine"`` (to 0 over ``epochs``), ``None`` (constant), or
-            a callable ``optimizer -> scheduler`` stepped once per epoch.
+        schedule: ``"plateau"`` (default: halve the rate once 6 epochs in a row bring no
+            better validation NLL: torch's ``ReduceLROnPlateau`` with ``patience=5``),
+            ``"cosine"`` (to 0 over ``epochs``), ``None`` (constant), or a callable
+            ``optimizer -> scheduler`` stepped once per epoch.
         clip_grad: clip the gradient's total norm to this value (``None``: no clipping).
         patience: stop after this many epochs without a better validation NLL
             (``None``: run every epoch, still restoring the best weights).

@@ -79,8 +79,9 @@ class Encoder(DropsParamStoreLinks, nn.Module):
     A multilayer perceptron (or a ``body`` of your own, e.g. a convolutional net) whose
     last hidden features feed three linear heads: the location :math:`\mu`, the scale
     :math:`\sigma = \mathrm{softplus}(\cdot) + \sigma_{\min}` and the context :math:`h`.
-    The location head starts at 0 and the scale head at 1, so an untrained encoder gives
-    :math:`\mathcal N(0, I)`, the prior of a standard VAE.
+    The location head starts at 0 and the softplus of the scale head at 1, so an untrained
+    encoder gives :math:`\mathcal N(0, (1 + \sigma_{\min})^2 I)`: the prior of a standard
+    VAE, :math:`\mathcal N(0, I)`, up to the floor.
 
     Shapes: ``x`` is ``(*B, input_dim)`` (or whatever ``body`` takes, with ``B`` its
     leading dims); ``loc`` and ``scale`` are ``(*B, latent_dim)``, ``context`` is

@@ -58,6 +58,7 @@ import hashlib
 import inspect
 import math
 import numbers
+import sys
 import warnings
 from collections.abc import Callable, Sequence, Sized
 from typing import Any
@@ -66,6 +67,7 @@ import numpy as np
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.infer import ELBO, RenyiELBO, ReweightedWakeSleep, TraceTailAdaptive_ELBO
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from pyro.nn.module import _make_name
@@ -540,6 +542,51 @@ class AnchoredLinear(FlowTransform):
         return u, self._linear_log_abs_det(u.shape[:-1])
 
 
+def _calling_objective(depth: int = 30) -> ELBO | None:
+    """The Pyro ELBO whose method called this guide (``self`` of a frame up the stack).
+
+    ``None`` when none is found within ``depth`` frames (a guide called by hand, by
+    ``Predictive``, or by a loss of the user's own).
+    """
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, ELBO):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def _check_stl_objective(objective: ELBO) -> None:
+    r"""Refuse, or warn of, an objective whose guide gradient ``"stl"`` would change.
+
+    "stl" drops the score term :math:`\nabla_\theta \log q_\theta(z)`, which has mean
+    zero under the ELBO only. ReweightedWakeSleep's guide update *is* a score term (of
+    the importance-weighted draws), so without it the guide collapses; under an
+    importance-weighted bound (RenyiELBO with alpha != 1, TraceTailAdaptive_ELBO) the
+    dropped term no longer has mean zero and the gradient is biased.
+    """
+    name = type(objective).__name__
+    if isinstance(objective, ReweightedWakeSleep):
+        raise TypeError(
+            f"estimator='stl' cannot train under {name}: its guide update is the score "
+            "term d log q(z) / d theta of the weighted draws, which 'stl' drops (the guide "
+            "collapses to a point); use estimator='reparam'"
+        )
+    if isinstance(objective, TraceTailAdaptive_ELBO) or (
+        isinstance(objective, RenyiELBO) and objective.alpha != 1
+    ):
+        warnings.warn(
+            f"estimator='stl' under {name}: the score term it drops has mean zero under "
+            "the ELBO only, so under this importance-weighted objective the gradient is "
+            "biased; use estimator='reparam' for an unbiased one",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
 def _traced() -> bool:
     """Whether a Pyro trace records this call (an ELBO's step, Predictive's draw)."""
     return any(isinstance(m, TraceMessenger) for m in _PYRO_STACK)
@@ -722,9 +769,12 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             their inverse (one pass for coupling flows: ``flow="realnvp"`` with ``"stl"``
             took 1.1x the IAF's ``"reparam"`` step at ``D`` = 256 and 512). Not for
             ``JitTrace_ELBO`` (a ``TypeError``): it cannot trace the frozen copy.
-            Unbiased for the ELBO (``Trace_ELBO``, ``TraceMeanField_ELBO``) only: with an
-            importance-weighted objective (``RenyiELBO``) the dropped score term no
-            longer has mean zero, and the gradient is biased.
+            Unbiased for the ELBO (``Trace_ELBO``, ``TraceMeanField_ELBO``,
+            ``TraceGraph_ELBO``, ``TraceEnum_ELBO``) only: with an importance-weighted
+            objective (``RenyiELBO``, ``TraceTailAdaptive_ELBO``) the dropped score term
+            no longer has mean zero and the gradient is biased (a ``UserWarning`` at the
+            first step), and ``ReweightedWakeSleep``, whose guide update is that score
+            term, is refused (a ``TypeError``).
         learn_linear: also learn a full-rank linear map after the flow (an LU-factorized
             :math:`D \times D` matrix). Off by default: the anchor already carries the
             Laplace correlations, and on posteriordb (3 seeds, without the skew
@@ -864,6 +914,11 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         finally:
             self._model, self.master = model, master
         state.pop("_plain_model", None)
+        spec = state.get("_flow_spec")
+        if state.get("prototype_trace") is not None and not isinstance(spec, (str, nn.Module)):
+            # the builder (a lambda, a nested function: unpicklable) has built the flow,
+            # which the state holds; it is read again only by a new set-up
+            state["_flow_spec"] = None
         return state
 
     def _the_model(self) -> Callable[..., Any]:
@@ -1094,6 +1149,12 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
 
     def _build_flow(self, loc: torch.Tensor) -> Flow:
         spec = self._flow_spec
+        if spec is None:
+            raise GuideSetupError(
+                "this guide was unpickled without its flow builder (flow= was a callable, "
+                "which is not saved once the flow is built) and must set up anew; make a new "
+                "AutoFlow with flow=..."
+            )
         dim = self.latent_dim
         if spec in ("realnvp", "nice") and dim < 2:
             raise GuideSetupError(
@@ -1193,6 +1254,10 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                     "the parameter-free copy of the flow it scores log q with (stale "
                     "weights, wrong gradients); use Trace_ELBO, or estimator='reparam'"
                 )
+            objective = _calling_objective()
+            if objective is not None and self.__dict__.get("_objective_checked") != id(objective):
+                self.__dict__["_objective_checked"] = id(objective)  # said once an objective
+                _check_stl_objective(objective)
             twin = self._frozen_twin(layers)  # made now, before this step's draw
 
             def frozen() -> dist.TransformedDistribution:

@@ -67,7 +67,7 @@ Fairness details:
 
 Run (from the repository root)::
 
-    python benchmarks/speed.py                 # full run, D = 8 and 32: about 5 min on 2 cores
+    python benchmarks/speed.py                 # full run, D = 8 and 32: 10-17 min
     python benchmarks/speed.py --quick         # smoke test (speed_quick.json), about a minute
     python benchmarks/speed.py --dims 16 --threads 2 --device cuda --out /tmp/speed.json
 

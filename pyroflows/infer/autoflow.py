@@ -60,6 +60,7 @@ import math
 import numbers
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Sequence, Sized
 from typing import Any
 
@@ -559,6 +560,11 @@ def _calling_objective(depth: int = 30) -> ELBO | None:
     return None
 
 
+#: objectives already checked for ``estimator="stl"`` (weakly held: a freed one's id may
+#: be reused by another)
+_STL_CHECKED: weakref.WeakSet = weakref.WeakSet()
+
+
 def _check_stl_objective(objective: ELBO) -> None:
     r"""Refuse, or warn of, an objective whose guide gradient ``"stl"`` would change.
 
@@ -576,7 +582,8 @@ def _check_stl_objective(objective: ELBO) -> None:
             "collapses to a point); use estimator='reparam'"
         )
     if isinstance(objective, TraceTailAdaptive_ELBO) or (
-        isinstance(objective, RenyiELBO) and objective.alpha != 1
+        # with one particle the Renyi bound is the ELBO
+        isinstance(objective, RenyiELBO) and objective.alpha != 1 and objective.num_particles > 1
     ):
         warnings.warn(
             f"estimator='stl' under {name}: the score term it drops has mean zero under "
@@ -1255,9 +1262,9 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                     "weights, wrong gradients); use Trace_ELBO, or estimator='reparam'"
                 )
             objective = _calling_objective()
-            if objective is not None and self.__dict__.get("_objective_checked") != id(objective):
-                self.__dict__["_objective_checked"] = id(objective)  # said once an objective
-                _check_stl_objective(objective)
+            if objective is not None and objective not in _STL_CHECKED:
+                _check_stl_objective(objective)  # raises at every step where it refuses
+                _STL_CHECKED.add(objective)  # a warning is said once an objective
             twin = self._frozen_twin(layers)  # made now, before this step's draw
 
             def frozen() -> dist.TransformedDistribution:

@@ -193,10 +193,11 @@ class _CachedBijection:
     not seen; call :meth:`clear_cache` after such swaps to be sure. Writes *into* the data
     outside an optimizer's step that bypass version counters (``p.data.copy_(...)``,
     ``p.data.add_(...)``) are not seen: draw anew, or call :meth:`clear_cache`, before
-    scoring an earlier draw after one (SVI draws anew at every step). A part assigned to
-    the layer itself (``layer.conditioner = other``) empties the cache; a change deeper
-    in (a new activation inside the conditioner, a spline's ``bound`` changed) is not
-    seen: call :meth:`clear_cache` (or the flow's) after such surgery.
+    scoring an earlier draw after one (SVI draws anew at every step). A part set on the
+    layer itself (``layer.conditioner = other``, ``layer.transformer = ...``,
+    ``add_module``) empties the cache; a change deeper in (a new activation inside the
+    conditioner, a spline's ``bound`` changed) is not seen: call :meth:`clear_cache` (or
+    the flow's) after such surgery.
     """
 
     domain = constraints.real_vector
@@ -378,9 +379,15 @@ class FlowTransform(_CachedBijection, TransformModule):
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
-        if isinstance(value, nn.Module) and "_modules" in self.__dict__:
-            # a part replaced (``layer.conditioner = other``): other tensors, another map
+        if "_modules" in self.__dict__ and (isinstance(value, nn.Module) or name[0] != "_"):
+            # a part replaced (``layer.conditioner = other``, ``layer.transformer = ...``):
+            # other tensors, another map (the private names set per call are not parts)
             _forget_tensor_lists(self)
+
+    def add_module(self, name: str, module: nn.Module | None) -> None:
+        """``nn.Module.add_module`` (``register_module`` too), then the cache emptied."""
+        super().add_module(name, module)
+        _forget_tensor_lists(self)
 
     def _fwd(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_event(u, "u", self.dim, _reference(self))
@@ -432,9 +439,15 @@ class ConditionalFlowTransform(DropsParamStoreLinks, ConditionalTransformModule)
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
-        if isinstance(value, nn.Module) and "_modules" in self.__dict__:
-            # a part replaced (``layer.conditioner = other``): other tensors, another map
+        if "_modules" in self.__dict__ and (isinstance(value, nn.Module) or name[0] != "_"):
+            # a part replaced (``layer.conditioner = other``, ``layer.transformer = ...``):
+            # other tensors, another map (the private names set per call are not parts)
             _forget_tensor_lists(self)
+
+    def add_module(self, name: str, module: nn.Module | None) -> None:
+        """``nn.Module.add_module`` (``register_module`` too), then the cache emptied."""
+        super().add_module(name, module)
+        _forget_tensor_lists(self)
 
     def condition(self, context: torch.Tensor) -> ConditionedTransform:
         """Bind ``context`` (shape ``(*batch, context)``) and return a plain transform."""

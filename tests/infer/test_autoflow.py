@@ -1313,8 +1313,14 @@ def test_stl_with_several_particles_in_one_backward(flow):
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), pyro.infer.RenyiELBO(num_particles=3))
     with pytest.warns(UserWarning, match="under RenyiELBO.*biased"):
         assert torch.isfinite(torch.tensor(svi.step(x)))
-    for _ in range(4):  # said once
-        assert torch.isfinite(torch.tensor(svi.step(x)))
+    elbo = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once an objective, also between other ones
+        for _ in range(3):
+            assert torch.isfinite(torch.tensor(svi.step(x)))
+            assert torch.isfinite(torch.tensor(elbo.step(x)))
+        one = pyro.infer.RenyiELBO(num_particles=1)  # with one particle the bound is the ELBO
+        SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), one).step(x)
 
 
 def test_stl_is_refused_under_reweighted_wake_sleep_and_silent_under_the_elbo():
@@ -1328,8 +1334,10 @@ def test_stl_is_refused_under_reweighted_wake_sleep_and_silent_under_the_elbo():
     pyro.clear_param_store()
     guide = AutoFlow(model, estimator="stl")
     rws = pyro.infer.ReweightedWakeSleep(num_particles=4)
-    with pytest.raises(TypeError, match="cannot train under ReweightedWakeSleep"):
-        SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), rws).step()
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), rws)
+    for _ in range(2):  # at every step, not only the first
+        with pytest.raises(TypeError, match="cannot train under ReweightedWakeSleep"):
+            svi.step()
     pyro.clear_param_store()
     plain = AutoFlow(model)  # the reparametrized gradient trains under it
     losses = SVI(model, plain, pyro.optim.Adam({"lr": 1e-2}), rws).step()

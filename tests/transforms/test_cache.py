@@ -667,3 +667,30 @@ def test_a_conditioner_assigned_to_a_layer_empties_its_cache(context):
     fresh = copy.deepcopy(flow)(c).log_prob(x.detach().clone())
     assert (fresh - flow(c).log_prob(x.detach().clone())).abs().max() < 1e-5
     torch.testing.assert_close(d.log_prob(x), fresh)  # not the triple of the old map
+
+
+@pytest.mark.parametrize("how", ["transformer", "add_module", "register_module"])
+def test_a_part_set_on_a_layer_by_any_route_empties_its_cache(how):
+    from pyroflows.transforms.elementwise import Affine
+
+    torch.manual_seed(0)
+    flow = iaf(3, transforms=1, hidden=(8,))
+    with torch.no_grad():  # log-scales well away from 0, where the clamps differ
+        for p in flow.parameters():
+            p.add_(torch.randn_like(p))
+    d = flow()
+    x = d.rsample()
+    layer = flow.transforms[0]
+    other = copy.deepcopy(layer.conditioner)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    before = d.log_prob(x.detach().clone())
+    if how == "transformer":  # a plain object, not a module: the map changes all the same
+        assert not isinstance(layer.transformer, torch.nn.Module)
+        layer.transformer = Affine(clamp=0.2)
+    else:
+        getattr(layer, how)("conditioner", other)
+    fresh = copy.deepcopy(flow)().log_prob(x.detach().clone())
+    assert (fresh - before).abs().max() > 0.05  # the part changed the map
+    torch.testing.assert_close(d.log_prob(x), fresh)

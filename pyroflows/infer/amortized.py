@@ -282,8 +282,9 @@ def amortized_posterior(
         flow_hidden: hidden sizes of each flow conditioner (default ``(4d, 4d)``, at
             least 16 wide).
         activation: non-linearity class of the encoder and the flow.
-        **flow_options: passed to the builder (``clamp``, ``bins``, ``bound``,
-            ``autoregressive``, ``permutation``, ``side``: ``"base"`` unless given).
+        **flow_options: passed to the builder: ``clamp`` and ``permutation`` for both;
+            for ``"nsf"`` also ``bins``, ``bound``, ``autoregressive`` (``"iaf"`` unless
+            given) and ``side`` (``"base"`` unless given).
     """
     check_choice(flow, "flow", POSTERIOR_FLOWS)
     if flow is None:
@@ -306,7 +307,9 @@ def amortized_posterior(
     width = max(16, 4 * check_positive_int(latent_dim, "latent_dim"))
     options = {
         "transforms": transforms,
-        "hidden": tuple(flow_hidden) if flow_hidden is not None else (width, width),
+        "hidden": check_hidden(flow_hidden, "flow_hidden")
+        if flow_hidden is not None
+        else (width, width),
         "context": context,
         "activation": activation,
         **flow_options,

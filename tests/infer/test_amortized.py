@@ -225,6 +225,9 @@ def test_iwae_refuses_latents_outside_the_data_plate():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="flow must be one of"):
         amortized_posterior(4, 2, flow="maf")
+    for flow in ("iaf", "nsf"):  # the flow's widths named as given, not as the encoder's
+        with pytest.raises(ValueError, match="every entry of flow_hidden must be"):
+            amortized_posterior(4, 2, flow=flow, hidden=(8,), flow_hidden=(16, -1))
     with pytest.raises(ValueError, match="latent_dim is 2"):
         AmortizedPosterior(Encoder(4, 2, context=3), iaf(3, context=3))
     with pytest.raises(ValueError, match="context of size 5"):

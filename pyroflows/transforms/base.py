@@ -352,7 +352,28 @@ def _states(u: torch.Tensor, x: torch.Tensor, ladj: torch.Tensor) -> tuple[Any, 
     return (u._version, x._version, ladj._version, u.requires_grad, x.requires_grad)
 
 
-class FlowTransform(_CachedBijection, TransformModule):
+class _PartsEmptyTheCache:
+    """A layer whose cache and tensor list go when a part is set on it.
+
+    ``layer.conditioner = other``, ``layer.transformer = ...``, ``add_module`` and
+    ``register_module`` give the layer other tensors or another map. The private names a
+    layer sets per call (``_cache``, ``_order_cache``) are not parts.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if "_modules" in self.__dict__ and (
+            isinstance(value, nn.Module) or not name.startswith("_")
+        ):
+            _forget_tensor_lists(self)  # type: ignore[arg-type]
+
+    def add_module(self, name: str, module: nn.Module | None) -> None:
+        """``nn.Module.add_module`` (``register_module`` too), then the cache emptied."""
+        super().add_module(name, module)  # type: ignore[misc]
+        _forget_tensor_lists(self)  # type: ignore[arg-type]
+
+
+class FlowTransform(_CachedBijection, _PartsEmptyTheCache, TransformModule):
     """A learnable bijection ``u -> x`` on vectors of size ``dim`` (no context).
 
     Subclasses implement ``_forward``, ``_backward`` and ``_log_abs_det`` (see the module
@@ -376,18 +397,6 @@ class FlowTransform(_CachedBijection, TransformModule):
         # buffers are replaced by new tensors and a cached triple has the old dtype
         _forget_tensor_lists(self)
         return super()._apply(fn, recurse)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if "_modules" in self.__dict__ and (isinstance(value, nn.Module) or name[0] != "_"):
-            # a part replaced (``layer.conditioner = other``, ``layer.transformer = ...``):
-            # other tensors, another map (the private names set per call are not parts)
-            _forget_tensor_lists(self)
-
-    def add_module(self, name: str, module: nn.Module | None) -> None:
-        """``nn.Module.add_module`` (``register_module`` too), then the cache emptied."""
-        super().add_module(name, module)
-        _forget_tensor_lists(self)
 
     def _fwd(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_event(u, "u", self.dim, _reference(self))
@@ -414,7 +423,9 @@ class FlowTransform(_CachedBijection, TransformModule):
     __repr__ = nn.Module.__repr__
 
 
-class ConditionalFlowTransform(DropsParamStoreLinks, ConditionalTransformModule):
+class ConditionalFlowTransform(
+    DropsParamStoreLinks, _PartsEmptyTheCache, ConditionalTransformModule
+):
     """A learnable bijection ``u -> x`` whose parameters depend on a context vector.
 
     ``t.condition(context)`` checks the context (shape ``(*batch, context)``, the flow's
@@ -436,18 +447,6 @@ class ConditionalFlowTransform(DropsParamStoreLinks, ConditionalTransformModule)
     def _apply(self, fn, recurse: bool = True):  # .to(), .double(), .cuda(), ...
         _forget_tensor_lists(self)  # buffers are replaced by new tensors
         return super()._apply(fn, recurse)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if "_modules" in self.__dict__ and (isinstance(value, nn.Module) or name[0] != "_"):
-            # a part replaced (``layer.conditioner = other``, ``layer.transformer = ...``):
-            # other tensors, another map (the private names set per call are not parts)
-            _forget_tensor_lists(self)
-
-    def add_module(self, name: str, module: nn.Module | None) -> None:
-        """``nn.Module.add_module`` (``register_module`` too), then the cache emptied."""
-        super().add_module(name, module)
-        _forget_tensor_lists(self)
 
     def condition(self, context: torch.Tensor) -> ConditionedTransform:
         """Bind ``context`` (shape ``(*batch, context)``) and return a plain transform."""

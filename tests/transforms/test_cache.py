@@ -8,6 +8,7 @@ import torch
 
 from pyroflows import iaf, maf, realnvp
 from pyroflows.transforms import AffineAutoregressive, Permutation
+from tests.helpers import perturb
 
 
 def fresh_scores(flow, batches):
@@ -659,10 +660,7 @@ def test_a_conditioner_assigned_to_a_layer_empties_its_cache(context):
     d = flow(c)
     x = d.rsample()
     layer = flow.transforms[0]
-    other = copy.deepcopy(layer.conditioner)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    other = perturb(copy.deepcopy(layer.conditioner), seed=1)
     layer.conditioner = other  # new tensors and another map; the old ones stay alive
     fresh = copy.deepcopy(flow)(c).log_prob(x.detach().clone())
     assert (fresh - flow(c).log_prob(x.detach().clone())).abs().max() < 1e-5
@@ -675,16 +673,11 @@ def test_a_part_set_on_a_layer_by_any_route_empties_its_cache(how):
 
     torch.manual_seed(0)
     flow = iaf(3, transforms=1, hidden=(8,))
-    with torch.no_grad():  # log-scales well away from 0, where the clamps differ
-        for p in flow.parameters():
-            p.add_(torch.randn_like(p))
+    perturb(flow, scale=1.0)  # log-scales well away from 0, where the clamps differ
     d = flow()
     x = d.rsample()
     layer = flow.transforms[0]
-    other = copy.deepcopy(layer.conditioner)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    other = perturb(copy.deepcopy(layer.conditioner), seed=1)
     before = d.log_prob(x.detach().clone())
     if how == "transformer":  # a plain object, not a module: the map changes all the same
         assert not isinstance(layer.transformer, torch.nn.Module)

@@ -484,7 +484,7 @@ class AnchoredLinear(FlowTransform):
             log_det = log_det + self.lu.diagonal().sum()
         return log_det.expand(shape)
 
-    def _skew_log_det(self, u: torch.Tensor) -> torch.Tensor:
+    def _skew_log_det(self, u: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         r"""The skew's log-det at ``u``: :math:`\sum_i \log S'(u_i)`.
 
         :math:`\log S'(u_i) = \log\cosh(\operatorname{asinh} u_i + a_i) - \log\sqrt{1 + u_i^2}`,
@@ -492,9 +492,11 @@ class AnchoredLinear(FlowTransform):
         which cancels where :math:`u_i / \sqrt{1 + u_i^2} \to -\operatorname{sign} a_i`
         (a relative error of about :math:`\epsilon e^{2|a_i|}`); :math:`\log\cosh w` is
         taken as :math:`|w| + \log(1 + e^{-2|w|}) - \log 2`, and :math:`\sqrt{1 + u^2}` by
-        ``hypot``, so neither overflows.
+        ``hypot``, so neither overflows. ``w``: :math:`\operatorname{asinh} u + a`, where
+        the caller has it already.
         """
-        w = torch.asinh(u) + self.skew
+        if w is None:
+            w = torch.asinh(u) + self.skew
         log_cosh = w.abs() + torch.log1p(torch.exp(-2 * w.abs())) - math.log(2)
         return (log_cosh - torch.log(torch.hypot(torch.ones_like(u), u))).sum(-1)
 
@@ -504,7 +506,8 @@ class AnchoredLinear(FlowTransform):
         In this form rather than :math:`u\cosh a + \sqrt{1 + u^2}\sinh a`, whose two terms
         cancel on the squeezed side (far left for :math:`a > 0`).
         """
-        return torch.sinh(torch.asinh(u) + self.skew), self._skew_log_det(u)
+        w = torch.asinh(u) + self.skew
+        return torch.sinh(w), self._skew_log_det(u, w)
 
     def _unskewed(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r""":math:`u = S^{-1}(y) = \sinh(\operatorname{asinh} y - a)` and :math:`S`'s log-det.
@@ -924,7 +927,8 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         spec = state.get("_flow_spec")
         if state.get("prototype_trace") is not None and not isinstance(spec, (str, nn.Module)):
             # the builder (a lambda, a nested function: unpicklable) has built the flow,
-            # which the state holds; it is read again only by a new set-up
+            # which the state holds; only a set-up reads it, and an unpickled guide has no
+            # model to set up with
             state["_flow_spec"] = None
         return state
 
@@ -1156,12 +1160,6 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
 
     def _build_flow(self, loc: torch.Tensor) -> Flow:
         spec = self._flow_spec
-        if spec is None:
-            raise GuideSetupError(
-                "this guide was unpickled without its flow builder (flow= was a callable, "
-                "which is not saved once the flow is built) and must set up anew; make a new "
-                "AutoFlow with flow=..."
-            )
         dim = self.latent_dim
         if spec in ("realnvp", "nice") and dim < 2:
             raise GuideSetupError(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import inspect
+import io
 import sys
 import warnings
 from pathlib import Path
@@ -316,7 +317,12 @@ def _check_out(out: str | None, force: bool, inputs: list[str]) -> None:
 
 
 def _write(values: Any, out: str | None, header: list[str] | None) -> None:
-    """A tensor's values as .npy, or as CSV with the digits that round-trip its dtype."""
+    """A tensor's values as .npy, or as CSV with the digits that round-trip its dtype.
+
+    A file is written whole or not at all (:func:`~pyroflows.density.fit.write_atomic`).
+    """
+    from pyroflows.density.fit import write_atomic
+
     digits = 17 if values.dtype.itemsize == 8 else 9  # float64, float32
     values = values.double().numpy()
     if out is not None:  # its folder made, as fit's --out makes the model's
@@ -328,18 +334,25 @@ def _write(values: Any, out: str | None, header: list[str] | None) -> None:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise _Failure(f"--out {out}: its folder cannot be made ({error.strerror})") from None
-    if out is not None and out.lower().endswith(".npy"):
-        with open(out, "wb") as stream:  # np.save(name) would add ".npy" to "x.NPY"
-            np.save(stream, values)
-        return
-    stream = sys.stdout if out is None else open(out, "w")  # noqa: SIM115
-    try:
-        if header is not None:  # quoted where a name holds a comma or a quote
-            csv.writer(stream, lineterminator="\n").writerow(header)
-        np.savetxt(stream, values, delimiter=",", fmt=f"%.{digits}g")
-    finally:
-        if stream is not sys.stdout:
-            stream.close()
+    if out is None:
+        _write_csv(sys.stdout, values, header, digits)
+    elif out.lower().endswith(".npy"):  # np.save(name) would add ".npy" to "x.NPY"
+        write_atomic(out, lambda stream: np.save(stream, values))
+    else:  # an old file --force replaces stays whole until the new one is
+
+        def text(stream: Any) -> None:
+            wrapper = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+            _write_csv(wrapper, values, header, digits)
+            wrapper.flush()
+            wrapper.detach()  # write_atomic closes the binary stream
+
+        write_atomic(out, text)
+
+
+def _write_csv(stream: Any, values: Any, header: list[str] | None, digits: int) -> None:
+    if header is not None:  # quoted where a name holds a comma or a quote
+        csv.writer(stream, lineterminator="\n").writerow(header)
+    np.savetxt(stream, values, delimiter=",", fmt=f"%.{digits}g")
 
 
 def _fit(args: argparse.Namespace) -> None:

@@ -200,8 +200,16 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _save_atomic(state: dict[str, Any], path: Path) -> None:
-    """Write ``state`` to ``path`` via a temporary file and a rename (never half a file)."""
+def write_atomic(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
+    """Write ``path`` through ``write(stream)`` on a temporary file, then a rename.
+
+    The file at ``path`` is either the old one or the whole new one, never half a file:
+    a failure or a Ctrl-C inside ``write`` (a full disk, a bad value) leaves the old file
+    as it was and no temporary behind. ``stream`` is a binary file opened in the
+    destination's folder (made if missing); the new file gets the permissions ``open``
+    would give it.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -209,13 +217,18 @@ def _save_atomic(state: dict[str, Any], path: Path) -> None:
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)  # as open() would make it, not mkstemp's 0600
         with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _save_atomic(state: dict[str, Any], path: Path) -> None:
+    """``torch.save(state)`` to ``path`` via :func:`write_atomic` (never half a file)."""
+    write_atomic(path, lambda stream: torch.save(state, stream))
 
 
 def damaged_member(path: str | os.PathLike) -> str | None:

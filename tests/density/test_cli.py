@@ -872,3 +872,27 @@ def test_dequantize_columns_reads_names_with_commas_quoted_as_in_csv():
     for given in ("", "b,,c"):
         with pytest.raises(_Failure, match="takes comma-separated column names or numbers"):
             _integer_columns(given, names, 4)
+
+
+@pytest.mark.parametrize(("name", "writer"), [("old.csv", "savetxt"), ("old.npy", "save")])
+def test_a_write_that_fails_midway_keeps_the_file_it_would_replace(
+    workdir, monkeypatch, capsys, name, writer
+):
+    old = workdir / name
+    old.write_bytes(b"the user's earlier draws\n")
+    real = getattr(np, writer)
+
+    def full_disk(stream, *args, **kwargs):
+        real(stream, *args, **kwargs)  # the draws go out, then the disk fills
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, writer, full_disk)
+    argv = ["sample", str(workdir / "model.pt"), "-n", "50", "--out", str(old), "--force"]
+    assert main(argv) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert old.read_bytes() == b"the user's earlier draws\n"  # not half of the new draws
+    assert not list(workdir.glob(f".{name}.*"))  # and no temporary left behind
+    monkeypatch.setattr(np, writer, real)
+    assert main(argv) == 0
+    new = np.load(old) if name.endswith(".npy") else np.loadtxt(old, delimiter=",", skiprows=1)
+    assert new.shape == (50, 2)

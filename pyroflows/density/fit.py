@@ -19,6 +19,7 @@ cell :math:`[x, x + 1)` bounds the probability of :math:`x` from below (Theis et
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import numbers
@@ -210,8 +211,16 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
     would give it.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file name", str(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        )
+    except OSError as error:  # named by the file asked for, not a folder's or temporary's
+        reason = unwritable(path.parent) or error.strerror
+        raise OSError(error.errno, reason, str(path)) from None
     try:
         umask = os.umask(0)
         os.umask(umask)

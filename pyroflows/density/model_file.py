@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pyroflows._checks import check_bool
 from pyroflows.density.rows import dequantized_columns
 from pyroflows.density.standardize import add_standardization
 from pyroflows.flows import BUILDERS, Flow
@@ -173,7 +174,7 @@ def save(
     from pyroflows.density.fit import _save_atomic
 
     path = Path(path)
-    if path.exists() and not force:
+    if not check_bool(force, "force") and path.exists():
         raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite it")
     dtype = {v: k for k, v in DTYPES.items()}.get(flow.base_loc.dtype)
     if dtype is None:

@@ -55,7 +55,25 @@ def test_never_overwrites_without_force(tmp_path):
     path = save(tmp_path / "m.pt", flow, name="maf", options={}, standardize=True)
     with pytest.raises(FileExistsError, match="force"):
         save(path, flow, name="maf", options={}, standardize=True)
+    before = path.read_bytes()
+    with pytest.raises(TypeError, match="force must be True or False, got 'no'"):
+        save(path, flow, name="maf", options={}, standardize=True, force="no")
+    assert path.read_bytes() == before  # a truthy string is not a yes
     save(path, flow, name="maf", options={}, standardize=True, force=True)
+
+
+def test_a_path_that_cannot_be_written_is_named_not_its_temporary(tmp_path):
+    flow = build("maf", 2, {"transforms": 1, "hidden": [4]})
+    (tmp_path / "file").write_text("")
+    for path, error in (
+        (tmp_path, IsADirectoryError),  # a folder given as the file name
+        (tmp_path / "file" / "m.pt", OSError),  # a file where the folder should be
+    ):
+        with pytest.raises(error) as raised:
+            save(path, flow, name="maf", options={}, standardize=True, force=True)
+        assert ".tmp" not in str(raised.value)
+        assert str(path) in str(raised.value)
+    assert not list(tmp_path.rglob("*.tmp"))
 
 
 class _RunsCode:

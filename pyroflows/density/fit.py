@@ -603,7 +603,10 @@ def fit(
             size, epochs, lr, schedule... are refused, by name, with a
             :class:`ResumeMismatch`). A finished fit's checkpoint gives its result back as
             it is.
-        callback: ``callback(epoch, history)`` after each epoch; returning ``True`` stops.
+        callback: ``callback(epoch, history)`` after each epoch; returning ``True`` stops,
+            ``False`` or ``None`` goes on (anything else is refused: a ``TypeError``). An
+            error it raises stops the fit as a Ctrl-C would: the epoch's checkpoint is
+            written, the best weights so far are restored, and the error propagates.
         name: what messages about ``data``'s values call it (the estimator's ``"X"``, a
             file's name); rows and columns in them count from 1.
         distributed: ``True`` (default): data-parallel under ``torchrun`` or in the
@@ -616,6 +619,8 @@ def fit(
         KeyboardInterrupt: on Ctrl-C, after the checkpoint is written (at the next
             mini-batch boundary, so it is exact) and the best weights so far restored.
         FloatingPointError: a non-finite loss; the best weights so far are restored.
+            Any other error inside the training (one from ``callback``, a device out of
+            memory) restores them too before it propagates.
         ValueError, TypeError: bad arguments or data, naming the argument; a
             ``checkpoint_dir`` that cannot be written (before the first epoch).
 
@@ -685,6 +690,10 @@ def fit(
         _make_schedule(schedule, None, epochs)  # raises the message
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir, where the checkpoint is")
+    if callback is not None and not callable(callback):
+        raise TypeError(
+            f"callback must be a callable callback(epoch, history), or None, got {callback!r}"
+        )
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
@@ -1055,8 +1064,20 @@ def fit(
                         shown["val"] = f"{score:.4f}"
                     bar.set_postfix(shown, refresh=False)
                     bar.update(1)
-                if callback is not None and callback(epoch + 1, history):
-                    stop = True
+                if callback is not None:
+                    try:
+                        said = callback(epoch + 1, history)
+                        flag = isinstance(said, torch.Tensor) and said.dtype == torch.bool
+                        if not (said is None or isinstance(said, (bool, np.bool_)) or flag):
+                            raise TypeError(
+                                f"callback must return True (stop), False or None (go on), "
+                                f"got {said!r} at epoch {epoch + 1}"
+                            )
+                    except BaseException:  # the epoch is whole: its checkpoint is exact
+                        tick()
+                        checkpoint(*position)
+                        raise
+                    stop = stop or bool(said)  # (a 0-d bool tensor: an error if not 0-d)
                 if world > 1:
                     (stop,) = parallel.PendingFlags([stop], like.device).wait()
                 if stop or epoch + 1 == epochs:
@@ -1073,6 +1094,9 @@ def fit(
             partial = parallel.sum_all(partial, like.device)
         if not interrupt.forced:  # a forced stop keeps the last checkpoint, which is exact
             checkpoint(*position)
+        restore_best()
+        raise
+    except BaseException:  # the caller gets the best weights, whatever stopped the fit
         restore_best()
         raise
     finally:

@@ -188,6 +188,51 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     assert same_weights(again, whole)
 
 
+def test_a_callback_that_raises_keeps_the_best_weights_and_the_epochs_checkpoint(tmp_path):
+    x = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+    options = {"epochs": 8, "seed": 0, "lr": 0.5, "progress": False}  # too fast: worsens
+    seen = {}
+
+    def failing(epoch, history):
+        seen[epoch] = {k: v.clone() for k, v in flow.state_dict().items()}
+        seen["best"] = history.best_epoch
+        if epoch == 6:
+            raise RuntimeError("a bug in the user's callback")
+
+    flow = small_flow(seed=1, transforms=1)
+    with pytest.raises(RuntimeError, match="a bug in the user's callback"):
+        fit(flow, x, checkpoint_dir=tmp_path, callback=failing, **options)
+    assert seen["best"] < 6  # else this test could not tell the best weights from the last
+    kept = flow.state_dict()
+    assert all(torch.equal(kept[k], seen[seen["best"]][k]) for k in kept)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["batch"], state["done"]) == (6, 0, False)
+    whole = small_flow(seed=1, transforms=1)
+    expected = fit(whole, x, **options)
+    resumed = small_flow(seed=2, transforms=1)
+    history = fit(resumed, x, checkpoint_dir=tmp_path, resume=True, **options)
+    assert history.val_nll == expected.val_nll
+    assert same_weights(resumed, whole)
+
+
+@pytest.mark.parametrize("said", ["continue", 1, torch.tensor(1.0)])
+def test_a_callback_answers_true_false_or_none(said):
+    x = torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="callback must return True .stop., False or None"):
+        fit(small_flow(), x, epochs=3, progress=False, callback=lambda e, h: said)
+    with pytest.raises(TypeError, match="callback must be a callable"):
+        fit(small_flow(), x, epochs=3, progress=False, callback=5)
+    for answer, epochs in (
+        (False, 3),
+        (None, 3),
+        (True, 1),
+        (np.True_, 1),
+        (torch.tensor(1) > 0, 1),
+    ):
+        history = fit(small_flow(), x, epochs=3, progress=False, callback=lambda e, h, a=answer: a)
+        assert history.epochs == epochs
+
+
 @pytest.mark.filterwarnings("ignore:fit. every value in the first")  # counts, on purpose
 @pytest.mark.parametrize(
     ("schedule", "dequantize", "patience", "lr"),

@@ -74,6 +74,7 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from pyro.nn.module import _make_name
 from pyro.params.param_store import param_with_module_name
 from pyro.poutine.block_messenger import BlockMessenger
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.util import prune_subsample_sites
@@ -133,6 +134,18 @@ def _value_text(value: Any) -> str:
         text = " ".join(f"{v:.9g}" for v in flat)
         return text if values.dim() == 0 else f"[{text}]"
     return repr(value)
+
+
+class _LastLatent(Messenger):
+    """Keeps the name and distribution of the last latent sample site a model reached."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.site: tuple[str, Any] | None = None
+
+    def _process_message(self, msg: dict[str, Any]) -> None:
+        if msg["type"] == "sample" and not msg["is_observed"]:
+            self.site = (msg["name"], msg["fn"])
 
 
 class GuideSetupError(ValueError):
@@ -973,7 +986,21 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             problem, error = self._latent_problem(), caught
             if not problem:
                 self.prototype_trace = None
-                raise
+                undrawable = (
+                    self._undrawable_site(args, kwargs)
+                    if isinstance(caught, NotImplementedError)
+                    else None
+                )
+                if undrawable is None:
+                    raise
+                name, fn = undrawable
+                why = (str(caught).splitlines() or [""])[0]
+                raise GuideSetupError(
+                    f"AutoFlow: init_loc_fn could not start latent site {name!r} "
+                    f"({type(fn).__name__}): {why}. Give such a site its start: "
+                    f"init_loc_fn=init_to_value(values={{{name!r}: <a value in its support>}}) "
+                    f"(pyro.infer.autoguide.initialization), as Pyro's autoguides need"
+                ) from caught
         if problem:
             self.prototype_trace = None
             observed = [
@@ -1368,6 +1395,24 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         except (RuntimeError, ValueError):
             return None
 
+    def _undrawable_site(self, args, kwargs) -> tuple[str, Any] | None:
+        """The latent site whose start ``init_loc_fn`` failed to draw, and its distribution.
+
+        ``None`` where the model runs, or fails elsewhere.
+        """
+        wrapped = _handler_and_model(self.model)
+        if wrapped is None or not isinstance(wrapped[0], InitMessenger):
+            return None
+        last = _LastLatent()
+        try:
+            with poutine.block(), torch.no_grad():
+                wrapped[0](last(self._plain()))(*args, **kwargs)
+        except NotImplementedError:
+            return last.site
+        except Exception:
+            return None
+        return None
+
     def _model_trace(self, args, kwargs, model=None):
         """A trace of the model with its observed sites (the prototype hides them).
 
@@ -1375,7 +1420,14 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         """
         model = self._plain() if model is None else model
         with poutine.block():
-            return poutine.trace(model).get_trace(*args, **kwargs)
+            try:
+                return poutine.trace(model).get_trace(*args, **kwargs)
+            except NotImplementedError:  # a site that cannot be drawn (ImproperUniform)
+                wrapped = _handler_and_model(self.model)  # Pyro's InitMessenger, around
+                if wrapped is None or not isinstance(wrapped[0], InitMessenger):
+                    raise
+                initialized = wrapped[0](model)  # so the site takes its init_loc_fn value
+                return poutine.trace(initialized).get_trace(*args, **kwargs)
 
     def _subsampled(self, args, kwargs) -> bool:
         return diagnostics._subsampled_frame(self._model_trace(args, kwargs)) is not None

@@ -633,7 +633,7 @@ def _draws(
     with torch.no_grad(), poutine.block():
         whole = model
         model, drawn = _as_proposed(model, guide, args, kwargs)
-        first = poutine.trace(model).get_trace(*args, **kwargs)
+        first = _one_run(model, guide, args, kwargs)
         derived = _deterministic_names(first) if deterministic else []
         sites = _data_sites(first) if observed else {}
         summed = _summed_sites(first, drawn)
@@ -1617,6 +1617,21 @@ def _sums_close(single: torch.Tensor, batch: torch.Tensor, magnitude: float = 0.
     return abs(single.item() - batch.item()) <= tolerance
 
 
+def _one_run(model, guide, args, kwargs):
+    """A trace of one run of ``model``, for its sites and their shapes.
+
+    Its latents drawn from their priors or, where a prior cannot be drawn (Pyro's
+    ``ImproperUniform``: ``NotImplementedError``), set to a draw of ``guide``, taken with
+    torch's generators forked (the draws to come are as they would be without it).
+    """
+    try:
+        return poutine.trace(model).get_trace(*args, **kwargs)
+    except NotImplementedError:
+        with _rng_kept():
+            single = poutine.trace(guide).get_trace(*args, **kwargs)
+            return poutine.trace(poutine.replay(model, trace=single)).get_trace(*args, **kwargs)
+
+
 def _rng_kept(device: torch.device | None = None):
     """Fork torch's generators: the CPU's, and ``device``'s if it is a CUDA device.
 
@@ -2067,7 +2082,11 @@ def _replicates(model, args, kwargs, draws, pointwise) -> dict[str, torch.Tensor
             return None
         pointwise = dataclasses.replace(pointwise, sites={n: pointwise.sites[n] for n in names})
     with torch.no_grad(), poutine.block():
-        first = poutine.trace(model).get_trace(*args, **kwargs)
+        try:
+            first = poutine.trace(model).get_trace(*args, **kwargs)
+        except NotImplementedError:  # a prior that cannot be drawn: at the first draw
+            at_first = poutine.condition(model, {n: v[0] for n, v in draws.items()})
+            first = poutine.trace(at_first).get_trace(*args, **kwargs)
         latents = {
             n: v for n, v in draws.items() if not first.nodes[n]["infer"].get("_deterministic")
         }

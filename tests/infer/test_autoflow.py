@@ -1003,6 +1003,45 @@ def test_set_up_errors_in_an_svi_step_read_as_raised():
         assert str(caught.value).endswith(("or make them continuous.", "'maf' or 'nsf'", "got 0"))
 
 
+def improper_scale_model(y):
+    # p(s) proportional to 1/s (Jeffreys): an ImproperUniform site, which cannot be drawn
+    s = pyro.sample("s", dist.ImproperUniform(dist.constraints.positive, (), ()))
+    pyro.factor("jeffreys", -torch.log(s))
+    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    with pyro.plate("n", len(y)):
+        pyro.sample("y", dist.Normal(mu, s), obs=y)
+
+
+def test_a_prior_that_cannot_be_drawn_needs_only_its_start():
+    y = 1.0 + torch.randn(40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    pyro.clear_param_store()
+    guide = AutoFlow(improper_scale_model)
+    with pytest.raises(GuideSetupError, match=r"latent site 's' \(ImproperUniform\).*init_to_v"):
+        guide(y)
+    pyro.set_rng_seed(0)
+    start = init_to_value(values={"s": torch.tensor(1.0, dtype=torch.float64)})
+    guide = AutoFlow(improper_scale_model, init_loc_fn=start)
+    svi = SVI(improper_scale_model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    svi.step(y)
+    assert guide.anchor == "laplace"  # the warm start ran: it needed no draw of the prior
+    for _ in range(300):
+        svi.step(y)
+    # the posterior is known: mu is Student-t(n - 1) around the mean of y, with scale
+    # S / sqrt(n) (S: y's sd), and (n - 1) S^2 / s^2 is chi-squared(n - 1)
+    n, sd_y = len(y), y.std().item()
+    draws = guide.to_arviz(y, num_samples=4000).posterior
+    assert abs(draws["mu"].mean().item() - y.mean().item()) < 0.06  # 0.4 sd
+    sd_mu = sd_y / math.sqrt(n) * math.sqrt((n - 1) / (n - 3))
+    assert abs(draws["mu"].std().item() / sd_mu - 1) < 0.2
+    k = n - 1  # chi-squared(k)'s median, by Wilson and Hilferty (to 1e-4 at k = 39)
+    median_s = sd_y * math.sqrt(k / (k * (1 - 2 / (9 * k)) ** 3))
+    assert abs(draws["s"].median().item() / median_s - 1) < 0.05
+    assert diagnose(improper_scale_model, guide, y, num_samples=2000).khat < 0.7
+    idata = guide.to_arviz(y, num_samples=100)
+    assert idata.posterior["s"].shape == (1, 100)
+    assert idata.posterior_predictive["y"].shape == (1, 100, 40)
+
+
 def test_enumerated_latent_is_refused_by_name():
     def model():
         pyro.sample("k", dist.Categorical(torch.ones(3) / 3), infer={"enumerate": "parallel"})

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
+from pyro.nn import PyroModule
 from torch import nn
 from torch.distributions import Transform, constraints
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -361,6 +362,15 @@ class _PartsEmptyTheCache:
     """
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name == "__class__" and issubclass(value, PyroModule):
+            raise TypeError(
+                f"pyro.nn.module.to_pyro_module_ cannot convert pyroflows layers "
+                f"({type(self).__name__}): their networks read their weights directly (one "
+                f"packed tensor each), past the PyroModule attribute access that would make "
+                f"them param sites, so SVI would never train them. Register the flow in the "
+                f"guide instead, pyro.module('flow', flow), or hold it in a PyroModule as a "
+                f"plain nn.Module attribute"
+            )
         super().__setattr__(name, value)
         if "_modules" in self.__dict__ and (
             isinstance(value, nn.Module) or not name.startswith("_")
@@ -495,6 +505,22 @@ class ConditionedTransform(_CachedBijection, Transform):
         batch = value.shape[:-1]
         shape = check_context_broadcast(batch, name, self.context.shape[:-1])
         return value if shape == batch else value.expand(*shape, value.shape[-1])
+
+    def forward_shape(self, shape: torch.Size | tuple[int, ...]) -> torch.Size:
+        """``x``'s shape for a ``u`` of ``shape``: the batch broadcast with the context's.
+
+        So a ``TransformedDistribution`` (and Pyro's ``ConditionalTransformedDistribution``)
+        of a base that does not have the context's batch shape has it: torch expands the
+        base to :meth:`inverse_shape` of this, and the distribution's ``batch_shape``,
+        ``sample`` and ``log_prob`` agree (``B`` contexts: ``B`` draws a sample).
+        """
+        batch = check_context_broadcast(tuple(shape[:-1]), "u", self.context.shape[:-1])
+        return torch.Size((*batch, *shape[-1:]))
+
+    def inverse_shape(self, shape: torch.Size | tuple[int, ...]) -> torch.Size:
+        """``u``'s shape for an ``x`` of ``shape``: the batch broadcast with the context's."""
+        batch = check_context_broadcast(tuple(shape[:-1]), "x", self.context.shape[:-1])
+        return torch.Size((*batch, *shape[-1:]))
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         """Map base-side ``u`` (broadcast against the context) to data-side ``x``."""

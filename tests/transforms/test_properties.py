@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
@@ -86,6 +87,30 @@ def test_shapes_and_dtype(name, dim, dtype, batch):
     u = t.inv(x.clone())
     assert u.shape == x.shape
     assert t.forward_shape(case.u.shape) == case.u.shape
+
+
+CONDITIONAL_CASES = [c for c in CASES if TRANSFORMS[c.values[0]].conditional]
+
+
+@pytest.mark.parametrize(("name", "dim"), CONDITIONAL_CASES)
+def test_a_base_without_the_contexts_batch_shape_takes_it(name, dim):
+    # Pyro's ConditionalTransformedDistribution(base, [t]).condition(context) with a base
+    # of one event: the context's batch shape is the distribution's, as its draws' are
+    case = Case(name, dim, torch.float64, (3, 5))
+    base = dist.Normal(torch.zeros(dim, dtype=torch.float64), 1.0).to_event(1)
+    d = dist.ConditionalTransformedDistribution(base, [case.layer]).condition(case.context)
+    assert d.batch_shape == (3, 5)
+    x = d.sample((7,))
+    assert x.shape == (7, 3, 5, dim)
+    assert d.log_prob(x).shape == (7, 3, 5)
+    assert d.to_event(2).log_prob(x).shape == (7,)
+    expanded = dist.TransformedDistribution(base.expand((3, 5)), [case.bound()])
+    assert torch.allclose(d.log_prob(x), expanded.log_prob(x), atol=1e-10)
+    t = case.bound()
+    assert t.forward_shape((dim,)) == t.inverse_shape((dim,)) == (3, 5, dim)
+    assert t.forward_shape((7, 1, 5, dim)) == (7, 3, 5, dim)
+    with pytest.raises(ValueError, match="does not broadcast with the context's"):
+        t.forward_shape((4, dim))
 
 
 @pytest.mark.parametrize(("name", "dim"), [c for c in CASES if c.values[1] == 5])

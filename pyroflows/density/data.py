@@ -337,7 +337,21 @@ def _pandas_header(cells: list[str]) -> bool:
     return len(cells) >= 2 and cells == [str(j) for j in range(len(cells))]
 
 
+#: the first bytes of every .npy file (NumPy's format, any version)
+_NPY_MAGIC = b"\x93NUMPY"
+
+
 def _read_npy(path: Path, stream: bytes | None = None) -> np.ndarray:
+    if stream is None:
+        with open(path, "rb") as handle:
+            head = handle.read(len(_NPY_MAGIC))
+    else:
+        head = stream[: len(_NPY_MAGIC)]
+    if head != _NPY_MAGIC:  # NumPy would take it for a pickle, and advise allow_pickle=
+        raise DataError(
+            f"{path}: not a .npy file (it does not begin with NumPy's header); a text "
+            f"table (CSV) is read as one when its name does not end in .npy"
+        )
     try:
         if stream is None:
             array = np.load(path, mmap_mode="r", allow_pickle=False)

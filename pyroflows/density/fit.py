@@ -427,7 +427,8 @@ def _split(
     data: Rows, validation: object, generator: torch.Generator, like: torch.Tensor
 ) -> tuple[Rows, Rows | None]:
     """Training rows and validation rows (drawn with ``generator`` from a fraction)."""
-    if isinstance(validation, bool | np.bool_):  # not 1 or 0 rows, nor a fraction of 1
+    # not 1 or 0 rows, nor a fraction of 1; a string is no table of rows either
+    if isinstance(validation, bool | np.bool_ | str | bytes):
         raise TypeError(
             f"validation must be a fraction in [0, 1), rows (M, D) or None, got {validation!r}"
         )

@@ -263,7 +263,7 @@ def dequantized_columns(dequantize: object, dim: int) -> bool | list[int]:
         if not -dim <= j < dim:
             raise ValueError(
                 f"dequantize names column {j}, but the data have {dim} column(s) "
-                f"(indices 0 to {dim - 1})"
+                f"(indices 0 to {dim - 1}, or -{dim} to -1 counting from the end)"
             )
     chosen = sorted({int(j) % dim for j in columns})
     if len(chosen) < len(columns):

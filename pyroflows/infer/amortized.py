@@ -58,6 +58,7 @@ from torch.distributions import biject_to, constraints
 from torch.nn import functional as F
 
 from pyroflows._checks import (
+    check_bool,
     check_choice,
     check_finite,
     check_hidden,
@@ -450,7 +451,7 @@ class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
         self.posterior = posterior
         self.site, self.plate, self.dim = site, plate, dim
         self.size, self.subsample_size, self.name = size, subsample_size, name
-        self.register = bool(register)
+        self.register = check_bool(register, "register")
         self.support = support
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -893,6 +893,12 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         init_scale = check_number(init_scale, "init_scale")
         check_choice(warm_start, "warm_start", WARM_STARTS)
         check_choice(estimator, "estimator", ESTIMATORS)
+        if not callable(init_loc_fn):
+            raise TypeError(
+                f"init_loc_fn must be one of Pyro's initialisation strategies, a callable of "
+                f"a site (pyro.infer.autoguide.init_to_median, init_to_value(values=...)), "
+                f"got {init_loc_fn!r}"
+            )
         super().__init__(model, init_loc_fn=init_loc_fn)
         # the model without Pyro's InitMessenger, which draws (init_to_median: from the
         # prior) at every site it sees unset: a run that draws is then the model's own
@@ -1779,7 +1785,14 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             constrained space (``(1, *site_shape)`` for one number).
         """
         self._ensure_setup(args, kwargs)
-        q = torch.as_tensor(quantiles, dtype=self.anchor_loc.dtype, device=self.anchor_loc.device)
+        try:
+            q = torch.as_tensor(
+                quantiles, dtype=self.anchor_loc.dtype, device=self.anchor_loc.device
+            )
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"quantiles must be a list of numbers in [0, 1] (or a tensor), got {quantiles!r}"
+            ) from None
         if q.dim() == 0:  # one number: one quantile, as Pyro's AutoNormal takes it
             q = q.reshape(1)
         if q.dim() != 1 or ((q < 0) | (q > 1) | q.isnan()).any():

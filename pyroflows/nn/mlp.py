@@ -307,10 +307,14 @@ class ContextTrunk(DropsParamStoreLinks, nn.Module):
                 ) from error
         weight = (self.hidden_layers[0] if len(self.hidden_layers) else self.output_layer).weight
         if x.dtype != weight.dtype:
+            fix = (
+                f"convert one of them (x.to({weight.dtype}) or net.to({x.dtype}))"
+                if x.is_floating_point()
+                else f"x must be floating point: x.to({weight.dtype})"
+            )
             raise TypeError(
                 f"x has dtype {x.dtype} but the network's weights are {weight.dtype}; no "
-                f"silent cast is made: convert one of them (x.to({weight.dtype}) or "
-                f"net.to({x.dtype}))"
+                f"silent cast is made: {fix}"
             ) from error
         if x.device != weight.device:
             raise ValueError(

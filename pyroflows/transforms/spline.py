@@ -488,6 +488,8 @@ class RationalQuadratic:
         try:
             self.bins = check_positive_int(bins, "bins", minimum=2)
         except ValueError as error:
+            if bins != 1:
+                raise
             raise ValueError(
                 f"{error}: one bin, whose end derivatives are fixed at 1 to meet the linear "
                 "tails, can only be the identity"

@@ -133,6 +133,13 @@ def test_read_npy_one_and_two_d(tmp_path):
     assert np.array_equal(values, np.ones((3, 2)))
 
 
+def test_a_text_table_named_npy_is_named_as_such_not_as_a_pickle(tmp_path):
+    (tmp_path / "table.npy").write_text("a,b\n1,2\n3,4\n")
+    with pytest.raises(DataError, match=r"table.npy: not a .npy file") as raised:
+        read_table(tmp_path / "table.npy")
+    assert "pickle" not in str(raised.value)  # NumPy's advice, allow_pickle=, was unsafe
+
+
 def test_streamed_rows_check_values_and_give_the_moments(tmp_path):
     from pyroflows.density.rows import as_source
 

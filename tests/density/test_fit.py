@@ -995,7 +995,7 @@ def test_bad_dequantize_columns_are_named(value, error, match):
         fit(small_flow(), torch.zeros(10, 2), dequantize=value, epochs=1, progress=False)
 
 
-@pytest.mark.parametrize("flag", [True, np.bool_(False)])
+@pytest.mark.parametrize("flag", [True, np.bool_(False), "0.1"])
 def test_a_bool_for_validation_is_named(flag):
     # it was taken for rows, and refused as "validation must have shape (N, D), got ()"
     x = np.random.default_rng(0).normal(size=(50, 2))

@@ -241,6 +241,8 @@ def test_bad_arguments():
         q(torch.zeros(3, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="subsample_size needs size"):
         AmortizedGuide(q, subsample_size=3)
+    with pytest.raises(TypeError, match="register must be True or False, got 'yes'"):
+        AmortizedGuide(q, register="yes")
     with pytest.raises(ValueError, match="num_samples must be"):
         iwae_log_likelihood(lambda x: None, lambda x: None, torch.zeros(2, 4), num_samples=0)
 

@@ -878,6 +878,8 @@ def test_median_quantiles_and_predictive():
         guide.quantiles(1.5)
     with pytest.raises(ValueError, match=r"quantiles must be a list of numbers in \[0, 1\]"):
         guide.quantiles([0.5, float("nan")])  # torch's own error before
+    with pytest.raises(TypeError, match=r"quantiles must be a list of numbers .*'0.5'"):
+        guide.quantiles("0.5")  # torch's "new(): invalid data type 'str'" before
 
 
 def test_quantiles_match_the_lognormal():
@@ -1075,6 +1077,7 @@ def test_no_latent_site_is_refused():
         ({"context": 2}, TypeError, "takes no option 'context'"),
         ({"learn_linear": "no"}, TypeError, "learn_linear must be True or False, got 'no'"),
         ({"learn_skew": 1}, TypeError, "learn_skew must be True or False, got 1"),
+        ({"init_loc_fn": "median"}, TypeError, "init_loc_fn must be one of Pyro's .*'median'"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):

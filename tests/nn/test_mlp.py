@@ -74,6 +74,8 @@ def test_bad_input_and_context_are_named(made):
         net(4).double()(x.double(), torch.randn(10, 4))
     with pytest.raises(ValueError, match="context was given to a network built with context=0"):
         net(0)(x, torch.randn(10, 4))
+    with pytest.raises(TypeError, match=r"float32; .*x must be floating point: x.to\(torch.fl"):
+        net(0)(x.long())  # not "net.to(torch.int64)"
     with pytest.raises(ValueError, match="context was given to a network built with context=0"):
         net(0)(x, torch.zeros(10, 0))
     with pytest.raises(TypeError, match=r"context must be a tensor of shape .* got list"):

@@ -343,7 +343,7 @@ def test_hypothesis_inverse_then_forward(w, h, d, y):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"bins": 0}, ValueError, "bins must be an int >= 2, got 0: one bin"),
+        ({"bins": 0}, ValueError, r"bins must be an int >= 2, got 0$"),  # no word of one bin
         ({"bins": 2.5}, TypeError, "bins must be an int"),
         ({"bound": 0.0}, ValueError, "bound must be a positive finite number"),
         ({"bound": "5"}, ValueError, "bound must be a positive finite number"),

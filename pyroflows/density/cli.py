@@ -72,6 +72,8 @@ def _device(text: str):
     except (RuntimeError, AssertionError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise _Failure(f"--device {text!r} cannot be used here: {reason}") from None
+    if device.type == "meta":  # shapes without values: nothing to fit, draw or score
+        raise _Failure(f"--device {text!r} holds no values (torch's shape-only device)")
     return device
 
 
@@ -426,6 +428,11 @@ def _fit(args: argparse.Namespace) -> None:
             previous.unlink()  # a fresh fit starts a fresh series
     if args.patience is not None and args.patience < 0:
         raise _Failure(f"--patience must be >= 0 (0: never stop early), got {args.patience}")
+    if args.resume and not previous.exists() and rank == 0:  # a loop that always resumes
+        print(
+            f"pyroflows: note: --resume: no checkpoint at {previous}; starting afresh",
+            file=sys.stderr,
+        )
     seed = args.seed
     if seed is None:  # resuming a checkpoint: its seed (its split and batches); else 0
         seed = read_checkpoint(previous)["seed"] if args.resume and previous.exists() else 0

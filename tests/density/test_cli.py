@@ -292,6 +292,10 @@ def test_bad_device_and_seed_get_exit_code_2(workdir):
         run("fit", "data.csv", "--out", "d.pt", *FAST, "--device", "gpu", cwd=workdir),
         "--device 'gpu' cannot be used here",
     )
+    one_line_error(  # torch takes it, and the fit failed with a traceback and exit code 1
+        run("fit", "data.csv", "--out", "d.pt", *FAST, "--device", "meta", cwd=workdir),
+        "--device 'meta' holds no values",
+    )
     for command in (
         ["fit", "data.csv", "--out", "d.pt", *FAST, "--seed", str(10**24)],
         ["sample", "model.pt", "-n", "2", "--seed", "-1"],
@@ -459,7 +463,12 @@ def test_a_checkpoint_of_another_fit_is_refused_in_the_command_lines_terms(workd
         one_line_error(run(*resume, *extra, cwd=workdir), "mis.pt.ckpt", *fragments)
     resumed = run(*resume, cwd=workdir)  # no --seed: the checkpoint's
     assert resumed.returncode == 0, resumed.stderr
+    assert "starting afresh" not in resumed.stderr
     assert not (workdir / "mis.pt.ckpt").exists()
+    # nothing to resume (a loop that always passes --resume; a typo in --out): said so
+    fresh = run("fit", "data.csv", "--out", "new.pt", *FAST, "--resume", cwd=workdir)
+    assert fresh.returncode == 0, fresh.stderr
+    assert "pyroflows: note: --resume: no checkpoint at new.pt.ckpt" in fresh.stderr
 
 
 def test_out_paths_that_cannot_be_written_are_refused_before_the_training(workdir):

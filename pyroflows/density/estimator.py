@@ -204,7 +204,8 @@ class FlowDensity(BaseEstimator):
             raise
 
     def _fit(self, X) -> FlowDensity:  # noqa: N803
-        X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
+        # NaN and inf are left to fit, which names the row and the column
+        X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2, ensure_all_finite=False)
         validation = _plain(self.validation_fraction)
         if validation is not None and not (
             isinstance(validation, numbers.Real)
@@ -325,8 +326,9 @@ class FlowDensity(BaseEstimator):
 
     def _rows(self, X) -> torch.Tensor:  # noqa: N803
         check_is_fitted(self, "flow_")
-        X = validate_data(self, X, dtype=np.float64, reset=False)
-        # checked again in the flow's dtype: 1e39 is finite, but not in float32
+        X = validate_data(self, X, dtype=np.float64, reset=False, ensure_all_finite=False)
+        # NaN and inf named by row and column here, and values checked in the flow's
+        # dtype: 1e39 is finite, but not in float32
         return as_rows(X, "X", self.flow_.base_loc, self.n_features_in_)
 
     def score_samples(self, X) -> np.ndarray:  # noqa: N803

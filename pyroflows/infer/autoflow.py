@@ -136,6 +136,13 @@ def _value_text(value: Any) -> str:
     return repr(value)
 
 
+def _unwrapped(fn: Any) -> Any:
+    """A site's distribution without ``Independent``/``expand``/mask wrappers."""
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return fn
+
+
 class _LastLatent(Messenger):
     """Keeps the name and distribution of the last latent sample site a model reached."""
 
@@ -1135,7 +1142,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         trace = self.prototype_trace
         if trace is None:
             return None
-        bad, unmapped = [], []  # discrete or enumerated; without a map to the reals
+        bad, unmapped, points = [], [], []  # discrete or enumerated; no map; point masses
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site["is_observed"]:
                 continue
@@ -1143,6 +1150,9 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             named = f"{name!r} ({type(site['fn']).__name__}, support {support})"
             if support.is_discrete or site["infer"].get("enumerate"):
                 bad.append(named)
+                continue
+            if isinstance(_unwrapped(site["fn"]), dist.Delta):
+                points.append(repr(name))
                 continue
             try:
                 biject_to(support)
@@ -1157,6 +1167,13 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
                 if diagnostics._subsamples(frame)
             }
         )
+        if points and not bad:
+            return (
+                f"latent site(s) {', '.join(points)} are point masses (Delta): a guide with "
+                "a density has log q finite where the model's log p is -inf, so every ELBO "
+                "is -inf; write such a site as pyro.deterministic(name, value), or give "
+                "it obs=value"
+            )
         if local and not bad:
             return (
                 "AutoFlow packs the latents into one vector of fixed size, so it cannot hold "

@@ -1052,6 +1052,18 @@ def test_enumerated_latent_is_refused_by_name():
         AutoFlow(model)()
 
 
+def test_a_point_mass_latent_is_refused_by_name():
+    # its log p is -inf off the point: every step's loss was inf, with two warnings
+    def model():
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+        m = pyro.sample("m", dist.Delta(torch.tensor([1.0, 2.0])).to_event(1))
+        pyro.deterministic("d", 2 * a)  # a deterministic site is no latent
+        pyro.sample("x", dist.Normal(a + m.sum(), 1.0), obs=torch.tensor(0.3))
+
+    with pytest.raises(GuideSetupError, match=r"latent site\(s\) 'm' are point masses \(Delta\)"):
+        AutoFlow(model)()
+
+
 def test_no_latent_site_is_refused():
     def model():
         pyro.sample("obs", dist.Normal(0.0, 1.0), obs=torch.tensor(0.0))

@@ -1074,8 +1074,8 @@ def fit(
                                 f"callback must return True (stop), False or None (go on), "
                                 f"got {said!r} at epoch {epoch + 1}"
                             )
-                    except BaseException:  # the epoch is whole: its checkpoint is exact
-                        tick()
+                    except Exception:  # the epoch is whole: its checkpoint is exact
+                        tick()  # (a Ctrl-C goes to its own handler, which knows a forced one)
                         checkpoint(*position)
                         raise
                     stop = stop or bool(said)  # (a 0-d bool tensor: an error if not 0-d)

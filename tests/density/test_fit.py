@@ -90,6 +90,15 @@ def test_early_stopping_stops_and_restores_best_weights():
     assert now == pytest.approx(history.best_val_nll, rel=1e-5)
 
 
+def test_a_score_that_only_equals_the_best_is_no_improvement():
+    # lr = 1e-30 moves no weight a float32 step can see: every epoch scores the same,
+    # so the first is the best and the fit stops `patience` epochs after it
+    x = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+    history = fit(small_flow(), x, lr=1e-30, patience=3, epochs=20, schedule=None, progress=False)
+    assert len(set(history.val_nll)) == 1
+    assert (history.best_epoch, history.epochs, history.stopped_early) == (1, 4, True)
+
+
 def test_history_and_cosine_schedule():
     torch.manual_seed(3)
     x = torch.randn(300, 2)
@@ -278,7 +287,7 @@ def test_ctrl_c_mid_epoch_checkpoints_at_the_batch_boundary(tmp_path):
     x = torch.randn(640, 2)
     options = {"epochs": 3, "batch_size": 64, "seed": 2, "progress": False}
     whole = small_flow(seed=1)
-    fit(whole, x, **options)
+    expected = fit(whole, x, **options)
 
     parted = small_flow(seed=1)
     calls = {"n": 0}
@@ -297,8 +306,11 @@ def test_ctrl_c_mid_epoch_checkpoints_at_the_batch_boundary(tmp_path):
     assert 0 < state["batch"] < 10
 
     resumed = small_flow(seed=4)
-    fit(resumed, x, checkpoint_dir=tmp_path, resume=True, **options)
+    history = fit(resumed, x, checkpoint_dir=tmp_path, resume=True, **options)
     assert same_weights(resumed, whole)
+    # the interrupted epoch's mean counts the batches before the stop too
+    assert history.train_nll == expected.train_nll
+    assert history.val_nll == expected.val_nll
 
 
 def test_resume_refuses_other_data(tmp_path):

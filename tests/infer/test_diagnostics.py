@@ -153,6 +153,25 @@ def test_verdict_thresholds():
     assert verdict(math.nan).startswith("do not trust")
 
 
+def test_trustworthy_holds_up_to_and_at_0_7():
+    def report(khat):
+        return Diagnosis(khat, 900.0, 1000, -1.0, -0.9, verdict(khat))
+
+    assert report(0.7).trustworthy  # "usable with care" ends at 0.7, as the verdict reads
+    assert not report(0.7 + 1e-9).trustworthy
+    assert not report(math.nan).trustworthy
+    assert not report(math.inf).trustworthy
+
+
+def test_the_good_readings_note_quotes_the_ess_it_prints_the_smoothed_one():
+    # a raw ESS of 60% and a smoothed one of 40%: the line that prints the smoothed
+    # one judges by it (and the other way round)
+    assert "importance_resample" in verdict(0.3, 0.6, smoothed_ess_fraction=0.4)
+    assert "ESS 40.0%" in verdict(0.3, 0.6, smoothed_ess_fraction=0.4)
+    assert "importance_resample" not in verdict(0.3, 0.4, smoothed_ess_fraction=0.6)
+    assert "importance_resample" in verdict(0.3, 0.4)  # the raw one, when alone
+
+
 def test_verdict_for_a_guide_that_misses_mass_names_the_remedies_that_work():
     # measured on posteriordb's GP regression: more draws per step and the STL estimator
     # widened an under-dispersed flow; more steps, layers or a smaller final lr did not

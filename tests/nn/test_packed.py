@@ -103,6 +103,20 @@ def test_states_load_across_layouts():
     other = MADE(4, params=2, hidden=(8,), context=2).unpack()
     other.load_state_dict(source.state_dict())  # a packed state into unpacked layers
     torch.testing.assert_close(other(x, c), source(x, c))
+    # assign=True takes the state's dtype, as torch's own loads do
+    wide = MADE(4, params=2, hidden=(8,), context=2)
+    wide.load_state_dict(copy.deepcopy(unpacked).double().state_dict(), assign=True)
+    assert wide.flat.dtype == torch.float64
+    torch.testing.assert_close(wide(x.double(), c.double()), source(x, c).double())
+
+
+def test_unpacking_a_frozen_network_keeps_it_frozen():
+    net = MADE(3, 2, hidden=(8,))
+    net.flat.requires_grad_(False)
+    net.unpack()
+    assert not any(p.requires_grad for p in net.parameters())
+    net = MADE(3, 2, hidden=(8,)).unpack()  # and a trainable one trainable
+    assert all(p.requires_grad for p in net.parameters())
 
 
 def test_a_state_missing_a_layer_or_of_another_size_is_reported_by_name():

@@ -46,6 +46,7 @@ def test_context_changes_the_map():
         ({"dim": 4, "split": 0}, r"split must be an int in \[1, 3\], got 0"),
         ({"dim": 4, "split": 4}, r"split must be an int in \[1, 3\], got 4"),
         ({"dim": 4, "split": 1.5}, r"split must be an int in \[1, 3\], got 1.5"),
+        ({"dim": 4, "split": True}, r"split must be an int in \[1, 3\], got True"),
     ],
 )
 def test_bad_arguments(cls, kwargs, match):

@@ -36,6 +36,31 @@ def test_permutation_bad_input(permutation, match):
         Permutation(3, permutation)
 
 
+def test_permutation_sign_is_its_determinants():
+    assert Permutation(3, [0, 1, 2]).sign == 1
+    assert Permutation(3, [1, 0, 2]).sign == -1  # one swap
+    assert Permutation(3, [1, 2, 0]).sign == 1  # a 3-cycle: two swaps
+    assert Permutation(4, "reverse").sign == 1  # two swaps
+    assert Permutation(5, "reverse").sign == 1
+    assert Permutation(2, "reverse").sign == -1
+    t = Permutation(4, [2, 0, 3, 1])
+    assert t.sign == round(torch.linalg.det(torch.eye(4)[:, t.permutation]).item())
+
+
+def test_actnorm_initialized_flag_is_saved_with_the_state():
+    # a loaded layer whose fitted parameters are exactly 0 must not re-initialise
+    assert "initialized" in ActNorm(2).state_dict()
+    t = ActNorm(2)
+    t.inv(torch.randn(50, 2))
+    with torch.no_grad():
+        t.log_scale.zero_()
+        t.shift.zero_()
+    fresh = ActNorm(2)
+    fresh.load_state_dict(t.state_dict())
+    x = 5.0 * torch.randn(100, 2) + 3.0
+    torch.testing.assert_close(fresh.inv(x), x)
+
+
 def test_permutation_is_a_saved_buffer():
     torch.manual_seed(0)
     t = Permutation(6, "random")
@@ -172,6 +197,12 @@ def test_actnorm_waits_out_copies_of_one_point_and_keeps_flat_columns_at_unit_sc
     assert t.log_scale[1].item() == 0.0  # no spread: unit scale, not 1e-6
     torch.testing.assert_close(u[:, 1], torch.zeros(200))
     torch.testing.assert_close(u[:, 0].std(), torch.tensor(1.0))
+    # 0.1 has no exact float32 form: its float32 mean and sd are off by rounding (sd 7e-9),
+    # which would scale the column by 1e8; the statistics are taken in float64
+    t = ActNorm(2)
+    u = t.inv(torch.stack([torch.randn(100), torch.full((100,), 0.1)], -1))
+    assert t.log_scale[1].item() == 0.0
+    assert bool((u[:, 1] == 0).all())  # its mean exactly 0.1: in float32 it was 1e-8 off
 
 
 def test_actnorm_standardizes_a_float32_column_with_a_large_offset():

@@ -9,6 +9,7 @@ every parameter; identity at initialisation; pickling.
 
 from __future__ import annotations
 
+import math
 import pickle
 
 import pyro.distributions as dist
@@ -17,6 +18,12 @@ import torch
 from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
 
+from pyroflows.transforms import (
+    AffineAutoregressive,
+    AffineCoupling,
+    ConditionalAffineAutoregressive,
+    ConditionalAffineCoupling,
+)
 from tests.helpers import batched_jacobian, perturb
 from tests.transforms.registry import CONTEXT, TRANSFORMS
 
@@ -87,6 +94,30 @@ def test_shapes_and_dtype(name, dim, dtype, batch):
     u = t.inv(x.clone())
     assert u.shape == x.shape
     assert t.forward_shape(case.u.shape) == case.u.shape
+
+
+@pytest.mark.parametrize(
+    ("build", "moved"),
+    [
+        (lambda: AffineCoupling(4), 2),
+        (lambda: AffineAutoregressive(4), 4),
+        (lambda: AffineAutoregressive(4, form="maf"), 4),
+        (lambda: ConditionalAffineCoupling(4, 2), 2),
+        (lambda: ConditionalAffineAutoregressive(4, 2), 4),
+    ],
+)
+def test_affine_layers_clamp_each_log_scale_at_3_by_default(build, moved):
+    # every weight and bias 100: each coordinate's raw log scale is about +-1e4 (+-100
+    # where the ReLUs are off), and the default soft clamp, 3 tanh(s / 3), holds it at 3
+    layer = build()
+    u = torch.randn(5, 4)
+    for value in (100.0, -100.0):
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.fill_(value)
+        t = layer.condition(torch.ones(5, 2)) if hasattr(layer, "condition") else layer
+        ladj = t.log_abs_det_jacobian(u, t(u))
+        torch.testing.assert_close(ladj, torch.full((5,), 3.0 * moved * math.copysign(1, value)))
 
 
 CONDITIONAL_CASES = [c for c in CASES if TRANSFORMS[c.values[0]].conditional]

@@ -1052,6 +1052,40 @@ def test_enumerated_latent_is_refused_by_name():
         AutoFlow(model)()
 
 
+def test_with_no_finite_elbo_anywhere_the_start_is_init_loc_fn_at_init_scale():
+    def model():
+        pyro.sample("a", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.factor("never", torch.tensor(-math.inf))
+
+    guide = AutoFlow(model, init_scale=0.3)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        guide()
+    said = [str(w.message) for w in said]
+    assert any("Laplace warm start failed" in text for text in said)
+    assert any("no Gaussian start had a finite ELBO" in text for text in said)
+    assert guide.anchor == "init"
+    torch.testing.assert_close(guide.linear.anchor_scale_tril, 0.3 * torch.eye(2))
+
+
+def test_the_warm_starts_newton_polish_keeps_only_steps_that_gain():
+    # -log p = log cosh(z): from z = 3, Newton's step (tanh 3 / sech^2 3, about 100)
+    # overshoots to z = -98, far below; the polish keeps z = 3 rather than take it
+    def model():
+        z = pyro.sample("z", dist.Normal(torch.zeros(1, dtype=torch.float64), 1e6).to_event(1))
+        log_cosh = z.abs() + torch.log1p(torch.exp(-2 * z.abs())) - math.log(2)
+        pyro.factor("log_cosh", -log_cosh.sum())
+
+    guide = AutoFlow(model, init_loc_fn=init_to_value(values={"z": torch.zeros(1).double()}))
+    guide()
+    start = torch.tensor([3.0], dtype=torch.float64)
+    hessian = guide._hessian(start, (), {})
+    torch.testing.assert_close(guide._newton_polish(start, hessian, (), {}), start)
+    near = torch.tensor([0.3], dtype=torch.float64)  # here the steps gain, towards 0
+    polished = guide._newton_polish(near, guide._hessian(near, (), {}), (), {})
+    assert abs(polished.item()) < 0.01  # (with the Hessian at 0.3: linear convergence)
+
+
 def test_a_point_mass_latent_is_refused_by_name():
     # its log p is -inf off the point: every step's loss was inf, with two warnings
     def model():

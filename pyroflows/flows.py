@@ -61,12 +61,16 @@ PERMUTATIONS = ("reverse", "random", None)
 def _size_of(t: nn.Module) -> int | None:
     """The event size a layer acts on, where it says: ``dim`` here, ``input_dim`` in Pyro.
 
-    (Pyro's ``AffineCoupling`` and ``Permute`` have a ``dim`` too: the tensor dim they
-    act along, ``-1``.)
+    Pyro's autoregressive layers (``affine_autoregressive``, ``spline_autoregressive``,
+    ``neural_autoregressive``, ...) say it by their network's ``arn.input_dim``. (Pyro's
+    ``AffineCoupling`` and ``Permute`` have a ``dim`` too: the tensor dim they act along,
+    ``-1``; its coupling layers do not say their size.)
     """
     if isinstance(t, (FlowTransform, ConditionalFlowTransform)):
         return t.dim
     size = getattr(t, "input_dim", None)
+    if size is None:
+        size = getattr(getattr(t, "arn", None), "input_dim", None)
     return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 

@@ -376,6 +376,11 @@ def test_flow_checks_the_size_of_pyro_layers():
     # Pyro's layers say their size as input_dim: a wrong one failed only at sample()
     with pytest.raises(ValueError, match=r"transforms\[0\] acts on dim 3, expected dim 2"):
         Flow(2, [T.Spline(3)])
+    # the autoregressive ones by their network's input_dim
+    for layer in (T.affine_autoregressive(3), T.spline_autoregressive(3)):
+        with pytest.raises(ValueError, match=r"transforms\[1\] acts on dim 3, expected dim 2"):
+            Flow(2, [T.Spline(2), layer])
+    assert Flow(3, [T.affine_autoregressive(3)])().sample((4,)).shape == (4, 3)
     # and Pyro's AffineCoupling has a dim of -1 (the tensor dim it acts along), for which
     # it was refused
     flow = Flow(2, [T.AffineCoupling(1, DenseNN(1, [8], [1, 1])), T.Spline(2)])

@@ -26,6 +26,7 @@ import numbers
 import os
 import re
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -207,29 +208,54 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
     The file at ``path`` is either the old one or the whole new one, never half a file:
     a failure or a Ctrl-C inside ``write`` (a full disk, a bad value) leaves the old file
     as it was and no temporary behind. ``stream`` is a binary file opened in the
-    destination's folder (made if missing); the new file gets the permissions ``open``
-    would give it.
+    destination's folder (made if missing). A new file gets the permissions ``open``
+    would give it; a file replaced keeps its own (and one this user may not write is
+    refused, as ``open`` would refuse it). A symbolic link keeps pointing where it did,
+    at the new file; another hard link to the old file keeps the old contents. What is
+    not a regular file (a pipe, a terminal, ``/dev/null``, ``/dev/stdout``, a shell's
+    ``>(gzip > f)``) cannot be replaced: it is written to as it is. Errors name
+    ``path`` as given.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file name", str(path))
+    given = Path(path)
+    if given.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file name", str(given))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        kind: int | None = os.stat(given).st_mode  # through links
+    except OSError:
+        kind = None
+    if kind is not None and not stat.S_ISREG(kind):
+        with open(given, "wb") as stream:
+            write(stream)
+        return
+    target, mode = given, None  # mode None: as open() would make a new file
+    if kind is not None:
+        if not os.access(given, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(given))
+        target, mode = Path(os.path.realpath(given)), stat.S_IMODE(kind)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+            dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
         )
     except OSError as error:  # named by the file asked for, not a folder's or temporary's
-        reason = unwritable(path.parent) or error.strerror
-        raise OSError(error.errno, reason, str(path)) from None
+        reason = unwritable(target.parent) or error.strerror
+        raise OSError(error.errno, reason, str(given)) from None
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # as open() would make it, not mkstemp's 0600
+        if mode is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask  # not mkstemp's 0600
+        os.chmod(temporary, mode)
         with os.fdopen(handle, "wb") as stream:
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
-        os.replace(temporary, path)
+        os.replace(temporary, target)
+    except OSError as error:  # a full disk, say: named by the file asked for
+        Path(temporary).unlink(missing_ok=True)
+        if error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror, str(given)) from error
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -607,7 +633,10 @@ def fit(
         callback: ``callback(epoch, history)`` after each epoch; returning ``True`` stops,
             ``False`` or ``None`` goes on (anything else is refused: a ``TypeError``). An
             error it raises stops the fit as a Ctrl-C would: the epoch's checkpoint is
-            written, the best weights so far are restored, and the error propagates.
+            written (a finished one, if the fit ended at that epoch), the best weights so
+            far are restored, and the error propagates. In a data-parallel fit it runs
+            in every process and must answer, or raise, the same in each (one that
+            raises alone leaves the others waiting for it).
         name: what messages about ``data``'s values call it (the estimator's ``"X"``, a
             file's name); rows and columns in them count from 1.
         distributed: ``True`` (default): data-parallel under ``torchrun`` or in the
@@ -960,6 +989,10 @@ def fit(
         if best_state is not None:
             flow.load_state_dict(best_state)
 
+    def finish() -> None:  # the fit has ended: the best weights, in a finished checkpoint
+        restore_best()
+        checkpoint(history.epochs, 0, done=True)
+
     show = sys.stderr.isatty() if progress is None else bool(progress)
     bar = None
     if show:
@@ -987,6 +1020,7 @@ def fit(
         history.seconds = seconds_before + time.perf_counter() - clock
 
     interrupt = _Interrupt()
+    ended = False  # the last epoch (or the early stop's) is done: what is left is finish()
     try:
         # the caller's torch.no_grad() or inference_mode() does not reach the training
         with interrupt, torch.inference_mode(False), torch.enable_grad():
@@ -1065,20 +1099,28 @@ def fit(
                         shown["val"] = f"{score:.4f}"
                     bar.set_postfix(shown, refresh=False)
                     bar.update(1)
+                ended = stop or epoch + 1 == epochs  # (what a checkpoint now must say)
                 if callback is not None:
                     try:
                         said = callback(epoch + 1, history)
-                        flag = isinstance(said, torch.Tensor) and said.dtype == torch.bool
+                        flag = (
+                            isinstance(said, torch.Tensor)
+                            and said.dtype == torch.bool
+                            and said.dim() == 0
+                        )
                         if not (said is None or isinstance(said, (bool, np.bool_)) or flag):
                             raise TypeError(
                                 f"callback must return True (stop), False or None (go on), "
                                 f"got {said!r} at epoch {epoch + 1}"
                             )
+                        stop = stop or bool(said)
                     except Exception:  # the epoch is whole: its checkpoint is exact
                         tick()  # (a Ctrl-C goes to its own handler, which knows a forced one)
-                        checkpoint(*position)
+                        if ended:
+                            finish()
+                        else:
+                            checkpoint(*position)
                         raise
-                    stop = stop or bool(said)  # (a 0-d bool tensor: an error if not 0-d)
                 if world > 1:
                     (stop,) = parallel.PendingFlags([stop], like.device).wait()
                 if stop or epoch + 1 == epochs:
@@ -1087,13 +1129,16 @@ def fit(
                     tick()
                     checkpoint(*position)
             tick()
-            restore_best()
-            checkpoint(history.epochs, 0, done=True)
+            finish()
     except KeyboardInterrupt:
         tick()
         if world > 1 and not interrupt.forced:  # every rank stopped at the same batch
             partial = parallel.sum_all(partial, like.device)
-        if not interrupt.forced:  # a forced stop keeps the last checkpoint, which is exact
+        if interrupt.forced:  # a forced stop keeps the last checkpoint, which is exact
+            pass
+        elif ended:
+            finish()
+        else:
             checkpoint(*position)
         restore_best()
         raise

@@ -1,5 +1,6 @@
 """The command line, run for real: ``python -m pyroflows`` in a subprocess."""
 
+import os
 import shutil
 import signal
 import subprocess
@@ -905,3 +906,28 @@ def test_a_write_that_fails_midway_keeps_the_file_it_would_replace(
     assert main(argv) == 0
     new = np.load(old) if name.endswith(".npy") else np.loadtxt(old, delimiter=",", skiprows=1)
     assert new.shape == (50, 2)
+
+
+def test_out_through_a_link_or_to_a_device_writes_there_and_keeps_what_it_was(
+    workdir, monkeypatch, capsys
+):
+    monkeypatch.chdir(workdir)
+    target = workdir / "kept" / "draws.csv"
+    target.parent.mkdir(exist_ok=True)
+    target.write_text("old\n")
+    target.chmod(0o640)
+    link = workdir / "latest.csv"
+    link.unlink(missing_ok=True)
+    link.symlink_to(target)
+    assert main(["sample", "model.pt", "-n", "5", "--out", str(link), "--force"]) == 0
+    assert link.is_symlink()  # the link still points at the file, which holds the draws
+    assert len(target.read_text().splitlines()) == 6
+    assert target.stat().st_mode & 0o777 == 0o640  # a file replaced keeps its permissions
+    null = workdir / "null-link"
+    null.unlink(missing_ok=True)
+    null.symlink_to(os.devnull)  # a device (a pipe, /dev/stdout): written to, not replaced
+    assert main(["sample", "model.pt", "-n", "5", "--out", str(null), "--force"]) == 0
+    assert null.is_symlink()
+    assert os.path.realpath(null) == os.devnull
+    assert not list(workdir.rglob("*.tmp"))
+    capsys.readouterr()

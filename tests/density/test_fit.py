@@ -224,7 +224,25 @@ def test_a_callback_that_raises_keeps_the_best_weights_and_the_epochs_checkpoint
     assert same_weights(resumed, whole)
 
 
-@pytest.mark.parametrize("said", ["continue", 1, torch.tensor(1.0)])
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_a_callback_that_raises_at_the_early_stop_leaves_a_finished_checkpoint(tmp_path, error):
+    # lr = 1e-30: every epoch scores the same, and the fit stops early after epoch 4
+    x = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+    options = {"lr": 1e-30, "patience": 3, "epochs": 20, "schedule": None, "progress": False}
+
+    def failing(epoch, history):
+        if epoch == 4:
+            raise error("at the epoch the fit stops")
+
+    with pytest.raises(error):
+        fit(small_flow(), x, checkpoint_dir=tmp_path, callback=failing, **options)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["done"]) == (4, True)
+    resumed = fit(small_flow(seed=3), x, checkpoint_dir=tmp_path, resume=True, **options)
+    assert (resumed.epochs, resumed.stopped_early) == (4, True)  # not trained further
+
+
+@pytest.mark.parametrize("said", ["continue", 1, torch.tensor(1.0), torch.tensor([True, True])])
 def test_a_callback_answers_true_false_or_none(said):
     x = torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
     with pytest.raises(TypeError, match="callback must return True .stop., False or None"):

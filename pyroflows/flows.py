@@ -36,6 +36,7 @@ from pyroflows._checks import (
     check_positive_int,
 )
 from pyroflows._pickling import DropsParamStoreLinks
+from pyroflows._pyro_module import RefusesPyroModule
 from pyroflows._torch_modes import functorch_active
 from pyroflows.transforms import (
     ActNorm,
@@ -160,7 +161,7 @@ class FlowDistribution(dist.TransformedDistribution):
         check_finite(value, "value", "a flow scores finite points only")
 
 
-class Flow(DropsParamStoreLinks, nn.Module):
+class Flow(RefusesPyroModule, DropsParamStoreLinks, nn.Module):
     r"""A normalizing flow: a standard normal base and a list of transforms, as a module.
 
     ``flow()`` (unconditional) or ``flow(context)`` (conditional) returns a

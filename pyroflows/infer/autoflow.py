@@ -144,7 +144,11 @@ def _unwrapped(fn: Any) -> Any:
 
 
 class _LastLatent(Messenger):
-    """Keeps the name and distribution of the last latent sample site a model reached."""
+    """The latent sample site a model's run stopped in (its name and distribution).
+
+    ``None`` when every latent site it reached was given a value: an error raised
+    elsewhere in the model is no site's.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -153,6 +157,9 @@ class _LastLatent(Messenger):
     def _process_message(self, msg: dict[str, Any]) -> None:
         if msg["type"] == "sample" and not msg["is_observed"]:
             self.site = (msg["name"], msg["fn"])
+
+    def _postprocess_message(self, msg: dict[str, Any]) -> None:
+        self.site = None  # the site got its value
 
 
 class GuideSetupError(ValueError):

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from pyroflows._checks import check_bool, check_hidden, check_positive_int
 from pyroflows._pickling import DropsParamStoreLinks
+from pyroflows._pyro_module import RefusesPyroModule
 from pyroflows.nn import packed
 from pyroflows.nn.packed import PackedLinear
 
@@ -53,7 +54,7 @@ def _made_scaled(layer: PackedLinear) -> ScaledLinear:
     return layer
 
 
-class ContextTrunk(DropsParamStoreLinks, nn.Module):
+class ContextTrunk(RefusesPyroModule, DropsParamStoreLinks, nn.Module):
     """Shared body of the conditioners: hidden layers with an additive context term each.
 
     ``hidden_layers`` and ``output_layer`` are built by the subclass (dense or masked);

@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
-from pyro.nn import PyroModule
 from torch import nn
 from torch.distributions import Transform, constraints
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from pyroflows._checks import check_context_broadcast, check_event, check_positive_int
 from pyroflows._pickling import DropsParamStoreLinks, drop_param_store_links
+from pyroflows._pyro_module import RefusesPyroModule
 
 #: optimizer steps taken in this process, by any ``torch.optim`` optimizer: a cached
 #: triple is served only under the count it was made under. Version counters see most
@@ -353,7 +353,7 @@ def _states(u: torch.Tensor, x: torch.Tensor, ladj: torch.Tensor) -> tuple[Any, 
     return (u._version, x._version, ladj._version, u.requires_grad, x.requires_grad)
 
 
-class _PartsEmptyTheCache:
+class _PartsEmptyTheCache(RefusesPyroModule):
     """A layer whose cache and tensor list go when a part is set on it.
 
     ``layer.conditioner = other``, ``layer.transformer = ...``, ``add_module`` and
@@ -362,15 +362,6 @@ class _PartsEmptyTheCache:
     """
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "__class__" and issubclass(value, PyroModule):
-            raise TypeError(
-                f"pyro.nn.module.to_pyro_module_ cannot convert pyroflows layers "
-                f"({type(self).__name__}): their networks read their weights directly (one "
-                f"packed tensor each), past the PyroModule attribute access that would make "
-                f"them param sites, so SVI would never train them. Register the flow in the "
-                f"guide instead, pyro.module('flow', flow), or hold it in a PyroModule as a "
-                f"plain nn.Module attribute"
-            )
         super().__setattr__(name, value)
         if "_modules" in self.__dict__ and (
             isinstance(value, nn.Module) or not name.startswith("_")

@@ -1014,6 +1014,16 @@ def improper_scale_model(y):
         pyro.sample("y", dist.Normal(mu, s), obs=y)
 
 
+def test_a_model_that_fails_elsewhere_is_not_blamed_on_a_site():
+    def model():
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+        median = torch.distributions.Gamma(2.0, 1.0).icdf(torch.tensor(0.5))  # not in torch
+        pyro.sample("y", dist.Normal(a + median, 1.0), obs=torch.tensor(0.3))
+
+    with pytest.raises(NotImplementedError):  # the model's own error, as it was raised
+        AutoFlow(model)()
+
+
 def test_a_prior_that_cannot_be_drawn_needs_only_its_start():
     y = 1.0 + torch.randn(40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     pyro.clear_param_store()

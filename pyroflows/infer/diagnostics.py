@@ -320,10 +320,18 @@ class Diagnosis:
         return self.khat <= USABLE_KHAT  # False for nan and inf
 
     def __str__(self) -> str:
-        """One line a user can print."""
+        """One line a user can print.
+
+        ``log p(x) ~`` the importance-sampling estimate: a lower bound in expectation
+        only (one estimate can land above the truth), and worth little where the
+        weights are not trustworthy, which the line then says.
+        """
+        evidence = f"log p(x) ~ {self.log_evidence:.2f}"
+        if not self.trustworthy:
+            evidence += " (unreliable at this k-hat)"
         return (
             f"k-hat {_khat_text(self.khat)} | ESS {self.ess:.0f}/{self.num_samples} | "
-            f"ELBO {self.elbo:.2f} | log p(x) >= {self.log_evidence:.2f} | {self.verdict}"
+            f"ELBO {self.elbo:.2f} | {evidence} | {self.verdict}"
         )
 
 

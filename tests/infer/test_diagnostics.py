@@ -80,6 +80,10 @@ def test_exact_guide_has_equal_weights_and_full_ess():
     assert report.trustworthy
     assert report.verdict.startswith("good")
     assert "k-hat" in str(report)
+    assert "log p(x) ~ " in str(report)  # an estimate, not a bound ('>=' before)
+    assert "unreliable" not in str(report)
+    shaky = Diagnosis(0.9, 40.0, 500, -3.0, 0.48, verdict(0.9))
+    assert "log p(x) ~ 0.48 (unreliable at this k-hat)" in str(shaky)
 
 
 def test_a_guide_far_wider_than_the_posterior_is_not_called_close():

@@ -187,6 +187,11 @@ class FlowDensity(BaseEstimator):
     def fit(self, X, y=None) -> FlowDensity:  # noqa: N803 (scikit-learn's names)
         """Fit the flow to the rows of ``X`` (``(n_samples, n_features)``); ``y`` is ignored.
 
+        ``y`` is there for scikit-learn's conventions (``cross_val_score(est, X, y)``), as
+        in ``KernelDensity``: this estimator fits ``p(x)``, never ``p(x | y)``. A density
+        conditional on a context is a conditional flow (``pyroflows.nsf(D, context=C)``)
+        trained with a torch loop on ``-flow(c).log_prob(x).mean()``.
+
         All or nothing: an error or an interrupt (Ctrl-C, a notebook's stop) leaves the
         estimator as it was before the call. To keep a long fit's progress through an
         interrupt, give ``checkpoint_dir`` and fit again with ``resume=True``.

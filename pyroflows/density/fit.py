@@ -670,7 +670,10 @@ def fit(
     if flow.conditional:
         raise ValueError(
             f"fit takes an unconditional flow; this one needs a context of size "
-            f"{flow.context_features}"
+            f"{flow.context_features}. Train a conditional p(x | c) with torch's loop: "
+            f"optimizer = torch.optim.Adam(flow.parameters(), lr=1e-3); per batch, "
+            f"loss = -flow(c).log_prob(x).mean(); optimizer.zero_grad(); loss.backward(); "
+            f"optimizer.step()"
         )
     if any(t.is_inference() for t in [*flow.parameters(), *flow.buffers()]):
         raise ValueError(

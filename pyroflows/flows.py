@@ -22,6 +22,7 @@ from typing import Any
 import pyro.distributions as dist
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
+from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
 from torch.distributions import Distribution, Transform
 from torch.distributions.utils import _sum_rightmost
@@ -63,7 +64,8 @@ def _size_of(t: nn.Module) -> int | None:
     """The event size a layer acts on, where it says: ``dim`` here, ``input_dim`` in Pyro.
 
     Pyro's autoregressive layers (``affine_autoregressive``, ``spline_autoregressive``,
-    ``neural_autoregressive``, ...) say it by their network's ``arn.input_dim``. (Pyro's
+    ``neural_autoregressive``, ...) say it by their network's ``arn.input_dim``, the
+    conditional ones by ``nn.input_dim`` (a ``ConditionalAutoRegressiveNN``). (Pyro's
     ``AffineCoupling`` and ``Permute`` have a ``dim`` too: the tensor dim they act along,
     ``-1``; its coupling layers do not say their size.)
     """
@@ -72,6 +74,8 @@ def _size_of(t: nn.Module) -> int | None:
     size = getattr(t, "input_dim", None)
     if size is None:
         size = getattr(getattr(t, "arn", None), "input_dim", None)
+    if size is None and isinstance(getattr(t, "nn", None), ConditionalAutoRegressiveNN):
+        size = t.nn.input_dim  # Pyro's conditional autoregressive layers keep it there
     return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 

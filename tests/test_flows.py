@@ -381,6 +381,13 @@ def test_flow_checks_the_size_of_pyro_layers():
         with pytest.raises(ValueError, match=r"transforms\[1\] acts on dim 3, expected dim 2"):
             Flow(2, [T.Spline(2), layer])
     assert Flow(3, [T.affine_autoregressive(3)])().sample((4,)).shape == (4, 3)
+    with pytest.raises(ValueError, match=r"transforms\[0\] acts on dim 3, expected dim 2"):
+        Flow(2, [T.conditional_affine_autoregressive(3, 2)], context=2)  # by nn.input_dim
+    Flow(
+        3,
+        [T.conditional_affine_autoregressive(3, 2), T.conditional_affine_coupling(3, 2)],
+        context=2,
+    )
     # and Pyro's AffineCoupling has a dim of -1 (the tensor dim it acts along), for which
     # it was refused
     flow = Flow(2, [T.AffineCoupling(1, DenseNN(1, [8], [1, 1])), T.Spline(2)])

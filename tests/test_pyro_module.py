@@ -11,6 +11,7 @@ from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
 
 import pyroflows
+from pyroflows.infer import amortized_posterior
 from pyroflows.nn import MADE
 from pyroflows.transforms import AffineAutoregressive, AffineCoupling
 
@@ -21,6 +22,7 @@ def test_to_pyro_module_is_refused_not_left_untrained():
         AffineCoupling(4, hidden=(8,)),
         pyroflows.maf(3, transforms=1),  # refused whole, before any part is converted
         MADE(3, 2, hidden=(8,)),  # a network alone trained nothing either
+        amortized_posterior(4, 2, hidden=(8,)),  # its encoder was converted before the flow
     ):
         name = type(module).__name__
         with pytest.raises(TypeError, match=rf"to_pyro_module_ cannot .*\({name}\)"):

@@ -209,29 +209,31 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
     a failure or a Ctrl-C inside ``write`` (a full disk, a bad value) leaves the old file
     as it was and no temporary behind. ``stream`` is a binary file opened in the
     destination's folder (made if missing). A new file gets the permissions ``open``
-    would give it; a file replaced keeps its own (and one this user may not write is
-    refused, as ``open`` would refuse it). A symbolic link keeps pointing where it did,
-    at the new file; another hard link to the old file keeps the old contents. What is
-    not a regular file (a pipe, a terminal, ``/dev/null``, ``/dev/stdout``, a shell's
-    ``>(gzip > f)``) cannot be replaced: it is written to as it is. Errors name
-    ``path`` as given.
+    would give it; a file replaced keeps its own, its group and (written by root) its
+    owner, and one this user may not write is refused, as ``open`` would refuse it. A
+    symbolic link (a dangling one too) keeps pointing where it did, at the new file;
+    another hard link to the old file keeps the old contents. What is not a regular file
+    (a pipe, a terminal, ``/dev/null``), and any path under ``/dev/`` or ``/proc/``
+    (``/dev/stdout`` redirected to a file, a shell's ``>(gzip > f)``), cannot be
+    replaced: it is written to as it is. Errors of the destination name ``path`` as
+    given.
     """
     given = Path(path)
     if given.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a directory, not a file name", str(given))
     try:
-        kind: int | None = os.stat(given).st_mode  # through links
-    except OSError:
-        kind = None
-    if kind is not None and not stat.S_ISREG(kind):
+        found: os.stat_result | None = os.stat(given)  # through links
+    except FileNotFoundError:
+        found = None
+    in_place = str(given.absolute()).startswith(("/dev/", "/proc/"))  # /dev/stdout, fds
+    if in_place or (found is not None and not stat.S_ISREG(found.st_mode)):
         with open(given, "wb") as stream:
             write(stream)
         return
-    target, mode = given, None  # mode None: as open() would make a new file
-    if kind is not None:
-        if not os.access(given, os.W_OK):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(given))
-        target, mode = Path(os.path.realpath(given)), stat.S_IMODE(kind)
+    # a link (dangling too) is followed: its target is written, the link kept
+    target = Path(os.path.realpath(given)) if given.is_symlink() else given
+    if found is not None and not os.access(given, os.W_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(given))
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(
@@ -241,11 +243,17 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
         reason = unwritable(target.parent) or error.strerror
         raise OSError(error.errno, reason, str(given)) from None
     try:
-        if mode is None:
+        if found is None:
             umask = os.umask(0)
             os.umask(umask)
-            mode = 0o666 & ~umask  # not mkstemp's 0600
-        os.chmod(temporary, mode)
+            os.chmod(temporary, 0o666 & ~umask)  # as open() makes a file, not mkstemp's 0600
+        else:  # the replaced file's permissions, owner and group, where this user may
+            os.chmod(temporary, stat.S_IMODE(found.st_mode))
+            root = getattr(os, "geteuid", lambda: -1)() == 0
+            try:  # (only root may give a file to another owner)
+                os.chown(temporary, found.st_uid if root else -1, found.st_gid)
+            except (OSError, AttributeError):  # not in that group; no chown (Windows)
+                pass
         with os.fdopen(handle, "wb") as stream:
             write(stream)
             stream.flush()
@@ -253,8 +261,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
         os.replace(temporary, target)
     except OSError as error:  # a full disk, say: named by the file asked for
         Path(temporary).unlink(missing_ok=True)
-        if error.errno is None:
-            raise
+        if error.errno is None or error.filename not in (None, temporary, str(target)):
+            raise  # an error of another file, raised inside write
         raise OSError(error.errno, error.strerror, str(given)) from error
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -67,6 +67,7 @@ from pyroflows._checks import (
     warn_from_caller,
 )
 from pyroflows._pickling import DropsParamStoreLinks
+from pyroflows._pyro_module import RefusesPyroModule
 from pyroflows.flows import Flow, FlowDistribution, iaf, nsf
 from pyroflows.infer._param_store import MirrorsParamStore, register
 
@@ -74,7 +75,7 @@ POSTERIOR_FLOWS = ("iaf", "nsf", None)
 _SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(_SOFTPLUS_ONE) == 1
 
 
-class Encoder(DropsParamStoreLinks, nn.Module):
+class Encoder(RefusesPyroModule, DropsParamStoreLinks, nn.Module):
     r"""The amortized part of q(z | x): :math:`x \mapsto (\mu(x), \sigma(x), h(x))`.
 
     A multilayer perceptron (or a ``body`` of your own, e.g. a convolutional net) whose
@@ -189,7 +190,7 @@ def _check_rows(x: object, name: str, dim: int, like: torch.Tensor) -> None:
         )
 
 
-class AmortizedPosterior(DropsParamStoreLinks, nn.Module):
+class AmortizedPosterior(RefusesPyroModule, DropsParamStoreLinks, nn.Module):
     r"""q(z | x): an :class:`Encoder` and a conditional :class:`~pyroflows.Flow` (or none).
 
     ``posterior(x)`` returns the distribution of ``z`` for every row of ``x``: a
@@ -330,7 +331,7 @@ _EVERY_ROW_ONCE: contextvars.ContextVar[bool] = contextvars.ContextVar(
 )
 
 
-class AmortizedGuide(MirrorsParamStore, DropsParamStoreLinks, nn.Module):
+class AmortizedGuide(RefusesPyroModule, MirrorsParamStore, DropsParamStoreLinks, nn.Module):
     r"""A Pyro guide that samples ``z ~ q(z | x)`` for every row of ``x`` in a plate.
 
     ``guide(x, *args, **kwargs)`` registers the posterior's parameters with

@@ -923,6 +923,12 @@ def test_out_through_a_link_or_to_a_device_writes_there_and_keeps_what_it_was(
     assert link.is_symlink()  # the link still points at the file, which holds the draws
     assert len(target.read_text().splitlines()) == 6
     assert target.stat().st_mode & 0o777 == 0o640  # a file replaced keeps its permissions
+    dangling = workdir / "dangling.csv"
+    dangling.unlink(missing_ok=True)
+    dangling.symlink_to(workdir / "kept" / "new.csv")  # its target does not exist yet
+    assert main(["sample", "model.pt", "-n", "5", "--out", str(dangling)]) == 0
+    assert dangling.is_symlink()
+    assert len((workdir / "kept" / "new.csv").read_text().splitlines()) == 6
     null = workdir / "null-link"
     null.unlink(missing_ok=True)
     null.symlink_to(os.devnull)  # a device (a pipe, /dev/stdout): written to, not replaced

@@ -1425,18 +1425,25 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
         except (RuntimeError, ValueError):
             return None
 
+    def _initializer(self) -> InitMessenger | None:
+        """Pyro's ``InitMessenger`` of ``init_loc_fn`` around the model, else ``None``."""
+        wrapped = _handler_and_model(self.model)
+        if wrapped is None or not isinstance(wrapped[0], InitMessenger):
+            return None
+        return wrapped[0]
+
     def _undrawable_site(self, args, kwargs) -> tuple[str, Any] | None:
         """The latent site whose start ``init_loc_fn`` failed to draw, and its distribution.
 
         ``None`` where the model runs, or fails elsewhere.
         """
-        wrapped = _handler_and_model(self.model)
-        if wrapped is None or not isinstance(wrapped[0], InitMessenger):
+        initializer = self._initializer()
+        if initializer is None:
             return None
         last = _LastLatent()
         try:
             with poutine.block(), torch.no_grad():
-                wrapped[0](last(self._plain()))(*args, **kwargs)
+                initializer(last(self._plain()))(*args, **kwargs)
         except NotImplementedError:
             return last.site
         except Exception:
@@ -1453,10 +1460,10 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             try:
                 return poutine.trace(model).get_trace(*args, **kwargs)
             except NotImplementedError:  # a site that cannot be drawn (ImproperUniform)
-                wrapped = _handler_and_model(self.model)  # Pyro's InitMessenger, around
-                if wrapped is None or not isinstance(wrapped[0], InitMessenger):
+                initializer = self._initializer()
+                if initializer is None:
                     raise
-                initialized = wrapped[0](model)  # so the site takes its init_loc_fn value
+                initialized = initializer(model)  # so the site takes its init_loc_fn value
                 return poutine.trace(initialized).get_trace(*args, **kwargs)
 
     def _subsampled(self, args, kwargs) -> bool:

@@ -1,7 +1,8 @@
 """Density estimation: fit a flow to a table of numbers, then sample it and score points.
 
 * :func:`fit`: the training loop (validation split, early stopping, schedule, clipping,
-  progress bar, atomic checkpoints and resume), on any unconditional flow.
+  progress bar, atomic checkpoints and resume), on any flow; a conditional flow is fitted
+  to p(x | c) with ``fit(flow, x, context=c)``.
 * :class:`Standardization`: the fixed affine layer that makes scores data-unit scores.
 * :class:`FlowDensity`: a scikit-learn estimator (needs ``scikit-learn``).
 * :func:`save` / :func:`load`: model files that ``torch.load(weights_only=True)`` reads.

@@ -25,7 +25,12 @@ class DataError(ValueError):
 
 
 def as_rows(
-    data: object, name: str, like: torch.Tensor, dim: int | None = None, fitting: bool = False
+    data: object,
+    name: str,
+    like: torch.Tensor,
+    dim: int | None = None,
+    fitting: bool = False,
+    width: str = "the flow's dim",
 ) -> torch.Tensor:
     """Return ``data`` as a finite ``(N, D)`` tensor with ``like``'s dtype and device.
 
@@ -39,6 +44,7 @@ def as_rows(
         dim: the required number of columns, if known.
         fitting: rows a flow will be fitted to: also refuse columns that the conversion
             rounds too much (:func:`check_rounding`). Rows to score are not refused.
+        width: what ``dim`` is, for the message about a wrong number of columns.
     """
     if isinstance(data, torch.Tensor):
         if not data.dtype.is_floating_point:
@@ -73,7 +79,7 @@ def as_rows(
     if tensor.shape[0] == 0:
         raise DataError(f"{name} is empty: it has no rows")
     if dim is not None and tensor.shape[1] != dim:
-        raise DataError(f"{name} must have {dim} columns (the flow's dim), got {tensor.shape[1]}")
+        raise DataError(f"{name} must have {dim} columns ({width}), got {tensor.shape[1]}")
     bad = ~torch.isfinite(tensor)
     if bad.any():
         row, col = (int(i) for i in bad.nonzero()[0])

@@ -190,7 +190,7 @@ class FlowDensity(BaseEstimator):
         ``y`` is there for scikit-learn's conventions (``cross_val_score(est, X, y)``), as
         in ``KernelDensity``: this estimator fits ``p(x)``, never ``p(x | y)``. A density
         conditional on a context is a conditional flow (``pyroflows.nsf(D, context=C)``)
-        trained with a torch loop on ``-flow(c).log_prob(x).mean()``.
+        fitted with :func:`pyroflows.density.fit` (``fit(flow, x, context=c)``).
 
         All or nothing: an error or an interrupt (Ctrl-C, a notebook's stop) leaves the
         estimator as it was before the call. To keep a long fit's progress through an

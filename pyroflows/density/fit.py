@@ -337,11 +337,13 @@ class _NegativeLogLikelihood(nn.Module):
         super().__init__()
         self.flow = flow
 
-    def forward(self, x: torch.Tensor, divisor: float) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, divisor: float, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if x.shape[0] == 0:  # a share of no rows (a last batch of fewer rows than ranks):
             # zero, but through every parameter, for DDP's reduction to wait on
             return sum(p.sum() for p in self.parameters()) * 0.0
-        return -self.flow().log_prob(x).sum() / divisor
+        return -self.flow(context).log_prob(x).sum() / divisor
 
 
 def _mean_nll(
@@ -352,26 +354,29 @@ def _mean_nll(
     world: int,
     chunk: int = CHUNK,
     mask: torch.Tensor | None = None,
+    context: Rows | None = None,
 ) -> float:
     """Mean NLL of the rows of ``data``; ranks share the chunks and sum their totals.
 
     With ``noise_seed`` (dequantisation) chunk ``c`` gets :math:`U[0,1)` noise from a
     generator seeded by ``(noise_seed, c)``: the same noise at every epoch and for any
     number of ranks, without holding it in memory; on the columns of ``mask`` only, when
-    given.
+    given. ``context``: the rows' contexts (a conditional flow), row for row.
     """
     like = flow.base_loc
     total = 0.0
     with torch.no_grad():
-        d = flow()
+        d = flow() if context is None else None
         for c, start in enumerate(range(0, len(data), chunk)):
             if c % world != rank:
                 continue
-            x = data.take(torch.arange(start, min(start + chunk, len(data))))
+            positions = torch.arange(start, min(start + chunk, len(data)))
+            x = data.take(positions)
             if noise_seed is not None:
                 u = chunk_noise(x.shape, noise_seed, c, like)
                 x = x + (u if mask is None else u * mask)
-            total -= d.log_prob(x).sum().item()
+            here = d if context is None else flow(context.take(positions))
+            total -= here.log_prob(x).sum().item()
     if world > 1:
         (total,) = parallel.sum_all([total], like.device)
     return total / len(data)
@@ -434,8 +439,40 @@ def _warn_if_discrete(rows: Rows, name: str, dequantized: bool | list[int] = Fal
     )
 
 
+def _warn_if_unscaled_context(mean: torch.Tensor, sd: torch.Tensor) -> None:
+    """Warn of context columns far from unit scale, which a flow's networks take as they are.
+
+    ``fit`` standardizes the data (the density's own units), not the context: a context
+    column of years (mean 2000, sd 10) or of incomes (sd 20000) saturates the first
+    layer's units, and the fit learns slowly or not at all. A constant column is no harm.
+    """
+    varies = sd > 0
+    offset = torch.where(varies, mean.abs() / torch.where(varies, sd, 1.0), 0.0)
+    bad = [
+        j
+        for j in range(len(sd))
+        if varies[j] and (offset[j] > 10 or not 1e-3 <= float(sd[j]) <= 1e3)
+    ]
+    if bad:
+        shown = ", ".join(
+            f"{j + 1} (mean {float(mean[j]):.4g}, sd {float(sd[j]):.4g})" for j in bad[:5]
+        )
+        warn_from_caller(
+            f"fit: context column(s) {shown}{' ...' if len(bad) > 5 else ''} are far from "
+            "unit scale, and the flow's networks take the context as it is (fit standardizes "
+            "the data, not the context): standardize it, (c - mean) / sd with the training "
+            "contexts' mean and sd, here and wherever you condition the flow"
+        )
+
+
 def _check_ranks_agree(
-    fingerprint: list, held_out: list | None, seed: int, options: dict, architecture: str, device
+    fingerprint: list,
+    held_out: list | None,
+    seed: int,
+    options: dict,
+    architecture: str,
+    device,
+    context_totals: tuple[float, float] = (0.0, 0.0),
 ) -> None:
     """Refuse, on every rank, a data-parallel fit whose ranks were given different fits.
 
@@ -447,7 +484,8 @@ def _check_ranks_agree(
     rows, dim, batch_size, total = fingerprint
     held_rows, held_total = held_out[:2] if held_out is not None else (-1, 0.0)
     exact = [float(v) for v in (rows, dim, batch_size, held_rows, seed % 2**52, digest)]
-    others = parallel.disagreeing(exact, [float(total), float(held_total)], device)
+    close = [float(total), float(held_total), *map(float, context_totals)]
+    others = parallel.disagreeing(exact, close, device)
     if others:
         raise ValueError(
             f"fit: this fit is data-parallel (torchrun, or the script's process group), and "
@@ -458,13 +496,23 @@ def _check_ranks_agree(
 
 
 def _split(
-    data: Rows, validation: object, generator: torch.Generator, like: torch.Tensor
-) -> tuple[Rows, Rows | None]:
-    """Training rows and validation rows (drawn with ``generator`` from a fraction)."""
+    data: Rows,
+    validation: object,
+    generator: torch.Generator,
+    like: torch.Tensor,
+    context: Rows | None = None,
+) -> tuple[Rows, Rows | None, Rows | None, Rows | None]:
+    """Training and validation rows, and their contexts (``None`` without one).
+
+    A fraction of the rows is drawn with ``generator``; the contexts are split with their
+    rows. Validation rows of the caller's are ``(M, D)``, or with a context the pair
+    ``(rows (M, D), context (M, c))``.
+    """
     # not 1 or 0 rows, nor a fraction of 1; a string is no table of rows either
     if isinstance(validation, bool | np.bool_ | str | bytes):
+        what = "rows (M, D)" if context is None else "a pair (rows (M, D), context (M, c))"
         raise TypeError(
-            f"validation must be a fraction in [0, 1), rows (M, D) or None, got {validation!r}"
+            f"validation must be a fraction in [0, 1), {what} or None, got {validation!r}"
         )
     if (
         validation is None
@@ -477,12 +525,33 @@ def _split(
         n = len(data)
         n_val = min(max(round(fraction * n), 1), n - 1) if fraction > 0 and n > 1 else 0
         if n_val == 0:
-            return data, None
+            return data, None, context, None
         order = torch.randperm(n, generator=generator)
         # sorted: streaming passes read a memory-mapped file front to back (batches are
         # shuffled by their own order each epoch)
-        return data.subset(order[n_val:].sort().values), data.subset(order[:n_val].sort().values)
-    return data, as_source(validation, "validation", like, data.dim, fitting=True)
+        kept, held = order[n_val:].sort().values, order[:n_val].sort().values
+        if context is None:
+            return data.subset(kept), data.subset(held), None, None
+        return data.subset(kept), data.subset(held), context.subset(kept), context.subset(held)
+    if context is None:
+        return data, as_source(validation, "validation", like, data.dim, fitting=True), None, None
+    if not (isinstance(validation, tuple | list) and len(validation) == 2):
+        raise TypeError(
+            f"validation for a conditional flow must be a fraction in [0, 1), None, or a "
+            f"pair (rows (M, {data.dim}), context (M, {context.dim})), got "
+            f"{type(validation).__name__}"
+            + (f" of length {len(validation)}" if isinstance(validation, tuple | list) else "")
+        )
+    rows = as_source(validation[0], "validation[0]", like, data.dim, fitting=True)
+    contexts = as_source(
+        validation[1], "validation[1]", like, context.dim, True, "the flow's context size"
+    )
+    if len(rows) != len(contexts):
+        raise ValueError(
+            f"validation's rows and contexts must pair up, got {len(rows)} rows and "
+            f"{len(contexts)} contexts"
+        )
+    return data, rows, context, contexts
 
 
 # devices with torch's fused Adam kernel (torch >= 2.4 checks only at the first step)
@@ -557,6 +626,7 @@ def fit(
     flow: Flow,
     data: object,
     *,
+    context: object = None,
     validation: object = 0.1,
     epochs: int = 200,
     batch_size: int = 256,
@@ -581,6 +651,13 @@ def fit(
     The flow is trained in place. At the end it holds the weights of the epoch with the
     lowest validation NLL, and ``flow()`` is the fitted density in the data's own units.
 
+    A conditional flow (built with ``context=c``) is fitted to :math:`p(x \mid c)` by
+    :math:`\max_\theta \sum_i \log q_\theta(x_i \mid c_i)`, with ``context`` the
+    ``(N, c)`` rows :math:`c_i` beside ``data``'s :math:`x_i`; the split, the batches and
+    the checkpoints keep each row with its context, and ``flow(c)`` is then the fitted
+    density of :math:`x` given :math:`c`. The data are standardized, the context is not:
+    the flow's networks take it as it is (a column far from unit scale is warned of).
+
     Cost per epoch: one ``log_prob`` (the flow's scoring direction, ``t.inv``) and its
     backward pass per mini-batch, plus one scoring pass over the validation rows. Use a
     flow that scores in one pass (``maf``, ``realnvp``, ``nice``, ``nsf``), not ``iaf``.
@@ -599,12 +676,17 @@ def fit(
     for them).
 
     Args:
-        flow: an unconditional :class:`~pyroflows.Flow` of size ``D``.
+        flow: a :class:`~pyroflows.Flow` of size ``D``, unconditional or conditional.
         data: training rows, shape ``(N, D)``: a NumPy array (converted to the flow's
             dtype) or a tensor of the flow's dtype. NaN and inf are refused.
-        validation: a fraction of ``data`` (drawn at random, with ``seed``) held out for
-            early stopping, or validation rows ``(M, D)``, or ``None``/``0`` for none (then
-            the training NLL stands in, and nothing guards against over-fitting).
+        context: for a conditional flow (and only then), the context of each row of
+            ``data``, shape ``(N, c)``, in the same forms as ``data`` (a memory-mapped
+            ``.npy`` too). NaN and inf are refused.
+        validation: a fraction of ``data`` (drawn at random, with ``seed``; with a
+            context, the same rows of it) held out for early stopping, or validation rows
+            ``(M, D)`` (with a context, the pair ``(rows (M, D), context (M, c))``), or
+            ``None``/``0`` for none (then the training NLL stands in, and nothing guards
+            against over-fitting).
         epochs: the most epochs to run.
         batch_size: rows per mini-batch (the last batch of an epoch may be smaller).
         lr: Adam's learning rate (torch's fused Adam where the device has it, else its
@@ -634,7 +716,7 @@ def fit(
         checkpoint_every: epochs between checkpoints.
         resume: continue from ``checkpoint_dir``'s checkpoint if there is one (the flow
             must be built as the one that wrote it, with the same layers, sizes and
-            activation; data, validation rows and options the same: other data, batch
+            activation; data, contexts, validation rows and options the same: other data, batch
             size, epochs, lr, schedule... are refused, by name, with a
             :class:`ResumeMismatch`). A finished fit's checkpoint gives its result back as
             it is.
@@ -672,16 +754,29 @@ def fit(
         >>> history = fit(flow, x, epochs=5, seed=0, progress=False)
         >>> history.epochs, flow().sample((3,)).shape
         (5, torch.Size([3, 2]))
+
+        A conditional density, :math:`p(x \mid c)`:
+
+        >>> c = torch.randn(500, 1)
+        >>> x = c + 0.1 * torch.randn(500, 2)
+        >>> cflow = pyroflows.maf(2, context=1, transforms=2, hidden=(16,))
+        >>> _ = fit(cflow, x, context=c, epochs=5, seed=0, progress=False)
+        >>> cflow(torch.tensor([0.5])).sample((3,)).shape
+        torch.Size([3, 2])
     """
     if not isinstance(flow, Flow):
         raise TypeError(f"flow must be a pyroflows.Flow, got {type(flow).__name__}")
-    if flow.conditional:
+    if flow.conditional and context is None:
         raise ValueError(
-            f"fit takes an unconditional flow; this one needs a context of size "
-            f"{flow.context_features}. Train a conditional p(x | c) with torch's loop: "
-            f"optimizer = torch.optim.Adam(flow.parameters(), lr=1e-3); per batch, "
-            f"loss = -flow(c).log_prob(x).mean(); optimizer.zero_grad(); loss.backward(); "
-            f"optimizer.step()"
+            f"fit: this flow is conditional, p(x | c) with a context of size "
+            f"{flow.context_features}: pass context=, the context of each row of data, "
+            f"shape (N, {flow.context_features})"
+        )
+    if not flow.conditional and context is not None:
+        raise ValueError(
+            "fit: context was given, but the flow is unconditional (built with context=0): "
+            "build it with context=c (pyroflows.nsf(D, context=c)) to fit p(x | c), or "
+            "drop context= to fit p(x)"
         )
     if any(t.is_inference() for t in [*flow.parameters(), *flow.buffers()]):
         raise ValueError(
@@ -753,6 +848,15 @@ def fit(
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str, got {name!r}")
     source = as_source(data, name, like, flow.dim, fitting=True)
+    contexts = None
+    if context is not None:
+        size = flow.context_features
+        contexts = as_source(context, "context", like, size, True, "the flow's context size")
+        if len(contexts) != len(source):
+            raise ValueError(
+                f"context must hold one row per row of {name}: got {len(contexts)} context "
+                f"rows for {len(source)} rows"
+            )
     path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     state = None
     # an unreadable checkpoint (None) is replaced without a word, as resume=True refuses it
@@ -782,7 +886,7 @@ def fit(
     mask = noise_mask(dequantize, flow.dim, like)
     if dequantize:  # the whole source: rows numbered as the caller's
         check_integers(source, mask)
-    train, valid = _split(source, validation, generator, like)
+    train, valid, train_c, valid_c = _split(source, validation, generator, like, contexts)
     if len(train) < 2:
         split = valid is not None and train is not source  # a fraction held out, not rows
         held = f", of which the validation split took {len(valid)}" if split else ""
@@ -821,6 +925,18 @@ def fit(
         held_out = [len(valid), valid.moments()[2]]
         if path is not None:  # a resume's check of the rows: only with checkpoints
             held_out.append(_signature(valid))
+    # the contexts' fingerprints: [sum of the training contexts, of the validation ones]
+    # (each checks every value), and with checkpoints their signatures too
+    context_print = None
+    if train_c is not None:
+        c_mean, c_sd, c_total = train_c.moments()
+        if rank == 0:
+            _warn_if_unscaled_context(c_mean, c_sd)
+        c_held = valid_c.moments()[2] if valid_c is not None else 0.0
+        context_print = [c_total, c_held]
+        if path is not None:
+            context_print.append(_signature(train_c))
+            context_print.append(_signature(valid_c) if valid_c is not None else [])
     if path is not None and rank == 0:
         reason = unwritable(path.parent)
         if reason is not None:  # found now, not after the epochs up to the first checkpoint
@@ -859,7 +975,15 @@ def fit(
     }
     architecture = _architecture(flow)
     if world > 1:
-        _check_ranks_agree(fingerprint[:4], held_out, seed, options, architecture, like.device)
+        _check_ranks_agree(
+            fingerprint[:4],
+            held_out,
+            seed,
+            options,
+            architecture,
+            like.device,
+            (0.0, 0.0) if context_print is None else tuple(context_print[:2]),
+        )
 
     if state is not None:
         then = state.get("options", options)  # checkpoints before this record none
@@ -906,6 +1030,25 @@ def fit(
                 f"the same validation rows, or resume=False to start afresh",
                 path,
                 {"validation_rows": (then, held_out)},
+            )
+        then = state.get("context")
+        if (then is None) != (context_print is None) or (
+            then is not None
+            and (
+                not all(
+                    math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
+                    for a, b in zip(then[:2], context_print[:2], strict=True)
+                )
+                or not _same_signature(then[2:3], context_print[2:3])
+                or not _same_signature(then[3:4], context_print[3:4])
+            )
+        ):
+            raise ResumeMismatch(
+                f"the checkpoint in {checkpoint_dir} was written for other contexts (the "
+                f"training and validation contexts must be those of the interrupted fit, "
+                f"row for row); pass the same context, or resume=False to start afresh",
+                path,
+                {"context": (then, context_print)},
             )
         then = state.get("architecture", architecture)
         # an earlier pyroflows showed a dense layer of a network as Linear: the same flow
@@ -991,6 +1134,7 @@ def fit(
             "options": options,
             "held_out": held_out,
             "architecture": architecture,
+            "context": context_print,
             "seed": seed,
             "world": world,
         }
@@ -1043,7 +1187,9 @@ def fit(
                 for batch in range(start_batch, n_batches):
                     rows = mine[batch * batch_size : (batch + 1) * batch_size]
                     size = len(rows)
-                    x = train.take(rows if world == 1 else rows[rank::world])
+                    share = rows if world == 1 else rows[rank::world]
+                    x = train.take(share)
+                    c = None if train_c is None else train_c.take(share)
                     if dequantize:
                         u = torch.rand(
                             (size, x.shape[-1]),
@@ -1053,7 +1199,7 @@ def fit(
                         )
                         x = x + (u if world == 1 else u[rank::world]) * mask
                     divisor = size / world
-                    loss = objective(x, divisor)
+                    loss = objective(x, divisor, c)
                     finite, stopping = bool(torch.isfinite(loss)), interrupt.raised
                     # every rank must take the same decision, or the others would wait
                     # for it forever: the flags are or-ed while the backward pass runs
@@ -1086,7 +1232,9 @@ def fit(
                 score = history.train_nll[-1]
                 if valid is not None:
                     flow.eval()
-                    score = _mean_nll(flow, valid, noise_seed, rank, world, mask=mask)
+                    score = _mean_nll(
+                        flow, valid, noise_seed, rank, world, mask=mask, context=valid_c
+                    )
                     flow.train()
                     history.val_nll.append(score)
                 if not math.isfinite(score):

@@ -439,7 +439,12 @@ def sample(
 
 
 def as_source(
-    data: object, name: str, like: torch.Tensor, dim: int | None, fitting: bool = False
+    data: object,
+    name: str,
+    like: torch.Tensor,
+    dim: int | None,
+    fitting: bool = False,
+    width: str = "the flow's dim",
 ) -> Rows:
     """Wrap ``data`` for a fit: a memmap stays on disk, anything else is checked in memory.
 
@@ -453,6 +458,6 @@ def as_source(
             name = str(data.filename)
         source = MappedRows(data, like, name)
         if dim is not None and source.dim != dim:
-            raise DataError(f"{name} must have {dim} columns (the flow's dim), got {source.dim}")
+            raise DataError(f"{name} must have {dim} columns ({width}), got {source.dim}")
         return source
-    return TensorRows(as_rows(data, name, like, dim, fitting), name)
+    return TensorRows(as_rows(data, name, like, dim, fitting, width), name)

@@ -429,8 +429,10 @@ def test_bad_arguments(kwargs, error, message):
 def test_bad_flow_and_data():
     with pytest.raises(TypeError, match="pyroflows.Flow"):
         fit(nn.Linear(2, 2), torch.randn(5, 2))
-    with pytest.raises(ValueError, match="unconditional"):
+    with pytest.raises(ValueError, match=r"this flow is conditional.*pass context=.*\(N, 3\)"):
         fit(pyroflows.maf(2, context=3), torch.randn(5, 2))
+    with pytest.raises(ValueError, match="context was given, but the flow is unconditional"):
+        fit(small_flow(), torch.randn(5, 2), context=torch.randn(5, 3))
     with pytest.raises(TypeError, match="no silent cast"):
         fit(small_flow(), torch.randn(5, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="2 columns.*got 3"):
@@ -1031,3 +1033,159 @@ def test_a_bool_for_validation_is_named(flag):
     x = np.random.default_rng(0).normal(size=(50, 2))
     with pytest.raises(TypeError, match=r"validation must be a fraction in \[0, 1\), rows"):
         fit(small_flow(), x, validation=flag, epochs=1, progress=False)
+
+
+# ------------------------------------------------------------------ conditional flows
+
+
+def conditional_truth(c: torch.Tensor) -> dist.Distribution:
+    """x | c: a mean and a spread that both move with c (neither a flow's bias alone)."""
+    loc = torch.stack([c[:, 0], c[:, 0] * c[:, 1]], -1)
+    scale = torch.stack([0.3 + 0.2 * c[:, 1].abs(), 0.5 * torch.ones(len(c))], -1)
+    return dist.Normal(loc, scale).to_event(1)
+
+
+def test_a_conditional_flow_recovers_a_known_conditional_density():
+    torch.manual_seed(0)
+    c, c_test = torch.randn(3000, 2), torch.randn(5000, 2)
+    x, x_test = conditional_truth(c).sample(), conditional_truth(c_test).sample()
+    flow = pyroflows.maf(2, context=2, transforms=3, hidden=(32, 32))
+    history = fit(flow, x, context=c, validation=0.2, lr=5e-3, seed=0, progress=False)
+    with torch.no_grad():
+        truth = -conditional_truth(c_test).log_prob(x_test).mean().item()
+        nll = -flow(c_test).log_prob(x_test).mean().item()
+    assert abs(nll - truth) < 0.06, f"held-out NLL {nll:.4f} against the true {truth:.4f}"
+    # the validation rows were scored with their own contexts: their best NLL is the
+    # held-out one up to the sampling noise of 600 rows (a shuffled context costs nats)
+    assert abs(history.best_val_nll - truth) < 0.15, (history.best_val_nll, truth)
+
+
+def test_the_split_and_the_batches_keep_each_row_with_its_context():
+    from pyroflows.density.fit import _split
+    from pyroflows.density.rows import TensorRows
+
+    x = torch.arange(40.0).reshape(20, 2)
+    c = x[:, :1] * 10.0
+    train, valid, train_c, valid_c = _split(
+        TensorRows(x), 0.3, torch.Generator().manual_seed(0), x, TensorRows(c)
+    )
+    assert (len(train), len(valid), len(train_c), len(valid_c)) == (14, 6, 14, 6)
+    everything = torch.arange(14)
+    assert torch.equal(train_c.take(everything), train.take(everything)[:, :1] * 10.0)
+    assert torch.equal(valid_c.take(torch.arange(6)), valid.take(torch.arange(6))[:, :1] * 10.0)
+    # and every batch: x = c exactly (up to noise far below the flow's reach) is fitted
+    # far better than any density of x alone could be
+    torch.manual_seed(1)
+    c = torch.randn(1000, 2)
+    x = c + 0.01 * torch.randn(1000, 2)
+    flow = pyroflows.maf(2, context=2, transforms=1, hidden=(16,))
+    history = fit(flow, x, context=c, epochs=40, lr=1e-2, batch_size=64, seed=0, progress=False)
+    assert history.best_val_nll < -4.0  # N(c, 0.01^2 I): -2 log(0.01) - log(2 pi e) = -6.4
+
+
+def test_validation_rows_with_their_contexts_are_what_the_fit_scores():
+    torch.manual_seed(2)
+    c, c_val = torch.randn(400, 2), torch.randn(100, 2)
+    x, x_val = conditional_truth(c).sample(), conditional_truth(c_val).sample()
+    flow = pyroflows.maf(2, context=2, transforms=2, hidden=(16,))
+    history = fit(flow, x, context=c, validation=(x_val, c_val), epochs=6, seed=0, progress=False)
+    with torch.no_grad():
+        nll = -flow(c_val).log_prob(x_val).mean().item()
+    assert nll == pytest.approx(history.val_nll[history.best_epoch - 1], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("context", "validation", "error", "match"),
+    [
+        (torch.randn(50, 3), 0.1, ValueError, r"context must have 2 columns \(the flow's context"),
+        (torch.randn(49, 2), 0.1, ValueError, "49 context rows for 50 rows"),
+        (torch.tensor([[0.0, 1.0]] * 49 + [[0.0, math.inf]]), 0.1, ValueError, "context"),
+        (torch.randn(50, 2, dtype=torch.float64), 0.1, TypeError, "no silent cast"),
+        (torch.randn(50, 2), torch.randn(10, 2), TypeError, "pair .rows .M, 2., context .M, 2.."),
+        (torch.randn(50, 2), (torch.randn(10, 2),), TypeError, "got tuple of length 1"),
+        (
+            torch.randn(50, 2),
+            (torch.randn(10, 2), torch.randn(9, 2)),
+            ValueError,
+            "got 10 rows and 9 contexts",
+        ),
+        (
+            torch.randn(50, 2),
+            (torch.randn(10, 2), torch.randn(10, 1)),
+            ValueError,
+            r"validation\[1\] must have 2 columns",
+        ),
+        (torch.randn(50, 2), "0.1", TypeError, r"a pair \(rows \(M, D\), context"),
+    ],
+)
+def test_bad_contexts_are_named(context, validation, error, match):
+    flow = pyroflows.maf(2, context=2, transforms=1, hidden=(8,))
+    with pytest.raises(error, match=match):
+        fit(flow, torch.randn(50, 2), context=context, validation=validation, progress=False)
+
+
+def test_a_nan_in_a_context_is_named_by_row_and_column():
+    context = torch.zeros(50, 2)
+    context[6, 1] = math.nan
+    flow = pyroflows.maf(2, context=2, transforms=1, hidden=(8,))
+    with pytest.raises(ValueError, match=r"context.*row 7.*column 2"):
+        fit(flow, torch.randn(50, 2), context=context, progress=False)
+
+
+def test_a_context_far_from_unit_scale_is_warned_of_and_a_constant_one_is_not():
+    torch.manual_seed(3)
+    x = torch.randn(200, 2)
+    years = torch.stack([2000.0 + 10.0 * torch.randn(200), torch.ones(200)], -1)
+    flow = pyroflows.maf(2, context=2, transforms=1, hidden=(8,))
+    with pytest.warns(UserWarning, match=r"context column\(s\) 1 \(mean 2.*far from unit"):
+        fit(flow, x, context=years, epochs=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # column 2 is constant: no harm, and no warning
+        fit(flow, x, context=(years - years.mean(0)) / years.std(0).clamp(min=1), epochs=1,
+            progress=False)  # fmt: skip
+
+
+def test_a_conditional_fit_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+    torch.manual_seed(4)
+    c = torch.randn(500, 2)
+    x = conditional_truth(c).sample()
+    options = {"epochs": 6, "batch_size": 64, "seed": 3, "progress": False, "lr": 3e-3}
+    whole = small_flow(seed=1, context=2)
+    expected = fit(whole, x, context=c, **options)
+    parted = small_flow(seed=1, context=2)
+    with pytest.raises(KeyboardInterrupt):
+        fit(parted, x, context=c, checkpoint_dir=tmp_path, callback=_interrupt_after_epoch(2),
+            **options)  # fmt: skip
+    resumed = small_flow(seed=9, context=2)
+    history = fit(resumed, x, context=c, checkpoint_dir=tmp_path, resume=True, **options)
+    assert same_weights(resumed, whole)
+    assert (history.train_nll, history.val_nll) == (expected.train_nll, expected.val_nll)
+
+
+def test_resume_refuses_other_contexts(tmp_path):
+    from pyroflows.density import ResumeMismatch
+
+    torch.manual_seed(5)
+    c = torch.randn(300, 2)
+    x = conditional_truth(c).sample()
+    options = {"epochs": 3, "seed": 0, "progress": False, "checkpoint_dir": tmp_path}
+    with pytest.raises(KeyboardInterrupt):
+        fit(small_flow(context=2), x, context=c, callback=_interrupt_after_epoch(1), **options)
+    for other in (c.flip(0), c + 1.0):  # the same sum in another order; other values
+        with pytest.raises(ResumeMismatch, match="other contexts") as caught:
+            fit(small_flow(context=2), x, context=other, resume=True, **options)
+        assert set(caught.value.changed) == {"context"}
+    fit(small_flow(context=2), x, context=c, resume=True, **options)  # the same: goes on
+
+
+def test_a_memory_mapped_context_fits_as_the_same_context_in_memory(tmp_path):
+    rng = np.random.default_rng(6)
+    c = rng.normal(size=(300, 2))
+    x = conditional_truth(torch.as_tensor(c, dtype=torch.float32)).sample().numpy()
+    np.save(tmp_path / "c.npy", c)
+    mapped = np.load(tmp_path / "c.npy", mmap_mode="r")
+    flows = []
+    for context in (c, mapped):
+        flows.append(small_flow(seed=1, context=2))
+        fit(flows[-1], x, context=context, epochs=3, seed=0, progress=False)
+    assert same_weights(*flows)

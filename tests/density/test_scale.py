@@ -241,3 +241,63 @@ def test_processes_given_other_fits_are_refused_and_distributed_false_fits_each_
         np.testing.assert_allclose(report["alone"], alone.val_nll, rtol=1e-4)
     # FlowDensity with random_state=None: one seed (rank 0's) for both, so one split
     assert reports[0]["estimator"] == reports[1]["estimator"]
+
+
+def test_two_processes_fit_a_conditional_flow_as_one_and_refuse_other_contexts(tmp_path):
+    # each process takes its share of every batch's rows and of their contexts; an odd
+    # batch (101 rows) and a validation split: the fit must be the one-process fit's
+    script = tmp_path / "conditional.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import json, os, sys
+            import numpy as np, torch
+            import torch.distributed as dist
+            import pyroflows
+            from pyroflows.density import fit
+
+            import torch._dynamo  # before the group: see pyroflows.density.distributed.setup
+            rank = int(os.environ["RANK"]) if len(sys.argv) == 1 else 0
+            rng = np.random.default_rng(0)
+            c = rng.normal(size=(603, 2))
+            x = np.c_[c[:, 0], c[:, 0] * c[:, 1]] + 0.3 * rng.normal(size=(603, 2))
+            options = dict(epochs=3, batch_size=101, seed=0, progress=False)
+            report = {}
+            if len(sys.argv) == 1:
+                dist.init_process_group("gloo")
+                other = c if rank == 0 else c + 0.5  # other contexts, the same data
+                torch.manual_seed(0)
+                try:
+                    fit(pyroflows.maf(2, context=2, transforms=2, hidden=(16,)), x,
+                        context=other, **options)
+                    report["refused"] = None
+                except ValueError as error:
+                    report["refused"] = str(error)
+            torch.manual_seed(0)
+            flow = pyroflows.maf(2, context=2, transforms=2, hidden=(16,))
+            history = fit(flow, x, context=c, **options)
+            with torch.no_grad():
+                scores = flow(torch.as_tensor(c, dtype=torch.float32)).log_prob(
+                    torch.as_tensor(x, dtype=torch.float32))
+            report.update(val_nll=history.val_nll, scores=scores.tolist())
+            if len(sys.argv) == 1:
+                dist.destroy_process_group()
+            with open(f"{'one' if len(sys.argv) > 1 else rank}.json", "w") as out:
+                json.dump(report, out)
+            """
+        )
+    )
+    result = torchrun(script, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    result = subprocess.run(
+        [sys.executable, str(script), "alone"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    import json
+
+    reports = [json.loads((tmp_path / f"{r}.json").read_text()) for r in ("0", "1", "one")]
+    for report in reports[:2]:
+        assert report["refused"] is not None
+        assert "process(es) 1 passed others" in report["refused"]
+        np.testing.assert_allclose(report["val_nll"], reports[2]["val_nll"], rtol=1e-4)
+        assert np.abs(np.subtract(report["scores"], reports[2]["scores"])).max() < 1e-4

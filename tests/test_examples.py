@@ -52,6 +52,22 @@ def test_quickstart_reaches_the_true_density(flow, target):
     assert gap(quickstart("--flow", flow, "--no-plot")) < target
 
 
+def test_conditional_density_example_runs():
+    out = example("conditional_density.py", "--epochs", "2")
+    assert "held-out NLL" in out
+    assert out.count("| +") + out.count("| -") == 3  # a row per context sampled
+
+
+@pytest.mark.slow
+def test_conditional_density_example_reaches_the_true_density():
+    out = example("conditional_density.py")
+    assert gap(out) < 0.08
+    radii = re.findall(r"\| ([+-][0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|", out)
+    assert len(radii) == 3
+    for _, mean, true in radii:
+        assert abs(float(mean) - float(true)) < 0.05
+
+
 @pytest.mark.parametrize("script", ["eight_schools.py", "funnel.py"])
 def test_guide_examples_run(script):
     out = example(script, "--steps", "30", "--draws", "1000")
@@ -114,6 +130,7 @@ def test_quickstart_without_matplotlib_says_so_before_training(tmp_path):
         ("funnel.py", ["--draws", "1"], "--draws must be at least 2"),  # printed sd nan
         ("eight_schools.py", ["--draws", "1"], "--draws must be at least 2"),
         ("quickstart.py", ["--out", "no_such_folder/x.png"], "no folder no_such_folder"),
+        ("conditional_density.py", ["--epochs", "0"], "--epochs must be at least 1"),
     ],
 )
 def test_examples_refuse_bad_flags_before_any_work(script, args, message):

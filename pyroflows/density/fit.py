@@ -5,10 +5,12 @@ r"""Maximum-likelihood fitting of a flow to rows of data, with everything a fit 
 .. math::
     \mathcal L(\theta) = -\frac{1}{|B|}\sum_{x \in B} \log p_\theta(x),
 
-with Adam, and keeps what a user would otherwise write by hand: a validation split, early
-stopping on the validation NLL with the best weights restored, an optional learning-rate
-schedule and gradient clipping, a progress bar, a returned :class:`History`, and
-checkpoints that survive Ctrl-C and resume to the same result as an uninterrupted run.
+(for a conditional flow, :math:`-\frac{1}{|B|}\sum_{(x, c) \in B} \log p_\theta(x \mid c)`
+over the rows and their contexts) with Adam, and keeps what a user would otherwise write by
+hand: a validation split, early stopping on the validation NLL with the best weights
+restored, an optional learning-rate schedule and gradient clipping, a progress bar, a
+returned :class:`History`, and checkpoints that survive Ctrl-C and resume to the same
+result as an uninterrupted run.
 
 Scores are in the data's own units: the data are standardized by a fixed affine layer
 appended to the flow (see :mod:`pyroflows.density.standardize`), whose log-det is part of
@@ -43,6 +45,7 @@ from torch import nn
 
 from pyroflows._checks import check_bool, check_number, check_positive_int, warn_from_caller
 from pyroflows.density import distributed as parallel
+from pyroflows.density.data import DataError
 from pyroflows.density.rows import (
     CHUNK,
     Rows,
@@ -72,8 +75,9 @@ class ResumeMismatch(ValueError):
         changed: ``{argument: (then, now)}`` for each of :func:`fit`'s arguments that
             differ: ``"seed"``, the options (``"epochs"``, ``"lr"``, ``"batch_size"``,
             ``"validation"`` (the fraction, or ``"rows"``), ...), ``"data"`` (other
-            training rows), ``"validation_rows"`` (other held-out rows) or ``"flow"``
-            (another architecture).
+            training rows), ``"validation_rows"`` (other held-out rows), ``"context"``
+            (other contexts, or a conditional fit's checkpoint for an unconditional one
+            or the reverse) or ``"flow"`` (another architecture).
     """
 
     def __init__(self, message: str, path: Path, changed: dict[str, tuple[Any, Any]]) -> None:
@@ -440,28 +444,27 @@ def _warn_if_discrete(rows: Rows, name: str, dequantized: bool | list[int] = Fal
 
 
 def _warn_if_unscaled_context(mean: torch.Tensor, sd: torch.Tensor) -> None:
-    """Warn of context columns far from unit scale, which a flow's networks take as they are.
+    r"""Warn of context columns far from unit scale, which a flow's networks take as they are.
 
-    ``fit`` standardizes the data (the density's own units), not the context: a context
-    column of years (mean 2000, sd 10) or of incomes (sd 20000) saturates the first
-    layer's units, and the fit learns slowly or not at all. A constant column is no harm.
+    ``fit`` standardizes the data (the density's own units), not the context. A column
+    whose values are large, :math:`\sqrt{\bar c^2 + s^2} > 10` (years around 2000,
+    incomes, a constant 1e6 alike: the first layer's weights multiply them, and its units
+    saturate), or that varies by :math:`0 < s < 10^{-3}` (the networks can hardly tell its
+    values apart) is named. Indicators and proportions in [0, 1] are not.
     """
-    varies = sd > 0
-    offset = torch.where(varies, mean.abs() / torch.where(varies, sd, 1.0), 0.0)
-    bad = [
-        j
-        for j in range(len(sd))
-        if varies[j] and (offset[j] > 10 or not 1e-3 <= float(sd[j]) <= 1e3)
-    ]
+    size = (mean.square() + sd.square()).sqrt()
+    bad = [j for j in range(len(sd)) if size[j] > 10 or 0 < sd[j] < 1e-3]
     if bad:
         shown = ", ".join(
             f"{j + 1} (mean {float(mean[j]):.4g}, sd {float(sd[j]):.4g})" for j in bad[:5]
         )
         warn_from_caller(
             f"fit: context column(s) {shown}{' ...' if len(bad) > 5 else ''} are far from "
-            "unit scale, and the flow's networks take the context as it is (fit standardizes "
-            "the data, not the context): standardize it, (c - mean) / sd with the training "
-            "contexts' mean and sd, here and wherever you condition the flow"
+            "unit scale (values above 10 in size, or varying by less than 1e-3), and the "
+            "flow's networks take the context as it is (fit standardizes the data, not the "
+            "context): they learn slowly from such a column, or not at all. Standardize it, "
+            "(c - mean) / sd with the training contexts' mean and sd (a constant column: "
+            "drop it), here and wherever you condition the flow"
         )
 
 
@@ -489,10 +492,20 @@ def _check_ranks_agree(
     if others:
         raise ValueError(
             f"fit: this fit is data-parallel (torchrun, or the script's process group), and "
-            f"every process must pass the same data, seed and options, but process(es) "
+            f"every process must pass the same data, contexts, seed and options, but process(es) "
             f"{', '.join(map(str, others))} passed others than process 0; to fit each "
             f"process on its own data, or in one process alone, pass distributed=False"
         )
+
+
+def _is_pair_of_tables(value: object) -> bool:
+    """Whether ``value`` is a tuple or list of two 2-D tables (not two rows of numbers)."""
+    if not (isinstance(value, tuple | list) and len(value) == 2):
+        return False
+    try:
+        return all(np.ndim(part) == 2 for part in value)
+    except (TypeError, ValueError):  # a ragged part: not a table
+        return False
 
 
 def _split(
@@ -534,6 +547,11 @@ def _split(
             return data.subset(kept), data.subset(held), None, None
         return data.subset(kept), data.subset(held), context.subset(kept), context.subset(held)
     if context is None:
+        if _is_pair_of_tables(validation):
+            raise TypeError(
+                "validation is a pair of tables, as (rows, context) for a conditional flow, "
+                f"but this flow is unconditional: pass validation rows (M, {data.dim})"
+            )
         return data, as_source(validation, "validation", like, data.dim, fitting=True), None, None
     if not (isinstance(validation, tuple | list) and len(validation) == 2):
         raise TypeError(
@@ -851,6 +869,17 @@ def fit(
     contexts = None
     if context is not None:
         size = flow.context_features
+        try:
+            ndim = None if isinstance(context, np.memmap) else np.ndim(context)
+        except (TypeError, ValueError):  # ragged: as_source says what is wrong
+            ndim = None
+        if ndim is not None and ndim != 2:
+            one = ndim == 1 and size == 1
+            hint = " (one number per row: context.reshape(-1, 1))" if one else ""
+            raise DataError(
+                f"context must have shape (N, {size}), a row per row of {name}, got shape "
+                f"{tuple(np.shape(context))}{hint}"
+            )
         contexts = as_source(context, "context", like, size, True, "the flow's context size")
         if len(contexts) != len(source):
             raise ValueError(
@@ -1031,25 +1060,6 @@ def fit(
                 path,
                 {"validation_rows": (then, held_out)},
             )
-        then = state.get("context")
-        if (then is None) != (context_print is None) or (
-            then is not None
-            and (
-                not all(
-                    math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
-                    for a, b in zip(then[:2], context_print[:2], strict=True)
-                )
-                or not _same_signature(then[2:3], context_print[2:3])
-                or not _same_signature(then[3:4], context_print[3:4])
-            )
-        ):
-            raise ResumeMismatch(
-                f"the checkpoint in {checkpoint_dir} was written for other contexts (the "
-                f"training and validation contexts must be those of the interrupted fit, "
-                f"row for row); pass the same context, or resume=False to start afresh",
-                path,
-                {"context": (then, context_print)},
-            )
         then = state.get("architecture", architecture)
         # an earlier pyroflows showed a dense layer of a network as Linear: the same flow
         if _packed_names(then) != _packed_names(architecture):
@@ -1059,6 +1069,31 @@ def fit(
                 f"start afresh",
                 path,
                 {"flow": (then, architecture)},
+            )
+        then = state.get("context")
+        if (then is None) != (context_print is None):
+            kinds = ("an unconditional", "a conditional")
+            raise ResumeMismatch(
+                f"the checkpoint in {checkpoint_dir} was written by {kinds[then is not None]} "
+                f"fit, and this one is {kinds[context_print is not None]}; pass resume=False "
+                f"to start afresh",
+                path,
+                {"context": (then, context_print)},
+            )
+        if then is not None and (
+            not all(
+                math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
+                for a, b in zip(then[:2], context_print[:2], strict=True)
+            )
+            or not _same_signature(then[2:3], context_print[2:3])
+            or not _same_signature(then[3:4], context_print[3:4])
+        ):
+            raise ResumeMismatch(
+                f"the checkpoint in {checkpoint_dir} was written for other contexts (the "
+                f"training and validation contexts must be those of the interrupted fit, "
+                f"row for row); pass the same context, or resume=False to start afresh",
+                path,
+                {"context": (then, context_print)},
             )
         kept = _optimizer_tensors(state["optimizer"])
         now = [tuple(p.shape) for group in optimizer.param_groups for p in group["params"]]

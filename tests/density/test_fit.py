@@ -1132,17 +1132,51 @@ def test_a_nan_in_a_context_is_named_by_row_and_column():
         fit(flow, torch.randn(50, 2), context=context, progress=False)
 
 
-def test_a_context_far_from_unit_scale_is_warned_of_and_a_constant_one_is_not():
-    torch.manual_seed(3)
-    x = torch.randn(200, 2)
-    years = torch.stack([2000.0 + 10.0 * torch.randn(200), torch.ones(200)], -1)
+def _context_columns(kind: str) -> torch.Tensor:
+    rng = np.random.default_rng(3)
+    columns = {
+        "years": 2000.0 + 10.0 * rng.normal(size=200),  # saturates the first layer
+        "constant 2000": np.full(200, 2000.0),  # as harmful: the weights multiply it too
+        "tiny spread": 1e-4 * rng.normal(size=200),  # the networks can hardly tell apart
+        "standardized": rng.normal(size=200),
+        "one-hot, rare": (rng.random(200) < 0.995).astype(float),  # in [0, 1]: no harm
+        "proportion": 0.5 + 0.03 * rng.normal(size=200),
+        "constant 0": np.zeros(200),
+    }
+    return torch.tensor(np.c_[rng.normal(size=200), columns[kind]], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["years", "constant 2000", "tiny spread"])
+def test_a_context_column_far_from_unit_scale_is_named(kind):
     flow = pyroflows.maf(2, context=2, transforms=1, hidden=(8,))
-    with pytest.warns(UserWarning, match=r"context column\(s\) 1 \(mean 2.*far from unit"):
-        fit(flow, x, context=years, epochs=1, progress=False)
+    with pytest.warns(UserWarning, match=r"context column\(s\) 2 \(mean .*\) are far from unit"):
+        fit(flow, torch.randn(200, 2), context=_context_columns(kind), epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["standardized", "one-hot, rare", "proportion", "constant 0"])
+def test_a_context_column_near_unit_scale_is_not_warned_of(kind):
+    flow = pyroflows.maf(2, context=2, transforms=1, hidden=(8,))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # column 2 is constant: no harm, and no warning
-        fit(flow, x, context=(years - years.mean(0)) / years.std(0).clamp(min=1), epochs=1,
-            progress=False)  # fmt: skip
+        warnings.simplefilter("error")
+        fit(flow, torch.randn(200, 2), context=_context_columns(kind), epochs=1, progress=False)
+
+
+def test_a_one_dimensional_context_is_told_its_shape():
+    flow = pyroflows.maf(2, context=1, transforms=1, hidden=(8,))
+    with pytest.raises(ValueError, match=r"context must have shape \(N, 1\).*reshape\(-1, 1\)"):
+        fit(flow, torch.randn(50, 2), context=torch.randn(50), progress=False)
+    flow = pyroflows.maf(2, context=2, transforms=1, hidden=(8,))
+    with pytest.raises(ValueError, match=r"context must have shape \(N, 2\), a row per row of"):
+        fit(flow, torch.randn(50, 2), context=np.zeros((50, 2, 1)), progress=False)
+
+
+def test_a_validation_pair_for_an_unconditional_flow_is_named():
+    x, pair = torch.randn(50, 2), (torch.randn(10, 2), torch.randn(10, 3))
+    with pytest.raises(TypeError, match=r"pair of tables.*this flow is unconditional"):
+        fit(small_flow(), x, validation=pair, progress=False)
+    # two rows of numbers are validation rows, as before
+    history = fit(small_flow(), x, validation=[[0.0, 1.0], [1.0, 0.0]], epochs=1, progress=False)
+    assert len(history.val_nll) == 1
 
 
 def test_a_conditional_fit_interrupted_then_resumed_equals_uninterrupted(tmp_path):
@@ -1189,3 +1223,65 @@ def test_a_memory_mapped_context_fits_as_the_same_context_in_memory(tmp_path):
         flows.append(small_flow(seed=1, context=2))
         fit(flows[-1], x, context=context, epochs=3, seed=0, progress=False)
     assert same_weights(*flows)
+
+
+def test_a_conditional_fit_stopped_mid_epoch_resumes_to_the_same_result(tmp_path):
+    # Ctrl-C inside an epoch, with data and contexts memory-mapped and the data dequantized
+    rng = np.random.default_rng(7)
+    c = rng.normal(size=(640, 2))
+    x = np.round(3 * c + rng.normal(size=(640, 2)))
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "c.npy", c)
+    x, c = (np.load(tmp_path / f"{n}.npy", mmap_mode="r") for n in ("x", "c"))
+    options = {"epochs": 3, "batch_size": 64, "seed": 2, "progress": False, "dequantize": True}
+    whole = small_flow(seed=1, context=2)
+    expected = fit(whole, x, context=c, **options)
+
+    parted = small_flow(seed=1, context=2)
+    calls = {"n": 0}
+
+    def send_sigint(module, inputs):
+        calls["n"] += 1
+        if calls["n"] == 14:  # inside the second epoch's fourth batch
+            signal.raise_signal(signal.SIGINT)
+
+    hook = parted.transforms[0].conditioner.register_forward_pre_hook(send_sigint)
+    with pytest.raises(KeyboardInterrupt):
+        fit(parted, x, context=c, checkpoint_dir=tmp_path / "ck", **options)
+    hook.remove()
+    state = torch.load(tmp_path / "ck" / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], 0 < state["batch"] < 9) == (1, True)
+    resumed = small_flow(seed=4, context=2)
+    history = fit(resumed, x, context=c, checkpoint_dir=tmp_path / "ck", resume=True, **options)
+    assert same_weights(resumed, whole)
+    assert (history.train_nll, history.val_nll) == (expected.train_nll, expected.val_nll)
+
+
+def test_resume_refuses_other_validation_contexts(tmp_path):
+    from pyroflows.density import ResumeMismatch
+
+    torch.manual_seed(6)
+    c, c_val = torch.randn(300, 2), torch.randn(60, 2)
+    x, x_val = conditional_truth(c).sample(), conditional_truth(c_val).sample()
+    options = {"epochs": 3, "seed": 0, "progress": False, "checkpoint_dir": tmp_path}
+    with pytest.raises(KeyboardInterrupt):
+        fit(small_flow(context=2), x, context=c, validation=(x_val, c_val),
+            callback=_interrupt_after_epoch(1), **options)  # fmt: skip
+    with pytest.raises(ResumeMismatch, match="other contexts") as caught:
+        fit(small_flow(context=2), x, context=c, validation=(x_val, c_val.flip(0)), resume=True,
+            **options)  # fmt: skip
+    assert set(caught.value.changed) == {"context"}
+
+
+def test_resume_names_a_conditional_checkpoint_for_an_unconditional_fit_and_the_reverse(tmp_path):
+    from pyroflows.density import ResumeMismatch
+
+    x, c = torch.randn(200, 2), torch.randn(200, 2)
+    options = {"epochs": 2, "seed": 0, "progress": False, "resume": True}
+    fit(small_flow(), x, checkpoint_dir=tmp_path / "plain", **{**options, "resume": False})
+    fit(small_flow(context=2), x, context=c, checkpoint_dir=tmp_path / "cond",
+        **{**options, "resume": False})  # fmt: skip
+    with pytest.raises(ResumeMismatch, match="written for another flow"):
+        fit(small_flow(context=2), x, context=c, checkpoint_dir=tmp_path / "plain", **options)
+    with pytest.raises(ResumeMismatch, match="written for another flow"):
+        fit(small_flow(), x, checkpoint_dir=tmp_path / "cond", **options)

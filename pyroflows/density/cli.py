@@ -586,10 +586,19 @@ def _discard(checkpoint: Path) -> None:
         pass
 
 
-def _load(path: str):
+def _load(path: str, command: str | None = None):
+    """The model file's flow and entries; a conditional flow only for ``info``."""
     from pyroflows.density import load
 
-    return load(path)
+    flow, info = load(path)
+    if command is not None and flow.conditional:
+        call = "flow(c).sample((n,))" if command == "sample" else "flow(c).log_prob(x)"
+        raise _Failure(
+            f"{path} holds a conditional flow p(x | c) (a context of size "
+            f"{flow.context_features}), and `pyroflows {command}` takes models of p(x): in "
+            f"Python, flow, info = pyroflows.density.load({path!r}), then {call}"
+        )
+    return flow, info
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -600,7 +609,7 @@ def _sample(args: argparse.Namespace) -> None:
     if args.num_samples < 1:
         raise _Failure(f"-n must be a positive int, got {args.num_samples}")
     _check_out(args.out, args.force, [args.model])
-    flow, info = _load(args.model)
+    flow, info = _load(args.model, "sample")
     generator_seed = args.seed if args.seed is not None else int(torch.seed() % 2**31)
     draws = sample(flow, args.num_samples, generator_seed, info["dequantize"])
     # always a header (x1, x2, ... for a model fitted without one): integer draws of a
@@ -614,7 +623,7 @@ def _score(args: argparse.Namespace) -> None:
     from pyroflows.density.rows import SCORE_ADVICE, SCORE_ADVICE_SOME, as_source, log_prob
 
     _check_out(args.out, args.force, [args.model, args.data])
-    flow, info = _load(args.model)
+    flow, info = _load(args.model, "score")
     dequantized = info["dequantize"]
     some = isinstance(dequantized, list)  # whole numbers in those columns only
     advice = SCORE_ADVICE_SOME if some else SCORE_ADVICE if dequantized else None
@@ -653,7 +662,8 @@ def _info(args: argparse.Namespace) -> None:
     history = info["history"] or {}
     lines = [
         f"model     {args.model}",
-        f"flow      {info['flow']}, {info['dim']} columns, {params} parameters, {info['dtype']}",
+        f"flow      {info['flow']}, {info['dim']} columns, {params} parameters, {info['dtype']}"
+        + (f", given a context of {flow.context_features}" if flow.conditional else ""),
         f"options   {_shown_options(flow, info['options'])}",
         f"standardized {info['standardize']}, dequantized {_dequantized(info)}",
     ]

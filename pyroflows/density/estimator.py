@@ -176,6 +176,12 @@ class FlowDensity(BaseEstimator):
                 f"{type(extra).__name__} {extra!r}"
             )
         for key in extra:
+            if key == "context" and extra[key]:
+                raise ValueError(
+                    f"options['context'] makes a conditional flow p(x | c), and FlowDensity "
+                    f"fits p(x): fit a conditional flow with pyroflows.density.fit(flow, x, "
+                    f"context=c), got options['context']={extra[key]!r}"
+                )
             if key in _NAMED:
                 raise ValueError(
                     f"options[{key!r}] duplicates the {key} parameter: set "
@@ -403,6 +409,12 @@ class FlowDensity(BaseEstimator):
         it set again (``set_params(schedule=...)``), and says so.
         """
         flow, info = model_file.load(path)
+        if flow.conditional:
+            raise ValueError(
+                f"{path} holds a conditional flow p(x | c) (a context of size "
+                f"{flow.context_features}), and FlowDensity models p(x): read it with "
+                f"flow, info = pyroflows.density.load(path), then flow(c) is p(x | c)"
+            )
         options = dict(info["options"])
         est = cls(
             flow=info["flow"],

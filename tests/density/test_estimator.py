@@ -486,3 +486,9 @@ def test_resume_refuses_another_int_random_state_and_takes_the_same(tmp_path):
         ValueError, match=r"with validation_fraction=0\.1; now validation_fraction=0\.2"
     ):
         wider.fit(X)
+
+
+def test_a_context_option_is_refused_by_name():
+    x = np.random.default_rng(0).normal(size=(50, 2))
+    with pytest.raises(ValueError, match=r"options\['context'\] makes a conditional flow"):
+        FlowDensity(options={"context": 1}, epochs=1).fit(x)

@@ -314,3 +314,31 @@ def test_save_stores_dequantize_as_a_fit_records_it(tmp_path, given, stored):
         tmp_path / "m.pt", flow, name="maf", options=options, standardize=True, dequantize=given
     )
     assert load(path)[1]["dequantize"] == stored
+
+
+@pytest.mark.parametrize("name", ["maf", "nsf", "realnvp"])
+def test_a_conditional_flow_round_trips_and_the_readers_of_p_x_refuse_it(tmp_path, name, capsys):
+    from pyroflows.density import FlowDensity
+    from pyroflows.density.cli import main
+
+    torch.manual_seed(0)
+    options = {"transforms": 2, "hidden": [8], "context": 2}
+    flow = build(name, 3, options)
+    c = torch.randn(300, 2)
+    x = torch.randn(300, 3) + c.sum(-1, keepdim=True)
+    fit(flow, x, context=c, epochs=2, seed=0, progress=False)
+    path = save(tmp_path / "m.pt", flow, name=name, options=options, standardize=True)
+    loaded, info = load(path)
+    assert loaded.context_features == 2
+    with torch.no_grad():
+        assert torch.allclose(loaded(c).log_prob(x), flow(c).log_prob(x), atol=1e-5)
+    with pytest.raises(ValueError, match=r"holds a conditional flow p\(x \| c\).*FlowDensity"):
+        FlowDensity.load(path)
+    np.savetxt(tmp_path / "x.csv", x.numpy(), delimiter=",")
+    for command in ("sample", "score"):
+        data = [str(tmp_path / "x.csv")] if command == "score" else ["-n", "3"]
+        assert main([command, str(path), *data]) == 2
+        said = capsys.readouterr().err
+        assert f"`pyroflows {command}` takes models of p(x)" in said
+    assert main(["info", str(path)]) == 0
+    assert "given a context of 2" in capsys.readouterr().out

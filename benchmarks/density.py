@@ -183,8 +183,13 @@ def train_generic(
     cfg: Config,
     seed: int,
     schedule: str | None,
+    context: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """The peers' loop, written to do what ``pyroflows.density.fit`` does.
+
+    With ``context`` (the training and validation rows' contexts, for a conditional
+    flow), ``log_prob`` is called as ``log_prob(x, c)`` on each batch and its contexts;
+    the context is not standardized (``fit`` does not standardize it either).
 
     Standardizes with the training mean and sd (``1/N``), then runs Adam(``lr``, with
     ``fused=True`` as ``fit`` has it on a CPU) on the
@@ -207,6 +212,11 @@ def train_generic(
     log_det = scale.log().sum().item()  # data units = standardized units + sum(log sd)
     z_train = (train - shift) / scale
     z_val = (val - shift) / scale
+    c_train, c_val = context if context is not None else (None, None)
+
+    def score_of(x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        return log_prob(x) if c is None else log_prob(x, c)
+
     n = len(z_train)
     # Adam's fused update, as fit uses on a CPU
     optimizer = torch.optim.Adam(module.parameters(), lr=cfg.lr, fused=True)
@@ -223,8 +233,9 @@ def train_generic(
             order = torch.randperm(n, generator=g)
             total = 0.0
             for start in range(0, n, cfg.batch):
-                batch = z_train[order[start : start + cfg.batch]]
-                loss = -log_prob(batch).mean()
+                rows = order[start : start + cfg.batch]
+                batch = z_train[rows]
+                loss = -score_of(batch, None if c_train is None else c_train[rows]).mean()
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"training loss {loss.item()} in epoch {epoch}")
                 optimizer.zero_grad(set_to_none=True)
@@ -234,7 +245,7 @@ def train_generic(
             train_curve.append(total / n + log_det)
             module.eval()
             with torch.no_grad():
-                score = -log_prob(z_val).mean().item() + log_det
+                score = -score_of(z_val, c_val).mean().item() + log_det
             module.train()
             val_curve.append(score)
             if not math.isfinite(score):

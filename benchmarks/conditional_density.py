@@ -10,9 +10,10 @@ NLL is set beside the truth's:
   of the context, and a scale ``s(c) = exp(0.3 c V)`` that moves with it (heavy tails
   whose width depends on c), ``c ~ N(0, I_3)``.
 
-Every contender has the same architecture (``K`` transforms, conditioners with two
-hidden layers of ``H`` units, ReLU, the context fed to every conditioner; splines with
-the same bins on ``[-5, 5]``), the same rows, Adam at the same learning rate, batch size,
+Every contender has the same size of architecture (``K`` transforms, conditioners with
+two hidden layers of ``H`` units, ReLU, the context fed to every conditioner; splines with
+the same bins on ``[-5, 5]``; our ``nsf`` is a coupling flow, ``nsf-ar`` the autoregressive
+one that zuko's NSF is), the same rows, Adam at the same learning rate, batch size,
 epoch budget, plateau schedule and early-stopping patience. Ours go through the library's
 loop, ``pyroflows.density.fit(flow, x, context=c)``; zuko and nflows through the density
 benchmark's ``train_generic``, which does what ``fit`` does (standardize x, not c; the
@@ -248,40 +249,47 @@ def run_job(dataset: str, seed: int, names: list[str], cfg: Config, sizes, rotat
 
 
 def _stat(ok: list[dict], key: str, spec: str) -> str:
-    """Mean ± sd over seeds of ``key``."""
+    """Mean ± sd over seeds of ``key`` (the sd unsigned)."""
     values = [r[key] for r in ok]
-    sd = f" ± {statistics.stdev(values):{spec}}" if len(values) > 1 else ""
+    sd = f" ± {statistics.stdev(values):{spec.lstrip('+')}}" if len(values) > 1 else ""
     return f"{statistics.fmean(values):{spec}}{sd}"
 
 
 def table(rows: list[dict], dataset: str, names: list[str]) -> str:
-    """Mean ± sd over seeds per contender, and the time against the fastest peer."""
+    """Mean ± sd over the seeds that ran, per contender, and the time against the fastest peer.
+
+    The fastest peer of a seed is taken among the peers that ran without error; a
+    contender that failed on some seeds says on how many it ran.
+    """
     mine = [r for r in rows if r["dataset"] == dataset]
     lines = [
         "| contender | library | params | NLL/dim | gap to truth | epochs | wall s | "
         "time / fastest peer |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    seeds = sorted({r["seed"] for r in mine})
     fastest = {}
-    for seed in seeds:
-        peers = [r["wall_s"] for r in mine if r["seed"] == seed and r["library"] != "pyroflows"]
-        peers = [t for t in peers if math.isfinite(t)]
+    for seed in sorted({r["seed"] for r in mine}):
+        peers = [
+            r["wall_s"]
+            for r in mine
+            if r["seed"] == seed and r["library"] != "pyroflows" and r["error"] is None
+        ]
         fastest[seed] = min(peers) if peers else None
     for name in names:
-        ok = [r for r in mine if r["contender"] == name and r["error"] is None]
+        runs = [r for r in mine if r["contender"] == name]
+        ok = [r for r in runs if r["error"] is None]
         if not ok:
-            errors = {r["error"] for r in mine if r["contender"] == name}
+            errors = {r["error"] for r in runs}
             lines.append(f"| {name} | {LIBRARY[name]} | | failed: {'; '.join(errors)} | | | | |")
             continue
-
         ratios = [r["wall_s"] / fastest[r["seed"]] for r in ok if fastest[r["seed"]]]
-        ratio = math.exp(statistics.fmean(map(math.log, ratios))) if ratios else math.nan
+        ratio = f"{math.exp(statistics.fmean(map(math.log, ratios))):.2f}x" if ratios else "n/a"
+        partial = f" ({len(ok)} of {len(runs)} seeds)" if len(ok) < len(runs) else ""
         lines.append(
-            f"| {name} | {LIBRARY[name]} | {ok[0]['params']} | {_stat(ok, 'nll', '.4f')} | "
+            f"| {name} | {LIBRARY[name]} | {ok[0]['params']} | "
+            f"{_stat(ok, 'nll', '.4f')}{partial} | "
             f"{_stat(ok, 'gap', '+.4f')} | {_stat(ok, 'epochs', '.0f')} | "
-            f"{_stat(ok, 'wall_s', '.1f')} | "
-            f"{ratio:.2f}x |"
+            f"{_stat(ok, 'wall_s', '.1f')} | {ratio} |"
         )
     return "\n".join(lines)
 

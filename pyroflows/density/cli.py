@@ -426,6 +426,12 @@ def _fit(args: argparse.Namespace) -> None:
         distributed.barrier()  # every rank has looked before rank 0 removes it
         if rank == 0:
             previous.unlink()  # a fresh fit starts a fresh series
+    if args.resume and previous.exists() and read_checkpoint(previous).get("context") is not None:
+        raise _Failure(
+            f"{previous} holds a conditional fit, p(x | c), written by fit(flow, x, "
+            f"context=c) in Python, and the command line fits p(x): resume it with that call "
+            f"and resume=True, or drop --resume and add --force to start afresh"
+        )
     if args.patience is not None and args.patience < 0:
         raise _Failure(f"--patience must be >= 0 (0: never stop early), got {args.patience}")
     if args.resume and not previous.exists() and rank == 0:  # a loop that always resumes

@@ -176,11 +176,13 @@ class FlowDensity(BaseEstimator):
                 f"{type(extra).__name__} {extra!r}"
             )
         for key in extra:
-            if key == "context" and extra[key]:
+            value = extra[key]
+            conditional = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            if key == "context" and conditional and value >= 1:
                 raise ValueError(
                     f"options['context'] makes a conditional flow p(x | c), and FlowDensity "
                     f"fits p(x): fit a conditional flow with pyroflows.density.fit(flow, x, "
-                    f"context=c), got options['context']={extra[key]!r}"
+                    f"context=c), got options['context']={value!r}"
                 )
             if key in _NAMED:
                 raise ValueError(

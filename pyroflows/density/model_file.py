@@ -182,6 +182,27 @@ def save(
             f"a model file holds a float32 or float64 flow, got {flow.base_loc.dtype}: save "
             f"flow.float() (or flow.double())"
         )
+    context = options.get("context") or 0
+    if context != flow.context_features:
+        raise ValueError(
+            f"save: flow is {'conditional on a context of ' if flow.context_features else ''}"
+            f"{flow.context_features or 'unconditional'}, but options give context="
+            f"{options.get('context')!r}: the file would build another flow; pass the options "
+            f"flow was built with"
+        )
+    # the file must load: its name and options, rebuilt as load rebuilds them, must take
+    # flow's weights (other sizes or layers would be refused at load, the fit lost)
+    try:
+        described = _build_saved(name, int(flow.dim), {**options, "dtype": dtype}, standardize)
+        described.load_state_dict(flow.state_dict())
+    except (TypeError, ValueError, RuntimeError) as error:
+        first = " ".join(str(error).split())[:300]
+        raise ValueError(
+            f"save: the file could not be loaded: build({name!r}, {int(flow.dim)}, options, "
+            f"standardize={bool(standardize)}) does not make a flow that takes flow's weights "
+            f"({type(error).__name__}: {first}); pass the name and options flow was built "
+            f"with, got options={options!r}"
+        ) from None
     sides = {spline.side for spline in _maps_of(flow, RationalQuadratic)}
     clamp_kinds = {affine.clamp_kind for affine in _maps_of(flow, Affine)}
     if len(clamp_kinds) > 1:

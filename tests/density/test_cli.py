@@ -937,3 +937,28 @@ def test_out_through_a_link_or_to_a_device_writes_there_and_keeps_what_it_was(
     assert os.path.realpath(null) == os.devnull
     assert not list(workdir.rglob("*.tmp"))
     capsys.readouterr()
+
+
+def test_resume_of_a_conditional_fits_checkpoint_is_refused_with_the_python_that_resumes_it(
+    tmp_path, capsys
+):
+    import torch
+
+    import pyroflows
+    from pyroflows.density import fit
+
+    def stop(epoch, history):
+        raise KeyboardInterrupt  # leaves an unfinished checkpoint
+
+    x = np.random.default_rng(0).normal(size=(200, 2))
+    np.savetxt(tmp_path / "x.csv", x, delimiter=",")
+    torch.manual_seed(0)
+    flow = pyroflows.maf(2, context=1, transforms=1, hidden=(8,))
+    with pytest.raises(KeyboardInterrupt):
+        fit(flow, x, context=x[:, :1] ** 2, epochs=3, progress=False, callback=stop,
+            checkpoint_dir=tmp_path / "cli.pt.ckpt")  # fmt: skip
+    out = str(tmp_path / "cli.pt")
+    assert main(["fit", str(tmp_path / "x.csv"), "--out", out, "--resume", *FAST]) == 2
+    said = capsys.readouterr().err
+    assert "holds a conditional fit, p(x | c)" in said
+    assert "resume=True" in said

@@ -10,6 +10,8 @@ from pyroflows.density.standardize import standardization_of
 from pyroflows.transforms import Affine
 from tests.helpers import flip_a_weight_bit
 
+SMALL = {"transforms": 1, "hidden": [4]}
+
 
 @pytest.mark.parametrize(
     ("name", "options"),
@@ -51,26 +53,26 @@ def test_round_trip_gives_the_same_density(tmp_path, name, options):
 
 
 def test_never_overwrites_without_force(tmp_path):
-    flow = build("maf", 2, {"transforms": 1, "hidden": [4]})
-    path = save(tmp_path / "m.pt", flow, name="maf", options={}, standardize=True)
+    flow = build("maf", 2, SMALL)
+    path = save(tmp_path / "m.pt", flow, name="maf", options=SMALL, standardize=True)
     with pytest.raises(FileExistsError, match="force"):
-        save(path, flow, name="maf", options={}, standardize=True)
+        save(path, flow, name="maf", options=SMALL, standardize=True)
     before = path.read_bytes()
     with pytest.raises(TypeError, match="force must be True or False, got 'no'"):
-        save(path, flow, name="maf", options={}, standardize=True, force="no")
+        save(path, flow, name="maf", options=SMALL, standardize=True, force="no")
     assert path.read_bytes() == before  # a truthy string is not a yes
-    save(path, flow, name="maf", options={}, standardize=True, force=True)
+    save(path, flow, name="maf", options=SMALL, standardize=True, force=True)
 
 
 def test_a_path_that_cannot_be_written_is_named_not_its_temporary(tmp_path):
-    flow = build("maf", 2, {"transforms": 1, "hidden": [4]})
+    flow = build("maf", 2, SMALL)
     (tmp_path / "file").write_text("")
     for path, error in (
         (tmp_path, IsADirectoryError),  # a folder given as the file name
         (tmp_path / "file" / "m.pt", OSError),  # a file where the folder should be
     ):
         with pytest.raises(error) as raised:
-            save(path, flow, name="maf", options={}, standardize=True, force=True)
+            save(path, flow, name="maf", options=SMALL, standardize=True, force=True)
         assert ".tmp" not in str(raised.value)
         assert str(path) in str(raised.value)
     assert not list(tmp_path.rglob("*.tmp"))
@@ -215,8 +217,8 @@ def test_files_of_coupling_flows_without_permutations_still_load(tmp_path, name)
 
 
 def test_a_damaged_copy_is_refused_not_loaded_with_other_weights(tmp_path):
-    flow = build("maf", 2, {"transforms": 1, "hidden": [4]})
-    path = save(tmp_path / "m.pt", flow, name="maf", options={}, standardize=True)
+    flow = build("maf", 2, SMALL)
+    path = save(tmp_path / "m.pt", flow, name="maf", options=SMALL, standardize=True)
     member = flip_a_weight_bit(path)
     torch.load(path, weights_only=True)  # torch itself reads it without a word
     with pytest.raises(ModelFileError, match=rf"damaged model file: its member {member} fails"):
@@ -252,16 +254,38 @@ def test_entries_beside_the_weights_are_checked(tmp_path, entry, value, message)
 
 
 def test_weights_of_another_flow_are_named_by_key(tmp_path):
-    flow = build("maf", 2, {"transforms": 1, "hidden": [4]})
-    path = save(tmp_path / "m.pt", flow, name="maf", options={}, standardize=True)  # 5 layers
+    flow = build("maf", 2, SMALL)
+    path = save(tmp_path / "m.pt", flow, name="maf", options=SMALL, standardize=True)
+    state = torch.load(path, weights_only=True)
+    state["options"] = {}  # a file from elsewhere whose options (5 layers) lie about its weights
+    torch.save(state, path)
     with pytest.raises(ModelFileError, match=r"do not match .*: .*Missing key\(s\) .*transforms"):
         load(path)
 
 
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({}, r"file could not be loaded: build\('maf', 2, options.*Missing key"),  # 5 layers
+        ({"transforms": 1, "hidden": [8]}, "size mismatch"),
+        ({**SMALL, "context": 3}, "flow is unconditional, but options give context=3"),
+    ],
+)
+def test_save_refuses_options_that_would_not_load_its_weights(tmp_path, options, match):
+    # the fit would be lost: the file would be refused at load
+    flow = build("maf", 2, SMALL)
+    with pytest.raises(ValueError, match=match):
+        save(tmp_path / "m.pt", flow, name="maf", options=options, standardize=True)
+    assert not (tmp_path / "m.pt").exists()
+    flow = build("maf", 2, {**SMALL, "context": 2})
+    with pytest.raises(ValueError, match="conditional on a context of 2, but options give con"):
+        save(tmp_path / "m.pt", flow, name="maf", options=SMALL, standardize=True)
+
+
 def test_a_half_precision_flow_is_refused_with_the_remedy(tmp_path):
-    flow = build("maf", 2, {"transforms": 1, "hidden": [4]}).half()
+    flow = build("maf", 2, SMALL).half()
     with pytest.raises(ValueError, match=r"float32 or float64 flow, got torch.float16: save flow"):
-        save(tmp_path / "m.pt", flow, name="maf", options={}, standardize=True)
+        save(tmp_path / "m.pt", flow, name="maf", options=SMALL, standardize=True)
     assert not (tmp_path / "m.pt").exists()
 
 

@@ -206,6 +206,24 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the system says it.
+
+    Linux (4.7 and later) shows it in ``/proc/self/status``; elsewhere it is read by
+    setting it and putting it back, which another thread could see for an instant.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
     """Write ``path`` through ``write(stream)`` on a temporary file, then a rename.
 
@@ -240,17 +258,16 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(given))
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        # the name's start only: a name near the system's 255 bytes would leave no room
         handle, temporary = tempfile.mkstemp(
-            dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
+            dir=target.parent, prefix=f".{target.name[:100]}.", suffix=".tmp"
         )
     except OSError as error:  # named by the file asked for, not a folder's or temporary's
         reason = unwritable(target.parent) or error.strerror
         raise OSError(error.errno, reason, str(given)) from None
     try:
-        if found is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(temporary, 0o666 & ~umask)  # as open() makes a file, not mkstemp's 0600
+        if found is None:  # as open() makes a file, not mkstemp's 0600
+            os.chmod(temporary, 0o666 & ~_umask())
         else:  # the replaced file's permissions, owner and group, where this user may
             os.chmod(temporary, stat.S_IMODE(found.st_mode))
             root = getattr(os, "geteuid", lambda: -1)() == 0

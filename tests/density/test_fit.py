@@ -1285,3 +1285,21 @@ def test_resume_names_a_conditional_checkpoint_for_an_unconditional_fit_and_the_
         fit(small_flow(context=2), x, context=c, checkpoint_dir=tmp_path / "plain", **options)
     with pytest.raises(ResumeMismatch, match="written for another flow"):
         fit(small_flow(), x, checkpoint_dir=tmp_path / "cond", **options)
+
+
+def test_write_atomic_takes_a_name_near_the_systems_limit_and_reads_the_umask_in_place(
+    tmp_path,
+):
+    from pyroflows.density.fit import _umask, write_atomic
+
+    name = tmp_path / ("m" * 250)  # the temporary's name used to add 14 bytes past 255
+    write_atomic(name, lambda stream: stream.write(b"kept"))
+    assert name.read_bytes() == b"kept"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    before = os.umask(0o027)
+    try:
+        assert _umask() == 0o027
+        write_atomic(tmp_path / "new", lambda stream: stream.write(b"x"))
+        assert (tmp_path / "new").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(before)

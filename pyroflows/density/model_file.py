@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -193,7 +194,9 @@ def save(
     # the file must load: its name and options, rebuilt as load rebuilds them, must take
     # flow's weights (other sizes or layers would be refused at load, the fit lost)
     try:
-        described = _build_saved(name, int(flow.dim), {**options, "dtype": dtype}, standardize)
+        with warnings.catch_warnings():  # (a narrow network's warning was said at its build)
+            warnings.simplefilter("ignore")
+            described = _build_saved(name, int(flow.dim), {**options, "dtype": dtype}, standardize)
         described.load_state_dict(flow.state_dict())
     except (TypeError, ValueError, RuntimeError) as error:
         first = " ".join(str(error).split())[:300]

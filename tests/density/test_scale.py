@@ -290,7 +290,11 @@ def test_two_processes_fit_a_conditional_flow_as_one_and_refuse_other_contexts(t
     result = torchrun(script, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     result = subprocess.run(
-        [sys.executable, str(script), "alone"], cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, str(script), "alone"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     import json

@@ -426,7 +426,9 @@ def _fit(args: argparse.Namespace) -> None:
         distributed.barrier()  # every rank has looked before rank 0 removes it
         if rank == 0:
             previous.unlink()  # a fresh fit starts a fresh series
-    if args.resume and previous.exists() and read_checkpoint(previous).get("context") is not None:
+    # the checkpoint a resume continues, read once (it holds the whole flow's weights)
+    kept = read_checkpoint(previous) if args.resume and previous.exists() else None
+    if kept is not None and kept.get("context") is not None:
         raise _Failure(
             f"{previous} holds a conditional fit, p(x | c), written by fit(flow, x, "
             f"context=c) in Python, and the command line fits p(x): resume it with that call "
@@ -441,7 +443,7 @@ def _fit(args: argparse.Namespace) -> None:
         )
     seed = args.seed
     if seed is None:  # resuming a checkpoint: its seed (its split and batches); else 0
-        seed = read_checkpoint(previous)["seed"] if args.resume and previous.exists() else 0
+        seed = kept["seed"] if kept is not None else 0
     try:
         history = fit(
             flow,

@@ -43,14 +43,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))  # the pyroflows of this working tree
 
 from _out import default_stem  # noqa: E402
-from density import Config, _versions, count_params, train_generic  # noqa: E402
+from density import (  # noqa: E402
+    Config,
+    _versions,
+    build,
+    count_params,
+    fit_ours,
+    train_generic,
+)
 
 OURS = ("maf", "nsf", "nsf-ar")
 PEERS = ("zuko-maf", "zuko-nsf", "nflows-maf")
@@ -113,93 +119,23 @@ def load(name: str, seed: int, sizes: tuple[int, int, int]) -> dict[str, torch.T
 # --------------------------------------------------------------------------- contenders
 
 
-def build(name: str, dim: int, context: int, cfg: Config) -> tuple[nn.Module, Any]:
-    """Contender ``name``: its module and its ``log_prob(x, c)``."""
-    hidden = (cfg.hidden, cfg.hidden)
-    if name in OURS:
-        import pyroflows
-
-        if name == "maf":
-            flow = pyroflows.maf(dim, context=context, transforms=cfg.transforms, hidden=hidden)
-        else:
-            flow = pyroflows.nsf(
-                dim,
-                context=context,
-                transforms=cfg.transforms,
-                bins=cfg.bins,
-                hidden=hidden,
-                autoregressive="maf" if name == "nsf-ar" else False,
-            )
-        return flow, lambda x, c: flow(c).log_prob(x)
-    if name.startswith("zuko-"):
-        import zuko
-
-        kind = zuko.flows.MAF if name == "zuko-maf" else zuko.flows.NSF
-        options = {"bins": cfg.bins} if name == "zuko-nsf" else {}
-        flow = kind(dim, context, transforms=cfg.transforms, hidden_features=hidden, **options)
-        return flow, lambda x, c: flow(c).log_prob(x)
-    if name == "nflows-maf":
-        from nflows.distributions.normal import StandardNormal
-        from nflows.flows.base import Flow
-        from nflows.transforms.autoregressive import MaskedAffineAutoregressiveTransform
-        from nflows.transforms.base import CompositeTransform
-        from nflows.transforms.permutations import ReversePermutation
-
-        layers: list[nn.Module] = []
-        for k in range(cfg.transforms):
-            if k:
-                layers.append(ReversePermutation(dim))
-            layers.append(
-                MaskedAffineAutoregressiveTransform(
-                    features=dim,
-                    hidden_features=cfg.hidden,
-                    context_features=context,
-                    num_blocks=1,
-                    use_residual_blocks=False,
-                )
-            )
-        flow = Flow(CompositeTransform(layers), StandardNormal([dim]))
-        return flow, lambda x, c: flow.log_prob(x, context=c)
-    raise ValueError(f"unknown contender {name!r}")
-
-
 def fit_one(name: str, data: dict, cfg: Config, seed: int) -> dict[str, Any]:
     """Build, train (timed) and score one contender."""
-    from pyroflows.density import fit
-
     dim, context = data["x"].shape[1], data["c"].shape[1]
     row: dict[str, Any] = {"contender": name, "library": LIBRARY[name], "error": None}
     try:
         torch.manual_seed(seed)  # the initial weights
-        module, log_prob = build(name, dim, context, cfg)
+        module, log_prob = build(name, dim, cfg, context)
         row["params"] = count_params(module)
         start = time.perf_counter()
+        contexts = (data["c"], data["c_val"])
         if name in OURS:
-            history = fit(
-                module,
-                data["x"],
-                context=data["c"],
-                validation=(data["x_val"], data["c_val"]),
-                epochs=cfg.epochs,
-                batch_size=cfg.batch,
-                lr=cfg.lr,
-                patience=cfg.patience,
-                seed=seed,
-                progress=False,
-            )
-            epochs = history.epochs
+            out = fit_ours(module, data["x"], data["x_val"], cfg, seed, "plateau", contexts)
         else:
             out = train_generic(
-                module,
-                log_prob,
-                data["x"],
-                data["x_val"],
-                cfg,
-                seed,
-                "plateau",
-                context=(data["c"], data["c_val"]),
+                module, log_prob, data["x"], data["x_val"], cfg, seed, "plateau", contexts
             )
-            epochs = out["epochs"]
+        epochs = out["epochs"]
         row["wall_s"] = time.perf_counter() - start
         with torch.no_grad():
             if name in OURS:  # the fitted flow scores in data units

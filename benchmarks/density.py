@@ -107,41 +107,48 @@ CONFIGS = {
 # --------------------------------------------------------------------------- contenders
 
 
-def build(name: str, dim: int, cfg: Config) -> tuple[nn.Module, Callable[[torch.Tensor], Any]]:
-    """Contender ``name`` for event size ``dim``: its module and its ``log_prob(x)``.
+def build(
+    name: str, dim: int, cfg: Config, context: int = 0
+) -> tuple[nn.Module, Callable[..., Any]]:
+    """Contender ``name`` for event size ``dim``: its module and its ``log_prob(x, c=None)``.
 
     Architectures are matched: ``cfg.transforms`` layers, every conditioner a MADE or MLP
     with hidden sizes ``(H, H)``, ReLU; splines with ``cfg.bins`` bins on ``[-5, 5]``.
+    With ``context`` > 0 each is its conditional form, p(x | c) with ``c`` of that size
+    fed to every conditioner, and ``log_prob`` takes the batch's contexts ``c``.
     """
     hidden = (cfg.hidden, cfg.hidden)
     if name in OURS:
         import pyroflows
 
         if name == "maf":
-            flow = pyroflows.maf(dim, transforms=cfg.transforms, hidden=hidden)
+            flow = pyroflows.maf(dim, context=context, transforms=cfg.transforms, hidden=hidden)
         elif name == "realnvp":
-            flow = pyroflows.realnvp(dim, transforms=cfg.transforms, hidden=hidden)
+            flow = pyroflows.realnvp(dim, context=context, transforms=cfg.transforms, hidden=hidden)
         else:
             flow = pyroflows.nsf(
                 dim,
+                context=context,
                 transforms=cfg.transforms,
                 bins=cfg.bins,
                 hidden=hidden,
                 autoregressive="maf" if name == "nsf-ar" else False,
             )
-        return flow, lambda x: flow().log_prob(x)
+        return flow, lambda x, c=None: flow(c).log_prob(x)
     if name == "zuko-maf":
         import zuko
 
-        flow = zuko.flows.MAF(dim, transforms=cfg.transforms, hidden_features=hidden)
-        return flow, lambda x: flow().log_prob(x)
+        flow = zuko.flows.MAF(dim, context, transforms=cfg.transforms, hidden_features=hidden)
+        return flow, lambda x, c=None: flow(c).log_prob(x)
     if name == "zuko-nsf":
         import zuko
 
         # zuko's NSF is fully autoregressive by default (passes=None), its splines live on
         # [-5, 5] (MonotonicRQSTransform's bound) and are the identity outside
-        flow = zuko.flows.NSF(dim, transforms=cfg.transforms, bins=cfg.bins, hidden_features=hidden)
-        return flow, lambda x: flow().log_prob(x)
+        flow = zuko.flows.NSF(
+            dim, context, transforms=cfg.transforms, bins=cfg.bins, hidden_features=hidden
+        )
+        return flow, lambda x, c=None: flow(c).log_prob(x)
     if name == "nflows-maf":
         from nflows.distributions.normal import StandardNormal
         from nflows.flows.base import Flow
@@ -158,12 +165,13 @@ def build(name: str, dim: int, cfg: Config) -> tuple[nn.Module, Callable[[torch.
                 MaskedAffineAutoregressiveTransform(
                     features=dim,
                     hidden_features=cfg.hidden,
+                    context_features=context or None,
                     num_blocks=1,
                     use_residual_blocks=False,
                 )
             )
         flow = Flow(CompositeTransform(layers), StandardNormal([dim]))
-        return flow, flow.log_prob
+        return flow, lambda x, c=None: flow.log_prob(x, context=c)
     raise ValueError(f"unknown contender {name!r}")
 
 
@@ -177,7 +185,7 @@ def count_params(module: nn.Module) -> int:
 
 def train_generic(
     module: nn.Module,
-    log_prob: Callable[[torch.Tensor], torch.Tensor],
+    log_prob: Callable[..., torch.Tensor],
     train: torch.Tensor,
     val: torch.Tensor,
     cfg: Config,
@@ -187,9 +195,9 @@ def train_generic(
 ) -> dict[str, Any]:
     """The peers' loop, written to do what ``pyroflows.density.fit`` does.
 
-    With ``context`` (the training and validation rows' contexts, for a conditional
-    flow), ``log_prob`` is called as ``log_prob(x, c)`` on each batch and its contexts;
-    the context is not standardized (``fit`` does not standardize it either).
+    ``log_prob`` is called as ``log_prob(x, c)``, ``c`` the batch's contexts when
+    ``context`` gives the training and validation rows' (a conditional flow), else
+    ``None``; the context is not standardized (``fit`` does not standardize it either).
 
     Standardizes with the training mean and sd (``1/N``), then runs Adam(``lr``, with
     ``fused=True`` as ``fit`` has it on a CPU) on the
@@ -214,9 +222,6 @@ def train_generic(
     z_val = (val - shift) / scale
     c_train, c_val = context if context is not None else (None, None)
 
-    def score_of(x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-        return log_prob(x) if c is None else log_prob(x, c)
-
     n = len(z_train)
     # Adam's fused update, as fit uses on a CPU
     optimizer = torch.optim.Adam(module.parameters(), lr=cfg.lr, fused=True)
@@ -235,7 +240,7 @@ def train_generic(
             for start in range(0, n, cfg.batch):
                 rows = order[start : start + cfg.batch]
                 batch = z_train[rows]
-                loss = -score_of(batch, None if c_train is None else c_train[rows]).mean()
+                loss = -log_prob(batch, None if c_train is None else c_train[rows]).mean()
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"training loss {loss.item()} in epoch {epoch}")
                 optimizer.zero_grad(set_to_none=True)
@@ -245,7 +250,7 @@ def train_generic(
             train_curve.append(total / n + log_det)
             module.eval()
             with torch.no_grad():
-                score = -score_of(z_val, c_val).mean().item() + log_det
+                score = -log_prob(z_val, c_val).mean().item() + log_det
             module.train()
             val_curve.append(score)
             if not math.isfinite(score):
@@ -281,14 +286,19 @@ def fit_ours(
     cfg: Config,
     seed: int,
     schedule: str | None,
+    context: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Our flows through the library's own loop, ``pyroflows.density.fit``."""
+    """Our flows through the library's own loop, ``pyroflows.density.fit``.
+
+    ``context``: the training and validation rows' contexts, for a conditional flow.
+    """
     from pyroflows.density import fit
 
     history = fit(
         flow,
         train,
-        validation=val,
+        context=None if context is None else context[0],
+        validation=val if context is None else (val, context[1]),
         epochs=cfg.epochs,
         batch_size=cfg.batch,
         lr=cfg.lr,

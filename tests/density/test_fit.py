@@ -300,6 +300,18 @@ def test_a_resumed_fit_keeps_its_schedule_patience_and_noise(
     assert same_weights(resumed, whole)
 
 
+def _sigint_at_call(flow: pyroflows.Flow, n: int):
+    """A Ctrl-C at the ``n``-th call of the flow's first network; returns the hook's handle."""
+    calls = {"n": 0}
+
+    def send_sigint(module, inputs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            signal.raise_signal(signal.SIGINT)
+
+    return flow.transforms[0].conditioner.register_forward_pre_hook(send_sigint)
+
+
 def test_ctrl_c_mid_epoch_checkpoints_at_the_batch_boundary(tmp_path):
     torch.manual_seed(9)
     x = torch.randn(640, 2)
@@ -308,14 +320,7 @@ def test_ctrl_c_mid_epoch_checkpoints_at_the_batch_boundary(tmp_path):
     expected = fit(whole, x, **options)
 
     parted = small_flow(seed=1)
-    calls = {"n": 0}
-
-    def send_sigint(module, inputs):
-        calls["n"] += 1
-        if calls["n"] == 14:  # inside the second epoch's fourth batch
-            signal.raise_signal(signal.SIGINT)
-
-    hook = parted.transforms[0].conditioner.register_forward_pre_hook(send_sigint)
+    hook = _sigint_at_call(parted, 14)  # inside the second epoch's fourth batch
     with pytest.raises(KeyboardInterrupt):
         fit(parted, x, checkpoint_dir=tmp_path, **options)
     hook.remove()
@@ -1238,14 +1243,7 @@ def test_a_conditional_fit_stopped_mid_epoch_resumes_to_the_same_result(tmp_path
     expected = fit(whole, x, context=c, **options)
 
     parted = small_flow(seed=1, context=2)
-    calls = {"n": 0}
-
-    def send_sigint(module, inputs):
-        calls["n"] += 1
-        if calls["n"] == 14:  # inside the second epoch's fourth batch
-            signal.raise_signal(signal.SIGINT)
-
-    hook = parted.transforms[0].conditioner.register_forward_pre_hook(send_sigint)
+    hook = _sigint_at_call(parted, 14)  # inside the second epoch's fourth batch
     with pytest.raises(KeyboardInterrupt):
         fit(parted, x, context=c, checkpoint_dir=tmp_path / "ck", **options)
     hook.remove()

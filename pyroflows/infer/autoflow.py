@@ -801,7 +801,7 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             :math:`\nabla_\theta \log q_\theta(z)` (zero in expectation), so the gradient's
             variance vanishes as :math:`q \to p`. An IAF-form flow differentiates through
             the Jacobian of its draw (one more network pass, over ``D + 1`` copies of it,
-            and its backward: 1.15-1.50x the time per step on posteriordb, median 1.32x;
+            and its backward: 1.23-1.38x the time per step on posteriordb, median 1.34x;
             1.5x at ``D = 128``, 2-3x at 256, 4-7x at 512 and 1024); other flows through
             their inverse (one pass for coupling flows: ``flow="realnvp"`` with ``"stl"``
             took 1.1x the IAF's ``"reparam"`` step at ``D`` = 256 and 512). Not for

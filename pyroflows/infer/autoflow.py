@@ -180,8 +180,8 @@ def _hidden(dim: int) -> tuple[int, int]:
     A MADE needs at least ``D - 1`` units a layer for every input to reach the outputs
     after it; ``4 D`` gives each degree four. The cost grows as the square of the width
     (about :math:`28 D^2` weights an IAF layer), so large models pay: measured on one
-    thread, a 1,000-group hierarchical model (``D = 1002``) took 0.6 s a step, against
-    0.07 s for Pyro's ``AutoIAFNormal``, and 0.09-0.13 s with ``hidden=(2000, 2000)``
+    thread, a 1,000-group hierarchical model (``D = 1002``) took 0.63 s a step, against
+    0.08 s for Pyro's ``AutoIAFNormal``, and 0.12 s with ``hidden=(2004, 2004)``
     (``benchmarks/results/guide_scale.md``).
     A ``2 D`` default was tried and not adopted: on 200-D and 400-D correlated Gaussians
     it fitted as well (covariance error 0.174 against 0.173, 0.241 against 0.239; 2000
@@ -801,10 +801,11 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             :math:`\nabla_\theta \log q_\theta(z)` (zero in expectation), so the gradient's
             variance vanishes as :math:`q \to p`. An IAF-form flow differentiates through
             the Jacobian of its draw (one more network pass, over ``D + 1`` copies of it,
-            and its backward: 1.23-1.38x the time per step on posteriordb, median 1.34x;
-            1.5x at ``D = 128``, 2-3x at 256, 4-7x at 512 and 1024); other flows through
-            their inverse (one pass for coupling flows: ``flow="realnvp"`` with ``"stl"``
-            took 1.1x the IAF's ``"reparam"`` step at ``D`` = 256 and 512). Not for
+            and its backward: 1.23-1.38x the ``"reparam"`` step on posteriordb, median
+            1.34x, ``benchmarks/results/guide_step_time.md``; 1.6x at ``D = 102``, 3.5x at
+            402 and 5.6x at 1002, ``guide_scale.md``); other flows through their inverse
+            (one pass for coupling flows: ``flow="realnvp"`` with ``"stl"`` took 1.35x the
+            IAF's ``"reparam"`` step at ``D = 402``, ``guide_scale.md``). Not for
             ``JitTrace_ELBO`` (a ``TypeError``): it cannot trace the frozen copy.
             Unbiased for the ELBO (``Trace_ELBO``, ``TraceMeanField_ELBO``,
             ``TraceGraph_ELBO``, ``TraceEnum_ELBO``) only: with an importance-weighted
@@ -820,20 +821,21 @@ class AutoFlow(MirrorsParamStore, AutoContinuous):
             the others about level (within the seeds' spread): eight schools diverged
             on seed 2 in both runs (without the skew one draw's loss of 1.6e6 at step
             2907 threw the map off), and the GP regression's smallest sd ratio fell
-            from 0.57 to 0.45 (without the skew) and from 0.62 to 0.44 (with it).
+            from 0.57 to 0.45 (without the skew) and from 0.65 to 0.44 (with it).
         learn_skew: learn a skew of each coordinate after the flow (:math:`S` above;
-            ``D`` numbers, an elementwise map: about 0.5 ms more per SVI step; with it
-            the guide's step is 1.12-1.36x ``AutoIAFNormal``'s on posteriordb (two runs),
-            ``benchmarks/guide_step_time.py``). On by default: an affine IAF draws each
+            ``D`` numbers, an elementwise map; with it the guide's step is 1.16-1.27x
+            ``AutoIAFNormal``'s on posteriordb, ``benchmarks/results/guide_step_time.md``,
+            and 1.12-1.36x over three runs). On by default: an affine IAF draws each
             latent given the ones before it as a Gaussian, and a latent drawn early
             cannot be skewed. On eight schools, whose :math:`\log\tau` is left-skewed,
-            tau's sd ratio went from 1.24 to 1.02 (medians over 3 seeds, the posteriordb
+            tau's sd ratio went from 1.24 to 1.04 (medians over 3 seeds, the posteriordb
             benchmark's protocol) and the score (the worse of max mean error and max
             absolute log sd ratio) from 0.22 to 0.11, ahead of Pyro's best guide there
             (0.13); on a 1-D Gumbel target, where an IAF is affine, the guide's skewness
-            went from 0 to about 0.7. The GP regression moved from 0.41 to 0.47 (medians
-            over 6 seeds; within its seeds' spread of 0.37-0.64); the six other
-            posteriors stayed within 0.05-0.09. A guide saved before the skew existed
+            went from 0 to about 0.7. The GP regression's score is 0.42 (0.43 without
+            the skew), the six other posteriors' 0.07-0.09
+            (``benchmarks/results/posterior_quality.md``, ``posterior_quality_no_skew.md``).
+            A guide saved before the skew existed
             loads with the skew at zero (``load_state_dict``); a param store saved then,
             into ``learn_skew=False``.
         num_quantile_samples: draws used by :meth:`median` and :meth:`quantiles`.

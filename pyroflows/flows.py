@@ -125,6 +125,35 @@ class FlowDistribution(dist.TransformedDistribution):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         r""":math:`\log p(x)` of ``value`` (shape ``(*sample, *batch, D)``)."""
+        try:
+            return self._log_prob(value)
+        except TypeError as error:
+            self._check_current(error)
+            raise
+
+    def _check_current(self, error: TypeError) -> None:
+        """After a ``TypeError``: name a distribution made before its flow changed dtype.
+
+        ``flow()`` builds the base with the flow's dtype at that moment; a ``.double()``
+        or ``.float()`` of the flow afterwards converts the layers but not this base, and
+        the layers' own checks would then blame the value (or suggest converting the flow
+        back).
+        """
+        base = self.base_dist.mean.dtype
+        for t in self.transforms:
+            module = getattr(t, "owner", t)
+            if not isinstance(module, nn.Module):
+                continue
+            tensors = [p for p in module.parameters() if p.is_floating_point()]
+            if tensors and tensors[0].dtype != base:
+                raise TypeError(
+                    f"this distribution was made while its flow was {base}, and the flow is "
+                    f"now {tensors[0].dtype} (a .double(), .float() or .to() after flow()): "
+                    f"call flow() (or flow(context)) again for a distribution of the flow as "
+                    f"it is"
+                ) from error
+
+    def _log_prob(self, value: torch.Tensor) -> torch.Tensor:
         check_event(value, "value", self.event_shape[0], self.base_dist.mean)
         shape = check_context_broadcast(value.shape[:-1], "value", self.batch_shape)
         if 0 in shape or value.numel() == 0:  # no rows: torch's reshapes cannot infer a size
@@ -152,11 +181,19 @@ class FlowDistribution(dist.TransformedDistribution):
 
     def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
         """Draws of shape ``(*sample_shape, *batch_shape, D)``, without gradient."""
-        return super().sample(_sample_shape(sample_shape))
+        try:
+            return super().sample(_sample_shape(sample_shape))
+        except TypeError as error:
+            self._check_current(error)
+            raise
 
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
         """Reparametrized draws of shape ``(*sample_shape, *batch_shape, D)``."""
-        return super().rsample(_sample_shape(sample_shape))
+        try:
+            return super().rsample(_sample_shape(sample_shape))
+        except TypeError as error:
+            self._check_current(error)
+            raise
 
     def _validate_sample(self, value: torch.Tensor) -> None:
         # torch's check, run by log_prob when validation is on (unless turned off): its

@@ -662,3 +662,27 @@ def test_an_int_sample_shape_is_named(method):
         getattr(d, method)(5)
     assert getattr(d, method)((5,)).shape == (5, 2)
     assert getattr(d, method)(torch.Size([2, 3])).shape == (2, 3, 2)
+
+
+@pytest.mark.parametrize("name", FLOWS)
+@pytest.mark.parametrize("context", [None, 2])
+def test_a_distribution_made_before_the_flow_changed_dtype_says_so(name, context):
+    # flow() builds its base in the flow's dtype of the moment; a .double() afterwards
+    # converts the layers only, and the layers' checks blamed the value (or told the
+    # user to convert the flow back with flow.float())
+    flow = small(name, dim=3, context=context)
+    d = flow() if context is None else flow(torch.zeros(2))
+    flow.double()
+    stale = "made while its flow was torch.float32, and the flow is now torch.float64"
+    for value in (torch.zeros(3), torch.zeros(3, dtype=torch.float64)):
+        with pytest.raises(TypeError, match=stale):
+            d.log_prob(value)
+    with pytest.raises(TypeError, match=stale):
+        d.sample((2,))
+    with pytest.raises(TypeError, match=stale):
+        d.rsample((2,))
+    fresh = flow() if context is None else flow(torch.zeros(2, dtype=torch.float64))
+    assert fresh.log_prob(fresh.sample((2,))).dtype == torch.float64
+    # a distribution of the flow as it is keeps the plain message for a wrong value
+    with pytest.raises(TypeError, match="value has dtype torch.float32 but the flow's"):
+        fresh.log_prob(torch.zeros(3))

@@ -527,15 +527,42 @@ class ConditionedTransform(_CachedBijection, Transform):
         return super().inv_and_log_abs_det(self._broadcast(x, "x"))
 
     def _fwd(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.owner._forward(u, self.context)  # broadcast by __call__
+        try:
+            return self.owner._forward(u, self.context)  # broadcast by __call__
+        except TypeError as error:
+            self._check_context_dtype(error)
+            raise
 
     def _bwd(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.owner._backward(x, self.context)  # broadcast by _inv_call
+        try:
+            return self.owner._backward(x, self.context)  # broadcast by _inv_call
+        except TypeError as error:
+            self._check_context_dtype(error)
+            raise
 
     def _ladj(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.owner._log_abs_det(
-            self._broadcast(u, "u"), self._broadcast(x, "x"), self.context
-        )
+        u, x = self._broadcast(u, "u"), self._broadcast(x, "x")
+        try:
+            return self.owner._log_abs_det(u, x, self.context)
+        except TypeError as error:
+            self._check_context_dtype(error)
+            raise
+
+    def _check_context_dtype(self, error: TypeError) -> None:
+        """After a ``TypeError``: name a context bound before the layer changed dtype.
+
+        ``condition`` checks the context against the layer's dtype; a ``.double()`` or
+        ``.float()`` of the layer (or its flow) afterwards leaves the bound context behind,
+        and the network would only say that its context and its input differ.
+        """
+        dtype = _reference(self.owner).dtype
+        if self.context.dtype != dtype:
+            raise TypeError(
+                f"this layer was conditioned on a {self.context.dtype} context, but its "
+                f"weights are now {dtype} (the layer or its flow changed dtype after "
+                f"condition()): condition it again, layer.condition(context.to({dtype})), "
+                f"or for a Flow call flow(context) again"
+            ) from error
 
     def __repr__(self) -> str:
         owner, shape = type(self.owner).__name__, tuple(self.context.shape)

@@ -62,6 +62,29 @@ def test_conditioned_transform_broadcasts_and_refuses_mismatches():
         layer.condition([0.0, 1.0])
 
 
+@pytest.mark.parametrize("form", ["maf", "iaf"])
+def test_a_context_bound_before_the_layer_changed_dtype_is_named(form):
+    from pyroflows.transforms import ConditionalAffineAutoregressive
+
+    layers = [
+        ConditionalAffineCoupling(3, 2, hidden=(8,)),
+        ConditionalAffineAutoregressive(3, 2, form=form, hidden=(8,)),
+    ]
+    for layer in layers:
+        t = layer.condition(torch.randn(5, 2))
+        layer.double()
+        u = torch.randn(5, 3, dtype=torch.float64)
+        bound = "conditioned on a torch.float32 context, but its weights are now torch.float64"
+        with pytest.raises(TypeError, match=bound):
+            t(u)
+        with pytest.raises(TypeError, match=bound):
+            t.inv(u)
+        with pytest.raises(TypeError, match=bound):
+            t.log_abs_det_jacobian(u, u)
+        again = layer.condition(torch.randn(5, 2, dtype=torch.float64))
+        torch.testing.assert_close(again.inv(again(u)), u)
+
+
 def test_inputs_of_another_dtype_are_refused_not_cast():
     t = AffineAutoregressive(3, "maf", hidden=(8,))
     with pytest.raises(TypeError, match="x has dtype torch.float64 but the flow's parameters"):

@@ -127,31 +127,29 @@ class FlowDistribution(dist.TransformedDistribution):
         r""":math:`\log p(x)` of ``value`` (shape ``(*sample, *batch, D)``)."""
         try:
             return self._log_prob(value)
-        except TypeError as error:
+        except (TypeError, RuntimeError) as error:
             self._check_current(error)
             raise
 
-    def _check_current(self, error: TypeError) -> None:
-        """After a ``TypeError``: name a distribution made before its flow changed dtype.
+    def _check_current(self, error: Exception) -> None:
+        """After an error: name a distribution made before its flow changed dtype.
 
         ``flow()`` builds the base with the flow's dtype at that moment; a ``.double()``
         or ``.float()`` of the flow afterwards converts the layers but not this base, and
         the layers' own checks would then blame the value (or suggest converting the flow
-        back).
+        back). Judged by the flow's own base buffer, now against when the distribution was
+        made, so a flow converted in part (its layers only) keeps the layers' message.
         """
-        base = self.base_dist.mean.dtype
-        for t in self.transforms:
-            module = getattr(t, "owner", t)
-            if not isinstance(module, nn.Module):
-                continue
-            tensors = [p for p in module.parameters() if p.is_floating_point()]
-            if tensors and tensors[0].dtype != base:
-                raise TypeError(
-                    f"this distribution was made while its flow was {base}, and the flow is "
-                    f"now {tensors[0].dtype} (a .double(), .float() or .to() after flow()): "
-                    f"call flow() (or flow(context)) again for a distribution of the flow as "
-                    f"it is"
-                ) from error
+        flow = self.__dict__.get("_made_by")
+        if flow is None:  # not made by a Flow (or an expanded copy)
+            return
+        then, now = self.base_dist.mean.dtype, flow.base_loc.dtype
+        if then != now:
+            raise TypeError(
+                f"this distribution was made while its flow was {then}, and the flow is now "
+                f"{now} (a .double(), .float() or .to() after flow()): call flow() (or "
+                f"flow(context)) again for a distribution of the flow as it is"
+            ) from error
 
     def _log_prob(self, value: torch.Tensor) -> torch.Tensor:
         check_event(value, "value", self.event_shape[0], self.base_dist.mean)
@@ -183,7 +181,7 @@ class FlowDistribution(dist.TransformedDistribution):
         """Draws of shape ``(*sample_shape, *batch_shape, D)``, without gradient."""
         try:
             return super().sample(_sample_shape(sample_shape))
-        except TypeError as error:
+        except (TypeError, RuntimeError) as error:
             self._check_current(error)
             raise
 
@@ -191,7 +189,7 @@ class FlowDistribution(dist.TransformedDistribution):
         """Reparametrized draws of shape ``(*sample_shape, *batch_shape, D)``."""
         try:
             return super().rsample(_sample_shape(sample_shape))
-        except TypeError as error:
+        except (TypeError, RuntimeError) as error:
             self._check_current(error)
             raise
 
@@ -357,7 +355,7 @@ class Flow(RefusesPyroModule, DropsParamStoreLinks, nn.Module):
                     "context was given to an unconditional flow (built with context=0); "
                     "call flow() without arguments, or build the flow with context=c"
                 )
-            return FlowDistribution(self.base(), list(self.transforms))
+            return self._made(FlowDistribution(self.base(), list(self.transforms)))
         if context is None:
             raise ValueError(
                 f"this flow is conditional: call flow(context) with a context tensor of "
@@ -370,7 +368,13 @@ class Flow(RefusesPyroModule, DropsParamStoreLinks, nn.Module):
             t.condition(context) if isinstance(t, ConditionalTransformModule) else t
             for t in self.transforms
         ]
-        return FlowDistribution(self.base(context.shape[:-1]), transforms)
+        return self._made(FlowDistribution(self.base(context.shape[:-1]), transforms))
+
+    def _made(self, d: FlowDistribution) -> FlowDistribution:
+        # the distribution remembers its flow, so that a use after the flow changed dtype
+        # is named as that (FlowDistribution._check_current), not blamed on the value
+        d.__dict__["_made_by"] = self
+        return d
 
     @torch.no_grad()
     def intermediates(

@@ -686,3 +686,30 @@ def test_a_distribution_made_before_the_flow_changed_dtype_says_so(name, context
     # a distribution of the flow as it is keeps the plain message for a wrong value
     with pytest.raises(TypeError, match="value has dtype torch.float32 but the flow's"):
         fresh.log_prob(torch.zeros(3))
+
+
+def test_the_stale_distribution_message_is_judged_by_the_flows_own_dtype():
+    from pyro.distributions import transforms as T
+
+    from pyroflows.transforms import ActNorm, Permutation
+
+    stale = "made while its flow was torch.float32"
+    # layers without parameters (a permutation's dtype is in a buffer) count too
+    flow = Flow(3, [Permutation(3)])
+    d = flow()
+    flow.double()
+    with pytest.raises(TypeError, match=stale):
+        d.sample((2,))
+    # a Pyro layer fails with torch's RuntimeError, not a TypeError
+    flow = Flow(3, [T.Spline(3), ActNorm(3), Permutation(3)])
+    d = flow()
+    flow.double()
+    with pytest.raises(TypeError, match=stale):
+        d.sample((2,))
+    # a flow converted in part (its layers, not its base) just now: not a stale
+    # distribution, and calling flow() again would not help, so the layers' message stays
+    flow = small("realnvp", dim=3)
+    flow.transforms.double()
+    d = flow()
+    with pytest.raises(TypeError, match="u has dtype torch.float32 but the flow's parameters"):
+        d.sample((2,))

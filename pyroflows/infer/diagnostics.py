@@ -140,6 +140,19 @@ def _khat_text(khat: float, thresholds: tuple[float, ...] = ()) -> str:
     return repr(khat)
 
 
+def _ess_text(fraction: float) -> str:
+    """An ESS fraction as a percentage, with more digits where one would cross a threshold.
+
+    The thresholds are :data:`CLOSE_ESS_FRACTION` and :data:`NEAR_ESS_FRACTION`: 0.8996
+    reads 89.96%, not 90.0% in the line for an ESS below 90%.
+    """
+    for digits in (1, 2, 3, 4):
+        shown = float(f"{100 * fraction:.{digits}f}") / 100
+        if all((shown < t) == (fraction < t) for t in (CLOSE_ESS_FRACTION, NEAR_ESS_FRACTION)):
+            return f"{100 * fraction:.{digits}f}%"
+    return f"{fraction!r} of 1"
+
+
 def verdict(
     khat: float,
     ess_fraction: float | None = None,
@@ -169,8 +182,8 @@ def verdict(
             :data:`NEAR_ESS_FRACTION` the "good" reading says resampled draws are closer
             to the posterior than the raw ones, instead of calling the guide close.
         smoothed_ess_fraction: the Pareto-smoothed weights' ESS / number of draws (what
-            :class:`Diagnosis` prints), used instead of ``ess_fraction`` for those two
-            notes when given, so that the line quotes the ESS it prints.
+            :class:`Diagnosis` prints), used instead of ``ess_fraction`` for the notes
+            on wide weights when given, so that the line quotes the ESS it prints.
         remedy: what the "do not trust" reading of a guide that misses mass advises, in
             place of :data:`GENERIC_REMEDY` (which names remedies for any guide); see
             :func:`remedy_for` for the advice fitted to a given guide.
@@ -213,14 +226,14 @@ def verdict(
     if khat < GOOD_KHAT and spread is not None and spread < CLOSE_ESS_FRACTION:
         return (
             f"good for importance sampling: k-hat {_khat_text(khat)} < {GOOD_KHAT}, but the "
-            f"weights vary widely (ESS {spread:.1%} of the draws): the guide's raw draws "
+            f"weights vary widely (ESS {_ess_text(spread)} of the draws): the guide's raw draws "
             "are not the posterior's (too wide, too narrow or off centre somewhere); "
             "importance_resample() corrects them"
         )
     if khat < GOOD_KHAT and spread is not None and spread < NEAR_ESS_FRACTION:
         return (
             f"good: k-hat {_khat_text(khat)} < {GOOD_KHAT}, the guide covers the posterior "
-            f"wherever its draws go, but its weights vary (ESS {spread:.1%} of the draws): "
+            f"wherever its draws go, but its weights vary (ESS {_ess_text(spread)} of the draws): "
             "importance_resample() gives draws closer to the posterior than the raw ones "
             "(a mode no draw comes near stays unseen)"
         )
@@ -232,7 +245,7 @@ def verdict(
     if khat <= USABLE_KHAT:
         wide = ""
         if spread is not None and spread < CLOSE_ESS_FRACTION:
-            wide = f" (ESS {spread:.1%} of the draws: the raw draws are far from it)"
+            wide = f" (ESS {_ess_text(spread)} of the draws: the raw draws are far from it)"
         return (
             f"usable with care: k-hat {_khat_text(khat)} in [{GOOD_KHAT}, {USABLE_KHAT}]; "
             f"importance-resampled draws are more reliable than the raw guide{wide}"

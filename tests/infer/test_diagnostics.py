@@ -243,6 +243,9 @@ def test_verdict_never_prints_a_khat_on_the_wrong_side_of_its_threshold():
     assert "ESS 62.0% of the draws" in varied
     assert "importance_resample()" in varied
     assert "the guide is close to the posterior" not in varied
+    # an ESS just under a threshold is not printed on its other side
+    assert "ESS 89.96% of the draws" in verdict(0.3, 0.8996)
+    assert "ESS 49.996% of the draws" in verdict(0.3, 0.49996)
     # PSIS cannot see a mode that no draw visits, and the good verdict says so
     for ess in (0.62, 0.95):
         assert "a mode no draw comes near stays unseen" in verdict(0.3, ess)
